@@ -1,0 +1,42 @@
+"""The compiler: tensor program -> tasks -> events -> schedule -> verified TaskGraph."""
+
+from __future__ import annotations
+
+import time
+
+from mpk.compiler.events import find_producers, fuse_and_linearize
+from mpk.compiler.lower import lower
+from mpk.compiler.schedule import CostModel, schedule
+from mpk.graph import Program, build_decode_program
+from mpk.models.config import ModelConfig
+from mpk.taskgraph import TaskGraph
+
+
+def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
+    """Lower, derive and fuse events, linearize and schedule. Does not verify (see `compile_model`)."""
+    t0 = time.perf_counter()
+    raw = lower(prog)
+    keys = find_producers(prog, raw)
+    tasks, events, event_stats = fuse_and_linearize(raw, keys)
+    ranks = [prog.ops[t.op].rank for t in tasks]
+    queues, sched_stats = schedule(tasks, events, ranks, prog.tp_size, prog.num_sms, cost)
+    stats = {**event_stats, **sched_stats, "compile_seconds": time.perf_counter() - t0}
+    return TaskGraph(
+        model={"name": prog.cfg.name, **prog.cfg.to_dict()},
+        batch=prog.batch, max_seq_len=prog.max_seq_len, tp_size=prog.tp_size, num_sms=prog.num_sms,
+        tensors=prog.tensors, ops=prog.ops, tasks=tasks, events=events, queues=queues, stats=stats,
+    )
+
+
+def compile_model(cfg: ModelConfig, batch: int = 1, max_seq_len: int = 4096, tp_size: int = 1, num_sms: int = 132,
+                  verify: bool = True) -> TaskGraph:
+    """The verified decode-step TaskGraph of a model. Raises VerificationError if a check fails."""
+    tg = compile_program(build_decode_program(cfg, batch, max_seq_len, tp_size, num_sms))
+    if verify:
+        from mpk.compiler.verify import verify as run_verifier
+
+        t0 = time.perf_counter()
+        report = run_verifier(tg)
+        tg.stats["verify"] = {**report.as_dict(), "seconds": time.perf_counter() - t0} if hasattr(report, "as_dict") else {
+            "seconds": time.perf_counter() - t0}
+    return tg

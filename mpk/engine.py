@@ -1,0 +1,108 @@
+"""Generation: prompts in, new tokens out, through a compiled decode TaskGraph.
+
+Every step feeds one token per sequence. Prompts go through the same decode step one token at a
+time (the sampling task forwards the prompt's next token until the prompt is used up), so all
+sequences sit at the same position and prompts may differ in length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mpk.compiler import compile_model
+from mpk.errors import MpkError
+from mpk.graph import tensor_name
+from mpk.models.config import ModelConfig, rope_tables
+from mpk.taskgraph import TaskGraph
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]  # the new tokens of each sequence
+    steps: int
+    seconds: float
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step, [batch, vocab] float32, if collected
+    taskgraph: TaskGraph | None = None
+
+
+def check_prompts(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """Validate; return the context length needed (positions 0 .. longest prompt + new tokens - 1)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MpkError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise MpkError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise MpkError(f"token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+    need = max(len(p) for p in prompts) + max_new_tokens - 1
+    if need > cfg.max_position_embeddings:
+        raise MpkError(
+            f"the prompt ({max(len(p) for p in prompts)} tokens) plus {max_new_tokens} new tokens exceeds the model's "
+            f"context of {cfg.max_position_embeddings}; shorten the prompt or ask for fewer tokens"
+        )
+    return need
+
+
+def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tensor], prompts: list[list[int]]):
+    """Weights (fused, plus RoPE tables) and meta tensors for every rank of the graph."""
+    cos, sin = rope_tables(cfg, tg.max_seq_len)
+    prompt = torch.zeros(len(prompts), tg.max_seq_len, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        prompt[b, : len(p)] = torch.tensor(p)
+    weights, meta = dict(fused), {}
+    for r in range(tg.tp_size):
+        n = lambda name: tensor_name(r, tg.tp_size, name)  # noqa: E731
+        weights[n("rope_cos")], weights[n("rope_sin")] = cos, sin
+        meta[n("tokens")] = prompt[:, 0].clone()
+        meta[n("prompt")] = prompt
+        meta[n("prompt_len")] = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+    return weights, meta
+
+
+def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
+             *, dtype: str = "float32", num_sms: int = 16, tp_size: int = 1, seed: int = 0, stop_at_eos: bool = True,
+             collect_logits: bool = False, on_tokens=None) -> Generation:
+    """Greedy generation on the CPU executor.
+
+    `on_tokens(seq, token)` is called for each new token as soon as its step is done.
+    """
+    from mpk import sim
+    from mpk.models.fuse import fuse_weights
+
+    if dtype not in DTYPES:
+        raise MpkError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    seq_len = check_prompts(cfg, prompts, max_new_tokens)
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=seq_len, tp_size=tp_size, num_sms=num_sms)
+    fused = fuse_weights(cfg, hf_weights, tp_size, DTYPES[dtype])
+    weights, meta = program_inputs(cfg, tg, fused, prompts)
+    bufs = sim.allocate(tg, weights, meta, DTYPES[dtype])
+
+    eos = set(cfg.eos_token_ids) if stop_at_eos else set()
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    logits: list[torch.Tensor] = []
+    token_buf = tensor_name(0, tp_size, "tokens")
+    logit_bufs = [tensor_name(r, tp_size, "logits") for r in range(tp_size)]
+
+    def on_step(step: int, b: dict[str, torch.Tensor]) -> bool:
+        if collect_logits:
+            logits.append(torch.cat([b[n] for n in logit_bufs], dim=1).clone())
+        for s, p in enumerate(prompts):
+            if finished[s] or step < len(p) - 1:
+                continue
+            token = int(b[token_buf][s])
+            new_tokens[s].append(token)
+            if on_tokens is not None:
+                on_tokens(s, token)
+            finished[s] = token in eos or len(new_tokens[s]) >= max_new_tokens
+        return all(finished)
+
+    t0 = time.perf_counter()
+    steps = sim.run(tg, bufs, num_steps=seq_len, on_step=on_step, seed=seed)
+    return Generation(new_tokens, steps, time.perf_counter() - t0, logits, tg)

@@ -1,0 +1,259 @@
+"""The tensor program of one decode step: named tensors and the fused decode ops that connect them.
+
+Activations are single-assignment within a step (each residual stream `x.{i}` is its own tensor),
+so every read has exactly one producing op; the KV cache is *state*, the token ids *meta*.
+With tensor parallelism the program holds every rank's ops side by side; tensor names carry a
+`rank{r}/` prefix and the allreduce ops read the partial sums of all ranks.
+
+Tile shapes are decided here (they fix tensor shapes such as the argmax candidates); the op
+kinds in `mpk.ops` turn each op into tasks with read/write regions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mpk.errors import MpkError
+from mpk.models.config import ModelConfig
+from mpk.taskgraph import OpSpec, TensorSpec
+
+TILE_ALIGN = 16  # output rows per task come in multiples of this (tensor-core friendly)
+MIN_ATTN_CHUNK = 32  # fewest KV rows one attention task covers
+
+
+@dataclass
+class Program:
+    cfg: ModelConfig
+    batch: int
+    max_seq_len: int
+    tp_size: int
+    num_sms: int
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    ops: list[OpSpec] = field(default_factory=list)
+
+    def tensor(self, name: str) -> TensorSpec:
+        return self.tensors[name]
+
+    def add_tensor(self, rank: int, name: str, kind: str, shape, dtype: str = "model") -> str:
+        full = tensor_name(rank, self.tp_size, name)
+        self.tensors[full] = TensorSpec(full, kind, tuple(int(s) for s in shape), dtype, rank)
+        return full
+
+    def add_op(self, rank: int, kind: str, name: str, layer: int | None, inputs: dict, outputs: dict, **params):
+        prefix = f"rank{rank}/" if self.tp_size > 1 else ""
+        self.ops.append(OpSpec(prefix + name, kind, rank, layer, params, inputs, outputs))
+
+
+def tensor_name(rank: int, tp_size: int, name: str) -> str:
+    return name if tp_size == 1 else f"rank{rank}/{name}"
+
+
+def choose_tile(n: int, num_sms: int, align: int = TILE_ALIGN) -> int:
+    """Rows per task so that one op's tasks make about one wave over the SMs."""
+    per_sm = -(-n // num_sms)
+    return max(align, -(-per_sm // align) * align) if n > align else n
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What rank r of tp_size holds of one model."""
+
+    kv_groups: int  # KV heads on this rank
+    q_heads: int
+    intermediate: int
+    vocab_start: int
+    vocab_stop: int
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_stop - self.vocab_start
+
+
+def shard_of(cfg: ModelConfig, rank: int, tp_size: int) -> Shard:
+    if tp_size < 1:
+        raise MpkError(f"--tp must be at least 1, not {tp_size}")
+    for what, n in (("num_key_value_heads", cfg.num_kv_heads), ("intermediate_size", cfg.intermediate_size)):
+        if n % tp_size:
+            raise MpkError(f"{what}={n} does not divide over tensor-parallel size {tp_size}; pick a --tp that divides it")
+    per_rank_vocab = -(-cfg.vocab_size // tp_size)
+    start = min(cfg.vocab_size, rank * per_rank_vocab)
+    return Shard(
+        kv_groups=cfg.num_kv_heads // tp_size,
+        q_heads=cfg.num_heads // tp_size,
+        intermediate=cfg.intermediate_size // tp_size,
+        vocab_start=start,
+        vocab_stop=min(cfg.vocab_size, start + per_rank_vocab),
+    )
+
+
+def attention_splits(batch: int, kv_groups: int, max_seq_len: int, num_sms: int) -> tuple[int, int]:
+    """(splits, rows per split) of the KV length, so attention tasks about fill the SMs."""
+    want = max(1, num_sms // max(1, batch * kv_groups))
+    splits = max(1, min(want, -(-max_seq_len // MIN_ATTN_CHUNK)))
+    chunk = -(-max_seq_len // splits)
+    return -(-max_seq_len // chunk), chunk
+
+
+def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1, num_sms: int = 132) -> Program:
+    """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs."""
+    if batch < 1:
+        raise MpkError(f"--batch must be at least 1, not {batch}")
+    if num_sms < 1:
+        raise MpkError(f"--num-sms must be at least 1, not {num_sms}")
+    if not 1 <= max_seq_len <= cfg.max_position_embeddings:
+        raise MpkError(
+            f"a context of {max_seq_len} tokens is longer than the model's {cfg.max_position_embeddings}; "
+            "use a shorter prompt or fewer new tokens"
+        )
+    prog = Program(cfg, batch, max_seq_len, tp_size, num_sms)
+    shards = [shard_of(cfg, r, tp_size) for r in range(tp_size)]
+    for r in range(tp_size):
+        _declare_rank_tensors(prog, r, shards[r])
+    # Program order, stage by stage, every rank's op of a stage side by side.
+    for r in range(tp_size):
+        prog.add_op(r, "embed", "embed", None,
+                    {"tokens": _n(prog, r, "tokens"), "table": _n(prog, r, "embed")}, {"out": _n(prog, r, "x.0")})
+    for layer in range(cfg.num_layers):
+        _attention_block(prog, layer, shards)
+        _mlp_block(prog, layer, shards)
+    x_final = f"x.{2 * cfg.num_layers}"
+    lm_tile = [choose_tile(s.vocab, num_sms) for s in shards]
+    for r in range(tp_size):
+        prog.add_op(r, "rmsnorm_lm_head_argmax", "lm_head", None,
+                    {"x": _n(prog, r, x_final), "norm": _n(prog, r, "final_norm"), "weight": _n(prog, r, "lm_head")},
+                    {"logits": _n(prog, r, "logits"), "cand_val": _n(prog, r, "cand_val"), "cand_idx": _n(prog, r, "cand_idx")},
+                    tile=lm_tile[r], vocab_start=shards[r].vocab_start, eps=cfg.rms_norm_eps)
+    for r in range(tp_size):
+        inputs = {"prompt": _n(prog, r, "prompt"), "prompt_len": _n(prog, r, "prompt_len")}
+        for k in range(tp_size):
+            inputs[f"cand_val{k}"] = _n(prog, k, "cand_val")
+            inputs[f"cand_idx{k}"] = _n(prog, k, "cand_idx")
+        prog.add_op(r, "sample", "sample", None, inputs, {"tokens": _n(prog, r, "tokens")}, ranks=tp_size)
+    return prog
+
+
+def _n(prog: Program, rank: int, name: str) -> str:
+    return tensor_name(rank, prog.tp_size, name)
+
+
+def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
+    cfg, B, S = prog.cfg, prog.batch, prog.max_seq_len
+    H, hd = cfg.hidden_size, cfg.head_dim
+    qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
+    splits, _ = attention_splits(B, sh.kv_groups, S, prog.num_sms)
+    add = prog.add_tensor
+    add(r, "tokens", "meta", (B,), "int64")
+    add(r, "prompt", "meta", (B, S), "int64")
+    add(r, "prompt_len", "meta", (B,), "int64")
+    add(r, "embed", "weight", (cfg.vocab_size, H))
+    add(r, "rope_cos", "weight", (S, hd // 2), "float32")
+    add(r, "rope_sin", "weight", (S, hd // 2), "float32")
+    add(r, "x.0", "activation", (B, H))
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}."
+        add(r, p + "attn_norm", "weight", (H,))
+        add(r, p + "qkv", "weight", (qkv_rows, H))
+        if cfg.qkv_bias:
+            add(r, p + "qkv_bias", "weight", (qkv_rows,))
+        if cfg.qk_norm:
+            add(r, p + "q_norm", "weight", (hd,))
+            add(r, p + "k_norm", "weight", (hd,))
+        add(r, p + "o", "weight", (H, sh.q_heads * hd))
+        add(r, p + "mlp_norm", "weight", (H,))
+        add(r, p + "gate_up", "weight", (2 * sh.intermediate, H))
+        add(r, p + "down", "weight", (H, sh.intermediate))
+        add(r, p + "k_cache", "state", (B, S, sh.kv_groups, hd))
+        add(r, p + "v_cache", "state", (B, S, sh.kv_groups, hd))
+        add(r, p + "qkv_out", "activation", (B, qkv_rows))
+        add(r, p + "q", "activation", (B, sh.q_heads, hd))
+        add(r, p + "attn_part", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv, hd), "float32")
+        add(r, p + "attn_lse", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv), "float32")
+        add(r, p + "attn", "activation", (B, sh.q_heads * hd))
+        add(r, p + "h", "activation", (B, sh.intermediate))
+        add(r, f"x.{2 * layer + 1}", "activation", (B, H))
+        add(r, f"x.{2 * layer + 2}", "activation", (B, H))
+        if prog.tp_size > 1:
+            add(r, p + "o_partial", "activation", (B, H), "float32")
+            add(r, p + "down_partial", "activation", (B, H), "float32")
+    add(r, "final_norm", "weight", (H,))
+    add(r, "lm_head", "weight", (sh.vocab, H))
+    n_lm_tiles = -(-sh.vocab // choose_tile(sh.vocab, prog.num_sms))
+    add(r, "logits", "activation", (B, sh.vocab), "float32")
+    add(r, "cand_val", "activation", (B, n_lm_tiles), "float32")
+    add(r, "cand_idx", "activation", (B, n_lm_tiles), "int64")
+
+
+def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
+    cfg, N = prog.cfg, prog.tp_size
+    p = f"layers.{layer}."
+    x_in, x_out = f"x.{2 * layer}", f"x.{2 * layer + 1}"
+    for r, sh in enumerate(shards):
+        n = lambda name: _n(prog, r, name)  # noqa: E731
+        inputs = {"x": n(x_in), "norm": n(p + "attn_norm"), "weight": n(p + "qkv")}
+        if cfg.qkv_bias:
+            inputs["bias"] = n(p + "qkv_bias")
+        prog.add_op(r, "rmsnorm_linear", p + "qkv", layer, inputs, {"out": n(p + "qkv_out")},
+                    tile=_qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
+    for r, sh in enumerate(shards):
+        n = lambda name: _n(prog, r, name)  # noqa: E731
+        inputs = {"qkv": n(p + "qkv_out"), "cos": n("rope_cos"), "sin": n("rope_sin")}
+        if cfg.qk_norm:
+            inputs.update(q_norm=n(p + "q_norm"), k_norm=n(p + "k_norm"))
+        prog.add_op(r, "qk_norm_rope_append", p + "rope_append", layer, inputs,
+                    {"q": n(p + "q"), "k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")},
+                    q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps)
+    for r, sh in enumerate(shards):
+        n = lambda name: _n(prog, r, name)  # noqa: E731
+        splits, chunk = attention_splits(prog.batch, sh.kv_groups, prog.max_seq_len, prog.num_sms)
+        prog.add_op(r, "attention_split", p + "attention", layer,
+                    {"q": n(p + "q"), "k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")},
+                    {"part": n(p + "attn_part"), "lse": n(p + "attn_lse")},
+                    splits=splits, chunk=chunk, scale=cfg.head_dim ** -0.5, window=cfg.sliding_window)
+        prog.add_op(r, "attention_merge", p + "attn_merge", layer,
+                    {"part": n(p + "attn_part"), "lse": n(p + "attn_lse")}, {"out": n(p + "attn")})
+    _row_parallel_linear(prog, layer, "o", p + "attn", x_in, x_out)
+
+
+def _mlp_block(prog: Program, layer: int, shards: list[Shard]) -> None:
+    p = f"layers.{layer}."
+    x_in, x_out = f"x.{2 * layer + 1}", f"x.{2 * layer + 2}"
+    for r, sh in enumerate(shards):
+        n = lambda name: _n(prog, r, name)  # noqa: E731
+        prog.add_op(r, "rmsnorm_gate_up_silu", p + "gate_up", layer,
+                    {"x": n(x_in), "norm": n(p + "mlp_norm"), "weight": n(p + "gate_up")}, {"out": n(p + "h")},
+                    tile=choose_tile(sh.intermediate, prog.num_sms), eps=prog.cfg.rms_norm_eps)
+    _row_parallel_linear(prog, layer, "down", p + "h", x_in, x_out)
+
+
+def _row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual: str, out: str) -> None:
+    """out = residual + x @ W^T; with TP each rank's partial product is summed by an allreduce op."""
+    p = f"layers.{layer}."
+    H, N = prog.cfg.hidden_size, prog.tp_size
+    tile = choose_tile(H, prog.num_sms)
+    name = p + ("o" if weight == "o" else "down")
+    for r in range(N):
+        n = lambda t: _n(prog, r, t)  # noqa: E731
+        if N == 1:
+            prog.add_op(r, "linear_residual", name, layer,
+                        {"x": n(x), "weight": n(p + weight), "residual": n(residual)}, {"out": n(out)}, tile=tile)
+        else:
+            prog.add_op(r, "linear", name, layer, {"x": n(x), "weight": n(p + weight)},
+                        {"out": n(p + f"{weight}_partial")}, tile=tile)
+    if N == 1:
+        return
+    for r in range(N):
+        inputs = {f"partial{k}": _n(prog, k, p + f"{weight}_partial") for k in range(N)}
+        inputs["residual"] = _n(prog, r, residual)
+        prog.add_op(r, "allreduce_residual", name + "_allreduce", layer, inputs, {"out": _n(prog, r, out)},
+                    tile=tile, ranks=N)
+
+
+def _qkv_tile(cfg: ModelConfig, sh: Shard, num_sms: int) -> int:
+    """QKV tiles never straddle two KV groups, so RoPE of group g waits only for group g's tiles."""
+    rows = cfg.qkv_rows_per_group
+    tile = choose_tile(sh.kv_groups * rows, num_sms)
+    if tile >= rows:
+        return rows
+    while rows % tile:
+        tile -= TILE_ALIGN if tile > TILE_ALIGN and (rows % TILE_ALIGN == 0) else 1
+    return tile

@@ -1,0 +1,139 @@
+"""The TaskGraph: the contract between the compiler and both executors (the CPU sim and the GPU).
+
+Everything an executor needs is here, explicitly, and it round-trips through JSON:
+tensors, ops (one fused decode operator each), tasks (one tile of one op, run by one SM, with the
+regions it reads and writes), events (counters that order tasks), and per-SM queues.
+
+Conventions
+- A box is a tuple of `(start, stop)` per dimension. A region is `(tensor name, box)`.
+- Task ids are positions in one global topological order; `queues[q]` lists task ids in that order.
+  Queue `q` belongs to GPU rank `q // num_sms`, SM `q % num_sms`.
+- Event `e` is a monotonic counter. Each producer task adds 1 per step. A consumer in step `s`
+  waits until `count >= target * (s + 1 - lag)`: lag 0 waits for this step's producers, lag 1 for
+  the previous step's (the token the last step sampled). Its consumers are the task range
+  `[first_task, stop_task)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+Box = tuple[tuple[int, int], ...]
+
+TENSOR_KINDS = ("weight", "activation", "state", "meta")
+
+
+@dataclass(frozen=True)
+class Region:
+    tensor: str
+    box: Box
+
+    def __str__(self) -> str:
+        return f"{self.tensor}[{', '.join(f'{a}:{b}' for a, b in self.box)}]"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    kind: str  # one of TENSOR_KINDS
+    shape: tuple[int, ...]
+    dtype: str  # "model" (the model's compute dtype), "float32" or "int64"
+    rank: int = 0  # the GPU that owns it
+
+    def full_box(self) -> Box:
+        return tuple((0, n) for n in self.shape)
+
+
+@dataclass
+class OpSpec:
+    name: str
+    kind: str  # a key of mpk.ops.OP_KINDS
+    rank: int
+    layer: int | None
+    params: dict = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # role -> tensor name
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    id: int
+    op: int  # index into TaskGraph.ops
+    tile: tuple[int, ...]
+    reads: list[Region]
+    writes: list[Region]
+    bytes: int  # bytes moved from/to memory (cost model)
+    flops: int
+    wait: int = -1  # event this task waits on, -1 for none
+    signals: list[int] = field(default_factory=list)  # events it increments when done
+    queue: int = -1
+
+
+@dataclass
+class Event:
+    id: int
+    producers: list[int]
+    target: int
+    lag: int
+    first_task: int
+    stop_task: int
+
+
+@dataclass
+class TaskGraph:
+    model: dict
+    batch: int
+    max_seq_len: int
+    tp_size: int
+    num_sms: int
+    tensors: dict[str, TensorSpec]
+    ops: list[OpSpec]
+    tasks: list[Task]
+    events: list[Event]
+    queues: list[list[int]]
+    stats: dict = field(default_factory=dict)  # compiler facts for `mpk inspect` (fusion, cost)
+
+    @property
+    def num_queues(self) -> int:
+        return self.tp_size * self.num_sms
+
+    def op_of(self, task: Task) -> OpSpec:
+        return self.ops[task.op]
+
+    def describe_task(self, tid: int) -> str:
+        t = self.tasks[tid]
+        op = self.ops[t.op]
+        return f"task {tid} ({op.name} tile {t.tile})"
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["tensors"] = list(d["tensors"].values())
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TaskGraph":
+        d = json.loads(text)
+
+        def box(b):
+            return tuple(tuple(r) for r in b)
+
+        def region(r):
+            return Region(r["tensor"], box(r["box"]))
+
+        tensors = {
+            t["name"]: TensorSpec(t["name"], t["kind"], tuple(t["shape"]), t["dtype"], t["rank"]) for t in d["tensors"]
+        }
+        tasks = [
+            Task(
+                id=t["id"], op=t["op"], tile=tuple(t["tile"]),
+                reads=[region(r) for r in t["reads"]], writes=[region(r) for r in t["writes"]],
+                bytes=t["bytes"], flops=t["flops"], wait=t["wait"], signals=list(t["signals"]), queue=t["queue"],
+            )
+            for t in d["tasks"]
+        ]
+        return cls(
+            model=d["model"], batch=d["batch"], max_seq_len=d["max_seq_len"], tp_size=d["tp_size"],
+            num_sms=d["num_sms"], tensors=tensors, ops=[OpSpec(**o) for o in d["ops"]], tasks=tasks,
+            events=[Event(**e) for e in d["events"]], queues=d["queues"], stats=d.get("stats", {}),
+        )
