@@ -1,0 +1,154 @@
+"""The `mpk` command: inspect a model's task graph, or generate with it.
+
+Every user error ends as one line on stderr (`mpk: error: ...`) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from mpk.errors import MpkError
+
+DEFAULT_MODEL = "qwen3-0.6b"
+DEFAULT_TOKEN_IDS = "1,2,3,4"
+SIM_NUM_SMS = 16
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MpkError as e:
+        print(f"mpk: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpk: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpk", description="Compile LLM decoding into one persistent GPU megakernel.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ins = sub.add_parser("inspect", help="compile a model's decode step and summarize its task graph")
+    ins.add_argument("model", help="checkpoint directory or preset name")
+    ins.add_argument("--batch", type=int, default=1)
+    ins.add_argument("--num-sms", type=int, default=132, help="SMs per GPU (default 132, an H100)")
+    ins.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
+    ins.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length (default 4096)")
+    ins.add_argument("--save-graph", metavar="PATH", help="also write the whole TaskGraph as JSON")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.set_defaults(func=cmd_inspect)
+
+    gen = sub.add_parser("generate", help="generate tokens greedily")
+    gen.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                     help=f"checkpoint directory or preset name (default {DEFAULT_MODEL}, random weights)")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); needs a tokenizer")
+    src.add_argument("--token-ids", action="append", help="comma-separated prompt token ids (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--backend", choices=["sim"], default="sim",
+                     help="sim: the CPU executor of the task graph (the GPU backend comes with the megakernel)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    gen.add_argument("--num-sms", type=int, default=SIM_NUM_SMS, help=f"SMs to schedule for (default {SIM_NUM_SMS})")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the executor's task order")
+    gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with token_ids (and text)")
+    gen.set_defaults(func=cmd_generate)
+    return p
+
+
+def cmd_inspect(args) -> int:
+    from mpk.compiler import compile_model
+    from mpk.inspect import summarize, format_summary
+    from mpk.models import resolve_model
+
+    source = resolve_model(args.model)
+    source.check()
+    t0 = time.perf_counter()
+    tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(args.max_seq_len, source.cfg.max_position_embeddings),
+                       tp_size=args.tp, num_sms=args.num_sms)
+    summary = summarize(tg, seconds=time.perf_counter() - t0)
+    if args.save_graph:
+        _write_text(args.save_graph, tg.to_json())
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from mpk.engine import generate
+    from mpk.models import resolve_model
+
+    source = resolve_model(args.model)
+    tokenizer = source.tokenizer()
+    prompts = _prompts(args, tokenizer)
+    print(f"mpk: running {source.name} on the CPU executor (sim, {args.dtype}); no GPU backend yet", file=sys.stderr)
+    hf = source.load_weights(args.dtype)
+
+    stream = not args.json and len(prompts) == 1
+    if stream:
+        print(f"{source.name}: ", end="", flush=True)
+
+    def on_tokens(seq: int, token: int) -> None:
+        if stream:
+            piece = tokenizer.decode([token]) if tokenizer is not None else f" {token}"
+            print(piece, end="", flush=True)
+
+    out = generate(source.cfg, hf, prompts, args.max_new_tokens, dtype=args.dtype, num_sms=args.num_sms,
+                   tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens)
+    texts = [tokenizer.decode(ids) for ids in out.token_ids] if tokenizer is not None else None
+    tokens_made = sum(len(t) for t in out.token_ids)
+    if args.json:
+        result = {"model": source.name, "backend": "sim", "dtype": args.dtype, "steps": out.steps,
+                  "seconds": round(out.seconds, 3),
+                  "token_ids": out.token_ids[0] if len(prompts) == 1 else out.token_ids}
+        if texts is not None:
+            result["text"] = texts[0] if len(prompts) == 1 else texts
+        print(json.dumps(result))
+    else:
+        if stream:
+            print()
+        else:
+            for i, ids in enumerate(out.token_ids):
+                print(f"[{i}] " + (texts[i] if texts is not None else " ".join(map(str, ids))))
+        print(f"mpk: {tokens_made} tokens in {out.steps} steps, {out.seconds:.2f} s on the CPU executor "
+              f"({len(out.taskgraph.tasks)} tasks per step)", file=sys.stderr)
+    return 0
+
+
+def _prompts(args, tokenizer) -> list[list[int]]:
+    if args.prompt:
+        if tokenizer is None:
+            raise MpkError(f"{args.model} has no tokenizer files; pass --token-ids instead of --prompt")
+        return [list(tokenizer(text)["input_ids"]) for text in args.prompt]
+    prompts = []
+    for spec in args.token_ids or [DEFAULT_TOKEN_IDS]:
+        try:
+            prompts.append([int(t) for t in spec.split(",") if t.strip()])
+        except ValueError:
+            raise MpkError(f"--token-ids takes comma-separated integers, not {spec!r}") from None
+    return prompts
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write whole or not at all: a temporary file renamed into place."""
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MpkError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
