@@ -80,14 +80,14 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mpk.engine import generate
+    from mpk.engine import DTYPES, generate
     from mpk.models import resolve_model
 
     source = resolve_model(args.model)
     tokenizer = source.tokenizer()
     prompts = _prompts(args, tokenizer)
     print(f"mpk: running {source.name} on the CPU executor (sim, {args.dtype}); no GPU backend yet", file=sys.stderr)
-    hf = source.load_weights(args.dtype)
+    hf = source.load_weights(DTYPES[args.dtype])
 
     stream = not args.json and len(prompts) == 1
     if stream:

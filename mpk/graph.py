@@ -76,6 +76,8 @@ def shard_of(cfg: ModelConfig, rank: int, tp_size: int) -> Shard:
         if n % tp_size:
             raise MpkError(f"{what}={n} does not divide over tensor-parallel size {tp_size}; pick a --tp that divides it")
     per_rank_vocab = -(-cfg.vocab_size // tp_size)
+    if per_rank_vocab * (tp_size - 1) >= cfg.vocab_size:
+        raise MpkError(f"a vocabulary of {cfg.vocab_size} tokens is too small to split over {tp_size} GPUs")
     start = min(cfg.vocab_size, rank * per_rank_vocab)
     return Shard(
         kv_groups=cfg.num_kv_heads // tp_size,

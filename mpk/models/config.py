@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mpk.errors import MpkError
@@ -119,7 +119,8 @@ class ModelConfig:
             raise MpkError(f"{cfg_file} is not valid JSON ({e}); the checkpoint is corrupt") from None
         if not isinstance(d, dict):
             raise MpkError(f"{cfg_file} does not hold a JSON object; the checkpoint is corrupt")
-        return cls.from_hf_dict(d, name=path.name)
+        cfg = cls.from_hf_dict(d, name=path.name)
+        return replace(cfg, eos_token_ids=_generation_eos(path, cfg.eos_token_ids))
 
 
 def _rope_params(d: dict) -> dict:
@@ -156,9 +157,21 @@ def _qkv_bias(arch: str, d: dict) -> bool:
 
 def _sliding_window(arch: str, d: dict) -> int | None:
     window = d.get("sliding_window")
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not d.get("use_sliding_window", False):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if d.get("use_sliding_window", False):
+            # Qwen windows only some layers (max_window_layers / layer_types); one window for all would be wrong.
+            raise MpkError("unsupported config: use_sliding_window=true (per-layer sliding windows) for Qwen models")
         return None
     return int(window) if window else None
+
+
+def _generation_eos(path: Path, eos: tuple[int, ...]) -> tuple[int, ...]:
+    """generation_config.json often lists more end-of-sequence ids than config.json (Qwen3, Llama 3)."""
+    try:
+        extra = _eos_ids(json.loads((path / "generation_config.json").read_text()).get("eos_token_id"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return eos
+    return eos + tuple(e for e in extra if e not in eos)
 
 
 def _eos_ids(eos) -> tuple[int, ...]:

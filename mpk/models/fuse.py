@@ -1,0 +1,67 @@
+"""Turn Hugging Face weights into the fused, TP-sharded weight tensors the tensor program declares.
+
+Layout contract (the ops depend on it), for rank r, q = query heads per KV head, hd = head_dim:
+- qkv: per local KV group, its q query heads, then its K head, then its V head (a group's rows
+  are contiguous, so one tile's rows feed one attention group); qkv_bias likewise.
+- o / down: the rank's column slice (row-parallel linears, summed by an allreduce).
+- gate_up: gate and up rows interleaved (row 2i gate, 2i+1 up), so any even tile holds
+  matching pairs and SiLU(gate) * up is computed inside one task.
+- lm_head: the rank's vocabulary slice (embed_tokens when tied).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mpk.graph import shard_of, tensor_name
+from mpk.models.checkpoint import validate_shapes
+from mpk.models.config import ModelConfig
+
+
+def fuse_weights(
+    cfg: ModelConfig, hf: dict[str, torch.Tensor], tp_size: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Every weight tensor of the decode program for `tp_size` ranks, except rope_cos/rope_sin."""
+    validate_shapes(cfg, {n: tuple(t.shape) for n, t in hf.items()}, "the weights")
+    out: dict[str, torch.Tensor] = {}
+    for r in range(tp_size):
+        for name, t in _rank_weights(cfg, hf, r, tp_size):
+            out[tensor_name(r, tp_size, name)] = t.to(dtype).contiguous()
+    return out
+
+
+def _rank_weights(cfg: ModelConfig, hf: dict[str, torch.Tensor], r: int, tp_size: int):
+    sh = shard_of(cfg, r, tp_size)
+    hd, q = cfg.head_dim, cfg.q_per_kv
+    embed = hf["model.embed_tokens.weight"]
+    yield "embed", embed
+    for layer in range(cfg.num_layers):
+        p, a = f"layers.{layer}.", f"model.layers.{layer}."
+        attn = a + "self_attn."
+        yield p + "attn_norm", hf[a + "input_layernorm.weight"]
+        groups = range(r * sh.kv_groups, (r + 1) * sh.kv_groups)
+        yield p + "qkv", _group_rows(hf, attn, "weight", groups, q, hd)
+        if cfg.qkv_bias:
+            yield p + "qkv_bias", _group_rows(hf, attn, "bias", groups, q, hd)
+        if cfg.qk_norm:
+            yield p + "q_norm", hf[attn + "q_norm.weight"]
+            yield p + "k_norm", hf[attn + "k_norm.weight"]
+        cols = sh.q_heads * hd
+        yield p + "o", hf[attn + "o_proj.weight"][:, r * cols:(r + 1) * cols]
+        yield p + "mlp_norm", hf[a + "post_attention_layernorm.weight"]
+        i0, i1 = r * sh.intermediate, (r + 1) * sh.intermediate
+        gate, up = hf[a + "mlp.gate_proj.weight"][i0:i1], hf[a + "mlp.up_proj.weight"][i0:i1]
+        yield p + "gate_up", torch.stack([gate, up], dim=1).reshape(2 * sh.intermediate, -1)
+        yield p + "down", hf[a + "mlp.down_proj.weight"][:, i0:i1]
+    yield "final_norm", hf["model.norm.weight"]
+    head = embed if cfg.tie_word_embeddings else hf["lm_head.weight"]
+    yield "lm_head", head[sh.vocab_start:sh.vocab_stop]
+
+
+def _group_rows(hf: dict[str, torch.Tensor], attn: str, kind: str, groups: range, q: int, hd: int) -> torch.Tensor:
+    """Rows (or bias entries) of q/k/v for the KV groups `groups`, group by group."""
+    wq, wk, wv = (hf[f"{attn}{x}_proj.{kind}"] for x in "qkv")
+    parts = []
+    for g in groups:
+        parts += [wq[g * q * hd:(g + 1) * q * hd], wk[g * hd:(g + 1) * hd], wv[g * hd:(g + 1) * hd]]
+    return torch.cat(parts)
