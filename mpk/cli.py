@@ -80,12 +80,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mpk.engine import DTYPES, generate
+    from mpk.engine import DTYPES, check_prompts, generate
+    from mpk.graph import shard_of
     from mpk.models import resolve_model
 
     source = resolve_model(args.model)
     tokenizer = source.tokenizer()
     prompts = _prompts(args, tokenizer)
+    check_prompts(source.cfg, prompts, args.max_new_tokens)
+    for rank in range(args.tp):
+        shard_of(source.cfg, rank, args.tp)
+    source.check()
     print(f"mpk: running {source.name} on the CPU executor (sim, {args.dtype}); no GPU backend yet", file=sys.stderr)
     hf = source.load_weights(DTYPES[args.dtype])
 
