@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import load_hf_model
+from conftest import hf_model_from
 from mpk.engine import generate
 from mpk.models import resolve_model
 
@@ -62,7 +62,7 @@ def test_sim_matches_transformers(case, make_checkpoint):
     path = make_checkpoint(family, **overrides)
     source = resolve_model(str(path))
     weights = source.load_weights(torch.float32)
-    hf = load_hf_model(path)
+    hf = hf_model_from(path)
     prompts = prompts_for(batch, source.cfg.vocab_size, seed=len(case))
 
     out = generate(source.cfg, weights, prompts, NEW_TOKENS, dtype="float32", num_sms=8, tp_size=tp,
