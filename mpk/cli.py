@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins.set_defaults(func=cmd_inspect)
 
+    ben = sub.add_parser("bench", help="time mpk against a streaming-read ceiling and PyTorch (needs a GPU)")
+    ben.add_argument("model", help="checkpoint directory or preset name")
+    ben.add_argument("--batch", type=int, default=1)
+    ben.add_argument("--steps", type=int, default=128, help="decode steps timed (default 128)")
+    ben.add_argument("--backends", default="stream,mpk,eager,compile",
+                     help="comma-separated subset of stream,mpk,eager,compile")
+    ben.add_argument("--json", action="store_true", help="print the results as JSON")
+    ben.set_defaults(func=cmd_bench)
+
     gen = sub.add_parser("generate", help="generate tokens greedily")
     gen.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                      help=f"checkpoint directory or preset name (default {DEFAULT_MODEL}, random weights)")
@@ -76,6 +85,20 @@ def cmd_inspect(args) -> int:
     if args.save_graph:
         _write_text(args.save_graph, tg.to_json())
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mpk.bench import format_bench, run_bench
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(backends) - {"stream", "mpk", "eager", "compile"}
+    if unknown:
+        raise MpkError(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from stream, mpk, eager, compile")
+    if args.steps < 1:
+        raise MpkError(f"--steps must be at least 1, not {args.steps}")
+    result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
 

@@ -1,0 +1,188 @@
+"""`mpk bench`: mpk against its baselines, in one process on one GPU, on the same weights.
+
+Rows: a streaming-read kernel (the measured bandwidth ceiling), the mpk megakernel (all steps in
+one launch), PyTorch eager and PyTorch under torch.compile(mode="reduce-overhead") (CUDA graphs),
+both on `mpk.models.reference`. Every decode step reads the same bytes (the weights plus a little
+KV cache), so effective GB/s = bytes per step / time per step, and the floor is those bytes at
+the streaming kernel's bandwidth.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mpk.errors import MpkError
+
+STREAM_SOURCE = Path(__file__).resolve().parent / "csrc" / "stream_read.cu"
+
+
+@dataclass
+class Row:
+    name: str
+    ms_per_step: float
+    batch: int
+    bytes_per_step: int
+    floor_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * 1e3 / self.ms_per_step
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_per_step / self.ms_per_step / 1e6
+
+    @property
+    def pct_of_floor(self) -> float:
+        return 100.0 * self.floor_ms / self.ms_per_step
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "gbps": self.gbps, "pct_of_floor": self.pct_of_floor}
+
+
+def weight_bytes_per_step(tg) -> int:
+    """Bytes of weights one decode step reads: every weight once, but only B rows of the embedding table."""
+    total = 0
+    for spec in tg.tensors.values():
+        if spec.kind != "weight" or spec.name.rsplit("/", 1)[-1] in ("rope_cos", "rope_sin"):
+            continue
+        n = 2 if spec.dtype == "model" else 4
+        for d in spec.shape:
+            n *= d
+        if spec.name.rsplit("/", 1)[-1] == "embed":
+            n = n // spec.shape[0] * tg.batch
+        total += n
+    return total
+
+
+def stream_read_gbps(device: torch.device, nbytes: int, num_sms: int, repeats: int = 10) -> float:
+    """Read bandwidth of the bulk-copy streaming kernel over a buffer of about `nbytes` (median of repeats)."""
+    from mpk.runtime.build import arch_for_capability, build
+
+    props = torch.cuda.get_device_properties(device)
+    lib = ctypes.CDLL(str(build(STREAM_SOURCE.read_text(), arch_for_capability(props.major, props.minor))))
+    lib.mpk_stream_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    chunk = lib.mpk_stream_read_chunk_bytes()
+    chunks = max(num_sms * 8, nbytes // chunk)
+    buf = torch.empty(chunks * chunk, dtype=torch.uint8, device=device)
+    buf.random_(0, 255)
+    checksum = torch.zeros(1, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+
+    def once() -> None:
+        rc = lib.mpk_stream_read(buf.data_ptr(), chunks, num_sms, checksum.data_ptr(), stream)
+        if rc != 0:
+            raise MpkError(f"the streaming-read kernel failed to launch (CUDA error {rc})")
+
+    once()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        once()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return buf.numel() / statistics.median(times) / 1e9
+
+
+def time_torch(model, batch: int, steps: int, compiled: bool) -> float:
+    """Seconds per decode step of the reference model, greedy tokens fed back on the GPU."""
+    device = model.device
+    model.reset(batch, steps + 8)
+    step = model.decode_step
+    if compiled:
+        step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+    positions = torch.arange(steps + 8, device=device)
+    token = torch.ones(batch, dtype=torch.long, device=device)
+
+    def run(n: int, offset: int = 0) -> torch.Tensor:
+        tok = token
+        for s in range(n):
+            pos = positions[offset + s].expand(batch).clone() if compiled else offset + s
+            tok = step(tok, pos).argmax(-1)
+        return tok
+
+    run(4)  # warm-up: compilation, graph capture, allocator
+    torch.cuda.synchronize(device)
+    model.reset(batch, steps + 8)
+    t0 = time.perf_counter()
+    run(steps)
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def time_mpk(tg, fused: dict, meta: dict, steps: int, device) -> float:
+    """Seconds per decode step of the megakernel: all `steps` steps in one launch."""
+    from mpk.runtime import Megakernel
+
+    kernel = Megakernel(tg, device=device, weights=fused, meta=meta)
+    kernel.run(min(steps, 8), max_new_tokens=None)  # warm-up: module load, first touch
+    kernel.load(fused, meta)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    result = kernel.run(steps, max_new_tokens=None)
+    seconds = time.perf_counter() - t0
+    if result.steps != steps:
+        raise MpkError(f"the megakernel ran {result.steps} of {steps} steps")
+    kernel.close()
+    return seconds / steps
+
+
+def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile")) -> dict:
+    from mpk.compiler import compile_model
+    from mpk.engine import program_inputs
+    from mpk.models import resolve_model
+    from mpk.models.fuse import fuse_weights
+    from mpk.models.reference import ReferenceModel
+    from mpk.runtime import cuda_device
+
+    device = cuda_device()
+    props = torch.cuda.get_device_properties(device)
+    source = resolve_model(model)
+    cfg = source.cfg
+    tg = compile_model(cfg, batch=batch, max_seq_len=steps + 8, num_sms=props.multi_processor_count)
+    nbytes = weight_bytes_per_step(tg)
+    hf = source.load_weights(torch.bfloat16, device=device)
+
+    seconds: dict[str, float] = {}
+    gbps = None
+    if "stream" in backends:
+        gbps = stream_read_gbps(device, max(nbytes, 1 << 30), props.multi_processor_count)
+        seconds["stream-read"] = nbytes / (gbps * 1e9)
+    if "mpk" in backends:
+        fused = fuse_weights(cfg, hf, 1, torch.bfloat16)
+        weights, meta = program_inputs(cfg, tg, fused, [[1]] * batch)
+        seconds["mpk"] = time_mpk(tg, weights, meta, steps, device)
+        del fused, weights
+    if "eager" in backends or "compile" in backends:
+        ref = ReferenceModel(cfg, hf, torch.bfloat16, device)
+        if "eager" in backends:
+            seconds["torch-eager"] = time_torch(ref, batch, steps, compiled=False)
+        if "compile" in backends:
+            seconds["torch-compile"] = time_torch(ref, batch, steps, compiled=True)
+    floor_ms = nbytes / (gbps * 1e9) * 1e3 if gbps else float("nan")
+    rows = [Row(name, s * 1e3, batch, nbytes, floor_ms) for name, s in seconds.items()]
+    return {
+        "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch,
+        "steps": steps, "bytes_per_step": nbytes, "stream_read_gbps": gbps,
+        "rows": [r.as_dict() for r in rows],
+    }
+
+
+def format_bench(result: dict) -> str:
+    lines = [
+        f"{result['model']} batch {result['batch']} on {result['gpu']} ({result['num_sms']} SMs), "
+        f"{result['steps']} steps, {result['bytes_per_step'] / 1e9:.2f} GB per step",
+        f"  {'backend':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'% floor':>8}",
+    ]
+    for r in result["rows"]:
+        lines.append(f"  {r['name']:<14} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>10.1f} {r['gbps']:>8.0f} "
+                     f"{r['pct_of_floor']:>7.1f}%")
+    return "\n".join(lines)
