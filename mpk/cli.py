@@ -12,9 +12,10 @@ import time
 
 from mpk.errors import MpkError
 
+SIM_NUM_SMS = 16  # mirrors mpk.engine.SIM_NUM_SMS; kept here so `mpk --help` needs no torch
+
 DEFAULT_MODEL = "qwen3-0.6b"
 DEFAULT_TOKEN_IDS = "1,2,3,4"
-SIM_NUM_SMS = 16
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,10 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); needs a tokenizer")
     src.add_argument("--token-ids", action="append", help="comma-separated prompt token ids (repeat for a batch)")
     gen.add_argument("--max-new-tokens", type=int, default=16)
-    gen.add_argument("--backend", choices=["sim"], default="sim",
-                     help="sim: the CPU executor of the task graph (the GPU backend comes with the megakernel)")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    gen.add_argument("--num-sms", type=int, default=SIM_NUM_SMS, help=f"SMs to schedule for (default {SIM_NUM_SMS})")
+    gen.add_argument("--backend", choices=["auto", "cuda", "sim"], default="auto",
+                     help="cuda: the GPU megakernel; sim: the CPU executor; auto: cuda when a GPU is present")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                     help="bfloat16 (default; the only dtype of the GPU backend) or float32 (CPU executor)")
+    gen.add_argument("--num-sms", type=int, default=None,
+                     help=f"SMs to schedule for (default: the GPU's, or {SIM_NUM_SMS} on the CPU executor)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the executor's task order")
     gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -114,8 +117,11 @@ def cmd_generate(args) -> int:
     for rank in range(args.tp):
         shard_of(source.cfg, rank, args.tp)
     source.check()
-    print(f"mpk: running {source.name} on the CPU executor (sim, {args.dtype}); no GPU backend yet", file=sys.stderr)
-    hf = source.load_weights(DTYPES[args.dtype])
+    backend = _backend(args.backend)
+    where = "the GPU megakernel" if backend == "cuda" else "the CPU executor (sim; no GPU found)" if args.backend == "auto" \
+        else "the CPU executor (sim)"
+    print(f"mpk: running {source.name} on {where}, {args.dtype}", file=sys.stderr)
+    hf = source.load_weights(DTYPES[args.dtype], device="cuda" if backend == "cuda" else "cpu")
 
     stream = not args.json and len(prompts) == 1
     if stream:
@@ -126,12 +132,12 @@ def cmd_generate(args) -> int:
             piece = tokenizer.decode([token]) if tokenizer is not None else f" {token}"
             print(piece, end="", flush=True)
 
-    out = generate(source.cfg, hf, prompts, args.max_new_tokens, dtype=args.dtype, num_sms=args.num_sms,
+    out = generate(source.cfg, hf, prompts, args.max_new_tokens, backend=backend, dtype=args.dtype, num_sms=args.num_sms,
                    tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens)
     texts = [tokenizer.decode(ids) for ids in out.token_ids] if tokenizer is not None else None
     tokens_made = sum(len(t) for t in out.token_ids)
     if args.json:
-        result = {"model": source.name, "backend": "sim", "dtype": args.dtype, "steps": out.steps,
+        result = {"model": source.name, "backend": backend, "dtype": args.dtype, "steps": out.steps,
                   "seconds": round(out.seconds, 3),
                   "token_ids": out.token_ids[0] if len(prompts) == 1 else out.token_ids}
         if texts is not None:
@@ -143,9 +149,18 @@ def cmd_generate(args) -> int:
         else:
             for i, ids in enumerate(out.token_ids):
                 print(f"[{i}] " + (texts[i] if texts is not None else " ".join(map(str, ids))))
-        print(f"mpk: {tokens_made} tokens in {out.steps} steps, {out.seconds:.2f} s on the CPU executor "
+        print(f"mpk: {tokens_made} tokens in {out.steps} steps, {out.seconds:.2f} s "
               f"({len(out.taskgraph.tasks)} tasks per step)", file=sys.stderr)
     return 0
+
+
+def _backend(choice: str) -> str:
+    """auto: the megakernel when a CUDA GPU is present, else the CPU executor."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "sim"
 
 
 def _prompts(args, tokenizer) -> list[list[int]]:

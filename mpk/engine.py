@@ -19,6 +19,7 @@ from mpk.models.config import ModelConfig, rope_tables
 from mpk.taskgraph import TaskGraph
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SIM_NUM_SMS = 16  # SMs the CPU executor schedules for unless told otherwise
 
 
 @dataclass
@@ -65,44 +66,80 @@ def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tenso
     return weights, meta
 
 
+class _Collector:
+    """Turns each finished step's tokens into new tokens per sequence, streaming them as they come."""
+
+    def __init__(self, prompts, max_new_tokens: int, eos: set[int], on_tokens):
+        self.prompts, self.max_new, self.eos, self.on_tokens = prompts, max_new_tokens, eos, on_tokens
+        self.new_tokens: list[list[int]] = [[] for _ in prompts]
+        self.finished = [False] * len(prompts)
+
+    def step(self, step: int, tokens: list[int]) -> bool:
+        """Record step `step`'s tokens (one per sequence); True once every sequence is finished."""
+        for s, p in enumerate(self.prompts):
+            if self.finished[s] or step < len(p) - 1:
+                continue
+            self.new_tokens[s].append(tokens[s])
+            if self.on_tokens is not None:
+                self.on_tokens(s, tokens[s])
+            self.finished[s] = tokens[s] in self.eos or len(self.new_tokens[s]) >= self.max_new
+        return all(self.finished)
+
+
 def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
-             *, dtype: str = "float32", num_sms: int = 16, tp_size: int = 1, seed: int = 0, stop_at_eos: bool = True,
-             collect_logits: bool = False, on_tokens=None) -> Generation:
-    """Greedy generation on the CPU executor.
+             *, backend: str = "sim", dtype: str = "float32", num_sms: int | None = None, tp_size: int = 1,
+             seed: int = 0, stop_at_eos: bool = True, collect_logits: bool = False, on_tokens=None) -> Generation:
+    """Greedy generation on the CPU executor (`sim`) or the GPU megakernel (`cuda`).
 
     `on_tokens(seq, token)` is called for each new token as soon as its step is done.
     """
-    from mpk import sim
     from mpk.models.fuse import fuse_weights
 
+    if backend not in ("sim", "cuda"):
+        raise MpkError(f"unknown backend {backend!r}; choose sim or cuda")
     if dtype not in DTYPES:
         raise MpkError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if backend == "cuda" and dtype != "bfloat16":
+        raise MpkError("the GPU megakernel runs bfloat16; pass --dtype bfloat16 (float32 is for the CPU executor)")
     seq_len = check_prompts(cfg, prompts, max_new_tokens)
-    tg = compile_model(cfg, batch=len(prompts), max_seq_len=seq_len, tp_size=tp_size, num_sms=num_sms)
+    device = None
+    if backend == "cuda":
+        from mpk.runtime import cuda_device
+
+        device = cuda_device()
+        num_sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=seq_len, tp_size=tp_size, num_sms=num_sms or SIM_NUM_SMS)
     fused = fuse_weights(cfg, hf_weights, tp_size, DTYPES[dtype])
     weights, meta = program_inputs(cfg, tg, fused, prompts)
-    bufs = sim.allocate(tg, weights, meta, DTYPES[dtype])
-
     eos = set(cfg.eos_token_ids) if stop_at_eos else set()
-    new_tokens: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
+    collector = _Collector(prompts, max_new_tokens, eos, on_tokens)
+
+    t0 = time.perf_counter()
+    if backend == "sim":
+        steps, logits = _run_sim(tg, weights, meta, DTYPES[dtype], seq_len, collector, collect_logits, seed)
+    else:
+        from mpk.runtime import Megakernel
+
+        kernel = Megakernel(tg, device=device, weights=weights, meta=meta)
+        result = kernel.run(seq_len, max_new_tokens=max_new_tokens,
+                            on_step=collector.step, eos_token_ids=sorted(eos), collect_logits=collect_logits)
+        kernel.close()
+        steps, logits = result.steps, result.logits
+    return Generation(collector.new_tokens, steps, time.perf_counter() - t0, logits, tg)
+
+
+def _run_sim(tg, weights, meta, dtype, seq_len, collector: _Collector, collect_logits: bool, seed: int):
+    from mpk import sim
+
+    bufs = sim.allocate(tg, weights, meta, dtype)
+    token_buf = tensor_name(0, tg.tp_size, "tokens")
+    logit_bufs = [tensor_name(r, tg.tp_size, "logits") for r in range(tg.tp_size)]
     logits: list[torch.Tensor] = []
-    token_buf = tensor_name(0, tp_size, "tokens")
-    logit_bufs = [tensor_name(r, tp_size, "logits") for r in range(tp_size)]
 
     def on_step(step: int, b: dict[str, torch.Tensor]) -> bool:
         if collect_logits:
             logits.append(torch.cat([b[n] for n in logit_bufs], dim=1).clone())
-        for s, p in enumerate(prompts):
-            if finished[s] or step < len(p) - 1:
-                continue
-            token = int(b[token_buf][s])
-            new_tokens[s].append(token)
-            if on_tokens is not None:
-                on_tokens(s, token)
-            finished[s] = token in eos or len(new_tokens[s]) >= max_new_tokens
-        return all(finished)
+        return collector.step(step, b[token_buf].tolist())
 
-    t0 = time.perf_counter()
     steps = sim.run(tg, bufs, num_steps=seq_len, on_step=on_step, seed=seed)
-    return Generation(new_tokens, steps, time.perf_counter() - t0, logits, tg)
+    return steps, logits
