@@ -1,0 +1,96 @@
+// Shared device helpers: bf16 rounding that mirrors PyTorch, packed bf16 vectors, warp reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#ifdef MPK_DEBUG
+#include <cassert>
+#define MPK_ASSERT(cond) assert(cond)
+#else
+#define MPK_ASSERT(cond) ((void)0)
+#endif
+
+namespace mpk {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 256;  // one CTA of 8 warps per SM
+constexpr int kWarps = kThreads / 32;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+__device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
+
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ bf16 to_bf(float x) { return __float2bfloat16_rn(x); }
+// The value a bf16 tensor would hold: PyTorch rounds every bf16 op's fp32 result once.
+__device__ __forceinline__ float round_bf(float x) { return to_f(to_bf(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// argmax over a warp: the largest value, ties to the lowest index (NaN never wins).
+__device__ __forceinline__ void warp_argmax(float& v, long long& i) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const long long oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
+  }
+}
+
+// N packed bf16 values as one load: 16 bytes for N = 8.
+template <int N> struct Packed;
+template <> struct Packed<1> { using T = unsigned short; };
+template <> struct Packed<2> { using T = unsigned int; };
+template <> struct Packed<4> { using T = uint2; };
+template <> struct Packed<8> { using T = uint4; };
+template <int N> using packed_t = typename Packed<N>::T;
+
+// Loads of constant data (weights): read-only path.
+template <int N> __device__ __forceinline__ packed_t<N> ld_weight(const bf16* p) {
+  return __ldg(reinterpret_cast<const packed_t<N>*>(p));
+}
+// Loads of data other SMs write during the launch (activations, KV cache): coherent path only.
+template <int N> __device__ __forceinline__ packed_t<N> ld_act(const bf16* p) {
+  return *reinterpret_cast<const packed_t<N>*>(p);
+}
+
+// bf16 -> fp32 is exact: the bf16 bits are the top half of the float.
+template <int N> __device__ __forceinline__ void unpack(const packed_t<N>& r, float (&f)[N]) {
+  if constexpr (N == 1) {
+    f[0] = __uint_as_float(static_cast<unsigned>(r) << 16);
+  } else {
+    unsigned w[N / 2];
+    if constexpr (N == 2) {
+      w[0] = r;
+    } else if constexpr (N == 4) {
+      w[0] = r.x, w[1] = r.y;
+    } else {
+      w[0] = r.x, w[1] = r.y, w[2] = r.z, w[3] = r.w;
+    }
+#pragma unroll
+    for (int j = 0; j < N / 2; ++j) {
+      f[2 * j] = __uint_as_float(w[j] << 16);
+      f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+  }
+}
+
+// Widest packing that divides n (rows of n elements then stay aligned).
+__host__ __device__ constexpr int vec_width(int n) { return n % 8 == 0 ? 8 : n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1; }
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+__host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
+
+}  // namespace mpk

@@ -1,0 +1,251 @@
+// Matrix-vector tasks (mpk/ops/linear.py): a task owns output columns [c0, c1) for all B sequences
+// and streams those weight rows once. Warp w takes columns c0 + w, c0 + w + 8, ...; its lanes split
+// the row into packed 16-byte loads, several in flight, and a butterfly reduction gives the sums.
+#pragma once
+
+#include "mpk_runtime.cuh"
+
+namespace mpk {
+
+constexpr int kXBudget = 96 * 1024;  // bytes of shared memory for the staged input x
+
+// The GEMV input: x [B, K] (optionally RMS-normalised) as the dot products read it. Staged in shared
+// memory as bf16 rows padded to 16 bytes when it fits, else read from global memory (L2) each time.
+template <int B, int K, bool NORM> struct GemvInput {
+  static constexpr int VEC = vec_width(K);
+  static constexpr int KP = (K + 7) / 8 * 8;
+  static constexpr bool kStaged = B * KP * 2 <= kXBudget;
+  static constexpr int kInvOffset = kStaged ? B * KP * 2 : 0;
+  static constexpr int SMEM = kInvOffset + align16(B * 4);
+
+  const bf16* x;
+  const bf16* norm;
+  const unsigned char* smem;
+
+  // transformers' RMSNorm in bf16: normalise in fp32, round, then scale by the weight and round.
+  __device__ __forceinline__ static float normed(float v, float inv, float w) { return round_bf(w * round_bf(v * inv)); }
+
+  // All threads: compute 1/rms per sequence and stage x.
+  __device__ void prepare(float eps, unsigned char* s) const {
+    float* inv = reinterpret_cast<float*>(s + kInvOffset);
+    if constexpr (NORM) {
+      for (int b = warp_id(); b < B; b += kWarps) {
+        float ss = 0.f;
+        for (int k = lane_id(); k < K; k += 32) {
+          const float v = to_f(x[b * K + k]);
+          ss += v * v;
+        }
+        ss = warp_sum(ss);
+        if (lane_id() == 0) inv[b] = rsqrtf(ss / K + eps);
+      }
+      __syncthreads();
+    }
+    if constexpr (kStaged) {
+      bf16* xs = reinterpret_cast<bf16*>(s);
+      for (int i = threadIdx.x; i < B * K; i += kThreads) {
+        const int b = i / K, k = i - b * K;
+        xs[b * KP + k] = NORM ? to_bf(normed(to_f(x[i]), inv[b], to_f(norm[k]))) : x[i];
+      }
+      __syncthreads();
+    }
+  }
+
+  // x[b, v*VEC .. v*VEC + VEC) as floats.
+  __device__ __forceinline__ void load(int b, int v, float (&f)[VEC]) const {
+    if constexpr (kStaged) {
+      unpack<VEC>(*reinterpret_cast<const packed_t<VEC>*>(reinterpret_cast<const bf16*>(smem) + b * KP + v * VEC), f);
+    } else {
+      unpack<VEC>(ld_act<VEC>(x + b * K + v * VEC), f);
+      if constexpr (NORM) {
+        const float inv = reinterpret_cast<const float*>(smem + kInvOffset)[b];
+        float w[VEC];
+        unpack<VEC>(ld_weight<VEC>(norm + v * VEC), w);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) f[e] = normed(f[e], inv, w[e]);
+      }
+    }
+  }
+};
+
+// One warp: acc[r][b] = dot(W row r0 + r, x[b]) for RPC consecutive rows; every lane gets the sums.
+template <int B, int K, bool NORM, int RPC>
+__device__ __forceinline__ void warp_dots(const GemvInput<B, K, NORM>& in, const bf16* w_rows, float (&acc)[RPC][B]) {
+  using In = GemvInput<B, K, NORM>;
+  constexpr int VEC = In::VEC, NV = K / VEC;
+  constexpr int U = cmax(1, cmin(8 / RPC, (NV + 31) / 32));  // loads in flight per row per lane
+#pragma unroll
+  for (int r = 0; r < RPC; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[r][b] = 0.f;
+  const int lane = lane_id();
+#pragma unroll 1
+  for (int v0 = lane; v0 < NV; v0 += 32 * U) {
+    packed_t<VEC> w[RPC][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < RPC; ++r)
+        w[r][u] = v0 + 32 * u < NV ? ld_weight<VEC>(w_rows + r * K + (v0 + 32 * u) * VEC) : packed_t<VEC>{};
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = v0 + 32 * u;
+      if (v >= NV) break;
+      float wf[RPC][VEC];
+#pragma unroll
+      for (int r = 0; r < RPC; ++r) unpack<VEC>(w[r][u], wf[r]);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        float xf[VEC];
+        in.load(b, v, xf);
+#pragma unroll
+        for (int r = 0; r < RPC; ++r)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[r][b] = fmaf(wf[r][e], xf[e], acc[r][b]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RPC; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
+}
+
+__device__ __forceinline__ void tile_span(const TaskCtx& t, const OpDesc& op, int& c0, int& c1) {
+  const int n = static_cast<int>(op.i[0]), tile = static_cast<int>(op.i[1]);
+  c0 = t.tile[0] * tile;
+  c1 = min(n, c0 + tile);
+  MPK_ASSERT(c0 < c1);
+}
+
+// rmsnorm_linear: out[:, c0:c1] = rmsnorm(x) @ W[c0:c1]^T (+ bias).
+// ptr {x, norm, weight, bias, out}; i {N, tile}; f {eps}
+template <int B, int K, bool BIAS> struct RmsnormLinear {
+  using In = GemvInput<B, K, true>;
+  static constexpr int SMEM = In::SMEM;
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    const In in{static_cast<const bf16*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
+    const bf16* w = static_cast<const bf16*>(op.ptr[2]);
+    const bf16* bias = static_cast<const bf16*>(op.ptr[3]);
+    bf16* out = static_cast<bf16*>(op.ptr[4]);
+    const int n = static_cast<int>(op.i[0]);
+    int c0, c1;
+    tile_span(t, op, c0, c1);
+    in.prepare(op.f[0], smem);
+    for (int c = c0 + warp_id(); c < c1; c += kWarps) {
+      float acc[1][B];
+      warp_dots<B, K, true, 1>(in, w + static_cast<size_t>(c) * K, acc);
+      if (lane_id() == 0) {
+        const float add = BIAS ? to_f(__ldg(bias + c)) : 0.f;
+#pragma unroll
+        for (int b = 0; b < B; ++b) out[b * n + c] = to_bf(acc[0][b] + add);
+      }
+    }
+  }
+};
+
+// rmsnorm_gate_up_silu: out[:, c] = silu(gate) * up with gate/up rows 2c, 2c+1 of the fused weight.
+// ptr {x, norm, weight, out}; i {N, tile}; f {eps}
+template <int B, int K> struct RmsnormGateUpSilu {
+  using In = GemvInput<B, K, true>;
+  static constexpr int SMEM = In::SMEM;
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    const In in{static_cast<const bf16*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
+    const bf16* w = static_cast<const bf16*>(op.ptr[2]);
+    bf16* out = static_cast<bf16*>(op.ptr[3]);
+    const int n = static_cast<int>(op.i[0]);
+    int c0, c1;
+    tile_span(t, op, c0, c1);
+    in.prepare(op.f[0], smem);
+    for (int c = c0 + warp_id(); c < c1; c += kWarps) {
+      float acc[2][B];
+      warp_dots<B, K, true, 2>(in, w + static_cast<size_t>(2 * c) * K, acc);
+      if (lane_id() == 0) {
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          // F.linear rounds gate and up to bf16, F.silu rounds, the product rounds.
+          const float g = round_bf(acc[0][b]), u = round_bf(acc[1][b]);
+          out[b * n + c] = to_bf(round_bf(g / (1.f + expf(-g))) * u);
+        }
+      }
+    }
+  }
+};
+
+// linear_residual: out[:, c0:c1] = residual[:, c0:c1] + x @ W[c0:c1]^T.
+// ptr {x, weight, residual, out}; i {N, tile}
+template <int B, int K> struct LinearResidual {
+  using In = GemvInput<B, K, false>;
+  static constexpr int SMEM = In::SMEM;
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    const In in{static_cast<const bf16*>(op.ptr[0]), nullptr, smem};
+    const bf16* w = static_cast<const bf16*>(op.ptr[1]);
+    const bf16* res = static_cast<const bf16*>(op.ptr[2]);
+    bf16* out = static_cast<bf16*>(op.ptr[3]);
+    const int n = static_cast<int>(op.i[0]);
+    int c0, c1;
+    tile_span(t, op, c0, c1);
+    in.prepare(0.f, smem);
+    for (int c = c0 + warp_id(); c < c1; c += kWarps) {
+      float acc[1][B];
+      warp_dots<B, K, false, 1>(in, w + static_cast<size_t>(c) * K, acc);
+      if (lane_id() == 0) {
+#pragma unroll
+        for (int b = 0; b < B; ++b) out[b * n + c] = to_bf(to_f(res[b * n + c]) + round_bf(acc[0][b]));
+      }
+    }
+  }
+};
+
+// rmsnorm_lm_head_argmax: logits[:, v0:v1] and the tile's argmax candidate per sequence.
+// ptr {x, norm, weight, logits, cand_val, cand_idx}; i {V, tile, n_tiles, vocab_start}; f {eps}
+template <int B, int K> struct RmsnormLmHeadArgmax {
+  using In = GemvInput<B, K, true>;
+  static constexpr int kBestOffset = In::SMEM;
+  static constexpr int SMEM = kBestOffset + align16(kWarps * B * 4) + align16(kWarps * B * 4);
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    const In in{static_cast<const bf16*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
+    const bf16* w = static_cast<const bf16*>(op.ptr[2]);
+    float* logits = static_cast<float*>(op.ptr[3]);
+    float* cand_val = static_cast<float*>(op.ptr[4]);
+    long long* cand_idx = static_cast<long long*>(op.ptr[5]);
+    const int vocab = static_cast<int>(op.i[0]), n_tiles = static_cast<int>(op.i[2]);
+    const long long vocab_start = op.i[3];
+    int c0, c1;
+    tile_span(t, op, c0, c1);
+    MPK_ASSERT(t.tile[0] < n_tiles);
+    in.prepare(op.f[0], smem);
+    float best[B];
+    int best_at[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) best[b] = kNegInf, best_at[b] = c0;
+    for (int c = c0 + warp_id(); c < c1; c += kWarps) {
+      float acc[1][B];
+      warp_dots<B, K, true, 1>(in, w + static_cast<size_t>(c) * K, acc);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float y = round_bf(acc[0][b]);  // the sim's logits are F.linear's bf16 output
+        if (lane_id() == 0) logits[static_cast<size_t>(b) * vocab + c] = y;
+        if (y > best[b]) best[b] = y, best_at[b] = c;  // columns ascend: the first maximum stays
+      }
+    }
+    float* s_val = reinterpret_cast<float*>(smem + kBestOffset);
+    int* s_at = reinterpret_cast<int*>(smem + kBestOffset + align16(kWarps * B * 4));
+    if (lane_id() == 0)
+#pragma unroll
+      for (int b = 0; b < B; ++b) s_val[warp_id() * B + b] = best[b], s_at[warp_id() * B + b] = best_at[b];
+    __syncthreads();
+    for (int b = threadIdx.x; b < B; b += kThreads) {
+      float v = s_val[b];
+      int at = s_at[b];
+      for (int k = 1; k < kWarps; ++k) {
+        const float ov = s_val[k * B + b];
+        const int oat = s_at[k * B + b];
+        if (ov > v || (ov == v && oat < at)) v = ov, at = oat;
+      }
+      cand_val[b * n_tiles + t.tile[0]] = v;
+      cand_idx[b * n_tiles + t.tile[0]] = vocab_start + at;
+    }
+  }
+};
+
+}  // namespace mpk

@@ -1,0 +1,52 @@
+// Host side of the generated .so: launch, and the C entry points the Python runtime calls through
+// ctypes. Included once, by the generated translation unit.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstring>
+
+#include "mpk_runtime.cuh"
+
+namespace mpk {
+
+// Cooperative launch: the driver refuses (instead of deadlocking) if the grid cannot be resident.
+template <class Kernel> int launch(Kernel kernel, int smem_bytes, const MpkParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  MpkParams copy = p;
+  void* args[] = {&copy};
+  err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(p.num_sms)),
+                                    dim3(kThreads), args, smem_bytes, stream);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+template <class Kernel> int blocks_per_sm(Kernel kernel, int smem_bytes, int* out) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, kThreads, smem_bytes);
+}
+
+}  // namespace mpk
+
+extern "C" {
+
+int mpk_params_size() { return sizeof(mpk::MpkParams); }
+int mpk_task_desc_size() { return sizeof(mpk::TaskDesc); }
+int mpk_op_desc_size() { return sizeof(mpk::OpDesc); }
+int mpk_num_threads() { return mpk::kThreads; }
+const char* mpk_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+// The .so links its own CUDA runtime; both it and PyTorch's use the device's primary context.
+int mpk_set_device(int device) { return cudaSetDevice(device); }
+
+// Pinned host memory the GPU reads and writes directly (PyTorch's pin_memory is not mapped).
+int mpk_host_alloc(size_t bytes, void** host, void** dev) {
+  cudaError_t err = cudaHostAlloc(host, bytes, cudaHostAllocMapped);
+  if (err != cudaSuccess) return err;
+  std::memset(*host, 0, bytes);
+  return cudaHostGetDevicePointer(dev, *host, 0);
+}
+
+int mpk_host_free(void* host) { return cudaFreeHost(host); }
+
+}  // extern "C"

@@ -1,0 +1,78 @@
+// The ends of a step (mpk/ops/tokens.py): token -> embedding row, and argmax candidates -> the next
+// token, streamed to the host, plus the step's stop decision.
+#pragma once
+
+#include "mpk_runtime.cuh"
+
+namespace mpk {
+
+// embed: x[b] = table[tokens[b]].
+// ptr {tokens, table, out}; i {vocab}
+template <int H> struct Embed {
+  static constexpr int SMEM = 0;
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
+    constexpr int VEC = vec_width(H);
+    const int b = t.tile[0];
+    const long long tok = static_cast<const long long*>(op.ptr[0])[b];
+    MPK_ASSERT(tok >= 0 && tok < op.i[0]);
+    const bf16* row = static_cast<const bf16*>(op.ptr[1]) + tok * H;
+    bf16* out = static_cast<bf16*>(op.ptr[2]) + static_cast<size_t>(b) * H;
+    for (int v = threadIdx.x; v < H / VEC; v += kThreads)
+      *reinterpret_cast<packed_t<VEC>*>(out + v * VEC) = ld_weight<VEC>(row + v * VEC);
+  }
+};
+
+__device__ __forceinline__ bool is_eos(const MpkParams& p, long long tok) {
+  for (long long k = 0; k < p.n_eos; ++k)
+    if (p.eos[k] == tok) return true;
+  return false;
+}
+
+// sample: the best candidate over all LM-head tiles (ties to the lowest token id), or the prompt's
+// next token while sequence b is inside its prompt. Writes tokens[b] (the next step's embed reads
+// it) and out_tokens[step * batch + b] (host-mapped). The step's last sample task publishes
+// steps_done and stops the run once every sequence has finished.
+// ptr {cand_val, cand_idx, prompt, prompt_len, tokens}; i {n_tiles, S}
+struct Sample {
+  static constexpr int SMEM = 0;
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
+    if (warp_id() != 0) return;
+    const MpkParams& p = *t.p;
+    const int b = t.tile[0];
+    const int n_tiles = static_cast<int>(op.i[0]);
+    const long long S = op.i[1];
+    const float* cand_val = static_cast<const float*>(op.ptr[0]) + static_cast<size_t>(b) * n_tiles;
+    const long long* cand_idx = static_cast<const long long*>(op.ptr[1]) + static_cast<size_t>(b) * n_tiles;
+    float best = kNegInf;
+    long long best_idx = 0x7fffffffffffffffll;
+    for (int k = lane_id(); k < n_tiles; k += 32) {
+      const float v = cand_val[k];
+      const long long i = cand_idx[k];
+      if (v > best || (v == best && i < best_idx)) best = v, best_idx = i;
+    }
+    warp_argmax(best, best_idx);
+    if (lane_id() != 0) return;
+
+    const long long step = t.step;
+    const long long plen = static_cast<const long long*>(op.ptr[3])[b];
+    const long long tok = step + 1 < plen ? static_cast<const long long*>(op.ptr[2])[b * S + step + 1] : best_idx;
+    static_cast<long long*>(op.ptr[4])[b] = tok;
+    st_volatile(p.out_tokens + step * p.batch + b, static_cast<int>(tok));
+    // Finished: hit EOS or its token limit (new tokens start at the prompt's last position).
+    const bool generated = step >= plen - 1;
+    const bool done = ld_volatile(p.seq_done + b) || (generated && (is_eos(p, tok) || step - plen + 2 >= p.max_new[b]));
+    st_volatile(p.seq_done + b, static_cast<int>(done));
+    __threadfence_system();  // out_tokens reach the host before steps_done says so
+    const unsigned long long n = atomicAdd(reinterpret_cast<unsigned long long*>(p.ctl + kCtlSampled), 1ull);
+    if (static_cast<long long>(n) != (t.rel + 1) * p.n_sample - 1) return;
+    // Last sample task of the step: every sequence's token and finished flag is in.
+    __threadfence();
+    bool all_done = true;
+    for (long long k = 0; k < p.batch; ++k) all_done = all_done && ld_volatile(p.seq_done + k);
+    if (all_done || ld_volatile(p.host_flags + kFlagStopRequest)) st_volatile(p.ctl + kCtlStopStep, step);
+    __threadfence_system();
+    st_volatile(p.steps_done, step + 1);
+  }
+};
+
+}  // namespace mpk

@@ -1,0 +1,120 @@
+"""nvcc build of a generated kernel into a shared library, cached by content hash.
+
+The cache key covers everything that decides the binary: the generated source, the headers it
+includes, the nvcc version and the flags. Concurrent builds of one key (two processes, or two
+tests) serialise on a lock file; the library appears by atomic rename, so a reader never sees a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from mpk.errors import MpkError
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+DEFAULT_ARCH = "sm_90a"
+NVCC_FALLBACK = "/usr/local/cuda/bin/nvcc"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MPK_CACHE_DIR") or Path.home() / ".cache" / "mpk")
+
+
+def find_nvcc() -> str:
+    """The nvcc to use: $CUDACXX, nvcc on PATH, then the usual install location."""
+    for cand in (os.environ.get("CUDACXX"), shutil.which("nvcc"), NVCC_FALLBACK):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise MpkError("nvcc not found: install the CUDA toolkit or set CUDACXX")
+
+
+@lru_cache(maxsize=None)
+def nvcc_version(nvcc: str) -> str:
+    try:
+        return subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise MpkError(f"{nvcc} --version failed ({e}); is the CUDA toolkit installed correctly?") from None
+
+
+def arch_for_capability(major: int, minor: int) -> str:
+    """The build target of a device: Hopper and Blackwell datacenter parts get their 'a' targets."""
+    return f"sm_{major}{minor}" + ("a" if (major, minor) in ((9, 0), (10, 0)) else "")
+
+
+def gencode(arch: str) -> str:
+    m = re.fullmatch(r"sm_(\d+)(a?)", arch)
+    if not m:
+        raise MpkError(f"unknown GPU architecture {arch!r}; expected a name like sm_90a or sm_80")
+    num, suffix = m.groups()
+    return f"-gencode=arch=compute_{num}{suffix},code=sm_{num}{suffix}"
+
+
+def nvcc_flags(arch: str, debug: bool) -> list[str]:
+    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", gencode(arch), f"-I{CSRC}"]
+    if debug:
+        flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
+    return flags
+
+
+def _headers_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(CSRC.glob("*.cuh")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def build(source: str, arch: str = DEFAULT_ARCH, debug: bool | None = None, cache: Path | None = None) -> Path:
+    """Compile `source` (from mpk.codegen) into a .so for `arch`; return its path (cached).
+
+    `debug` None reads MPK_DEBUG from the environment.
+    """
+    if debug is None:
+        debug = os.environ.get("MPK_DEBUG", "") not in ("", "0")
+    nvcc = find_nvcc()
+    flags = nvcc_flags(arch, debug)
+    key = hashlib.sha256("\0".join([source, _headers_digest(), nvcc_version(nvcc), *flags]).encode()).hexdigest()[:24]
+    cache = Path(cache) if cache is not None else cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    so = cache / f"mpk-{arch}-{key}.so"
+    if so.exists():
+        return so
+    with open(cache / f"mpk-{arch}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if so.exists():  # another process built it while we waited
+            return so
+        return _compile(nvcc, flags, source, so)
+
+
+def _compile(nvcc: str, flags: list[str], source: str, so: Path) -> Path:
+    log = so.with_suffix(".log")
+    with tempfile.TemporaryDirectory(dir=so.parent, prefix=".build-") as tmp:
+        cu = Path(tmp) / "kernel.cu"
+        cu.write_text(source)
+        out = Path(tmp) / "kernel.so"
+        proc = subprocess.run([nvcc, *flags, str(cu), "-o", str(out)], capture_output=True, text=True)
+        log.write_text(f"$ {nvcc} {' '.join(flags)} kernel.cu\n{proc.stdout}{proc.stderr}")
+        if proc.returncode != 0:
+            kept = so.with_suffix(".cu")
+            kept.write_text(source)
+            raise MpkError(f"nvcc failed to build the megakernel: {_first_error(proc.stdout + proc.stderr)} "
+                           f"(full log: {log}, source: {kept})")
+        os.replace(out, so)
+    return so
+
+
+def _first_error(output: str) -> str:
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error" in ln.lower():
+            return ln
+    return lines[0] if lines else "no compiler output"

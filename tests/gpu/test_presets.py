@@ -1,0 +1,107 @@
+"""The megakernel on real model shapes (presets, random bf16 weights) against the PyTorch reference.
+
+- Teacher-forced logits of every step within REF_TOL of a float32 reference on the same weights,
+  by ||ours - ref|| / ||ref||.
+- Greedy tokens (one launch) equal to a bf16 reference teacher-forced along the kernel's own
+  tokens, except near-ties: where the reference's top-2 logits are within NEAR_TIE of the row's
+  largest |logit|, either of the two is accepted.
+Run by scripts/gpu_check.sh; skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from test_megakernel import NEAR_TIE, REF_TOL, l2_rel_err, rel_err, report  # noqa: E402
+
+from mpk.compiler import compile_model  # noqa: E402
+from mpk.engine import program_inputs  # noqa: E402
+from mpk.models import resolve_model  # noqa: E402
+from mpk.models.fuse import fuse_weights  # noqa: E402
+from mpk.models.reference import ReferenceModel  # noqa: E402
+from mpk.runtime import Megakernel  # noqa: E402
+
+PRESETS = ["qwen3-0.6b", "llama-3.2-1b", "qwen3-8b", "llama-3.1-8b"]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """One preset's bf16 weights on the GPU at a time (8B models are 16 GB each)."""
+    held: dict = {}
+
+    def get(name):
+        if name not in held:
+            held.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            source = resolve_model(name)
+            held[name] = source.cfg, source.load_weights(torch.bfloat16, device="cuda")
+        return held[name]
+
+    yield get
+    held.clear()
+
+
+def run_kernel(cfg, hf, prompts, steps, max_new=None, collect_logits=False):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=sms)
+    w, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
+    mk = Megakernel(tg, weights=w, meta=meta)
+    res = mk.run(steps, max_new_tokens=max_new, eos_token_ids=[], collect_logits=collect_logits)
+    mk.close()
+    del mk, w, meta
+    torch.cuda.empty_cache()
+    return res
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_logits_and_tokens(weights, name, batch):
+    cfg, hf = weights(name)
+    g = torch.Generator().manual_seed(batch)
+    seqs = torch.randint(0, cfg.vocab_size, (batch, STEPS), generator=g)
+    forced = run_kernel(cfg, hf, seqs.tolist(), STEPS, collect_logits=True)
+    ours = torch.stack(forced.logits, 1)  # [B, T, V]
+
+    prompts = [seqs[b, : 2 + b].tolist() for b in range(batch)]
+    max_new = STEPS
+    free = run_kernel(cfg, hf, prompts, max(len(p) for p in prompts) + max_new - 1, max_new=max_new)
+    new = [[free.tokens[s][b] for s in range(len(p) - 1, len(p) - 1 + max_new)] for b, p in enumerate(prompts)]
+
+    ref = ReferenceModel(cfg, hf, torch.float32, "cuda")
+    ref.reset(batch, STEPS)
+    want = ref.forward(seqs.cuda(), 0).cpu()
+    del ref
+    torch.cuda.empty_cache()
+    errs = [l2_rel_err(ours[:, s], want[:, s]) for s in range(STEPS)]
+    worst = max(rel_err(ours[:, s], want[:, s]) for s in range(STEPS))
+
+    ref16 = ReferenceModel(cfg, hf, torch.bfloat16, "cuda")
+    bad, ties = [], 0
+    for b, p in enumerate(prompts):
+        full = p + new[b]
+        ref16.reset(1, len(full))
+        rows = ref16.forward(torch.tensor([full]).cuda(), 0)[0].float().cpu()
+        for i, tok in enumerate(new[b]):
+            row = rows[len(p) - 1 + i]
+            top = row.topk(2)
+            if tok == int(top.indices[0]):
+                continue
+            if tok == int(top.indices[1]) and (top.values[0] - top.values[1]).item() <= NEAR_TIE * row.abs().max().item():
+                ties += 1
+            else:
+                bad.append((b, i, tok, int(top.indices[0])))
+    del ref16
+    torch.cuda.empty_cache()
+
+    report(check="preset", case=name, batch=batch, vs_fp32=max(errs), vs_fp32_max=worst, tokens=batch * max_new,
+           mismatches=len(bad), near_ties=ties)
+    assert max(errs) < REF_TOL, f"step {errs.index(max(errs))}: {max(errs):.3g} from float32"
+    assert not bad, f"tokens differ from the bf16 reference (seq, index, got, want): {bad[:5]}"

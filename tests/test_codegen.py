@@ -1,0 +1,220 @@
+"""Codegen and build: the generated source and device tables (CPU), and nvcc builds when nvcc exists."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from mpk.codegen import OP_ARGS, OP_DTYPE, TASK_DTYPE, build_tables, generate_source, graph_variants, op_table
+from mpk.compiler import compile_model, compile_program
+from mpk.errors import MpkError
+from mpk.graph import build_decode_program
+from mpk.models.config import ModelConfig
+from mpk.models.presets import get_preset
+import mpk.runtime.build as build_mod
+from mpk.runtime.build import build, find_nvcc
+from mpk.runtime.megakernel import _Params
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    # Odd sizes on purpose: hidden 60 and intermediate 98 are not multiples of 8, o_proj is 60 x 64.
+    base = dict(architecture="Qwen3ForCausalLM", vocab_size=128, hidden_size=60, intermediate_size=98, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=256)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def graph(cfg=None, batch=2, max_seq_len=40, num_sms=8, tp_size=1):
+    return compile_program(build_decode_program(cfg or tiny_cfg(), batch, max_seq_len, tp_size, num_sms))
+
+
+QWEN3_8B = get_preset("qwen3-8b")
+
+
+@pytest.fixture(scope="module")
+def tg():
+    return graph()
+
+
+def test_source_has_one_case_per_variant(tg):
+    variants, op_variant, _ = graph_variants(tg)
+    src = generate_source(tg)
+    assert len(variants) == len(set(variants))
+    for i, v in enumerate(variants):
+        assert f"using V{i} = {v};" in src
+        assert f"case {i}: V{i}::run(t, op, smem); break;" in src
+    assert src.count("case ") == len(variants)
+    # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct.
+    assert {v.split("<")[0] for v in variants} == {
+        "Embed", "RmsnormLinear", "QkNormRopeAppend", "AttentionSplit", "AttentionMerge", "LinearResidual",
+        "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
+    assert "LinearResidual<2, 64>" in variants and "LinearResidual<2, 98>" in variants
+    assert "RmsnormLinear<2, 60, false>" in variants and "QkNormRopeAppend<2, 16, true>" in variants
+
+
+def test_layers_share_variants_and_source_ignores_run_time_sizes():
+    small = generate_source(graph(num_sms=8, max_seq_len=40))
+    other = generate_source(graph(tiny_cfg(num_layers=5), num_sms=16, max_seq_len=100))
+    assert small == other  # layer count, SM count and context length are run-time table data
+    assert generate_source(graph(batch=3)) != small  # batch sizes GEMV registers
+    big = build_decode_program(QWEN3_8B, 1, 4096, 1, 132)
+    variants, _, _ = graph_variants(compile_program(big))
+    assert len(variants) == 10 and len(generate_source(compile_program(big))) < 4000
+
+
+def test_flags_pick_variants():
+    variants, _, _ = graph_variants(graph(tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)))
+    assert "RmsnormLinear<2, 60, true>" in variants and "QkNormRopeAppend<2, 16, false>" in variants
+
+
+def test_tables_mirror_the_graph(tg):
+    t = build_tables(tg)
+    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(_Params) == 23 * 8
+    _, op_variant, _ = graph_variants(tg)
+    assert len(t.tasks) == len(tg.tasks)
+    for i, task in enumerate(tg.tasks):
+        row = t.tasks[i]
+        assert row["variant"] == op_variant[task.op] and row["op"] == task.op and row["wait"] == task.wait
+        assert tuple(row["tile"][: len(task.tile)]) == task.tile and not row["tile"][len(task.tile):].any()
+        assert t.signals[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].tolist() == task.signals
+    assert t.queue_off[0] == 0 and t.queue_off[-1] == len(tg.tasks) and len(t.queue_off) == tg.num_sms + 1
+    for q, queue in enumerate(tg.queues):
+        assert t.queue_tasks[t.queue_off[q]: t.queue_off[q + 1]].tolist() == queue
+    assert t.ev_target.tolist() == [e.target for e in tg.events]
+    assert t.ev_lag.tolist() == [e.lag for e in tg.events]
+    assert t.n_sample == tg.batch
+
+
+def test_op_table_fills_pointer_slots_by_role(tg):
+    t = build_tables(tg)
+    addr = {name: 4096 * (i + 1) for i, name in enumerate(tg.tensors)}
+    table = op_table(t.op_args, addr.__getitem__)
+    for i, op in enumerate(tg.ops):
+        roles = {**op.inputs, **op.outputs}
+        for slot, role in enumerate(OP_ARGS[op.kind]):
+            assert table[i]["ptr"][slot] == (addr[roles[role]] if role in roles else 0), (op.name, role)
+    qkv = next(i for i, op in enumerate(tg.ops) if op.kind == "rmsnorm_linear")
+    assert table[qkv]["ptr"][3] == 0  # no qkv bias in this model
+    lm = next(i for i, op in enumerate(tg.ops) if op.kind == "rmsnorm_lm_head_argmax")
+    assert table[lm]["i"][:4].tolist() == [128, 16, 8, 0] and np.isclose(table[lm]["f"][0], 1e-6)
+    attn = next(i for i, op in enumerate(tg.ops) if op.kind == "attention_split")
+    assert table[attn]["i"][:5].tolist() == [2, 40, 2, 20, 0]
+
+
+def test_tensor_parallel_graphs_are_rejected():
+    with pytest.raises(MpkError, match="one GPU"):
+        generate_source(graph(tiny_cfg(), tp_size=2))
+
+
+def test_missing_nvcc_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CUDACXX", "/nonexistent/nvcc")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(build_mod, "NVCC_FALLBACK", "/nonexistent/nvcc")
+    with pytest.raises(MpkError, match="nvcc not found: install the CUDA toolkit or set CUDACXX"):
+        find_nvcc()
+
+
+# --- nvcc builds -------------------------------------------------------------------------------
+
+def _have_nvcc() -> bool:
+    try:
+        find_nvcc()
+        return True
+    except MpkError:
+        return False
+
+
+needs_nvcc = pytest.mark.skipif(not _have_nvcc(), reason="nvcc not installed")
+
+
+@needs_nvcc
+def test_tiny_kernel_builds_and_the_second_build_is_a_cache_hit(tg, tmp_path, monkeypatch):
+    src = generate_source(tg)
+    so = build(src, "sm_90a", debug=False, cache=tmp_path)
+    assert so.is_file() and so.stat().st_size > 0
+
+    def no_compile(*a, **k):
+        raise AssertionError("a cached kernel was rebuilt")
+
+    monkeypatch.setattr(build_mod, "_compile", no_compile)
+    assert build(src, "sm_90a", debug=False, cache=tmp_path) == so
+    # The .so's ABI matches the Python mirrors (loading needs no GPU).
+    lib = ctypes.CDLL(str(so))
+    lib.mpk_variants.restype = ctypes.c_char_p
+    assert lib.mpk_params_size() == ctypes.sizeof(_Params)
+    assert lib.mpk_task_desc_size() == TASK_DTYPE.itemsize and lib.mpk_op_desc_size() == OP_DTYPE.itemsize
+    assert lib.mpk_variants().decode().split(";") == build_tables(tg).variants
+    assert lib.mpk_num_threads() == 256 and lib.mpk_smem_bytes() > 0
+
+
+@needs_nvcc
+def test_two_processes_building_at_once_both_succeed(tg, tmp_path):
+    src_file = tmp_path / "kernel.cu"
+    src_file.write_text(generate_source(tg) + "\n// concurrent\n")
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from mpk.runtime.build import build
+        print(build(Path({str(src_file)!r}).read_text(), "sm_90a", debug=False, cache=Path({str(tmp_path / 'c')!r})))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1 and len(list((tmp_path / "c").glob("*.so"))) == 1
+
+
+def _nvcc_targets() -> str:
+    return subprocess.run([find_nvcc(), "--list-gpu-arch"], capture_output=True, text=True).stdout
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_100a"])
+def test_generic_path_builds_for_other_archs(tg, tmp_path, arch):
+    if f"compute_{arch[3:].rstrip('a')}" not in _nvcc_targets():
+        pytest.skip(f"this nvcc cannot target {arch}")
+    assert build(generate_source(tg), arch, debug=False, cache=tmp_path).is_file()
+
+
+@needs_nvcc
+def test_debug_build_with_device_asserts(tmp_path):
+    cfg = tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)
+    so = build(generate_source(graph(cfg, batch=4)), "sm_90a", debug=True, cache=tmp_path)
+    assert "-DMPK_DEBUG" in so.with_suffix(".log").read_text()
+
+
+@needs_nvcc
+def test_qwen3_8b_kernel_builds(tmp_path):
+    tg = compile_program(build_decode_program(QWEN3_8B, 1, 4096, 1, 132))
+    assert build(generate_source(tg), "sm_90a", debug=False, cache=tmp_path).is_file()
+
+
+@needs_nvcc
+def test_build_failure_names_the_error_and_the_log(tmp_path):
+    with pytest.raises(MpkError, match=r"nvcc failed to build the megakernel: .*error.*full log: .*\.log"):
+        build('#include "mpk_host.cuh"\nthis is not C++;\n', "sm_90a", debug=False, cache=tmp_path)
+
+
+def test_prefetch_table_covers_the_head_of_each_weight_tile():
+    from mpk.codegen import PREFETCH_MAX_BYTES, prefetch_table
+
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=1000, hidden_size=512, intermediate_size=1408, num_layers=1,
+                      num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+    tg = compile_model(cfg, batch=1, max_seq_len=64, num_sms=4, verify=False)
+    base = {name: (i + 1) << 32 for i, name in enumerate(tg.tensors)}
+    table = prefetch_table(tg, base.__getitem__)
+    for t in tg.tasks:
+        op = tg.ops[t.op]
+        addr, size = (int(v) for v in table[t.id])
+        if op.kind in ("embed", "sample", "attention_split", "attention_merge", "qk_norm_rope_append"):
+            assert size == 0
+            continue
+        weight = op.inputs["weight"]
+        (r0, r1), k = t.reads[[r.tensor for r in t.reads].index(weight)].box[0], tg.tensors[weight].shape[1]
+        assert addr == base[weight] + r0 * k * 2
+        assert size == min((r1 - r0) * k * 2, PREFETCH_MAX_BYTES) and size % 16 == 0
