@@ -8,6 +8,9 @@
 namespace mpk {
 
 constexpr int kXBudget = 96 * 1024;  // bytes of shared memory for the staged input x
+// 16-byte weight loads each lane issues before it uses the first: with one CTA of 8 warps per SM,
+// 32 loads x 16 B x 256 threads = 128 KB in flight per SM, what HBM latency x per-SM bandwidth needs.
+constexpr int kLoadsPerLane = 32;
 
 // The GEMV input: x [B, K] (optionally RMS-normalised) as the dot products read it. Staged in shared
 // memory as bf16 rows padded to 16 bytes when it fits, else read from global memory (L2) each time.
@@ -72,7 +75,7 @@ template <int B, int K, bool NORM, int RPC>
 __device__ __forceinline__ void warp_dots(const GemvInput<B, K, NORM>& in, const bf16* w_rows, float (&acc)[RPC][B]) {
   using In = GemvInput<B, K, NORM>;
   constexpr int VEC = In::VEC, NV = K / VEC;
-  constexpr int U = cmax(1, cmin(8 / RPC, (NV + 31) / 32));  // loads in flight per row per lane
+  constexpr int U = cmax(1, cmin(kLoadsPerLane / RPC, (NV + 31) / 32));  // loads in flight per row per lane
 #pragma unroll
   for (int r = 0; r < RPC; ++r)
 #pragma unroll
