@@ -19,7 +19,9 @@ template <int B, int K, bool NORM> struct GemvInput {
   static constexpr int KP = (K + 7) / 8 * 8;
   static constexpr bool kStaged = B * KP * 2 <= kXBudget;
   static constexpr int kInvOffset = kStaged ? B * KP * 2 : 0;
-  static constexpr int SMEM = kInvOffset + align16(B * 4);
+  static constexpr int kRedOffset = kInvOffset + align16(B * 4);
+  static constexpr int SMEM = kRedOffset + align16(kWarps * B * 4);
+  static constexpr int NV = K / VEC;
 
   const bf16* x;
   const bf16* norm;
@@ -28,26 +30,51 @@ template <int B, int K, bool NORM> struct GemvInput {
   // transformers' RMSNorm in bf16: normalise in fp32, round, then scale by the weight and round.
   __device__ __forceinline__ static float normed(float v, float inv, float w) { return round_bf(w * round_bf(v * inv)); }
 
-  // All threads: compute 1/rms per sequence and stage x.
+  // All threads: 1/rms per sequence, then stage x. Every thread takes a share of packed loads, so the
+  // task's start costs a couple of L2 round trips, not one per 32 elements of a row.
   __device__ void prepare(float eps, unsigned char* s) const {
     float* inv = reinterpret_cast<float*>(s + kInvOffset);
     if constexpr (NORM) {
-      for (int b = warp_id(); b < B; b += kWarps) {
-        float ss = 0.f;
-        for (int k = lane_id(); k < K; k += 32) {
-          const float v = to_f(x[b * K + k]);
-          ss += v * v;
+      float part[B];
+#pragma unroll
+      for (int b = 0; b < B; ++b) part[b] = 0.f;
+      for (int v = threadIdx.x; v < NV; v += kThreads) {
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          float f[VEC];
+          unpack<VEC>(ld_act<VEC>(x + b * K + v * VEC), f);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) part[b] = fmaf(f[e], f[e], part[b]);
         }
-        ss = warp_sum(ss);
-        if (lane_id() == 0) inv[b] = rsqrtf(ss / K + eps);
+      }
+      float* red = reinterpret_cast<float*>(s + kRedOffset);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float w = warp_sum(part[b]);
+        if (lane_id() == 0) red[warp_id() * B + b] = w;
+      }
+      __syncthreads();
+      for (int b = threadIdx.x; b < B; b += kThreads) {
+        float ss = 0.f;
+        for (int w = 0; w < kWarps; ++w) ss += red[w * B + b];
+        inv[b] = rsqrtf(ss / K + eps);
       }
       __syncthreads();
     }
     if constexpr (kStaged) {
       bf16* xs = reinterpret_cast<bf16*>(s);
-      for (int i = threadIdx.x; i < B * K; i += kThreads) {
-        const int b = i / K, k = i - b * K;
-        xs[b * KP + k] = NORM ? to_bf(normed(to_f(x[i]), inv[b], to_f(norm[k]))) : x[i];
+      for (int i = threadIdx.x; i < B * NV; i += kThreads) {
+        const int b = i / NV, v = i - b * NV;
+        float f[VEC];
+        unpack<VEC>(ld_act<VEC>(x + b * K + v * VEC), f);
+        if constexpr (NORM) {
+          float w[VEC];
+          unpack<VEC>(ld_weight<VEC>(norm + v * VEC), w);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) f[e] = normed(f[e], inv[b], w[e]);
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) xs[b * KP + v * VEC + e] = to_bf(f[e]);
       }
       __syncthreads();
     }
