@@ -23,8 +23,12 @@ INT_POISON = -(2**62)
 StepCallback = Callable[[int, dict[str, torch.Tensor]], bool]
 
 
-def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], dtype: torch.dtype):
-    """Buffers for every tensor of the graph: given weights and meta, poisoned activations and state."""
+def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], dtype: torch.dtype,
+             device="cpu") -> dict[str, torch.Tensor]:
+    """Buffers for every tensor of the graph: given weights and meta, poisoned activations and state.
+
+    The CPU executor and the GPU runtime share it, so both start from the same poisoned state.
+    """
     dtypes = {"model": dtype, "float32": torch.float32, "int64": torch.int64}
     bufs = {}
     for name, spec in tg.tensors.items():
@@ -35,11 +39,11 @@ def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, to
                 raise MpkError(f"no value given for {spec.kind} tensor {name!r} of shape {spec.shape}")
             if tuple(given.shape) != spec.shape:
                 raise MpkError(f"{spec.kind} tensor {name!r} has shape {tuple(given.shape)}, the graph needs {spec.shape}")
-            bufs[name] = given.to(want).contiguous()
+            bufs[name] = given.to(device=device, dtype=want).contiguous()
         elif want == torch.int64:
-            bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want)
+            bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want, device=device)
         else:
-            bufs[name] = torch.full(spec.shape, float("nan"), dtype=want)
+            bufs[name] = torch.full(spec.shape, float("nan"), dtype=want, device=device)
     return bufs
 
 

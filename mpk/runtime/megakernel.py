@@ -22,7 +22,7 @@ import torch
 from mpk.codegen import OP_DTYPE, TASK_DTYPE, build_tables, check_supported, op_table, prefetch_table, render_source
 from mpk.errors import MpkError
 from mpk.runtime.build import arch_for_capability, build
-from mpk.sim import INT_POISON
+from mpk.sim import allocate as sim_allocate
 from mpk.taskgraph import TaskGraph
 
 # Mirrors of mpk/csrc/mpk_runtime.cuh.
@@ -73,23 +73,8 @@ def cuda_device(device=None) -> torch.device:
 
 
 def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], device) -> dict:
-    """GPU buffers for every tensor (weights and meta copied in, bf16 for the model dtype), poisoned
-    activations and state like `mpk.sim.allocate`, so a read of anything unwritten shows."""
-    bufs = {}
-    for name, spec in tg.tensors.items():
-        want = DTYPES[spec.dtype]
-        if spec.kind in ("weight", "meta"):
-            given = (weights if spec.kind == "weight" else meta).get(name)
-            if given is None:
-                raise MpkError(f"no value given for {spec.kind} tensor {name!r} of shape {spec.shape}")
-            if tuple(given.shape) != spec.shape:
-                raise MpkError(f"{spec.kind} tensor {name!r} has shape {tuple(given.shape)}, the graph needs {spec.shape}")
-            bufs[name] = given.to(device=device, dtype=want).contiguous()
-        elif want == torch.int64:
-            bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want, device=device)
-        else:
-            bufs[name] = torch.full(spec.shape, float("nan"), dtype=want, device=device)
-    return bufs
+    """GPU buffers for every tensor, bf16 for the model dtype, poisoned like the CPU executor's."""
+    return sim_allocate(tg, weights, meta, torch.bfloat16, device)
 
 
 class _Mapped:
