@@ -118,8 +118,11 @@ def time_torch(model, batch: int, steps: int, compiled: bool) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def time_mpk(tg, fused: dict, meta: dict, steps: int, device) -> float:
-    """Seconds per decode step of the megakernel: all `steps` steps in one launch."""
+def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | None = None) -> float:
+    """Seconds per decode step of the megakernel: all `steps` steps in one launch.
+
+    With `profile`, a second, traced run writes per-SM task spans there (the timed run is untraced).
+    """
     from mpk.runtime import Megakernel
 
     kernel = Megakernel(tg, device=device, weights=fused, meta=meta)
@@ -131,11 +134,17 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device) -> float:
     seconds = time.perf_counter() - t0
     if result.steps != steps:
         raise MpkError(f"the megakernel ran {result.steps} of {steps} steps")
+    if profile:
+        from mpk.profile import write_trace
+
+        kernel.set_meta(meta)
+        write_trace(profile, tg, kernel.run(steps, max_new_tokens=None, trace=True).trace)
     kernel.close()
     return seconds / steps
 
 
-def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile")) -> dict:
+def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
+              profile: str | None = None) -> dict:
     from mpk.compiler import compile_model
     from mpk.engine import program_inputs
     from mpk.models import resolve_model
@@ -159,7 +168,7 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     if "mpk" in backends:
         fused = fuse_weights(cfg, hf, 1, torch.bfloat16)
         weights, meta = program_inputs(cfg, tg, fused, [[1]] * batch)
-        seconds["mpk"] = time_mpk(tg, weights, meta, steps, device)
+        seconds["mpk"] = time_mpk(tg, weights, meta, steps, device, profile)
         del fused, weights
     if "eager" in backends or "compile" in backends:
         ref = ReferenceModel(cfg, hf, torch.bfloat16, device)

@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--steps", type=int, default=128, help="decode steps timed (default 128)")
     ben.add_argument("--backends", default="stream,mpk,eager,compile",
                      help="comma-separated subset of stream,mpk,eager,compile")
+    ben.add_argument("--profile", metavar="TRACE_JSON", help="also write per-SM task spans of mpk for Perfetto")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
 
@@ -98,9 +99,11 @@ def cmd_bench(args) -> int:
     unknown = set(backends) - {"stream", "mpk", "eager", "compile"}
     if unknown:
         raise MpkError(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from stream, mpk, eager, compile")
+    if args.profile and "mpk" not in backends:
+        raise MpkError("--profile traces the mpk backend; include mpk in --backends")
     if args.steps < 1:
         raise MpkError(f"--steps must be at least 1, not {args.steps}")
-    result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends)
+    result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 

@@ -63,6 +63,7 @@ struct MpkParams {
   int* progress;                 // host-mapped [num_sms * kProgressWords]
   int* host_flags;               // host-mapped kFlagWords
   const unsigned long long* prefetch;  // [num_tasks][2]: address and bytes of the task's weight tile (0: none)
+  unsigned long long* trace;           // null, or [num_steps][num_tasks][3]: %globaltimer at wait, run, done
   long long first_step;          // absolute position of the launch's first step
   long long num_steps;
   long long num_sms;
@@ -85,6 +86,12 @@ struct TaskCtx {
   long long rel;   // step within this launch (event thresholds, sample counting)
   const MpkParams* p;
 };
+
+__device__ __forceinline__ unsigned long long global_timer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
 
 __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long* p) {
   unsigned long long v;
@@ -169,7 +176,10 @@ template <class Dispatch> __device__ void persistent_loop(const MpkParams& p) {
   for (long long rel = 0; rel < p.num_steps; ++rel) {
     const long long step = p.first_step + rel;
     for (int i = 0; i < qn; ++i) {
+      // Profiling: one record per task and step, indexed by queue position (unique across SMs).
+      unsigned long long* rec = p.trace ? p.trace + (rel * p.queue_off[p.num_sms] + q0 + i) * 3 : nullptr;
       if (threadIdx.x == 0) {
+        if (rec) rec[0] = global_timer();
         const int id = p.queue_tasks[q0 + i];
         if (rel == 0 && i == 0) prefetch_weights(p, id);
         // One task ahead (the next step's first task after the last): its weights stream while this waits.
@@ -183,10 +193,14 @@ template <class Dispatch> __device__ void persistent_loop(const MpkParams& p) {
       }
       __syncthreads();
       if (!s_go) return;
+      if (rec && threadIdx.x == 0) rec[1] = global_timer();
       const TaskCtx ctx{{s_task.tile[0], s_task.tile[1], s_task.tile[2]}, step, rel, &p};
       Dispatch::run(s_task.variant, ctx, p.ops[s_task.op], smem);
       __syncthreads();
-      if (threadIdx.x == 0) signal_events(p, s_task);
+      if (threadIdx.x == 0) {
+        signal_events(p, s_task);
+        if (rec) rec[2] = global_timer();
+      }
     }
   }
   if (threadIdx.x == 0) publish(p, sm, ++seq, -1, p.first_step + p.num_steps, -1, kStateDone);

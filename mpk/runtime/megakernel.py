@@ -36,7 +36,8 @@ NO_LIMIT = 2**62
 DTYPES = {"model": torch.bfloat16, "float32": torch.float32, "int64": torch.int64}
 
 _PTR_FIELDS = ("tasks", "signals", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ops", "counters", "ctl",
-               "seq_done", "eos", "max_new", "out_tokens", "steps_done", "progress", "host_flags", "prefetch")
+               "seq_done", "eos", "max_new", "out_tokens", "steps_done", "progress", "host_flags", "prefetch",
+               "trace")
 _INT_FIELDS = ("first_step", "num_steps", "num_sms", "n_eos", "n_sample", "batch")
 
 
@@ -54,6 +55,7 @@ class RunResult:
     seconds: float
     stopped: bool  # ended before num_steps: every sequence finished, or on_step asked to stop
     logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab] float32, if collected
+    trace: torch.Tensor | None = None  # [steps, tasks, 3] int64 ns: wait start, run start, end (if traced)
 
 
 def cuda_device(device=None) -> torch.device:
@@ -166,6 +168,7 @@ class Megakernel:
         self._ctl = torch.zeros(CTL_WORDS, dtype=torch.int64, device=dev)
         self._seq_done = torch.zeros(tg.batch, dtype=torch.int32, device=dev)
         self._ops = None
+        self._trace = None
         self.buffers: dict[str, torch.Tensor] = {}
 
         self._out_tokens = _Mapped(self.lib, tg.max_seq_len * tg.batch, ctypes.c_int32)
@@ -210,6 +213,7 @@ class Megakernel:
 
     def run(self, num_steps: int, max_new_tokens: int | Sequence[int] | None = None, on_step: OnStep | None = None, *,
             first_step: int = 0, eos_token_ids: Sequence[int] | None = None, collect_logits: bool = False,
+            trace: bool = False,
             watchdog_seconds: float | None = None) -> RunResult:
         """Run decode steps [first_step, first_step + num_steps) and return their tokens.
 
@@ -217,7 +221,8 @@ class Megakernel:
         returning True stops the run after that step. A sequence is finished at EOS
         (`eos_token_ids`, default the model's) or after `max_new_tokens` new tokens (an int or one
         per sequence); the kernel stops by itself once all are. `collect_logits` runs one step per
-        launch and copies each step's logits (slower; for tests).
+        launch and copies each step's logits (slower; for tests). `trace` records each task's
+        wait, start and end times (%globaltimer, ns) into `RunResult.trace` [steps, tasks, 3].
 
         A later run may continue at `first_step = previous first_step + steps` only after a run that
         was not stopped by on_step: after such a stop the kernel may already have run a step or two
@@ -244,6 +249,9 @@ class Megakernel:
         self._ctl[CTL_STOP_STEP] = NO_STOP
         self._steps_done.array[0] = first_step
         self._flags.array[:] = 0
+        if trace and collect_logits:
+            raise MpkError("trace and collect_logits cannot be combined (collect_logits launches one step at a time)")
+        self._trace = torch.zeros((num_steps, len(tg.tasks), 3), dtype=torch.int64, device=self.device) if trace else None
 
         tokens: list[list[int]] = []
         logits: list[torch.Tensor] = []
@@ -268,7 +276,8 @@ class Megakernel:
             self._launch(first_step, num_steps, deliver)
         seconds = time.perf_counter() - t0
         steps = len(tokens)
-        return RunResult(tokens, steps, seconds, steps < num_steps, logits[:steps])
+        spans = self._trace[:steps].cpu() if self._trace is not None else None
+        return RunResult(tokens, steps, seconds, steps < num_steps, logits[:steps], spans)
 
     def _params(self, first_step: int, num_steps: int) -> _Params:
         p = _Params()
@@ -281,6 +290,7 @@ class Megakernel:
         p.out_tokens, p.steps_done = self._out_tokens.dev, self._steps_done.dev
         p.progress, p.host_flags = self._progress.dev, self._flags.dev
         p.prefetch = self._prefetch.data_ptr()
+        p.trace = self._trace.data_ptr() if self._trace is not None else 0
         p.first_step, p.num_steps, p.num_sms = first_step, num_steps, self.tg.num_sms
         p.n_eos, p.n_sample, p.batch = self._n_eos, self.tables.n_sample, self.tg.batch
         return p

@@ -236,3 +236,22 @@ def test_an_error_in_on_step_stops_the_run_and_leaves_it_usable(checkpoint):
     torch.cuda.synchronize()
     again = mk.run(8, eos_token_ids=[])
     assert again.steps == 8 and again.tokens[:2] == [[2], [3]]
+
+
+def test_trace_spans_respect_every_event(checkpoint):
+    """Recorded %globaltimer spans: each task starts only after all producers of its event ended."""
+    cfg, hf = checkpoint("qwen3-qknorm")
+    steps = 6
+    mk = megakernel(cfg, hf, [[1, 2, 3]], steps, 16)
+    res = mk.run(steps, eos_token_ids=[], trace=True)
+    spans = res.trace
+    assert spans.shape == (steps, len(mk.tg.tasks), 3)
+    wait, start, end = spans[..., 0], spans[..., 1], spans[..., 2]
+    assert bool((wait > 0).all()) and bool((wait <= start).all()) and bool((start <= end).all())
+    for t in mk.tg.tasks:
+        if t.wait < 0:
+            continue
+        ev = mk.tg.events[t.wait]
+        for s in range(ev.lag, steps):
+            assert int(start[s, t.id]) >= int(end[s - ev.lag, ev.producers].max())
+    report(check="trace", case="qwen3-qknorm", batch=1, spans=int(spans.shape[0] * spans.shape[1]))
