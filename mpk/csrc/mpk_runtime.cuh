@@ -198,8 +198,8 @@ template <class Dispatch> __device__ void persistent_loop(const MpkParams& p) {
       Dispatch::run(s_task.variant, ctx, p.ops[s_task.op], smem);
       __syncthreads();
       if (threadIdx.x == 0) {
+        if (rec) rec[2] = global_timer();  // before the signal: a consumer never starts before this
         signal_events(p, s_task);
-        if (rec) rec[2] = global_timer();
       }
     }
   }
