@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins.set_defaults(func=cmd_inspect)
 
+    bld = sub.add_parser("build", help="generate and compile a model's megakernel ahead of time (no GPU needed)")
+    bld.add_argument("model", help="checkpoint directory or preset name")
+    bld.add_argument("--batch", type=int, default=1)
+    bld.add_argument("--arch", default="sm_90a", help="GPU architecture: sm_90a (default), sm_80, sm_100a, ...")
+    bld.add_argument("--debug", action="store_true", help="with device asserts (MPK_DEBUG)")
+    bld.set_defaults(func=cmd_build)
+
     ben = sub.add_parser("bench", help="time mpk against a streaming-read ceiling and PyTorch (needs a GPU)")
     ben.add_argument("model", help="checkpoint directory or preset name")
     ben.add_argument("--batch", type=int, default=1)
@@ -89,6 +96,23 @@ def cmd_inspect(args) -> int:
     if args.save_graph:
         _write_text(args.save_graph, tg.to_json())
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_build(args) -> int:
+    from mpk.codegen import generate_source
+    from mpk.compiler import compile_model
+    from mpk.models import resolve_model
+    from mpk.runtime.build import build
+
+    source = resolve_model(args.model)
+    # The kernel depends on the op variants only (batch, widths, flags), not on the SM count or the
+    # context length, so a small graph stands for every one of this model and batch.
+    tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(64, source.cfg.max_position_embeddings),
+                       num_sms=8, verify=False)
+    t0 = time.perf_counter()
+    path = build(generate_source(tg), args.arch, debug=args.debug or None)
+    print(f"{source.name} batch {args.batch} for {args.arch}: {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

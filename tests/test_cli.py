@@ -130,3 +130,32 @@ def test_console_entry_point_exits_nonzero_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("mpk: error: ") and "Traceback" not in proc.stderr
+
+
+def test_build_prints_the_library_path(capsys, tmp_path, monkeypatch):
+    from mpk.errors import MpkError
+    from mpk.runtime.build import find_nvcc
+
+    try:
+        find_nvcc()
+    except MpkError:
+        pytest.skip("no nvcc on this machine")
+    monkeypatch.setenv("MPK_CACHE_DIR", str(tmp_path))
+    code, out, _ = run_cli(capsys, "build", "tiny", "--batch", "2")
+    assert code == 0
+    so = out.split(": ", 1)[1].split(" (")[0]
+    assert so.startswith(str(tmp_path)) and so.endswith(".so")
+    import os
+    assert os.path.getsize(so) > 0
+
+
+def test_build_errors(capsys, monkeypatch):
+    import mpk.runtime.build as build_mod
+
+    code, _, err = run_cli(capsys, "build", "tiny", "--arch", "sm_75")
+    assert_one_line_error(code, err, "sm_80 or newer")
+    monkeypatch.setenv("CUDACXX", "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(build_mod, "NVCC_FALLBACK", "/nonexistent/nvcc")
+    code, _, err = run_cli(capsys, "build", "tiny")
+    assert_one_line_error(code, err, "nvcc not found")

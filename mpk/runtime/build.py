@@ -55,6 +55,8 @@ def gencode(arch: str) -> str:
     if not m:
         raise MpkError(f"unknown GPU architecture {arch!r}; expected a name like sm_90a or sm_80")
     num, suffix = m.groups()
+    if int(num) < 80:
+        raise MpkError(f"{arch} is too old: the megakernel needs sm_80 or newer (Ampere, Hopper, Blackwell)")
     return f"-gencode=arch=compute_{num}{suffix},code=sm_{num}{suffix}"
 
 
