@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -58,7 +59,7 @@ def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tenso
         prompt[b, : len(p)] = torch.tensor(p)
     weights, meta = dict(fused), {}
     for r in range(tg.tp_size):
-        n = lambda name: tensor_name(r, tg.tp_size, name)  # noqa: E731
+        n = partial(tensor_name, r, tg.tp_size)
         weights[n("rope_cos")], weights[n("rope_sin")] = cos, sin
         meta[n("tokens")] = prompt[:, 0].clone()
         meta[n("prompt")] = prompt

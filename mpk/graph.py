@@ -12,6 +12,7 @@ kinds in `mpk.ops` turn each op into tasks with read/write regions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from mpk.errors import MpkError
 from mpk.models.config import ModelConfig
@@ -186,18 +187,18 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
 
 
 def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
-    cfg, N = prog.cfg, prog.tp_size
+    cfg = prog.cfg
     p = f"layers.{layer}."
     x_in, x_out = f"x.{2 * layer}", f"x.{2 * layer + 1}"
     for r, sh in enumerate(shards):
-        n = lambda name: _n(prog, r, name)  # noqa: E731
+        n = partial(_n, prog, r)
         inputs = {"x": n(x_in), "norm": n(p + "attn_norm"), "weight": n(p + "qkv")}
         if cfg.qkv_bias:
             inputs["bias"] = n(p + "qkv_bias")
         prog.add_op(r, "rmsnorm_linear", p + "qkv", layer, inputs, {"out": n(p + "qkv_out")},
                     tile=_qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
-    for r, sh in enumerate(shards):
-        n = lambda name: _n(prog, r, name)  # noqa: E731
+    for r in range(len(shards)):
+        n = partial(_n, prog, r)
         inputs = {"qkv": n(p + "qkv_out"), "cos": n("rope_cos"), "sin": n("rope_sin")}
         if cfg.qk_norm:
             inputs.update(q_norm=n(p + "q_norm"), k_norm=n(p + "k_norm"))
@@ -205,7 +206,7 @@ def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
                     {"q": n(p + "q"), "k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")},
                     q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps)
     for r, sh in enumerate(shards):
-        n = lambda name: _n(prog, r, name)  # noqa: E731
+        n = partial(_n, prog, r)
         splits, chunk = attention_splits(prog.batch, sh.kv_groups, prog.max_seq_len, prog.num_sms)
         prog.add_op(r, "attention_split", p + "attention", layer,
                     {"q": n(p + "q"), "k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")},
@@ -220,7 +221,7 @@ def _mlp_block(prog: Program, layer: int, shards: list[Shard]) -> None:
     p = f"layers.{layer}."
     x_in, x_out = f"x.{2 * layer + 1}", f"x.{2 * layer + 2}"
     for r, sh in enumerate(shards):
-        n = lambda name: _n(prog, r, name)  # noqa: E731
+        n = partial(_n, prog, r)
         prog.add_op(r, "rmsnorm_gate_up_silu", p + "gate_up", layer,
                     {"x": n(x_in), "norm": n(p + "mlp_norm"), "weight": n(p + "gate_up")}, {"out": n(p + "h")},
                     tile=choose_tile(sh.intermediate, prog.num_sms), eps=prog.cfg.rms_norm_eps)
@@ -234,7 +235,7 @@ def _row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residua
     tile = choose_tile(H, prog.num_sms)
     name = p + ("o" if weight == "o" else "down")
     for r in range(N):
-        n = lambda t: _n(prog, r, t)  # noqa: E731
+        n = partial(_n, prog, r)
         if N == 1:
             prog.add_op(r, "linear_residual", name, layer,
                         {"x": n(x), "weight": n(p + weight), "residual": n(residual)}, {"out": n(out)}, tile=tile)

@@ -117,7 +117,7 @@ def fuse_and_linearize(tasks: list[Task], keys: list[DepKey | None]) -> tuple[li
     # Group-level DAG over same-step edges; Kahn's algorithm, earliest tasks first.
     succ = defaultdict(set)
     indeg = [0] * len(group_list)
-    for gi, (gkey, members) in enumerate(group_list):
+    for gi, (gkey, _) in enumerate(group_list):
         if gkey[0] == "alone" or gkey[1] != 0:
             continue
         preds = {gindex[id(group_of[p])] for p in gkey[0]}
