@@ -258,7 +258,7 @@ def prefetch_table(tg: TaskGraph, pointer_of, limit: int = PREFETCH_MAX_BYTES) -
     """[num_tasks, 2] u64: address and length of the head of each task's largest weight tile.
 
     A weight read covers whole rows (a row range of a row-major matrix), so it is one contiguous
-    byte range; the head of it (`limit` bytes, 16-byte aligned) is prefetched into L2.
+    byte range; the head of it (up to `limit` bytes, in whole 16-byte units) is prefetched into L2.
     """
     table = np.zeros((len(tg.tasks), 2), dtype=np.uint64)
     for t in tg.tasks:
@@ -278,5 +278,5 @@ def prefetch_table(tg: TaskGraph, pointer_of, limit: int = PREFETCH_MAX_BYTES) -
         if best is not None:
             start = best[0] // 16 * 16
             stop = min(best[0] + best[1], start + limit)
-            table[t.id] = (start, (stop - start + 15) // 16 * 16)
+            table[t.id] = (start, (stop - start) // 16 * 16)  # round down: never past the tensor's end
     return table
