@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_inspect(args) -> int:
     from mpk.compiler import compile_model
-    from mpk.inspect import summarize, format_summary
+    from mpk.summary import format_summary, summarize
     from mpk.models import resolve_model
 
     source = resolve_model(args.model)
