@@ -145,6 +145,10 @@ def cmd_generate(args) -> int:
         shard_of(source.cfg, rank, args.tp)
     source.check()
     backend = _backend(args.backend)
+    if backend == "cuda":
+        from mpk.runtime import cuda_device
+
+        cuda_device()  # no GPU, or too old a one: say so before loading anything
     where = "the GPU megakernel" if backend == "cuda" else "the CPU executor (sim; no GPU found)" if args.backend == "auto" \
         else "the CPU executor (sim)"
     print(f"mpk: running {source.name} on {where}, {args.dtype}", file=sys.stderr)

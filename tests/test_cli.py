@@ -159,3 +159,13 @@ def test_build_errors(capsys, monkeypatch):
     monkeypatch.setattr(build_mod, "NVCC_FALLBACK", "/nonexistent/nvcc")
     code, _, err = run_cli(capsys, "build", "tiny")
     assert_one_line_error(code, err, "nvcc not found")
+
+
+def test_cuda_backend_without_a_gpu_is_one_line(capsys, make_checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    ckpt = make_checkpoint("llama")
+    code, _, err = run_cli(capsys, "generate", str(ckpt), "--backend", "cuda", "--token-ids", "1,2")
+    assert_one_line_error(code, err, "no CUDA GPU")
