@@ -141,6 +141,8 @@ def cmd_generate(args) -> int:
     tokenizer = source.tokenizer()
     prompts = _prompts(args, tokenizer)
     check_prompts(source.cfg, prompts, args.max_new_tokens)
+    if args.num_sms is not None and args.num_sms < 1:
+        raise MpkError(f"--num-sms must be at least 1, not {args.num_sms}")
     for rank in range(args.tp):
         shard_of(source.cfg, rank, args.tp)
     source.check()

@@ -108,8 +108,10 @@ def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: lis
         from mpk.runtime import cuda_device
 
         device = cuda_device()
-        num_sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
-    tg = compile_model(cfg, batch=len(prompts), max_seq_len=seq_len, tp_size=tp_size, num_sms=num_sms or SIM_NUM_SMS)
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=seq_len, tp_size=tp_size,
+                       num_sms=SIM_NUM_SMS if num_sms is None else num_sms)
     fused = fuse_weights(cfg, hf_weights, tp_size, DTYPES[dtype])
     weights, meta = program_inputs(cfg, tg, fused, prompts)
     eos = set(cfg.eos_token_ids) if stop_at_eos else set()

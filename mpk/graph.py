@@ -20,6 +20,7 @@ from mpk.taskgraph import OpSpec, TensorSpec
 
 TILE_ALIGN = 16  # output rows per task come in multiples of this (tensor-core friendly)
 MIN_ATTN_CHUNK = 32  # fewest KV rows one attention task covers
+MAX_BATCH = 256  # decode batches beyond this belong to a prefill-style program, not this one
 
 
 @dataclass
@@ -99,11 +100,13 @@ def attention_splits(batch: int, kv_groups: int, max_seq_len: int, num_sms: int)
 
 def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1, num_sms: int = 132) -> Program:
     """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs."""
-    if batch < 1:
-        raise MpkError(f"--batch must be at least 1, not {batch}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise MpkError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
     if num_sms < 1:
         raise MpkError(f"--num-sms must be at least 1, not {num_sms}")
-    if not 1 <= max_seq_len <= cfg.max_position_embeddings:
+    if max_seq_len < 1:
+        raise MpkError(f"the context length must be at least 1 token, not {max_seq_len}")
+    if max_seq_len > cfg.max_position_embeddings:
         raise MpkError(
             f"a context of {max_seq_len} tokens is longer than the model's {cfg.max_position_embeddings}; "
             "use a shorter prompt or fewer new tokens"
