@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="cuda: the GPU megakernel; sim: the CPU executor; auto: cuda when a GPU is present")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                      help="bfloat16 (default; the only dtype of the GPU backend) or float32 (CPU executor)")
+    gen.add_argument("--activations", choices=["model", "float32"], default="model",
+                     help="activation and KV-cache precision: the model dtype (default, as transformers) or "
+                          "float32 (closer to a float32 reference; CPU executor only for now)")
     gen.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {SIM_NUM_SMS} on the CPU executor)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
@@ -151,6 +154,8 @@ def cmd_generate(args) -> int:
         from mpk.runtime import cuda_device
 
         cuda_device()  # no GPU, or too old a one: say so before loading anything
+        if args.activations != "model":
+            raise MpkError("the GPU kernels keep activations in bfloat16; use --activations model, or --backend sim")
     where = "the GPU megakernel" if backend == "cuda" else "the CPU executor (sim; no GPU found)" if args.backend == "auto" \
         else "the CPU executor (sim)"
     print(f"mpk: running {source.name} on {where}, {args.dtype}", file=sys.stderr)
@@ -166,7 +171,8 @@ def cmd_generate(args) -> int:
             print(piece, end="", flush=True)
 
     out = generate(source.cfg, hf, prompts, args.max_new_tokens, backend=backend, dtype=args.dtype, num_sms=args.num_sms,
-                   tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens)
+                   tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens,
+                   activations=args.activations)
     texts = [tokenizer.decode(ids) for ids in out.token_ids] if tokenizer is not None else None
     tokens_made = sum(len(t) for t in out.token_ids)
     if args.json:

@@ -137,6 +137,9 @@ def check_supported(tg: TaskGraph) -> None:
     if tg.tp_size != 1:
         raise MpkError(f"the GPU runtime runs one GPU for now; this graph has tensor parallelism {tg.tp_size} "
                        "(compile with --tp 1)")
+    if tg.tensors["x.0"].dtype != "model":
+        raise MpkError("the GPU kernels keep activations in bfloat16; float32 activations run on the CPU executor "
+                       "only for now (--activations model)")
 
 
 def graph_variants(tg: TaskGraph) -> tuple[list[str], list[int], list[OpArgs]]:

@@ -89,9 +89,11 @@ class _Collector:
 
 def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
              *, backend: str = "sim", dtype: str = "float32", num_sms: int | None = None, tp_size: int = 1,
-             seed: int = 0, stop_at_eos: bool = True, collect_logits: bool = False, on_tokens=None) -> Generation:
+             seed: int = 0, stop_at_eos: bool = True, collect_logits: bool = False, on_tokens=None,
+             activations: str = "model") -> Generation:
     """Greedy generation on the CPU executor (`sim`) or the GPU megakernel (`cuda`).
 
+    `activations` is the graph's activation precision (see `mpk.graph.build_decode_program`).
     `on_tokens(seq, token)` is called for each new token as soon as its step is done.
     """
     from mpk.models.fuse import fuse_weights
@@ -111,7 +113,7 @@ def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: lis
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     tg = compile_model(cfg, batch=len(prompts), max_seq_len=seq_len, tp_size=tp_size,
-                       num_sms=SIM_NUM_SMS if num_sms is None else num_sms)
+                       num_sms=SIM_NUM_SMS if num_sms is None else num_sms, activations=activations)
     fused = fuse_weights(cfg, hf_weights, tp_size, DTYPES[dtype])
     weights, meta = program_inputs(cfg, tg, fused, prompts)
     eos = set(cfg.eos_token_ids) if stop_at_eos else set()

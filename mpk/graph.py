@@ -30,6 +30,7 @@ class Program:
     max_seq_len: int
     tp_size: int
     num_sms: int
+    activations: str = "model"  # dtype of activations and KV cache: "model" (the weights') or "float32"
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
     ops: list[OpSpec] = field(default_factory=list)
 
@@ -98,8 +99,19 @@ def attention_splits(batch: int, kv_groups: int, max_seq_len: int, num_sms: int)
     return -(-max_seq_len // chunk), chunk
 
 
-def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1, num_sms: int = 132) -> Program:
-    """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs."""
+ACTIVATIONS = ("model", "float32")
+
+
+def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1, num_sms: int = 132,
+                         activations: str = "model") -> Program:
+    """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs.
+
+    `activations`: "model" keeps activations and the KV cache in the weights' dtype, rounding every
+    op's output as transformers does; "float32" keeps them in float32 (GEMV inputs are still
+    rounded to the weights' dtype), which stays much closer to a float32 reference.
+    """
+    if activations not in ACTIVATIONS:
+        raise MpkError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
     if not 1 <= batch <= MAX_BATCH:
         raise MpkError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
     if num_sms < 1:
@@ -111,7 +123,7 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
             f"a context of {max_seq_len} tokens is longer than the model's {cfg.max_position_embeddings}; "
             "use a shorter prompt or fewer new tokens"
         )
-    prog = Program(cfg, batch, max_seq_len, tp_size, num_sms)
+    prog = Program(cfg, batch, max_seq_len, tp_size, num_sms, activations)
     shards = [shard_of(cfg, r, tp_size) for r in range(tp_size)]
     for r in range(tp_size):
         _declare_rank_tensors(prog, r, shards[r])
@@ -148,13 +160,14 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
     splits, _ = attention_splits(B, sh.kv_groups, S, prog.num_sms)
     add = prog.add_tensor
+    act = prog.activations
     add(r, "tokens", "meta", (B,), "int64")
     add(r, "prompt", "meta", (B, S), "int64")
     add(r, "prompt_len", "meta", (B,), "int64")
     add(r, "embed", "weight", (cfg.vocab_size, H))
     add(r, "rope_cos", "weight", (S, hd // 2), "float32")
     add(r, "rope_sin", "weight", (S, hd // 2), "float32")
-    add(r, "x.0", "activation", (B, H))
+    add(r, "x.0", "activation", (B, H), act)
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
         add(r, p + "attn_norm", "weight", (H,))
@@ -168,16 +181,16 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
         add(r, p + "mlp_norm", "weight", (H,))
         add(r, p + "gate_up", "weight", (2 * sh.intermediate, H))
         add(r, p + "down", "weight", (H, sh.intermediate))
-        add(r, p + "k_cache", "state", (B, S, sh.kv_groups, hd))
-        add(r, p + "v_cache", "state", (B, S, sh.kv_groups, hd))
-        add(r, p + "qkv_out", "activation", (B, qkv_rows))
-        add(r, p + "q", "activation", (B, sh.q_heads, hd))
+        add(r, p + "k_cache", "state", (B, S, sh.kv_groups, hd), act)
+        add(r, p + "v_cache", "state", (B, S, sh.kv_groups, hd), act)
+        add(r, p + "qkv_out", "activation", (B, qkv_rows), act)
+        add(r, p + "q", "activation", (B, sh.q_heads, hd), act)
         add(r, p + "attn_part", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv, hd), "float32")
         add(r, p + "attn_lse", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv), "float32")
-        add(r, p + "attn", "activation", (B, sh.q_heads * hd))
-        add(r, p + "h", "activation", (B, sh.intermediate))
-        add(r, f"x.{2 * layer + 1}", "activation", (B, H))
-        add(r, f"x.{2 * layer + 2}", "activation", (B, H))
+        add(r, p + "attn", "activation", (B, sh.q_heads * hd), act)
+        add(r, p + "h", "activation", (B, sh.intermediate), act)
+        add(r, f"x.{2 * layer + 1}", "activation", (B, H), act)
+        add(r, f"x.{2 * layer + 2}", "activation", (B, H), act)
         if prog.tp_size > 1:
             add(r, p + "o_partial", "activation", (B, H), "float32")
             add(r, p + "down_partial", "activation", (B, H), "float32")

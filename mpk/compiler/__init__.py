@@ -29,9 +29,9 @@ def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
 
 
 def compile_model(cfg: ModelConfig, batch: int = 1, max_seq_len: int = 4096, tp_size: int = 1, num_sms: int = 132,
-                  verify: bool = True) -> TaskGraph:
+                  verify: bool = True, activations: str = "model") -> TaskGraph:
     """The verified decode-step TaskGraph of a model. Raises VerificationError if a check fails."""
-    tg = compile_program(build_decode_program(cfg, batch, max_seq_len, tp_size, num_sms))
+    tg = compile_program(build_decode_program(cfg, batch, max_seq_len, tp_size, num_sms, activations))
     if verify:
         from mpk.compiler.verify import verify as run_verifier
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mpk.taskgraph import OpSpec, Region
 
@@ -62,3 +63,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias), with the activation precision the graph chose.
+
+    Activations in the weights' dtype: transformers' semantics, the output rounded to that dtype.
+    Float32 activations over bf16 weights: the input is rounded to the weights' dtype (the GEMV
+    streams it beside them) and the product is kept in float32.
+    """
+    if x.dtype == weight.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(weight.dtype).float(), weight.float(), None if bias is None else bias.float())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mpk.ops.base import OpKind, TileTask, nbytes, region, rmsnorm, spans, whole
+from mpk.ops.base import OpKind, TileTask, linear, nbytes, region, rmsnorm, spans, whole
 
 
 def _linear_tiles(op, prog, weight: str, out: str, x: str, extra_reads=(), rows_per_col: int = 1, bias: str | None = None):
@@ -36,7 +36,7 @@ class RmsnormLinear(OpKind):
     def run(self, op, tile, reads, writes, step):
         x, norm, w = reads[:3]
         bias = reads[3] if len(reads) > 3 else None
-        writes[0].copy_(F.linear(rmsnorm(x, norm, op.params["eps"]), w, bias))
+        writes[0].copy_(linear(rmsnorm(x, norm, op.params["eps"]), w, bias))
 
 
 class RmsnormGateUpSilu(OpKind):
@@ -49,7 +49,7 @@ class RmsnormGateUpSilu(OpKind):
 
     def run(self, op, tile, reads, writes, step):
         x, norm, w = reads
-        y = F.linear(rmsnorm(x, norm, op.params["eps"]), w)
+        y = linear(rmsnorm(x, norm, op.params["eps"]), w)
         gate_up = y.unflatten(-1, (-1, 2))
         writes[0].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])
 
@@ -64,7 +64,7 @@ class LinearResidual(OpKind):
 
     def run(self, op, tile, reads, writes, step):
         x, residual, w = reads
-        writes[0].copy_(residual + F.linear(x, w))
+        writes[0].copy_(residual + linear(x, w))
 
 
 class Linear(OpKind):
@@ -75,7 +75,7 @@ class Linear(OpKind):
 
     def run(self, op, tile, reads, writes, step):
         x, w = reads
-        writes[0].copy_(F.linear(x, w).float())
+        writes[0].copy_(linear(x, w).float())
 
 
 class AllreduceResidual(OpKind):
@@ -122,7 +122,7 @@ class RmsnormLmHeadArgmax(OpKind):
     def run(self, op, tile, reads, writes, step):
         x, norm, w = reads
         logits, cand_val, cand_idx = writes
-        y = F.linear(rmsnorm(x, norm, op.params["eps"]), w).float()
+        y = linear(rmsnorm(x, norm, op.params["eps"]), w).float()
         logits.copy_(y)
         best = torch.argmax(y, dim=-1, keepdim=True)  # first index among equal maxima
         cand_val.copy_(torch.gather(y, -1, best))
