@@ -144,7 +144,7 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
 
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
-              profile: str | None = None) -> dict:
+              profile: str | None = None, activations: str = "model") -> dict:
     from mpk.compiler import compile_model
     from mpk.engine import program_inputs
     from mpk.models import resolve_model
@@ -156,7 +156,8 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     props = torch.cuda.get_device_properties(device)
     source = resolve_model(model)
     cfg = source.cfg
-    tg = compile_model(cfg, batch=batch, max_seq_len=steps + 8, num_sms=props.multi_processor_count)
+    tg = compile_model(cfg, batch=batch, max_seq_len=steps + 8, num_sms=props.multi_processor_count,
+                       activations=activations)
     nbytes = weight_bytes_per_step(tg)
     hf = source.load_weights(torch.bfloat16, device=device)
 
@@ -180,6 +181,7 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     rows = [Row(name, s * 1e3, batch, nbytes, floor_ms) for name, s in seconds.items()]
     return {
         "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch,
+        "activations": activations,
         "steps": steps, "bytes_per_step": nbytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
     }
@@ -188,7 +190,8 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
 def format_bench(result: dict) -> str:
     lines = [
         f"{result['model']} batch {result['batch']} on {result['gpu']} ({result['num_sms']} SMs), "
-        f"{result['steps']} steps, {result['bytes_per_step'] / 1e9:.2f} GB per step",
+        f"{result['steps']} steps, {result['bytes_per_step'] / 1e9:.2f} GB per step, "
+        f"{result.get('activations', 'model')} activations",
         f"  {'backend':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'% floor':>8}",
     ]
     for r in result["rows"]:

@@ -93,39 +93,40 @@ def lower_op(tg: TaskGraph, op: OpSpec) -> tuple[str, OpArgs]:
     """The C++ variant type of one op instance and its run-time arguments."""
     p = op.params
     names = {**op.inputs, **op.outputs}
+    act = activation_policy(tg)
     ptrs = tuple(names.get(role) for role in OP_ARGS.get(op.kind, ()))
     if op.kind == "embed":
         vocab, h = _shape(tg, op.inputs["table"])
-        return f"Embed<{h}>", OpArgs(ptrs, (vocab,))
+        return f"Embed<{h}, {act}>", OpArgs(ptrs, (vocab,))
     if op.kind == "rmsnorm_linear":
         b, k, n = _gemv(tg, op, "out")
         bias = "bias" in op.inputs
-        return f"RmsnormLinear<{b}, {k}, {_cbool(bias)}>", OpArgs(ptrs, (n, p["tile"]), (p["eps"],))
+        return f"RmsnormLinear<{b}, {k}, {_cbool(bias)}, {act}>", OpArgs(ptrs, (n, p["tile"]), (p["eps"],))
     if op.kind == "rmsnorm_gate_up_silu":
         b, k, n = _gemv(tg, op, "out", rows_per_col=2)
-        return f"RmsnormGateUpSilu<{b}, {k}>", OpArgs(ptrs, (n, p["tile"]), (p["eps"],))
+        return f"RmsnormGateUpSilu<{b}, {k}, {act}>", OpArgs(ptrs, (n, p["tile"]), (p["eps"],))
     if op.kind == "linear_residual":
         b, k, n = _gemv(tg, op, "out")
-        return f"LinearResidual<{b}, {k}>", OpArgs(ptrs, (n, p["tile"]))
+        return f"LinearResidual<{b}, {k}, {act}>", OpArgs(ptrs, (n, p["tile"]))
     if op.kind == "rmsnorm_lm_head_argmax":
         b, k, v = _gemv(tg, op, "logits")
         n_tiles = _shape(tg, op.outputs["cand_val"])[1]
         _expect(n_tiles == -(-v // p["tile"]), op, "candidate count is not the number of vocab tiles")
-        return f"RmsnormLmHeadArgmax<{b}, {k}>", OpArgs(ptrs, (v, p["tile"], n_tiles, p["vocab_start"]), (p["eps"],))
+        return f"RmsnormLmHeadArgmax<{b}, {k}, {act}>", OpArgs(ptrs, (v, p["tile"], n_tiles, p["vocab_start"]), (p["eps"],))
     if op.kind == "qk_norm_rope_append":
         qpk, hd = p["q_per_kv"], p["head_dim"]
         _, s, g, _ = _shape(tg, op.outputs["k_cache"])
         _expect(_shape(tg, op.inputs["qkv"])[1] == g * (qpk + 2) * hd, op, "qkv rows are not groups x (q_per_kv + 2) heads")
         _expect(hd % 2 == 0, op, f"head_dim {hd} is odd")
         qk_norm = "q_norm" in op.inputs
-        return f"QkNormRopeAppend<{qpk}, {hd}, {_cbool(qk_norm)}>", OpArgs(ptrs, (g, s), (p["eps"],))
+        return f"QkNormRopeAppend<{qpk}, {hd}, {_cbool(qk_norm)}, {act}>", OpArgs(ptrs, (g, s), (p["eps"],))
     if op.kind == "attention_split":
         _, g, splits, qpk, hd = _shape(tg, op.outputs["part"])
         _, s, _, _ = _shape(tg, op.inputs["k_cache"])
-        return f"AttentionSplit<{qpk}, {hd}>", OpArgs(ptrs, (g, s, splits, p["chunk"], p["window"] or 0), (p["scale"],))
+        return f"AttentionSplit<{qpk}, {hd}, {act}>", OpArgs(ptrs, (g, s, splits, p["chunk"], p["window"] or 0), (p["scale"],))
     if op.kind == "attention_merge":
         _, g, splits, qpk, hd = _shape(tg, op.inputs["part"])
-        return f"AttentionMerge<{qpk}, {hd}>", OpArgs(ptrs, (g, splits))
+        return f"AttentionMerge<{qpk}, {hd}, {act}>", OpArgs(ptrs, (g, splits))
     if op.kind == "sample":
         _expect(p["ranks"] == 1, op, "sampling over several ranks")
         n_tiles = _shape(tg, op.inputs["cand_val0"])[1]
@@ -133,13 +134,16 @@ def lower_op(tg: TaskGraph, op: OpSpec) -> tuple[str, OpArgs]:
     raise MpkError(f"op kind {op.kind!r} ({op.name}) has no GPU kernel yet")
 
 
+def activation_policy(tg: TaskGraph) -> str:
+    """The device policy of the graph's activation precision (mpk/csrc/common.cuh)."""
+    return {"model": "ActBf16", "float32": "ActF32"}[tg.tensors["x.0"].dtype]
+
+
 def check_supported(tg: TaskGraph) -> None:
     if tg.tp_size != 1:
         raise MpkError(f"the GPU runtime runs one GPU for now; this graph has tensor parallelism {tg.tp_size} "
                        "(compile with --tp 1)")
-    if tg.tensors["x.0"].dtype != "model":
-        raise MpkError("the GPU kernels keep activations in bfloat16; float32 activations run on the CPU executor "
-                       "only for now (--activations model)")
+
 
 
 def graph_variants(tg: TaskGraph) -> tuple[list[str], list[int], list[OpArgs]]:

@@ -15,7 +15,8 @@ case "${1:-tests}" in
     status=0
     for model in qwen3-8b llama-3.2-1b; do
       for batch in 1 4; do
-        python3 -m mpk.cli bench "$model" --batch "$batch" --steps "${STEPS:-64}" --backends "${BACKENDS:-stream,mpk,eager,compile}" --json \
+        python3 -m mpk.cli bench "$model" --batch "$batch" --steps "${STEPS:-64}" --backends "${BACKENDS:-stream,mpk,eager,compile}" \
+          --activations "${ACTIVATIONS:-model}" --json \
           > "$out/bench-$model-b$batch.json" 2> "$out/bench-$model-b$batch.err" || { status=1; tail -3 "$out/bench-$model-b$batch.err"; }
       done
     done

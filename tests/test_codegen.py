@@ -53,8 +53,8 @@ def test_source_has_one_case_per_variant(tg):
     assert {v.split("<")[0] for v in variants} == {
         "Embed", "RmsnormLinear", "QkNormRopeAppend", "AttentionSplit", "AttentionMerge", "LinearResidual",
         "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
-    assert "LinearResidual<2, 64>" in variants and "LinearResidual<2, 98>" in variants
-    assert "RmsnormLinear<2, 60, false>" in variants and "QkNormRopeAppend<2, 16, true>" in variants
+    assert "LinearResidual<2, 64, ActBf16>" in variants and "LinearResidual<2, 98, ActBf16>" in variants
+    assert "RmsnormLinear<2, 60, false, ActBf16>" in variants and "QkNormRopeAppend<2, 16, true, ActBf16>" in variants
 
 
 def test_layers_share_variants_and_source_ignores_run_time_sizes():
@@ -69,7 +69,7 @@ def test_layers_share_variants_and_source_ignores_run_time_sizes():
 
 def test_flags_pick_variants():
     variants, _, _ = graph_variants(graph(tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)))
-    assert "RmsnormLinear<2, 60, true>" in variants and "QkNormRopeAppend<2, 16, false>" in variants
+    assert "RmsnormLinear<2, 60, true, ActBf16>" in variants and "QkNormRopeAppend<2, 16, false, ActBf16>" in variants
 
 
 def test_tables_mirror_the_graph(tg):
@@ -189,9 +189,16 @@ def test_debug_build_with_device_asserts(tmp_path):
 
 
 @needs_nvcc
-def test_qwen3_8b_kernel_builds(tmp_path):
-    tg = compile_program(build_decode_program(QWEN3_8B, 1, 4096, 1, 132))
+@pytest.mark.parametrize("activations", ["model", "float32"])
+def test_qwen3_8b_kernel_builds(tmp_path, activations):
+    tg = compile_program(build_decode_program(QWEN3_8B, 1, 4096, 1, 132, activations))
     assert build(generate_source(tg), "sm_90a", debug=False, cache=tmp_path).is_file()
+
+
+@needs_nvcc
+def test_float32_activation_kernel_builds_with_asserts(tmp_path):
+    tg = compile_program(build_decode_program(tiny_cfg(), 4, 64, 1, 8, "float32"))
+    assert build(generate_source(tg), "sm_90a", debug=True, cache=tmp_path).is_file()
 
 
 @needs_nvcc

@@ -48,12 +48,12 @@ def test_float32_activations_meet_the_bound_bf16_ones_do_not_need_to(case, make_
     assert fp32_acts < bf16_acts
 
 
-def test_gpu_refuses_float32_activations():
-    from mpk.codegen import check_supported
+def test_codegen_selects_the_activation_policy():
+    from mpk.codegen import generate_source
     from mpk.compiler import compile_model
-    from mpk.errors import MpkError
 
-    tg = compile_model(resolve_model("tiny").cfg, batch=1, max_seq_len=16, num_sms=4, verify=False,
-                       activations="float32")
-    with pytest.raises(MpkError, match="float32 activations run on the CPU executor"):
-        check_supported(tg)
+    cfg = resolve_model("tiny").cfg
+    for activations, policy in (("model", "ActBf16"), ("float32", "ActF32")):
+        tg = compile_model(cfg, batch=1, max_seq_len=16, num_sms=4, verify=False, activations=activations)
+        variants = [line for line in generate_source(tg).splitlines() if line.startswith("using V")]
+        assert variants and all(line.endswith(f"{policy}>;") for line in variants if "Sample" not in line)

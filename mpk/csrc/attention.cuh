@@ -11,63 +11,64 @@ template <int HD> struct HeadLanes {
   static constexpr int E = (HD + 31) / 32;
   static constexpr bool kPacked = HD % 32 == 0 && (E == 1 || E == 2 || E == 4 || E == 8);
 
-  __device__ __forceinline__ static void load(const bf16* head, float (&f)[E]) {
+  template <class T> __device__ __forceinline__ static void load(const T* head, float (&f)[E]) {
     const int d0 = lane_id() * E;
     if constexpr (kPacked) {
-      unpack<E>(ld_act<E>(head + d0), f);
+      load_vec<E>(head + d0, f);
     } else {
 #pragma unroll
-      for (int e = 0; e < E; ++e) f[e] = d0 + e < HD ? to_f(head[d0 + e]) : 0.f;
+      for (int e = 0; e < E; ++e) f[e] = d0 + e < HD ? act_f(head[d0 + e]) : 0.f;
     }
   }
 };
 
 // qk_norm_rope_append: q = rope(norm(q)); k = rope(norm(k)); append k, v at row `step` of the cache.
 // ptr {qkv, cos, sin, q_norm, k_norm, q, k_cache, v_cache}; i {G, S}; f {eps}
-template <int QPK, int HD, bool QKNORM> struct QkNormRopeAppend {
+template <int QPK, int HD, bool QKNORM, class A> struct QkNormRopeAppend {
+  using T = typename A::T;
   static constexpr int SMEM = kWarps * HD * 4;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const bf16* qkv = static_cast<const bf16*>(op.ptr[0]);
+    const T* qkv = static_cast<const T*>(op.ptr[0]);
     const float* cos_t = static_cast<const float*>(op.ptr[1]);
     const float* sin_t = static_cast<const float*>(op.ptr[2]);
     const bf16* q_norm = static_cast<const bf16*>(op.ptr[3]);
     const bf16* k_norm = static_cast<const bf16*>(op.ptr[4]);
-    bf16* q_out = static_cast<bf16*>(op.ptr[5]);
-    bf16* k_cache = static_cast<bf16*>(op.ptr[6]);
-    bf16* v_cache = static_cast<bf16*>(op.ptr[7]);
+    T* q_out = static_cast<T*>(op.ptr[5]);
+    T* k_cache = static_cast<T*>(op.ptr[6]);
+    T* v_cache = static_cast<T*>(op.ptr[7]);
     const int G = static_cast<int>(op.i[0]), S = static_cast<int>(op.i[1]);
     const int b = t.tile[0], g = t.tile[1];
     const long long step = t.step;
     MPK_ASSERT(g < G && step < S);
     constexpr int H2 = HD / 2;
-    const bf16* src = qkv + (static_cast<size_t>(b) * G + g) * (QPK + 2) * HD;
+    const T* src = qkv + (static_cast<size_t>(b) * G + g) * (QPK + 2) * HD;
     const size_t kv_row = ((static_cast<size_t>(b) * S + step) * G + g) * HD;
     float* buf = reinterpret_cast<float*>(smem) + warp_id() * HD;
     for (int h = warp_id(); h < QPK + 2; h += kWarps) {
-      const bf16* x = src + h * HD;
+      const T* x = src + h * HD;
       if (h == QPK + 1) {
         for (int d = lane_id(); d < HD; d += 32) v_cache[kv_row + d] = x[d];
         continue;
       }
       float ss = 0.f;
       for (int d = lane_id(); d < HD; d += 32) {
-        const float v = to_f(x[d]);
+        const float v = act_f(x[d]);
         buf[d] = v;
         ss += v * v;
       }
       if constexpr (QKNORM) {
         const float inv = rsqrtf(warp_sum(ss) / HD + op.f[0]);
         const bf16* nw = h < QPK ? q_norm : k_norm;
-        for (int d = lane_id(); d < HD; d += 32) buf[d] = round_bf(to_f(__ldg(nw + d)) * round_bf(buf[d] * inv));
+        for (int d = lane_id(); d < HD; d += 32) buf[d] = A::round(to_f(__ldg(nw + d)) * A::round(buf[d] * inv));
       }
       __syncwarp();
-      bf16* dst = h < QPK ? q_out + ((static_cast<size_t>(b) * G + g) * QPK + h) * HD : k_cache + kv_row;
-      // Rotate-half RoPE as the sim computes it in bf16: cos/sin rounded, each product rounded.
+      T* dst = h < QPK ? q_out + ((static_cast<size_t>(b) * G + g) * QPK + h) * HD : k_cache + kv_row;
+      // Rotate-half RoPE as the sim computes it in the activation dtype: cos/sin and each product rounded.
       for (int d = lane_id(); d < HD; d += 32) {
         const int j = d < H2 ? d : d - H2;
-        const float c = round_bf(__ldg(cos_t + step * H2 + j)), s = round_bf(__ldg(sin_t + step * H2 + j));
+        const float c = A::round(__ldg(cos_t + step * H2 + j)), s = A::round(__ldg(sin_t + step * H2 + j));
         const float rot = d < H2 ? -buf[d + H2] : buf[d - H2];
-        dst[d] = to_bf(round_bf(buf[d] * c) + round_bf(rot * s));
+        act_store(dst + d, A::round(buf[d] * c) + A::round(rot * s));
       }
       __syncwarp();
     }
@@ -78,14 +79,15 @@ template <int QPK, int HD, bool QKNORM> struct QkNormRopeAppend {
 // with online softmax per warp, then a merge of the 8 warps. Writes the split's normalised output and
 // log-sum-exp; an empty split writes zeros and -inf (the merge gives it weight 0).
 // ptr {q, k_cache, v_cache, part, lse}; i {G, S, splits, chunk, window}; f {scale}
-template <int QPK, int HD> struct AttentionSplit {
+template <int QPK, int HD, class A> struct AttentionSplit {
   using L = HeadLanes<HD>;
   static constexpr int E = L::E;
   static constexpr int SMEM = align16(2 * kWarps * QPK * 4) + kWarps * QPK * HD * 4;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const bf16* q = static_cast<const bf16*>(op.ptr[0]);
-    const bf16* k_cache = static_cast<const bf16*>(op.ptr[1]);
-    const bf16* v_cache = static_cast<const bf16*>(op.ptr[2]);
+    using T = typename A::T;
+    const T* q = static_cast<const T*>(op.ptr[0]);
+    const T* k_cache = static_cast<const T*>(op.ptr[1]);
+    const T* v_cache = static_cast<const T*>(op.ptr[2]);
     const int G = static_cast<int>(op.i[0]), S = static_cast<int>(op.i[1]);
     const int splits = static_cast<int>(op.i[2]), chunk = static_cast<int>(op.i[3]);
     const long long window = op.i[4];
@@ -160,7 +162,7 @@ template <int QPK, int HD> struct AttentionSplit {
 
 // attention_merge: out = sum over splits of softmax(lse) * part.
 // ptr {part, lse, out}; i {G, splits}
-template <int QPK, int HD> struct AttentionMerge {
+template <int QPK, int HD, class A> struct AttentionMerge {
   static constexpr int SMEM = 0;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
     const int G = static_cast<int>(op.i[0]), splits = static_cast<int>(op.i[1]);
@@ -169,7 +171,7 @@ template <int QPK, int HD> struct AttentionMerge {
     const size_t bg = static_cast<size_t>(b) * G + g;
     const float* part = static_cast<const float*>(op.ptr[0]) + bg * splits * QPK * HD;
     const float* lse = static_cast<const float*>(op.ptr[1]) + bg * splits * QPK;
-    bf16* out = static_cast<bf16*>(op.ptr[2]) + bg * QPK * HD;
+    typename A::T* out = static_cast<typename A::T*>(op.ptr[2]) + bg * QPK * HD;
     for (int i = threadIdx.x; i < QPK * HD; i += kThreads) {
       const int h = i / HD;
       float mx = kNegInf;
@@ -182,7 +184,7 @@ template <int QPK, int HD> struct AttentionMerge {
         den += w;
         num += w * part[s * QPK * HD + i];
       }
-      out[i] = to_bf(num / den);
+      act_store(out + i, num / den);
     }
   }
 };

@@ -87,6 +87,39 @@ template <int N> __device__ __forceinline__ void unpack(const packed_t<N>& r, fl
   }
 }
 
+// Loads of N activation values as floats, packed: bf16 (16 bytes for N = 8) or float (16 bytes per 4).
+template <int N> __device__ __forceinline__ void load_vec(const bf16* p, float (&f)[N]) { unpack<N>(ld_act<N>(p), f); }
+template <int N> __device__ __forceinline__ void load_vec(const float* p, float (&f)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+      const float4 v = reinterpret_cast<const float4*>(p)[j];
+      f[4 * j] = v.x, f[4 * j + 1] = v.y, f[4 * j + 2] = v.z, f[4 * j + 3] = v.w;
+    }
+  } else if constexpr (N == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    f[0] = v.x, f[1] = v.y;
+  } else {
+    f[0] = *p;
+  }
+}
+
+__device__ __forceinline__ float act_f(bf16 x) { return to_f(x); }
+__device__ __forceinline__ float act_f(float x) { return x; }
+__device__ __forceinline__ void act_store(bf16* p, float v) { *p = to_bf(v); }
+__device__ __forceinline__ void act_store(float* p, float v) { *p = v; }
+
+// Activation precision of a graph (mpk.graph `activations`): the element type of activations and
+// the KV cache, and `round`, applied wherever the op references round an intermediate result.
+struct ActBf16 {
+  using T = bf16;
+  __device__ __forceinline__ static float round(float x) { return round_bf(x); }
+};
+struct ActF32 {
+  using T = float;
+  __device__ __forceinline__ static float round(float x) { return x; }
+};
+
 // Widest packing that divides n (rows of n elements then stay aligned).
 __host__ __device__ constexpr int vec_width(int n) { return n % 8 == 0 ? 8 : n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1; }
 __host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }

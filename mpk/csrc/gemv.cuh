@@ -12,9 +12,11 @@ constexpr int kXBudget = 96 * 1024;  // bytes of shared memory for the staged in
 // 32 loads x 16 B x 256 threads = 128 KB in flight per SM, what HBM latency x per-SM bandwidth needs.
 constexpr int kLoadsPerLane = 32;
 
-// The GEMV input: x [B, K] (optionally RMS-normalised) as the dot products read it. Staged in shared
-// memory as bf16 rows padded to 16 bytes when it fits, else read from global memory (L2) each time.
-template <int B, int K, bool NORM> struct GemvInput {
+// The GEMV input: x [B, K] (optionally RMS-normalised) as the dot products read it, rounded to bf16
+// (the op references round a GEMV's input to the weights' dtype whatever the activation precision A).
+// Staged in shared memory as bf16 rows padded to 16 bytes when it fits, else read from global memory
+// (L2) each time.
+template <int B, int K, bool NORM, class A> struct GemvInput {
   static constexpr int VEC = vec_width(K);
   static constexpr int KP = (K + 7) / 8 * 8;
   static constexpr bool kStaged = B * KP * 2 <= kXBudget;
@@ -22,13 +24,14 @@ template <int B, int K, bool NORM> struct GemvInput {
   static constexpr int kRedOffset = kInvOffset + align16(B * 4);
   static constexpr int SMEM = kRedOffset + align16(kWarps * B * 4);
   static constexpr int NV = K / VEC;
+  static constexpr int kBatch = B, kK = K;
 
-  const bf16* x;
+  const typename A::T* x;
   const bf16* norm;
   const unsigned char* smem;
 
-  // transformers' RMSNorm in bf16: normalise in fp32, round, then scale by the weight and round.
-  __device__ __forceinline__ static float normed(float v, float inv, float w) { return round_bf(w * round_bf(v * inv)); }
+  // transformers' RMSNorm: normalise in fp32, round to the activation dtype, scale by the weight, round.
+  __device__ __forceinline__ static float normed(float v, float inv, float w) { return A::round(w * A::round(v * inv)); }
 
   // All threads: 1/rms per sequence, then stage x. Every thread takes a share of packed loads, so the
   // task's start costs a couple of L2 round trips, not one per 32 elements of a row.
@@ -42,7 +45,7 @@ template <int B, int K, bool NORM> struct GemvInput {
 #pragma unroll
         for (int b = 0; b < B; ++b) {
           float f[VEC];
-          unpack<VEC>(ld_act<VEC>(x + b * K + v * VEC), f);
+          load_vec<VEC>(x + b * K + v * VEC, f);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) part[b] = fmaf(f[e], f[e], part[b]);
         }
@@ -66,7 +69,7 @@ template <int B, int K, bool NORM> struct GemvInput {
       for (int i = threadIdx.x; i < B * NV; i += kThreads) {
         const int b = i / NV, v = i - b * NV;
         float f[VEC];
-        unpack<VEC>(ld_act<VEC>(x + b * K + v * VEC), f);
+        load_vec<VEC>(x + b * K + v * VEC, f);
         if constexpr (NORM) {
           float w[VEC];
           unpack<VEC>(ld_weight<VEC>(norm + v * VEC), w);
@@ -85,7 +88,7 @@ template <int B, int K, bool NORM> struct GemvInput {
     if constexpr (kStaged) {
       unpack<VEC>(*reinterpret_cast<const packed_t<VEC>*>(reinterpret_cast<const bf16*>(smem) + b * KP + v * VEC), f);
     } else {
-      unpack<VEC>(ld_act<VEC>(x + b * K + v * VEC), f);
+      load_vec<VEC>(x + b * K + v * VEC, f);
       if constexpr (NORM) {
         const float inv = reinterpret_cast<const float*>(smem + kInvOffset)[b];
         float w[VEC];
@@ -93,14 +96,16 @@ template <int B, int K, bool NORM> struct GemvInput {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) f[e] = normed(f[e], inv, w[e]);
       }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) f[e] = round_bf(f[e]);  // as staged: the GEMV input is bf16
     }
   }
 };
 
 // One warp: acc[r][b] = dot(W row r0 + r, x[b]) for RPC consecutive rows; every lane gets the sums.
-template <int B, int K, bool NORM, int RPC>
-__device__ __forceinline__ void warp_dots(const GemvInput<B, K, NORM>& in, const bf16* w_rows, float (&acc)[RPC][B]) {
-  using In = GemvInput<B, K, NORM>;
+template <int RPC, class In>
+__device__ __forceinline__ void warp_dots(const In& in, const bf16* w_rows, float (&acc)[RPC][In::kBatch]) {
+  constexpr int B = In::kBatch, K = In::kK;
   constexpr int VEC = In::VEC, NV = K / VEC;
   constexpr int U = cmax(1, cmin(kLoadsPerLane / RPC, (NV + 31) / 32));  // loads in flight per row per lane
 #pragma unroll
@@ -149,25 +154,26 @@ __device__ __forceinline__ void tile_span(const TaskCtx& t, const OpDesc& op, in
 
 // rmsnorm_linear: out[:, c0:c1] = rmsnorm(x) @ W[c0:c1]^T (+ bias).
 // ptr {x, norm, weight, bias, out}; i {N, tile}; f {eps}
-template <int B, int K, bool BIAS> struct RmsnormLinear {
-  using In = GemvInput<B, K, true>;
+template <int B, int K, bool BIAS, class A> struct RmsnormLinear {
+  using In = GemvInput<B, K, true, A>;
+  using T = typename A::T;
   static constexpr int SMEM = In::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const In in{static_cast<const bf16*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
+    const In in{static_cast<const T*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
     const bf16* w = static_cast<const bf16*>(op.ptr[2]);
     const bf16* bias = static_cast<const bf16*>(op.ptr[3]);
-    bf16* out = static_cast<bf16*>(op.ptr[4]);
+    T* out = static_cast<T*>(op.ptr[4]);
     const int n = static_cast<int>(op.i[0]);
     int c0, c1;
     tile_span(t, op, c0, c1);
     in.prepare(op.f[0], smem);
     for (int c = c0 + warp_id(); c < c1; c += kWarps) {
       float acc[1][B];
-      warp_dots<B, K, true, 1>(in, w + static_cast<size_t>(c) * K, acc);
+      warp_dots<1>(in, w + static_cast<size_t>(c) * K, acc);
       if (lane_id() == 0) {
         const float add = BIAS ? to_f(__ldg(bias + c)) : 0.f;
 #pragma unroll
-        for (int b = 0; b < B; ++b) out[b * n + c] = to_bf(acc[0][b] + add);
+        for (int b = 0; b < B; ++b) act_store(out + b * n + c, acc[0][b] + add);
       }
     }
   }
@@ -175,26 +181,27 @@ template <int B, int K, bool BIAS> struct RmsnormLinear {
 
 // rmsnorm_gate_up_silu: out[:, c] = silu(gate) * up with gate/up rows 2c, 2c+1 of the fused weight.
 // ptr {x, norm, weight, out}; i {N, tile}; f {eps}
-template <int B, int K> struct RmsnormGateUpSilu {
-  using In = GemvInput<B, K, true>;
+template <int B, int K, class A> struct RmsnormGateUpSilu {
+  using In = GemvInput<B, K, true, A>;
+  using T = typename A::T;
   static constexpr int SMEM = In::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const In in{static_cast<const bf16*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
+    const In in{static_cast<const T*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
     const bf16* w = static_cast<const bf16*>(op.ptr[2]);
-    bf16* out = static_cast<bf16*>(op.ptr[3]);
+    T* out = static_cast<T*>(op.ptr[3]);
     const int n = static_cast<int>(op.i[0]);
     int c0, c1;
     tile_span(t, op, c0, c1);
     in.prepare(op.f[0], smem);
     for (int c = c0 + warp_id(); c < c1; c += kWarps) {
       float acc[2][B];
-      warp_dots<B, K, true, 2>(in, w + static_cast<size_t>(2 * c) * K, acc);
+      warp_dots<2>(in, w + static_cast<size_t>(2 * c) * K, acc);
       if (lane_id() == 0) {
 #pragma unroll
         for (int b = 0; b < B; ++b) {
-          // F.linear rounds gate and up to bf16, F.silu rounds, the product rounds.
-          const float g = round_bf(acc[0][b]), u = round_bf(acc[1][b]);
-          out[b * n + c] = to_bf(round_bf(g / (1.f + expf(-g))) * u);
+          // In bf16, F.linear rounds gate and up, F.silu rounds, the product rounds.
+          const float g = A::round(acc[0][b]), u = A::round(acc[1][b]);
+          act_store(out + b * n + c, A::round(g / (1.f + expf(-g))) * u);
         }
       }
     }
@@ -203,24 +210,25 @@ template <int B, int K> struct RmsnormGateUpSilu {
 
 // linear_residual: out[:, c0:c1] = residual[:, c0:c1] + x @ W[c0:c1]^T.
 // ptr {x, weight, residual, out}; i {N, tile}
-template <int B, int K> struct LinearResidual {
-  using In = GemvInput<B, K, false>;
+template <int B, int K, class A> struct LinearResidual {
+  using In = GemvInput<B, K, false, A>;
+  using T = typename A::T;
   static constexpr int SMEM = In::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const In in{static_cast<const bf16*>(op.ptr[0]), nullptr, smem};
+    const In in{static_cast<const T*>(op.ptr[0]), nullptr, smem};
     const bf16* w = static_cast<const bf16*>(op.ptr[1]);
-    const bf16* res = static_cast<const bf16*>(op.ptr[2]);
-    bf16* out = static_cast<bf16*>(op.ptr[3]);
+    const T* res = static_cast<const T*>(op.ptr[2]);
+    T* out = static_cast<T*>(op.ptr[3]);
     const int n = static_cast<int>(op.i[0]);
     int c0, c1;
     tile_span(t, op, c0, c1);
     in.prepare(0.f, smem);
     for (int c = c0 + warp_id(); c < c1; c += kWarps) {
       float acc[1][B];
-      warp_dots<B, K, false, 1>(in, w + static_cast<size_t>(c) * K, acc);
+      warp_dots<1>(in, w + static_cast<size_t>(c) * K, acc);
       if (lane_id() == 0) {
 #pragma unroll
-        for (int b = 0; b < B; ++b) out[b * n + c] = to_bf(to_f(res[b * n + c]) + round_bf(acc[0][b]));
+        for (int b = 0; b < B; ++b) act_store(out + b * n + c, act_f(res[b * n + c]) + A::round(acc[0][b]));
       }
     }
   }
@@ -228,12 +236,12 @@ template <int B, int K> struct LinearResidual {
 
 // rmsnorm_lm_head_argmax: logits[:, v0:v1] and the tile's argmax candidate per sequence.
 // ptr {x, norm, weight, logits, cand_val, cand_idx}; i {V, tile, n_tiles, vocab_start}; f {eps}
-template <int B, int K> struct RmsnormLmHeadArgmax {
-  using In = GemvInput<B, K, true>;
+template <int B, int K, class A> struct RmsnormLmHeadArgmax {
+  using In = GemvInput<B, K, true, A>;
   static constexpr int kBestOffset = In::SMEM;
   static constexpr int SMEM = kBestOffset + align16(kWarps * B * 4) + align16(kWarps * B * 4);
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const In in{static_cast<const bf16*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
+    const In in{static_cast<const typename A::T*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), smem};
     const bf16* w = static_cast<const bf16*>(op.ptr[2]);
     float* logits = static_cast<float*>(op.ptr[3]);
     float* cand_val = static_cast<float*>(op.ptr[4]);
@@ -250,10 +258,10 @@ template <int B, int K> struct RmsnormLmHeadArgmax {
     for (int b = 0; b < B; ++b) best[b] = kNegInf, best_at[b] = c0;
     for (int c = c0 + warp_id(); c < c1; c += kWarps) {
       float acc[1][B];
-      warp_dots<B, K, true, 1>(in, w + static_cast<size_t>(c) * K, acc);
+      warp_dots<1>(in, w + static_cast<size_t>(c) * K, acc);
 #pragma unroll
       for (int b = 0; b < B; ++b) {
-        const float y = round_bf(acc[0][b]);  // the sim's logits are F.linear's bf16 output
+        const float y = A::round(acc[0][b]);  // with bf16 activations the sim's logits are F.linear's bf16 output
         if (lane_id() == 0) logits[static_cast<size_t>(b) * vocab + c] = y;
         if (y > best[b]) best[b] = y, best_at[b] = c;  // columns ascend: the first maximum stays
       }

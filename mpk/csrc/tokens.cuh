@@ -8,7 +8,7 @@ namespace mpk {
 
 // embed: x[b] = table[tokens[b]].
 // ptr {tokens, table, out}; i {vocab}
-template <int H> struct Embed {
+template <int H, class A> struct Embed {
   static constexpr int SMEM = 0;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
     constexpr int VEC = vec_width(H);
@@ -16,9 +16,17 @@ template <int H> struct Embed {
     const long long tok = static_cast<const long long*>(op.ptr[0])[b];
     MPK_ASSERT(tok >= 0 && tok < op.i[0]);
     const bf16* row = static_cast<const bf16*>(op.ptr[1]) + tok * H;
-    bf16* out = static_cast<bf16*>(op.ptr[2]) + static_cast<size_t>(b) * H;
-    for (int v = threadIdx.x; v < H / VEC; v += kThreads)
-      *reinterpret_cast<packed_t<VEC>*>(out + v * VEC) = ld_weight<VEC>(row + v * VEC);
+    typename A::T* out = static_cast<typename A::T*>(op.ptr[2]) + static_cast<size_t>(b) * H;
+    for (int v = threadIdx.x; v < H / VEC; v += kThreads) {
+      if constexpr (sizeof(typename A::T) == sizeof(bf16)) {
+        *reinterpret_cast<packed_t<VEC>*>(out + v * VEC) = ld_weight<VEC>(row + v * VEC);
+      } else {
+        float f[VEC];
+        unpack<VEC>(ld_weight<VEC>(row + v * VEC), f);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out[v * VEC + e] = f[e];
+      }
+    }
   }
 };
 

@@ -97,14 +97,14 @@ def num_sms(case: str) -> int:
     return n or torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def megakernel(cfg, hf, prompts, max_seq_len, sms, tg: TaskGraph | None = None):
-    tg = tg or compile_model(cfg, batch=len(prompts), max_seq_len=max_seq_len, num_sms=sms)
+def megakernel(cfg, hf, prompts, max_seq_len, sms, tg: TaskGraph | None = None, activations: str = "model"):
+    tg = tg or compile_model(cfg, batch=len(prompts), max_seq_len=max_seq_len, num_sms=sms, activations=activations)
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
     return Megakernel(tg, weights=weights, meta=meta)
 
 
 def sim_logits(cfg, hf, tg, prompts, steps):
-    """Per-step logits of the CPU executor in bf16."""
+    """Per-step logits of the CPU executor with bf16 weights (activations as the graph says)."""
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
     bufs = sim.allocate(tg, weights, meta, torch.bfloat16)
     out = []
@@ -122,13 +122,14 @@ def l2_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.vector_norm((a - b).float()) / torch.linalg.vector_norm(b.float())).item()
 
 
+@pytest.mark.parametrize("activations", ["model", "float32"])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("case", list(CASES))
-def test_teacher_forced_logits(checkpoint, case, batch):
+def test_teacher_forced_logits(checkpoint, case, batch, activations):
     cfg, hf = checkpoint(case)
     T = 20
     seqs = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(batch))
-    mk = megakernel(cfg, hf, seqs.tolist(), T, num_sms(case))
+    mk = megakernel(cfg, hf, seqs.tolist(), T, num_sms(case), activations=activations)
     res = mk.run(T, collect_logits=True, eos_token_ids=[])
     assert res.steps == T and len(res.logits) == T
     ref = ReferenceModel(cfg, hf, torch.float32, "cuda")
@@ -139,10 +140,11 @@ def test_teacher_forced_logits(checkpoint, case, batch):
     sim_errs = [rel_err(res.logits[s], same[s]) for s in range(T)]
     ref_max = max(rel_err(res.logits[s], want[:, s]) for s in range(T))
     bf16_cost = max(l2_rel_err(same[s], want[:, s]) for s in range(T))
-    report(check="logits", case=case, batch=batch, vs_sim=max(sim_errs), vs_fp32=max(ref_errs), vs_fp32_max=ref_max,
-           sim_vs_fp32=bf16_cost)
-    assert max(sim_errs) < SIM_TOL, f"step {sim_errs.index(max(sim_errs))}: {max(sim_errs):.3g} from the bf16 sim"
-    assert max(ref_errs) < REF_TOL, f"step {ref_errs.index(max(ref_errs))}: {max(ref_errs):.3g} from float32 (bf16 sim: {bf16_cost:.3g})"
+    report(check="logits", case=f"{case}/{activations}", batch=batch, vs_sim=max(sim_errs), vs_fp32=max(ref_errs),
+           vs_fp32_max=ref_max, sim_vs_fp32=bf16_cost)
+    assert max(sim_errs) < SIM_TOL, f"step {sim_errs.index(max(sim_errs))}: {max(sim_errs):.3g} from the sim"
+    if activations == "float32":  # bf16 activations cost up to ~4e-2 here, in the sim too (docs/decisions.md)
+        assert max(ref_errs) < REF_TOL, f"step {ref_errs.index(max(ref_errs))}: {max(ref_errs):.3g} from float32 (sim: {bf16_cost:.3g})"
     # Inside the prompt the sample task forwards the prompt's next token.
     for s in range(T - 1):
         assert res.tokens[s] == seqs[:, s + 1].tolist()
