@@ -145,6 +145,17 @@ __device__ __forceinline__ void warp_dots(const In& in, const bf16* w_rows, floa
     for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
 }
 
+// Warp w takes columns c0 + w, c0 + w + kWarps, ... of [c0, c1): the dot products of each column's
+// RPC weight rows (rows RPC * c ..) with x, then `epilogue(c, acc)` on every lane of the warp.
+template <int RPC, class In, class Epilogue>
+__device__ __forceinline__ void for_each_column(const In& in, const bf16* w, int c0, int c1, Epilogue&& epilogue) {
+  for (int c = c0 + warp_id(); c < c1; c += kWarps) {
+    float acc[RPC][In::kBatch];
+    warp_dots<RPC>(in, w + static_cast<size_t>(RPC) * c * In::kK, acc);
+    epilogue(c, acc);
+  }
+}
+
 __device__ __forceinline__ void tile_span(const TaskCtx& t, const OpDesc& op, int& c0, int& c1) {
   const int n = static_cast<int>(op.i[0]), tile = static_cast<int>(op.i[1]);
   c0 = t.tile[0] * tile;
@@ -167,15 +178,12 @@ template <int B, int K, bool BIAS, class A> struct RmsnormLinear {
     int c0, c1;
     tile_span(t, op, c0, c1);
     in.prepare(op.f[0], smem);
-    for (int c = c0 + warp_id(); c < c1; c += kWarps) {
-      float acc[1][B];
-      warp_dots<1>(in, w + static_cast<size_t>(c) * K, acc);
-      if (lane_id() == 0) {
-        const float add = BIAS ? to_f(__ldg(bias + c)) : 0.f;
+    for_each_column<1>(in, w, c0, c1, [&](int c, const float (&acc)[1][B]) {
+      if (lane_id() != 0) return;
+      const float add = BIAS ? to_f(__ldg(bias + c)) : 0.f;
 #pragma unroll
-        for (int b = 0; b < B; ++b) act_store(out + b * n + c, acc[0][b] + add);
-      }
-    }
+      for (int b = 0; b < B; ++b) act_store(out + b * n + c, acc[0][b] + add);
+    });
   }
 };
 
@@ -193,18 +201,15 @@ template <int B, int K, class A> struct RmsnormGateUpSilu {
     int c0, c1;
     tile_span(t, op, c0, c1);
     in.prepare(op.f[0], smem);
-    for (int c = c0 + warp_id(); c < c1; c += kWarps) {
-      float acc[2][B];
-      warp_dots<2>(in, w + static_cast<size_t>(2 * c) * K, acc);
-      if (lane_id() == 0) {
+    for_each_column<2>(in, w, c0, c1, [&](int c, const float (&acc)[2][B]) {
+      if (lane_id() != 0) return;
 #pragma unroll
-        for (int b = 0; b < B; ++b) {
-          // In bf16, F.linear rounds gate and up, F.silu rounds, the product rounds.
-          const float g = A::round(acc[0][b]), u = A::round(acc[1][b]);
-          act_store(out + b * n + c, A::round(g / (1.f + expf(-g))) * u);
-        }
+      for (int b = 0; b < B; ++b) {
+        // In bf16, F.linear rounds gate and up, F.silu rounds, the product rounds.
+        const float g = A::round(acc[0][b]), u = A::round(acc[1][b]);
+        act_store(out + b * n + c, A::round(g / (1.f + expf(-g))) * u);
       }
-    }
+    });
   }
 };
 
@@ -223,14 +228,11 @@ template <int B, int K, class A> struct LinearResidual {
     int c0, c1;
     tile_span(t, op, c0, c1);
     in.prepare(0.f, smem);
-    for (int c = c0 + warp_id(); c < c1; c += kWarps) {
-      float acc[1][B];
-      warp_dots<1>(in, w + static_cast<size_t>(c) * K, acc);
-      if (lane_id() == 0) {
+    for_each_column<1>(in, w, c0, c1, [&](int c, const float (&acc)[1][B]) {
+      if (lane_id() != 0) return;
 #pragma unroll
-        for (int b = 0; b < B; ++b) act_store(out + b * n + c, act_f(res[b * n + c]) + A::round(acc[0][b]));
-      }
-    }
+      for (int b = 0; b < B; ++b) act_store(out + b * n + c, act_f(res[b * n + c]) + A::round(acc[0][b]));
+    });
   }
 };
 
@@ -256,16 +258,14 @@ template <int B, int K, class A> struct RmsnormLmHeadArgmax {
     int best_at[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) best[b] = kNegInf, best_at[b] = c0;
-    for (int c = c0 + warp_id(); c < c1; c += kWarps) {
-      float acc[1][B];
-      warp_dots<1>(in, w + static_cast<size_t>(c) * K, acc);
+    for_each_column<1>(in, w, c0, c1, [&](int c, const float (&acc)[1][B]) {
 #pragma unroll
       for (int b = 0; b < B; ++b) {
         const float y = A::round(acc[0][b]);  // with bf16 activations the sim's logits are F.linear's bf16 output
         if (lane_id() == 0) logits[static_cast<size_t>(b) * vocab + c] = y;
         if (y > best[b]) best[b] = y, best_at[b] = c;  // columns ascend: the first maximum stays
       }
-    }
+    });
     float* s_val = reinterpret_cast<float*>(smem + kBestOffset);
     int* s_at = reinterpret_cast<int*>(smem + kBestOffset + align16(kWarps * B * 4));
     if (lane_id() == 0)
