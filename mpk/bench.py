@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mpk.errors import MpkError
+from mpk.graph import DEFAULT_ACTIVATIONS
 
 STREAM_SOURCE = Path(__file__).resolve().parent / "csrc" / "stream_read.cu"
 
@@ -144,7 +145,7 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
 
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
-              profile: str | None = None, activations: str = "model") -> dict:
+              profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS) -> dict:
     from mpk.compiler import compile_model
     from mpk.engine import program_inputs
     from mpk.models import resolve_model
@@ -191,7 +192,7 @@ def format_bench(result: dict) -> str:
     lines = [
         f"{result['model']} batch {result['batch']} on {result['gpu']} ({result['num_sms']} SMs), "
         f"{result['steps']} steps, {result['bytes_per_step'] / 1e9:.2f} GB per step, "
-        f"{result.get('activations', 'model')} activations",
+        f"{result.get('activations', DEFAULT_ACTIVATIONS)} activations",
         f"  {'backend':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'% floor':>8}",
     ]
     for r in result["rows"]:

@@ -11,6 +11,7 @@ import sys
 import time
 
 from mpk.errors import MpkError
+from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS
 
 SIM_NUM_SMS = 16  # mirrors mpk.engine.SIM_NUM_SMS; kept here so `mpk --help` needs no torch
 
@@ -58,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--backends", default="stream,mpk,eager,compile",
                      help="comma-separated subset of stream,mpk,eager,compile")
     ben.add_argument("--profile", metavar="TRACE_JSON", help="also write per-SM task spans of mpk for Perfetto")
-    ben.add_argument("--activations", choices=["model", "float32"], default="model",
-                     help="mpk's activation precision (the torch baselines run in bfloat16)")
+    ben.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
+                     help=f"mpk's activation precision (default {DEFAULT_ACTIVATIONS}; the torch baselines run in bfloat16)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
 
@@ -74,9 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="cuda: the GPU megakernel; sim: the CPU executor; auto: cuda when a GPU is present")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                      help="bfloat16 (default; the only dtype of the GPU backend) or float32 (CPU executor)")
-    gen.add_argument("--activations", choices=["model", "float32"], default="model",
-                     help="activation and KV-cache precision: the model dtype (default, as transformers) or "
-                          "float32 (closer to a float32 reference)")
+    gen.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
+                     help="activation and KV-cache precision: float32 (default; a float32 computation on the "
+                          "stored weights) or model (the weights' dtype, rounding as transformers does)")
     gen.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {SIM_NUM_SMS} on the CPU executor)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")

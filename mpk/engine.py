@@ -15,7 +15,7 @@ import torch
 
 from mpk.compiler import compile_model
 from mpk.errors import MpkError
-from mpk.graph import tensor_name
+from mpk.graph import DEFAULT_ACTIVATIONS, tensor_name
 from mpk.models.config import ModelConfig, rope_tables
 from mpk.taskgraph import TaskGraph
 
@@ -90,7 +90,7 @@ class _Collector:
 def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
              *, backend: str = "sim", dtype: str = "float32", num_sms: int | None = None, tp_size: int = 1,
              seed: int = 0, stop_at_eos: bool = True, collect_logits: bool = False, on_tokens=None,
-             activations: str = "model") -> Generation:
+             activations: str = DEFAULT_ACTIVATIONS) -> Generation:
     """Greedy generation on the CPU executor (`sim`) or the GPU megakernel (`cuda`).
 
     `activations` is the graph's activation precision (see `mpk.graph.build_decode_program`).

@@ -53,8 +53,8 @@ def test_source_has_one_case_per_variant(tg):
     assert {v.split("<")[0] for v in variants} == {
         "Embed", "RmsnormLinear", "QkNormRopeAppend", "AttentionSplit", "AttentionMerge", "LinearResidual",
         "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
-    assert "LinearResidual<2, 64, ActBf16>" in variants and "LinearResidual<2, 98, ActBf16>" in variants
-    assert "RmsnormLinear<2, 60, false, ActBf16>" in variants and "QkNormRopeAppend<2, 16, true, ActBf16>" in variants
+    assert "LinearResidual<2, 64, ActF32>" in variants and "LinearResidual<2, 98, ActF32>" in variants
+    assert "RmsnormLinear<2, 60, false, ActF32>" in variants and "QkNormRopeAppend<2, 16, true, ActF32>" in variants
 
 
 def test_layers_share_variants_and_source_ignores_run_time_sizes():
@@ -69,7 +69,7 @@ def test_layers_share_variants_and_source_ignores_run_time_sizes():
 
 def test_flags_pick_variants():
     variants, _, _ = graph_variants(graph(tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)))
-    assert "RmsnormLinear<2, 60, true, ActBf16>" in variants and "QkNormRopeAppend<2, 16, false, ActBf16>" in variants
+    assert "RmsnormLinear<2, 60, true, ActF32>" in variants and "QkNormRopeAppend<2, 16, false, ActF32>" in variants
 
 
 def test_tables_mirror_the_graph(tg):

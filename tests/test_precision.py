@@ -1,8 +1,8 @@
 """Activation precision on the CPU executor, against a float32 reference on the same bf16 weights.
 
-With activations in bf16 (transformers' semantics) these random checkpoints land 2.5-4e-2 from
-float32 by ||ours - ref|| / ||ref||; with float32 activations (GEMV inputs still rounded to bf16,
-as the kernel streams them) they must land within 2e-2, the GPU issue's bound.
+With activations in bf16 (transformers' semantics) these random checkpoints land 2-4e-2 from
+float32 by ||ours - ref|| / ||ref||. Float32 activations (GEMV inputs and the KV cache included)
+compute what the float32 reference computes, so only summation order separates them (~1e-6).
 """
 
 import pytest
@@ -12,7 +12,7 @@ from mpk.engine import generate
 from mpk.models import resolve_model
 from mpk.models.reference import ReferenceModel
 
-BOUND = 2e-2
+BOUND = 1e-4  # float32 activations: summation order only
 STEPS = 20
 
 CASES = {

@@ -7,7 +7,7 @@ import time
 from mpk.compiler.events import find_producers, fuse_and_linearize
 from mpk.compiler.lower import lower
 from mpk.compiler.schedule import CostModel, schedule
-from mpk.graph import Program, build_decode_program
+from mpk.graph import DEFAULT_ACTIVATIONS, Program, build_decode_program
 from mpk.models.config import ModelConfig
 from mpk.taskgraph import TaskGraph
 
@@ -29,7 +29,7 @@ def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
 
 
 def compile_model(cfg: ModelConfig, batch: int = 1, max_seq_len: int = 4096, tp_size: int = 1, num_sms: int = 132,
-                  verify: bool = True, activations: str = "model") -> TaskGraph:
+                  verify: bool = True, activations: str = DEFAULT_ACTIVATIONS) -> TaskGraph:
     """The verified decode-step TaskGraph of a model. Raises VerificationError if a check fails."""
     tg = compile_program(build_decode_program(cfg, batch, max_seq_len, tp_size, num_sms, activations))
     if verify:

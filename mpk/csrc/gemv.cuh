@@ -7,31 +7,50 @@
 
 namespace mpk {
 
-constexpr int kXBudget = 96 * 1024;  // bytes of shared memory for the staged input x
+// Bytes of shared memory for the staged input x: the build sets it per architecture (the largest
+// dynamic shared memory a CTA may use there, less room for the other scratch).
+#ifndef MPK_X_BUDGET
+#define MPK_X_BUDGET (96 * 1024)
+#endif
+constexpr int kXBudget = MPK_X_BUDGET;
 // 16-byte weight loads each lane issues before it uses the first: with one CTA of 8 warps per SM,
 // 32 loads x 16 B x 256 threads = 128 KB in flight per SM, what HBM latency x per-SM bandwidth needs.
 constexpr int kLoadsPerLane = 32;
 
-// The GEMV input: x [B, K] (optionally RMS-normalised) as the dot products read it, rounded to bf16
-// (the op references round a GEMV's input to the weights' dtype whatever the activation precision A).
-// Staged in shared memory as bf16 rows padded to 16 bytes when it fits, else read from global memory
-// (L2) each time.
+// The GEMV input: x [B, K] (optionally RMS-normalised) in the activation type A::T, as the op
+// references multiply it: bf16 activations give bf16 inputs, float32 activations float32 inputs
+// (never rounded to the weights' dtype). Staged in shared memory when it fits, else read from
+// global memory (L2) each time.
+//
+// Lane l multiplies weights [v*VEC, v*VEC + VEC) with v = v0 + l. bf16 rows are stored as they are
+// (one 16-byte load per lane, consecutive lanes consecutive). A float32 VEC-chunk is 32 bytes, so
+// it is split into NP planes of PW floats, plane j holding elements [v*VEC + j*PW, +PW) of every v:
+// each load of a warp then reads one contiguous 512-byte span, free of bank conflicts.
 template <int B, int K, bool NORM, class A> struct GemvInput {
+  using T = typename A::T;
   static constexpr int VEC = vec_width(K);
-  static constexpr int KP = (K + 7) / 8 * 8;
-  static constexpr bool kStaged = B * KP * 2 <= kXBudget;
-  static constexpr int kInvOffset = kStaged ? B * KP * 2 : 0;
+  static constexpr int NV = K / VEC;
+  static constexpr bool kF32 = sizeof(T) == 4;
+  static constexpr int PW = kF32 ? cmin(VEC, 4) : VEC;  // elements per plane load
+  static constexpr int NP = VEC / PW;
+  static constexpr int kRowBytes = align16(K * static_cast<int>(sizeof(T)));
+  static constexpr bool kStaged = B * kRowBytes <= kXBudget;
+  static constexpr int kInvOffset = kStaged ? B * kRowBytes : 0;
   static constexpr int kRedOffset = kInvOffset + align16(B * 4);
   static constexpr int SMEM = kRedOffset + align16(kWarps * B * 4);
-  static constexpr int NV = K / VEC;
   static constexpr int kBatch = B, kK = K;
 
-  const typename A::T* x;
+  const T* x;
   const bf16* norm;
   const unsigned char* smem;
 
   // transformers' RMSNorm: normalise in fp32, round to the activation dtype, scale by the weight, round.
   __device__ __forceinline__ static float normed(float v, float inv, float w) { return A::round(w * A::round(v * inv)); }
+
+  // Offset (in elements of T) of chunk v's plane j of sequence b in the staged x.
+  __device__ __forceinline__ static int slot(int b, int v, int j) {
+    return b * (kRowBytes / static_cast<int>(sizeof(T))) + (j * NV + v) * PW;
+  }
 
   // All threads: 1/rms per sequence, then stage x. Every thread takes a share of packed loads, so the
   // task's start costs a couple of L2 round trips, not one per 32 elements of a row.
@@ -65,7 +84,6 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
       __syncthreads();
     }
     if constexpr (kStaged) {
-      bf16* xs = reinterpret_cast<bf16*>(s);
       for (int i = threadIdx.x; i < B * NV; i += kThreads) {
         const int b = i / NV, v = i - b * NV;
         float f[VEC];
@@ -77,7 +95,9 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
           for (int e = 0; e < VEC; ++e) f[e] = normed(f[e], inv[b], w[e]);
         }
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) xs[b * KP + v * VEC + e] = to_bf(f[e]);
+        for (int j = 0; j < NP; ++j)
+#pragma unroll
+          for (int e = 0; e < PW; ++e) act_store(reinterpret_cast<T*>(s) + slot(b, v, j) + e, f[j * PW + e]);
       }
       __syncthreads();
     }
@@ -86,7 +106,13 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
   // x[b, v*VEC .. v*VEC + VEC) as floats.
   __device__ __forceinline__ void load(int b, int v, float (&f)[VEC]) const {
     if constexpr (kStaged) {
-      unpack<VEC>(*reinterpret_cast<const packed_t<VEC>*>(reinterpret_cast<const bf16*>(smem) + b * KP + v * VEC), f);
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        float part[PW];
+        load_vec<PW>(reinterpret_cast<const T*>(smem) + slot(b, v, j), part);
+#pragma unroll
+        for (int e = 0; e < PW; ++e) f[j * PW + e] = part[e];
+      }
     } else {
       load_vec<VEC>(x + b * K + v * VEC, f);
       if constexpr (NORM) {
@@ -96,8 +122,6 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) f[e] = normed(f[e], inv, w[e]);
       }
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) f[e] = round_bf(f[e]);  // as staged: the GEMV input is bf16
     }
   }
 };

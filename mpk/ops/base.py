@@ -69,9 +69,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ W^T (+ bias), with the activation precision the graph chose.
 
     Activations in the weights' dtype: transformers' semantics, the output rounded to that dtype.
-    Float32 activations over bf16 weights: the input is rounded to the weights' dtype (the GEMV
-    streams it beside them) and the product is kept in float32.
+    Float32 activations over bf16 weights: the weights are widened and the product is float32 (the
+    input is never rounded: that rounding alone puts a 36-layer model 2e-2 from float32).
     """
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
-    return F.linear(x.to(weight.dtype).float(), weight.float(), None if bias is None else bias.float())
+    return F.linear(x, weight.float(), None if bias is None else bias.float())

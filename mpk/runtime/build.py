@@ -60,8 +60,21 @@ def gencode(arch: str) -> str:
     return f"-gencode=arch=compute_{num}{suffix},code=sm_{num}{suffix}"
 
 
+# Largest dynamic shared memory one CTA may use, in KB, by compute capability (CUDA programming
+# guide, "Technical Specifications"); the rest of the Ampere-and-newer parts have 99 KB.
+_SMEM_PER_CTA_KB = {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}
+
+
+def x_budget(arch: str) -> int:
+    """Bytes of shared memory a GEMV task may stage its input in: the CTA's limit less 16 KB of room
+    for the rest (task descriptor, reductions, attention scratch)."""
+    num = int(re.fullmatch(r"sm_(\d+)a?", arch).group(1))
+    return (_SMEM_PER_CTA_KB.get(num, 99) - 16) * 1024
+
+
 def nvcc_flags(arch: str, debug: bool) -> list[str]:
-    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", gencode(arch), f"-I{CSRC}"]
+    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", gencode(arch), f"-I{CSRC}",
+             f"-DMPK_X_BUDGET={x_budget(arch)}"]
     if debug:
         flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
     return flags

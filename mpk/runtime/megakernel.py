@@ -276,7 +276,12 @@ class Megakernel:
             self._launch(first_step, num_steps, deliver)
         seconds = time.perf_counter() - t0
         steps = len(tokens)
-        spans = self._trace[:steps].cpu() if self._trace is not None else None
+        spans = None
+        if self._trace is not None:
+            # The kernel records by queue position (unique across SMs); reindex by task id.
+            by_position = self._trace[:steps].cpu()
+            spans = torch.empty_like(by_position)
+            spans[:, torch.from_numpy(self.tables.queue_tasks).long()] = by_position
         return RunResult(tokens, steps, seconds, steps < num_steps, logits[:steps], spans)
 
     def _params(self, first_step: int, num_steps: int) -> _Params:

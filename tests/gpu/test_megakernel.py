@@ -4,14 +4,14 @@
   Against the CPU executor in bf16 (the same op references, the same bf16 rounding points; only
   summation order differs) the largest difference over a step's [batch, vocab] logits must stay
   below SIM_TOL of the largest logit. Against a float32 reference on the same bf16 weights the
-  relative error ||ours - ref|| / ||ref|| of every step's logits must stay below REF_TOL: the
-  largest single difference is too strict a yardstick for bf16 activations (the bf16 CPU executor
-  and the bf16 reference model reach ~5e-2 by it on these random checkpoints), so it is reported,
-  not asserted.
+  relative error ||ours - ref|| / ||ref|| of every step's logits must stay below F32_TOL with
+  float32 activations (the default: the same computation, summation order aside). bf16 activations
+  (transformers' rounding) land 2-4e-2 from float32 here, as the bf16 CPU executor does, so for
+  them only the match with the executor is asserted.
 - Greedy tokens: equal to a bf16 reference that is teacher-forced along the megakernel's own
-  tokens (so one near-tie cannot cascade), except where the reference's top-2 logits are within
-  NEAR_TIE of each other (relative to the row's largest |logit|); there the kernel's token must
-  be one of the two.
+  tokens (so one near-tie cannot cascade), except near-ties (`judge_token`): the reference's logit
+  of the kernel's token is within NEAR_TIE of its top logit (relative to the row's largest
+  |logit|), or within the bf16 reference's own error on the two.
 - Run control: stop at EOS and at the token limit on the device, stop from on_step, and the
   watchdog's report for a graph that can never finish.
 
@@ -34,6 +34,7 @@ if not torch.cuda.is_available():
 from mpk import sim  # noqa: E402
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.engine import check_prompts, program_inputs  # noqa: E402
+from mpk.graph import DEFAULT_ACTIVATIONS  # noqa: E402
 from mpk.models.checkpoint import load_checkpoint  # noqa: E402
 from mpk.models.fuse import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
@@ -47,7 +48,7 @@ except MpkError as e:
     pytest.skip(str(e), allow_module_level=True)
 
 SIM_TOL = 2e-2
-REF_TOL = 2e-2
+F32_TOL = 2e-3  # float32 activations: 10x inside the issue's 2e-2, far above summation-order noise
 NEAR_TIE = 2e-2
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -97,7 +98,8 @@ def num_sms(case: str) -> int:
     return n or torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def megakernel(cfg, hf, prompts, max_seq_len, sms, tg: TaskGraph | None = None, activations: str = "model"):
+def megakernel(cfg, hf, prompts, max_seq_len, sms, tg: TaskGraph | None = None,
+               activations: str = DEFAULT_ACTIVATIONS):
     tg = tg or compile_model(cfg, batch=len(prompts), max_seq_len=max_seq_len, num_sms=sms, activations=activations)
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
     return Megakernel(tg, weights=weights, meta=meta)
@@ -144,31 +146,50 @@ def test_teacher_forced_logits(checkpoint, case, batch, activations):
            vs_fp32_max=ref_max, sim_vs_fp32=bf16_cost)
     assert max(sim_errs) < SIM_TOL, f"step {sim_errs.index(max(sim_errs))}: {max(sim_errs):.3g} from the sim"
     if activations == "float32":  # bf16 activations cost up to ~4e-2 here, in the sim too (docs/decisions.md)
-        assert max(ref_errs) < REF_TOL, f"step {ref_errs.index(max(ref_errs))}: {max(ref_errs):.3g} from float32 (sim: {bf16_cost:.3g})"
+        assert max(ref_errs) < F32_TOL, f"step {ref_errs.index(max(ref_errs))}: {max(ref_errs):.3g} from float32 (sim: {bf16_cost:.3g})"
     # Inside the prompt the sample task forwards the prompt's next token.
     for s in range(T - 1):
         assert res.tokens[s] == seqs[:, s + 1].tolist()
     assert res.tokens[T - 1] == res.logits[T - 1].argmax(-1).tolist()
 
 
+def judge_token(tok: int, row16: torch.Tensor, row32: torch.Tensor) -> str:
+    """'match', 'tie' or 'mismatch': the kernel's token against one step of the bf16 reference.
+
+    A near-tie is a token whose bf16-reference logit is within tolerance of the top one: NEAR_TIE
+    of the row's largest |logit|, or the bf16 reference's own error (its distance from the float32
+    reference) on the two logits, where its ranking of the two is itself rounding noise. This is
+    the top-2 rule, widened to bf16's exact ties between three or more tokens.
+    """
+    first = int(row16.argmax())
+    if tok == first:
+        return "match"
+    gap = (row16[first] - row16[tok]).item()
+    own_error = (row16 - row32).abs()[[first, tok]].sum().item()
+    return "tie" if gap <= max(NEAR_TIE * row16.abs().max().item(), own_error) else "mismatch"
+
+
 def greedy_mismatches(cfg, hf, prompts, new_tokens):
-    """(mismatches, near-ties accepted) of new tokens against a teacher-forced bf16 reference."""
-    ref = ReferenceModel(cfg, hf, torch.bfloat16, "cuda")
+    """(mismatches, near-ties accepted) of new tokens against bf16 and float32 references, each
+    teacher-forced along the kernel's own tokens (so one near-tie cannot cascade)."""
+    rows = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        ref = ReferenceModel(cfg, hf, dtype, "cuda")
+        rows[dtype] = []
+        for p, new in zip(prompts, new_tokens):
+            ref.reset(1, len(p) + len(new))
+            rows[dtype].append(ref.forward(torch.tensor([p + new]).cuda(), 0)[0].float().cpu())
+        del ref
+        torch.cuda.empty_cache()
     bad, ties = [], 0
     for b, (p, new) in enumerate(zip(prompts, new_tokens)):
-        full = p + new
-        ref.reset(1, len(full))
-        logits = ref.forward(torch.tensor([full]), 0)[0].float().cpu()
         for i, tok in enumerate(new):
-            row = logits[len(p) - 1 + i]
-            top = row.topk(2)
-            if tok == int(top.indices[0]):
-                continue
-            gap = (top.values[0] - top.values[1]).item()
-            if tok == int(top.indices[1]) and gap <= NEAR_TIE * row.abs().max().item():
-                ties += 1
-            else:
-                bad.append((b, i, tok, int(top.indices[0]), gap))
+            at = len(p) - 1 + i
+            row16, row32 = rows[torch.bfloat16][b][at], rows[torch.float32][b][at]
+            verdict = judge_token(tok, row16, row32)
+            ties += verdict == "tie"
+            if verdict == "mismatch":
+                bad.append((b, i, tok, int(row16.argmax()), round((row16.max() - row16[tok]).item(), 4)))
     return bad, ties
 
 
@@ -190,7 +211,7 @@ def test_greedy_tokens(checkpoint, case, batch):
     new = [[res.tokens[s][b] for s in range(len(p) - 1, len(p) - 1 + max_new)] for b, p in enumerate(prompts)]
     bad, ties = greedy_mismatches(cfg, hf, prompts, new)
     report(check="greedy", case=case, batch=batch, tokens=batch * max_new, mismatches=len(bad), near_ties=ties)
-    assert not bad, f"tokens differ from the reference (seq, index, got, want, top-2 gap): {bad[:5]}"
+    assert not bad, f"tokens differ from the reference (seq, index, got, want, gap): {bad[:5]}"
 
 
 def test_stops_at_eos_and_on_request(checkpoint):

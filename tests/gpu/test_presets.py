@@ -1,12 +1,10 @@
 """The megakernel on real model shapes (presets, random bf16 weights) against the PyTorch reference.
 
-- Teacher-forced logits of every step within REF_TOL of a float32 reference on the same weights,
-  by ||ours - ref|| / ||ref||, with float32 activations (bf16 weights and GEMV inputs).
+- Teacher-forced logits of every step within F32_TOL (well inside the issue's 2e-2) of a float32
+  reference on the same weights, by ||ours - ref|| / ||ref||, with the default float32
+  activations (bf16 activations land 4-5e-2 away on random 8B weights: docs/decisions.md).
 - Greedy tokens (one launch) equal to a bf16 reference teacher-forced along the kernel's own
-  tokens, except near-ties, where the kernel's token must be the reference's second choice:
-  the reference's top-2 logits are within NEAR_TIE of the row's largest |logit|, or within the
-  bf16 reference's own error on those two logits (its distance from the float32 reference there),
-  i.e. where the bf16 reference's ranking of the two is itself rounding noise.
+  tokens, except near-ties as `test_megakernel.judge_token` states them.
 Run by scripts/gpu_check.sh; skipped without CUDA.
 """
 
@@ -20,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from test_megakernel import NEAR_TIE, REF_TOL, l2_rel_err, rel_err, report  # noqa: E402
+from test_megakernel import F32_TOL, greedy_mismatches, l2_rel_err, rel_err, report  # noqa: E402
 
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.engine import program_inputs  # noqa: E402
@@ -30,7 +28,6 @@ from mpk.models.reference import ReferenceModel  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
 
 PRESETS = ["qwen3-0.6b", "llama-3.2-1b", "qwen3-8b", "llama-3.1-8b"]
-ACTIVATIONS = "float32"  # bf16 activations land 4-5e-2 from float32 on random 8B weights (docs/decisions.md)
 STEPS = 8
 
 
@@ -54,7 +51,7 @@ def weights():
 
 def run_kernel(cfg, hf, prompts, steps, max_new=None, collect_logits=False):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=sms, activations=ACTIVATIONS)
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=sms)
     w, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
     mk = Megakernel(tg, weights=w, meta=meta)
     res = mk.run(steps, max_new_tokens=max_new, eos_token_ids=[], collect_logits=collect_logits)
@@ -81,38 +78,13 @@ def test_preset_logits_and_tokens(weights, name, batch):
     ref = ReferenceModel(cfg, hf, torch.float32, "cuda")
     ref.reset(batch, STEPS)
     want = ref.forward(seqs.cuda(), 0).cpu()
-    errs = [l2_rel_err(ours[:, s], want[:, s]) for s in range(STEPS)]
-    worst = max(rel_err(ours[:, s], want[:, s]) for s in range(STEPS))
-    rows32 = []
-    for b, p in enumerate(prompts):
-        ref.reset(1, len(p) + max_new)
-        rows32.append(ref.forward(torch.tensor([p + new[b]]).cuda(), 0)[0].cpu())
     del ref
     torch.cuda.empty_cache()
-
-    ref16 = ReferenceModel(cfg, hf, torch.bfloat16, "cuda")
-    bad, ties = [], 0
-    for b, p in enumerate(prompts):
-        full = p + new[b]
-        ref16.reset(1, len(full))
-        rows = ref16.forward(torch.tensor([full]).cuda(), 0)[0].float().cpu()
-        for i, tok in enumerate(new[b]):
-            at = len(p) - 1 + i
-            row, row32 = rows[at], rows32[b][at]
-            top = row.topk(2)
-            first, second = int(top.indices[0]), int(top.indices[1])
-            if tok == first:
-                continue
-            gap = (top.values[0] - top.values[1]).item()
-            own_error = (row - row32).abs()[[first, second]].sum().item()
-            if tok == second and gap <= max(NEAR_TIE * row.abs().max().item(), own_error):
-                ties += 1
-            else:
-                bad.append((b, i, tok, first, round(gap, 4)))
-    del ref16
-    torch.cuda.empty_cache()
+    errs = [l2_rel_err(ours[:, s], want[:, s]) for s in range(STEPS)]
+    worst = max(rel_err(ours[:, s], want[:, s]) for s in range(STEPS))
+    bad, ties = greedy_mismatches(cfg, hf, prompts, new)
 
     report(check="preset", case=name, batch=batch, vs_fp32=max(errs), vs_fp32_max=worst, tokens=batch * max_new,
            mismatches=len(bad), near_ties=ties)
-    assert max(errs) < REF_TOL, f"step {errs.index(max(errs))}: {max(errs):.3g} from float32"
-    assert not bad, f"tokens differ from the bf16 reference (seq, index, got, want, top-2 gap): {bad[:5]}"
+    assert max(errs) < F32_TOL, f"step {errs.index(max(errs))}: {max(errs):.3g} from float32"
+    assert not bad, f"tokens differ from the bf16 reference (seq, index, got, want, gap): {bad[:5]}"
