@@ -189,10 +189,21 @@ def test_debug_build_with_device_asserts(tmp_path):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("activations", ["model", "float32"])
-def test_qwen3_8b_kernel_builds(tmp_path, activations):
-    tg = compile_program(build_decode_program(QWEN3_8B, 1, 4096, 1, 132, activations))
+@pytest.mark.parametrize("batch, activations", [(1, "model"), (1, "float32"), (4, "float32")])
+def test_qwen3_8b_kernel_builds(tmp_path, batch, activations):
+    """Batch 1 takes the CUDA-core GEMV, batch 4 the tensor-core one (x staged as bf16 hi/lo planes)."""
+    tg = compile_program(build_decode_program(QWEN3_8B, batch, 4096, 1, 132, activations))
     assert build(generate_source(tg), "sm_90a", debug=False, cache=tmp_path).is_file()
+
+
+@needs_nvcc
+def test_gemv_strategy_switch(tmp_path, monkeypatch):
+    src = generate_source(graph(tiny_cfg(), batch=4))
+    monkeypatch.setenv("MPK_GEMV", "simt")
+    assert "-DMPK_GEMV_SIMT" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    monkeypatch.setenv("MPK_GEMV", "tensor")
+    with pytest.raises(MpkError, match="MPK_GEMV must be auto or simt"):
+        build(src, "sm_90a", debug=False, cache=tmp_path)
 
 
 @needs_nvcc

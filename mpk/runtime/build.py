@@ -77,6 +77,11 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
              f"-DMPK_X_BUDGET={x_budget(arch)}"]
     if debug:
         flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
+    gemv = os.environ.get("MPK_GEMV", "auto")
+    if gemv not in ("auto", "simt"):
+        raise MpkError(f"MPK_GEMV must be auto or simt, not {gemv!r}")
+    if gemv == "simt":
+        flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
     return flags
 
 

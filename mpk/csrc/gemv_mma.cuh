@@ -1,0 +1,161 @@
+// GEMV on tensor cores for small batches (2..8 sequences): mma.sync m16n8k16 with 16 weight rows as
+// the A operand and the batch as N (8, zero-padded), fp32 accumulation. A float32 input is split
+// into bf16 planes hi + lo (x = hi + lo to 2^-17 relative) and both are multiplied, so the result is
+// the float32 product of the bf16 weights and x, as on CUDA cores, for a fraction of the
+// instructions and shared-memory reads per weight byte.
+//
+// A dot product may sum k in any order, so the k order inside an mma is chosen to suit the loads:
+// lane (g = lane / 4, q = lane % 4) loads 16 contiguous bytes (8 k) of weight rows g and g + 8 and
+// of x row g at k-chunk 4t + q of k-step t, and feeds the first 4 k to one mma and the last 4 to a
+// second. A warp's load of one weight row covers 64 contiguous bytes.
+#pragma once
+
+#include "gemv_base.cuh"
+
+namespace mpk {
+
+// d += A (16x16, rows g and g+8 as a0..a3) * B (16x8, column g as b0, b1), PTX fragment layout.
+__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                          unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two floats as a bf16 pair in one register (the first in the low half, as in memory).
+__device__ __forceinline__ unsigned pack_bf2(float lo_k, float hi_k) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+
+__host__ __device__ constexpr int gcd_int(int a, int b) { return b ? gcd_int(b, a % b) : a; }
+
+template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
+  using T = typename A::T;
+  static constexpr bool kSplit = sizeof(T) == 4;  // float32 x: hi and lo planes
+  static constexpr int kPlanes = kSplit ? 2 : 1;
+  // Bytes per staged row, = 64 mod 128: the 4 rows a warp's x load touches land in different banks.
+  static constexpr int kStride = (K * 2 + 127) / 128 * 128 + 64;
+  static constexpr int kSteps = K / 32;  // k-steps: 4 lanes x 8 k
+  static constexpr int kInvOffset = B * kPlanes * kStride;
+  static constexpr int kRedOffset = kInvOffset + align16(B * 4);
+  static constexpr int kPartOffset = kRedOffset + align16(kWarps * B * 4);
+  // A task of fewer 16-row blocks than this splits K between warps so that all 8 work; partial
+  // sums meet in shared memory. Larger tasks give each warp whole blocks.
+  static constexpr int kSplitBelow = 24;
+  static constexpr int SMEM = kPartOffset + cmax(kSplitBelow, kWarps) * 16 * 8 * 4;
+  static constexpr int U = 8;  // k-steps of weight loads in flight per lane (2 rows x 16 B each)
+  static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && kInvOffset <= kXBudget;
+
+  // x (RMS-normalised if NORM) as bf16 planes: row (b, plane p) at s + (b * kPlanes + p) * kStride.
+  __device__ static void stage(const T* x, const bf16* norm, float eps, unsigned char* s) {
+    const float* inv = reinterpret_cast<const float*>(s + kInvOffset);
+    if constexpr (NORM)
+      row_inv_rms<B, K>(x, eps, reinterpret_cast<float*>(s + kInvOffset), reinterpret_cast<float*>(s + kRedOffset));
+    constexpr int NV = K / 8;
+    for (int i = threadIdx.x; i < B * NV; i += kThreads) {
+      const int b = i / NV, v = i - b * NV;
+      float f[8];
+      load_vec<8>(x + b * K + v * 8, f);
+      if constexpr (NORM) {
+        float nw[8];
+        unpack<8>(ld_weight<8>(norm + v * 8), nw);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = rms_normed<A>(f[e], inv[b], nw[e]);
+      }
+      unsigned hi[4], lo[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        hi[j] = pack_bf2(f[2 * j], f[2 * j + 1]);
+        lo[j] = pack_bf2(f[2 * j] - round_bf(f[2 * j]), f[2 * j + 1] - round_bf(f[2 * j + 1]));
+      }
+      unsigned char* row = s + b * kPlanes * kStride + v * 16;
+      *reinterpret_cast<uint4*>(row) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+      if constexpr (kSplit) *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    }
+    __syncthreads();
+  }
+
+  // One warp: acc += W[rows ra, rb] . x over k-steps [t0, t1) (the lane's C fragment: rows g and
+  // g + 8, sequences 2q and 2q + 1).
+  __device__ static void block_dots(const unsigned char* s, const bf16* wa, const bf16* wb, int t0, int t1,
+                                    float (&acc)[4]) {
+    const int g = lane_id() >> 2, q = lane_id() & 3;
+    const bool has_x = g < B;
+    const unsigned char* xrow = s + (has_x ? g : 0) * kPlanes * kStride;
+#pragma unroll 1
+    for (int t = t0; t < t1; t += U) {
+      uint4 ra[U], rb[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int kc = (t + u) * 4 + q;
+        const bool in = t + u < t1;
+        ra[u] = in ? ld_weight<8>(wa + kc * 8) : make_uint4(0, 0, 0, 0);
+        rb[u] = in ? ld_weight<8>(wb + kc * 8) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (t + u >= t1) break;
+        const int kc = (t + u) * 4 + q;
+#pragma unroll
+        for (int p = 0; p < kPlanes; ++p) {
+          const uint4 xv = has_x ? *reinterpret_cast<const uint4*>(xrow + p * kStride + kc * 16) : make_uint4(0, 0, 0, 0);
+          mma_16816(acc, ra[u].x, rb[u].x, ra[u].y, rb[u].y, xv.x, xv.y);
+          mma_16816(acc, ra[u].z, rb[u].z, ra[u].w, rb[u].w, xv.z, xv.w);
+        }
+      }
+    }
+  }
+
+  // epilogue(c, acc[RPC][B]) on every lane, from sums laid out [row][8] with row 0 = column c's first.
+  template <class Epilogue> __device__ static void emit(const float* rows, int c, Epilogue& epilogue) {
+    float acc[RPC][B];
+#pragma unroll
+    for (int r = 0; r < RPC; ++r)
+#pragma unroll
+      for (int b = 0; b < B; ++b) acc[r][b] = rows[r * 8 + b];
+    epilogue(c, acc);
+  }
+
+  template <class Epilogue>
+  __device__ static void run(const T* x, const bf16* norm, const bf16* w, int c0, int c1, float eps,
+                             unsigned char* smem, Epilogue&& epilogue) {
+    const int r0 = RPC * c0, r1 = RPC * c1;  // the task's weight rows
+    const int nblocks = (r1 - r0 + 15) / 16;
+    const int split = nblocks >= kSplitBelow ? 1 : kWarps / gcd_int(nblocks, kWarps);
+    float* part = reinterpret_cast<float*>(smem + kPartOffset);
+    if (split > 1)
+      for (int i = threadIdx.x; i < nblocks * 128; i += kThreads) part[i] = 0.f;
+    stage(x, norm, eps, smem);  // its barrier also orders the zeroing
+    const int g = lane_id() >> 2, q = lane_id() & 3;
+    for (int item = warp_id(); item < nblocks * split; item += kWarps) {
+      const int blk = item / split, slice = item - blk * split;
+      const int row = r0 + 16 * blk;
+      const bf16* wa = w + static_cast<size_t>(min(row + g, r1 - 1)) * K;  // past the end: a duplicate row, unused
+      const bf16* wb = w + static_cast<size_t>(min(row + g + 8, r1 - 1)) * K;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      block_dots(smem, wa, wb, slice * kSteps / split, (slice + 1) * kSteps / split, acc);
+      if (split == 1) {  // this warp has the whole block: its own scratch, its own epilogues
+        float* sc = part + warp_id() * 128;
+        sc[g * 8 + 2 * q] = acc[0], sc[g * 8 + 2 * q + 1] = acc[1];
+        sc[(g + 8) * 8 + 2 * q] = acc[2], sc[(g + 8) * 8 + 2 * q + 1] = acc[3];
+        __syncwarp();
+        const int cb = c0 + 16 / RPC * blk;
+        for (int c = cb; c < min(c1, cb + 16 / RPC); ++c) emit(sc + RPC * (c - cb) * 8, c, epilogue);
+        __syncwarp();
+      } else {
+        float* p = part + blk * 128;
+        if (2 * q < B) atomicAdd(p + g * 8 + 2 * q, acc[0]), atomicAdd(p + (g + 8) * 8 + 2 * q, acc[2]);
+        if (2 * q + 1 < B) atomicAdd(p + g * 8 + 2 * q + 1, acc[1]), atomicAdd(p + (g + 8) * 8 + 2 * q + 1, acc[3]);
+      }
+    }
+    if (split > 1) {
+      __syncthreads();
+      for (int c = c0 + warp_id(); c < c1; c += kWarps) emit(part + RPC * (c - c0) * 8, c, epilogue);
+    }
+  }
+};
+
+}  // namespace mpk
