@@ -160,7 +160,8 @@ def cmd_generate(args) -> int:
         cuda_device()  # no GPU, or too old a one: say so before loading anything
     where = "the GPU megakernel" if backend == "cuda" else "the CPU executor (sim; no GPU found)" if args.backend == "auto" \
         else "the CPU executor (sim)"
-    print(f"mpk: running {source.name} on {where}, {args.dtype}", file=sys.stderr)
+    acts = "float32" if args.activations == "float32" else args.dtype
+    print(f"mpk: running {source.name} on {where}, {args.dtype} weights, {acts} activations", file=sys.stderr)
     hf = source.load_weights(DTYPES[args.dtype], device="cuda" if backend == "cuda" else "cpu")
 
     stream = not args.json and len(prompts) == 1
