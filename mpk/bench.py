@@ -119,11 +119,10 @@ def time_torch(model, batch: int, steps: int, compiled: bool) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | None = None) -> float:
-    """Seconds per decode step of the megakernel: all `steps` steps in one launch.
-
-    With `profile`, a second, traced run writes per-SM task spans there (the timed run is untraced).
-    """
+def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | None = None) -> tuple[float, dict | None]:
+    """Seconds per decode step of the megakernel (all `steps` steps in one launch), and with
+    `profile` the summary of a second, traced run whose per-SM task spans are written there
+    (the timed run is untraced)."""
     from mpk.runtime import Megakernel
 
     kernel = Megakernel(tg, device=device, weights=fused, meta=meta)
@@ -135,13 +134,16 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
     seconds = time.perf_counter() - t0
     if result.steps != steps:
         raise MpkError(f"the megakernel ran {result.steps} of {steps} steps")
+    summary = None
     if profile:
-        from mpk.profile import write_trace
+        from mpk.profile import summarize_trace, write_trace
 
         kernel.set_meta(meta)
-        write_trace(profile, tg, kernel.run(steps, max_new_tokens=None, trace=True).trace)
+        spans = kernel.run(steps, max_new_tokens=None, trace=True).trace
+        write_trace(profile, tg, spans)
+        summary = summarize_trace(tg, spans) if spans.shape[0] > 1 else None
     kernel.close()
-    return seconds / steps
+    return seconds / steps, summary
 
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
@@ -163,14 +165,14 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     hf = source.load_weights(torch.bfloat16, device=device)
 
     seconds: dict[str, float] = {}
-    gbps = None
+    gbps, traced = None, None
     if "stream" in backends:
         gbps = stream_read_gbps(device, min(max(nbytes, 1 << 30), 4 << 30), props.multi_processor_count)
         seconds["stream-read"] = nbytes / (gbps * 1e9)
     if "mpk" in backends:
         fused = fuse_weights(cfg, hf, 1, torch.bfloat16)
         weights, meta = program_inputs(cfg, tg, fused, [[1]] * batch)
-        seconds["mpk"] = time_mpk(tg, weights, meta, steps, device, profile)
+        seconds["mpk"], traced = time_mpk(tg, weights, meta, steps, device, profile)
         del fused, weights
     if "eager" in backends or "compile" in backends:
         ref = ReferenceModel(cfg, hf, torch.bfloat16, device)
@@ -185,6 +187,7 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
         "activations": activations,
         "steps": steps, "bytes_per_step": nbytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
+        **({"profile": traced} if traced else {}),
     }
 
 
@@ -198,4 +201,8 @@ def format_bench(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"  {r['name']:<14} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>10.1f} {r['gbps']:>8.0f} "
                      f"{r['pct_of_floor']:>7.1f}%")
+    if "profile" in result:
+        from mpk.profile import format_trace_summary
+
+        lines.append(format_trace_summary(result["profile"]))
     return "\n".join(lines)

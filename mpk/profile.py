@@ -41,3 +41,57 @@ def write_trace(path: str, tg: TaskGraph, spans: torch.Tensor, first_step: int =
     with open(path, "w") as f:
         json.dump({"traceEvents": events, "displayTimeUnit": "ns"}, f)
     return sum(1 for e in events if e["ph"] == "X")
+
+
+def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
+    """Where the SMs' time goes, per op kind, from a traced run (steps after the first).
+
+    Per step and SM the time splits into running tasks, waiting for events, and the rest (the
+    runtime between tasks: fetching the descriptor, signalling, issuing prefetches). `run_gbps`
+    is a kind's bytes over its tasks' running time, times the SM count: the bandwidth the whole
+    GPU would see if every SM ran that kind's tasks back to back.
+    """
+    times = spans.to(torch.int64)[1:]  # step 0 includes the launch
+    if times.shape[0] == 0 or not bool((times[..., 2] > 0).all()):
+        raise ValueError("summarize_trace needs at least two fully recorded steps")
+    steps = times.shape[0]
+    wait, start, end = times[..., 0], times[..., 1], times[..., 2]
+    run_ns = (end - start).double()
+    wait_ns = (start - wait).double()
+    step_ns = (end.max(1).values - wait.min(1).values).double()  # wall time of each step
+    sm_ns = float(step_ns.sum()) * tg.num_queues
+    kinds: dict[str, dict] = {}
+    for t in tg.tasks:
+        kind = tg.ops[t.op].kind
+        k = kinds.setdefault(kind, {"tasks": 0, "run_ns": 0.0, "wait_ns": 0.0, "bytes": 0})
+        k["tasks"] += 1
+        k["run_ns"] += float(run_ns[:, t.id].sum())
+        k["wait_ns"] += float(wait_ns[:, t.id].sum())
+        k["bytes"] += t.bytes * steps
+    rows = []
+    for kind, k in sorted(kinds.items(), key=lambda kv: -kv[1]["run_ns"]):
+        rows.append({
+            "kind": kind,
+            "tasks_per_step": k["tasks"],
+            "run_us_per_task": k["run_ns"] / 1e3 / (k["tasks"] * steps),
+            "run_share": k["run_ns"] / sm_ns,
+            "wait_share": k["wait_ns"] / sm_ns,
+            "run_gbps": k["bytes"] / k["run_ns"] * tg.num_queues if k["run_ns"] else 0.0,
+        })
+    run_share = float(run_ns.sum()) / sm_ns
+    wait_share = float(wait_ns.sum()) / sm_ns
+    return {"steps": steps, "step_us": float(step_ns.mean()) / 1e3, "run_share": run_share,
+            "wait_share": wait_share, "other_share": 1.0 - run_share - wait_share, "kinds": rows}
+
+
+def format_trace_summary(summary: dict) -> str:
+    lines = [
+        f"traced: {summary['step_us']:.1f} us per step over {summary['steps']} steps; SM time "
+        f"{summary['run_share']:.1%} running, {summary['wait_share']:.1%} waiting, "
+        f"{summary['other_share']:.1%} between tasks",
+        f"  {'op kind':<24} {'tasks':>6} {'us/task':>8} {'running':>8} {'waiting':>8} {'GB/s in task':>13}",
+    ]
+    for r in summary["kinds"]:
+        lines.append(f"  {r['kind']:<24} {r['tasks_per_step']:>6} {r['run_us_per_task']:>8.2f} "
+                     f"{r['run_share']:>8.1%} {r['wait_share']:>8.1%} {r['run_gbps'] / 1e9:>13.0f}")
+    return "\n".join(lines)

@@ -2,11 +2,12 @@
 
 import json
 
+import pytest
 import torch
 
 from mpk.compiler import compile_model
 from mpk.models.config import ModelConfig
-from mpk.profile import write_trace
+from mpk.profile import format_trace_summary, summarize_trace, write_trace
 
 
 def test_trace_has_one_span_per_task_instance_on_its_sm(tmp_path):
@@ -30,3 +31,41 @@ def test_trace_has_one_span_per_task_instance_on_its_sm(tmp_path):
     assert first["ts"] == 0 and first["dur"] == 0.7 and first["tid"] == tg.tasks[0].queue
     assert {e["args"]["step"] for e in runs} == {0, 1}
     assert all(e["name"] == tg.ops[tg.tasks[e["args"]["task"]].op].name for e in runs)
+
+
+def test_trace_summary_splits_sm_time_into_running_waiting_and_between():
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
+    steps, slot = 3, 1000
+    longest = max(len(q) for q in tg.queues)
+    spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
+    # Every task gets a 1000 ns slot on its SM: 100 ns between tasks, then the first op kind's
+    # tasks wait 200 ns and run 700, the others run 900.
+    first_kind = tg.ops[tg.tasks[0].op].kind
+    for s in range(steps):
+        for queue in tg.queues:
+            for i, tid in enumerate(queue):
+                clock = 1_000_000 + (s * longest + i) * slot
+                start = clock + (300 if tg.ops[tg.tasks[tid].op].kind == first_kind else 100)
+                spans[s, tid] = torch.tensor([clock + 100, start, clock + slot])
+    summary = summarize_trace(tg, spans)
+    assert summary["steps"] == steps - 1
+    sm_ns = (longest * slot - 100) * tg.num_queues  # a step: the first wait to the last end, on every SM
+    kinds = {r["kind"]: r for r in summary["kinds"]}
+    assert set(kinds) == {tg.ops[t.op].kind for t in tg.tasks}
+    count = {k: sum(1 for t in tg.tasks if tg.ops[t.op].kind == k) for k in kinds}
+    for k, r in kinds.items():
+        run = 700 if k == first_kind else 900
+        assert r["tasks_per_step"] == count[k]
+        assert abs(r["run_us_per_task"] - run / 1e3) < 1e-9
+        assert abs(r["run_share"] - count[k] * run / sm_ns) < 1e-9
+        assert abs(r["wait_share"] - (count[k] * 200 / sm_ns if k == first_kind else 0)) < 1e-9
+        kind_bytes = sum(t.bytes for t in tg.tasks if tg.ops[t.op].kind == k)
+        assert abs(r["run_gbps"] - kind_bytes / (count[k] * run) * tg.num_queues) < 1e-6
+    assert abs(summary["step_us"] - (longest * slot - 100) / 1e3) < 1e-9
+    assert abs(summary["run_share"] + summary["wait_share"] + summary["other_share"] - 1) < 1e-12
+    text = format_trace_summary(summary)
+    assert first_kind in text and "waiting" in text
+    with pytest.raises(ValueError, match="two fully recorded steps"):
+        summarize_trace(tg, spans[:1])

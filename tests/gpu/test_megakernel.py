@@ -38,6 +38,7 @@ from mpk.graph import DEFAULT_ACTIVATIONS  # noqa: E402
 from mpk.models.checkpoint import load_checkpoint  # noqa: E402
 from mpk.models.fuse import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
+from mpk.profile import summarize_trace  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
 from mpk.runtime.build import find_nvcc  # noqa: E402
 from mpk.taskgraph import TaskGraph  # noqa: E402
@@ -277,7 +278,10 @@ def test_trace_spans_respect_every_event(checkpoint):
         ev = mk.tg.events[t.wait]
         for s in range(ev.lag, steps):
             assert int(start[s, t.id]) >= int(end[s - ev.lag, ev.producers].max())
-    report(check="trace", case="qwen3-qknorm", batch=1, spans=int(spans.shape[0] * spans.shape[1]))
+    summary = summarize_trace(mk.tg, spans)
+    assert 0 < summary["run_share"] <= 1 and 0 <= summary["wait_share"] < 1 and summary["other_share"] >= 0
+    report(check="trace", case="qwen3-qknorm", batch=1, spans=int(spans.shape[0] * spans.shape[1]),
+           running=round(summary["run_share"], 3), waiting=round(summary["wait_share"], 3))
 
 
 def test_engine_and_cli_generate_on_the_gpu(make_checkpoint, capsys):

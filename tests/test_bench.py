@@ -1,0 +1,40 @@
+"""The benchmark's bookkeeping on the CPU: bytes per step, the table, the trace summary in it.
+
+Checked against a real run recorded on an H100 (docs/bench/): the same compile must count the same
+weight bytes, and the table must show what the JSON holds.
+"""
+
+import json
+from pathlib import Path
+
+from mpk.bench import Row, format_bench, weight_bytes_per_step
+from mpk.compiler import compile_model
+from mpk.models import resolve_model
+
+RECORDED = Path(__file__).resolve().parents[1] / "docs" / "bench" / "h100-2026-11-28" / "bench-qwen3-8b-b1.json"
+
+
+def test_row_derives_throughput_and_floor_share():
+    r = Row("mpk", ms_per_step=8.0, batch=4, bytes_per_step=16_000_000_000, floor_ms=4.0)
+    assert r.tokens_per_s == 500.0 and r.gbps == 2000.0 and r.pct_of_floor == 50.0
+
+
+def test_recorded_h100_run_counts_the_same_bytes_and_formats():
+    result = json.loads(RECORDED.read_text())
+    tg = compile_model(resolve_model(result["model"]).cfg, batch=result["batch"], max_seq_len=result["steps"] + 8,
+                       num_sms=result["num_sms"], verify=False, activations=result["activations"])
+    assert weight_bytes_per_step(tg) == result["bytes_per_step"]
+    text = format_bench(result)
+    assert text.splitlines()[0].startswith(f"{result['model']} batch 1 on NVIDIA H100")
+    mpk = next(r for r in result["rows"] if r["name"] == "mpk")
+    assert f"{mpk['ms_per_step']:.3f}" in text and f"{mpk['pct_of_floor']:.1f}%" in text
+
+
+def test_table_ends_with_the_trace_summary_when_profiled():
+    result = json.loads(RECORDED.read_text())
+    result["profile"] = {"steps": 63, "step_us": 6400.0, "run_share": 0.8, "wait_share": 0.15, "other_share": 0.05,
+                         "kinds": [{"kind": "rmsnorm_linear", "tasks_per_step": 132, "run_us_per_task": 30.0,
+                                    "run_share": 0.5, "wait_share": 0.1, "run_gbps": 3.0e12}]}
+    last = format_bench(result).splitlines()
+    assert "80.0% running, 15.0% waiting, 5.0% between tasks" in last[-3]
+    assert last[-1].split() == ["rmsnorm_linear", "132", "30.00", "50.0%", "10.0%", "3000"]
