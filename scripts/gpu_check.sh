@@ -22,7 +22,7 @@ else:
 print(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1])
 PY
 
-python3 -m pytest -q -rfEs tests/gpu tests/test_codegen.py "$@"
+python3 -m pytest -q -rfEs --durations=12 tests/gpu tests/test_codegen.py "$@"
 status=$?
 
 python3 - "$report" <<'PY'
