@@ -60,24 +60,29 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
     wait_ns = (start - wait).double()
     step_ns = (end.max(1).values - wait.min(1).values).double()  # wall time of each step
     sm_ns = float(step_ns.sum()) * tg.num_queues
-    kinds: dict[str, dict] = {}
-    for t in tg.tasks:
-        kind = tg.ops[t.op].kind
-        k = kinds.setdefault(kind, {"tasks": 0, "run_ns": 0.0, "wait_ns": 0.0, "bytes": 0})
-        k["tasks"] += 1
-        k["run_ns"] += float(run_ns[:, t.id].sum())
-        k["wait_ns"] += float(wait_ns[:, t.id].sum())
-        k["bytes"] += t.bytes * steps
+    # Per task over the steps, then per op kind (one bincount each instead of a loop over tasks).
+    names = sorted({op.kind for op in tg.ops})
+    kind_of = torch.tensor([names.index(tg.ops[t.op].kind) for t in tg.tasks])
+    per_kind = {
+        "tasks": torch.bincount(kind_of, minlength=len(names)).tolist(),
+        "run_ns": torch.bincount(kind_of, run_ns.sum(0), minlength=len(names)).tolist(),
+        "wait_ns": torch.bincount(kind_of, wait_ns.sum(0), minlength=len(names)).tolist(),
+        "bytes": torch.bincount(kind_of, torch.tensor([t.bytes for t in tg.tasks], dtype=torch.float64), minlength=len(names)).tolist(),
+    }
     rows = []
-    for kind, k in sorted(kinds.items(), key=lambda kv: -kv[1]["run_ns"]):
+    for i, kind in enumerate(names):
+        tasks, run, waited = per_kind["tasks"][i], per_kind["run_ns"][i], per_kind["wait_ns"][i]
+        if tasks == 0:
+            continue
         rows.append({
             "kind": kind,
-            "tasks_per_step": k["tasks"],
-            "run_us_per_task": k["run_ns"] / 1e3 / (k["tasks"] * steps),
-            "run_share": k["run_ns"] / sm_ns,
-            "wait_share": k["wait_ns"] / sm_ns,
-            "run_gbps": k["bytes"] / k["run_ns"] * tg.num_queues if k["run_ns"] else 0.0,
+            "tasks_per_step": tasks,
+            "run_us_per_task": run / 1e3 / (tasks * steps),
+            "run_share": run / sm_ns,
+            "wait_share": waited / sm_ns,
+            "run_gbps": per_kind["bytes"][i] * steps / run * tg.num_queues if run else 0.0,
         })
+    rows.sort(key=lambda r: -r["run_share"])
     run_share = float(run_ns.sum()) / sm_ns
     wait_share = float(wait_ns.sum()) / sm_ns
     return {"steps": steps, "step_us": float(step_ns.mean()) / 1e3, "run_share": run_share,
