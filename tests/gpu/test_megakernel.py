@@ -172,24 +172,37 @@ def judge_token(tok: int, row16: torch.Tensor, row32: torch.Tensor) -> str:
     return "tie" if gap <= max(NEAR_TIE * row16.abs().max().item(), own_error) else "mismatch"
 
 
-def greedy_mismatches(cfg, hf, prompts, new_tokens):
+def forced_rows(ref: ReferenceModel, prompts, new_tokens) -> list[torch.Tensor]:
+    """Per sequence, the reference's logits [len, V] teacher-forced along prompt + the kernel's tokens."""
+    rows = []
+    for p, new in zip(prompts, new_tokens):
+        ref.reset(1, len(p) + len(new))
+        rows.append(ref.forward(torch.tensor([p + new]).cuda(), 0)[0].float().cpu())
+    return rows
+
+
+def reference_rows(cfg, hf, dtype, prompts, new_tokens) -> list[torch.Tensor]:
+    """`forced_rows` of a reference built in `dtype` for the purpose and freed after."""
+    ref = ReferenceModel(cfg, hf, dtype, "cuda")
+    rows = forced_rows(ref, prompts, new_tokens)
+    del ref
+    torch.cuda.empty_cache()
+    return rows
+
+
+def greedy_mismatches(cfg, hf, prompts, new_tokens, rows32: list[torch.Tensor] | None = None):
     """Tokens against bf16 and float32 references, each teacher-forced along the kernel's own
     tokens (so one near-tie cannot cascade). Returns (mismatches with the bf16 reference, near-ties
-    accepted, tokens that are not the float32 reference's argmax by more than F32_TIE)."""
-    rows = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        ref = ReferenceModel(cfg, hf, dtype, "cuda")
-        rows[dtype] = []
-        for p, new in zip(prompts, new_tokens):
-            ref.reset(1, len(p) + len(new))
-            rows[dtype].append(ref.forward(torch.tensor([p + new]).cuda(), 0)[0].float().cpu())
-        del ref
-        torch.cuda.empty_cache()
+    accepted, tokens that are not the float32 reference's argmax by more than F32_TIE). `rows32`:
+    the float32 reference's `forced_rows`, when the caller already has that model."""
+    rows16 = reference_rows(cfg, hf, torch.bfloat16, prompts, new_tokens)
+    if rows32 is None:
+        rows32 = reference_rows(cfg, hf, torch.float32, prompts, new_tokens)
     bad, ties, off32 = [], 0, []
     for b, (p, new) in enumerate(zip(prompts, new_tokens)):
         for i, tok in enumerate(new):
             at = len(p) - 1 + i
-            row16, row32 = rows[torch.bfloat16][b][at], rows[torch.float32][b][at]
+            row16, row32 = rows16[b][at], rows32[b][at]
             verdict = judge_token(tok, row16, row32)
             ties += verdict == "tie"
             if verdict == "mismatch":
