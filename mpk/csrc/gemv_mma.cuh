@@ -65,15 +65,18 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
 #pragma unroll
         for (int e = 0; e < 8; ++e) f[e] = rms_normed<A>(f[e], inv[b], nw[e]);
       }
-      unsigned hi[4], lo[4];
+      unsigned hi[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        hi[j] = pack_bf2(f[2 * j], f[2 * j + 1]);
-        lo[j] = pack_bf2(f[2 * j] - round_bf(f[2 * j]), f[2 * j + 1] - round_bf(f[2 * j + 1]));
-      }
+      for (int j = 0; j < 4; ++j) hi[j] = pack_bf2(f[2 * j], f[2 * j + 1]);
       unsigned char* row = s + b * kPlanes * kStride + v * 16;
       *reinterpret_cast<uint4*>(row) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-      if constexpr (kSplit) *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      if constexpr (kSplit) {  // what bf16 rounding left out
+        unsigned lo[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          lo[j] = pack_bf2(f[2 * j] - round_bf(f[2 * j]), f[2 * j + 1] - round_bf(f[2 * j + 1]));
+        *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      }
     }
     __syncthreads();
   }
