@@ -1,6 +1,7 @@
-"""The `mpk` command: inspect a model's task graph, or generate with it.
+"""The `mpk` command: inspect a model's task graph, build its kernel, benchmark it, or generate with it.
 
 Every user error ends as one line on stderr (`mpk: error: ...`) and exit status 2, never a traceback.
+Results go to stdout; notes and progress go to stderr, and `--quiet` silences them.
 """
 
 from __future__ import annotations
@@ -10,18 +11,26 @@ import json
 import sys
 import time
 
+from mpk import __version__, progress
 from mpk.errors import MpkError
-from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS
+from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS, MAX_BATCH, MAX_NUM_SMS
 
 SIM_NUM_SMS = 16  # mirrors mpk.engine.SIM_NUM_SMS; kept here so `mpk --help` needs no torch
 
 DEFAULT_MODEL = "qwen3-0.6b"
 DEFAULT_TOKEN_IDS = "1,2,3,4"
 
+# Integer options and their (lowest, highest) values, checked before anything runs or prints.
+RANGES = {"batch": (1, MAX_BATCH), "num_sms": (1, MAX_NUM_SMS), "tp": (1, None), "max_seq_len": (1, None),
+          "max_new_tokens": (1, None), "steps": (1, None)}
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = _glue_dash_values(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(argv)
+    progress.enable(not args.quiet)
     try:
+        _check_ranges(args)
         return args.func(args)
     except MpkError as e:
         print(f"mpk: error: {e}", file=sys.stderr)
@@ -29,55 +38,82 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpk: interrupted", file=sys.stderr)
         return 130
+    finally:
+        progress.enable(False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error of mpk."""
+
+    def error(self, message: str):
+        self.exit(2, f"mpk: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is no value to show or the help says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpk", description="Compile LLM decoding into one persistent GPU megakernel.")
+    p = _Parser(prog="mpk", description="Compile LLM decoding into one persistent GPU megakernel.",
+                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"mpk {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="print results and errors only: no notes or progress")
 
-    ins = sub.add_parser("inspect", help="compile a model's decode step and summarize its task graph")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_HelpFormatter)
+
+    ins = command("inspect", "compile a model's decode step and summarize its task graph")
     ins.add_argument("model", help="checkpoint directory or preset name")
-    ins.add_argument("--batch", type=int, default=1)
-    ins.add_argument("--num-sms", type=int, default=132, help="SMs per GPU (default 132, an H100)")
+    ins.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ins.add_argument("--num-sms", type=int, default=132, help="SMs per GPU (132: an H100)")
     ins.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
-    ins.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length (default 4096)")
+    ins.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length")
     ins.add_argument("--save-graph", metavar="PATH", help="also write the whole TaskGraph as JSON")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins.set_defaults(func=cmd_inspect)
 
-    bld = sub.add_parser("build", help="generate and compile a model's megakernel ahead of time (no GPU needed)")
+    bld = command("build", "generate and compile a model's megakernel ahead of time (no GPU needed)")
     bld.add_argument("model", help="checkpoint directory or preset name")
-    bld.add_argument("--batch", type=int, default=1)
-    bld.add_argument("--arch", default="sm_90a", help="GPU architecture: sm_90a (default), sm_80, sm_100a, ...")
+    bld.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    bld.add_argument("--arch", default="sm_90a", help="GPU architecture: sm_90a, sm_80, sm_100a, ...")
     bld.add_argument("--debug", action="store_true", help="with device asserts (MPK_DEBUG)")
     bld.set_defaults(func=cmd_build)
 
-    ben = sub.add_parser("bench", help="time mpk against a streaming-read ceiling and PyTorch (needs a GPU)")
+    ben = command("bench", "time mpk against a streaming-read ceiling and PyTorch (needs a GPU)")
     ben.add_argument("model", help="checkpoint directory or preset name")
-    ben.add_argument("--batch", type=int, default=1)
-    ben.add_argument("--steps", type=int, default=128, help="decode steps timed (default 128)")
+    ben.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ben.add_argument("--steps", type=int, default=128, help="decode steps timed")
     ben.add_argument("--backends", default="stream,mpk,eager,compile",
                      help="comma-separated subset of stream,mpk,eager,compile")
     ben.add_argument("--profile", metavar="TRACE_JSON", help="also write per-SM task spans of mpk for Perfetto")
     ben.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
-                     help=f"mpk's activation precision (default {DEFAULT_ACTIVATIONS}; the torch baselines run in bfloat16)")
+                     help="mpk's activation precision (the torch baselines run in bfloat16)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
 
-    gen = sub.add_parser("generate", help="generate tokens greedily")
+    gen = command("generate", "generate tokens greedily")
     gen.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                     help=f"checkpoint directory or preset name (default {DEFAULT_MODEL}, random weights)")
+                     help="checkpoint directory or preset name (a preset has random weights)")
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); needs a tokenizer")
-    src.add_argument("--token-ids", action="append", help="comma-separated prompt token ids (repeat for a batch)")
-    gen.add_argument("--max-new-tokens", type=int, default=16)
+    src.add_argument("--token-ids", action="append",
+                     help=f"comma-separated prompt token ids (repeat for a batch; default {DEFAULT_TOKEN_IDS} "
+                          "without --prompt)")
+    gen.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per prompt, at most")
     gen.add_argument("--backend", choices=["auto", "cuda", "sim"], default="auto",
                      help="cuda: the GPU megakernel; sim: the CPU executor; auto: cuda when a GPU is present")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                     help="bfloat16 (default; the only dtype of the GPU backend) or float32 (CPU executor)")
+                     help="weight dtype: bfloat16 (the only one of the GPU backend) or float32 (CPU executor)")
     gen.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
-                     help="activation and KV-cache precision: float32 (default; a float32 computation on the "
-                          "stored weights) or model (the weights' dtype, rounding as transformers does)")
+                     help="activation and KV-cache precision: float32 (a float32 computation on the stored "
+                          "weights) or model (the weights' dtype, rounding as transformers does)")
     gen.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {SIM_NUM_SMS} on the CPU executor)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
@@ -90,14 +126,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_inspect(args) -> int:
     from mpk.compiler import compile_model
-    from mpk.summary import format_summary, summarize
     from mpk.models import resolve_model
+    from mpk.summary import format_summary, summarize
 
     source = resolve_model(args.model)
     source.check()
     t0 = time.perf_counter()
-    tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(args.max_seq_len, source.cfg.max_position_embeddings),
-                       tp_size=args.tp, num_sms=args.num_sms)
+    with progress.phase("compiling and verifying the task graph"):
+        tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(args.max_seq_len, source.cfg.max_position_embeddings),
+                           tp_size=args.tp, num_sms=args.num_sms)
     summary = summarize(tg, seconds=time.perf_counter() - t0)
     if args.save_graph:
         _write_text(args.save_graph, tg.to_json())
@@ -109,13 +146,16 @@ def cmd_build(args) -> int:
     from mpk.codegen import generate_source
     from mpk.compiler import compile_model
     from mpk.models import resolve_model
-    from mpk.runtime.build import build
+    from mpk.runtime.build import build, gencode, writable_cache
 
     source = resolve_model(args.model)
+    gencode(args.arch)  # a bad --arch or cache directory says so before the compile
+    writable_cache()
     # The kernel depends on the op variants only (batch, widths, flags), not on the SM count or the
     # context length, so a small graph stands for every one of this model and batch.
-    tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(64, source.cfg.max_position_embeddings),
-                       num_sms=8, verify=False)
+    with progress.phase("compiling the task graph"):
+        tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(64, source.cfg.max_position_embeddings),
+                           num_sms=8, verify=False)
     t0 = time.perf_counter()
     path = build(generate_source(tg), args.arch, debug=args.debug or None)
     print(f"{source.name} batch {args.batch} for {args.arch}: {path} ({time.perf_counter() - t0:.1f} s)")
@@ -131,8 +171,6 @@ def cmd_bench(args) -> int:
         raise MpkError(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from stream, mpk, eager, compile")
     if args.profile and "mpk" not in backends:
         raise MpkError("--profile traces the mpk backend; include mpk in --backends")
-    if args.steps < 1:
-        raise MpkError(f"--steps must be at least 1, not {args.steps}")
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
                        activations=args.activations)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
@@ -140,60 +178,151 @@ def cmd_bench(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mpk.engine import DTYPES, check_prompts, generate
+    from mpk.engine import DTYPES, check_prompts
     from mpk.graph import shard_of
     from mpk.models import resolve_model
 
     source = resolve_model(args.model)
-    tokenizer = source.tokenizer()
+    tokenizer = _tokenizer(source, args)
     prompts = _prompts(args, tokenizer)
-    check_prompts(source.cfg, prompts, args.max_new_tokens)
-    if args.num_sms is not None and args.num_sms < 1:
-        raise MpkError(f"--num-sms must be at least 1, not {args.num_sms}")
+    seq_len = check_prompts(source.cfg, prompts, args.max_new_tokens)
     for rank in range(args.tp):
         shard_of(source.cfg, rank, args.tp)
-    source.check()
+    stored = _stored_dtypes(source)
     backend = _backend(args.backend)
+    device = None
     if backend == "cuda":
         from mpk.runtime import cuda_device
+        from mpk.runtime.build import writable_cache
 
-        cuda_device()  # no GPU, or too old a one: say so before loading anything
+        device = cuda_device()  # no GPU, or too old a one: say so before loading anything
+        writable_cache()
+    _check_memory(source, args, backend, len(prompts), seq_len, device)
+
     where = "the GPU megakernel" if backend == "cuda" else "the CPU executor (sim; no GPU found)" if args.backend == "auto" \
         else "the CPU executor (sim)"
     acts = "float32" if args.activations == "float32" else args.dtype
-    print(f"mpk: running {source.name} on {where}, {args.dtype} weights, {acts} activations", file=sys.stderr)
-    hf = source.load_weights(DTYPES[args.dtype], device="cuda" if backend == "cuda" else "cpu")
+    _note(args, f"running {source.name} on {where}, {args.dtype} weights, {acts} activations")
+    if source.path is None:
+        _note(args, f"{source.name} is a preset: the model's shapes with random weights, so its tokens mean nothing "
+                    "(give a checkpoint directory for real text)")
+    if not args.prompt and not args.token_ids:
+        _note(args, f"prompt: token ids {DEFAULT_TOKEN_IDS}, the default (choose with --prompt TEXT or --token-ids)")
+    if "F16" in stored and args.dtype == "bfloat16":
+        _note(args, "the checkpoint stores float16 weights; bfloat16 rounds them to 8 significant bits "
+                    "(--dtype float32 on the CPU executor keeps them exact)")
+
+    what = "making random weights" if source.path is None else "loading weights"
+    total = source.cfg.num_params() * DTYPES[args.dtype].itemsize
+    with progress.phase(what, total=total, unit="B", unit_scale=True) as loading:
+        hf = source.load_weights(DTYPES[args.dtype], device="cuda" if backend == "cuda" else "cpu",
+                                 progress=loading.update)
+    cfg = _with_tokenizer_eos(source.cfg, tokenizer)
+    out = _run(args, source.name, cfg, hf, prompts, tokenizer, backend)
+    _print_result(args, source.name, backend, prompts, tokenizer, out)
+    return 0
+
+
+def _run(args, name: str, cfg, hf, prompts: list[list[int]], tokenizer, backend: str):
+    """Generate, streaming the text of a single prompt to stdout as tokens arrive."""
+    from mpk.detokenize import IncrementalDetokenizer
+    from mpk.engine import generate
 
     stream = not args.json and len(prompts) == 1
-    if stream:
-        print(f"{source.name}: ", end="", flush=True)
+    detok = IncrementalDetokenizer(tokenizer.decode, prompts[0]) if stream and tokenizer is not None else None
+    # Streamed text on a terminal is its own progress; a bar beside it would garble both.
+    bar_total = None if stream and sys.stdout.isatty() else len(prompts) * args.max_new_tokens
+    longest = max(len(p) for p in prompts)
+    warmup = progress.Phase(f"compiling the decode step and reading the prompt ({longest} tokens)")
+    phases = [warmup]
 
     def on_tokens(seq: int, token: int) -> None:
+        if not warmup.closed:  # the first new token
+            warmup.close()
+            if bar_total:
+                phases.append(progress.Phase("generating", total=bar_total, unit="tok"))
+            if stream:
+                print(f"{name}: ", end="", flush=True)  # only now: an error before the first token leaves stdout empty
+        if len(phases) > 1:
+            phases[1].update(1)
         if stream:
-            piece = tokenizer.decode([token]) if tokenizer is not None else f" {token}"
-            print(piece, end="", flush=True)
+            print(detok.push(token) if detok is not None else f" {token}", end="", flush=True)
 
-    out = generate(source.cfg, hf, prompts, args.max_new_tokens, backend=backend, dtype=args.dtype, num_sms=args.num_sms,
-                   tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens,
-                   activations=args.activations)
-    texts = [tokenizer.decode(ids) for ids in out.token_ids] if tokenizer is not None else None
-    tokens_made = sum(len(t) for t in out.token_ids)
+    try:
+        out = generate(cfg, hf, prompts, args.max_new_tokens, backend=backend, dtype=args.dtype, num_sms=args.num_sms,
+                       tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens,
+                       activations=args.activations)
+    finally:
+        if stream and warmup.closed:  # end the streamed line, also when generation failed halfway
+            print(detok.flush() if detok is not None else "", flush=True)
+        for phase in phases:
+            phase.close()
+    return out
+
+
+def _print_result(args, name: str, backend: str, prompts, tokenizer, out) -> None:
+    from mpk.detokenize import continuation_text
+
+    texts = None
+    if tokenizer is not None:
+        texts = [continuation_text(tokenizer.decode, p, ids) for p, ids in zip(prompts, out.token_ids)]
+    one = len(prompts) == 1
     if args.json:
-        result = {"model": source.name, "backend": backend, "dtype": args.dtype, "steps": out.steps,
-                  "seconds": round(out.seconds, 3),
-                  "token_ids": out.token_ids[0] if len(prompts) == 1 else out.token_ids}
+        result = {"model": name, "backend": backend, "dtype": args.dtype, "steps": out.steps,
+                  "seconds": round(out.seconds, 3), "token_ids": out.token_ids[0] if one else out.token_ids}
         if texts is not None:
-            result["text"] = texts[0] if len(prompts) == 1 else texts
+            result["text"] = texts[0] if one else texts
         print(json.dumps(result))
+    elif not one:
+        for i, ids in enumerate(out.token_ids):
+            print(f"[{i}] " + (texts[i] if texts is not None else " ".join(map(str, ids))))
+    made = sum(len(t) for t in out.token_ids)
+    _note(args, f"{made} tokens in {out.steps} steps, {out.seconds:.2f} s ({made / max(out.seconds, 1e-9):.1f} tokens/s, "
+                f"{len(out.taskgraph.tasks)} tasks per step)")
+
+
+def _tokenizer(source, args):
+    """The checkpoint's tokenizer; one that cannot be used stops a --prompt run, and otherwise only costs the text."""
+    try:
+        return source.tokenizer()
+    except MpkError as e:
+        if args.prompt:
+            raise
+        _note(args, f"printing token ids, not text: {e}")
+        return None
+
+
+def _with_tokenizer_eos(cfg, tokenizer):
+    """A checkpoint whose config files name no end-of-sequence token stops at its tokenizer's."""
+    import dataclasses
+
+    if cfg.eos_token_ids or tokenizer is None or tokenizer.eos_token_id is None:
+        return cfg
+    return dataclasses.replace(cfg, eos_token_ids=(tokenizer.eos_token_id,))
+
+
+def _stored_dtypes(source) -> set[str]:
+    """Validate the checkpoint's headers and return its weights' safetensors dtypes (none for a preset)."""
+    if source.path is None:
+        return set()
+    from mpk.models.checkpoint import stored_dtypes
+
+    return stored_dtypes(source.path, source.cfg)
+
+
+def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) -> None:
+    """Refuse, before loading anything, a run whose weights, KV cache and workspace do not fit."""
+    from mpk import memory
+    from mpk.engine import DTYPES
+
+    weight_bytes = DTYPES[args.dtype].itemsize
+    need = memory.estimate(source.cfg, batch=batch, max_seq_len=seq_len, tp_size=args.tp, weight_bytes=weight_bytes,
+                           activation_bytes=4 if args.activations == "float32" else weight_bytes,
+                           device="GPU memory" if backend == "cuda" else "CPU RAM")
+    if backend == "cuda":
+        memory.check_fits(need, memory.available_gpu_bytes(device), f"{source.name} on the GPU")
     else:
-        if stream:
-            print()
-        else:
-            for i, ids in enumerate(out.token_ids):
-                print(f"[{i}] " + (texts[i] if texts is not None else " ".join(map(str, ids))))
-        print(f"mpk: {tokens_made} tokens in {out.steps} steps, {out.seconds:.2f} s "
-              f"({len(out.taskgraph.tasks)} tasks per step)", file=sys.stderr)
-    return 0
+        memory.check_fits(need, memory.available_cpu_bytes(), f"{source.name} on the CPU executor")
 
 
 def _backend(choice: str) -> str:
@@ -209,14 +338,57 @@ def _prompts(args, tokenizer) -> list[list[int]]:
     if args.prompt:
         if tokenizer is None:
             raise MpkError(f"{args.model} has no tokenizer files; pass --token-ids instead of --prompt")
-        return [list(tokenizer(text)["input_ids"]) for text in args.prompt]
-    prompts = []
-    for spec in args.token_ids or [DEFAULT_TOKEN_IDS]:
-        try:
-            prompts.append([int(t) for t in spec.split(",") if t.strip()])
-        except ValueError:
-            raise MpkError(f"--token-ids takes comma-separated integers, not {spec!r}") from None
-    return prompts
+        return [tokenizer.encode(text) for text in args.prompt]
+    return [_parse_token_ids(spec) for spec in args.token_ids or [DEFAULT_TOKEN_IDS]]
+
+
+def _parse_token_ids(spec: str) -> list[int]:
+    parts = [p.strip() for p in spec.split(",")]
+    if not any(parts):
+        raise MpkError("--token-ids needs at least one token id, such as --token-ids 1,2,3")
+    if not all(parts):
+        raise MpkError(f"--token-ids {spec!r} has an empty entry between commas; give ids such as 1,2,3")
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise MpkError(f"--token-ids takes comma-separated integers, not {spec!r}") from None
+    negative = [t for t in ids if t < 0]
+    if negative:
+        raise MpkError(f"token ids are 0 or more, but --token-ids {spec!r} has {negative[0]}")
+    return ids
+
+
+def _glue_dash_values(argv: list[str]) -> list[str]:
+    """argparse takes the value of `--token-ids -1,2` for an option; glue it on (`--token-ids=-1,2`) so that
+    the value reaches the check that explains what is wrong with it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if a in ("--token-ids", "--prompt") and nxt.startswith("-") and not nxt.startswith("--") and nxt != "-h":
+            out.append(f"{a}={nxt}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+def _check_ranges(args) -> None:
+    for name, (lo, hi) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or (value >= lo and (hi is None or value <= hi)):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if hi is None:
+            raise MpkError(f"{flag} must be at least {lo}, not {value}")
+        raise MpkError(f"{flag} must be between {lo} and {hi}, not {value}")
+
+
+def _note(args, message: str) -> None:
+    if not args.quiet:
+        print(f"mpk: {message}", file=sys.stderr, flush=True)
 
 
 def _write_text(path: str, text: str) -> None:

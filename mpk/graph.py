@@ -21,6 +21,7 @@ from mpk.taskgraph import OpSpec, TensorSpec
 TILE_ALIGN = 16  # output rows per task come in multiples of this (tensor-core friendly)
 MIN_ATTN_CHUNK = 32  # fewest KV rows one attention task covers
 MAX_BATCH = 256  # decode batches beyond this belong to a prefill-style program, not this one
+MAX_NUM_SMS = 1024  # several times any GPU's SM count; graphs grow with it (4096 SMs take 4 GB to compile qwen3-8b)
 
 
 @dataclass
@@ -115,8 +116,10 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
         raise MpkError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
     if not 1 <= batch <= MAX_BATCH:
         raise MpkError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
-    if num_sms < 1:
-        raise MpkError(f"--num-sms must be at least 1, not {num_sms}")
+    if not 1 <= num_sms <= MAX_NUM_SMS:
+        raise MpkError(f"--num-sms must be between 1 and {MAX_NUM_SMS}, not {num_sms}")
+    if tp_size < 1:
+        raise MpkError(f"--tp must be at least 1, not {tp_size}")
     if max_seq_len < 1:
         raise MpkError(f"the context length must be at least 1 token, not {max_seq_len}")
     if max_seq_len > cfg.max_position_embeddings:

@@ -22,10 +22,11 @@ class ModelSource:
     path: Path | None  # None for a preset (random weights)
     seed: int = 0
 
-    def load_weights(self, dtype=None, device="cpu") -> dict:
+    def load_weights(self, dtype=None, device="cpu", progress=None) -> dict:
         """Weights by Hugging Face name: read from the checkpoint, or random for a preset.
 
         Random weights are generated directly on `device` (a GPU makes an 8B preset in a second).
+        `progress(nbytes)` is called as each tensor is ready.
         """
         import torch
 
@@ -33,11 +34,10 @@ class ModelSource:
         if self.path is None:
             from mpk.models.presets import random_weights
 
-            return random_weights(self.cfg, seed=self.seed, dtype=dtype, device=device)
+            return random_weights(self.cfg, seed=self.seed, dtype=dtype, device=device, progress=progress)
         from mpk.models.checkpoint import load_checkpoint
 
-        weights = load_checkpoint(self.path, dtype=dtype)[1]
-        return {name: t.to(device) for name, t in weights.items()}
+        return load_checkpoint(self.path, dtype=dtype, device=device, progress=progress)[1]
 
     def tokenizer(self):
         """The checkpoint's tokenizer, or None (presets have none)."""

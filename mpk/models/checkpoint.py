@@ -130,8 +130,11 @@ def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         ) from None
 
 
-def _scan(path: str | Path, cfg: ModelConfig) -> dict[str, Path]:
-    """Validate every header against cfg; return tensor name -> file for the tensors mpk uses."""
+def _scan(path: str | Path, cfg: ModelConfig) -> dict[str, tuple[Path, str]]:
+    """Validate every header against cfg; return tensor name -> (file, safetensors dtype) for the tensors mpk uses.
+
+    Every shard the index names is read, so a tensor the index forgot to list is still found.
+    """
     files, index_map = _layout(Path(path))
     located: dict[str, Path] = {}
     headers: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -149,7 +152,7 @@ def _scan(path: str | Path, cfg: ModelConfig) -> dict[str, Path]:
         if dtype not in FLOAT_DTYPES:
             raise MpkError(f"{located[name].name}: tensor {name} has dtype {dtype}; mpk reads F32, F16 or BF16 "
                            "weights (quantized checkpoints are not supported)")
-    return {name: located[name] for name in used}
+    return {name: (located[name], headers[name][1]) for name in used}
 
 
 def check_checkpoint_header(path: str | Path, cfg: ModelConfig) -> None:
@@ -157,12 +160,23 @@ def check_checkpoint_header(path: str | Path, cfg: ModelConfig) -> None:
     _scan(path, cfg)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """config.json and the weights mpk uses, by Hugging Face name; cast one by one to `dtype` if given."""
+def stored_dtypes(path: str | Path, cfg: ModelConfig) -> set[str]:
+    """The safetensors dtypes (F32, F16, BF16) of the weights mpk uses, from the headers."""
+    return {dtype for _, dtype in _scan(path, cfg).values()}
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
+                    progress=None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """config.json and the weights mpk uses, by Hugging Face name, each cast to `dtype` if given.
+
+    Tensors move to `device` one by one, so the host never holds the whole model for a GPU run.
+    `progress(nbytes)` is called after each tensor with the bytes it took in the file.
+    Weights that hold NaN or infinity are an MpkError: they would only fail later, inside sampling.
+    """
     cfg = ModelConfig.from_dir(path)
     located = _scan(path, cfg)
     by_file: dict[Path, list[str]] = {}
-    for name, file in located.items():
+    for name, (file, _) in located.items():
         by_file.setdefault(file, []).append(name)
     weights: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
@@ -170,12 +184,28 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> tuple
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
                     t = f.get_tensor(name)
-                    weights[name] = t if dtype is None else t.to(dtype)
+                    nbytes = t.nbytes
+                    weights[name] = t = t.to(device=device, dtype=dtype or t.dtype)
+                    _check_finite(t, name, file)
+                    if progress is not None:
+                        progress(nbytes)
+        except MpkError:
+            raise
         except Exception as e:
             raise MpkError(
                 f"reading {file} failed ({_first_line(e)}); the file is corrupt or changed while loading"
             ) from None
     return cfg, {name: weights[name] for name in located}
+
+
+def _check_finite(t: torch.Tensor, name: str, file: Path) -> None:
+    # A float32 sum is finite when every element is (a sum of finite bf16 values overflowing is all
+    # but impossible), and it is twice as fast as isfinite().all(); confirm before blaming the file.
+    if torch.isfinite(t.sum(dtype=torch.float32)) or torch.isfinite(t).all():
+        return
+    bad = "NaN" if torch.isnan(t).any() else "infinite"
+    raise MpkError(f"{file.name}: tensor {name} holds {bad} values; the checkpoint is corrupt or was saved "
+                   "after training diverged: re-download or re-export it")
 
 
 def _first_line(e: Exception) -> str:

@@ -167,19 +167,27 @@ def _sliding_window(arch: str, d: dict) -> int | None:
 
 def _generation_eos(path: Path, eos: tuple[int, ...]) -> tuple[int, ...]:
     """generation_config.json often lists more end-of-sequence ids than config.json (Qwen3, Llama 3)."""
-    try:
-        extra = _eos_ids(json.loads((path / "generation_config.json").read_text()).get("eos_token_id"))
-    except (OSError, ValueError, AttributeError, TypeError):
+    file = path / "generation_config.json"
+    if not file.is_file():
         return eos
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MpkError(f"{file} is not readable JSON ({e}); re-download it, or delete it to use config.json alone") from None
+    if not isinstance(d, dict):
+        raise MpkError(f"{file} does not hold a JSON object; re-download it, or delete it to use config.json alone")
+    extra = _eos_ids(d.get("eos_token_id"), "generation_config.json")
     return eos + tuple(e for e in extra if e not in eos)
 
 
-def _eos_ids(eos) -> tuple[int, ...]:
+def _eos_ids(eos, where: str = "config.json") -> tuple[int, ...]:
+    """eos_token_id as Hugging Face writes it: absent, one id, or a list of ids."""
     if eos is None:
         return ()
-    if isinstance(eos, int):
-        return (eos,)
-    return tuple(int(e) for e in eos)
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+        raise MpkError(f"{where} has eos_token_id {eos!r}; expected a token id or a list of token ids")
+    return tuple(dict.fromkeys(ids))
 
 
 def _check_supported(cfg: ModelConfig, d: dict) -> None:

@@ -65,10 +65,11 @@ def get_preset(name: str) -> ModelConfig:
         raise MpkError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
 
 
-def random_weights(cfg: ModelConfig, seed: int = 0, dtype=None, device="cpu"):
+def random_weights(cfg: ModelConfig, seed: int = 0, dtype=None, device="cpu", progress=None):
     """Random weights for `cfg` in Hugging Face naming: N(0, 0.02) matrices, unit norms, small biases.
 
     Each tensor is allocated once in `dtype` and filled in place, so peak memory is the model itself.
+    `progress(nbytes)` is called after each tensor.
     """
     import torch
 
@@ -86,4 +87,6 @@ def random_weights(cfg: ModelConfig, seed: int = 0, dtype=None, device="cpu"):
         else:
             t.normal_(0.0, 0.02, generator=gen)
         out[name] = t
+        if progress is not None:
+            progress(t.nbytes)
     return out

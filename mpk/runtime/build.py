@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from mpk.errors import MpkError
+from mpk.progress import phase
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DEFAULT_ARCH = "sm_90a"
@@ -27,6 +28,25 @@ NVCC_FALLBACK = "/usr/local/cuda/bin/nvcc"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MPK_CACHE_DIR") or Path.home() / ".cache" / "mpk")
+
+
+def writable_cache(cache: Path | None = None) -> Path:
+    """The build cache directory, created if need be; an MpkError when it cannot hold a build."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise _cache_error(cache, "it is a file, not a directory") from None
+    except OSError as e:
+        raise _cache_error(cache, e.strerror or type(e).__name__) from None
+    if not os.access(cache, os.W_OK | os.X_OK):
+        raise _cache_error(cache, "it is read-only")
+    return cache
+
+
+def _cache_error(cache: Path, why: str) -> MpkError:
+    return MpkError(f"cannot use the kernel build cache {cache} ({why}); "
+                    "set MPK_CACHE_DIR to a writable directory")
 
 
 def find_nvcc() -> str:
@@ -103,16 +123,19 @@ def build(source: str, arch: str = DEFAULT_ARCH, debug: bool | None = None, cach
     nvcc = find_nvcc()
     flags = nvcc_flags(arch, debug)
     key = hashlib.sha256("\0".join([source, _headers_digest(), nvcc_version(nvcc), *flags]).encode()).hexdigest()[:24]
-    cache = Path(cache) if cache is not None else cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = writable_cache(cache)
     so = cache / f"mpk-{arch}-{key}.so"
     if so.exists():
         return so
-    with open(cache / f"mpk-{arch}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if so.exists():  # another process built it while we waited
-            return so
-        return _compile(nvcc, flags, source, so)
+    try:
+        with open(cache / f"mpk-{arch}-{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if so.exists():  # another process built it while we waited
+                return so
+            with phase(f"building the megakernel for {arch} with nvcc (cached for later runs)"):
+                return _compile(nvcc, flags, source, so)
+    except OSError as e:  # a full disk, or permissions that os.access did not foresee
+        raise _cache_error(cache, e.strerror or type(e).__name__) from None
 
 
 def _compile(nvcc: str, flags: list[str], source: str, so: Path) -> Path:
@@ -121,7 +144,10 @@ def _compile(nvcc: str, flags: list[str], source: str, so: Path) -> Path:
         cu = Path(tmp) / "kernel.cu"
         cu.write_text(source)
         out = Path(tmp) / "kernel.so"
-        proc = subprocess.run([nvcc, *flags, str(cu), "-o", str(out)], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([nvcc, *flags, str(cu), "-o", str(out)], capture_output=True, text=True)
+        except OSError as e:
+            raise MpkError(f"cannot run {nvcc} ({e.strerror or e}); is the CUDA toolkit installed correctly?") from None
         log.write_text(f"$ {nvcc} {' '.join(flags)} kernel.cu\n{proc.stdout}{proc.stderr}")
         if proc.returncode != 0:
             kept = so.with_suffix(".cu")
