@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -181,6 +182,7 @@ def cmd_generate(args) -> int:
     from mpk.engine import DTYPES, check_prompts
     from mpk.graph import shard_of
     from mpk.models import resolve_model
+    from mpk.models.checkpoint import expected_shapes
 
     source = resolve_model(args.model)
     tokenizer = _tokenizer(source, args)
@@ -199,6 +201,20 @@ def cmd_generate(args) -> int:
         writable_cache()
     _check_memory(source, args, backend, len(prompts), seq_len, device)
 
+    _describe_run(args, source, backend, stored)
+    what = "making random weights" if source.path is None else "loading weights"
+    total = sum(math.prod(shape) for shape in expected_shapes(source.cfg).values()) * DTYPES[args.dtype].itemsize
+    with progress.phase(what, total=total, unit="B", unit_scale=True) as loading:
+        hf = source.load_weights(DTYPES[args.dtype], device="cuda" if backend == "cuda" else "cpu",
+                                 progress=loading.update)
+    cfg = _with_tokenizer_eos(source.cfg, tokenizer)
+    out = _run(args, source.name, cfg, hf, prompts, tokenizer, backend)
+    _print_result(args, source.name, backend, prompts, tokenizer, out)
+    return 0
+
+
+def _describe_run(args, source, backend: str, stored: set[str]) -> None:
+    """Notes on stderr: where it runs, and what a first-time user could not otherwise know."""
     where = "the GPU megakernel" if backend == "cuda" else "the CPU executor (sim; no GPU found)" if args.backend == "auto" \
         else "the CPU executor (sim)"
     acts = "float32" if args.activations == "float32" else args.dtype
@@ -211,16 +227,6 @@ def cmd_generate(args) -> int:
     if "F16" in stored and args.dtype == "bfloat16":
         _note(args, "the checkpoint stores float16 weights; bfloat16 rounds them to 8 significant bits "
                     "(--dtype float32 on the CPU executor keeps them exact)")
-
-    what = "making random weights" if source.path is None else "loading weights"
-    total = source.cfg.num_params() * DTYPES[args.dtype].itemsize
-    with progress.phase(what, total=total, unit="B", unit_scale=True) as loading:
-        hf = source.load_weights(DTYPES[args.dtype], device="cuda" if backend == "cuda" else "cpu",
-                                 progress=loading.update)
-    cfg = _with_tokenizer_eos(source.cfg, tokenizer)
-    out = _run(args, source.name, cfg, hf, prompts, tokenizer, backend)
-    _print_result(args, source.name, backend, prompts, tokenizer, out)
-    return 0
 
 
 def _run(args, name: str, cfg, hf, prompts: list[list[int]], tokenizer, backend: str):

@@ -170,7 +170,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device="
     """config.json and the weights mpk uses, by Hugging Face name, each cast to `dtype` if given.
 
     Tensors move to `device` one by one, so the host never holds the whole model for a GPU run.
-    `progress(nbytes)` is called after each tensor with the bytes it took in the file.
+    `progress(nbytes)` is called after each tensor with its size as loaded.
     Weights that hold NaN or infinity are an MpkError: they would only fail later, inside sampling.
     """
     cfg = ModelConfig.from_dir(path)
@@ -184,11 +184,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device="
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
                     t = f.get_tensor(name)
-                    nbytes = t.nbytes
                     weights[name] = t = t.to(device=device, dtype=dtype or t.dtype)
                     _check_finite(t, name, file)
                     if progress is not None:
-                        progress(nbytes)
+                        progress(t.nbytes)
         except MpkError:
             raise
         except Exception as e:
