@@ -147,11 +147,12 @@ def cmd_build(args) -> int:
     from mpk.codegen import generate_source
     from mpk.compiler import compile_model
     from mpk.models import resolve_model
-    from mpk.runtime.build import build, gencode, writable_cache
+    from mpk.runtime.build import build, find_nvcc, gencode, writable_cache
 
     source = resolve_model(args.model)
-    gencode(args.arch)  # a bad --arch or cache directory says so before the compile
+    gencode(args.arch)  # a bad --arch, no nvcc or an unusable cache directory: say so before compiling
     writable_cache()
+    find_nvcc()
     # The kernel depends on the op variants only (batch, widths, flags), not on the SM count or the
     # context length, so a small graph stands for every one of this model and batch.
     with progress.phase("compiling the task graph"):
