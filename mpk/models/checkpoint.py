@@ -180,21 +180,24 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device="
         by_file.setdefault(file, []).append(name)
     weights: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in names:
-                    t = f.get_tensor(name)
-                    weights[name] = t = t.to(device=device, dtype=dtype or t.dtype)
-                    _check_finite(t, name, file)
-                    if progress is not None:
-                        progress(t.nbytes)
-        except MpkError:
-            raise
-        except Exception as e:
-            raise MpkError(
-                f"reading {file} failed ({_first_line(e)}); the file is corrupt or changed while loading"
-            ) from None
+        for name, t in _read_tensors(file, names):
+            weights[name] = t = t.to(device=device, dtype=dtype or t.dtype)
+            _check_finite(t, name, file)
+            if progress is not None:
+                progress(t.nbytes)
     return cfg, {name: weights[name] for name in located}
+
+
+def _read_tensors(file: Path, names: list[str]):
+    """(name, tensor as stored) for `names` in `file`; a failed read is an MpkError."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+    except Exception as e:  # safetensors raises its own SafetensorError, and OSError for I/O
+        raise MpkError(
+            f"reading {file} failed ({_first_line(e)}); the file is corrupt or changed while loading"
+        ) from None
 
 
 def _check_finite(t: torch.Tensor, name: str, file: Path) -> None:

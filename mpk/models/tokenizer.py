@@ -1,8 +1,8 @@
 """A checkpoint's tokenizer, read from its tokenizer.json with the `tokenizers` library (no transformers).
 
-Special tokens are added as transformers adds them: by tokenizer.json's post-processor, unless
-tokenizer_config.json sets add_bos_token or add_eos_token, which then decide alone (transformers
-rebuilds the post-processor from those flags).
+Special tokens are added by tokenizer.json's post-processor, unless tokenizer_config.json sets
+add_bos_token or add_eos_token, which then decide alone, as transformers' Llama-family fast
+tokenizers rebuild their post-processor from them (docs/decisions.md).
 """
 
 from __future__ import annotations
