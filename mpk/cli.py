@@ -180,7 +180,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mpk.engine import DTYPES, check_prompts
+    from mpk.engine import check_prompts
     from mpk.graph import shard_of
     from mpk.models import resolve_model
     from mpk.models.checkpoint import expected_shapes
@@ -204,10 +204,10 @@ def cmd_generate(args) -> int:
 
     _describe_run(args, source, backend, stored)
     what = "making random weights" if source.path is None else "loading weights"
-    total = sum(math.prod(shape) for shape in expected_shapes(source.cfg).values()) * DTYPES[args.dtype].itemsize
+    dtype = _torch_dtype(args.dtype)
+    total = sum(math.prod(shape) for shape in expected_shapes(source.cfg).values()) * dtype.itemsize
     with progress.phase(what, total=total, unit="B", unit_scale=True) as loading:
-        hf = source.load_weights(DTYPES[args.dtype], device="cuda" if backend == "cuda" else "cpu",
-                                 progress=loading.update)
+        hf = source.load_weights(dtype, device="cuda" if backend == "cuda" else "cpu", progress=loading.update)
     cfg = _with_tokenizer_eos(source.cfg, tokenizer)
     out = _run(args, source.name, cfg, hf, prompts, tokenizer, backend)
     _print_result(args, source.name, backend, prompts, tokenizer, out)
@@ -320,9 +320,8 @@ def _stored_dtypes(source) -> set[str]:
 def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) -> None:
     """Refuse, before loading anything, a run whose weights, KV cache and workspace do not fit."""
     from mpk import memory
-    from mpk.engine import DTYPES
 
-    weight_bytes = DTYPES[args.dtype].itemsize
+    weight_bytes = _torch_dtype(args.dtype).itemsize
     need = memory.estimate(source.cfg, batch=batch, max_seq_len=seq_len, tp_size=args.tp, weight_bytes=weight_bytes,
                            activation_bytes=4 if args.activations == "float32" else weight_bytes,
                            device="GPU memory" if backend == "cuda" else "CPU RAM")
@@ -330,6 +329,13 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
         memory.check_fits(need, memory.available_gpu_bytes(device), f"{source.name} on the GPU")
     else:
         memory.check_fits(need, memory.available_cpu_bytes(), f"{source.name} on the CPU executor")
+
+
+def _torch_dtype(name: str):
+    """torch's dtype of a --dtype choice (float32, bfloat16)."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def _backend(choice: str) -> str:

@@ -42,7 +42,7 @@ def test_kv_cache_and_activations_are_what_the_graph_declares(activations, act_b
     cfg, batch, seq = PRESETS["tiny"], 3, 40
     tg = compile_model(cfg, batch=batch, max_seq_len=seq, num_sms=num_sms, verify=False, activations=activations)
     need = memory.estimate(cfg, batch=batch, max_seq_len=seq, weight_bytes=2, activation_bytes=act_bytes)
-    size = {"model": act_bytes, "float32": 4, "int64": 8}
+    size = {"model": act_bytes, "bfloat16": 2, "float16": 2, "float32": 4, "int64": 8}
     state = sum(math.prod(t.shape) * size[t.dtype] for t in tg.tensors.values() if t.kind == "state")
     assert need.kv_cache == state
     activations = sum(math.prod(t.shape) * size[t.dtype] for t in tg.tensors.values() if t.kind == "activation")
