@@ -10,10 +10,9 @@ import json
 import sys
 import time
 
+from mpk import defaults
 from mpk.errors import MpkError
 from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS
-
-SIM_NUM_SMS = 16  # mirrors mpk.engine.SIM_NUM_SMS; kept here so `mpk --help` needs no torch
 
 DEFAULT_MODEL = "qwen3-0.6b"
 DEFAULT_TOKEN_IDS = "1,2,3,4"
@@ -38,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="compile a model's decode step and summarize its task graph")
     ins.add_argument("model", help="checkpoint directory or preset name")
     ins.add_argument("--batch", type=int, default=1)
-    ins.add_argument("--num-sms", type=int, default=132, help="SMs per GPU (default 132, an H100)")
+    ins.add_argument("--num-sms", type=int, default=defaults.NUM_SMS,
+                     help=f"SMs per GPU (default {defaults.NUM_SMS}, an H100 or H200)")
     ins.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
-    ins.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length (default 4096)")
+    ins.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
+                     help=f"KV cache length (default {defaults.MAX_SEQ_LEN})")
     ins.add_argument("--save-graph", metavar="PATH", help="also write the whole TaskGraph as JSON")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins.set_defaults(func=cmd_inspect)
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     bld = sub.add_parser("build", help="generate and compile a model's megakernel ahead of time (no GPU needed)")
     bld.add_argument("model", help="checkpoint directory or preset name")
     bld.add_argument("--batch", type=int, default=1)
-    bld.add_argument("--arch", default="sm_90a", help="GPU architecture: sm_90a (default), sm_80, sm_100a, ...")
+    bld.add_argument("--arch", default=defaults.ARCH,
+                     help=f"GPU architecture: {defaults.ARCH} (default), sm_80, sm_100a, ...")
     bld.add_argument("--debug", action="store_true", help="with device asserts (MPK_DEBUG)")
     bld.set_defaults(func=cmd_build)
 
@@ -79,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="activation and KV-cache precision: float32 (default; a float32 computation on the "
                           "stored weights) or model (the weights' dtype, rounding as transformers does)")
     gen.add_argument("--num-sms", type=int, default=None,
-                     help=f"SMs to schedule for (default: the GPU's, or {SIM_NUM_SMS} on the CPU executor)")
+                     help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the executor's task order")
     gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -140,7 +142,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mpk.engine import DTYPES, check_prompts, generate
+    from mpk.dtypes import torch_dtype
+    from mpk.engine import check_prompts, generate
     from mpk.graph import shard_of
     from mpk.models import resolve_model
 
@@ -162,7 +165,7 @@ def cmd_generate(args) -> int:
         else "the CPU executor (sim)"
     acts = "float32" if args.activations == "float32" else args.dtype
     print(f"mpk: running {source.name} on {where}, {args.dtype} weights, {acts} activations", file=sys.stderr)
-    hf = source.load_weights(DTYPES[args.dtype], device="cuda" if backend == "cuda" else "cpu")
+    hf = source.load_weights(torch_dtype(args.dtype), device="cuda" if backend == "cuda" else "cpu")
 
     stream = not args.json and len(prompts) == 1
     if stream:

@@ -16,6 +16,12 @@ namespace mpk {
 using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 256;  // one CTA of 8 warps per SM
+// Dynamic shared memory one CTA may use on the target architecture: the build sets it
+// (mpk/runtime/build.py knows the table).
+#ifndef MPK_SMEM_CAP
+#define MPK_SMEM_CAP (99 * 1024)
+#endif
+constexpr int kSmemCap = MPK_SMEM_CAP;
 constexpr int kWarps = kThreads / 32;
 constexpr float kNegInf = -__builtin_huge_valf();
 

@@ -6,12 +6,9 @@
 
 namespace mpk {
 
-// Bytes of shared memory for the staged input x: the build sets it per architecture (the largest
-// dynamic shared memory a CTA may use there, less room for the other scratch).
-#ifndef MPK_X_BUDGET
-#define MPK_X_BUDGET (96 * 1024)
-#endif
-constexpr int kXBudget = MPK_X_BUDGET;
+// Bytes of shared memory for the staged input x: what a CTA may use on this architecture, less
+// room for the other scratch (task descriptor, reductions, attention).
+constexpr int kXBudget = kSmemCap - 16 * 1024;
 
 // transformers' RMSNorm: normalise in fp32, round to the activation dtype, scale by the weight, round.
 template <class A> __device__ __forceinline__ float rms_normed(float v, float inv, float w) {

@@ -23,17 +23,20 @@ struct TaskDesc {
   int sig_off;  // its signalled events are signals[sig_off, sig_off + sig_cnt)
   int sig_cnt;
 };
-static_assert(sizeof(TaskDesc) == 32, "TaskDesc is mirrored by mpk/codegen.py");
+static_assert(sizeof(TaskDesc) == 32, "TaskDesc is mirrored by mpk/runtime/abi.py");
 
-// One op instance: tensor pointers and run-time shape parameters, slots per op kind as listed in
-// mpk/codegen.py (OP_ARGS). Shapes that decide register layouts are template arguments instead.
+// One op instance: tensor pointers and run-time scalars. Templates index them only through the
+// Slots struct codegen generates from the op kind (mpk/ops): op.arg<const bf16>(S::weight),
+// op.i[S::tile], op.f[S::eps]. Shapes that decide register layouts are template arguments instead.
 constexpr int kOpPtrs = 8, kOpInts = 8, kOpFloats = 4;
 struct OpDesc {
   void* ptr[kOpPtrs];
   long long i[kOpInts];
   float f[kOpFloats];
+
+  template <class T> __device__ __forceinline__ T* arg(int slot) const { return static_cast<T*>(ptr[slot]); }
 };
-static_assert(sizeof(OpDesc) == 144, "OpDesc is mirrored by mpk/codegen.py");
+static_assert(sizeof(OpDesc) == 144, "OpDesc is mirrored by mpk/runtime/abi.py");
 
 // ctl: small device-side state of one run, zeroed/initialised by the host before a launch.
 enum : int { kCtlSampled = 0, kCtlStopStep = 1, kCtlWords = 4 };
@@ -43,8 +46,8 @@ enum : int { kFlagAbort = 0, kFlagStopRequest = 1, kFlagWords = 4 };
 enum : int { kPrSeq = 0, kPrTask = 1, kPrStep = 2, kPrEvent = 3, kPrState = 4, kProgressWords = 8 };
 enum : int { kStateIdle = 0, kStateWaiting = 1, kStateDone = 2, kStateStopped = 3, kStateAborted = 4 };
 
-// Kernel parameters. Every field is 8 bytes, so the ctypes mirror in mpk/runtime has no padding
-// questions; mpk_params_size() lets the host check.
+// Kernel parameters. Every field is 8 bytes, so the ctypes mirror in mpk/runtime/abi.py has no
+// padding questions; mpk_params_size() lets the host check.
 struct MpkParams {
   const TaskDesc* tasks;
   const int* signals;

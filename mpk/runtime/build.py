@@ -18,10 +18,10 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from mpk import defaults
 from mpk.errors import MpkError
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-DEFAULT_ARCH = "sm_90a"
 NVCC_FALLBACK = "/usr/local/cuda/bin/nvcc"
 
 
@@ -65,16 +65,15 @@ def gencode(arch: str) -> str:
 _SMEM_PER_CTA_KB = {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}
 
 
-def x_budget(arch: str) -> int:
-    """Bytes of shared memory a GEMV task may stage its input in: the CTA's limit less 16 KB of room
-    for the rest (task descriptor, reductions, attention scratch)."""
+def smem_cap(arch: str) -> int:
+    """Bytes of dynamic shared memory one CTA may use on `arch` (the kernel's kSmemCap)."""
     num = int(re.fullmatch(r"sm_(\d+)a?", arch).group(1))
-    return (_SMEM_PER_CTA_KB.get(num, 99) - 16) * 1024
+    return _SMEM_PER_CTA_KB.get(num, 99) * 1024
 
 
 def nvcc_flags(arch: str, debug: bool) -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", gencode(arch), f"-I{CSRC}",
-             f"-DMPK_X_BUDGET={x_budget(arch)}"]
+             f"-DMPK_SMEM_CAP={smem_cap(arch)}"]
     if debug:
         flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
     gemv = os.environ.get("MPK_GEMV", "auto")
@@ -93,7 +92,7 @@ def _headers_digest() -> str:
     return h.hexdigest()
 
 
-def build(source: str, arch: str = DEFAULT_ARCH, debug: bool | None = None, cache: Path | None = None) -> Path:
+def build(source: str, arch: str = defaults.ARCH, debug: bool | None = None, cache: Path | None = None) -> Path:
     """Compile `source` (from mpk.codegen) into a .so for `arch`; return its path (cached).
 
     `debug` None reads MPK_DEBUG from the environment.

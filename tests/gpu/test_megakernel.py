@@ -32,12 +32,13 @@ from mpk.errors import MpkError
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from mpk import sim  # noqa: E402
+from mpk.sim import CpuExecutor  # noqa: E402
 from mpk.compiler import compile_model  # noqa: E402
-from mpk.engine import check_prompts, program_inputs  # noqa: E402
+from mpk.engine import check_prompts  # noqa: E402
+from mpk.inputs import program_inputs  # noqa: E402
 from mpk.graph import DEFAULT_ACTIVATIONS  # noqa: E402
 from mpk.models.checkpoint import load_checkpoint  # noqa: E402
-from mpk.models.fuse import fuse_weights  # noqa: E402
+from mpk.inputs import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
 from mpk.profile import summarize_trace  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
@@ -111,10 +112,8 @@ def megakernel(cfg, hf, prompts, max_seq_len, sms, tg: TaskGraph | None = None,
 def sim_logits(cfg, hf, tg, prompts, steps):
     """Per-step logits of the CPU executor with bf16 weights (activations as the graph says)."""
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
-    bufs = sim.allocate(tg, weights, meta, torch.bfloat16)
-    out = []
-    sim.run(tg, bufs, steps, on_step=lambda s, b: out.append(b["logits"].float().clone()) and False)
-    return out
+    with CpuExecutor(tg, weights, meta) as executor:
+        return executor.run(steps, eos_token_ids=[], collect_logits=True).logits
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
