@@ -246,24 +246,31 @@ def test_build_failure_names_the_error_and_the_log(tmp_path):
         build('#include "mpk_host.cuh"\nthis is not C++;\n', "sm_90a", debug=False, cache=tmp_path)
 
 
-def test_prefetch_table_covers_the_head_of_each_weight_tile():
-    from mpk.runtime.tables import PREFETCH_MAX_BYTES, prefetch_table
+def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_l2():
+    from mpk.runtime.tables import HEAD_ROWS_ALIGN, PREFETCH_MAX_BYTES, prefetch_table
 
     cfg = ModelConfig("LlamaForCausalLM", vocab_size=1000, hidden_size=512, intermediate_size=1408, num_layers=1,
                       num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=256)
     tg = compile_model(cfg, batch=1, max_seq_len=64, num_sms=4, verify=False)
     base = {name: (i + 1) << 32 for i, name in enumerate(tg.tensors)}
-    table = prefetch_table(tg, base.__getitem__)
+    head_limit = 40 * 1024
+    table = prefetch_table(tg, base.__getitem__, head_limit=head_limit, l2_limit=PREFETCH_MAX_BYTES)
+    seen_head = seen_tail = False
     for t in tg.tasks:
         op = tg.ops[t.op]
-        addr, size = (int(v) for v in table[t.id])
+        head_addr, head, l2_addr, l2 = (int(v) for v in table[t.id])
         if op.kind in ("embed", "sample", "attention_split", "attention_merge", "qk_norm_rope_append"):
-            assert size == 0
+            assert head == l2 == 0
             continue
         weight = op.inputs["weight"]
         (r0, r1), k = next(r for r in t.reads if r.role == "weight").box[0], tg.tensors[weight].shape[1]
-        assert addr == base[weight] + r0 * k * 2
-        assert size == min((r1 - r0) * k * 2, PREFETCH_MAX_BYTES) // 16 * 16
+        row = k * 2
+        rows = min(r1 - r0, head_limit // row) // HEAD_ROWS_ALIGN * HEAD_ROWS_ALIGN
+        assert head_addr == base[weight] + r0 * row and head == rows * row <= head_limit
+        assert l2_addr == head_addr + head and l2 == min((r1 - r0) * row - head, PREFETCH_MAX_BYTES) // 16 * 16
+        seen_head |= head > 0
+        seen_tail |= l2 > 0
+    assert seen_head and seen_tail
 
 
 @needs_nvcc

@@ -41,7 +41,7 @@ template <class S, int B, int K, bool BIAS, class A> struct RmsnormLinear {
     const int n = static_cast<int>(op.i[S::n]);
     int c0, c1;
     tile_span(t, n, op.i[S::tile], c0, c1);
-    G::run(op.arg<const T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1, op.f[S::eps], smem,
+    G::run(op.arg<const T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1, op.f[S::eps], smem, t,
            [&](int c, const float (&acc)[1][B]) {
       if (lane_id() != 0) return;
       const float add = BIAS ? to_f(__ldg(bias + c)) : 0.f;
@@ -61,7 +61,7 @@ template <class S, int B, int K, class A> struct RmsnormGateUpSilu {
     const int n = static_cast<int>(op.i[S::n]);
     int c0, c1;
     tile_span(t, n, op.i[S::tile], c0, c1);
-    G::run(op.arg<const T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1, op.f[S::eps], smem,
+    G::run(op.arg<const T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1, op.f[S::eps], smem, t,
            [&](int c, const float (&acc)[2][B]) {
       if (lane_id() != 0) return;
 #pragma unroll
@@ -85,7 +85,7 @@ template <class S, int B, int K, class A> struct LinearResidual {
     const int n = static_cast<int>(op.i[S::n]);
     int c0, c1;
     tile_span(t, n, op.i[S::tile], c0, c1);
-    G::run(op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), c0, c1, 0.f, smem,
+    G::run(op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), c0, c1, 0.f, smem, t,
            [&](int c, const float (&acc)[1][B]) {
       if (lane_id() != 0) return;
 #pragma unroll
@@ -113,7 +113,7 @@ template <class S, int B, int K, class A> struct RmsnormLmHeadArgmax {
 #pragma unroll
     for (int b = 0; b < B; ++b) best[b] = kNegInf, best_at[b] = c0;
     G::run(op.arg<const typename A::T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1,
-           op.f[S::eps], smem,
+           op.f[S::eps], smem, t,
            [&](int c, const float (&acc)[1][B]) {
 #pragma unroll
       for (int b = 0; b < B; ++b) {

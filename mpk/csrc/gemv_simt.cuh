@@ -90,8 +90,15 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
   }
 };
 
+// N weights from global memory (read-only path), or from a weight head in shared memory.
+template <int N, bool kShared> __device__ __forceinline__ packed_t<N> ld_w(const bf16* p) {
+  if constexpr (kShared && N == 8) return ld_shared16(p);
+  else return ld_weight<N>(p);
+}
+
 // One warp: acc[r][b] = dot(W row r0 + r, x[b]) for RPC consecutive rows; every lane gets the sums.
-template <int RPC, class In>
+// kShared: the rows are in shared memory (a weight head).
+template <int RPC, bool kShared, class In>
 __device__ __forceinline__ void warp_dots(const In& in, const bf16* w_rows, float (&acc)[RPC][In::kBatch]) {
   constexpr int B = In::kBatch, K = In::kK;
   constexpr int VEC = In::VEC, NV = K / VEC;
@@ -108,7 +115,7 @@ __device__ __forceinline__ void warp_dots(const In& in, const bf16* w_rows, floa
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int r = 0; r < RPC; ++r)
-        w[r][u] = v0 + 32 * u < NV ? ld_weight<VEC>(w_rows + r * K + (v0 + 32 * u) * VEC) : packed_t<VEC>{};
+        w[r][u] = v0 + 32 * u < NV ? ld_w<VEC, kShared>(w_rows + r * K + (v0 + 32 * u) * VEC) : packed_t<VEC>{};
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int v = v0 + 32 * u;
@@ -134,12 +141,19 @@ __device__ __forceinline__ void warp_dots(const In& in, const bf16* w_rows, floa
 }
 
 // Warp w takes columns c0 + w, c0 + w + kWarps, ... of [c0, c1): the dot products of each column's
-// RPC weight rows (rows RPC * c ..) with x, then `epilogue(c, acc)` on every lane of the warp.
+// RPC weight rows (rows RPC * c ..) with x, then `epilogue(c, acc)` on every lane of the warp. The
+// tile's first head_rows rows are read from the weight head in shared memory.
 template <int RPC, class In, class Epilogue>
-__device__ __forceinline__ void for_each_column(const In& in, const bf16* w, int c0, int c1, Epilogue&& epilogue) {
+__device__ __forceinline__ void for_each_column(const In& in, const bf16* w, int c0, int c1, const bf16* head,
+                                                int head_rows, Epilogue&& epilogue) {
+  constexpr int K = In::kK;
   for (int c = c0 + warp_id(); c < c1; c += kWarps) {
     float acc[RPC][In::kBatch];
-    warp_dots<RPC>(in, w + static_cast<size_t>(RPC) * c * In::kK, acc);
+    const int local = RPC * (c - c0);  // the column's first row within the tile
+    if (In::VEC == 8 && local + RPC <= head_rows)
+      warp_dots<RPC, true>(in, head + static_cast<size_t>(local) * K, acc);
+    else
+      warp_dots<RPC, false>(in, w + static_cast<size_t>(RPC) * c * K, acc);
     epilogue(c, acc);
   }
 }
@@ -150,10 +164,11 @@ template <int RPC, int B, int K, bool NORM, class A> struct SimtGemv {
   static constexpr int SMEM = In::SMEM;
   template <class Epilogue>
   __device__ static void run(const typename A::T* x, const bf16* norm, const bf16* w, int c0, int c1, float eps,
-                             unsigned char* smem, Epilogue&& epilogue) {
+                             unsigned char* smem, const TaskCtx& t, Epilogue&& epilogue) {
     const In in{x, norm, smem};
     in.prepare(eps, smem);
-    for_each_column<RPC>(in, w, c0, c1, epilogue);
+    const int head_rows = static_cast<int>(t.head_bytes / (2u * K));
+    for_each_column<RPC>(in, w, c0, c1, reinterpret_cast<const bf16*>(t.head), head_rows, epilogue);
   }
 };
 

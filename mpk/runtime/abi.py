@@ -58,7 +58,7 @@ def load_library(path: Path):
     except OSError as e:
         raise MpkError(f"cannot load the megakernel library {path}: {e}") from None
     for name in ("mpk_params_size", "mpk_task_desc_size", "mpk_op_desc_size", "mpk_num_threads", "mpk_smem_bytes",
-                 "mpk_num_variants", "mpk_set_device", "mpk_abi_count"):
+                 "mpk_num_variants", "mpk_set_device", "mpk_abi_count", "mpk_head_bytes"):
         getattr(lib, name).restype = ctypes.c_int
     lib.mpk_error_string.restype = ctypes.c_char_p
     lib.mpk_variants.restype = ctypes.c_char_p

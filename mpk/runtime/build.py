@@ -65,6 +65,11 @@ def gencode(arch: str) -> str:
 _SMEM_PER_CTA_KB = {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}
 
 
+def bulk_copy(arch: str) -> bool:
+    """Whether `arch` has bulk asynchronous copies into shared memory (Hopper and newer)."""
+    return int(re.fullmatch(r"sm_(\d+)a?", arch).group(1)) >= 90
+
+
 def smem_cap(arch: str) -> int:
     """Bytes of dynamic shared memory one CTA may use on `arch` (the kernel's kSmemCap)."""
     num = int(re.fullmatch(r"sm_(\d+)a?", arch).group(1))
@@ -73,7 +78,7 @@ def smem_cap(arch: str) -> int:
 
 def nvcc_flags(arch: str, debug: bool) -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", gencode(arch), f"-I{CSRC}",
-             f"-DMPK_SMEM_CAP={smem_cap(arch)}"]
+             f"-DMPK_SMEM_CAP={smem_cap(arch)}", f"-DMPK_BULK_COPY={int(bulk_copy(arch))}"]
     if debug:
         flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
     gemv = os.environ.get("MPK_GEMV", "auto")
@@ -81,6 +86,11 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
         raise MpkError(f"MPK_GEMV must be auto or simt, not {gemv!r}")
     if gemv == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
+    head_kb = os.environ.get("MPK_HEAD_KB", "")
+    if head_kb:
+        if not head_kb.isdigit():
+            raise MpkError(f"MPK_HEAD_KB must be a number of KB, not {head_kb!r}")
+        flags.append(f"-DMPK_HEAD_KB={int(head_kb)}")  # cap the weight-head buffers, for A/B comparisons
     return flags
 
 

@@ -133,7 +133,8 @@ class Megakernel(Executor):
         self.buffers = dict(buffers)
         address = lambda n: self.buffers[n].data_ptr()  # noqa: E731
         self._ops = torch.from_numpy(op_table(self.tables.op_args, address).view(np.uint8)).to(self.device)
-        self._prefetch = torch.from_numpy(prefetch_table(self.tg, address).view(np.int64)).to(self.device)
+        heads = prefetch_table(self.tg, address, head_limit=self.lib.mpk_head_bytes())
+        self._prefetch = torch.from_numpy(heads.view(np.int64)).to(self.device)
 
     # --- running -------------------------------------------------------------------------------
 

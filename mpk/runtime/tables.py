@@ -82,14 +82,19 @@ def op_table(op_args: list[OpArgs], pointer_of) -> np.ndarray:
     return table
 
 
-def prefetch_table(tg: TaskGraph, pointer_of, limit: int = PREFETCH_MAX_BYTES) -> np.ndarray:
-    """[num_tasks, 2] u64: address and length of the head of each task's streamed weight tile.
+HEAD_ROWS_ALIGN = 16  # a head holds whole 16-row blocks (a tensor-core GEMV block never straddles it)
+
+
+def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = PREFETCH_MAX_BYTES) -> np.ndarray:
+    """[num_tasks, 4] u64 per task: the weight head (address, bytes) for shared memory and the range
+    (address, bytes) after it to prefetch into L2.
 
     The op kind names the streamed operand (`OpKind.streamed`). Its tile covers whole rows of a
-    row-major matrix, so it is one contiguous byte range; the head of it (up to `limit` bytes, in
-    whole 16-byte units) is prefetched into L2.
+    row-major matrix, so it is one contiguous byte range. The head is the longest prefix of whole
+    16-row blocks within `head_limit` bytes (none when a row is not a multiple of 16 bytes, which bulk
+    copies need); the L2 range is the next `l2_limit` bytes, in whole 16-byte units.
     """
-    table = np.zeros((len(tg.tasks), 2), dtype=np.uint64)
+    table = np.zeros((len(tg.tasks), 4), dtype=np.uint64)
     for t in tg.tasks:
         role = OP_KINDS[tg.ops[t.op].kind].streamed
         tile = next((r for r in t.reads if r.role == role), None) if role else None
@@ -100,8 +105,12 @@ def prefetch_table(tg: TaskGraph, pointer_of, limit: int = PREFETCH_MAX_BYTES) -
             raise MpkError(f"{tg.describe_task(t.id)} streams {tile}, which is not whole rows")
         row_bytes = dtype(spec.dtype).bytes * int(np.prod(spec.shape[1:]))
         r0, r1 = tile.box[0]
-        first = pointer_of(tile.tensor) + r0 * row_bytes
-        start = first // 16 * 16
-        stop = min(first + (r1 - r0) * row_bytes, start + limit)
-        table[t.id] = (start, (stop - start) // 16 * 16)  # round down: never past the tensor's end
+        first, stop = pointer_of(tile.tensor) + r0 * row_bytes, pointer_of(tile.tensor) + r1 * row_bytes
+        head_rows = 0
+        if row_bytes % 16 == 0 and first % 16 == 0:
+            head_rows = min(r1 - r0, head_limit // row_bytes) // HEAD_ROWS_ALIGN * HEAD_ROWS_ALIGN
+        head = head_rows * row_bytes
+        l2_start = (first + head) // 16 * 16
+        l2_stop = min(stop, l2_start + l2_limit)
+        table[t.id] = (first, head, l2_start, max(0, l2_stop - l2_start) // 16 * 16)  # never past the tile's end
     return table
