@@ -247,7 +247,7 @@ def test_build_failure_names_the_error_and_the_log(tmp_path):
 
 
 def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_l2():
-    from mpk.runtime.tables import HEAD_ROWS_ALIGN, PREFETCH_MAX_BYTES, prefetch_table
+    from mpk.runtime.tables import PREFETCH_MAX_BYTES, head_rows_align, prefetch_table
 
     cfg = ModelConfig("LlamaForCausalLM", vocab_size=1000, hidden_size=512, intermediate_size=1408, num_layers=1,
                       num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=256)
@@ -265,7 +265,7 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
         weight = op.inputs["weight"]
         (r0, r1), k = next(r for r in t.reads if r.role == "weight").box[0], tg.tensors[weight].shape[1]
         row = k * 2
-        rows = min(r1 - r0, head_limit // row) // HEAD_ROWS_ALIGN * HEAD_ROWS_ALIGN
+        rows = min(r1 - r0, head_limit // row) // head_rows_align(1) * head_rows_align(1)
         assert head_addr == base[weight] + r0 * row and head == rows * row <= head_limit
         assert l2_addr == head_addr + head and l2 == min((r1 - r0) * row - head, PREFETCH_MAX_BYTES) // 16 * 16
         seen_head |= head > 0

@@ -192,8 +192,8 @@ __device__ __forceinline__ void mbar_wait(const MpkParams& p, unsigned long long
 #endif
 }
 
-// Per task: [head address, head bytes, L2 address, L2 bytes] (mpk/runtime/tables.py). The head, a
-// whole number of 16-row blocks of the task's streamed weight tile, is copied into shared memory;
+// Per task: [head address, head bytes, L2 address, L2 bytes] (mpk/runtime/tables.py). The head, the
+// first rows of the task's streamed weight tile (whole 16-row blocks at batch 2+), is copied into shared memory;
 // the following bytes are prefetched into L2.
 constexpr int kPrefetchWords = 4;
 

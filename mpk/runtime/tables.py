@@ -82,7 +82,10 @@ def op_table(op_args: list[OpArgs], pointer_of) -> np.ndarray:
     return table
 
 
-HEAD_ROWS_ALIGN = 16  # a head holds whole 16-row blocks (a tensor-core GEMV block never straddles it)
+def head_rows_align(batch: int) -> int:
+    """Rows a weight head is a multiple of: whole 16-row blocks where batches of 2+ may take the
+    tensor-core GEMV (a block never straddles the head), else pairs (gate/up rows come in pairs)."""
+    return 16 if batch >= 2 else 2
 
 
 def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = PREFETCH_MAX_BYTES) -> np.ndarray:
@@ -91,10 +94,11 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
 
     The op kind names the streamed operand (`OpKind.streamed`). Its tile covers whole rows of a
     row-major matrix, so it is one contiguous byte range. The head is the longest prefix of whole
-    16-row blocks within `head_limit` bytes (none when a row is not a multiple of 16 bytes, which bulk
+    row blocks (`head_rows_align`) within `head_limit` bytes (none when a row is not a multiple of 16 bytes, which bulk
     copies need); the L2 range is the next `l2_limit` bytes, in whole 16-byte units.
     """
     table = np.zeros((len(tg.tasks), 4), dtype=np.uint64)
+    align = head_rows_align(tg.batch)
     for t in tg.tasks:
         role = OP_KINDS[tg.ops[t.op].kind].streamed
         tile = next((r for r in t.reads if r.role == role), None) if role else None
@@ -108,7 +112,7 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
         first, stop = pointer_of(tile.tensor) + r0 * row_bytes, pointer_of(tile.tensor) + r1 * row_bytes
         head_rows = 0
         if row_bytes % 16 == 0 and first % 16 == 0:
-            head_rows = min(r1 - r0, head_limit // row_bytes) // HEAD_ROWS_ALIGN * HEAD_ROWS_ALIGN
+            head_rows = min(r1 - r0, head_limit // row_bytes) // align * align
         head = head_rows * row_bytes
         l2_start = (first + head) // 16 * 16
         l2_stop = min(stop, l2_start + l2_limit)
