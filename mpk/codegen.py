@@ -35,7 +35,7 @@ class Variant:
     floats: tuple[str, ...]
 
     def __str__(self) -> str:
-        return f"{self.template}<{', '.join(self.args)}>"
+        return f"{self.template}<{', '.join(self.args)}>" if self.args else self.template
 
     def slots(self, name: str) -> str:
         def enum(kind: str, names: tuple[str, ...]) -> str:

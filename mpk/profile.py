@@ -69,7 +69,7 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
         "wait_ns": torch.bincount(kind_of, wait_ns.sum(0), minlength=len(names)).tolist(),
         "bytes": torch.bincount(kind_of, torch.tensor([t.bytes for t in tg.tasks], dtype=torch.float64), minlength=len(names)).tolist(),
     }
-    wake = _wake_ns(tg, start, end)
+    wake = _wake_ns(tg, wait, start, end)
     span = _op_span_ns(tg, start, end)
     rows = []
     for i, kind in enumerate(names):
@@ -85,7 +85,7 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
             "run_us_per_task": run / 1e3 / (tasks * steps),
             "run_share": run / sm_ns,
             "wait_share": waited / sm_ns,
-            "run_gbps": per_kind["bytes"][i] * steps / run * tg.num_queues if run else 0.0,
+            "run_gbps": per_kind["bytes"][i] * steps / (run * 1e-9) * tg.num_queues if run else 0.0,  # bytes/s
             "wake_us": float(woke.double().median()) / 1e3 if woke.numel() else 0.0,
             "op_span_us": float(span[:, ops].double().median()) / 1e3,
         })
@@ -96,9 +96,9 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
             "wait_share": wait_share, "other_share": 1.0 - run_share - wait_share, "kinds": rows}
 
 
-def _wake_ns(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """[steps, tasks]: from the end of a task's last same-step producer to its start, where it
-    started after that end (it waited on the event: the signal-to-start latency); -1 elsewhere."""
+def _wake_ns(tg: TaskGraph, wait: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """[steps, tasks]: from the end of a task's last same-step producer to its start, where the task
+    was already waiting then (the signal-to-start latency); -1 elsewhere."""
     steps, n = start.shape
     last_end = torch.full((steps, n), -1, dtype=torch.int64)
     for ev in tg.events:
@@ -107,7 +107,7 @@ def _wake_ns(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> torch.Ten
         done = end[:, ev.producers].max(1).values
         last_end[:, ev.first_task:ev.stop_task] = done[:, None]
     wake = start - last_end
-    return torch.where((last_end >= 0) & (wake >= 0), wake, torch.full_like(wake, -1))
+    return torch.where((last_end >= 0) & (wait <= last_end) & (wake >= 0), wake, torch.full_like(wake, -1))
 
 
 def _op_span_ns(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def test_trace_summary_splits_sm_time_into_running_waiting_and_between():
         assert abs(r["run_share"] - count[k] * run / sm_ns) < 1e-9
         assert abs(r["wait_share"] - (count[k] * 200 / sm_ns if k == first_kind else 0)) < 1e-9
         kind_bytes = sum(t.bytes for t in tg.tasks if tg.ops[t.op].kind == k)
-        assert abs(r["run_gbps"] - kind_bytes / (count[k] * run) * tg.num_queues) < 1e-6
+        assert r["run_gbps"] == pytest.approx(kind_bytes / (count[k] * run * 1e-9) * tg.num_queues)
     assert abs(summary["step_us"] - (longest * slot - 100) / 1e3) < 1e-9
     assert abs(summary["run_share"] + summary["wait_share"] + summary["other_share"] - 1) < 1e-12
     text = format_trace_summary(summary)
@@ -81,8 +81,8 @@ def test_wake_latency_is_from_the_last_producer_end_to_the_consumer_start():
     spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
     for s in range(steps):
         for t in range(len(tg.tasks)):
-            clock = 1_000_000 + (s * len(tg.tasks) + t) * 1000
-            spans[s, t] = torch.tensor([clock, clock, clock + 600])
+            clock = 10_000_000 + (s * len(tg.tasks) + t) * 1000
+            spans[s, t] = torch.tensor([clock - 10**6, clock, clock + 600])  # every task is already waiting
     summary = summarize_trace(tg, spans)
     for r in summary["kinds"]:
         want = []

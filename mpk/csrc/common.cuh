@@ -27,9 +27,10 @@ constexpr int kSmemCap = MPK_SMEM_CAP;
 #define MPK_BULK_COPY 0
 #endif
 constexpr bool kBulkCopy = MPK_BULK_COPY;
-// Cap on each weight-head buffer in KB (build-time A/B knob; negative: as large as fits).
+// Cap on each weight-head buffer in KB (build-time knob; negative: as large as fits). Off by
+// default: on an H200 the heads did not pay (docs/perf.md).
 #ifndef MPK_HEAD_KB
-#define MPK_HEAD_KB -1
+#define MPK_HEAD_KB 0
 #endif
 constexpr int kWarps = kThreads / 32;
 constexpr float kNegInf = -__builtin_huge_valf();

@@ -19,9 +19,10 @@ constexpr bool kGemvMma = false;
 constexpr bool kGemvMma = true;
 #endif
 
-template <int RPC, int B, int K, bool NORM, class A>
+// COLS: the most columns one warp owns in the op's tiles (ceil(tile / kWarps)).
+template <int RPC, int B, int K, bool NORM, class A, int COLS>
 using Gemv = std::conditional_t<kGemvMma && MmaGemv<RPC, B, K, NORM, A>::kUsable, MmaGemv<RPC, B, K, NORM, A>,
-                                SimtGemv<RPC, B, K, NORM, A>>;
+                                SimtGemv<RPC, B, K, NORM, A, COLS>>;
 
 // Output columns [c0, c1) of this task, out of n in tiles of `tile`.
 __device__ __forceinline__ void tile_span(const TaskCtx& t, long long n, long long tile, int& c0, int& c1) {
@@ -31,8 +32,8 @@ __device__ __forceinline__ void tile_span(const TaskCtx& t, long long n, long lo
 }
 
 // rmsnorm_linear: out[:, c0:c1] = rmsnorm(x) @ W[c0:c1]^T (+ bias).
-template <class S, int B, int K, bool BIAS, class A> struct RmsnormLinear {
-  using G = Gemv<1, B, K, true, A>;
+template <class S, int B, int K, bool BIAS, class A, int COLS> struct RmsnormLinear {
+  using G = Gemv<1, B, K, true, A, COLS>;
   using T = typename A::T;
   static constexpr int SMEM = G::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
@@ -52,8 +53,8 @@ template <class S, int B, int K, bool BIAS, class A> struct RmsnormLinear {
 };
 
 // rmsnorm_gate_up_silu: out[:, c] = silu(gate) * up with gate/up rows 2c, 2c+1 of the fused weight.
-template <class S, int B, int K, class A> struct RmsnormGateUpSilu {
-  using G = Gemv<2, B, K, true, A>;
+template <class S, int B, int K, class A, int COLS> struct RmsnormGateUpSilu {
+  using G = Gemv<2, B, K, true, A, COLS>;
   using T = typename A::T;
   static constexpr int SMEM = G::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
@@ -75,8 +76,8 @@ template <class S, int B, int K, class A> struct RmsnormGateUpSilu {
 };
 
 // linear_residual: out[:, c0:c1] = residual[:, c0:c1] + x @ W[c0:c1]^T.
-template <class S, int B, int K, class A> struct LinearResidual {
-  using G = Gemv<1, B, K, false, A>;
+template <class S, int B, int K, class A, int COLS> struct LinearResidual {
+  using G = Gemv<1, B, K, false, A, COLS>;
   using T = typename A::T;
   static constexpr int SMEM = G::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
@@ -95,8 +96,8 @@ template <class S, int B, int K, class A> struct LinearResidual {
 };
 
 // rmsnorm_lm_head_argmax: logits[:, v0:v1] and the tile's argmax candidate per sequence.
-template <class S, int B, int K, class A> struct RmsnormLmHeadArgmax {
-  using G = Gemv<1, B, K, true, A>;
+template <class S, int B, int K, class A, int COLS> struct RmsnormLmHeadArgmax {
+  using G = Gemv<1, B, K, true, A, COLS>;
   static constexpr int kBestOffset = G::SMEM;
   static constexpr int SMEM = kBestOffset + align16(kWarps * B * 4) + align16(kWarps * B * 4);
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {

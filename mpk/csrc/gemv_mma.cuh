@@ -49,12 +49,42 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   static constexpr int U = 8;  // k-steps of weight loads in flight per lane (2 rows x 16 B each)
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && kInvOffset <= kXBudget;
 
+  // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
+  __device__ static void store(unsigned char* s, int b, int v, const float (&f)[8]) {
+    unsigned hi[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) hi[j] = pack_bf2(f[2 * j], f[2 * j + 1]);
+    unsigned char* row = s + b * kPlanes * kStride + v * 16;
+    *reinterpret_cast<uint4*>(row) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    if constexpr (kSplit) {
+      unsigned lo[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        lo[j] = pack_bf2(f[2 * j] - round_bf(f[2 * j]), f[2 * j + 1] - round_bf(f[2 * j + 1]));
+      *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    }
+  }
+
   // x (RMS-normalised if NORM) as bf16 planes: row (b, plane p) at s + (b * kPlanes + p) * kStride.
   __device__ static void stage(const T* x, const bf16* norm, float eps, unsigned char* s) {
-    const float* inv = reinterpret_cast<const float*>(s + kInvOffset);
-    if constexpr (NORM)
-      row_inv_rms<B, K>(x, eps, reinterpret_cast<float*>(s + kInvOffset), reinterpret_cast<float*>(s + kRedOffset));
+    float* inv = reinterpret_cast<float*>(s + kInvOffset);
     constexpr int NV = K / 8;
+    using X = XRegs<B, K, 8>;
+    if constexpr (NORM && X::kFits) {  // one pass over x
+      X r;
+      r.load(x);
+      r.inv_rms(eps, inv, reinterpret_cast<float*>(s + kRedOffset));
+#pragma unroll
+      for (int j = 0; j < X::PER; ++j) {
+        const int i = X::index(j);
+        if (i >= B * NV) break;
+        r.template normalize<A>(j, inv, norm);
+        store(s, i / NV, i % NV, r.f[j]);
+      }
+      __syncthreads();
+      return;
+    }
+    if constexpr (NORM) row_inv_rms<B, K>(x, eps, inv, reinterpret_cast<float*>(s + kRedOffset));
     for (int i = threadIdx.x; i < B * NV; i += kThreads) {
       const int b = i / NV, v = i - b * NV;
       float f[8];
@@ -65,18 +95,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
 #pragma unroll
         for (int e = 0; e < 8; ++e) f[e] = rms_normed<A>(f[e], inv[b], nw[e]);
       }
-      unsigned hi[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) hi[j] = pack_bf2(f[2 * j], f[2 * j + 1]);
-      unsigned char* row = s + b * kPlanes * kStride + v * 16;
-      *reinterpret_cast<uint4*>(row) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-      if constexpr (kSplit) {  // what bf16 rounding left out
-        unsigned lo[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          lo[j] = pack_bf2(f[2 * j] - round_bf(f[2 * j]), f[2 * j + 1] - round_bf(f[2 * j + 1]));
-        *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-      }
+      store(s, b, v, f);
     }
     __syncthreads();
   }

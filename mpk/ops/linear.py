@@ -13,6 +13,8 @@ from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box
     spans, whole
 from mpk.util import cdiv
 
+CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
+
 
 class Gemv(OpKind):
     """What the matrix-vector kinds share: tasks over output columns [c0, c1) of `out` that read all
@@ -40,6 +42,13 @@ class Gemv(OpKind):
 
     def tile_writes(self, op, prog, i, c0, c1, batch):
         return [box(op, self.out_role, (0, batch), (c0, c1))]
+
+    @staticmethod
+    def columns_per_warp(op) -> int:
+        """The most output columns one of the CTA's warps owns in a tile, up to the CTA's warp count
+        (a template argument: the CUDA-core GEMV loads up to that many columns' rows together when K
+        is short; more never pays)."""
+        return min(CTA_WARPS, cdiv(op.params["tile"], CTA_WARPS))
 
     def gemv_shape(self, op, tg) -> tuple[int, int, int]:
         """(B, K, N), checking the weight is [N * rows_per_col, K]."""
@@ -69,7 +78,7 @@ class RmsnormLinear(Gemv):
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
-        return Cuda((b, k, cbool("bias" in op.inputs), activation_policy(tg)),
+        return Cuda((b, k, cbool("bias" in op.inputs), activation_policy(tg), self.columns_per_warp(op)),
                     {"n": n, "tile": op.params["tile"]}, {"eps": op.params["eps"]})
 
 
@@ -92,7 +101,8 @@ class RmsnormGateUpSilu(Gemv):
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
-        return Cuda((b, k, activation_policy(tg)), {"n": n, "tile": op.params["tile"]}, {"eps": op.params["eps"]})
+        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]},
+                    {"eps": op.params["eps"]})
 
 
 class LinearResidual(Gemv):
@@ -111,7 +121,7 @@ class LinearResidual(Gemv):
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
-        return Cuda((b, k, activation_policy(tg)), {"n": n, "tile": op.params["tile"]})
+        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
 
 
 class Linear(Gemv):
@@ -177,6 +187,6 @@ class RmsnormLmHeadArgmax(Gemv):
         b, k, v = self.gemv_shape(op, tg)
         n_tiles = tg.tensors[op.outputs["cand_val"]].shape[1]
         expect(n_tiles == cdiv(v, op.params["tile"]), op, "candidate count is not the number of vocab tiles")
-        return Cuda((b, k, activation_policy(tg)),
+        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)),
                     {"vocab": v, "tile": op.params["tile"], "n_tiles": n_tiles, "vocab_start": op.params["vocab_start"]},
                     {"eps": op.params["eps"]})

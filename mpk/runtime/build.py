@@ -88,9 +88,10 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
     head_kb = os.environ.get("MPK_HEAD_KB", "")
     if head_kb:
-        if not head_kb.isdigit():
-            raise MpkError(f"MPK_HEAD_KB must be a number of KB, not {head_kb!r}")
-        flags.append(f"-DMPK_HEAD_KB={int(head_kb)}")  # cap the weight-head buffers, for A/B comparisons
+        if not (head_kb.isdigit() or head_kb == "max"):
+            raise MpkError(f"MPK_HEAD_KB must be a number of KB or max, not {head_kb!r}")
+        # Weight heads in shared memory (off by default), for A/B comparisons.
+        flags.append(f"-DMPK_HEAD_KB={-1 if head_kb == 'max' else int(head_kb)}")
     return flags
 
 
