@@ -194,6 +194,7 @@ def test_measure_from_traces():
     assert measure.step_ns(trace) == 5 * 2_500
     slow = fake_trace(4, 5, task_ns=4_000)
     assert measure.median_task_us([trace, slow, slow]) == 4.0
+    assert measure.mean_task_us([trace, slow]) == 3.0
     assert measure.median_step_us([trace, slow, slow]) == 20.0
     with pytest.raises(MpkError, match="at least 2 steps"):
         measure.step_ns(trace[:1])
@@ -204,8 +205,8 @@ def test_measure_from_traces():
 
 def fake_row(**kw) -> OpRow:
     base = dict(kind="rmsnorm_linear", op="layers.0.qkv", variant="RmsnormLinear<1, 4096, false, ActF32>", tasks=128,
-                replicas=6, op_bytes=53_500_000, task_us_1sm=12.5, task_us_all=30.0, op_us_all=14.0, error=2.5e-7,
-                bound=1e-3)
+                replicas=6, op_bytes=53_500_000, task_us_1sm=12.5, task_us_1sm_mean=12.7, task_us_all=30.0,
+                op_us_all=14.0, error=2.5e-7, bound=1e-3)
     base.update(kw)
     return OpRow(**base)
 

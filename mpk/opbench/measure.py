@@ -41,6 +41,12 @@ def median_task_us(traces: list[torch.Tensor]) -> float:
     return float(torch.cat([task_ns(t) for t in traces]).double().median()) / 1e3
 
 
+def mean_task_us(traces: list[torch.Tensor]) -> float:
+    """Mean task run time over every traced launch, in microseconds: unbiased even where the timer
+    ticks coarsely against short tasks (the median then snaps to a tick)."""
+    return float(torch.cat([task_ns(t) for t in traces]).double().mean()) / 1e3
+
+
 def median_step_us(traces: list[torch.Tensor]) -> float:
     """Median over launches of the steady-state time per step, in microseconds."""
     return statistics.median(step_ns(t) for t in traces) / 1e3

@@ -8,9 +8,11 @@ launch, which is how the verifier and the executors treat state).
 Replicas: a decode step reads every layer's weights once, so they always come from HBM. Alone, an
 op would re-read the same few MB every step out of L2 (50 MB on an H100). So the program holds
 `replicas` copies of the op, each with its own per-layer weights and state (the KV cache) and its
-own outputs, enough that one step streams STREAM_BYTES of distinct data. Activation inputs are
-shared: in the decode step the previous op has just written them, so they sit in L2 there too.
-The first replica keeps the decode graph's names, so a one-replica program is a subset of it.
+own outputs, enough that one step streams STREAM_BYTES of distinct data (`replicas_for`). The
+copies follow each other with no dependency, so the all-SM time of one copy is the template's own
+throughput, without an operator-boundary stall. Activation inputs are shared: in the decode step
+the previous op has just written them, so they sit in L2 there too. The first replica keeps the
+decode graph's names, so a one-replica program is a subset of it.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ class OpRow:
     replicas: int  # instances per step (so a step streams from HBM, not L2)
     op_bytes: int  # bytes one instance moves per step
     task_us_1sm: float  # median task time, every task on one SM
+    task_us_1sm_mean: float
     task_us_all: float  # median task time, tasks over all SMs
     op_us_all: float  # time per instance, tasks over all SMs
     error: float  # max over outputs of ||gpu - ref|| / ||ref||

@@ -19,7 +19,7 @@ from mpk.errors import MpkError
 from mpk.graph import DEFAULT_ACTIVATIONS
 from mpk.opbench import DEFAULT_CONTEXT, DEFAULT_MODEL, DEFAULT_REPEATS, DEFAULT_STEPS
 from mpk.opbench.check import bound_for, output_errors, poison, random_buffers, reference_outputs, written_tensors
-from mpk.opbench.measure import median_step_us, median_task_us
+from mpk.opbench.measure import mean_task_us, median_step_us, median_task_us
 from mpk.opbench.program import bench_ops, compile_one_op, op_bytes, replicas_for
 from mpk.opbench.report import OpRow
 from mpk.taskgraph import OpSpec, TaskGraph
@@ -116,7 +116,7 @@ def bench_plan(plan: Plan, vocab: int, device, context: int, steps: int, repeats
     return OpRow(
         kind=plan.op.kind, op=plan.op.name, variant=str(lower_op(ref, ref.ops[0])[0]), tasks=len(ref.tasks),
         replicas=plan.replicas, op_bytes=op_bytes(ref, 0, context),
-        task_us_1sm=median_task_us(one_sm), task_us_all=median_task_us(all_sms),
+        task_us_1sm=median_task_us(one_sm), task_us_1sm_mean=mean_task_us(one_sm), task_us_all=median_task_us(all_sms),
         op_us_all=median_step_us(all_sms) / plan.replicas,
         error=max(errors.values()), bound=bound_for(ref),
     )
