@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"mpk's activation precision (default {DEFAULT_ACTIVATIONS}; the torch baselines run in bfloat16)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
+    _add_bench_op(sub)
 
     gen = sub.add_parser("generate", help="generate tokens greedily")
     gen.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -138,6 +139,46 @@ def cmd_bench(args) -> int:
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
                        activations=args.activations)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+# --- mpk bench-op: each task template alone -------------------------------------------------------
+
+def _add_bench_op(sub) -> None:
+    from mpk.opbench import DEFAULT_CONTEXT, DEFAULT_MODEL, DEFAULT_REPEATS, DEFAULT_STEPS
+
+    bop = sub.add_parser("bench-op", help="time each task template alone on one SM and on all SMs, checked "
+                                          "against its reference (needs a GPU)")
+    bop.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                     help=f"checkpoint directory or preset name, the source of the shapes (default {DEFAULT_MODEL})")
+    bop.add_argument("--batch", type=int, default=1)
+    bop.add_argument("--op", action="append", metavar="KIND",
+                     help="op kind to bench (repeat or comma-separate; default: every GPU op kind of the graph)")
+    bop.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+                     help=f"positions in the KV cache when the timed steps start (default {DEFAULT_CONTEXT})")
+    bop.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                     help=f"steps per launch; the first is not timed (default {DEFAULT_STEPS})")
+    bop.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                     help=f"timed launches after a warm-up (default {DEFAULT_REPEATS})")
+    bop.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
+                     help=f"activation precision of the graph (default {DEFAULT_ACTIVATIONS})")
+    bop.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    bop.add_argument("--json", action="store_true", help="print the results as JSON")
+    bop.set_defaults(func=cmd_bench_op)
+
+
+def cmd_bench_op(args) -> int:
+    from mpk.opbench.report import failures, format_op_bench
+    from mpk.opbench.run import run_op_bench
+
+    kinds = [k.strip() for spec in args.op or () for k in spec.split(",") if k.strip()]
+    result = run_op_bench(args.model, batch=args.batch, kinds=kinds or None, context=args.context, steps=args.steps,
+                          repeats=args.repeats, activations=args.activations, seed=args.seed)
+    print(json.dumps(result, indent=2) if args.json else format_op_bench(result))
+    bad = failures(result)
+    if bad:
+        raise MpkError("outputs differ from the reference beyond the bound: " + "; ".join(
+            f"{r['variant']} {r['error']:.1e} > {r['bound']:.0e}" for r in bad))
     return 0
 
 

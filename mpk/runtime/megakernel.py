@@ -158,7 +158,7 @@ class Megakernel(Executor):
                                      device=self.device)
         self._n_eos = len(eos)
         self._watchdog = float(os.environ.get("MPK_WATCHDOG_SECONDS", "10")) if watchdog_seconds is None else watchdog_seconds
-        if first_step == 0:
+        if first_step == 0 and self.tables.n_sample:  # only a sampler feeds tokens back (one-op graphs have none)
             self.restart_tokens()
         self._seq_done.zero_()
         self._ctl[abi.kCtlStopStep] = NO_STOP
@@ -249,6 +249,9 @@ class Megakernel(Executor):
             stream.synchronize()
         except RuntimeError as e:
             raise MpkError(f"the megakernel failed on the GPU: {e}; rebuild with MPK_DEBUG=1 for device asserts") from None
+        if not self.tables.n_sample:
+            # Without a sampling task nothing publishes steps_done, and nothing can stop the run early.
+            self._steps_done.array[0] = first_step + num_steps
         deliver(int(self._steps_done.array[0]))
 
     def _abort(self, done: torch.cuda.Event, snapshot: np.ndarray, first_step: int) -> None:
