@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--batch", type=int, default=1)
     bld.add_argument("--arch", default=defaults.ARCH,
                      help=f"GPU architecture: {defaults.ARCH} (default), sm_80, sm_100a, ...")
+    bld.add_argument("--num-sms", type=int, default=defaults.NUM_SMS,
+                     help=f"SMs of the target GPU (default {defaults.NUM_SMS}): tile widths shape the kernel")
     bld.add_argument("--debug", action="store_true", help="with device asserts (MPK_DEBUG)")
     bld.set_defaults(func=cmd_build)
 
@@ -115,10 +117,10 @@ def cmd_build(args) -> int:
     from mpk.runtime.build import build
 
     source = resolve_model(args.model)
-    # The kernel depends on the op variants only (batch, widths, flags), not on the SM count or the
-    # context length, so a small graph stands for every one of this model and batch.
+    # The kernel depends on the op variants only (batch, widths, flags, columns per warp), not on the
+    # context length, so a short context stands for every one of this model, batch and GPU.
     tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(64, source.cfg.max_position_embeddings),
-                       num_sms=8, verify=False)
+                       num_sms=args.num_sms, verify=False)
     t0 = time.perf_counter()
     path = build(generate_source(tg), args.arch, debug=args.debug or None)
     print(f"{source.name} batch {args.batch} for {args.arch}: {path} ({time.perf_counter() - t0:.1f} s)")
