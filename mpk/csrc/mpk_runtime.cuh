@@ -178,17 +178,29 @@ __device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long
 #endif
 }
 
-// All threads: wait until the copies on `bar` of phase `parity` have landed. A copy in flight always
-// lands, so this cannot hang on the graph; it still reads the host's abort flag now and then.
-__device__ __forceinline__ void mbar_wait(const MpkParams& p, unsigned long long* bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// All threads: spin until `ready()`. Thread 0 reads the host's abort flag now and then (a PCIe
+// round trip) and raises the CTA's `abort` word in shared memory; false when the CTA must give up.
+// Every wait inside a task goes through here, so a hang inside a task ends like a stalled event.
+template <class Ready> __device__ __forceinline__ bool wait_or_abort(const MpkParams& p, volatile int* abort, Ready&& ready) {
   for (unsigned spin = 0;; ++spin) {
+    if (ready()) return true;
+    if (*abort) return false;
+    if (threadIdx.x == 0 && (spin & 0xfff) == 0xfff && ld_volatile(p.host_flags + kFlagAbort)) *abort = 1;
+  }
+}
+
+// All threads: wait until the copies on `bar` of phase `parity` have landed (false: aborted).
+__device__ __forceinline__ bool mbar_wait(const MpkParams& p, volatile int* abort, unsigned long long* bar,
+                                          uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return wait_or_abort(p, abort, [&] {
     uint32_t done;
     asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n selp.u32 %0, 1, 0, q;\n}"
                  : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
-    if (done) return;
-    if ((spin & 0xffff) == 0xffff && ld_volatile(p.host_flags + kFlagAbort)) __trap();
-  }
+    return done != 0;
+  });
+#else
+  return true;
 #endif
 }
 
@@ -237,17 +249,19 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
   }
 
   // All threads, for a task with a head in buffer b: wait for it.
-  __device__ const unsigned char* acquire(const MpkParams& p, int b) {
-    mbar_wait(p, bar + b, phase >> b & 1);
+  __device__ const unsigned char* acquire(const MpkParams& p, volatile int* abort, int b) {
+    if (!mbar_wait(p, abort, bar + b, phase >> b & 1)) return nullptr;  // aborted: still in flight
     phase ^= 1u << b;
     in_flight &= ~(1u << b);
     return buffer(b);
   }
 
-  // Thread 0, before the CTA exits: no copy may still be writing into its shared memory.
+  // Thread 0, before the CTA exits: no copy may still be writing into its shared memory. Copies in
+  // flight always land, so this ignores the abort flag.
   __device__ void drain(const MpkParams& p) {
+    int never = 0;
     for (int b = 0; b < 2; ++b)
-      if (in_flight >> b & 1) acquire(p, b);
+      if (in_flight >> b & 1) acquire(p, &never, b);
   }
 };
 
@@ -255,6 +269,17 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
 // writes before thread 0's release, and release is cumulative, so one red.release publishes them.
 __device__ __forceinline__ void signal_events(const MpkParams& p, const TaskDesc& t) {
   for (int k = 0; k < t.sig_cnt; ++k) red_release(p.counters + p.signals[t.sig_off + k], 1ull);
+}
+
+// Test hooks, compiled in only when the build asks (MPK_INJECT=hang:TASK or fault:TASK): task TASK
+// hangs inside itself until the host aborts, or writes to an illegal address.
+__device__ __forceinline__ void inject_faults(const MpkParams& p, int task, volatile int* abort) {
+#ifdef MPK_INJECT_HANG
+  if (task == MPK_INJECT_HANG) wait_or_abort(p, abort, [] { return false; });
+#endif
+#ifdef MPK_INJECT_FAULT
+  if (task == MPK_INJECT_FAULT && threadIdx.x == 0) *reinterpret_cast<volatile int*>(16) = 1;
+#endif
 }
 
 // Each CTA walks queue blockIdx.x for steps [first_step, first_step + num_steps): issue the next
@@ -266,11 +291,13 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
   __shared__ TaskDesc s_task;
   __shared__ OpDesc s_op;
   __shared__ unsigned s_head_bytes;
-  __shared__ int s_go;
+  __shared__ int s_id, s_go;
+  __shared__ int s_abort;  // raised by a wait inside a task (wait_or_abort) when the host aborts
   const int sm = blockIdx.x;
   const int q0 = p.queue_off[sm], qn = p.queue_off[sm + 1] - q0;
   const long long total = p.num_steps * qn;  // tasks this CTA runs, counted across steps
   HeadRing<kScratch, kHeadBytes> heads{s_bar, smem};
+  if (threadIdx.x == 0) s_abort = 0;
   if (threadIdx.x == 0 && kHeadBytes) {
     mbar_init(s_bar), mbar_init(s_bar + 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -291,6 +318,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
         if (kHeadBytes) heads.issue(p, next, b ^ 1);
         prefetch_l2(p, next);
       }
+      s_id = id;
       s_task = p.tasks[id];
       s_op = p.ops[s_task.op];
       s_head_bytes = heads.head_bytes(p, id);
@@ -303,10 +331,15 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     __syncthreads();
     if (!s_go) return;
     if (rec && threadIdx.x == 0) rec[1] = global_timer();
-    const unsigned char* head = s_head_bytes ? heads.acquire(p, b) : nullptr;
+    const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
     const TaskCtx ctx{{s_task.tile[0], s_task.tile[1], s_task.tile[2]}, step, rel, &p, head, s_head_bytes};
-    Dispatch::run(s_task.variant, ctx, s_op, smem);
+    inject_faults(p, s_id, &s_abort);
+    if (!s_abort) Dispatch::run(s_task.variant, ctx, s_op, smem);
     __syncthreads();
+    if (s_abort) {  // the host gave up on a wait inside this task: leave it unfinished, unsignalled
+      if (threadIdx.x == 0) publish(p, sm, ++seq, s_id, step, -1, kStateAborted), heads.drain(p);
+      return;
+    }
     if (threadIdx.x == 0) {
       if (rec) rec[2] = global_timer();  // before the signal: a consumer never starts before this
       signal_events(p, s_task);

@@ -92,6 +92,12 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
             raise MpkError(f"MPK_HEAD_KB must be a number of KB or max, not {head_kb!r}")
         # Weight heads in shared memory (off by default), for A/B comparisons.
         flags.append(f"-DMPK_HEAD_KB={-1 if head_kb == 'max' else int(head_kb)}")
+    inject = os.environ.get("MPK_INJECT", "")
+    if inject:  # test hooks: one task hangs inside itself, or faults
+        what, _, task = inject.partition(":")
+        if what not in ("hang", "fault") or not task.isdigit():
+            raise MpkError(f"MPK_INJECT must be hang:TASK or fault:TASK (a task id), not {inject!r}")
+        flags.append(f"-DMPK_INJECT_{what.upper()}={int(task)}")
     return flags
 
 

@@ -66,6 +66,7 @@ class Megakernel(Executor):
         self.tables = build_tables(tg)
         self._mapped: list[Mapped] = []
         self._ops = self._trace = None
+        self._broken = ""  # why this kernel may not launch again (a fault, a launch that would not stop)
         self.buffers: dict[str, torch.Tensor] = {}
         props = torch.cuda.get_device_properties(self.device)
         if tg.num_sms > props.multi_processor_count:
@@ -216,6 +217,8 @@ class Megakernel(Executor):
 
     def _launch(self, first_step: int, num_steps: int, deliver) -> None:
         """Launch, stream tokens while it runs, and watch for a stall."""
+        if self._broken:
+            raise MpkError(f"this megakernel cannot run again: {self._broken}; restart the process")
         abi = self.abi
         stream = torch.cuda.current_stream(self.device)
         self._counters.zero_()
@@ -227,46 +230,67 @@ class Megakernel(Executor):
               "launching the megakernel")
         done = torch.cuda.Event()
         done.record(stream)
-        progress = self._progress.array
-        seen, last_change = progress.copy(), time.monotonic()
         try:
-            while not done.query():
-                deliver(int(self._steps_done.array[0]))
-                now = time.monotonic()
-                if not np.array_equal(progress, seen):
-                    seen[:], last_change = progress, now
-                elif now - last_change > self._watchdog:
-                    self._abort(done, seen, first_step)
-                time.sleep(self.poll_seconds)
-        except BaseException:
-            # Ctrl-C or an exception from on_step: don't leave the kernel running for the remaining steps.
-            self._flags.array[abi.kFlagStopRequest] = self._flags.array[abi.kFlagAbort] = 1
-            deadline = time.monotonic() + 5.0
-            while not done.query() and time.monotonic() < deadline:
-                time.sleep(1e-3)
+            self._watch(done, deliver, first_step)
+        except MpkError:
             raise
-        try:
-            stream.synchronize()
-        except RuntimeError as e:
-            raise MpkError(f"the megakernel failed on the GPU: {e}; rebuild with MPK_DEBUG=1 for device asserts") from None
+        except BaseException:
+            # Ctrl-C or an exception from on_step: stop the kernel before anything else may launch.
+            self._flags.array[abi.kFlagStopRequest] = self._flags.array[abi.kFlagAbort] = 1
+            if not self._wait_exit(done, 10.0):
+                self._broken = "its launch did not stop within 10 s of an interrupt and may still be running"
+            raise
+        self._exited(done)
         if not self.tables.n_sample:
             # Without a sampling task nothing publishes steps_done, and nothing can stop the run early.
             self._steps_done.array[0] = first_step + num_steps
         deliver(int(self._steps_done.array[0]))
 
+    def _watch(self, done: torch.cuda.Event, deliver, first_step: int) -> None:
+        """Stream tokens until the launch ends; abort it when neither the SMs' progress words nor the
+        step counter have moved for the watchdog's time (a stalled event, or a hang inside a task)."""
+        progress, steps_done = self._progress.array, self._steps_done.array
+        seen, seen_steps, last_change = progress.copy(), int(steps_done[0]), time.monotonic()
+        while not self._exited(done):
+            deliver(int(steps_done[0]))
+            now = time.monotonic()
+            if not np.array_equal(progress, seen) or int(steps_done[0]) != seen_steps:
+                seen[:], seen_steps, last_change = progress, int(steps_done[0]), now
+            elif now - last_change > self._watchdog:
+                self._abort(done, seen, first_step)
+            time.sleep(self.poll_seconds)
+
+    def _exited(self, done: torch.cuda.Event) -> bool:
+        """Whether the launch has ended; a device fault becomes one clear error."""
+        try:
+            return done.query()
+        except RuntimeError as e:  # an illegal address or a device assert: CUDA errors are sticky
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self._broken = f"it faulted on the GPU ({reason})"
+            raise MpkError(f"the megakernel faulted on the GPU: {reason}; this process's CUDA context is unusable, "
+                           "so restart it (MPK_DEBUG=1 builds the kernel with device asserts)") from None
+
+    def _wait_exit(self, done: torch.cuda.Event, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not self._exited(done):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1e-3)
+        return True
+
     def _abort(self, done: torch.cuda.Event, snapshot: np.ndarray, first_step: int) -> None:
         """Tell the kernel to leave its wait loops, then raise with who waited on what."""
         abi = self.abi
         self._flags.array[abi.kFlagAbort] = 1
-        deadline = time.monotonic() + 10.0
-        while not done.query() and time.monotonic() < deadline:
-            time.sleep(1e-3)
-        exited = done.query()
+        exited = self._wait_exit(done, 10.0)
         counters = self._counters.cpu().tolist() if exited else None
         # After the abort each stuck SM re-published its wait as aborted; else use the last snapshot.
         words, state = (self._progress.array, abi.kStateAborted) if exited else (snapshot, abi.kStateWaiting)
         what = stall_report(self.tg, abi, words, state, counters, first_step)
-        tail = "" if exited else "; the kernel did not exit after the abort, the GPU is unusable in this process"
+        tail = ""
+        if not exited:
+            self._broken = "its launch did not exit after the watchdog's abort"
+            tail = "; the kernel did not exit after the abort, the GPU is unusable in this process"
         raise MpkError(f"the megakernel made no progress for {self._watchdog:g} s: {what}{tail}")
 
     def close(self) -> None:

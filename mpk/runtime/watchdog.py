@@ -15,13 +15,18 @@ from mpk.taskgraph import TaskGraph
 
 def stall_report(tg: TaskGraph, abi: Abi, words: np.ndarray, state: int, counters: list[int] | None,
                  first_step: int) -> str:
-    """One line naming up to four SMs in `state` (waiting, or aborted while waiting), earliest first."""
+    """One line naming up to four SMs in `state` (waiting, or aborted while waiting), earliest first.
+    An SM aborted inside a task (event -1) was stuck there: it comes first, as the cause."""
     words = words.reshape(tg.num_sms, abi.kProgressWords)
     stuck = sorted((sm for sm in range(tg.num_sms) if words[sm, abi.kPrState] == state),
-                   key=lambda sm: (int(words[sm, abi.kPrStep]), int(words[sm, abi.kPrTask])))
+                   key=lambda sm: (int(words[sm, abi.kPrEvent]) >= 0, int(words[sm, abi.kPrStep]),
+                                   int(words[sm, abi.kPrTask])))
     parts = []
     for sm in stuck[:4]:
         task, step, ev = (int(words[sm, k]) for k in (abi.kPrTask, abi.kPrStep, abi.kPrEvent))
+        if ev < 0:
+            parts.append(f"SM {sm} was stuck inside {tg.describe_task(task)} in step {step}")
+            continue
         e = tg.events[ev]
         need = e.target * (step - first_step + 1 - e.lag)
         have = f"{counters[ev]}/{need}" if counters is not None else f"?/{need}"
