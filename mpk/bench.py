@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from mpk.dtypes import dtype
 from mpk.errors import MpkError
-from mpk.graph import DEFAULT_ACTIVATIONS
+from mpk.graph import DEFAULT_ACTIVATIONS, EMBED, ROPE_COS, ROPE_SIN
 
 STREAM_SOURCE = Path(__file__).resolve().parent / "csrc" / "stream_read.cu"
 
@@ -51,12 +52,13 @@ def weight_bytes_per_step(tg) -> int:
     """Bytes of weights one decode step reads: every weight once, but only B rows of the embedding table."""
     total = 0
     for spec in tg.tensors.values():
-        if spec.kind != "weight" or spec.name.rsplit("/", 1)[-1] in ("rope_cos", "rope_sin"):
+        base = spec.name.rsplit("/", 1)[-1]
+        if spec.kind != "weight" or base in (ROPE_COS, ROPE_SIN):
             continue
-        n = 2 if spec.dtype == "model" else 4
+        n = dtype(spec.dtype).bytes
         for d in spec.shape:
             n *= d
-        if spec.name.rsplit("/", 1)[-1] == "embed":
+        if base == EMBED:
             n = n // spec.shape[0] * tg.batch
         total += n
     return total
@@ -125,33 +127,31 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
     (the timed run is untraced)."""
     from mpk.runtime import Megakernel
 
-    kernel = Megakernel(tg, device=device, weights=fused, meta=meta)
-    kernel.run(min(steps, 8), max_new_tokens=None)  # warm-up: module load, first touch
-    kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    result = kernel.run(steps, max_new_tokens=None)
-    seconds = time.perf_counter() - t0
-    if result.steps != steps:
-        raise MpkError(f"the megakernel ran {result.steps} of {steps} steps")
-    summary = None
-    if profile:
-        from mpk.profile import summarize_trace, write_trace
+    with Megakernel(tg, device=device, weights=fused, meta=meta) as kernel:
+        kernel.run(min(steps, 8), max_new_tokens=None)  # warm-up: module load, first touch
+        kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        result = kernel.run(steps, max_new_tokens=None)
+        seconds = time.perf_counter() - t0
+        if result.steps != steps:
+            raise MpkError(f"the megakernel ran {result.steps} of {steps} steps")
+        summary = None
+        if profile:
+            from mpk.profile import summarize_trace, write_trace
 
-        kernel.set_meta(meta)
-        spans = kernel.run(steps, max_new_tokens=None, trace=True).trace
-        write_trace(profile, tg, spans)
-        summary = summarize_trace(tg, spans) if spans.shape[0] > 1 else None
-    kernel.close()
+            kernel.set_meta(meta)
+            spans = kernel.run(steps, max_new_tokens=None, trace=True).trace
+            write_trace(profile, tg, spans)
+            summary = summarize_trace(tg, spans) if spans.shape[0] > 1 else None
     return seconds / steps, summary
 
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
               profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS) -> dict:
     from mpk.compiler import compile_model
-    from mpk.engine import program_inputs
+    from mpk.inputs import fuse_weights, program_inputs
     from mpk.models import resolve_model
-    from mpk.models.fuse import fuse_weights
     from mpk.models.reference import ReferenceModel
     from mpk.runtime import cuda_device
 

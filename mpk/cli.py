@@ -12,11 +12,9 @@ import math
 import sys
 import time
 
-from mpk import __version__, progress
+from mpk import __version__, defaults, progress
 from mpk.errors import MpkError
 from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS, MAX_BATCH, MAX_NUM_SMS
-
-SIM_NUM_SMS = 16  # mirrors mpk.engine.SIM_NUM_SMS; kept here so `mpk --help` needs no torch
 
 DEFAULT_MODEL = "qwen3-0.6b"
 DEFAULT_TOKEN_IDS = "1,2,3,4"
@@ -73,9 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     ins = command("inspect", "compile a model's decode step and summarize its task graph")
     ins.add_argument("model", help="checkpoint directory or preset name")
     ins.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    ins.add_argument("--num-sms", type=int, default=132, help="SMs per GPU (132: an H100)")
+    ins.add_argument("--num-sms", type=int, default=defaults.NUM_SMS, help="SMs per GPU (132: an H100 or H200)")
     ins.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
-    ins.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length")
+    ins.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN, help="KV cache length")
     ins.add_argument("--save-graph", metavar="PATH", help="also write the whole TaskGraph as JSON")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins.set_defaults(func=cmd_inspect)
@@ -83,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     bld = command("build", "generate and compile a model's megakernel ahead of time (no GPU needed)")
     bld.add_argument("model", help="checkpoint directory or preset name")
     bld.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    bld.add_argument("--arch", default="sm_90a", help="GPU architecture: sm_90a, sm_80, sm_100a, ...")
+    bld.add_argument("--arch", default=defaults.ARCH, help="GPU architecture: sm_90a, sm_80, sm_100a, ...")
+    bld.add_argument("--num-sms", type=int, default=defaults.NUM_SMS,
+                     help="SMs of the target GPU: tile widths shape the kernel")
     bld.add_argument("--debug", action="store_true", help="with device asserts (MPK_DEBUG)")
     bld.set_defaults(func=cmd_build)
 
@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="mpk's activation precision (the torch baselines run in bfloat16)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
+    _add_bench_op(command)
 
     gen = command("generate", "generate tokens greedily")
     gen.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="activation and KV-cache precision: float32 (a float32 computation on the stored "
                           "weights) or model (the weights' dtype, rounding as transformers does)")
     gen.add_argument("--num-sms", type=int, default=None,
-                     help=f"SMs to schedule for (default: the GPU's, or {SIM_NUM_SMS} on the CPU executor)")
+                     help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the executor's task order")
     gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -153,11 +154,11 @@ def cmd_build(args) -> int:
     gencode(args.arch)  # a bad --arch, no nvcc or an unusable cache directory: say so before compiling
     writable_cache()
     find_nvcc()
-    # The kernel depends on the op variants only (batch, widths, flags), not on the SM count or the
-    # context length, so a small graph stands for every one of this model and batch.
+    # The kernel depends on the op variants only (batch, widths, flags, columns per warp), not on the
+    # context length, so a short context stands for every one of this model, batch and GPU.
     with progress.phase("compiling the task graph"):
         tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(64, source.cfg.max_position_embeddings),
-                           num_sms=8, verify=False)
+                           num_sms=args.num_sms, verify=False)
     t0 = time.perf_counter()
     path = build(generate_source(tg), args.arch, debug=args.debug or None)
     print(f"{source.name} batch {args.batch} for {args.arch}: {path} ({time.perf_counter() - t0:.1f} s)")
@@ -179,7 +180,48 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --- mpk bench-op: each task template alone -------------------------------------------------------
+
+def _add_bench_op(command) -> None:
+    from mpk.opbench import DEFAULT_CONTEXT, DEFAULT_MODEL, DEFAULT_REPEATS, DEFAULT_STEPS
+
+    bop = command("bench-op", "time each task template alone on one SM and on all SMs, checked against its "
+                              "reference (needs a GPU)")
+    bop.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                     help=f"checkpoint directory or preset name, the source of the shapes (default {DEFAULT_MODEL})")
+    bop.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    bop.add_argument("--op", action="append", metavar="KIND",
+                     help="op kind to bench (repeat or comma-separate; default: every GPU op kind of the graph)")
+    bop.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+                     help=f"positions in the KV cache when the timed steps start (default {DEFAULT_CONTEXT})")
+    bop.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                     help=f"steps per launch; the first is not timed (default {DEFAULT_STEPS})")
+    bop.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                     help=f"timed launches after a warm-up (default {DEFAULT_REPEATS})")
+    bop.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
+                     help=f"activation precision of the graph (default {DEFAULT_ACTIVATIONS})")
+    bop.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    bop.add_argument("--json", action="store_true", help="print the results as JSON")
+    bop.set_defaults(func=cmd_bench_op)
+
+
+def cmd_bench_op(args) -> int:
+    from mpk.opbench.report import failures, format_op_bench
+    from mpk.opbench.run import run_op_bench
+
+    kinds = [k.strip() for spec in args.op or () for k in spec.split(",") if k.strip()]
+    result = run_op_bench(args.model, batch=args.batch, kinds=kinds or None, context=args.context, steps=args.steps,
+                          repeats=args.repeats, activations=args.activations, seed=args.seed)
+    print(json.dumps(result, indent=2) if args.json else format_op_bench(result))
+    bad = failures(result)
+    if bad:
+        raise MpkError("outputs differ from the reference beyond the bound: " + "; ".join(
+            f"{r['variant']} {r['error']:.1e} > {r['bound']:.0e}" for r in bad))
+    return 0
+
+
 def cmd_generate(args) -> int:
+    from mpk.dtypes import torch_dtype
     from mpk.engine import check_prompts
     from mpk.graph import shard_of
     from mpk.models import resolve_model
@@ -204,7 +246,7 @@ def cmd_generate(args) -> int:
 
     _describe_run(args, source, backend, stored)
     what = "making random weights" if source.path is None else "loading weights"
-    dtype = _torch_dtype(args.dtype)
+    dtype = torch_dtype(args.dtype)
     total = sum(math.prod(shape) for shape in expected_shapes(source.cfg).values()) * dtype.itemsize
     with progress.phase(what, total=total, unit="B", unit_scale=True) as loading:
         hf = source.load_weights(dtype, device="cuda" if backend == "cuda" else "cpu", progress=loading.update)
@@ -320,8 +362,9 @@ def _stored_dtypes(source) -> set[str]:
 def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) -> None:
     """Refuse, before loading anything, a run whose weights, KV cache and workspace do not fit."""
     from mpk import memory
+    from mpk.dtypes import dtype
 
-    weight_bytes = _torch_dtype(args.dtype).itemsize
+    weight_bytes = dtype(args.dtype).bytes
     need = memory.estimate(source.cfg, batch=batch, max_seq_len=seq_len, tp_size=args.tp, weight_bytes=weight_bytes,
                            activation_bytes=4 if args.activations == "float32" else weight_bytes,
                            device="GPU memory" if backend == "cuda" else "CPU RAM")
@@ -329,13 +372,6 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
         memory.check_fits(need, memory.available_gpu_bytes(device), f"{source.name} on the GPU")
     else:
         memory.check_fits(need, memory.available_cpu_bytes(), f"{source.name} on the CPU executor")
-
-
-def _torch_dtype(name: str):
-    """torch's dtype of a --dtype choice (float32, bfloat16)."""
-    import torch
-
-    return getattr(torch, name)
 
 
 def _backend(choice: str) -> str:

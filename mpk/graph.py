@@ -6,7 +6,9 @@ With tensor parallelism the program holds every rank's ops side by side; tensor 
 `rank{r}/` prefix and the allreduce ops read the partial sums of all ranks.
 
 Tile shapes are decided here (they fix tensor shapes such as the argmax candidates); the op
-kinds in `mpk.ops` turn each op into tasks with read/write regions.
+kinds in `mpk.ops` turn each op into tasks with read/write regions. The tensors the engine and
+the runtimes read or fill by name are exported below (TOKENS, LOGITS, ...); `mpk.inputs` fills the
+weights and meta tensors.
 """
 
 from __future__ import annotations
@@ -14,14 +16,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
+from mpk import defaults
+from mpk.dtypes import WEIGHT_DTYPES
 from mpk.errors import MpkError
 from mpk.models.config import ModelConfig
-from mpk.taskgraph import OpSpec, TensorSpec
+from mpk.taskgraph import OpSpec, Precision, TensorSpec
+from mpk.util import cdiv
 
 TILE_ALIGN = 16  # output rows per task come in multiples of this (tensor-core friendly)
 MIN_ATTN_CHUNK = 32  # fewest KV rows one attention task covers
 MAX_BATCH = 256  # decode batches beyond this belong to a prefill-style program, not this one
 MAX_NUM_SMS = 1024  # several times any GPU's SM count; graphs grow with it (4096 SMs take 4 GB to compile qwen3-8b)
+
+# Tensors outside the program reads or fills by name (one per rank, see `tensor_name`).
+TOKENS = "tokens"  # meta [B] int64: the token each sequence feeds this step (the sampler writes the next)
+PROMPT = "prompt"  # meta [B, S] int64: prompts, zero-padded
+PROMPT_LEN = "prompt_len"  # meta [B] int64
+LOGITS = "logits"  # activation [B, vocab shard] float32
+EMBED = "embed"  # weight: the embedding table (one row per sequence is read each step)
+ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"  # weight [S, head_dim / 2] float32: tables, not checkpoint weights
 
 
 @dataclass
@@ -31,21 +44,28 @@ class Program:
     max_seq_len: int
     tp_size: int
     num_sms: int
-    activations: str = "float32"  # dtype of activations and KV cache: "float32" or "model" (the weights')
+    precision: Precision
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
     ops: list[OpSpec] = field(default_factory=list)
 
     def tensor(self, name: str) -> TensorSpec:
         return self.tensors[name]
 
-    def add_tensor(self, rank: int, name: str, kind: str, shape, dtype: str = "model") -> str:
+    def add_tensor(self, rank: int, name: str, kind: str, shape, dtype: str) -> str:
         full = tensor_name(rank, self.tp_size, name)
         self.tensors[full] = TensorSpec(full, kind, tuple(int(s) for s in shape), dtype, rank)
         return full
 
     def add_op(self, rank: int, kind: str, name: str, layer: int | None, inputs: dict, outputs: dict, **params):
+        """One op instance; its op kind (mpk.ops) checks the roles it binds."""
+        from mpk.ops import OP_KINDS
+
         prefix = f"rank{rank}/" if self.tp_size > 1 else ""
-        self.ops.append(OpSpec(prefix + name, kind, rank, layer, params, inputs, outputs))
+        op = OpSpec(prefix + name, kind, rank, layer, params, inputs, outputs)
+        if kind not in OP_KINDS:
+            raise MpkError(f"unknown op kind {kind!r} for {op.name}; known: {', '.join(OP_KINDS)}")
+        OP_KINDS[kind].check(op)
+        self.ops.append(op)
 
 
 def tensor_name(rank: int, tp_size: int, name: str) -> str:
@@ -54,8 +74,7 @@ def tensor_name(rank: int, tp_size: int, name: str) -> str:
 
 def choose_tile(n: int, num_sms: int, align: int = TILE_ALIGN) -> int:
     """Rows per task so that one op's tasks make about one wave over the SMs."""
-    per_sm = -(-n // num_sms)
-    return max(align, -(-per_sm // align) * align) if n > align else n
+    return max(align, cdiv(cdiv(n, num_sms), align) * align) if n > align else n
 
 
 @dataclass(frozen=True)
@@ -79,7 +98,7 @@ def shard_of(cfg: ModelConfig, rank: int, tp_size: int) -> Shard:
     for what, n in (("num_key_value_heads", cfg.num_kv_heads), ("intermediate_size", cfg.intermediate_size)):
         if n % tp_size:
             raise MpkError(f"{what}={n} does not divide over tensor-parallel size {tp_size}; pick a --tp that divides it")
-    per_rank_vocab = -(-cfg.vocab_size // tp_size)
+    per_rank_vocab = cdiv(cfg.vocab_size, tp_size)
     if per_rank_vocab * (tp_size - 1) >= cfg.vocab_size:
         raise MpkError(f"a vocabulary of {cfg.vocab_size} tokens is too small to split over {tp_size} GPUs")
     start = min(cfg.vocab_size, rank * per_rank_vocab)
@@ -95,25 +114,33 @@ def shard_of(cfg: ModelConfig, rank: int, tp_size: int) -> Shard:
 def attention_splits(batch: int, kv_groups: int, max_seq_len: int, num_sms: int) -> tuple[int, int]:
     """(splits, rows per split) of the KV length, so attention tasks about fill the SMs."""
     want = max(1, num_sms // max(1, batch * kv_groups))
-    splits = max(1, min(want, -(-max_seq_len // MIN_ATTN_CHUNK)))
-    chunk = -(-max_seq_len // splits)
-    return -(-max_seq_len // chunk), chunk
+    splits = max(1, min(want, cdiv(max_seq_len, MIN_ATTN_CHUNK)))
+    chunk = cdiv(max_seq_len, splits)
+    return cdiv(max_seq_len, chunk), chunk
 
 
 ACTIVATIONS = ("float32", "model")
 DEFAULT_ACTIVATIONS = "float32"  # docs/decisions.md: bf16 activations drift 4-5e-2 from float32 on 8B models
 
 
-def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1, num_sms: int = 132,
-                         activations: str = DEFAULT_ACTIVATIONS) -> Program:
-    """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs.
-
-    `activations`: "float32" keeps activations, GEMV inputs and the KV cache in float32 over the
+def precision_of(weights: str, activations: str) -> Precision:
+    """`activations`: "float32" keeps activations, GEMV inputs and the KV cache in float32 over the
     weights' dtype: a float32 reference computation on the stored weights. "model" keeps them in
-    the weights' dtype, rounding every op's output as transformers does.
-    """
+    the weights' dtype, rounding every op's output as transformers does."""
+    if weights not in WEIGHT_DTYPES:
+        raise MpkError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, not {weights!r}")
     if activations not in ACTIVATIONS:
         raise MpkError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
+    act = "float32" if activations == "float32" else weights
+    return Precision(weights=weights, activations=act, kv_cache=act)
+
+
+def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1,
+                         num_sms: int = defaults.NUM_SMS, activations: str = DEFAULT_ACTIVATIONS,
+                         weights: str = "bfloat16") -> Program:
+    """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs,
+    with weights stored as `weights` and activations as `precision_of` says."""
+    precision = precision_of(weights, activations)
     if not 1 <= batch <= MAX_BATCH:
         raise MpkError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
     if not 1 <= num_sms <= MAX_NUM_SMS:
@@ -127,14 +154,14 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
             f"a context of {max_seq_len} tokens is longer than the model's {cfg.max_position_embeddings}; "
             "use a shorter prompt or fewer new tokens"
         )
-    prog = Program(cfg, batch, max_seq_len, tp_size, num_sms, activations)
+    prog = Program(cfg, batch, max_seq_len, tp_size, num_sms, precision)
     shards = [shard_of(cfg, r, tp_size) for r in range(tp_size)]
     for r in range(tp_size):
         _declare_rank_tensors(prog, r, shards[r])
     # Program order, stage by stage, every rank's op of a stage side by side.
     for r in range(tp_size):
         prog.add_op(r, "embed", "embed", None,
-                    {"tokens": _n(prog, r, "tokens"), "table": _n(prog, r, "embed")}, {"out": _n(prog, r, "x.0")})
+                    {"tokens": _n(prog, r, TOKENS), "table": _n(prog, r, EMBED)}, {"out": _n(prog, r, "x.0")})
     for layer in range(cfg.num_layers):
         _attention_block(prog, layer, shards)
         _mlp_block(prog, layer, shards)
@@ -143,14 +170,14 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
     for r in range(tp_size):
         prog.add_op(r, "rmsnorm_lm_head_argmax", "lm_head", None,
                     {"x": _n(prog, r, x_final), "norm": _n(prog, r, "final_norm"), "weight": _n(prog, r, "lm_head")},
-                    {"logits": _n(prog, r, "logits"), "cand_val": _n(prog, r, "cand_val"), "cand_idx": _n(prog, r, "cand_idx")},
+                    {"logits": _n(prog, r, LOGITS), "cand_val": _n(prog, r, "cand_val"), "cand_idx": _n(prog, r, "cand_idx")},
                     tile=lm_tile[r], vocab_start=shards[r].vocab_start, eps=cfg.rms_norm_eps)
     for r in range(tp_size):
-        inputs = {"prompt": _n(prog, r, "prompt"), "prompt_len": _n(prog, r, "prompt_len")}
+        inputs = {"prompt": _n(prog, r, PROMPT), "prompt_len": _n(prog, r, PROMPT_LEN)}
         for k in range(tp_size):
             inputs[f"cand_val{k}"] = _n(prog, k, "cand_val")
             inputs[f"cand_idx{k}"] = _n(prog, k, "cand_idx")
-        prog.add_op(r, "sample", "sample", None, inputs, {"tokens": _n(prog, r, "tokens")}, ranks=tp_size)
+        prog.add_op(r, "sample", "sample", None, inputs, {"tokens": _n(prog, r, TOKENS)}, ranks=tp_size)
     return prog
 
 
@@ -164,29 +191,29 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
     splits, _ = attention_splits(B, sh.kv_groups, S, prog.num_sms)
     add = prog.add_tensor
-    act = prog.activations
-    add(r, "tokens", "meta", (B,), "int64")
-    add(r, "prompt", "meta", (B, S), "int64")
-    add(r, "prompt_len", "meta", (B,), "int64")
-    add(r, "embed", "weight", (cfg.vocab_size, H))
-    add(r, "rope_cos", "weight", (S, hd // 2), "float32")
-    add(r, "rope_sin", "weight", (S, hd // 2), "float32")
+    wt, act, kv = prog.precision.weights, prog.precision.activations, prog.precision.kv_cache
+    add(r, TOKENS, "meta", (B,), "int64")
+    add(r, PROMPT, "meta", (B, S), "int64")
+    add(r, PROMPT_LEN, "meta", (B,), "int64")
+    add(r, EMBED, "weight", (cfg.vocab_size, H), wt)
+    add(r, ROPE_COS, "weight", (S, hd // 2), "float32")
+    add(r, ROPE_SIN, "weight", (S, hd // 2), "float32")
     add(r, "x.0", "activation", (B, H), act)
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
-        add(r, p + "attn_norm", "weight", (H,))
-        add(r, p + "qkv", "weight", (qkv_rows, H))
+        add(r, p + "attn_norm", "weight", (H,), wt)
+        add(r, p + "qkv", "weight", (qkv_rows, H), wt)
         if cfg.qkv_bias:
-            add(r, p + "qkv_bias", "weight", (qkv_rows,))
+            add(r, p + "qkv_bias", "weight", (qkv_rows,), wt)
         if cfg.qk_norm:
-            add(r, p + "q_norm", "weight", (hd,))
-            add(r, p + "k_norm", "weight", (hd,))
-        add(r, p + "o", "weight", (H, sh.q_heads * hd))
-        add(r, p + "mlp_norm", "weight", (H,))
-        add(r, p + "gate_up", "weight", (2 * sh.intermediate, H))
-        add(r, p + "down", "weight", (H, sh.intermediate))
-        add(r, p + "k_cache", "state", (B, S, sh.kv_groups, hd), act)
-        add(r, p + "v_cache", "state", (B, S, sh.kv_groups, hd), act)
+            add(r, p + "q_norm", "weight", (hd,), wt)
+            add(r, p + "k_norm", "weight", (hd,), wt)
+        add(r, p + "o", "weight", (H, sh.q_heads * hd), wt)
+        add(r, p + "mlp_norm", "weight", (H,), wt)
+        add(r, p + "gate_up", "weight", (2 * sh.intermediate, H), wt)
+        add(r, p + "down", "weight", (H, sh.intermediate), wt)
+        add(r, p + "k_cache", "state", (B, S, sh.kv_groups, hd), kv)
+        add(r, p + "v_cache", "state", (B, S, sh.kv_groups, hd), kv)
         add(r, p + "qkv_out", "activation", (B, qkv_rows), act)
         add(r, p + "q", "activation", (B, sh.q_heads, hd), act)
         add(r, p + "attn_part", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv, hd), "float32")
@@ -198,10 +225,10 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
         if prog.tp_size > 1:
             add(r, p + "o_partial", "activation", (B, H), "float32")
             add(r, p + "down_partial", "activation", (B, H), "float32")
-    add(r, "final_norm", "weight", (H,))
-    add(r, "lm_head", "weight", (sh.vocab, H))
-    n_lm_tiles = -(-sh.vocab // choose_tile(sh.vocab, prog.num_sms))
-    add(r, "logits", "activation", (B, sh.vocab), "float32")
+    add(r, "final_norm", "weight", (H,), wt)
+    add(r, "lm_head", "weight", (sh.vocab, H), wt)
+    n_lm_tiles = cdiv(sh.vocab, choose_tile(sh.vocab, prog.num_sms))
+    add(r, LOGITS, "activation", (B, sh.vocab), "float32")
     add(r, "cand_val", "activation", (B, n_lm_tiles), "float32")
     add(r, "cand_idx", "activation", (B, n_lm_tiles), "int64")
 
@@ -219,7 +246,7 @@ def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
                     tile=_qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
     for r in range(len(shards)):
         n = partial(_n, prog, r)
-        inputs = {"qkv": n(p + "qkv_out"), "cos": n("rope_cos"), "sin": n("rope_sin")}
+        inputs = {"qkv": n(p + "qkv_out"), "cos": n(ROPE_COS), "sin": n(ROPE_SIN)}
         if cfg.qk_norm:
             inputs.update(q_norm=n(p + "q_norm"), k_norm=n(p + "k_norm"))
         prog.add_op(r, "qk_norm_rope_append", p + "rope_append", layer, inputs,

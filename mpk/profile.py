@@ -69,18 +69,25 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
         "wait_ns": torch.bincount(kind_of, wait_ns.sum(0), minlength=len(names)).tolist(),
         "bytes": torch.bincount(kind_of, torch.tensor([t.bytes for t in tg.tasks], dtype=torch.float64), minlength=len(names)).tolist(),
     }
+    wake = _wake_ns(tg, wait, start, end)
+    span = _op_span_ns(tg, start, end)
     rows = []
     for i, kind in enumerate(names):
         tasks, run, waited = per_kind["tasks"][i], per_kind["run_ns"][i], per_kind["wait_ns"][i]
         if tasks == 0:
             continue
+        woke = wake[:, kind_of == i]
+        woke = woke[woke >= 0]
+        ops = [o for o, op in enumerate(tg.ops) if op.kind == kind]
         rows.append({
             "kind": kind,
             "tasks_per_step": tasks,
             "run_us_per_task": run / 1e3 / (tasks * steps),
             "run_share": run / sm_ns,
             "wait_share": waited / sm_ns,
-            "run_gbps": per_kind["bytes"][i] * steps / run * tg.num_queues if run else 0.0,
+            "run_gbps": per_kind["bytes"][i] * steps / (run * 1e-9) * tg.num_queues if run else 0.0,  # bytes/s
+            "wake_us": float(woke.double().median()) / 1e3 if woke.numel() else 0.0,
+            "op_span_us": float(span[:, ops].double().median()) / 1e3,
         })
     rows.sort(key=lambda r: -r["run_share"])
     run_share = float(run_ns.sum()) / sm_ns
@@ -89,14 +96,39 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
             "wait_share": wait_share, "other_share": 1.0 - run_share - wait_share, "kinds": rows}
 
 
+def _wake_ns(tg: TaskGraph, wait: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """[steps, tasks]: from the end of a task's last same-step producer to its start, where the task
+    was already waiting then (the signal-to-start latency); -1 elsewhere."""
+    steps, n = start.shape
+    last_end = torch.full((steps, n), -1, dtype=torch.int64)
+    for ev in tg.events:
+        if ev.lag or not ev.producers:
+            continue
+        done = end[:, ev.producers].max(1).values
+        last_end[:, ev.first_task:ev.stop_task] = done[:, None]
+    wake = start - last_end
+    return torch.where((last_end >= 0) & (wait <= last_end) & (wake >= 0), wake, torch.full_like(wake, -1))
+
+
+def _op_span_ns(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """[steps, ops]: from an op's first task start to its last task end."""
+    op_of = torch.tensor([t.op for t in tg.tasks])
+    n_ops = len(tg.ops)
+    first = torch.full((start.shape[0], n_ops), 2**62, dtype=torch.int64).scatter_reduce(1, op_of.expand_as(start), start, "amin")
+    last = torch.zeros((start.shape[0], n_ops), dtype=torch.int64).scatter_reduce(1, op_of.expand_as(end), end, "amax")
+    return last - first
+
+
 def format_trace_summary(summary: dict) -> str:
     lines = [
         f"traced: {summary['step_us']:.1f} us per step over {summary['steps']} steps; SM time "
         f"{summary['run_share']:.1%} running, {summary['wait_share']:.1%} waiting, "
         f"{summary['other_share']:.1%} between tasks",
-        f"  {'op kind':<24} {'tasks':>6} {'us/task':>8} {'running':>8} {'waiting':>8} {'GB/s in task':>13}",
+        f"  {'op kind':<24} {'tasks':>6} {'us/task':>8} {'running':>8} {'waiting':>8} {'GB/s in task':>13} "
+        f"{'wake us':>8} {'op span us':>10}",
     ]
     for r in summary["kinds"]:
         lines.append(f"  {r['kind']:<24} {r['tasks_per_step']:>6} {r['run_us_per_task']:>8.2f} "
-                     f"{r['run_share']:>8.1%} {r['wait_share']:>8.1%} {r['run_gbps'] / 1e9:>13.0f}")
+                     f"{r['run_share']:>8.1%} {r['wait_share']:>8.1%} {r['run_gbps'] / 1e9:>13.0f} "
+                     f"{r.get('wake_us', 0.0):>8.2f} {r.get('op_span_us', 0.0):>10.2f}")
     return "\n".join(lines)

@@ -2,62 +2,37 @@
 
 Each SM's queue is replayed step after step; at every point a seeded random SM among those whose
 head task's event has fired runs next, so steps overlap exactly as far as the events allow.
-A task sees views of exactly the regions it declared. Activations and the KV cache start as NaN
-(int tensors as a huge negative), so a read of anything the graph did not order before it shows.
+A task sees views of exactly the regions it declared, bound by role. Activations and the KV cache
+start poisoned (`mpk.execution.allocate`), so a read of anything the graph did not order before it
+shows.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 from typing import Callable
 
 import torch
 
 from mpk.errors import MpkError
+from mpk.execution import Executor, RunResult, allocate, check_steps, per_sequence_limits
+from mpk.graph import TOKENS, tensor_name
 from mpk.ops import OP_KINDS
 from mpk.taskgraph import TaskGraph
 
-INT_POISON = -(2**62)
-
-StepCallback = Callable[[int, dict[str, torch.Tensor]], bool]
-
-
-def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], dtype: torch.dtype,
-             device="cpu") -> dict[str, torch.Tensor]:
-    """Buffers for every tensor of the graph: given weights and meta, poisoned activations and state.
-
-    The CPU executor and the GPU runtime share it, so both start from the same poisoned state.
-    """
-    dtypes = {"model": dtype, "float32": torch.float32, "int64": torch.int64}
-    bufs = {}
-    for name, spec in tg.tensors.items():
-        want = dtypes[spec.dtype]
-        if spec.kind in ("weight", "meta"):
-            given = (weights if spec.kind == "weight" else meta).get(name)
-            if given is None:
-                raise MpkError(f"no value given for {spec.kind} tensor {name!r} of shape {spec.shape}")
-            if tuple(given.shape) != spec.shape:
-                raise MpkError(f"{spec.kind} tensor {name!r} has shape {tuple(given.shape)}, the graph needs {spec.shape}")
-            bufs[name] = given.to(device=device, dtype=want).contiguous()
-        elif want == torch.int64:
-            bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want, device=device)
-        else:
-            bufs[name] = torch.full(spec.shape, float("nan"), dtype=want, device=device)
-    return bufs
+# step_done(step, buffers) after every sampling task of a step has run; True stops after that step.
+StepDone = Callable[[int, dict[str, torch.Tensor]], bool]
 
 
 def _view(buf: torch.Tensor, box) -> torch.Tensor:
     return buf[tuple(slice(a, b) for a, b in box)]
 
 
-def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, on_step: StepCallback | None = None,
-        seed: int = 0) -> int:
-    """Execute `num_steps` decode steps; returns the number run.
-
-    `on_step(step, bufs)` is called once every sampling task of a step has run (the step's tokens
-    are then in the `tokens` buffers and its logits complete); returning True stops after that step.
-    """
+def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, step_done: StepDone | None = None,
+        seed: int = 0, first_step: int = 0) -> int:
+    """Execute decode steps [first_step, first_step + num_steps); returns the number run."""
     rng = random.Random(seed)
     counters = [0] * len(tg.events)
     head = [0] * tg.num_queues  # position in the queue, counting across steps
@@ -93,9 +68,8 @@ def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, on_step: S
         if task is None:  # the run was stopped early after this queue was parked
             continue
         op = tg.ops[task.op]
-        reads = [_view(bufs[r.tensor], r.box) for r in task.reads]
-        writes = [_view(bufs[w.tensor], w.box) for w in task.writes]
-        OP_KINDS[op.kind].run(op, task.tile, reads, writes, step)
+        views = {r.role: _view(bufs[r.tensor], r.box) for r in task.reads + task.writes}
+        OP_KINDS[op.kind].run(op, task.tile, views, first_step + step)
         head[q] += 1
         for e in task.signals:
             counters[e] += 1
@@ -110,7 +84,7 @@ def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, on_step: S
                 waiting[e] = still
         if op.kind == "sample":
             samples_done[step] += 1
-            if samples_done[step] == sample_tasks and on_step is not None and on_step(step, bufs):
+            if samples_done[step] == sample_tasks and step_done is not None and step_done(first_step + step, bufs):
                 steps = step + 1
         park(q)
 
@@ -130,3 +104,45 @@ def _stall_report(tg, counters, queues, task_at, threshold) -> str:
         )
     more = f" and {len(queues) - 4} more" if len(queues) > 4 else ""
     return "; ".join(parts) + more
+
+
+class CpuExecutor(Executor):
+    """The CPU executor behind the same run shape as the megakernel (`mpk.execution.Executor`)."""
+
+    def __init__(self, tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], seed: int = 0):
+        self.tg, self.seed = tg, seed
+        self.buffers = allocate(tg, weights, meta)
+
+    def run(self, num_steps, max_new_tokens=None, on_step=None, *, first_step=0, eos_token_ids=None,
+            collect_logits=False) -> RunResult:
+        tg = self.tg
+        check_steps(tg, first_step, num_steps)
+        limits = per_sequence_limits(tg.batch, max_new_tokens)
+        eos = set(tg.model.get("eos_token_ids", ()) if eos_token_ids is None else eos_token_ids)
+        if first_step == 0:
+            self.restart_tokens()
+        prompt_len = self.prompt_lengths()
+        finished = [False] * tg.batch
+        tokens: list[list[int]] = []
+        logits: list[torch.Tensor] = []
+        token_buf = self.buffers[tensor_name(0, tg.tp_size, TOKENS)]
+
+        def step_done(step: int, bufs) -> bool:
+            toks = token_buf.tolist()
+            tokens.append(toks)
+            if collect_logits:
+                logits.append(self.logits())
+            # The kernel's rule: new tokens start at the prompt's last position.
+            for b, tok in enumerate(toks):
+                made = step - prompt_len[b] + 2
+                if made >= 1 and (tok in eos or (limits[b] is not None and made >= limits[b])):
+                    finished[b] = True
+            asked = on_step is not None and bool(on_step(step, toks))
+            return asked or all(finished)
+
+        t0 = time.perf_counter()
+        steps = run(tg, self.buffers, num_steps, step_done, self.seed, first_step)
+        return RunResult(tokens, steps, time.perf_counter() - t0, steps < num_steps, logits)
+
+    def close(self) -> None:
+        self.buffers = {}

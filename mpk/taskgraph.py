@@ -5,7 +5,9 @@ tensors, ops (one fused decode operator each), tasks (one tile of one op, run by
 regions it reads and writes), events (counters that order tasks), and per-SM queues.
 
 Conventions
-- A box is a tuple of `(start, stop)` per dimension. A region is `(tensor name, box)`.
+- A box is a tuple of `(start, stop)` per dimension. A region is `(tensor name, box)` plus the
+  role (operand name of its op kind, e.g. "weight") under which the task touches it.
+- Tensor dtypes are explicit names of `mpk.dtypes.DTYPES`; `precision` says which were chosen.
 - Task ids are positions in one global topological order; `queues[q]` lists task ids in that order.
   Queue `q` belongs to GPU rank `q // num_sms`, SM `q % num_sms`.
 - Event `e` is a monotonic counter. Each producer task adds 1 per step. A consumer in step `s`
@@ -28,6 +30,7 @@ TENSOR_KINDS = ("weight", "activation", "state", "meta")
 class Region:
     tensor: str
     box: Box
+    role: str = ""
 
     def __str__(self) -> str:
         return f"{self.tensor}[{', '.join(f'{a}:{b}' for a, b in self.box)}]"
@@ -38,11 +41,20 @@ class TensorSpec:
     name: str
     kind: str  # one of TENSOR_KINDS
     shape: tuple[int, ...]
-    dtype: str  # "model" (the model's compute dtype), "float32" or "int64"
+    dtype: str  # a key of mpk.dtypes.DTYPES
     rank: int = 0  # the GPU that owns it
 
     def full_box(self) -> Box:
         return tuple((0, n) for n in self.shape)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The element types a program was built with: weights, activations (and GEMV inputs), KV cache."""
+
+    weights: str = "bfloat16"
+    activations: str = "float32"
+    kv_cache: str = "float32"
 
 
 @dataclass
@@ -54,6 +66,10 @@ class OpSpec:
     params: dict = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)  # role -> tensor name
     outputs: dict[str, str] = field(default_factory=dict)
+
+    def tensor(self, role: str) -> str:
+        """The tensor bound to operand `role`."""
+        return self.inputs[role] if role in self.inputs else self.outputs[role]
 
 
 @dataclass
@@ -93,13 +109,11 @@ class TaskGraph:
     events: list[Event]
     queues: list[list[int]]
     stats: dict = field(default_factory=dict)  # compiler facts for `mpk inspect` (fusion, cost)
+    precision: Precision = field(default_factory=Precision)
 
     @property
     def num_queues(self) -> int:
         return self.tp_size * self.num_sms
-
-    def op_of(self, task: Task) -> OpSpec:
-        return self.ops[task.op]
 
     def describe_task(self, tid: int) -> str:
         t = self.tasks[tid]
@@ -119,7 +133,7 @@ class TaskGraph:
             return tuple(tuple(r) for r in b)
 
         def region(r):
-            return Region(r["tensor"], box(r["box"]))
+            return Region(r["tensor"], box(r["box"]), r["role"])
 
         tensors = {
             t["name"]: TensorSpec(t["name"], t["kind"], tuple(t["shape"]), t["dtype"], t["rank"]) for t in d["tensors"]
@@ -136,4 +150,5 @@ class TaskGraph:
             model=d["model"], batch=d["batch"], max_seq_len=d["max_seq_len"], tp_size=d["tp_size"],
             num_sms=d["num_sms"], tensors=tensors, ops=[OpSpec(**o) for o in d["ops"]], tasks=tasks,
             events=[Event(**e) for e in d["events"]], queues=d["queues"], stats=d.get("stats", {}),
+            precision=Precision(**d["precision"]),
         )

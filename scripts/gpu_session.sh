@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One GPU-machine session: the GPU tests and `mpk bench` for the models the perf log tracks.
-#   scripts/gpu_session.sh           # both (~10 min on an H100): test log, bench, then both tables last
+# One GPU-machine session: the GPU tests, `mpk bench` and `mpk bench-op` for the models the perf log tracks.
+#   scripts/gpu_session.sh           # all three (~14 min on an H100): logs, then the three tables last
 #   scripts/gpu_session.sh tests     # tests/gpu + codegen builds, table last (~5 min)
 #   scripts/gpu_session.sh bench     # mpk bench: qwen3-8b and llama-3.2-1b, batch 1 and 4 (~6 min)
+#   scripts/gpu_session.sh ops       # mpk bench-op: every task template alone, OPS_MODELS at batch 1 and 4 (~4 min)
 # Bench knobs: STEPS (64), BACKENDS (all four), ACTIVATIONS (the CLI's default, float32), MPK_GEMV.
+# bench-op knobs: OPS_MODELS (qwen3-8b llama-3.2-1b qwen3-0.6b), OPS (--op kinds, comma-separated), CONTEXT (4096),
+# ACTIVATIONS.
 # Logs and JSON go to $OUT when set (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +29,18 @@ run_bench() {
   return $status
 }
 
+run_ops() {
+  local status=0
+  for model in ${OPS_MODELS:-qwen3-8b llama-3.2-1b qwen3-0.6b}; do
+    for batch in 1 4; do
+      python3 -m mpk.cli bench-op "$model" --batch "$batch" ${OPS:+--op "$OPS"} ${CONTEXT:+--context "$CONTEXT"} \
+        ${ACTIVATIONS:+--activations "$ACTIVATIONS"} --json \
+        > "$out/ops-$model-b$batch.json" 2> "$out/ops-$model-b$batch.err" || { status=1; tail -3 "$out/ops-$model-b$batch.err"; }
+    done
+  done
+  return $status
+}
+
 print_test_table() {  # gpu_check.sh ends with the table and the pytest status
   grep -E "FAILED|ERROR|passed|failed" "$out/gpu_tests.log" | tail -8
   sed -n '/^check /,$p' "$out/gpu_tests.log"
@@ -43,13 +58,27 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/bench-*.json")):
 PY
 }
 
+print_ops_tables() {
+  python3 - "$out" <<'PY'
+import glob, json, sys
+from mpk.opbench.report import format_op_bench
+for path in sorted(glob.glob(f"{sys.argv[1]}/ops-*.json")):
+    try:
+        print(format_op_bench(json.load(open(path))))
+    except (ValueError, KeyError):
+        print(f"{path}: no result")
+PY
+}
+
 case "${1:-all}" in
   tests) run_tests; t=$?; print_test_table; exit $t ;;
   bench) run_bench; b=$?; print_bench_tables; exit $b ;;
+  ops) run_ops; o=$?; print_ops_tables; exit $o ;;
   all)
     run_tests; t=$?
     run_bench; b=$?
-    echo; print_test_table; echo; print_bench_tables
-    exit $(( t || b )) ;;
-  *) echo "usage: $0 [all|tests|bench]" >&2; exit 2 ;;
+    run_ops; o=$?
+    echo; print_test_table; echo; print_bench_tables; echo; print_ops_tables
+    exit $(( t || b || o )) ;;
+  *) echo "usage: $0 [all|tests|bench|ops]" >&2; exit 2 ;;
 esac

@@ -10,15 +10,17 @@ import textwrap
 import numpy as np
 import pytest
 
-from mpk.codegen import OP_ARGS, OP_DTYPE, TASK_DTYPE, build_tables, generate_source, graph_variants, op_table
+from mpk.codegen import generate_source, graph_variants
 from mpk.compiler import compile_model, compile_program
 from mpk.errors import MpkError
 from mpk.graph import build_decode_program
 from mpk.models.config import ModelConfig
 from mpk.models.presets import get_preset
+from mpk.ops import OP_KINDS
 import mpk.runtime.build as build_mod
+from mpk.runtime.abi import OP_DTYPE, TASK_DTYPE, Abi, Params, load_library
 from mpk.runtime.build import build, find_nvcc
-from mpk.runtime.megakernel import _Params
+from mpk.runtime.tables import build_tables, op_table
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -41,20 +43,36 @@ def tg():
     return graph()
 
 
+def names(variants) -> set[str]:
+    return {str(v) for v in variants}
+
+
 def test_source_has_one_case_per_variant(tg):
     variants, op_variant, _ = graph_variants(tg)
     src = generate_source(tg)
     assert len(variants) == len(set(variants))
     for i, v in enumerate(variants):
-        assert f"using V{i} = {v};" in src
+        assert f"using V{i} = {v.template}<{', '.join((f'S{i}',) + v.args)}>;" in src
         assert f"case {i}: V{i}::run(t, op, smem); break;" in src
     assert src.count("case ") == len(variants)
     # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct.
-    assert {v.split("<")[0] for v in variants} == {
+    assert {v.template for v in variants} == {
         "Embed", "RmsnormLinear", "QkNormRopeAppend", "AttentionSplit", "AttentionMerge", "LinearResidual",
         "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
-    assert "LinearResidual<2, 64, ActF32>" in variants and "LinearResidual<2, 98, ActF32>" in variants
-    assert "RmsnormLinear<2, 60, false, ActF32>" in variants and "QkNormRopeAppend<2, 16, true, ActF32>" in variants
+    assert {"LinearResidual<2, 64, ActF32, 2>", "LinearResidual<2, 98, ActF32, 2>"} <= names(variants)
+    assert {"RmsnormLinear<2, 60, false, ActF32, 2>", "QkNormRopeAppend<2, 16, true, ActF32>"} <= names(variants)
+
+
+def test_slots_name_every_operand_and_scalar_of_the_op_kind(tg):
+    """The generated Slots struct of each variant is the op kind's roles in order, then its scalars."""
+    variants, op_variant, op_args = graph_variants(tg)
+    src = generate_source(tg)
+    for op, vi, args in zip(tg.ops, op_variant, op_args):
+        v = variants[vi]
+        assert list(v.ptrs) == OP_KINDS[op.kind].roles(op)
+        assert args.ptrs == tuple({**op.inputs, **op.outputs}.get(r) for r in v.ptrs)
+        assert f"enum Ptr : int {{ {', '.join(v.ptrs)} }};" in src
+        assert len(args.ints) == len(v.ints) and len(args.floats) == len(v.floats)
 
 
 def test_layers_share_variants_and_source_ignores_run_time_sizes():
@@ -64,17 +82,17 @@ def test_layers_share_variants_and_source_ignores_run_time_sizes():
     assert generate_source(graph(batch=3)) != small  # batch sizes GEMV registers
     big = build_decode_program(QWEN3_8B, 1, 4096, 1, 132)
     variants, _, _ = graph_variants(compile_program(big))
-    assert len(variants) == 10 and len(generate_source(compile_program(big))) < 4000
+    assert len(variants) == 10 and len(generate_source(compile_program(big))) < 6000
 
 
 def test_flags_pick_variants():
     variants, _, _ = graph_variants(graph(tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)))
-    assert "RmsnormLinear<2, 60, true, ActF32>" in variants and "QkNormRopeAppend<2, 16, false, ActF32>" in variants
+    assert {"RmsnormLinear<2, 60, true, ActF32, 2>", "QkNormRopeAppend<2, 16, false, ActF32>"} <= names(variants)
 
 
 def test_tables_mirror_the_graph(tg):
     t = build_tables(tg)
-    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(_Params) == 24 * 8
+    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 24 * 8
     _, op_variant, _ = graph_variants(tg)
     assert len(t.tasks) == len(tg.tasks)
     for i, task in enumerate(tg.tasks):
@@ -92,18 +110,24 @@ def test_tables_mirror_the_graph(tg):
 
 def test_op_table_fills_pointer_slots_by_role(tg):
     t = build_tables(tg)
+    variants, op_variant, _ = graph_variants(tg)
     addr = {name: 4096 * (i + 1) for i, name in enumerate(tg.tensors)}
     table = op_table(t.op_args, addr.__getitem__)
     for i, op in enumerate(tg.ops):
         roles = {**op.inputs, **op.outputs}
-        for slot, role in enumerate(OP_ARGS[op.kind]):
+        for slot, role in enumerate(variants[op_variant[i]].ptrs):
             assert table[i]["ptr"][slot] == (addr[roles[role]] if role in roles else 0), (op.name, role)
-    qkv = next(i for i, op in enumerate(tg.ops) if op.kind == "rmsnorm_linear")
-    assert table[qkv]["ptr"][3] == 0  # no qkv bias in this model
-    lm = next(i for i, op in enumerate(tg.ops) if op.kind == "rmsnorm_lm_head_argmax")
-    assert table[lm]["i"][:4].tolist() == [128, 16, 8, 0] and np.isclose(table[lm]["f"][0], 1e-6)
-    attn = next(i for i, op in enumerate(tg.ops) if op.kind == "attention_split")
-    assert table[attn]["i"][:5].tolist() == [2, 40, 2, 20, 0]
+
+    def scalars(kind):
+        i = next(i for i, op in enumerate(tg.ops) if op.kind == kind)
+        v = variants[op_variant[i]]
+        return (dict(zip(v.ints, table[i]["i"].tolist())), dict(zip(v.floats, table[i]["f"].tolist())),
+                dict(zip(v.ptrs, table[i]["ptr"].tolist())))
+
+    assert scalars("rmsnorm_linear")[2]["bias"] == 0  # no qkv bias in this model
+    ints, floats, _ = scalars("rmsnorm_lm_head_argmax")
+    assert ints == {"vocab": 128, "tile": 16, "n_tiles": 8, "vocab_start": 0} and np.isclose(floats["eps"], 1e-6)
+    assert scalars("attention_split")[0] == {"groups": 2, "seq": 40, "splits": 2, "chunk": 20, "window": 0}
 
 
 def test_tensor_parallel_graphs_are_rejected():
@@ -143,13 +167,17 @@ def test_tiny_kernel_builds_and_the_second_build_is_a_cache_hit(tg, tmp_path, mo
 
     monkeypatch.setattr(build_mod, "_compile", no_compile)
     assert build(src, "sm_90a", debug=False, cache=tmp_path) == so
-    # The .so's ABI matches the Python mirrors (loading needs no GPU).
-    lib = ctypes.CDLL(str(so))
-    lib.mpk_variants.restype = ctypes.c_char_p
-    assert lib.mpk_params_size() == ctypes.sizeof(_Params)
-    assert lib.mpk_task_desc_size() == TASK_DTYPE.itemsize and lib.mpk_op_desc_size() == OP_DTYPE.itemsize
-    assert lib.mpk_variants().decode().split(";") == build_tables(tg).variants
+    # The .so's ABI matches the Python mirrors (loading needs no GPU; load_library checks the sizes).
+    from mpk.codegen import variants_signature
+
+    lib = load_library(so)
+    assert lib.mpk_variants().decode() == variants_signature(build_tables(tg).variants)
     assert lib.mpk_num_threads() == 256 and lib.mpk_smem_bytes() > 0
+    abi = Abi(lib)
+    assert (abi.kCtlWords, abi.kFlagWords, abi.kProgressWords) == (4, 4, 8)
+    assert len({abi.kStateIdle, abi.kStateWaiting, abi.kStateDone, abi.kStateStopped, abi.kStateAborted}) == 5
+    with pytest.raises(AttributeError, match="exports no constant"):
+        abi.kNoSuchThing
 
 
 @needs_nvcc
@@ -218,21 +246,42 @@ def test_build_failure_names_the_error_and_the_log(tmp_path):
         build('#include "mpk_host.cuh"\nthis is not C++;\n', "sm_90a", debug=False, cache=tmp_path)
 
 
-def test_prefetch_table_covers_the_head_of_each_weight_tile():
-    from mpk.codegen import PREFETCH_MAX_BYTES, prefetch_table
+def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_l2():
+    from mpk.runtime.tables import PREFETCH_MAX_BYTES, head_rows_align, prefetch_table
 
     cfg = ModelConfig("LlamaForCausalLM", vocab_size=1000, hidden_size=512, intermediate_size=1408, num_layers=1,
                       num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=256)
     tg = compile_model(cfg, batch=1, max_seq_len=64, num_sms=4, verify=False)
     base = {name: (i + 1) << 32 for i, name in enumerate(tg.tensors)}
-    table = prefetch_table(tg, base.__getitem__)
+    head_limit = 40 * 1024
+    table = prefetch_table(tg, base.__getitem__, head_limit=head_limit, l2_limit=PREFETCH_MAX_BYTES)
+    seen_head = seen_tail = False
     for t in tg.tasks:
         op = tg.ops[t.op]
-        addr, size = (int(v) for v in table[t.id])
+        head_addr, head, l2_addr, l2 = (int(v) for v in table[t.id])
         if op.kind in ("embed", "sample", "attention_split", "attention_merge", "qk_norm_rope_append"):
-            assert size == 0
+            assert head == l2 == 0
             continue
         weight = op.inputs["weight"]
-        (r0, r1), k = t.reads[[r.tensor for r in t.reads].index(weight)].box[0], tg.tensors[weight].shape[1]
-        assert addr == base[weight] + r0 * k * 2
-        assert size == min((r1 - r0) * k * 2, PREFETCH_MAX_BYTES) // 16 * 16
+        (r0, r1), k = next(r for r in t.reads if r.role == "weight").box[0], tg.tensors[weight].shape[1]
+        row = k * 2
+        rows = min(r1 - r0, head_limit // row) // head_rows_align(1) * head_rows_align(1)
+        assert head_addr == base[weight] + r0 * row and head == rows * row <= head_limit
+        assert l2_addr == head_addr + head and l2 == min((r1 - r0) * row - head, PREFETCH_MAX_BYTES) // 16 * 16
+        seen_head |= head > 0
+        seen_tail |= l2 > 0
+    assert seen_head and seen_tail
+
+
+@needs_nvcc
+def test_a_template_reading_an_undeclared_slot_does_not_build(tg, tmp_path):
+    """Slots are names the op kind declares: drop one and the template that reads it fails to compile."""
+    from dataclasses import replace
+
+    from mpk.codegen import render_source
+
+    variants, _, _ = graph_variants(tg)
+    i = next(i for i, v in enumerate(variants) if v.template == "RmsnormLinear")
+    variants[i] = replace(variants[i], ptrs=tuple(r for r in variants[i].ptrs if r != "bias"))
+    with pytest.raises(MpkError, match="nvcc failed.*bias"):
+        build(render_source(variants), "sm_90a", debug=False, cache=tmp_path)

@@ -11,7 +11,7 @@ import torch
 from mpk import memory
 from mpk.compiler import compile_model
 from mpk.models import resolve_model
-from mpk.models.fuse import fuse_weights
+from mpk.inputs import fuse_weights
 from mpk.models.presets import PRESETS
 from test_cli import assert_one_line_error, run_cli
 

@@ -14,7 +14,7 @@ from mpk.graph import build_decode_program, shard_of
 from mpk.models import PRESETS, resolve_model
 from mpk.models.checkpoint import check_checkpoint_header, expected_shapes, load_checkpoint
 from mpk.models.config import ModelConfig
-from mpk.models.fuse import fuse_weights
+from mpk.inputs import fuse_weights
 from mpk.models.presets import get_preset, random_weights
 from mpk.models.reference import ReferenceModel
 from mpk.models.tokenizer import load_tokenizer

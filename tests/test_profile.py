@@ -62,10 +62,39 @@ def test_trace_summary_splits_sm_time_into_running_waiting_and_between():
         assert abs(r["run_share"] - count[k] * run / sm_ns) < 1e-9
         assert abs(r["wait_share"] - (count[k] * 200 / sm_ns if k == first_kind else 0)) < 1e-9
         kind_bytes = sum(t.bytes for t in tg.tasks if tg.ops[t.op].kind == k)
-        assert abs(r["run_gbps"] - kind_bytes / (count[k] * run) * tg.num_queues) < 1e-6
+        assert r["run_gbps"] == pytest.approx(kind_bytes / (count[k] * run * 1e-9) * tg.num_queues)
     assert abs(summary["step_us"] - (longest * slot - 100) / 1e3) < 1e-9
     assert abs(summary["run_share"] + summary["wait_share"] + summary["other_share"] - 1) < 1e-12
     text = format_trace_summary(summary)
     assert first_kind in text and "waiting" in text
     with pytest.raises(ValueError, match="two fully recorded steps"):
         summarize_trace(tg, spans[:1])
+
+
+def test_wake_latency_is_from_the_last_producer_end_to_the_consumer_start():
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
+    steps = 3
+    # Tasks run in id order (a topological order), 1000 ns apart and 600 ns long: a consumer starts
+    # (own id - last producer id) * 1000 - 600 ns after its last producer ended.
+    spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
+    for s in range(steps):
+        for t in range(len(tg.tasks)):
+            clock = 10_000_000 + (s * len(tg.tasks) + t) * 1000
+            spans[s, t] = torch.tensor([clock - 10**6, clock, clock + 600])  # every task is already waiting
+    summary = summarize_trace(tg, spans)
+    for r in summary["kinds"]:
+        want = []
+        for t in tg.tasks:
+            ev = tg.events[t.wait] if t.wait >= 0 else None
+            if tg.ops[t.op].kind == r["kind"] and ev is not None and ev.lag == 0:
+                want.append((t.id - max(ev.producers)) * 1000 - 600)
+        if want:
+            assert r["wake_us"] == pytest.approx(float(torch.tensor(want, dtype=torch.float64).median()) / 1e3)
+        ops = [t for t in tg.tasks if tg.ops[t.op].kind == r["kind"]]
+        by_op = {}
+        for t in ops:
+            by_op.setdefault(t.op, []).append(t.id)
+        spans_us = [((max(ids) - min(ids)) * 1000 + 600) / 1e3 for ids in by_op.values()]
+        assert r["op_span_us"] == pytest.approx(float(torch.tensor(spans_us, dtype=torch.float64).median()))

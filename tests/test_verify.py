@@ -27,9 +27,9 @@ def chain(queues=((0, 2, 4), (1, 3))) -> TaskGraph:
     """
     tensors = [
         TensorSpec("tokens", "meta", (1,), "int64"),
-        TensorSpec("emb", "weight", (16, 8), "model"),
-        TensorSpec("h", "activation", (1, 8), "model"),
-        TensorSpec("y", "activation", (1, 8), "model"),
+        TensorSpec("emb", "weight", (16, 8), "bfloat16"),
+        TensorSpec("h", "activation", (1, 8), "bfloat16"),
+        TensorSpec("y", "activation", (1, 8), "bfloat16"),
     ]
     ops = [OpSpec("embed", "embed", 0, None), OpSpec("mlp", "mlp", 0, 0), OpSpec("sample", "sample", 0, None)]
     tasks = [
@@ -131,7 +131,7 @@ def test_write_to_weight_is_rejected():
 def with_scratch(queues) -> TaskGraph:
     """Both mlp tiles also write all of `acc`, which sample reads: ordered only if on one queue."""
     tg = chain(queues)
-    tg.tensors["acc"] = TensorSpec("acc", "activation", (1, 8), "model")
+    tg.tensors["acc"] = TensorSpec("acc", "activation", (1, 8), "bfloat16")
     for tid in (2, 3):
         tg.tasks[tid].writes.append(Region("acc", ((0, 1), (0, 8))))
     tg.tasks[4].reads.append(Region("acc", ((0, 1), (0, 8))))
@@ -164,7 +164,7 @@ def test_activation_read_before_anything_wrote_it():
 
 def test_counter_signal_of_the_next_step_cannot_stand_in():
     """Event 0 orders c after a and b without data; a can run ahead and signal for step 1 early."""
-    tensors = [TensorSpec("u", "activation", (2,), "model")]
+    tensors = [TensorSpec("u", "activation", (2,), "bfloat16")]
     ops = [OpSpec("a", "x", 0, None), OpSpec("b", "x", 0, None), OpSpec("c", "x", 0, None)]
     tasks = [
         task(0, 0, (0,), [], [("u", ((0, 1),))], signals=[0]),
@@ -191,8 +191,8 @@ def layered(layers: int = 8, width: int = 12, num_queues: int = 5) -> TaskGraph:
 
     for layer in range(layers):
         act, cols = f"act{layer}", width * 4
-        tensors += [TensorSpec(act, "activation", (1, cols), "model"),
-                    TensorSpec(f"w{layer}", "weight", (cols, cols), "model")]
+        tensors += [TensorSpec(act, "activation", (1, cols), "bfloat16"),
+                    TensorSpec(f"w{layer}", "weight", (cols, cols), "bfloat16")]
         ops.append(OpSpec(f"layer{layer}", "x", 0, layer))
         base = layer * width
         if layer == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from mpk import defaults
 from mpk.compiler.events import find_producers, fuse_and_linearize
 from mpk.compiler.lower import lower
 from mpk.compiler.schedule import CostModel, schedule
@@ -25,13 +26,15 @@ def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
         model={"name": prog.cfg.name, **prog.cfg.to_dict()},
         batch=prog.batch, max_seq_len=prog.max_seq_len, tp_size=prog.tp_size, num_sms=prog.num_sms,
         tensors=prog.tensors, ops=prog.ops, tasks=tasks, events=events, queues=queues, stats=stats,
+        precision=prog.precision,
     )
 
 
-def compile_model(cfg: ModelConfig, batch: int = 1, max_seq_len: int = 4096, tp_size: int = 1, num_sms: int = 132,
-                  verify: bool = True, activations: str = DEFAULT_ACTIVATIONS) -> TaskGraph:
+def compile_model(cfg: ModelConfig, batch: int = 1, max_seq_len: int = defaults.MAX_SEQ_LEN, tp_size: int = 1,
+                  num_sms: int = defaults.NUM_SMS, verify: bool = True, activations: str = DEFAULT_ACTIVATIONS,
+                  weights: str = "bfloat16") -> TaskGraph:
     """The verified decode-step TaskGraph of a model. Raises VerificationError if a check fails."""
-    tg = compile_program(build_decode_program(cfg, batch, max_seq_len, tp_size, num_sms, activations))
+    tg = compile_program(build_decode_program(cfg, batch, max_seq_len, tp_size, num_sms, activations, weights))
     if verify:
         from mpk.compiler.verify import verify as run_verifier
 

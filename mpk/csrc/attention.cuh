@@ -23,26 +23,25 @@ template <int HD> struct HeadLanes {
 };
 
 // qk_norm_rope_append: q = rope(norm(q)); k = rope(norm(k)); append k, v at row `step` of the cache.
-// ptr {qkv, cos, sin, q_norm, k_norm, q, k_cache, v_cache}; i {G, S}; f {eps}
-template <int QPK, int HD, bool QKNORM, class A> struct QkNormRopeAppend {
+template <class S, int QPK, int HD, bool QKNORM, class A> struct QkNormRopeAppend {
   using T = typename A::T;
   static constexpr int SMEM = kWarps * HD * 4;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const T* qkv = static_cast<const T*>(op.ptr[0]);
-    const float* cos_t = static_cast<const float*>(op.ptr[1]);
-    const float* sin_t = static_cast<const float*>(op.ptr[2]);
-    const bf16* q_norm = static_cast<const bf16*>(op.ptr[3]);
-    const bf16* k_norm = static_cast<const bf16*>(op.ptr[4]);
-    T* q_out = static_cast<T*>(op.ptr[5]);
-    T* k_cache = static_cast<T*>(op.ptr[6]);
-    T* v_cache = static_cast<T*>(op.ptr[7]);
-    const int G = static_cast<int>(op.i[0]), S = static_cast<int>(op.i[1]);
+    const T* qkv = op.arg<const T>(S::qkv);
+    const float* cos_t = op.arg<const float>(S::cos);
+    const float* sin_t = op.arg<const float>(S::sin);
+    const bf16* q_norm = op.arg<const bf16>(S::q_norm);
+    const bf16* k_norm = op.arg<const bf16>(S::k_norm);
+    T* q_out = op.arg<T>(S::q);
+    T* k_cache = op.arg<T>(S::k_cache);
+    T* v_cache = op.arg<T>(S::v_cache);
+    const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
     const int b = t.tile[0], g = t.tile[1];
     const long long step = t.step;
-    MPK_ASSERT(g < G && step < S);
+    MPK_ASSERT(g < G && step < seq);
     constexpr int H2 = HD / 2;
     const T* src = qkv + (static_cast<size_t>(b) * G + g) * (QPK + 2) * HD;
-    const size_t kv_row = ((static_cast<size_t>(b) * S + step) * G + g) * HD;
+    const size_t kv_row = ((static_cast<size_t>(b) * seq + step) * G + g) * HD;
     float* buf = reinterpret_cast<float*>(smem) + warp_id() * HD;
     for (int h = warp_id(); h < QPK + 2; h += kWarps) {
       const T* x = src + h * HD;
@@ -57,7 +56,7 @@ template <int QPK, int HD, bool QKNORM, class A> struct QkNormRopeAppend {
         ss += v * v;
       }
       if constexpr (QKNORM) {
-        const float inv = rsqrtf(warp_sum(ss) / HD + op.f[0]);
+        const float inv = rsqrtf(warp_sum(ss) / HD + op.f[S::eps]);
         const bf16* nw = h < QPK ? q_norm : k_norm;
         for (int d = lane_id(); d < HD; d += 32) buf[d] = A::round(to_f(__ldg(nw + d)) * A::round(buf[d] * inv));
       }
@@ -78,25 +77,24 @@ template <int QPK, int HD, bool QKNORM, class A> struct QkNormRopeAppend {
 // attention_split: softmax attention of group g's query heads over KV rows [max(c0, lo), min(c1, step+1))
 // with online softmax per warp, then a merge of the 8 warps. Writes the split's normalised output and
 // log-sum-exp; an empty split writes zeros and -inf (the merge gives it weight 0).
-// ptr {q, k_cache, v_cache, part, lse}; i {G, S, splits, chunk, window}; f {scale}
-template <int QPK, int HD, class A> struct AttentionSplit {
+template <class S, int QPK, int HD, class A> struct AttentionSplit {
   using L = HeadLanes<HD>;
   static constexpr int E = L::E;
   static constexpr int SMEM = align16(2 * kWarps * QPK * 4) + kWarps * QPK * HD * 4;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     using T = typename A::T;
-    const T* q = static_cast<const T*>(op.ptr[0]);
-    const T* k_cache = static_cast<const T*>(op.ptr[1]);
-    const T* v_cache = static_cast<const T*>(op.ptr[2]);
-    const int G = static_cast<int>(op.i[0]), S = static_cast<int>(op.i[1]);
-    const int splits = static_cast<int>(op.i[2]), chunk = static_cast<int>(op.i[3]);
-    const long long window = op.i[4];
-    const float scale = op.f[0];
+    const T* q = op.arg<const T>(S::q);
+    const T* k_cache = op.arg<const T>(S::k_cache);
+    const T* v_cache = op.arg<const T>(S::v_cache);
+    const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
+    const int splits = static_cast<int>(op.i[S::splits]), chunk = static_cast<int>(op.i[S::chunk]);
+    const long long window = op.i[S::window];
+    const float scale = op.f[S::scale];
     const int b = t.tile[0], g = t.tile[1], s = t.tile[2];
-    MPK_ASSERT(g < G && s < splits && t.step < S);
-    float* part = static_cast<float*>(op.ptr[3]) + ((static_cast<size_t>(b) * G + g) * splits + s) * QPK * HD;
-    float* lse = static_cast<float*>(op.ptr[4]) + ((static_cast<size_t>(b) * G + g) * splits + s) * QPK;
-    const long long c0 = static_cast<long long>(s) * chunk, c1 = min(static_cast<long long>(S), c0 + chunk);
+    MPK_ASSERT(g < G && s < splits && t.step < seq);
+    float* part = op.arg<float>(S::part) + ((static_cast<size_t>(b) * G + g) * splits + s) * QPK * HD;
+    float* lse = op.arg<float>(S::lse) + ((static_cast<size_t>(b) * G + g) * splits + s) * QPK;
+    const long long c0 = static_cast<long long>(s) * chunk, c1 = min(static_cast<long long>(seq), c0 + chunk);
     const long long lo = window > 0 ? max(0ll, t.step + 1 - window) : 0ll;
     const long long a = max(c0, lo), z = min(c1, t.step + 1);
     if (z <= a) {  // uniform over the CTA
@@ -114,7 +112,7 @@ template <int QPK, int HD, class A> struct AttentionSplit {
       for (int e = 0; e < E; ++e) acc[h][e] = 0.f;
     }
     for (long long j = a + warp; j < z; j += kWarps) {
-      const size_t row = ((static_cast<size_t>(b) * S + j) * G + g) * HD;
+      const size_t row = ((static_cast<size_t>(b) * seq + j) * G + g) * HD;
       float kf[E], vf[E];
       L::load(k_cache + row, kf);
       L::load(v_cache + row, vf);
@@ -161,17 +159,16 @@ template <int QPK, int HD, class A> struct AttentionSplit {
 };
 
 // attention_merge: out = sum over splits of softmax(lse) * part.
-// ptr {part, lse, out}; i {G, splits}
-template <int QPK, int HD, class A> struct AttentionMerge {
+template <class S, int QPK, int HD, class A> struct AttentionMerge {
   static constexpr int SMEM = 0;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
-    const int G = static_cast<int>(op.i[0]), splits = static_cast<int>(op.i[1]);
+    const int G = static_cast<int>(op.i[S::groups]), splits = static_cast<int>(op.i[S::splits]);
     const int b = t.tile[0], g = t.tile[1];
     MPK_ASSERT(g < G);
     const size_t bg = static_cast<size_t>(b) * G + g;
-    const float* part = static_cast<const float*>(op.ptr[0]) + bg * splits * QPK * HD;
-    const float* lse = static_cast<const float*>(op.ptr[1]) + bg * splits * QPK;
-    typename A::T* out = static_cast<typename A::T*>(op.ptr[2]) + bg * QPK * HD;
+    const float* part = op.arg<const float>(S::part) + bg * splits * QPK * HD;
+    const float* lse = op.arg<const float>(S::lse) + bg * splits * QPK;
+    typename A::T* out = op.arg<typename A::T>(S::out) + bg * QPK * HD;
     for (int i = threadIdx.x; i < QPK * HD; i += kThreads) {
       const int h = i / HD;
       float mx = kNegInf;

@@ -16,6 +16,22 @@ namespace mpk {
 using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 256;  // one CTA of 8 warps per SM
+// Dynamic shared memory one CTA may use on the target architecture: the build sets it
+// (mpk/runtime/build.py knows the table).
+#ifndef MPK_SMEM_CAP
+#define MPK_SMEM_CAP (99 * 1024)
+#endif
+constexpr int kSmemCap = MPK_SMEM_CAP;
+// Bulk asynchronous copies into shared memory (sm_90 and newer; the build says).
+#ifndef MPK_BULK_COPY
+#define MPK_BULK_COPY 0
+#endif
+constexpr bool kBulkCopy = MPK_BULK_COPY;
+// Cap on each weight-head buffer in KB (build-time knob; negative: as large as fits). Off by
+// default: on an H200 the heads did not pay (docs/perf.md).
+#ifndef MPK_HEAD_KB
+#define MPK_HEAD_KB 0
+#endif
 constexpr int kWarps = kThreads / 32;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -61,6 +77,15 @@ template <int N> using packed_t = typename Packed<N>::T;
 template <int N> __device__ __forceinline__ packed_t<N> ld_weight(const bf16* p) {
   return __ldg(reinterpret_cast<const packed_t<N>*>(p));
 }
+// A 16-byte load from shared memory (a weight head), through an explicit shared-space address.
+__device__ __forceinline__ uint4 ld_shared16(const void* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))));
+  return v;
+}
+
 // Loads of data other SMs write during the launch (activations, KV cache): coherent path only.
 template <int N> __device__ __forceinline__ packed_t<N> ld_act(const bf16* p) {
   return *reinterpret_cast<const packed_t<N>*>(p);
@@ -125,5 +150,14 @@ __host__ __device__ constexpr int vec_width(int n) { return n % 8 == 0 ? 8 : n %
 __host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
+__host__ __device__ constexpr int align_up(int bytes, int to) { return (bytes + to - 1) / to * to; }
+
+// Bytes of each of the two weight-head buffers of a kernel whose variants need `scratch` bytes:
+// what shared memory has left (less 2 KB for the static part), halved, in whole 4 KB; none below 16 KB.
+__host__ __device__ constexpr int head_buffer_bytes(int scratch) {
+  const int fit = (kSmemCap - scratch - 2048) / 2 / 4096 * 4096;
+  const int capped = MPK_HEAD_KB >= 0 && fit > MPK_HEAD_KB * 1024 ? MPK_HEAD_KB * 1024 / 4096 * 4096 : fit;
+  return kBulkCopy && capped >= 16 * 1024 ? capped : 0;
+}
 
 }  // namespace mpk

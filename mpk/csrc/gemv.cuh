@@ -19,31 +19,30 @@ constexpr bool kGemvMma = false;
 constexpr bool kGemvMma = true;
 #endif
 
-template <int RPC, int B, int K, bool NORM, class A>
+// COLS: the most columns one warp owns in the op's tiles (ceil(tile / kWarps)).
+template <int RPC, int B, int K, bool NORM, class A, int COLS>
 using Gemv = std::conditional_t<kGemvMma && MmaGemv<RPC, B, K, NORM, A>::kUsable, MmaGemv<RPC, B, K, NORM, A>,
-                                SimtGemv<RPC, B, K, NORM, A>>;
+                                SimtGemv<RPC, B, K, NORM, A, COLS>>;
 
-__device__ __forceinline__ void tile_span(const TaskCtx& t, const OpDesc& op, int& c0, int& c1) {
-  const int n = static_cast<int>(op.i[0]), tile = static_cast<int>(op.i[1]);
-  c0 = t.tile[0] * tile;
-  c1 = min(n, c0 + tile);
+// Output columns [c0, c1) of this task, out of n in tiles of `tile`.
+__device__ __forceinline__ void tile_span(const TaskCtx& t, long long n, long long tile, int& c0, int& c1) {
+  c0 = t.tile[0] * static_cast<int>(tile);
+  c1 = min(static_cast<int>(n), c0 + static_cast<int>(tile));
   MPK_ASSERT(c0 < c1);
 }
 
 // rmsnorm_linear: out[:, c0:c1] = rmsnorm(x) @ W[c0:c1]^T (+ bias).
-// ptr {x, norm, weight, bias, out}; i {N, tile}; f {eps}
-template <int B, int K, bool BIAS, class A> struct RmsnormLinear {
-  using G = Gemv<1, B, K, true, A>;
+template <class S, int B, int K, bool BIAS, class A, int COLS> struct RmsnormLinear {
+  using G = Gemv<1, B, K, true, A, COLS>;
   using T = typename A::T;
   static constexpr int SMEM = G::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const bf16* w = static_cast<const bf16*>(op.ptr[2]);
-    const bf16* bias = static_cast<const bf16*>(op.ptr[3]);
-    T* out = static_cast<T*>(op.ptr[4]);
-    const int n = static_cast<int>(op.i[0]);
+    const bf16* bias = op.arg<const bf16>(S::bias);
+    T* out = op.arg<T>(S::out);
+    const int n = static_cast<int>(op.i[S::n]);
     int c0, c1;
-    tile_span(t, op, c0, c1);
-    G::run(static_cast<const T*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), w, c0, c1, op.f[0], smem,
+    tile_span(t, n, op.i[S::tile], c0, c1);
+    G::run(op.arg<const T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1, op.f[S::eps], smem, t,
            [&](int c, const float (&acc)[1][B]) {
       if (lane_id() != 0) return;
       const float add = BIAS ? to_f(__ldg(bias + c)) : 0.f;
@@ -54,18 +53,16 @@ template <int B, int K, bool BIAS, class A> struct RmsnormLinear {
 };
 
 // rmsnorm_gate_up_silu: out[:, c] = silu(gate) * up with gate/up rows 2c, 2c+1 of the fused weight.
-// ptr {x, norm, weight, out}; i {N, tile}; f {eps}
-template <int B, int K, class A> struct RmsnormGateUpSilu {
-  using G = Gemv<2, B, K, true, A>;
+template <class S, int B, int K, class A, int COLS> struct RmsnormGateUpSilu {
+  using G = Gemv<2, B, K, true, A, COLS>;
   using T = typename A::T;
   static constexpr int SMEM = G::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const bf16* w = static_cast<const bf16*>(op.ptr[2]);
-    T* out = static_cast<T*>(op.ptr[3]);
-    const int n = static_cast<int>(op.i[0]);
+    T* out = op.arg<T>(S::out);
+    const int n = static_cast<int>(op.i[S::n]);
     int c0, c1;
-    tile_span(t, op, c0, c1);
-    G::run(static_cast<const T*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), w, c0, c1, op.f[0], smem,
+    tile_span(t, n, op.i[S::tile], c0, c1);
+    G::run(op.arg<const T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1, op.f[S::eps], smem, t,
            [&](int c, const float (&acc)[2][B]) {
       if (lane_id() != 0) return;
 #pragma unroll
@@ -79,19 +76,18 @@ template <int B, int K, class A> struct RmsnormGateUpSilu {
 };
 
 // linear_residual: out[:, c0:c1] = residual[:, c0:c1] + x @ W[c0:c1]^T.
-// ptr {x, weight, residual, out}; i {N, tile}
-template <int B, int K, class A> struct LinearResidual {
-  using G = Gemv<1, B, K, false, A>;
+template <class S, int B, int K, class A, int COLS> struct LinearResidual {
+  using G = Gemv<1, B, K, false, A, COLS>;
   using T = typename A::T;
   static constexpr int SMEM = G::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const bf16* w = static_cast<const bf16*>(op.ptr[1]);
-    const T* res = static_cast<const T*>(op.ptr[2]);
-    T* out = static_cast<T*>(op.ptr[3]);
-    const int n = static_cast<int>(op.i[0]);
+    const T* res = op.arg<const T>(S::residual);
+    T* out = op.arg<T>(S::out);
+    const int n = static_cast<int>(op.i[S::n]);
     int c0, c1;
-    tile_span(t, op, c0, c1);
-    G::run(static_cast<const T*>(op.ptr[0]), nullptr, w, c0, c1, 0.f, smem, [&](int c, const float (&acc)[1][B]) {
+    tile_span(t, n, op.i[S::tile], c0, c1);
+    G::run(op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), c0, c1, 0.f, smem, t,
+           [&](int c, const float (&acc)[1][B]) {
       if (lane_id() != 0) return;
 #pragma unroll
       for (int b = 0; b < B; ++b) act_store(out + b * n + c, act_f(res[b * n + c]) + A::round(acc[0][b]));
@@ -100,26 +96,25 @@ template <int B, int K, class A> struct LinearResidual {
 };
 
 // rmsnorm_lm_head_argmax: logits[:, v0:v1] and the tile's argmax candidate per sequence.
-// ptr {x, norm, weight, logits, cand_val, cand_idx}; i {V, tile, n_tiles, vocab_start}; f {eps}
-template <int B, int K, class A> struct RmsnormLmHeadArgmax {
-  using G = Gemv<1, B, K, true, A>;
+template <class S, int B, int K, class A, int COLS> struct RmsnormLmHeadArgmax {
+  using G = Gemv<1, B, K, true, A, COLS>;
   static constexpr int kBestOffset = G::SMEM;
   static constexpr int SMEM = kBestOffset + align16(kWarps * B * 4) + align16(kWarps * B * 4);
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const bf16* w = static_cast<const bf16*>(op.ptr[2]);
-    float* logits = static_cast<float*>(op.ptr[3]);
-    float* cand_val = static_cast<float*>(op.ptr[4]);
-    long long* cand_idx = static_cast<long long*>(op.ptr[5]);
-    const int vocab = static_cast<int>(op.i[0]), n_tiles = static_cast<int>(op.i[2]);
-    const long long vocab_start = op.i[3];
+    float* logits = op.arg<float>(S::logits);
+    float* cand_val = op.arg<float>(S::cand_val);
+    long long* cand_idx = op.arg<long long>(S::cand_idx);
+    const int vocab = static_cast<int>(op.i[S::vocab]), n_tiles = static_cast<int>(op.i[S::n_tiles]);
+    const long long vocab_start = op.i[S::vocab_start];
     int c0, c1;
-    tile_span(t, op, c0, c1);
+    tile_span(t, vocab, op.i[S::tile], c0, c1);
     MPK_ASSERT(t.tile[0] < n_tiles);
     float best[B];
     int best_at[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) best[b] = kNegInf, best_at[b] = c0;
-    G::run(static_cast<const typename A::T*>(op.ptr[0]), static_cast<const bf16*>(op.ptr[1]), w, c0, c1, op.f[0], smem,
+    G::run(op.arg<const typename A::T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1,
+           op.f[S::eps], smem, t,
            [&](int c, const float (&acc)[1][B]) {
 #pragma unroll
       for (int b = 0; b < B; ++b) {

@@ -6,12 +6,9 @@
 
 namespace mpk {
 
-// Bytes of shared memory for the staged input x: the build sets it per architecture (the largest
-// dynamic shared memory a CTA may use there, less room for the other scratch).
-#ifndef MPK_X_BUDGET
-#define MPK_X_BUDGET (96 * 1024)
-#endif
-constexpr int kXBudget = MPK_X_BUDGET;
+// Bytes of shared memory for the staged input x: what a CTA may use on this architecture, less
+// room for the other scratch (task descriptor, reductions, attention).
+constexpr int kXBudget = kSmemCap - 16 * 1024;
 
 // transformers' RMSNorm: normalise in fp32, round to the activation dtype, scale by the weight, round.
 template <class A> __device__ __forceinline__ float rms_normed(float v, float inv, float w) {
@@ -48,5 +45,66 @@ template <int B, int K, class T> __device__ void row_inv_rms(const T* x, float e
   }
   __syncthreads();
 }
+
+// The input vectors one thread handles in a GEMV prologue, held in registers: vectors
+// i = threadIdx.x + j * kThreads of x's B x (K / VEC) vectors. When they are few (kFits), the
+// prologue reads x once: the RMS statistics and the staging both use these registers, one L2 pass
+// over x instead of two on the path from the event to the first FMA.
+template <int B, int K, int VEC> struct XRegs {
+  static constexpr int NV = K / VEC;
+  static constexpr int PER = (B * NV + kThreads - 1) / kThreads;
+  static constexpr bool kFits = PER <= 2;
+  float f[PER][VEC];
+
+  __device__ static int index(int j) { return threadIdx.x + j * kThreads; }
+
+  template <class T> __device__ void load(const T* x) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = index(j);
+      if (i >= B * NV) break;
+      load_vec<VEC>(x + (i / NV) * K + (i % NV) * VEC, f[j]);
+    }
+  }
+
+  // All threads: inv[b] = 1 / rms(x[b]); `red` is kWarps * B floats of scratch. Ends with a barrier.
+  __device__ void inv_rms(float eps, float* inv, float* red) const {
+    float part[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) part[b] = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = index(j);
+      if (i >= B * NV) break;
+      float ss = 0.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) ss = fmaf(f[j][e], f[j][e], ss);
+#pragma unroll
+      for (int b = 0; b < B; ++b)
+        if (i / NV == b) part[b] += ss;
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const float s = warp_sum(part[b]);
+      if (lane_id() == 0) red[warp_id() * B + b] = s;
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < B; b += kThreads) {
+      float ss = 0.f;
+      for (int k = 0; k < kWarps; ++k) ss += red[k * B + b];
+      inv[b] = rsqrtf(ss / K + eps);
+    }
+    __syncthreads();
+  }
+
+  // Vector j normalised as the op references do (see rms_normed), in place.
+  template <class A> __device__ void normalize(int j, const float* inv, const bf16* norm) {
+    const int i = index(j);
+    float w[VEC];
+    unpack<VEC>(ld_weight<VEC>(norm + (i % NV) * VEC), w);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) f[j][e] = rms_normed<A>(f[j][e], inv[i / NV], w[e]);
+  }
+};
 
 }  // namespace mpk

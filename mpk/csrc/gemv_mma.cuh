@@ -10,7 +10,7 @@
 // second. A warp's load of one weight row covers 64 contiguous bytes.
 #pragma once
 
-#include "gemv_base.cuh"
+#include "gemv_simt.cuh"  // ld_w
 
 namespace mpk {
 
@@ -49,12 +49,42 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   static constexpr int U = 8;  // k-steps of weight loads in flight per lane (2 rows x 16 B each)
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && kInvOffset <= kXBudget;
 
+  // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
+  __device__ static void store(unsigned char* s, int b, int v, const float (&f)[8]) {
+    unsigned hi[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) hi[j] = pack_bf2(f[2 * j], f[2 * j + 1]);
+    unsigned char* row = s + b * kPlanes * kStride + v * 16;
+    *reinterpret_cast<uint4*>(row) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    if constexpr (kSplit) {
+      unsigned lo[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        lo[j] = pack_bf2(f[2 * j] - round_bf(f[2 * j]), f[2 * j + 1] - round_bf(f[2 * j + 1]));
+      *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    }
+  }
+
   // x (RMS-normalised if NORM) as bf16 planes: row (b, plane p) at s + (b * kPlanes + p) * kStride.
   __device__ static void stage(const T* x, const bf16* norm, float eps, unsigned char* s) {
-    const float* inv = reinterpret_cast<const float*>(s + kInvOffset);
-    if constexpr (NORM)
-      row_inv_rms<B, K>(x, eps, reinterpret_cast<float*>(s + kInvOffset), reinterpret_cast<float*>(s + kRedOffset));
+    float* inv = reinterpret_cast<float*>(s + kInvOffset);
     constexpr int NV = K / 8;
+    using X = XRegs<B, K, 8>;
+    if constexpr (NORM && X::kFits) {  // one pass over x
+      X r;
+      r.load(x);
+      r.inv_rms(eps, inv, reinterpret_cast<float*>(s + kRedOffset));
+#pragma unroll
+      for (int j = 0; j < X::PER; ++j) {
+        const int i = X::index(j);
+        if (i >= B * NV) break;
+        r.template normalize<A>(j, inv, norm);
+        store(s, i / NV, i % NV, r.f[j]);
+      }
+      __syncthreads();
+      return;
+    }
+    if constexpr (NORM) row_inv_rms<B, K>(x, eps, inv, reinterpret_cast<float*>(s + kRedOffset));
     for (int i = threadIdx.x; i < B * NV; i += kThreads) {
       const int b = i / NV, v = i - b * NV;
       float f[8];
@@ -65,24 +95,14 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
 #pragma unroll
         for (int e = 0; e < 8; ++e) f[e] = rms_normed<A>(f[e], inv[b], nw[e]);
       }
-      unsigned hi[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) hi[j] = pack_bf2(f[2 * j], f[2 * j + 1]);
-      unsigned char* row = s + b * kPlanes * kStride + v * 16;
-      *reinterpret_cast<uint4*>(row) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-      if constexpr (kSplit) {  // what bf16 rounding left out
-        unsigned lo[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          lo[j] = pack_bf2(f[2 * j] - round_bf(f[2 * j]), f[2 * j + 1] - round_bf(f[2 * j + 1]));
-        *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-      }
+      store(s, b, v, f);
     }
     __syncthreads();
   }
 
   // One warp: acc += W[rows ra, rb] . x over k-steps [t0, t1) (the lane's C fragment: rows g and
-  // g + 8, sequences 2q and 2q + 1).
+  // g + 8, sequences 2q and 2q + 1). kShared: the rows are in a weight head in shared memory.
+  template <bool kShared>
   __device__ static void block_dots(const unsigned char* s, const bf16* wa, const bf16* wb, int t0, int t1,
                                     float (&acc)[4]) {
     const int g = lane_id() >> 2, q = lane_id() & 3;
@@ -95,8 +115,8 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       for (int u = 0; u < U; ++u) {
         const int kc = (t + u) * 4 + q;
         const bool in = t + u < t1;
-        ra[u] = in ? ld_weight<8>(wa + kc * 8) : make_uint4(0, 0, 0, 0);
-        rb[u] = in ? ld_weight<8>(wb + kc * 8) : make_uint4(0, 0, 0, 0);
+        ra[u] = in ? ld_w<8, kShared>(wa + kc * 8) : make_uint4(0, 0, 0, 0);
+        rb[u] = in ? ld_w<8, kShared>(wb + kc * 8) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -124,7 +144,9 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
 
   template <class Epilogue>
   __device__ static void run(const T* x, const bf16* norm, const bf16* w, int c0, int c1, float eps,
-                             unsigned char* smem, Epilogue&& epilogue) {
+                             unsigned char* smem, const TaskCtx& t, Epilogue&& epilogue) {
+    const int head_rows = static_cast<int>(t.head_bytes / (2u * K));  // whole 16-row blocks
+    const bf16* head = reinterpret_cast<const bf16*>(t.head);
     const int r0 = RPC * c0, r1 = RPC * c1;  // the task's weight rows
     const int nblocks = (r1 - r0 + 15) / 16;
     const int split = nblocks >= kSplitBelow ? 1 : kWarps / gcd_int(nblocks, kWarps);
@@ -136,10 +158,16 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     for (int item = warp_id(); item < nblocks * split; item += kWarps) {
       const int blk = item / split, slice = item - blk * split;
       const int row = r0 + 16 * blk;
-      const bf16* wa = w + static_cast<size_t>(min(row + g, r1 - 1)) * K;  // past the end: a duplicate row, unused
-      const bf16* wb = w + static_cast<size_t>(min(row + g + 8, r1 - 1)) * K;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      block_dots(smem, wa, wb, slice * kSteps / split, (slice + 1) * kSteps / split, acc);
+      const int s0 = slice * kSteps / split, s1 = (slice + 1) * kSteps / split;
+      if (16 * blk + 16 <= head_rows) {
+        block_dots<true>(smem, head + static_cast<size_t>(16 * blk + g) * K, head + static_cast<size_t>(16 * blk + g + 8) * K,
+                         s0, s1, acc);
+      } else {
+        const bf16* wa = w + static_cast<size_t>(min(row + g, r1 - 1)) * K;  // past the end: a duplicate row, unused
+        const bf16* wb = w + static_cast<size_t>(min(row + g + 8, r1 - 1)) * K;
+        block_dots<false>(smem, wa, wb, s0, s1, acc);
+      }
       if (split == 1) {  // this warp has the whole block: its own scratch, its own epilogues
         float* sc = part + warp_id() * 128;
         sc[g * 8 + 2 * q] = acc[0], sc[g * 8 + 2 * q + 1] = acc[1];

@@ -43,9 +43,32 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
     return b * (kRowBytes / static_cast<int>(sizeof(T))) + (j * NV + v) * PW;
   }
 
+  // Vector f of sequence b, chunk v into the staged planes.
+  __device__ static void store(unsigned char* s, int b, int v, const float (&f)[VEC]) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j)
+#pragma unroll
+      for (int e = 0; e < PW; ++e) act_store(reinterpret_cast<T*>(s) + slot(b, v, j) + e, f[j * PW + e]);
+  }
+
   // All threads: 1/rms per sequence, then stage x (packed loads shared by the whole CTA).
   __device__ void prepare(float eps, unsigned char* s) const {
     float* inv = reinterpret_cast<float*>(s + kInvOffset);
+    using X = XRegs<B, K, VEC>;
+    if constexpr (NORM && kStaged && X::kFits) {  // one pass over x
+      X r;
+      r.load(x);
+      r.inv_rms(eps, inv, reinterpret_cast<float*>(s + kRedOffset));
+#pragma unroll
+      for (int j = 0; j < X::PER; ++j) {
+        const int i = X::index(j);
+        if (i >= B * NV) break;
+        r.template normalize<A>(j, inv, norm);
+        store(s, i / NV, i % NV, r.f[j]);
+      }
+      __syncthreads();
+      return;
+    }
     if constexpr (NORM) row_inv_rms<B, K>(x, eps, inv, reinterpret_cast<float*>(s + kRedOffset));
     if constexpr (kStaged) {
       for (int i = threadIdx.x; i < B * NV; i += kThreads) {
@@ -58,10 +81,7 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) f[e] = rms_normed<A>(f[e], inv[b], w[e]);
         }
-#pragma unroll
-        for (int j = 0; j < NP; ++j)
-#pragma unroll
-          for (int e = 0; e < PW; ++e) act_store(reinterpret_cast<T*>(s) + slot(b, v, j) + e, f[j * PW + e]);
+        store(s, b, v, f);
       }
       __syncthreads();
     }
@@ -90,70 +110,116 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
   }
 };
 
-// One warp: acc[r][b] = dot(W row r0 + r, x[b]) for RPC consecutive rows; every lane gets the sums.
-template <int RPC, class In>
-__device__ __forceinline__ void warp_dots(const In& in, const bf16* w_rows, float (&acc)[RPC][In::kBatch]) {
+// N weights from global memory (read-only path), or from a weight head in shared memory.
+template <int N, bool kShared> __device__ __forceinline__ packed_t<N> ld_w(const bf16* p) {
+  if constexpr (kShared && N == 8) return ld_shared16(p);
+  else return ld_weight<N>(p);
+}
+
+// One warp: acc[r][b] = dot(W row r, x[b]) for R weight rows; every lane gets the sums.
+// kShared: the rows are in shared memory (a weight head).
+template <int R, bool kShared, class In>
+__device__ __forceinline__ void warp_dots(const In& in, const bf16* const (&rows)[R], float (&acc)[R][In::kBatch]) {
   constexpr int B = In::kBatch, K = In::kK;
   constexpr int VEC = In::VEC, NV = K / VEC;
-  constexpr int U = cmax(1, cmin(kLoadsPerLane / RPC, (NV + 31) / 32));  // loads in flight per row per lane
+  constexpr int U = cmax(1, cmin(kLoadsPerLane / R, (NV + 31) / 32));  // loads in flight per row per lane
 #pragma unroll
-  for (int r = 0; r < RPC; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[r][b] = 0.f;
   const int lane = lane_id();
 #pragma unroll 1
   for (int v0 = lane; v0 < NV; v0 += 32 * U) {
-    packed_t<VEC> w[RPC][U];
+    packed_t<VEC> w[R][U];
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int r = 0; r < RPC; ++r)
-        w[r][u] = v0 + 32 * u < NV ? ld_weight<VEC>(w_rows + r * K + (v0 + 32 * u) * VEC) : packed_t<VEC>{};
+      for (int r = 0; r < R; ++r)
+        w[r][u] = v0 + 32 * u < NV ? ld_w<VEC, kShared>(rows[r] + (v0 + 32 * u) * VEC) : packed_t<VEC>{};
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int v = v0 + 32 * u;
       if (v >= NV) break;
-      float wf[RPC][VEC];
-#pragma unroll
-      for (int r = 0; r < RPC; ++r) unpack<VEC>(w[r][u], wf[r]);
 #pragma unroll
       for (int b = 0; b < B; ++b) {
         float xf[VEC];
         in.load(b, v, xf);
 #pragma unroll
-        for (int r = 0; r < RPC; ++r)
+        for (int r = 0; r < R; ++r) {
+          float wf[VEC];
+          unpack<VEC>(w[r][u], wf);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[r][b] = fmaf(wf[r][e], xf[e], acc[r][b]);
+          for (int e = 0; e < VEC; ++e) acc[r][b] = fmaf(wf[e], xf[e], acc[r][b]);
+        }
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < RPC; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
 }
 
-// Warp w takes columns c0 + w, c0 + w + kWarps, ... of [c0, c1): the dot products of each column's
-// RPC weight rows (rows RPC * c ..) with x, then `epilogue(c, acc)` on every lane of the warp.
-template <int RPC, class In, class Epilogue>
-__device__ __forceinline__ void for_each_column(const In& in, const bf16* w, int c0, int c1, Epilogue&& epilogue) {
-  for (int c = c0 + warp_id(); c < c1; c += kWarps) {
-    float acc[RPC][In::kBatch];
-    warp_dots<RPC>(in, w + static_cast<size_t>(RPC) * c * In::kK, acc);
-    epilogue(c, acc);
+// Columns a warp computes at once: with a short K one column's rows give a lane few loads, so the
+// warp loads several of its columns together to keep kLoadsPerLane loads in flight. COLS is the
+// most a warp owns in the op's tiles (codegen knows the tile), so none is loaded for nothing.
+template <int RPC, int K, int VEC, int COLS> __host__ __device__ constexpr int columns_at_once() {
+  constexpr int U = cmax(1, cmin(kLoadsPerLane / RPC, (K / VEC + 31) / 32));
+  return cmax(1, cmin(COLS, kLoadsPerLane / (RPC * U)));
+}
+
+// Warp w takes columns c0 + w, c0 + w + kWarps, ... of [c0, c1), CPW of them at a time: the dot
+// products of each column's RPC weight rows (rows RPC * c ..) with x, then `epilogue(c, acc)` on
+// every lane of the warp, columns ascending. The tile's first head_rows rows are in the weight head
+// in shared memory; a group of columns that lies wholly inside it is read from there.
+template <int RPC, int CPW, class In, class Epilogue>
+__device__ __forceinline__ void for_each_column(const In& in, const bf16* w, int c0, int c1, const bf16* head,
+                                                int head_rows, Epilogue&& epilogue) {
+  constexpr int K = In::kK, R = RPC * CPW;
+  for (int first = c0 + warp_id(); first < c1; first += kWarps * CPW) {
+    // Columns first, first + kWarps, ...; one past c1 repeats the last real one (loaded, not emitted).
+    const int last = first + kWarps * (CPW - 1) < c1 ? first + kWarps * (CPW - 1) : first + (c1 - 1 - first) / kWarps * kWarps;
+    const bool shared = In::VEC == 8 && RPC * (last - c0) + RPC <= head_rows;
+    const bf16* rows[R];
+#pragma unroll
+    for (int j = 0; j < CPW; ++j) {
+      const int c = min(first + kWarps * j, last);
+#pragma unroll
+      for (int r = 0; r < RPC; ++r)
+        rows[j * RPC + r] = shared ? head + static_cast<size_t>(RPC * (c - c0) + r) * K
+                                   : w + (static_cast<size_t>(RPC) * c + r) * K;
+    }
+    float acc[R][In::kBatch];
+    if (shared)
+      warp_dots<R, true>(in, rows, acc);
+    else
+      warp_dots<R, false>(in, rows, acc);
+#pragma unroll
+    for (int j = 0; j < CPW; ++j) {
+      const int c = first + kWarps * j;
+      if (c >= c1) break;
+      float col[RPC][In::kBatch];
+#pragma unroll
+      for (int r = 0; r < RPC; ++r)
+#pragma unroll
+        for (int b = 0; b < In::kBatch; ++b) col[r][b] = acc[j * RPC + r][b];
+      epilogue(c, col);
+    }
   }
 }
 
 // The CUDA-core strategy behind the ops' common interface (see gemv.cuh).
-template <int RPC, int B, int K, bool NORM, class A> struct SimtGemv {
+template <int RPC, int B, int K, bool NORM, class A, int COLS> struct SimtGemv {
   using In = GemvInput<B, K, NORM, A>;
   static constexpr int SMEM = In::SMEM;
   template <class Epilogue>
   __device__ static void run(const typename A::T* x, const bf16* norm, const bf16* w, int c0, int c1, float eps,
-                             unsigned char* smem, Epilogue&& epilogue) {
+                             unsigned char* smem, const TaskCtx& t, Epilogue&& epilogue) {
     const In in{x, norm, smem};
     in.prepare(eps, smem);
-    for_each_column<RPC>(in, w, c0, c1, epilogue);
+    const int head_rows = static_cast<int>(t.head_bytes / (2u * K));
+    constexpr int CPW = columns_at_once<RPC, K, In::VEC, COLS>();
+    for_each_column<RPC, CPW>(in, w, c0, c1, reinterpret_cast<const bf16*>(t.head), head_rows, epilogue);
   }
 };
 

@@ -28,7 +28,29 @@ template <class Kernel> int blocks_per_sm(Kernel kernel, int smem_bytes, int* ou
 
 }  // namespace mpk
 
+namespace mpk {
+
+// Constants the host needs, exported by name so Python reads them instead of copying them.
+struct AbiConstant {
+  const char* name;
+  long long value;
+};
+constexpr AbiConstant kAbiConstants[] = {
+    {"kCtlWords", kCtlWords},           {"kCtlSampled", kCtlSampled},     {"kCtlStopStep", kCtlStopStep},
+    {"kFlagWords", kFlagWords},         {"kFlagAbort", kFlagAbort},       {"kFlagStopRequest", kFlagStopRequest},
+    {"kProgressWords", kProgressWords}, {"kPrSeq", kPrSeq},               {"kPrTask", kPrTask},
+    {"kPrStep", kPrStep},               {"kPrEvent", kPrEvent},           {"kPrState", kPrState},
+    {"kStateIdle", kStateIdle},         {"kStateWaiting", kStateWaiting}, {"kStateDone", kStateDone},
+    {"kStateStopped", kStateStopped},   {"kStateAborted", kStateAborted},
+};
+
+}  // namespace mpk
+
 extern "C" {
+
+int mpk_abi_count() { return sizeof(mpk::kAbiConstants) / sizeof(mpk::kAbiConstants[0]); }
+const char* mpk_abi_name(int i) { return mpk::kAbiConstants[i].name; }
+long long mpk_abi_value(int i) { return mpk::kAbiConstants[i].value; }
 
 int mpk_params_size() { return sizeof(mpk::MpkParams); }
 int mpk_task_desc_size() { return sizeof(mpk::TaskDesc); }

@@ -2,7 +2,7 @@
 // per-SM loop that walks its queue step after step.
 //
 // Memory ordering (PTX model): a task's threads finish their writes, __syncthreads, then thread 0
-// fences and increments each event counter it signals (release). A waiter's thread 0 spins on an
+// increments each event counter it signals with a release (cumulative over the barrier). A waiter's thread 0 spins on an
 // acquire load of the counter, then __syncthreads releases the CTA: every thread's later loads see
 // the producers' writes (the acquire also drops the SM's stale L1 lines). Activations are therefore
 // never read through the non-coherent (__ldg) path; only weights are.
@@ -23,17 +23,20 @@ struct TaskDesc {
   int sig_off;  // its signalled events are signals[sig_off, sig_off + sig_cnt)
   int sig_cnt;
 };
-static_assert(sizeof(TaskDesc) == 32, "TaskDesc is mirrored by mpk/codegen.py");
+static_assert(sizeof(TaskDesc) == 32, "TaskDesc is mirrored by mpk/runtime/abi.py");
 
-// One op instance: tensor pointers and run-time shape parameters, slots per op kind as listed in
-// mpk/codegen.py (OP_ARGS). Shapes that decide register layouts are template arguments instead.
+// One op instance: tensor pointers and run-time scalars. Templates index them only through the
+// Slots struct codegen generates from the op kind (mpk/ops): op.arg<const bf16>(S::weight),
+// op.i[S::tile], op.f[S::eps]. Shapes that decide register layouts are template arguments instead.
 constexpr int kOpPtrs = 8, kOpInts = 8, kOpFloats = 4;
 struct OpDesc {
   void* ptr[kOpPtrs];
   long long i[kOpInts];
   float f[kOpFloats];
+
+  template <class T> __device__ __forceinline__ T* arg(int slot) const { return static_cast<T*>(ptr[slot]); }
 };
-static_assert(sizeof(OpDesc) == 144, "OpDesc is mirrored by mpk/codegen.py");
+static_assert(sizeof(OpDesc) == 144, "OpDesc is mirrored by mpk/runtime/abi.py");
 
 // ctl: small device-side state of one run, zeroed/initialised by the host before a launch.
 enum : int { kCtlSampled = 0, kCtlStopStep = 1, kCtlWords = 4 };
@@ -43,8 +46,8 @@ enum : int { kFlagAbort = 0, kFlagStopRequest = 1, kFlagWords = 4 };
 enum : int { kPrSeq = 0, kPrTask = 1, kPrStep = 2, kPrEvent = 3, kPrState = 4, kProgressWords = 8 };
 enum : int { kStateIdle = 0, kStateWaiting = 1, kStateDone = 2, kStateStopped = 3, kStateAborted = 4 };
 
-// Kernel parameters. Every field is 8 bytes, so the ctypes mirror in mpk/runtime has no padding
-// questions; mpk_params_size() lets the host check.
+// Kernel parameters. Every field is 8 bytes, so the ctypes mirror in mpk/runtime/abi.py has no
+// padding questions; mpk_params_size() lets the host check.
 struct MpkParams {
   const TaskDesc* tasks;
   const int* signals;
@@ -62,7 +65,7 @@ struct MpkParams {
   long long* steps_done;         // host-mapped: absolute steps completed
   int* progress;                 // host-mapped [num_sms * kProgressWords]
   int* host_flags;               // host-mapped kFlagWords
-  const unsigned long long* prefetch;  // [num_tasks][2]: address and bytes of the task's weight tile (0: none)
+  const unsigned long long* prefetch;  // [num_tasks][kPrefetchWords]: the weight head for shared memory, the L2 range
   unsigned long long* trace;           // null, or [num_steps][num_tasks][3]: %globaltimer at wait, run, done
   long long first_step;          // absolute position of the launch's first step
   long long num_steps;
@@ -85,6 +88,8 @@ struct TaskCtx {
   long long step;  // absolute position (RoPE row, KV row)
   long long rel;   // step within this launch (event thresholds, sample counting)
   const MpkParams* p;
+  const unsigned char* head;  // shared memory: the first head_bytes of the task's weight tile, or null
+  unsigned head_bytes;
 };
 
 __device__ __forceinline__ unsigned long long global_timer() {
@@ -123,34 +128,92 @@ __device__ __forceinline__ bool stopped_before(const MpkParams& p, long long ste
 }
 
 // Thread 0 only. True when the task may run; false when the kernel must exit (the run stopped
-// before this step, or the host asked to abort).
+// before this step, or the host asked to abort). The first polls spin; the SM's progress words
+// (host-mapped, a PCIe write) are published only once the wait has lasted, so a short wait costs
+// one acquire load per poll and nothing else.
 __device__ bool wait_event(const MpkParams& p, int sm, int seq, int task, int ev, long long step, long long rel) {
   if (stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
   if (ev < 0) return true;
   MPK_ASSERT(p.ev_lag[ev] == 0 || p.ev_lag[ev] == 1);
   const long long need = static_cast<long long>(p.ev_target[ev]) * (rel + 1 - p.ev_lag[ev]);
   const unsigned long long* ctr = p.counters + ev;
-  if (need <= 0 || static_cast<long long>(ld_acquire(ctr)) >= need) return true;
-  // The host watchdog reads this to say who waits on what if the graph ever stalls.
-  publish(p, sm, seq, task, step, ev, kStateWaiting);
-  unsigned ns = 32;
-  for (unsigned spin = 1;; ++spin) {
-    __nanosleep(ns);
-    if (ns < 256) ns *= 2;
+  constexpr unsigned kQuietPolls = 512;  // ~ tens of microseconds before the host hears of the wait
+  for (unsigned spin = 0;; ++spin) {
     if (static_cast<long long>(ld_acquire(ctr)) >= need) return true;
-    if (stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
+    if (spin >= 64) __nanosleep(spin < 256 ? 32 : 128);
+    if (spin == kQuietPolls) publish(p, sm, seq, task, step, ev, kStateWaiting);
+    if ((spin & 63) == 63 && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
     // The abort flag lives in host memory: read it rarely (a PCIe round trip).
-    if ((spin & 1023) == 0 && ld_volatile(p.host_flags + kFlagAbort))
+    if ((spin & 1023) == 1023 && ld_volatile(p.host_flags + kFlagAbort))
       return publish(p, sm, seq, task, step, ev, kStateAborted), false;
   }
 }
 
-// Thread 0 only: start pulling the head of a task's weight tile into L2. Weights depend on nothing, so
-// this runs before the task's event fires and keeps HBM busy across operator boundaries, where the
-// SM would otherwise idle until its inputs are ready.
-__device__ __forceinline__ void prefetch_weights(const MpkParams& p, int task) {
+// --- weight heads: the first bytes of a task's weight tile, resident in shared memory before it runs
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Thread 0: announce `bytes` of copies completing on `bar`, then issue them (16-byte multiples).
+__device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long src, uint32_t bytes,
+                                          unsigned long long* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const unsigned long long addr = p.prefetch[2 * task], bytes = p.prefetch[2 * task + 1];
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+  // Evict-first: a weight is read once per step, so it should not push activations out of L2.
+  unsigned long long policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  constexpr uint32_t kPiece = 32 * 1024;
+  for (uint32_t off = 0; off < bytes; off += kPiece) {
+    const uint32_t n = bytes - off < kPiece ? bytes - off : kPiece;
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+        ::"r"(smem_addr(dst + off)), "l"(src + off), "r"(n), "r"(smem_addr(bar)), "l"(policy) : "memory");
+  }
+#endif
+}
+
+// All threads: spin until `ready()`. Thread 0 reads the host's abort flag now and then (a PCIe
+// round trip) and raises the CTA's `abort` word in shared memory; false when the CTA must give up.
+// Every wait inside a task goes through here, so a hang inside a task ends like a stalled event.
+template <class Ready> __device__ __forceinline__ bool wait_or_abort(const MpkParams& p, volatile int* abort, Ready&& ready) {
+  for (unsigned spin = 0;; ++spin) {
+    if (ready()) return true;
+    if (*abort) return false;
+    if (threadIdx.x == 0 && (spin & 0xfff) == 0xfff && ld_volatile(p.host_flags + kFlagAbort)) *abort = 1;
+  }
+}
+
+// All threads: wait until the copies on `bar` of phase `parity` have landed (false: aborted).
+__device__ __forceinline__ bool mbar_wait(const MpkParams& p, volatile int* abort, unsigned long long* bar,
+                                          uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return wait_or_abort(p, abort, [&] {
+    uint32_t done;
+    asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n selp.u32 %0, 1, 0, q;\n}"
+                 : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+    return done != 0;
+  });
+#else
+  return true;
+#endif
+}
+
+// Per task: [head address, head bytes, L2 address, L2 bytes] (mpk/runtime/tables.py). The head, the
+// first rows of the task's streamed weight tile (whole 16-row blocks at batch 2+), is copied into shared memory;
+// the following bytes are prefetched into L2.
+constexpr int kPrefetchWords = 4;
+
+// Thread 0 only: pull the L2 range of a task's weight tile. Weights depend on nothing, so this runs
+// before the task's event fires and keeps HBM busy across operator boundaries.
+__device__ __forceinline__ void prefetch_l2(const MpkParams& p, int task) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned long long addr = p.prefetch[kPrefetchWords * task + 2], bytes = p.prefetch[kPrefetchWords * task + 3];
   constexpr unsigned kChunk = 32 * 1024;
   for (unsigned long long off = 0; off < bytes; off += kChunk) {
     const unsigned n = static_cast<unsigned>(bytes - off < kChunk ? bytes - off : kChunk);
@@ -159,48 +222,127 @@ __device__ __forceinline__ void prefetch_weights(const MpkParams& p, int task) {
 #endif
 }
 
-// Thread 0 only, after the CTA's barrier: make the task's writes visible, then count it done.
+// Two head buffers after the variants' scratch: task n reads buffer n % 2 while task n + 1's head
+// lands in the other, so at an operator boundary the next weights are already on the SM.
+template <int kScratch, int kHeadBytes> struct HeadRing {
+  unsigned long long* bar;  // [2], in static shared memory
+  unsigned char* base;
+  // Bit b: parity of buffer b's next completion (every thread tracks it); thread 0: buffer b has a
+  // copy issued and not yet waited for. Bit masks, not arrays: a run-time index would put them on
+  // the stack.
+  uint32_t phase = 0, in_flight = 0;
+
+  __device__ unsigned char* buffer(int b) const { return base + kScratch + b * kHeadBytes; }
+
+  __device__ static unsigned head_bytes(const MpkParams& p, int task) {
+    return kHeadBytes ? static_cast<unsigned>(p.prefetch[kPrefetchWords * task + 1]) : 0u;
+  }
+
+  // Thread 0: start task `task`'s head into buffer b (its previous reader has passed a CTA barrier).
+  __device__ void issue(const MpkParams& p, int task, int b) {
+    const unsigned bytes = head_bytes(p, task);
+    if (!bytes) return;
+    MPK_ASSERT(bytes <= kHeadBytes && !(in_flight >> b & 1));
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // earlier generic reads before the copy's writes
+    bulk_load(buffer(b), p.prefetch[kPrefetchWords * task], bytes, bar + b);
+    in_flight |= 1u << b;
+  }
+
+  // All threads, for a task with a head in buffer b: wait for it.
+  __device__ const unsigned char* acquire(const MpkParams& p, volatile int* abort, int b) {
+    if (!mbar_wait(p, abort, bar + b, phase >> b & 1)) return nullptr;  // aborted: still in flight
+    phase ^= 1u << b;
+    in_flight &= ~(1u << b);
+    return buffer(b);
+  }
+
+  // Thread 0, before the CTA exits: no copy may still be writing into its shared memory. Copies in
+  // flight always land, so this ignores the abort flag.
+  __device__ void drain(const MpkParams& p) {
+    int never = 0;
+    for (int b = 0; b < 2; ++b)
+      if (in_flight >> b & 1) acquire(p, &never, b);
+  }
+};
+
+// Thread 0 only, after the CTA's barrier: count the task done. The barrier orders every thread's
+// writes before thread 0's release, and release is cumulative, so one red.release publishes them.
 __device__ __forceinline__ void signal_events(const MpkParams& p, const TaskDesc& t) {
-  __threadfence();
   for (int k = 0; k < t.sig_cnt; ++k) red_release(p.counters + p.signals[t.sig_off + k], 1ull);
 }
 
-// Each CTA walks queue blockIdx.x for steps [first_step, first_step + num_steps): wait, run, signal.
-template <class Dispatch> __device__ void persistent_loop(const MpkParams& p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+// Test hooks, compiled in only when the build asks (MPK_INJECT=hang:TASK or fault:TASK): task TASK
+// hangs inside itself until the host aborts, or writes to an illegal address.
+__device__ __forceinline__ void inject_faults(const MpkParams& p, int task, volatile int* abort) {
+#ifdef MPK_INJECT_HANG
+  if (task == MPK_INJECT_HANG) wait_or_abort(p, abort, [] { return false; });
+#endif
+#ifdef MPK_INJECT_FAULT
+  if (task == MPK_INJECT_FAULT && threadIdx.x == 0) *reinterpret_cast<volatile int*>(16) = 1;
+#endif
+}
+
+// Each CTA walks queue blockIdx.x for steps [first_step, first_step + num_steps): issue the next
+// task's weight head, wait for this task's event, run it, signal. The task and op descriptors are in
+// shared memory before the wait ends.
+template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persistent_loop(const MpkParams& p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ __align__(8) unsigned long long s_bar[2];
   __shared__ TaskDesc s_task;
-  __shared__ int s_go;
+  __shared__ OpDesc s_op;
+  __shared__ unsigned s_head_bytes;
+  __shared__ int s_id, s_go;
+  __shared__ int s_abort;  // raised by a wait inside a task (wait_or_abort) when the host aborts
   const int sm = blockIdx.x;
   const int q0 = p.queue_off[sm], qn = p.queue_off[sm + 1] - q0;
+  const long long total = p.num_steps * qn;  // tasks this CTA runs, counted across steps
+  HeadRing<kScratch, kHeadBytes> heads{s_bar, smem};
+  if (threadIdx.x == 0) s_abort = 0;
+  if (threadIdx.x == 0 && kHeadBytes) {
+    mbar_init(s_bar), mbar_init(s_bar + 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    if (total > 0) heads.issue(p, p.queue_tasks[q0], 0);
+  }
+  __syncthreads();
   int seq = 0;
-  for (long long rel = 0; rel < p.num_steps; ++rel) {
-    const long long step = p.first_step + rel;
-    for (int i = 0; i < qn; ++i) {
-      // Profiling: one record per task and step, indexed by queue position (unique across SMs).
-      unsigned long long* rec = p.trace ? p.trace + (rel * p.queue_off[p.num_sms] + q0 + i) * 3 : nullptr;
-      if (threadIdx.x == 0) {
-        if (rec) rec[0] = global_timer();
-        const int id = p.queue_tasks[q0 + i];
-        if (rel == 0 && i == 0) prefetch_weights(p, id);
-        // One task ahead (the next step's first task after the last): its weights stream while this waits.
-        if (qn > 0) prefetch_weights(p, p.queue_tasks[q0 + (i + 1) % qn]);
-        s_task = p.tasks[id];
-        bool go = wait_event(p, sm, ++seq, id, s_task.wait, step, rel);
-        // A stop decided by the step this task depends on is visible after the acquire.
-        if (go && stopped_before(p, step)) go = false, publish(p, sm, seq, id, step, s_task.wait, kStateStopped);
-        s_go = go;
-        __threadfence();  // belt and braces on the acquire: the CTA's loads below come after the wait
+  for (long long n = 0; n < total; ++n) {
+    const long long rel = n / qn, step = p.first_step + rel;
+    const int i = static_cast<int>(n - rel * qn), b = static_cast<int>(n & 1);
+    // Profiling: one record per task and step, indexed by queue position (unique across SMs).
+    unsigned long long* rec = p.trace ? p.trace + (rel * p.queue_off[p.num_sms] + q0 + i) * 3 : nullptr;
+    if (threadIdx.x == 0) {
+      if (rec) rec[0] = global_timer();
+      const int id = p.queue_tasks[q0 + i];
+      if (n + 1 < total) {  // the next task's weights stream while this one waits and runs
+        const int next = p.queue_tasks[q0 + (i + 1) % qn];
+        if (kHeadBytes) heads.issue(p, next, b ^ 1);
+        prefetch_l2(p, next);
       }
-      __syncthreads();
-      if (!s_go) return;
-      if (rec && threadIdx.x == 0) rec[1] = global_timer();
-      const TaskCtx ctx{{s_task.tile[0], s_task.tile[1], s_task.tile[2]}, step, rel, &p};
-      Dispatch::run(s_task.variant, ctx, p.ops[s_task.op], smem);
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        if (rec) rec[2] = global_timer();  // before the signal: a consumer never starts before this
-        signal_events(p, s_task);
-      }
+      s_id = id;
+      s_task = p.tasks[id];
+      s_op = p.ops[s_task.op];
+      s_head_bytes = heads.head_bytes(p, id);
+      bool go = wait_event(p, sm, ++seq, id, s_task.wait, step, rel);
+      // A stop decided by the step this task depends on is visible after the acquire.
+      if (go && stopped_before(p, step)) go = false, publish(p, sm, seq, id, step, s_task.wait, kStateStopped);
+      s_go = go;
+      if (!go) heads.drain(p);
+    }
+    __syncthreads();
+    if (!s_go) return;
+    if (rec && threadIdx.x == 0) rec[1] = global_timer();
+    const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
+    const TaskCtx ctx{{s_task.tile[0], s_task.tile[1], s_task.tile[2]}, step, rel, &p, head, s_head_bytes};
+    inject_faults(p, s_id, &s_abort);
+    if (!s_abort) Dispatch::run(s_task.variant, ctx, s_op, smem);
+    __syncthreads();
+    if (s_abort) {  // the host gave up on a wait inside this task: leave it unfinished, unsignalled
+      if (threadIdx.x == 0) publish(p, sm, ++seq, s_id, step, -1, kStateAborted), heads.drain(p);
+      return;
+    }
+    if (threadIdx.x == 0) {
+      if (rec) rec[2] = global_timer();  // before the signal: a consumer never starts before this
+      signal_events(p, s_task);
     }
   }
   if (threadIdx.x == 0) publish(p, sm, ++seq, -1, p.first_step + p.num_steps, -1, kStateDone);

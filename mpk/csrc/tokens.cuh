@@ -7,16 +7,15 @@
 namespace mpk {
 
 // embed: x[b] = table[tokens[b]].
-// ptr {tokens, table, out}; i {vocab}
-template <int H, class A> struct Embed {
+template <class S, int H, class A> struct Embed {
   static constexpr int SMEM = 0;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
     constexpr int VEC = vec_width(H);
     const int b = t.tile[0];
-    const long long tok = static_cast<const long long*>(op.ptr[0])[b];
-    MPK_ASSERT(tok >= 0 && tok < op.i[0]);
-    const bf16* row = static_cast<const bf16*>(op.ptr[1]) + tok * H;
-    typename A::T* out = static_cast<typename A::T*>(op.ptr[2]) + static_cast<size_t>(b) * H;
+    const long long tok = op.arg<const long long>(S::tokens)[b];
+    MPK_ASSERT(tok >= 0 && tok < op.i[S::vocab]);
+    const bf16* row = op.arg<const bf16>(S::table) + tok * H;
+    typename A::T* out = op.arg<typename A::T>(S::out) + static_cast<size_t>(b) * H;
     for (int v = threadIdx.x; v < H / VEC; v += kThreads) {
       if constexpr (sizeof(typename A::T) == sizeof(bf16)) {
         *reinterpret_cast<packed_t<VEC>*>(out + v * VEC) = ld_weight<VEC>(row + v * VEC);
@@ -40,17 +39,16 @@ __device__ __forceinline__ bool is_eos(const MpkParams& p, long long tok) {
 // next token while sequence b is inside its prompt. Writes tokens[b] (the next step's embed reads
 // it) and out_tokens[step * batch + b] (host-mapped). The step's last sample task publishes
 // steps_done and stops the run once every sequence has finished.
-// ptr {cand_val, cand_idx, prompt, prompt_len, tokens}; i {n_tiles, S}
-struct Sample {
+template <class S> struct Sample {
   static constexpr int SMEM = 0;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
     if (warp_id() != 0) return;
     const MpkParams& p = *t.p;
     const int b = t.tile[0];
-    const int n_tiles = static_cast<int>(op.i[0]);
-    const long long S = op.i[1];
-    const float* cand_val = static_cast<const float*>(op.ptr[0]) + static_cast<size_t>(b) * n_tiles;
-    const long long* cand_idx = static_cast<const long long*>(op.ptr[1]) + static_cast<size_t>(b) * n_tiles;
+    const int n_tiles = static_cast<int>(op.i[S::n_tiles]);
+    const long long seq = op.i[S::seq];
+    const float* cand_val = op.arg<const float>(S::cand_val0) + static_cast<size_t>(b) * n_tiles;
+    const long long* cand_idx = op.arg<const long long>(S::cand_idx0) + static_cast<size_t>(b) * n_tiles;
     float best = kNegInf;
     long long best_idx = 0x7fffffffffffffffll;
     for (int k = lane_id(); k < n_tiles; k += 32) {
@@ -62,9 +60,9 @@ struct Sample {
     if (lane_id() != 0) return;
 
     const long long step = t.step;
-    const long long plen = static_cast<const long long*>(op.ptr[3])[b];
-    const long long tok = step + 1 < plen ? static_cast<const long long*>(op.ptr[2])[b * S + step + 1] : best_idx;
-    static_cast<long long*>(op.ptr[4])[b] = tok;
+    const long long plen = op.arg<const long long>(S::prompt_len)[b];
+    const long long tok = step + 1 < plen ? op.arg<const long long>(S::prompt)[b * seq + step + 1] : best_idx;
+    op.arg<long long>(S::tokens)[b] = tok;
     st_volatile(p.out_tokens + step * p.batch + b, static_cast<int>(tok));
     // Finished: hit EOS or its token limit (new tokens start at the prompt's last position).
     const bool generated = step >= plen - 1;

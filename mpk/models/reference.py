@@ -14,13 +14,7 @@ from torch import nn
 from mpk.errors import MpkError
 from mpk.models.checkpoint import validate_shapes
 from mpk.models.config import ModelConfig, rope_tables
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers computes it: normalize in float32, cast back, then scale."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+from mpk.models.functional import rms_norm
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

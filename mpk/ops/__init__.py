@@ -1,22 +1,13 @@
-"""The fused decode op kinds, by name. Each knows its tiling and its PyTorch reference."""
+"""The fused decode op kinds, by name: each module's OpKind subclasses register themselves."""
 
-from mpk.ops.attention import AttentionMerge, AttentionSplit, QkNormRopeAppend
-from mpk.ops.base import OpKind, TileTask
-from mpk.ops.linear import AllreduceResidual, Linear, LinearResidual, RmsnormGateUpSilu, RmsnormLinear, RmsnormLmHeadArgmax
-from mpk.ops.tokens import Embed, Sample
+import importlib
+import pkgutil
 
-OP_KINDS: dict[str, OpKind] = {
-    "embed": Embed(),
-    "rmsnorm_linear": RmsnormLinear(),
-    "qk_norm_rope_append": QkNormRopeAppend(),
-    "attention_split": AttentionSplit(),
-    "attention_merge": AttentionMerge(),
-    "linear_residual": LinearResidual(),
-    "linear": Linear(),
-    "allreduce_residual": AllreduceResidual(),
-    "rmsnorm_gate_up_silu": RmsnormGateUpSilu(),
-    "rmsnorm_lm_head_argmax": RmsnormLmHeadArgmax(),
-    "sample": Sample(),
-}
+from mpk.ops.base import REGISTRY, Cuda, OpKind, Operand, TileTask
 
-__all__ = ["OP_KINDS", "OpKind", "TileTask"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+OP_KINDS: dict[str, OpKind] = REGISTRY
+
+__all__ = ["OP_KINDS", "Cuda", "OpKind", "Operand", "TileTask"]

@@ -2,13 +2,15 @@
 
 A task covers one sequence b and one KV group g (its q_per_kv query heads share one K/V head).
 The fused QKV output keeps each group's rows together: q heads, then k, then v.
+CUDA templates: mpk/csrc/attention.cuh.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mpk.ops.base import OpKind, TileTask, nbytes, region, rmsnorm, whole
+from mpk.models.functional import rms_norm
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, nbytes, shape, whole
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -22,39 +24,51 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class QkNormRopeAppend(OpKind):
     """q = rope(norm(q)); k = rope(norm(k)); append k, v at this step's row of the cache."""
 
+    kind = "qk_norm_rope_append"
+    header = "attention.cuh"
+    template = "QkNormRopeAppend"
+    inputs = (Operand("qkv"), Operand("cos"), Operand("sin"),
+              Operand("q_norm", optional=True), Operand("k_norm", optional=True))
+    outputs = (Operand("q"), Operand("k_cache"), Operand("v_cache"))
+
     def tiles(self, op, prog):
-        qkv, q_out = op.inputs["qkv"], op.outputs["q"]
-        kc, vc = op.outputs["k_cache"], op.outputs["v_cache"]
         qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
-        batch, seq, groups, _ = prog.tensor(kc).shape
+        batch, seq, groups, _ = shape(op, prog, "k_cache")
         rows = (qpk + 2) * hd
         tasks = []
         for b in range(batch):
             for g in range(groups):
-                reads = [region(qkv, (b, b + 1), (g * rows, (g + 1) * rows)),
-                         whole(prog, op.inputs["cos"]), whole(prog, op.inputs["sin"])]
+                reads = [box(op, "qkv", (b, b + 1), (g * rows, (g + 1) * rows)),
+                         whole(op, prog, "cos"), whole(op, prog, "sin")]
                 if "q_norm" in op.inputs:
-                    reads += [whole(prog, op.inputs["q_norm"]), whole(prog, op.inputs["k_norm"])]
-                writes = [region(q_out, (b, b + 1), (g * qpk, (g + 1) * qpk), (0, hd)),
-                          region(kc, (b, b + 1), (0, seq), (g, g + 1), (0, hd)),
-                          region(vc, (b, b + 1), (0, seq), (g, g + 1), (0, hd))]
+                    reads += [whole(op, prog, "q_norm"), whole(op, prog, "k_norm")]
+                writes = [box(op, "q", (b, b + 1), (g * qpk, (g + 1) * qpk), (0, hd)),
+                          box(op, "k_cache", (b, b + 1), (0, seq), (g, g + 1), (0, hd)),
+                          box(op, "v_cache", (b, b + 1), (0, seq), (g, g + 1), (0, hd))]
                 # At run time one row of the rope tables and of each cache is touched.
                 nb = nbytes(prog, reads[0]) + 2 * hd * 4 + nbytes(prog, writes[0]) + 2 * hd * 2
                 tasks.append(TileTask((b, g), reads, writes, nb, 8 * rows))
         return tasks
 
-    def run(self, op, tile, reads, writes, step):
-        qkv, cos, sin = reads[:3]
-        q_out, k_cache, v_cache = writes
+    def run(self, op, tile, t, step):
         qpk, hd, eps = op.params["q_per_kv"], op.params["head_dim"], op.params["eps"]
-        heads = qkv.reshape(qpk + 2, hd)
+        heads = t["qkv"].reshape(qpk + 2, hd)
         q, k, v = heads[:qpk], heads[qpk], heads[qpk + 1]
-        if len(reads) > 3:
-            q, k = rmsnorm(q, reads[3], eps), rmsnorm(k, reads[4], eps)
-        c, s = cos[step], sin[step]
-        q_out.copy_(_rotate(q, c, s).reshape(q_out.shape))
-        k_cache[0, step, 0].copy_(_rotate(k, c, s))
-        v_cache[0, step, 0].copy_(v)
+        if "q_norm" in t:
+            q, k = rms_norm(q, t["q_norm"], eps), rms_norm(k, t["k_norm"], eps)
+        c, s = t["cos"][step], t["sin"][step]
+        t["q"].copy_(_rotate(q, c, s).reshape(t["q"].shape))
+        t["k_cache"][0, step, 0].copy_(_rotate(k, c, s))
+        t["v_cache"][0, step, 0].copy_(v)
+
+    def cuda(self, op, tg):
+        qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
+        _, s, g, _ = tg.tensors[op.outputs["k_cache"]].shape
+        expect(tg.tensors[op.inputs["qkv"]].shape[1] == g * (qpk + 2) * hd, op,
+               "qkv rows are not groups x (q_per_kv + 2) heads")
+        expect(hd % 2 == 0, op, f"head_dim {hd} is odd")
+        return Cuda((qpk, hd, cbool("q_norm" in op.inputs), activation_policy(tg)),
+                    {"groups": g, "seq": s}, {"eps": op.params["eps"]})
 
 
 class AttentionSplit(OpKind):
@@ -64,32 +78,35 @@ class AttentionSplit(OpKind):
     an empty result (lse = -inf) that the merge ignores.
     """
 
+    kind = "attention_split"
+    header = "attention.cuh"
+    template = "AttentionSplit"
+    inputs = (Operand("q"), Operand("k_cache"), Operand("v_cache"))
+    outputs = (Operand("part"), Operand("lse"))
+
     def tiles(self, op, prog):
-        q, kc, vc = op.inputs["q"], op.inputs["k_cache"], op.inputs["v_cache"]
-        part, lse = op.outputs["part"], op.outputs["lse"]
-        batch, seq, groups, hd = prog.tensor(kc).shape
-        _, _, splits, qpk, _ = prog.tensor(part).shape
+        batch, seq, groups, hd = shape(op, prog, "k_cache")
+        _, _, splits, qpk, _ = shape(op, prog, "part")
         chunk = op.params["chunk"]
         tasks = []
         for b in range(batch):
             for g in range(groups):
                 for s in range(splits):
                     c0, c1 = s * chunk, min(seq, (s + 1) * chunk)
-                    reads = [region(q, (b, b + 1), (g * qpk, (g + 1) * qpk), (0, hd)),
-                             region(kc, (b, b + 1), (c0, c1), (g, g + 1), (0, hd)),
-                             region(vc, (b, b + 1), (c0, c1), (g, g + 1), (0, hd))]
-                    writes = [region(part, (b, b + 1), (g, g + 1), (s, s + 1), (0, qpk), (0, hd)),
-                              region(lse, (b, b + 1), (g, g + 1), (s, s + 1), (0, qpk))]
+                    reads = [box(op, "q", (b, b + 1), (g * qpk, (g + 1) * qpk), (0, hd)),
+                             box(op, "k_cache", (b, b + 1), (c0, c1), (g, g + 1), (0, hd)),
+                             box(op, "v_cache", (b, b + 1), (c0, c1), (g, g + 1), (0, hd))]
+                    writes = [box(op, "part", (b, b + 1), (g, g + 1), (s, s + 1), (0, qpk), (0, hd)),
+                              box(op, "lse", (b, b + 1), (g, g + 1), (s, s + 1), (0, qpk))]
                     # Costed at half occupancy: the cache fills as decoding goes on.
                     kv_bytes = (nbytes(prog, reads[1]) + nbytes(prog, reads[2])) // 2
                     nb = nbytes(prog, reads[0]) + kv_bytes + sum(nbytes(prog, w) for w in writes)
                     tasks.append(TileTask((b, g, s), reads, writes, nb, 4 * qpk * hd * (c1 - c0) // 2))
         return tasks
 
-    def run(self, op, tile, reads, writes, step):
-        q, k_cache, v_cache = reads
-        part, lse = writes
+    def run(self, op, tile, t, step):
         chunk, window = op.params["chunk"], op.params["window"]
+        k_cache, v_cache, part, lse = t["k_cache"], t["v_cache"], t["part"], t["lse"]
         c0 = tile[2] * chunk
         lo = max(0, step + 1 - window) if window else 0
         a, z = max(c0, lo) - c0, min(c0 + k_cache.shape[1], step + 1) - c0
@@ -97,7 +114,7 @@ class AttentionSplit(OpKind):
             part.zero_()
             lse.fill_(float("-inf"))
             return
-        qh = q[0].float()  # [qpk, hd]
+        qh = t["q"][0].float()  # [qpk, hd]
         k = k_cache[0, a:z, 0].float()  # [rows, hd]
         v = v_cache[0, a:z, 0].float()
         scores = (qh @ k.T) * op.params["scale"]
@@ -107,25 +124,42 @@ class AttentionSplit(OpKind):
         part[0, 0, 0].copy_((p @ v) / denom)
         lse[0, 0, 0].copy_((m + torch.log(denom)).squeeze(-1))
 
+    def cuda(self, op, tg):
+        _, g, splits, qpk, hd = tg.tensors[op.outputs["part"]].shape
+        _, s, _, _ = tg.tensors[op.inputs["k_cache"]].shape
+        return Cuda((qpk, hd, activation_policy(tg)),
+                    {"groups": g, "seq": s, "splits": splits, "chunk": op.params["chunk"],
+                     "window": op.params["window"] or 0},
+                    {"scale": op.params["scale"]})
+
 
 class AttentionMerge(OpKind):
     """Combine the splits of group g by their log-sum-exp weights into the attention output."""
 
+    kind = "attention_merge"
+    header = "attention.cuh"
+    template = "AttentionMerge"
+    inputs = (Operand("part"), Operand("lse"))
+    outputs = (Operand("out"),)
+
     def tiles(self, op, prog):
-        part, lse, out = op.inputs["part"], op.inputs["lse"], op.outputs["out"]
-        batch, groups, splits, qpk, hd = prog.tensor(part).shape
+        batch, groups, splits, qpk, hd = shape(op, prog, "part")
         tasks = []
         for b in range(batch):
             for g in range(groups):
-                reads = [region(part, (b, b + 1), (g, g + 1), (0, splits), (0, qpk), (0, hd)),
-                         region(lse, (b, b + 1), (g, g + 1), (0, splits), (0, qpk))]
-                writes = [region(out, (b, b + 1), (g * qpk * hd, (g + 1) * qpk * hd))]
+                reads = [box(op, "part", (b, b + 1), (g, g + 1), (0, splits), (0, qpk), (0, hd)),
+                         box(op, "lse", (b, b + 1), (g, g + 1), (0, splits), (0, qpk))]
+                writes = [box(op, "out", (b, b + 1), (g * qpk * hd, (g + 1) * qpk * hd))]
                 nb = sum(nbytes(prog, r) for r in reads + writes)
                 tasks.append(TileTask((b, g), reads, writes, nb, 3 * splits * qpk * hd))
         return tasks
 
-    def run(self, op, tile, reads, writes, step):
-        part, lse = reads[0][0, 0], reads[1][0, 0]  # [splits, qpk, hd], [splits, qpk]
+    def run(self, op, tile, t, step):
+        part, lse = t["part"][0, 0], t["lse"][0, 0]  # [splits, qpk, hd], [splits, qpk]
         weights = torch.softmax(lse, dim=0)  # empty splits (-inf) get weight 0
         merged = (weights.unsqueeze(-1) * part).sum(0)
-        writes[0].copy_(merged.reshape(writes[0].shape))
+        t["out"].copy_(merged.reshape(t["out"].shape))
+
+    def cuda(self, op, tg):
+        _, g, splits, qpk, hd = tg.tensors[op.inputs["part"]].shape
+        return Cuda((qpk, hd, activation_policy(tg)), {"groups": g, "splits": splits})

@@ -1,22 +1,42 @@
-"""What every op kind provides: its tiling into tasks (with regions and cost) and its reference compute.
+"""The op contract: everything about one fused operator kind lives in one OpKind subclass.
 
-`tiles` decides which boxes of which tensors one task reads and writes. `run` is the PyTorch
-reference of one task: it receives views of exactly its declared regions (reads, then writes, in
-the order `tiles` listed them) and may touch nothing else. Regions that depend on run-time values
-(the KV rows up to the current position, the embedding row of the current token) declare their
-static upper bound; `run` narrows them with the step index.
+An op kind declares
+- its operands by role name (`inputs`, `outputs`): the program builder binds each role to a
+  tensor, tasks keep the role on every region, and the CPU executor and the CUDA template both
+  reach an operand by its role;
+- its tiling (`tiles`): which boxes of which operands one task reads and writes, and its cost;
+- its PyTorch reference (`run`): one task's compute on views of exactly its declared regions,
+  passed as a dict by role;
+- its CUDA template (`template` in `header`, under mpk/csrc) and `cuda`: the compile-time
+  arguments and the named run-time scalars of one op instance. Codegen gives the template a
+  `Slots` struct naming each operand's pointer slot and each scalar's slot, so device code reads
+  `op.arg<const bf16>(S::weight)` and `op.i[S::tile]`, never a position.
+
+Regions that depend on run-time values (the KV rows up to the current position, the embedding row
+of the current token) declare their static upper bound; `run` narrows them with the step index.
+Subclasses register themselves by `kind`; `mpk.ops.OP_KINDS` maps kinds to instances.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from mpk.dtypes import dtype
+from mpk.errors import MpkError
 from mpk.taskgraph import OpSpec, Region
 
-DTYPE_BYTES = {"model": 2, "float32": 4, "int64": 8}  # "model" is costed as bf16, the GPU dtype
+REGISTRY: dict[str, "OpKind"] = {}
+
+
+@dataclass(frozen=True)
+class Operand:
+    role: str
+    optional: bool = False  # may be left unbound (no QKV bias): a null pointer on the GPU
+    per_rank: bool = False  # one per tensor-parallel rank: roles `role0`, `role1`, ...
 
 
 @dataclass
@@ -28,29 +48,88 @@ class TileTask:
     flops: int
 
 
+@dataclass(frozen=True)
+class Cuda:
+    """How one op instance maps onto its CUDA template."""
+
+    args: tuple  # compile-time template arguments after the Slots struct (shapes, flags, policies)
+    ints: dict[str, int] = field(default_factory=dict)  # run-time integer scalars by slot name
+    floats: dict[str, float] = field(default_factory=dict)
+
+
 class OpKind:
-    """One fused decode operator."""
+    """One fused decode operator. Subclasses set the class attributes and the four methods."""
+
+    kind: ClassVar[str]
+    inputs: ClassVar[tuple[Operand, ...]] = ()
+    outputs: ClassVar[tuple[Operand, ...]] = ()
+    header: ClassVar[str | None] = None  # the .cuh under mpk/csrc holding `template`
+    template: ClassVar[str | None] = None  # None: no GPU kernel yet
+    streamed: ClassVar[str | None] = None  # the weight role whose tile a task streams whole (prefetch)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "kind" in cls.__dict__:
+            REGISTRY[cls.kind] = cls()
+
+    # --- operands ----------------------------------------------------------------------------
+
+    def roles(self, op: OpSpec) -> list[str]:
+        """Every operand role of `op`, inputs then outputs, per-rank roles expanded."""
+        return [role for _, role in self._expanded(op)]
+
+    def _expanded(self, op: OpSpec):
+        for operand in self.inputs + self.outputs:
+            if operand.per_rank:
+                for k in range(op.params["ranks"]):
+                    yield operand, f"{operand.role}{k}"
+            else:
+                yield operand, operand.role
+
+    def check(self, op: OpSpec) -> None:
+        """The builder bound every required role and nothing undeclared, on the right side."""
+        declared_in = {role for o, role in self._expanded(op) if o in self.inputs}
+        declared = set(self.roles(op))
+        for operand, role in self._expanded(op):
+            bound = op.inputs if operand in self.inputs else op.outputs
+            if role not in bound and not operand.optional:
+                raise MpkError(f"op {op.name} ({self.kind}) has no tensor for its operand {role!r}")
+        extra = (set(op.inputs) - declared_in) | (set(op.outputs) - (declared - declared_in))
+        if extra:
+            raise MpkError(f"op {op.name} ({self.kind}) binds undeclared operands {sorted(extra)}")
+
+    # --- the contract ------------------------------------------------------------------------
 
     def tiles(self, op: OpSpec, prog) -> list[TileTask]:
         raise NotImplementedError
 
-    def run(self, op: OpSpec, tile: tuple, reads: list[torch.Tensor], writes: list[torch.Tensor], step: int) -> None:
+    def run(self, op: OpSpec, tile: tuple, t: dict[str, torch.Tensor], step: int) -> None:
         raise NotImplementedError
 
+    def cuda(self, op: OpSpec, tg) -> Cuda:
+        raise MpkError(f"op kind {self.kind!r} ({op.name}) has no GPU kernel yet")
 
-def region(tensor: str, *ranges: tuple[int, int]) -> Region:
-    return Region(tensor, tuple((int(a), int(b)) for a, b in ranges))
+
+# --- helpers for tilings ---------------------------------------------------------------------
+
+def box(op: OpSpec, role: str, *ranges: tuple[int, int]) -> Region:
+    """The region of operand `role` of `op` covering `ranges`."""
+    return Region(op.tensor(role), tuple((int(a), int(b)) for a, b in ranges), role)
 
 
-def whole(prog, tensor: str) -> Region:
-    return Region(tensor, prog.tensor(tensor).full_box())
+def whole(op: OpSpec, prog, role: str) -> Region:
+    return Region(op.tensor(role), prog.tensor(op.tensor(role)).full_box(), role)
+
+
+def shape(op: OpSpec, prog, role: str) -> tuple[int, ...]:
+    return prog.tensor(op.tensor(role)).shape
 
 
 def nbytes(prog, r: Region) -> int:
     n = 1
     for a, b in r.box:
         n *= b - a
-    return n * DTYPE_BYTES[prog.tensor(r.tensor).dtype]
+    return n * dtype(prog.tensor(r.tensor).dtype).bytes
 
 
 def spans(n: int, tile: int) -> list[tuple[int, int]]:
@@ -58,12 +137,27 @@ def spans(n: int, tile: int) -> list[tuple[int, int]]:
     return [(i, min(n, i + tile)) for i in range(0, n, tile)]
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As transformers computes it: normalize in float32, cast back, then scale in the input dtype."""
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+def expect(cond: bool, op: OpSpec, what: str) -> None:
+    """A shape the GPU template relies on."""
+    if not cond:
+        raise MpkError(f"op {op.name} ({op.kind}) does not match its GPU kernel: {what}")
 
+
+def cbool(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def activation_policy(tg) -> str:
+    """The device policy of the graph's activation precision (mpk/csrc/common.cuh)."""
+    policies = {"bfloat16": "ActBf16", "float32": "ActF32"}
+    act = tg.precision.activations
+    if act not in policies or tg.precision.kv_cache != act:
+        raise MpkError(f"the GPU kernels run {' or '.join(policies)} activations with a KV cache of the same type, "
+                       f"not {act} activations and a {tg.precision.kv_cache} cache")
+    return policies[act]
+
+
+# --- reference math shared by op kinds -------------------------------------------------------
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias), with the activation precision the graph chose.

@@ -1,129 +1,192 @@
-"""Matrix-vector ops: every task owns a block of output columns and streams that block of weight rows."""
+"""Matrix-vector ops: every task owns a block of output columns and streams that block of weight rows.
+
+CUDA templates: mpk/csrc/gemv.cuh.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mpk.ops.base import OpKind, TileTask, linear, nbytes, region, rmsnorm, spans, whole
+from mpk.models.functional import rms_norm
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, linear, nbytes, shape, \
+    spans, whole
+from mpk.util import cdiv
+
+CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
 
 
-def _linear_tiles(op, prog, weight: str, out: str, x: str, extra_reads=(), rows_per_col: int = 1, bias: str | None = None):
-    """Tasks over output columns [c0, c1): read all of x, weight rows [c0, c1) * rows_per_col."""
-    n_out = prog.tensor(out).shape[1]
-    k = prog.tensor(weight).shape[1]
-    batch = prog.tensor(x).shape[0]
-    tasks = []
-    for i, (c0, c1) in enumerate(spans(n_out, op.params["tile"])):
-        w = region(weight, (c0 * rows_per_col, c1 * rows_per_col), (0, k))
-        reads = [whole(prog, x), *[r(c0, c1) for r in extra_reads], w]
-        if bias:
-            reads.append(region(bias, (c0, c1)))
-        writes = [region(out, (0, batch), (c0, c1))]
-        nb = sum(nbytes(prog, r) for r in reads + writes)
-        tasks.append(TileTask((i,), reads, writes, nb, 2 * batch * (c1 - c0) * rows_per_col * k))
-    return tasks
+class Gemv(OpKind):
+    """What the matrix-vector kinds share: tasks over output columns [c0, c1) of `out` that read all
+    of x and weight rows [c0, c1) * rows_per_col."""
+
+    header = "gemv.cuh"
+    streamed = "weight"
+    out_role = "out"
+    rows_per_col = 1
+
+    def tiles(self, op, prog):
+        batch, n_out = shape(op, prog, self.out_role)
+        k = shape(op, prog, "weight")[1]
+        tasks = []
+        for i, (c0, c1) in enumerate(spans(n_out, op.params["tile"])):
+            reads = [whole(op, prog, "x"), *self.extra_reads(op, prog, c0, c1),
+                     box(op, "weight", (c0 * self.rows_per_col, c1 * self.rows_per_col), (0, k))]
+            writes = self.tile_writes(op, prog, i, c0, c1, batch)
+            nb = sum(nbytes(prog, r) for r in reads + writes)
+            tasks.append(TileTask((i,), reads, writes, nb, 2 * batch * (c1 - c0) * self.rows_per_col * k))
+        return tasks
+
+    def extra_reads(self, op, prog, c0, c1):
+        return []
+
+    def tile_writes(self, op, prog, i, c0, c1, batch):
+        return [box(op, self.out_role, (0, batch), (c0, c1))]
+
+    @staticmethod
+    def columns_per_warp(op) -> int:
+        """The most output columns one of the CTA's warps owns in a tile, up to the CTA's warp count
+        (a template argument: the CUDA-core GEMV loads up to that many columns' rows together when K
+        is short; more never pays)."""
+        return min(CTA_WARPS, cdiv(op.params["tile"], CTA_WARPS))
+
+    def gemv_shape(self, op, tg) -> tuple[int, int, int]:
+        """(B, K, N), checking the weight is [N * rows_per_col, K]."""
+        b, k = tg.tensors[op.inputs["x"]].shape
+        out = tg.tensors[op.outputs[self.out_role]].shape
+        n = out[1]
+        expect(out[0] == b, op, f"output {out} does not have batch {b}")
+        w = tg.tensors[op.inputs["weight"]].shape
+        expect(w == (n * self.rows_per_col, k), op, f"weight {w} is not [{n * self.rows_per_col}, {k}]")
+        expect(tg.tensors[op.inputs["weight"]].dtype == "bfloat16", op, "the GEMV templates stream bfloat16 weights")
+        return b, k, n
 
 
-class RmsnormLinear(OpKind):
+class RmsnormLinear(Gemv):
     """out[:, c0:c1] = rmsnorm(x) @ W[c0:c1]^T (+ bias): the fused QKV projection."""
 
-    def tiles(self, op, prog):
-        norm = op.inputs["norm"]
-        return _linear_tiles(op, prog, op.inputs["weight"], op.outputs["out"], op.inputs["x"],
-                             extra_reads=[lambda c0, c1: whole(prog, norm)], bias=op.inputs.get("bias"))
+    kind = "rmsnorm_linear"
+    template = "RmsnormLinear"
+    inputs = (Operand("x"), Operand("norm"), Operand("weight"), Operand("bias", optional=True))
+    outputs = (Operand("out"),)
 
-    def run(self, op, tile, reads, writes, step):
-        x, norm, w = reads[:3]
-        bias = reads[3] if len(reads) > 3 else None
-        writes[0].copy_(linear(rmsnorm(x, norm, op.params["eps"]), w, bias))
+    def extra_reads(self, op, prog, c0, c1):
+        return [whole(op, prog, "norm")] + ([box(op, "bias", (c0, c1))] if "bias" in op.inputs else [])
+
+    def run(self, op, tile, t, step):
+        t["out"].copy_(linear(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"], t.get("bias")))
+
+    def cuda(self, op, tg):
+        b, k, n = self.gemv_shape(op, tg)
+        return Cuda((b, k, cbool("bias" in op.inputs), activation_policy(tg), self.columns_per_warp(op)),
+                    {"n": n, "tile": op.params["tile"]}, {"eps": op.params["eps"]})
 
 
-class RmsnormGateUpSilu(OpKind):
+class RmsnormGateUpSilu(Gemv):
     """out[:, c0:c1] = silu(gate) * up, gate/up rows interleaved in the fused weight (row 2i, 2i+1)."""
 
-    def tiles(self, op, prog):
-        norm = op.inputs["norm"]
-        return _linear_tiles(op, prog, op.inputs["weight"], op.outputs["out"], op.inputs["x"],
-                             extra_reads=[lambda c0, c1: whole(prog, norm)], rows_per_col=2)
+    kind = "rmsnorm_gate_up_silu"
+    template = "RmsnormGateUpSilu"
+    inputs = (Operand("x"), Operand("norm"), Operand("weight"))
+    outputs = (Operand("out"),)
+    rows_per_col = 2
 
-    def run(self, op, tile, reads, writes, step):
-        x, norm, w = reads
-        y = linear(rmsnorm(x, norm, op.params["eps"]), w)
+    def extra_reads(self, op, prog, c0, c1):
+        return [whole(op, prog, "norm")]
+
+    def run(self, op, tile, t, step):
+        y = linear(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"])
         gate_up = y.unflatten(-1, (-1, 2))
-        writes[0].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])
+        t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])
+
+    def cuda(self, op, tg):
+        b, k, n = self.gemv_shape(op, tg)
+        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]},
+                    {"eps": op.params["eps"]})
 
 
-class LinearResidual(OpKind):
+class LinearResidual(Gemv):
     """out[:, c0:c1] = residual[:, c0:c1] + x @ W[c0:c1]^T: the O and down projections on one GPU."""
 
-    def tiles(self, op, prog):
-        res, batch = op.inputs["residual"], prog.tensor(op.inputs["x"]).shape[0]
-        return _linear_tiles(op, prog, op.inputs["weight"], op.outputs["out"], op.inputs["x"],
-                             extra_reads=[lambda c0, c1: region(res, (0, batch), (c0, c1))])
+    kind = "linear_residual"
+    template = "LinearResidual"
+    inputs = (Operand("x"), Operand("weight"), Operand("residual"))
+    outputs = (Operand("out"),)
 
-    def run(self, op, tile, reads, writes, step):
-        x, residual, w = reads
-        writes[0].copy_(residual + linear(x, w))
+    def extra_reads(self, op, prog, c0, c1):
+        return [box(op, "residual", (0, shape(op, prog, "x")[0]), (c0, c1))]
+
+    def run(self, op, tile, t, step):
+        t["out"].copy_(t["residual"] + linear(t["x"], t["weight"]))
+
+    def cuda(self, op, tg):
+        b, k, n = self.gemv_shape(op, tg)
+        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
 
 
-class Linear(OpKind):
+class Linear(Gemv):
     """out[:, c0:c1] = x @ W[c0:c1]^T in float32: one rank's partial sum of a row-parallel projection."""
 
-    def tiles(self, op, prog):
-        return _linear_tiles(op, prog, op.inputs["weight"], op.outputs["out"], op.inputs["x"])
+    kind = "linear"
+    inputs = (Operand("x"), Operand("weight"))
+    outputs = (Operand("out"),)
 
-    def run(self, op, tile, reads, writes, step):
-        x, w = reads
-        writes[0].copy_(linear(x, w).float())
+    def run(self, op, tile, t, step):
+        t["out"].copy_(linear(t["x"], t["weight"]).float())
 
 
 class AllreduceResidual(OpKind):
     """out[:, c0:c1] = residual + sum over ranks of their partials, read from every GPU's memory."""
 
+    kind = "allreduce_residual"
+    inputs = (Operand("partial", per_rank=True), Operand("residual"))
+    outputs = (Operand("out"),)
+
     def tiles(self, op, prog):
-        ranks = op.params["ranks"]
-        out = op.outputs["out"]
-        batch, n = prog.tensor(out).shape
+        batch, n = shape(op, prog, "out")
         tasks = []
         for i, (c0, c1) in enumerate(spans(n, op.params["tile"])):
-            reads = [region(op.inputs[f"partial{k}"], (0, batch), (c0, c1)) for k in range(ranks)]
-            reads.append(region(op.inputs["residual"], (0, batch), (c0, c1)))
-            writes = [region(out, (0, batch), (c0, c1))]
+            reads = [box(op, f"partial{k}", (0, batch), (c0, c1)) for k in range(op.params["ranks"])]
+            reads.append(box(op, "residual", (0, batch), (c0, c1)))
+            writes = [box(op, "out", (0, batch), (c0, c1))]
             nb = sum(nbytes(prog, r) for r in reads + writes)
-            tasks.append(TileTask((i,), reads, writes, nb, batch * (c1 - c0) * ranks))
+            tasks.append(TileTask((i,), reads, writes, nb, batch * (c1 - c0) * op.params["ranks"]))
         return tasks
 
-    def run(self, op, tile, reads, writes, step):
-        *partials, residual = reads
-        total = partials[0].clone()
-        for p in partials[1:]:
-            total += p
-        writes[0].copy_(residual + total.to(residual.dtype))
+    def run(self, op, tile, t, step):
+        total = t["partial0"].clone()
+        for k in range(1, op.params["ranks"]):
+            total += t[f"partial{k}"]
+        t["out"].copy_(t["residual"] + total.to(t["residual"].dtype))
 
 
-class RmsnormLmHeadArgmax(OpKind):
+class RmsnormLmHeadArgmax(Gemv):
     """Final norm + LM head over vocab rows [v0, v1) + that tile's argmax candidate per sequence."""
 
-    def tiles(self, op, prog):
-        x, norm, weight = op.inputs["x"], op.inputs["norm"], op.inputs["weight"]
-        logits, cval, cidx = op.outputs["logits"], op.outputs["cand_val"], op.outputs["cand_idx"]
-        batch, vocab = prog.tensor(logits).shape
-        k = prog.tensor(weight).shape[1]
-        tasks = []
-        for i, (v0, v1) in enumerate(spans(vocab, op.params["tile"])):
-            reads = [whole(prog, x), whole(prog, norm), region(weight, (v0, v1), (0, k))]
-            writes = [region(logits, (0, batch), (v0, v1)),
-                      region(cval, (0, batch), (i, i + 1)), region(cidx, (0, batch), (i, i + 1))]
-            nb = sum(nbytes(prog, r) for r in reads + writes)
-            tasks.append(TileTask((i,), reads, writes, nb, 2 * batch * (v1 - v0) * k))
-        return tasks
+    kind = "rmsnorm_lm_head_argmax"
+    template = "RmsnormLmHeadArgmax"
+    inputs = (Operand("x"), Operand("norm"), Operand("weight"))
+    outputs = (Operand("logits"), Operand("cand_val"), Operand("cand_idx"))
+    out_role = "logits"
 
-    def run(self, op, tile, reads, writes, step):
-        x, norm, w = reads
-        logits, cand_val, cand_idx = writes
-        y = linear(rmsnorm(x, norm, op.params["eps"]), w).float()
-        logits.copy_(y)
+    def extra_reads(self, op, prog, c0, c1):
+        return [whole(op, prog, "norm")]
+
+    def tile_writes(self, op, prog, i, c0, c1, batch):
+        return [box(op, "logits", (0, batch), (c0, c1)),
+                box(op, "cand_val", (0, batch), (i, i + 1)), box(op, "cand_idx", (0, batch), (i, i + 1))]
+
+    def run(self, op, tile, t, step):
+        y = linear(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"]).float()
+        t["logits"].copy_(y)
         best = torch.argmax(y, dim=-1, keepdim=True)  # first index among equal maxima
-        cand_val.copy_(torch.gather(y, -1, best))
-        cand_idx.copy_(best + op.params["vocab_start"] + tile[0] * op.params["tile"])
+        t["cand_val"].copy_(torch.gather(y, -1, best))
+        t["cand_idx"].copy_(best + op.params["vocab_start"] + tile[0] * op.params["tile"])
+
+    def cuda(self, op, tg):
+        b, k, v = self.gemv_shape(op, tg)
+        n_tiles = tg.tensors[op.outputs["cand_val"]].shape[1]
+        expect(n_tiles == cdiv(v, op.params["tile"]), op, "candidate count is not the number of vocab tiles")
+        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)),
+                    {"vocab": v, "tile": op.params["tile"], "n_tiles": n_tiles, "vocab_start": op.params["vocab_start"]},
+                    {"eps": op.params["eps"]})

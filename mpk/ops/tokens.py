@@ -1,28 +1,40 @@
-"""The ends of a step: token -> embedding row, and argmax candidates -> the next step's token."""
+"""The ends of a step: token -> embedding row, and argmax candidates -> the next step's token.
+
+CUDA templates: mpk/csrc/tokens.cuh.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from mpk.ops.base import OpKind, TileTask, nbytes, region, whole
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, expect, nbytes, shape, whole
 
 
 class Embed(OpKind):
     """x[b] = table[tokens[b]]; one task per sequence. Reads the token the previous step sampled."""
 
+    kind = "embed"
+    header = "tokens.cuh"
+    template = "Embed"
+    inputs = (Operand("tokens"), Operand("table"))
+    outputs = (Operand("out"),)
+
     def tiles(self, op, prog):
-        tokens, table, out = op.inputs["tokens"], op.inputs["table"], op.outputs["out"]
-        batch, hidden = prog.tensor(out).shape
+        batch, hidden = shape(op, prog, "out")
         tasks = []
         for b in range(batch):
-            reads = [region(tokens, (b, b + 1)), whole(prog, table)]
-            writes = [region(out, (b, b + 1), (0, hidden))]
+            reads = [box(op, "tokens", (b, b + 1)), whole(op, prog, "table")]
+            writes = [box(op, "out", (b, b + 1), (0, hidden))]
             tasks.append(TileTask((b,), reads, writes, 8 + 2 * nbytes(prog, writes[0]), 0))
         return tasks
 
-    def run(self, op, tile, reads, writes, step):
-        token, table = reads
-        writes[0].copy_(table[token])
+    def run(self, op, tile, t, step):
+        t["out"].copy_(t["table"][t["tokens"]])
+
+    def cuda(self, op, tg):
+        vocab, hidden = tg.tensors[op.inputs["table"]].shape
+        expect(tg.tensors[op.inputs["table"]].dtype == "bfloat16", op, "the embedding table must be bfloat16")
+        return Cuda((hidden, activation_policy(tg)), {"vocab": vocab})
 
 
 class Sample(OpKind):
@@ -32,28 +44,36 @@ class Sample(OpKind):
     prompts run through the same decode step one token at a time.
     """
 
+    kind = "sample"
+    header = "tokens.cuh"
+    template = "Sample"
+    inputs = (Operand("cand_val", per_rank=True), Operand("cand_idx", per_rank=True), Operand("prompt"),
+              Operand("prompt_len"))
+    outputs = (Operand("tokens"),)
+
     def tiles(self, op, prog):
-        tokens = op.outputs["tokens"]
-        batch = prog.tensor(tokens).shape[0]
+        batch = shape(op, prog, "tokens")[0]
         tasks = []
         for b in range(batch):
-            reads = []
-            for k in range(op.params["ranks"]):
-                for role in ("cand_val", "cand_idx"):
-                    name = op.inputs[f"{role}{k}"]
-                    reads.append(region(name, (b, b + 1), (0, prog.tensor(name).shape[1])))
-            reads += [region(op.inputs["prompt"], (b, b + 1), (0, prog.max_seq_len)),
-                      region(op.inputs["prompt_len"], (b, b + 1))]
-            writes = [region(tokens, (b, b + 1))]
-            tasks.append(TileTask((b,), reads, writes, sum(nbytes(prog, r) for r in reads[:-2]) + 24, 0))
+            reads = [box(op, f"{role}{k}", (b, b + 1), (0, shape(op, prog, f"{role}{k}")[1]))
+                     for k in range(op.params["ranks"]) for role in ("cand_val", "cand_idx")]
+            cand_bytes = sum(nbytes(prog, r) for r in reads)
+            reads += [box(op, "prompt", (b, b + 1), (0, prog.max_seq_len)), box(op, "prompt_len", (b, b + 1))]
+            writes = [box(op, "tokens", (b, b + 1))]
+            tasks.append(TileTask((b,), reads, writes, cand_bytes + 24, 0))
         return tasks
 
-    def run(self, op, tile, reads, writes, step):
-        *cands, prompt, prompt_len = reads
-        if step + 1 < int(prompt_len[0]):
-            writes[0].copy_(prompt[0, step + 1])
+    def run(self, op, tile, t, step):
+        if step + 1 < int(t["prompt_len"][0]):
+            t["tokens"].copy_(t["prompt"][0, step + 1])
             return
-        vals = torch.cat([v[0] for v in cands[0::2]])
-        idxs = torch.cat([i[0] for i in cands[1::2]])
+        ranks = range(op.params["ranks"])
+        vals = torch.cat([t[f"cand_val{k}"][0] for k in ranks])
+        idxs = torch.cat([t[f"cand_idx{k}"][0] for k in ranks])
         best = vals.max()
-        writes[0].fill_(int(idxs[vals == best].min()))  # ties go to the lowest token id, like argmax
+        t["tokens"].fill_(int(idxs[vals == best].min()))  # ties go to the lowest token id, like argmax
+
+    def cuda(self, op, tg):
+        expect(op.params["ranks"] == 1, op, "sampling over several ranks")
+        n_tiles = tg.tensors[op.inputs["cand_val0"]].shape[1]
+        return Cuda((), {"n_tiles": n_tiles, "seq": tg.tensors[op.inputs["prompt"]].shape[1]})

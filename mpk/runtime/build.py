@@ -18,11 +18,11 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from mpk import defaults
 from mpk.errors import MpkError
 from mpk.progress import phase
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-DEFAULT_ARCH = "sm_90a"
 NVCC_FALLBACK = "/usr/local/cuda/bin/nvcc"
 
 
@@ -85,16 +85,20 @@ def gencode(arch: str) -> str:
 _SMEM_PER_CTA_KB = {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}
 
 
-def x_budget(arch: str) -> int:
-    """Bytes of shared memory a GEMV task may stage its input in: the CTA's limit less 16 KB of room
-    for the rest (task descriptor, reductions, attention scratch)."""
+def bulk_copy(arch: str) -> bool:
+    """Whether `arch` has bulk asynchronous copies into shared memory (Hopper and newer)."""
+    return int(re.fullmatch(r"sm_(\d+)a?", arch).group(1)) >= 90
+
+
+def smem_cap(arch: str) -> int:
+    """Bytes of dynamic shared memory one CTA may use on `arch` (the kernel's kSmemCap)."""
     num = int(re.fullmatch(r"sm_(\d+)a?", arch).group(1))
-    return (_SMEM_PER_CTA_KB.get(num, 99) - 16) * 1024
+    return _SMEM_PER_CTA_KB.get(num, 99) * 1024
 
 
 def nvcc_flags(arch: str, debug: bool) -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", gencode(arch), f"-I{CSRC}",
-             f"-DMPK_X_BUDGET={x_budget(arch)}"]
+             f"-DMPK_SMEM_CAP={smem_cap(arch)}", f"-DMPK_BULK_COPY={int(bulk_copy(arch))}"]
     if debug:
         flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
     gemv = os.environ.get("MPK_GEMV", "auto")
@@ -102,6 +106,18 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
         raise MpkError(f"MPK_GEMV must be auto or simt, not {gemv!r}")
     if gemv == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
+    head_kb = os.environ.get("MPK_HEAD_KB", "")
+    if head_kb:
+        if not (head_kb.isdigit() or head_kb == "max"):
+            raise MpkError(f"MPK_HEAD_KB must be a number of KB or max, not {head_kb!r}")
+        # Weight heads in shared memory (off by default), for A/B comparisons.
+        flags.append(f"-DMPK_HEAD_KB={-1 if head_kb == 'max' else int(head_kb)}")
+    inject = os.environ.get("MPK_INJECT", "")
+    if inject:  # test hooks: one task hangs inside itself, or faults
+        what, _, task = inject.partition(":")
+        if what not in ("hang", "fault") or not task.isdigit():
+            raise MpkError(f"MPK_INJECT must be hang:TASK or fault:TASK (a task id), not {inject!r}")
+        flags.append(f"-DMPK_INJECT_{what.upper()}={int(task)}")
     return flags
 
 
@@ -113,7 +129,7 @@ def _headers_digest() -> str:
     return h.hexdigest()
 
 
-def build(source: str, arch: str = DEFAULT_ARCH, debug: bool | None = None, cache: Path | None = None) -> Path:
+def build(source: str, arch: str = defaults.ARCH, debug: bool | None = None, cache: Path | None = None) -> Path:
     """Compile `source` (from mpk.codegen) into a .so for `arch`; return its path (cached).
 
     `debug` None reads MPK_DEBUG from the environment.

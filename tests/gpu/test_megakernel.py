@@ -32,12 +32,13 @@ from mpk.errors import MpkError
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from mpk import sim  # noqa: E402
+from mpk.sim import CpuExecutor  # noqa: E402
 from mpk.compiler import compile_model  # noqa: E402
-from mpk.engine import check_prompts, program_inputs  # noqa: E402
+from mpk.engine import check_prompts  # noqa: E402
+from mpk.inputs import program_inputs  # noqa: E402
 from mpk.graph import DEFAULT_ACTIVATIONS  # noqa: E402
 from mpk.models.checkpoint import load_checkpoint  # noqa: E402
-from mpk.models.fuse import fuse_weights  # noqa: E402
+from mpk.inputs import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
 from mpk.profile import summarize_trace  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
@@ -111,10 +112,8 @@ def megakernel(cfg, hf, prompts, max_seq_len, sms, tg: TaskGraph | None = None,
 def sim_logits(cfg, hf, tg, prompts, steps):
     """Per-step logits of the CPU executor with bf16 weights (activations as the graph says)."""
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
-    bufs = sim.allocate(tg, weights, meta, torch.bfloat16)
-    out = []
-    sim.run(tg, bufs, steps, on_step=lambda s, b: out.append(b["logits"].float().clone()) and False)
-    return out
+    with CpuExecutor(tg, weights, meta) as executor:
+        return executor.run(steps, eos_token_ids=[], collect_logits=True).logits
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -330,3 +329,49 @@ def test_engine_and_cli_generate_on_the_gpu(make_checkpoint, capsys):
     assert result["backend"] == "cuda" and len(result["token_ids"]) == 4 and isinstance(result["text"], str)
     assert "GPU megakernel" in err
     report(check="generate", case="qwen3", batch=2, tokens=sum(len(t) for t in gpu.token_ids))
+
+
+def test_a_hang_inside_a_task_ends_in_a_clear_error(checkpoint, monkeypatch):
+    """A task that never finishes (an injected wait inside it, built with MPK_INJECT) is named by the
+    watchdog, the kernel leaves, and the GPU stays usable."""
+    cfg, hf = checkpoint("llama")
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=8)
+    stuck = next(t.id for t in tg.tasks if tg.ops[t.op].kind == "linear_residual")
+    monkeypatch.setenv("MPK_INJECT", f"hang:{stuck}")
+    mk = megakernel(cfg, hf, [[1, 2]], 8, 8, tg=tg)
+    with pytest.raises(MpkError, match=rf"no progress for 1\.5 s: SM \d+ was stuck inside task {stuck} \("):
+        mk.run(4, watchdog_seconds=1.5)
+    torch.cuda.synchronize()  # the kernel left: the GPU is usable
+    monkeypatch.delenv("MPK_INJECT")
+    assert megakernel(cfg, hf, [[1, 2]], 8, 8, tg=tg).run(4, eos_token_ids=[]).steps == 4
+    report(check="hang", case="llama", batch=1, task=stuck)
+
+
+def test_an_interrupt_stops_the_kernel_before_anything_else_runs(checkpoint):
+    cfg, hf = checkpoint("llama")
+    mk = megakernel(cfg, hf, [[1, 2, 3]], 64, 16)
+
+    def interrupt(step, tokens):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mk.run(64, on_step=interrupt, eos_token_ids=[])
+    assert torch.cuda.current_stream().query()  # nothing of the interrupted launch is still running
+    again = mk.run(8, eos_token_ids=[])
+    assert again.steps == 8 and again.tokens[:2] == [[2], [3]]
+
+
+def test_a_device_fault_is_one_line_and_the_process_exits_cleanly(tmp_path):
+    """An illegal address inside a task (MPK_INJECT=fault): one error line, exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MPK_INJECT": "fault:3"}
+    proc = subprocess.run([sys.executable, "-m", "mpk.cli", "generate", "tiny", "--backend", "cuda",
+                           "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mpk: error:")]
+    assert len(errors) == 1 and "faulted on the GPU" in errors[0] and "restart" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    report(check="fault", case="tiny", batch=1, message=errors[0][:60])

@@ -22,9 +22,9 @@ if not torch.cuda.is_available():
 from test_megakernel import F32_TOL, forced_rows, greedy_mismatches, l2_rel_err, rel_err, report  # noqa: E402
 
 from mpk.compiler import compile_model  # noqa: E402
-from mpk.engine import program_inputs  # noqa: E402
+from mpk.inputs import program_inputs  # noqa: E402
 from mpk.models import resolve_model  # noqa: E402
-from mpk.models.fuse import fuse_weights  # noqa: E402
+from mpk.inputs import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
 

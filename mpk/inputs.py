@@ -1,4 +1,7 @@
-"""Turn Hugging Face weights into the fused, TP-sharded weight tensors the tensor program declares.
+"""What a decode program reads besides its activations: fused, TP-sharded weights and meta tensors.
+
+`fuse_weights` turns Hugging Face weights into the weight tensors the program declares;
+`program_inputs` adds the RoPE tables and the prompts' meta tensors for every rank.
 
 Layout contract (the ops depend on it), for rank r, q = query heads per KV head, hd = head_dim:
 - qkv: per local KV group, its q query heads, then its K head, then its V head (a group's rows
@@ -11,17 +14,20 @@ Layout contract (the ops depend on it), for rank r, q = query heads per KV head,
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from mpk.graph import shard_of, tensor_name
+from mpk.graph import EMBED, PROMPT, PROMPT_LEN, ROPE_COS, ROPE_SIN, TOKENS, shard_of, tensor_name
 from mpk.models.checkpoint import validate_shapes
-from mpk.models.config import ModelConfig
+from mpk.models.config import ModelConfig, rope_tables
+from mpk.taskgraph import TaskGraph
 
 
 def fuse_weights(
     cfg: ModelConfig, hf: dict[str, torch.Tensor], tp_size: int, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Every weight tensor of the decode program for `tp_size` ranks, except rope_cos/rope_sin."""
+    """Every checkpoint weight of the decode program for `tp_size` ranks (not the RoPE tables)."""
     validate_shapes(cfg, {n: tuple(t.shape) for n, t in hf.items()}, "the weights")
     out: dict[str, torch.Tensor] = {}
     for r in range(tp_size):
@@ -34,7 +40,7 @@ def _rank_weights(cfg: ModelConfig, hf: dict[str, torch.Tensor], r: int, tp_size
     sh = shard_of(cfg, r, tp_size)
     hd, q = cfg.head_dim, cfg.q_per_kv
     embed = hf["model.embed_tokens.weight"]
-    yield "embed", embed
+    yield EMBED, embed
     for layer in range(cfg.num_layers):
         p, a = f"layers.{layer}.", f"model.layers.{layer}."
         attn = a + "self_attn."
@@ -65,3 +71,19 @@ def _group_rows(hf: dict[str, torch.Tensor], attn: str, kind: str, groups: range
     for g in groups:
         parts += [wq[g * q * hd:(g + 1) * q * hd], wk[g * hd:(g + 1) * hd], wv[g * hd:(g + 1) * hd]]
     return torch.cat(parts)
+
+
+def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tensor], prompts: list[list[int]]):
+    """Weights (fused, plus RoPE tables) and meta tensors for every rank of the graph."""
+    cos, sin = rope_tables(cfg, tg.max_seq_len)
+    prompt = torch.zeros(len(prompts), tg.max_seq_len, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        prompt[b, : len(p)] = torch.tensor(p)
+    weights, meta = dict(fused), {}
+    for r in range(tg.tp_size):
+        n = partial(tensor_name, r, tg.tp_size)
+        weights[n(ROPE_COS)], weights[n(ROPE_SIN)] = cos, sin
+        meta[n(TOKENS)] = prompt[:, 0].clone()
+        meta[n(PROMPT)] = prompt
+        meta[n(PROMPT_LEN)] = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+    return weights, meta

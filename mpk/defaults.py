@@ -1,0 +1,6 @@
+"""Defaults that more than one module needs, each in one place."""
+
+NUM_SMS = 132  # SMs of an H100 / H200: what `mpk inspect` and `compile_model` schedule for unless told
+SIM_NUM_SMS = 16  # SMs the CPU executor schedules for unless told otherwise
+ARCH = "sm_90a"  # the build target when no GPU says otherwise (`mpk build`)
+MAX_SEQ_LEN = 4096  # KV cache length of `mpk inspect` and `compile_model`

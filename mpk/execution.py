@@ -1,0 +1,119 @@
+"""What both executors share: buffers for a graph's tensors, the shape of a run, and its result.
+
+The CPU executor (`mpk.sim.CpuExecutor`) and the GPU megakernel (`mpk.runtime.Megakernel`) are both
+`Executor`s: context managers holding one TaskGraph's buffers, run for a number of decode steps
+with the same arguments and the same stop rule, returning a `RunResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from mpk.dtypes import torch_dtype
+from mpk.errors import MpkError
+from mpk.graph import LOGITS, PROMPT, PROMPT_LEN, TOKENS, tensor_name
+from mpk.taskgraph import TaskGraph
+
+INT_POISON = -(2**62)
+
+# on_step(step, tokens): the step's token per sequence (prompt tokens included); True stops after it.
+OnStep = Callable[[int, list[int]], bool | None]
+
+
+@dataclass
+class RunResult:
+    tokens: list[list[int]]  # per step run, the token each sequence got (prompt tokens included)
+    steps: int  # steps run
+    seconds: float
+    stopped: bool  # ended before num_steps: every sequence finished, or on_step asked to stop
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab] float32, if collected
+    trace: torch.Tensor | None = None  # [steps, tasks, 3] int64 ns: wait start, run start, end (if traced)
+
+
+def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor],
+             device="cpu") -> dict[str, torch.Tensor]:
+    """Buffers for every tensor of the graph, in the dtypes it declares: given weights and meta,
+    poisoned activations and state (NaN, or a huge negative for integers), so a read of anything the
+    graph did not order before it shows."""
+    bufs = {}
+    for name, spec in tg.tensors.items():
+        want = torch_dtype(spec.dtype)
+        if spec.kind in ("weight", "meta"):
+            given = (weights if spec.kind == "weight" else meta).get(name)
+            if given is None:
+                raise MpkError(f"no value given for {spec.kind} tensor {name!r} of shape {spec.shape}")
+            if tuple(given.shape) != spec.shape:
+                raise MpkError(f"{spec.kind} tensor {name!r} has shape {tuple(given.shape)}, the graph needs {spec.shape}")
+            bufs[name] = given.to(device=device, dtype=want).contiguous()
+        elif want == torch.int64:
+            bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want, device=device)
+        else:
+            bufs[name] = torch.full(spec.shape, float("nan"), dtype=want, device=device)
+    return bufs
+
+
+def per_sequence_limits(batch: int, max_new_tokens: int | Sequence[int | None] | None) -> list[int | None]:
+    limits = [max_new_tokens] * batch if max_new_tokens is None or isinstance(max_new_tokens, int) \
+        else list(max_new_tokens)
+    if len(limits) != batch:
+        raise MpkError(f"max_new_tokens has {len(limits)} entries for a batch of {batch}")
+    return limits
+
+
+def check_steps(tg: TaskGraph, first_step: int, num_steps: int) -> None:
+    if num_steps < 1 or first_step < 0 or first_step + num_steps > tg.max_seq_len:
+        raise MpkError(f"steps {first_step}..{first_step + num_steps - 1} do not fit the graph's context of "
+                       f"{tg.max_seq_len} positions")
+
+
+class Executor:
+    """One TaskGraph with its buffers, run step after step. Subclasses implement `run` and `close`."""
+
+    tg: TaskGraph
+    buffers: dict[str, torch.Tensor]
+
+    def run(self, num_steps: int, max_new_tokens: int | Sequence[int | None] | None = None,
+            on_step: OnStep | None = None, *, first_step: int = 0, eos_token_ids: Sequence[int] | None = None,
+            collect_logits: bool = False) -> RunResult:
+        """Run decode steps [first_step, first_step + num_steps) and return their tokens.
+
+        `on_step(step, tokens)` gets each step's tokens (one per sequence) as they are made;
+        returning True stops the run after that step. A sequence is finished at EOS
+        (`eos_token_ids`, default the model's) or after `max_new_tokens` new tokens (an int or one
+        per sequence); the run stops by itself once all are. `collect_logits` keeps each step's
+        logits [batch, vocab] (all ranks' vocabulary slices side by side).
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def set_meta(self, meta: dict[str, torch.Tensor]) -> None:
+        """New prompts: overwrite the meta tensors (tokens, prompt, prompt_len) in place."""
+        for name, value in meta.items():
+            if name not in self.buffers or self.tg.tensors[name].kind != "meta":
+                raise MpkError(f"{name!r} is not a meta tensor of this graph")
+            self.buffers[name].copy_(value.to(self.buffers[name].dtype))
+
+    def restart_tokens(self) -> None:
+        """Step 0 embeds each prompt's first token; a previous run left its last ones in TOKENS."""
+        for r in range(self.tg.tp_size):
+            n = tensor_name(r, self.tg.tp_size, TOKENS)
+            self.buffers[n].copy_(self.buffers[tensor_name(r, self.tg.tp_size, PROMPT)][:, 0])
+
+    def prompt_lengths(self) -> list[int]:
+        return self.buffers[tensor_name(0, self.tg.tp_size, PROMPT_LEN)].tolist()
+
+    def logits(self) -> torch.Tensor:
+        """This step's logits of every rank, side by side: [batch, vocab] float32 on the CPU."""
+        parts = [self.buffers[tensor_name(r, self.tg.tp_size, LOGITS)] for r in range(self.tg.tp_size)]
+        return torch.cat(parts, dim=1).float().cpu()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

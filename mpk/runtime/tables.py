@@ -1,0 +1,120 @@
+"""The device tables of one TaskGraph: tasks, signals, queues, events, op arguments, prefetches.
+
+Layouts are the structs of mpk/csrc/mpk_runtime.cuh (`mpk.runtime.abi`); op arguments come from
+each op kind's `cuda` through `mpk.codegen.lower_op`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpk.codegen import OpArgs, Variant, graph_variants
+from mpk.dtypes import dtype
+from mpk.errors import MpkError
+from mpk.ops import OP_KINDS
+from mpk.runtime.abi import OP_DTYPE, TASK_DTYPE
+from mpk.taskgraph import TaskGraph
+
+PREFETCH_MAX_BYTES = 128 * 1024  # per task: about what HBM delivers to one SM during an event wait
+
+
+@dataclass
+class KernelTables:
+    """Everything the kernel reads besides tensors, as plain arrays."""
+
+    variants: list[Variant]  # in dispatch order
+    tasks: np.ndarray  # TASK_DTYPE [num_tasks]
+    signals: np.ndarray  # int32
+    queue_off: np.ndarray  # int32 [num_sms + 1]
+    queue_tasks: np.ndarray  # int32
+    ev_target: np.ndarray  # int32 [num_events]
+    ev_lag: np.ndarray  # int32 [num_events]
+    op_args: list[OpArgs]  # per op of the graph
+    n_sample: int  # sample tasks per step
+
+
+def build_tables(tg: TaskGraph) -> KernelTables:
+    """The task, queue and event tables of `tg` as the kernel reads them."""
+    variants, op_variant, op_args = graph_variants(tg)
+    tasks = np.zeros(len(tg.tasks), dtype=TASK_DTYPE)
+    signals: list[int] = []
+    for i, t in enumerate(tg.tasks):
+        if t.id != i:
+            raise MpkError(f"task ids must be positions in the task list; task at {i} has id {t.id}")
+        if len(t.tile) > 3:
+            raise MpkError(f"{tg.describe_task(i)} has more than 3 tile coordinates")
+        tasks[i]["variant"] = op_variant[t.op]
+        tasks[i]["op"] = t.op
+        tasks[i]["tile"][: len(t.tile)] = t.tile
+        tasks[i]["wait"] = t.wait
+        tasks[i]["sig_off"] = len(signals)
+        tasks[i]["sig_cnt"] = len(t.signals)
+        signals.extend(t.signals)
+    lengths = [len(q) for q in tg.queues]
+    if len(lengths) != tg.num_sms:
+        raise MpkError(f"the graph has {len(lengths)} queues for {tg.num_sms} SMs")
+    queue_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    queue_tasks = np.array([tid for q in tg.queues for tid in q], dtype=np.int32)
+    if sorted(queue_tasks.tolist()) != list(range(len(tg.tasks))):
+        raise MpkError("the queues do not hold every task exactly once")
+    return KernelTables(
+        variants=variants,
+        tasks=tasks,
+        signals=np.array(signals or [0], dtype=np.int32),
+        queue_off=queue_off,
+        queue_tasks=queue_tasks,
+        ev_target=np.array([e.target for e in tg.events] or [0], dtype=np.int32),
+        ev_lag=np.array([e.lag for e in tg.events] or [0], dtype=np.int32),
+        op_args=op_args,
+        n_sample=sum(1 for t in tg.tasks if tg.ops[t.op].kind == "sample"),
+    )
+
+
+def op_table(op_args: list[OpArgs], pointer_of) -> np.ndarray:
+    """OP_DTYPE rows for every op; `pointer_of(tensor name)` gives its device address."""
+    table = np.zeros(len(op_args), dtype=OP_DTYPE)
+    for i, a in enumerate(op_args):
+        table[i]["ptr"][: len(a.ptrs)] = [pointer_of(n) if n is not None else 0 for n in a.ptrs]
+        table[i]["i"][: len(a.ints)] = a.ints
+        table[i]["f"][: len(a.floats)] = a.floats
+    return table
+
+
+def head_rows_align(batch: int) -> int:
+    """Rows a weight head is a multiple of: whole 16-row blocks where batches of 2+ may take the
+    tensor-core GEMV (a block never straddles the head), else pairs (gate/up rows come in pairs)."""
+    return 16 if batch >= 2 else 2
+
+
+def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = PREFETCH_MAX_BYTES) -> np.ndarray:
+    """[num_tasks, 4] u64 per task: the weight head (address, bytes) for shared memory and the range
+    (address, bytes) after it to prefetch into L2.
+
+    The op kind names the streamed operand (`OpKind.streamed`). Its tile covers whole rows of a
+    row-major matrix, so it is one contiguous byte range. The head is the longest prefix of whole
+    row blocks (`head_rows_align`) within `head_limit` bytes (none when a row is not a multiple of 16 bytes, which bulk
+    copies need); the L2 range is the next `l2_limit` bytes, in whole 16-byte units.
+    """
+    table = np.zeros((len(tg.tasks), 4), dtype=np.uint64)
+    align = head_rows_align(tg.batch)
+    for t in tg.tasks:
+        role = OP_KINDS[tg.ops[t.op].kind].streamed
+        tile = next((r for r in t.reads if r.role == role), None) if role else None
+        if tile is None:
+            continue
+        spec = tg.tensors[tile.tensor]
+        if any((a, b) != (0, n) for (a, b), n in zip(tile.box[1:], spec.shape[1:])):
+            raise MpkError(f"{tg.describe_task(t.id)} streams {tile}, which is not whole rows")
+        row_bytes = dtype(spec.dtype).bytes * int(np.prod(spec.shape[1:]))
+        r0, r1 = tile.box[0]
+        first, stop = pointer_of(tile.tensor) + r0 * row_bytes, pointer_of(tile.tensor) + r1 * row_bytes
+        head_rows = 0
+        if row_bytes % 16 == 0 and first % 16 == 0:
+            head_rows = min(r1 - r0, head_limit // row_bytes) // align * align
+        head = head_rows * row_bytes
+        l2_start = (first + head) // 16 * 16
+        l2_stop = min(stop, l2_start + l2_limit)
+        table[t.id] = (first, head, l2_start, max(0, l2_stop - l2_start) // 16 * 16)  # never past the tile's end
+    return table

@@ -1,0 +1,35 @@
+"""The host watchdog's diagnosis: from the per-SM progress words, who waits on what.
+
+Each SM publishes (sequence number, task, step, event, state) in host-mapped memory whenever it
+starts waiting or leaves. When the words stop changing, the earliest wait in topological order
+(task ids are one) is the root cause; the rest follow from it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpk.runtime.abi import Abi
+from mpk.taskgraph import TaskGraph
+
+
+def stall_report(tg: TaskGraph, abi: Abi, words: np.ndarray, state: int, counters: list[int] | None,
+                 first_step: int) -> str:
+    """One line naming up to four SMs in `state` (waiting, or aborted while waiting), earliest first.
+    An SM aborted inside a task (event -1) was stuck there: it comes first, as the cause."""
+    words = words.reshape(tg.num_sms, abi.kProgressWords)
+    stuck = sorted((sm for sm in range(tg.num_sms) if words[sm, abi.kPrState] == state),
+                   key=lambda sm: (int(words[sm, abi.kPrEvent]) >= 0, int(words[sm, abi.kPrStep]),
+                                   int(words[sm, abi.kPrTask])))
+    parts = []
+    for sm in stuck[:4]:
+        task, step, ev = (int(words[sm, k]) for k in (abi.kPrTask, abi.kPrStep, abi.kPrEvent))
+        if ev < 0:
+            parts.append(f"SM {sm} was stuck inside {tg.describe_task(task)} in step {step}")
+            continue
+        e = tg.events[ev]
+        need = e.target * (step - first_step + 1 - e.lag)
+        have = f"{counters[ev]}/{need}" if counters is not None else f"?/{need}"
+        parts.append(f"SM {sm} waits in step {step} with {tg.describe_task(task)} on event {ev} ({have})")
+    more = f" and {len(stuck) - 4} more SMs" if len(stuck) > 4 else ""
+    return "; ".join(parts) + more if parts else "no SM reported a wait"

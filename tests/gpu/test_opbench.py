@@ -1,0 +1,44 @@
+"""`mpk bench-op` on the GPU: every task template of a small preset, alone, matches its reference; and a
+graph without a sampling task runs all its steps with a full trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpk.errors import MpkError
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from mpk.compiler import compile_model  # noqa: E402
+from mpk.models import resolve_model  # noqa: E402
+from mpk.opbench.check import random_buffers  # noqa: E402
+from mpk.opbench.program import bench_ops, compile_one_op  # noqa: E402
+from mpk.opbench.run import run_op_bench  # noqa: E402
+from mpk.runtime import Megakernel  # noqa: E402
+from mpk.runtime.build import find_nvcc  # noqa: E402
+
+try:
+    find_nvcc()
+except MpkError as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+
+@pytest.mark.parametrize("batch, activations", [(1, "float32"), (4, "model")])
+def test_every_template_alone_matches_its_reference(batch, activations):
+    result = run_op_bench("tiny", batch=batch, context=40, steps=3, repeats=1, activations=activations)
+    assert len(result["rows"]) == 10
+    for r in result["rows"]:
+        assert r["ok"], r
+        assert r["task_us_1sm"] > 0 and r["op_us_all"] > 0 and r["gbps_all"] > 0, r
+
+
+def test_a_graph_without_sampling_runs_every_step():
+    cfg = resolve_model("tiny").cfg
+    tg = compile_model(cfg, batch=2, max_seq_len=16, num_sms=4, verify=False)
+    one = compile_one_op(cfg, tg, bench_ops(tg, ["rmsnorm_gate_up_silu"])[0], 4)
+    with Megakernel(one, buffers=random_buffers(one, cfg.vocab_size, torch.device("cuda"))) as kernel:
+        result = kernel.run(5, eos_token_ids=[], trace=True)  # from step 0: no prompt to restart from
+    assert result.steps == 5 and not result.stopped
+    assert result.trace.shape == (5, len(one.tasks), 3) and bool((result.trace[..., 2] > 0).all())

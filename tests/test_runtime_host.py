@@ -1,0 +1,63 @@
+"""Host-side runtime logic that needs no GPU: the watchdog's diagnosis and the build's test hooks."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mpk.compiler import compile_model
+from mpk.errors import MpkError
+from mpk.models.config import ModelConfig
+from mpk.runtime.build import nvcc_flags
+from mpk.runtime.watchdog import stall_report
+
+ABI = SimpleNamespace(kProgressWords=8, kPrSeq=0, kPrTask=1, kPrStep=2, kPrEvent=3, kPrState=4, kStateWaiting=1,
+                      kStateAborted=4)
+
+
+@pytest.fixture(scope="module")
+def tg():
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
+    return compile_model(cfg, batch=1, max_seq_len=8, num_sms=4)
+
+
+def words(rows):
+    w = np.zeros((4, 8), dtype=np.int32)
+    for sm, (task, step, event, state) in rows.items():
+        w[sm, 1:5] = (task, step, event, state)
+    return w.reshape(-1)
+
+
+def test_the_earliest_wait_is_named_first(tg):
+    early = next(t for t in tg.tasks if t.wait >= 0 and tg.events[t.wait].lag == 0)
+    late = tg.tasks[-1]
+    text = stall_report(tg, ABI, words({0: (late.id, 1, late.wait, 4), 2: (early.id, 1, early.wait, 4)}), 4,
+                        [0] * len(tg.events), first_step=1)
+    assert text.startswith(f"SM 2 waits in step 1 with task {early.id} ") and f"; SM 0 waits in step 1 with task {late.id}" in text
+    need = tg.events[early.wait].target
+    assert f"on event {early.wait} (0/{need})" in text
+
+
+def test_an_sm_stuck_inside_a_task_is_the_cause(tg):
+    waiting = next(t for t in tg.tasks if t.wait >= 0)
+    inside = tg.tasks[-1]
+    text = stall_report(tg, ABI, words({1: (waiting.id, 0, waiting.wait, 4), 3: (inside.id, 0, -1, 4)}), 4, None, 0)
+    assert text.startswith(f"SM 3 was stuck inside task {inside.id} ") and "SM 1 waits" in text
+    assert stall_report(tg, ABI, words({}), 4, None, 0) == "no SM reported a wait"
+
+
+def test_fault_injection_flags_for_tests(monkeypatch):
+    monkeypatch.setenv("MPK_INJECT", "hang:12")
+    assert "-DMPK_INJECT_HANG=12" in nvcc_flags("sm_90a", False)
+    monkeypatch.setenv("MPK_INJECT", "fault:3")
+    assert "-DMPK_INJECT_FAULT=3" in nvcc_flags("sm_90a", False)
+    monkeypatch.setenv("MPK_INJECT", "explode:3")
+    with pytest.raises(MpkError, match="MPK_INJECT must be hang:TASK or fault:TASK"):
+        nvcc_flags("sm_90a", False)
+    monkeypatch.delenv("MPK_INJECT")
+    monkeypatch.setenv("MPK_HEAD_KB", "lots")
+    with pytest.raises(MpkError, match="MPK_HEAD_KB must be a number of KB or max"):
+        nvcc_flags("sm_90a", False)
+    monkeypatch.setenv("MPK_HEAD_KB", "max")
+    assert "-DMPK_HEAD_KB=-1" in nvcc_flags("sm_90a", False)
