@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from mpk.errors import MpkError
 from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, expect, nbytes, shape, whole
 
 
@@ -70,6 +71,9 @@ class Sample(OpKind):
         ranks = range(op.params["ranks"])
         vals = torch.cat([t[f"cand_val{k}"][0] for k in ranks])
         idxs = torch.cat([t[f"cand_idx{k}"][0] for k in ranks])
+        if not bool(torch.isfinite(vals).all()):
+            raise MpkError(f"the logits of sequence {tile[0]} are not finite at position {step} (the model overflowed "
+                           "in its activation precision); try --activations float32")
         best = vals.max()
         t["tokens"].fill_(int(idxs[vals == best].min()))  # ties go to the lowest token id, like argmax
 
