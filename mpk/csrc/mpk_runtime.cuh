@@ -127,12 +127,18 @@ __device__ __forceinline__ bool stopped_before(const MpkParams& p, long long ste
   return step > ld_volatile(p.ctl + kCtlStopStep);
 }
 
+// Whether a task waiting on `ev` may be the first of its step to run after the run stopped: only
+// a task on no event, or on a lag-1 event (the previous step's sampled token), can. Every other
+// task's producers are of its own step, so they ran only if the step was not stopped; such a task
+// skips the stop check on its wake path (one L2 round trip) and meets a stop in its poll loop.
+__device__ __forceinline__ bool starts_a_step(const MpkParams& p, int ev) { return ev < 0 || p.ev_lag[ev] > 0; }
+
 // Thread 0 only. True when the task may run; false when the kernel must exit (the run stopped
 // before this step, or the host asked to abort). The first polls spin; the SM's progress words
 // (host-mapped, a PCIe write) are published only once the wait has lasted, so a short wait costs
 // one acquire load per poll and nothing else.
 __device__ bool wait_event(const MpkParams& p, int sm, int seq, int task, int ev, long long step, long long rel) {
-  if (stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
+  if (starts_a_step(p, ev) && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
   if (ev < 0) return true;
   MPK_ASSERT(p.ev_lag[ev] == 0 || p.ev_lag[ev] == 1);
   const long long need = static_cast<long long>(p.ev_target[ev]) * (rel + 1 - p.ev_lag[ev]);
@@ -324,7 +330,8 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
       s_head_bytes = heads.head_bytes(p, id);
       bool go = wait_event(p, sm, ++seq, id, s_task.wait, step, rel);
       // A stop decided by the step this task depends on is visible after the acquire.
-      if (go && stopped_before(p, step)) go = false, publish(p, sm, seq, id, step, s_task.wait, kStateStopped);
+      if (go && starts_a_step(p, s_task.wait) && stopped_before(p, step))
+        go = false, publish(p, sm, seq, id, step, s_task.wait, kStateStopped);
       s_go = go;
       if (!go) heads.drain(p);
     }
