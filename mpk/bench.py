@@ -19,7 +19,7 @@ import torch
 
 from mpk.dtypes import dtype
 from mpk.errors import MpkError
-from mpk.graph import DEFAULT_ACTIVATIONS, EMBED, ROPE_COS, ROPE_SIN
+from mpk.graph import DEFAULT_ACTIVATIONS, EMBED, ROPE
 
 STREAM_SOURCE = Path(__file__).resolve().parent / "csrc" / "stream_read.cu"
 
@@ -53,7 +53,7 @@ def weight_bytes_per_step(tg) -> int:
     total = 0
     for spec in tg.tensors.values():
         base = spec.name.rsplit("/", 1)[-1]
-        if spec.kind != "weight" or base in (ROPE_COS, ROPE_SIN):
+        if spec.kind != "weight" or base == ROPE:
             continue
         n = dtype(spec.dtype).bytes
         for d in spec.shape:
