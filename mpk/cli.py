@@ -12,7 +12,7 @@ import time
 
 from mpk import defaults
 from mpk.errors import MpkError
-from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS
+from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, KV_CACHES
 
 DEFAULT_MODEL = "qwen3-0.6b"
 DEFAULT_TOKEN_IDS = "1,2,3,4"
@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--profile", metavar="TRACE_JSON", help="also write per-SM task spans of mpk for Perfetto")
     ben.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
                      help=f"mpk's activation precision (default {DEFAULT_ACTIVATIONS}; the torch baselines run in bfloat16)")
+    ben.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
+                     help="mpk's KV cache precision: model (default, the weights' dtype) or float32")
+    ben.add_argument("--context", type=int, default=0,
+                     help="position of the first timed step, the cache filled up to it (default 0)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
 
@@ -78,8 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                      help="bfloat16 (default; the only dtype of the GPU backend) or float32 (CPU executor)")
     gen.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
-                     help="activation and KV-cache precision: float32 (default; a float32 computation on the "
+                     help="activation precision: float32 (default; a float32 computation on the "
                           "stored weights) or model (the weights' dtype, rounding as transformers does)")
+    gen.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
+                     help="KV cache precision: model (default, the weights' dtype) or float32")
     gen.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
@@ -136,7 +142,7 @@ def cmd_bench(args) -> int:
     if args.steps < 1:
         raise MpkError(f"--steps must be at least 1, not {args.steps}")
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
-                       activations=args.activations)
+                       activations=args.activations, kv_cache=args.kv_cache, context=args.context)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
@@ -178,7 +184,7 @@ def cmd_generate(args) -> int:
 
     out = generate(source.cfg, hf, prompts, args.max_new_tokens, backend=backend, dtype=args.dtype, num_sms=args.num_sms,
                    tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens,
-                   activations=args.activations)
+                   activations=args.activations, kv_cache=args.kv_cache)
     texts = [tokenizer.decode(ids) for ids in out.token_ids] if tokenizer is not None else None
     tokens_made = sum(len(t) for t in out.token_ids)
     if args.json:

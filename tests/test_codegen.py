@@ -282,3 +282,29 @@ def test_a_template_reading_an_undeclared_slot_does_not_build(tg, tmp_path):
     variants[i] = replace(variants[i], ptrs=tuple(r for r in variants[i].ptrs if r != "bias"))
     with pytest.raises(MpkError, match="nvcc failed.*bias"):
         build(render_source(variants), "sm_90a", debug=False, cache=tmp_path)
+
+
+@needs_nvcc
+def test_attention_variants_build_without_register_spills(tmp_path):
+    """The attention templates over 1..8 query heads per KV head, head_dim 16..256, both activation
+    policies and both KV cache types, in one kernel: ptxas reports no spills and no stack frame."""
+    shapes = [(1, 16, "float32", "model"), (8, 16, "model", "float32"), (4, 64, "float32", "model"),
+              (8, 64, "float32", "model"), (4, 128, "float32", "model"), (8, 128, "float32", "float32"),
+              (2, 256, "model", "model")]
+    variants = []
+    for qpk, hd, activations, kv_cache in shapes:
+        cfg = tiny_cfg(num_layers=1, num_heads=2 * qpk, head_dim=hd)
+        tg = compile_program(build_decode_program(cfg, 1, 64, 1, 8, activations, kv_cache=kv_cache))
+        variants += [v for v in graph_variants(tg)[0] if v.template.startswith("Attention") and v not in variants]
+    assert len(variants) == 2 * len(shapes)
+    from mpk.codegen import render_source
+    from mpk.runtime.build import nvcc_flags
+
+    src = tmp_path / "attention.cu"
+    src.write_text(render_source(variants))
+    flags = [f for f in nvcc_flags("sm_90a", debug=False) if f != "-shared"]
+    proc = subprocess.run([find_nvcc(), *flags, "-cubin", "-Xptxas", "-v", str(src), "-o", str(tmp_path / "a.cubin")],
+                          capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-2000:]
+    assert "0 bytes spill stores, 0 bytes spill loads" in log and "0 bytes stack frame" in log, log[-2000:]
