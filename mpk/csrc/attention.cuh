@@ -114,8 +114,8 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
   using T = typename A::T;
   using L = KvLanes<HD, KT>;
   static constexpr int E = L::E;
-  // Row loads per lane in flight: q and acc hold 2 QPK E registers, each row U adds its raw words and QPK
-  // scores; ~165 of them leave room for addressing within 255 registers. At most 8, and 32 rows a warp.
+  // U row loads in flight per lane: q and acc take 2 QPK E registers, each of the U rows its raw words and
+  // QPK scores; a total of ~165 leaves room for the rest within 255 registers. U <= 8, <= 32 rows a warp.
   static constexpr int kRegs = 165 - 2 * QPK * E, kPerRow = 2 * L::NV * L::NW + QPK;
   static constexpr int U = cmax(1, cmin(cmin(8, kRegs / kPerRow), 32 / L::RPW));
   static constexpr int kRowsPerWarp = U * L::RPW;  // rows in flight per warp
