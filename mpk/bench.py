@@ -2,9 +2,10 @@
 
 Rows: a streaming-read kernel (the measured bandwidth ceiling), the mpk megakernel (all steps in
 one launch), PyTorch eager and PyTorch under torch.compile(mode="reduce-overhead") (CUDA graphs),
-both on `mpk.models.reference`. Every decode step reads the same bytes (the weights plus a little
-KV cache), so effective GB/s = bytes per step / time per step, and the floor is those bytes at
-the streaming kernel's bandwidth.
+both on `mpk.models.reference`. A decode step reads the weights plus the KV rows up to its position,
+so effective GB/s = bytes per step / time per step, and the floor is those bytes at the streaming
+kernel's bandwidth. `context` N starts the timed steps at position N with the cache filled (random
+values: the time does not depend on them), and every row counts the KV bytes of its own cache dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from mpk.dtypes import dtype
 from mpk.errors import MpkError
-from mpk.graph import DEFAULT_ACTIVATIONS, EMBED, ROPE_COS, ROPE_SIN
+from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE
 
 STREAM_SOURCE = Path(__file__).resolve().parent / "csrc" / "stream_read.cu"
 
@@ -53,7 +54,7 @@ def weight_bytes_per_step(tg) -> int:
     total = 0
     for spec in tg.tensors.values():
         base = spec.name.rsplit("/", 1)[-1]
-        if spec.kind != "weight" or base in (ROPE_COS, ROPE_SIN):
+        if spec.kind != "weight" or base == ROPE:
             continue
         n = dtype(spec.dtype).bytes
         for d in spec.shape:
@@ -62,6 +63,18 @@ def weight_bytes_per_step(tg) -> int:
             n = n // spec.shape[0] * tg.batch
         total += n
     return total
+
+
+def kv_rows_per_step(context: int, steps: int, window: int | None) -> float:
+    """K/V rows of one sequence and layer a step touches, averaged over positions [context, context + steps):
+    the rows it reads up to its position (a sliding window caps them) plus the one it appends."""
+    return sum(min(p + 1, window or p + 1) for p in range(context, context + steps)) / steps
+
+
+def kv_bytes_per_step(cfg, batch: int, context: int, steps: int, kv_dtype: str) -> int:
+    """KV cache bytes one decode step moves, averaged over the timed steps (K and V, every layer)."""
+    row = 2 * batch * cfg.num_kv_heads * cfg.head_dim * dtype(kv_dtype).bytes
+    return round(cfg.num_layers * row * kv_rows_per_step(context, steps, cfg.sliding_window))
 
 
 def stream_read_gbps(device: torch.device, nbytes: int, num_sms: int, repeats: int = 10) -> float:
@@ -95,44 +108,57 @@ def stream_read_gbps(device: torch.device, nbytes: int, num_sms: int, repeats: i
     return buf.numel() / statistics.median(times) / 1e9
 
 
-def time_torch(model, batch: int, steps: int, compiled: bool) -> float:
-    """Seconds per decode step of the reference model, greedy tokens fed back on the GPU."""
+def time_torch(model, batch: int, steps: int, compiled: bool, context: int = 0) -> float:
+    """Seconds per decode step of the reference model at positions [context, context + steps), greedy
+    tokens fed back on the GPU. Its cache has a fixed length and every step reads all of it."""
     device = model.device
-    model.reset(batch, steps + 8)
+    length = context + steps + 8
+    model.reset(batch, length)
     step = model.decode_step
     if compiled:
         step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
-    positions = torch.arange(steps + 8, device=device)
+    positions = torch.arange(length, device=device)
     token = torch.ones(batch, dtype=torch.long, device=device)
 
-    def run(n: int, offset: int = 0) -> torch.Tensor:
+    def run(n: int) -> torch.Tensor:
         tok = token
-        for s in range(n):
-            pos = positions[offset + s].expand(batch).clone() if compiled else offset + s
+        for s in range(context, context + n):
+            pos = positions[s].expand(batch).clone() if compiled else s
             tok = step(tok, pos).argmax(-1)
         return tok
 
     run(4)  # warm-up: compilation, graph capture, allocator
     torch.cuda.synchronize(device)
-    model.reset(batch, steps + 8)
+    model.reset(batch, length)
     t0 = time.perf_counter()
     run(steps)
     torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / steps
 
 
-def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | None = None) -> tuple[float, dict | None]:
-    """Seconds per decode step of the megakernel (all `steps` steps in one launch), and with
-    `profile` the summary of a second, traced run whose per-SM task spans are written there
-    (the timed run is untraced)."""
+def fill_kv_cache(kernel, seed: int = 0) -> None:
+    """Random values in every KV cache buffer of a loaded megakernel, standing in for a prompt's rows."""
+    gen = torch.Generator(device=kernel.device).manual_seed(seed)
+    for name, spec in kernel.tg.tensors.items():
+        if spec.kind == "state":
+            buf = kernel.buffers[name]
+            buf.copy_(torch.randn(buf.shape, generator=gen, device=buf.device))
+
+
+def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | None = None,
+             context: int = 0) -> tuple[float, dict | None]:
+    """Seconds per decode step of the megakernel (all `steps` steps in one launch, starting at position
+    `context` over a filled cache), and with `profile` the summary of a second, traced run whose per-SM
+    task spans are written there (the timed run is untraced)."""
     from mpk.runtime import Megakernel
 
     with Megakernel(tg, device=device, weights=fused, meta=meta) as kernel:
-        kernel.run(min(steps, 8), max_new_tokens=None)  # warm-up: module load, first touch
+        fill_kv_cache(kernel)
+        kernel.run(min(steps, 8), max_new_tokens=None, first_step=context)  # warm-up: module load, first touch
         kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        result = kernel.run(steps, max_new_tokens=None)
+        result = kernel.run(steps, max_new_tokens=None, first_step=context)
         seconds = time.perf_counter() - t0
         if result.steps != steps:
             raise MpkError(f"the megakernel ran {result.steps} of {steps} steps")
@@ -141,14 +167,15 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
             from mpk.profile import summarize_trace, write_trace
 
             kernel.set_meta(meta)
-            spans = kernel.run(steps, max_new_tokens=None, trace=True).trace
+            spans = kernel.run(steps, max_new_tokens=None, first_step=context, trace=True).trace
             write_trace(profile, tg, spans)
             summary = summarize_trace(tg, spans) if spans.shape[0] > 1 else None
     return seconds / steps, summary
 
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
-              profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS) -> dict:
+              profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
+              context: int = 0) -> dict:
     from mpk.compiler import compile_model
     from mpk.inputs import fuse_weights, program_inputs
     from mpk.models import resolve_model
@@ -159,43 +186,52 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     props = torch.cuda.get_device_properties(device)
     source = resolve_model(model)
     cfg = source.cfg
-    tg = compile_model(cfg, batch=batch, max_seq_len=steps + 8, num_sms=props.multi_processor_count,
-                       activations=activations)
-    nbytes = weight_bytes_per_step(tg)
+    if context < 0:
+        raise MpkError(f"--context must be at least 0, not {context}")
+    tg = compile_model(cfg, batch=batch, max_seq_len=context + steps + 8, num_sms=props.multi_processor_count,
+                       activations=activations, kv_cache=kv_cache)
+    weight_bytes = weight_bytes_per_step(tg)
+    # Each row's bytes: the weights plus the KV rows in its own cache dtype (the torch baselines keep bf16).
+    nbytes = weight_bytes + kv_bytes_per_step(cfg, batch, context, steps, tg.precision.kv_cache)
+    torch_bytes = weight_bytes + kv_bytes_per_step(cfg, batch, context, steps, "bfloat16")
     hf = source.load_weights(torch.bfloat16, device=device)
 
-    seconds: dict[str, float] = {}
+    seconds: dict[str, tuple[float, int]] = {}
     gbps, traced = None, None
     if "stream" in backends:
         gbps = stream_read_gbps(device, min(max(nbytes, 1 << 30), 4 << 30), props.multi_processor_count)
-        seconds["stream-read"] = nbytes / (gbps * 1e9)
+        seconds["stream-read"] = nbytes / (gbps * 1e9), nbytes
     if "mpk" in backends:
         fused = fuse_weights(cfg, hf, 1, torch.bfloat16)
         weights, meta = program_inputs(cfg, tg, fused, [[1]] * batch)
-        seconds["mpk"], traced = time_mpk(tg, weights, meta, steps, device, profile)
+        mpk_seconds, traced = time_mpk(tg, weights, meta, steps, device, profile, context)
+        seconds["mpk"] = mpk_seconds, nbytes
         del fused, weights
     if "eager" in backends or "compile" in backends:
         ref = ReferenceModel(cfg, hf, torch.bfloat16, device)
         if "eager" in backends:
-            seconds["torch-eager"] = time_torch(ref, batch, steps, compiled=False)
+            seconds["torch-eager"] = time_torch(ref, batch, steps, False, context), torch_bytes
         if "compile" in backends:
-            seconds["torch-compile"] = time_torch(ref, batch, steps, compiled=True)
-    floor_ms = nbytes / (gbps * 1e9) * 1e3 if gbps else float("nan")
-    rows = [Row(name, s * 1e3, batch, nbytes, floor_ms) for name, s in seconds.items()]
+            seconds["torch-compile"] = time_torch(ref, batch, steps, True, context), torch_bytes
+    rows = [Row(name, sec * 1e3, batch, n, n / (gbps * 1e9) * 1e3 if gbps else float("nan"))
+            for name, (sec, n) in seconds.items()]
     return {
         "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch,
-        "activations": activations,
-        "steps": steps, "bytes_per_step": nbytes, "stream_read_gbps": gbps,
+        "activations": activations, "kv_cache": tg.precision.kv_cache, "context": context,
+        "steps": steps, "bytes_per_step": nbytes, "kv_bytes_per_step": nbytes - weight_bytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
         **({"profile": traced} if traced else {}),
     }
 
 
 def format_bench(result: dict) -> str:
+    kv = result.get("kv_bytes_per_step", 0)
+    cache = f", {result['kv_cache']} KV cache" if "kv_cache" in result else ""  # runs before it was its own choice
     lines = [
         f"{result['model']} batch {result['batch']} on {result['gpu']} ({result['num_sms']} SMs), "
-        f"{result['steps']} steps, {result['bytes_per_step'] / 1e9:.2f} GB per step, "
-        f"{result.get('activations', DEFAULT_ACTIVATIONS)} activations",
+        f"{result['steps']} steps from position {result.get('context', 0)}, "
+        f"{result['bytes_per_step'] / 1e9:.2f} GB per step ({kv / 1e9:.2f} GB of KV), "
+        f"{result.get('activations', DEFAULT_ACTIVATIONS)} activations{cache}",
         f"  {'backend':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'% floor':>8}",
     ]
     for r in result["rows"]:

@@ -14,7 +14,7 @@ import time
 
 from mpk import __version__, defaults, progress
 from mpk.errors import MpkError
-from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS, MAX_BATCH, MAX_NUM_SMS
+from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, KV_CACHES, MAX_BATCH, MAX_NUM_SMS
 
 DEFAULT_MODEL = "qwen3-0.6b"
 DEFAULT_TOKEN_IDS = "1,2,3,4"
@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--profile", metavar="TRACE_JSON", help="also write per-SM task spans of mpk for Perfetto")
     ben.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
                      help="mpk's activation precision (the torch baselines run in bfloat16)")
+    ben.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
+                     help="mpk's KV cache precision: model (the weights' dtype) or float32")
+    ben.add_argument("--context", type=int, default=0,
+                     help="position of the first timed step, the cache filled up to it")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
     _add_bench_op(command)
@@ -114,8 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                      help="weight dtype: bfloat16 (the only one of the GPU backend) or float32 (CPU executor)")
     gen.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
-                     help="activation and KV-cache precision: float32 (a float32 computation on the stored "
-                          "weights) or model (the weights' dtype, rounding as transformers does)")
+                     help="activation precision: float32 (a float32 computation on the stored weights) or model "
+                          "(the weights' dtype, rounding as transformers does)")
+    gen.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
+                     help="KV cache precision: model (the weights' dtype) or float32")
     gen.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
@@ -175,7 +181,7 @@ def cmd_bench(args) -> int:
     if args.profile and "mpk" not in backends:
         raise MpkError("--profile traces the mpk backend; include mpk in --backends")
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
-                       activations=args.activations)
+                       activations=args.activations, kv_cache=args.kv_cache, context=args.context)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
@@ -300,7 +306,7 @@ def _run(args, name: str, cfg, hf, prompts: list[list[int]], tokenizer, backend:
     try:
         out = generate(cfg, hf, prompts, args.max_new_tokens, backend=backend, dtype=args.dtype, num_sms=args.num_sms,
                        tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens,
-                       activations=args.activations)
+                       activations=args.activations, kv_cache=args.kv_cache)
     finally:
         if stream and warmup.closed:  # end the streamed line, also when generation failed halfway
             print(detok.flush() if detok is not None else "", flush=True)
@@ -367,6 +373,7 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
     weight_bytes = dtype(args.dtype).bytes
     need = memory.estimate(source.cfg, batch=batch, max_seq_len=seq_len, tp_size=args.tp, weight_bytes=weight_bytes,
                            activation_bytes=4 if args.activations == "float32" else weight_bytes,
+                           kv_bytes=4 if args.kv_cache == "float32" else weight_bytes,
                            device="GPU memory" if backend == "cuda" else "CPU RAM")
     if backend == "cuda":
         memory.check_fits(need, memory.available_gpu_bytes(device), f"{source.name} on the GPU")

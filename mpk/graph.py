@@ -34,7 +34,7 @@ PROMPT = "prompt"  # meta [B, S] int64: prompts, zero-padded
 PROMPT_LEN = "prompt_len"  # meta [B] int64
 LOGITS = "logits"  # activation [B, vocab shard] float32
 EMBED = "embed"  # weight: the embedding table (one row per sequence is read each step)
-ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"  # weight [S, head_dim / 2] float32: tables, not checkpoint weights
+ROPE = "rope"  # weight [S, head_dim] float32: cos then sin of each position (a table, not a checkpoint weight)
 
 
 @dataclass
@@ -111,36 +111,42 @@ def shard_of(cfg: ModelConfig, rank: int, tp_size: int) -> Shard:
     )
 
 
-def attention_splits(batch: int, kv_groups: int, max_seq_len: int, num_sms: int) -> tuple[int, int]:
-    """(splits, rows per split) of the KV length, so attention tasks about fill the SMs."""
+def attention_splits(batch: int, kv_groups: int, max_seq_len: int, num_sms: int) -> int:
+    """Attention tasks per (sequence, KV group), so that they about fill the SMs. Each covers its
+    share of the rows up to the current position (`mpk.ops.attention.split_rows`); at the longest
+    context a split still has MIN_ATTN_CHUNK rows or more."""
     want = max(1, num_sms // max(1, batch * kv_groups))
-    splits = max(1, min(want, cdiv(max_seq_len, MIN_ATTN_CHUNK)))
-    chunk = cdiv(max_seq_len, splits)
-    return cdiv(max_seq_len, chunk), chunk
+    return max(1, min(want, cdiv(max_seq_len, MIN_ATTN_CHUNK)))
 
 
 ACTIVATIONS = ("float32", "model")
 DEFAULT_ACTIVATIONS = "float32"  # docs/decisions.md: bf16 activations drift 4-5e-2 from float32 on 8B models
+KV_CACHES = ("model", "float32")
+DEFAULT_KV_CACHE = "model"  # docs/decisions.md: a bf16 cache halves KV traffic within the accuracy bound
 
 
-def precision_of(weights: str, activations: str) -> Precision:
-    """`activations`: "float32" keeps activations, GEMV inputs and the KV cache in float32 over the
-    weights' dtype: a float32 reference computation on the stored weights. "model" keeps them in
-    the weights' dtype, rounding every op's output as transformers does."""
+def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACHE) -> Precision:
+    """`activations`: "float32" keeps activations and GEMV inputs in float32 over the weights'
+    dtype: a float32 reference computation on the stored weights. "model" keeps them in the
+    weights' dtype, rounding every op's output as transformers does. `kv_cache`, chosen on its own:
+    "model" stores K and V in the weights' dtype, "float32" in float32."""
     if weights not in WEIGHT_DTYPES:
         raise MpkError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, not {weights!r}")
     if activations not in ACTIVATIONS:
         raise MpkError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
+    if kv_cache not in KV_CACHES:
+        raise MpkError(f"the KV cache must be one of {', '.join(KV_CACHES)}, not {kv_cache!r}")
     act = "float32" if activations == "float32" else weights
-    return Precision(weights=weights, activations=act, kv_cache=act)
+    kv = "float32" if kv_cache == "float32" else weights
+    return Precision(weights=weights, activations=act, kv_cache=kv)
 
 
 def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1,
                          num_sms: int = defaults.NUM_SMS, activations: str = DEFAULT_ACTIVATIONS,
-                         weights: str = "bfloat16") -> Program:
+                         weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE) -> Program:
     """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs,
-    with weights stored as `weights` and activations as `precision_of` says."""
-    precision = precision_of(weights, activations)
+    with weights stored as `weights`, activations and the KV cache as `precision_of` says."""
+    precision = precision_of(weights, activations, kv_cache)
     if not 1 <= batch <= MAX_BATCH:
         raise MpkError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
     if not 1 <= num_sms <= MAX_NUM_SMS:
@@ -189,15 +195,14 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     cfg, B, S = prog.cfg, prog.batch, prog.max_seq_len
     H, hd = cfg.hidden_size, cfg.head_dim
     qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
-    splits, _ = attention_splits(B, sh.kv_groups, S, prog.num_sms)
+    splits = attention_splits(B, sh.kv_groups, S, prog.num_sms)
     add = prog.add_tensor
     wt, act, kv = prog.precision.weights, prog.precision.activations, prog.precision.kv_cache
     add(r, TOKENS, "meta", (B,), "int64")
     add(r, PROMPT, "meta", (B, S), "int64")
     add(r, PROMPT_LEN, "meta", (B,), "int64")
     add(r, EMBED, "weight", (cfg.vocab_size, H), wt)
-    add(r, ROPE_COS, "weight", (S, hd // 2), "float32")
-    add(r, ROPE_SIN, "weight", (S, hd // 2), "float32")
+    add(r, ROPE, "weight", (S, hd), "float32")
     add(r, "x.0", "activation", (B, H), act)
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
@@ -215,7 +220,6 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
         add(r, p + "k_cache", "state", (B, S, sh.kv_groups, hd), kv)
         add(r, p + "v_cache", "state", (B, S, sh.kv_groups, hd), kv)
         add(r, p + "qkv_out", "activation", (B, qkv_rows), act)
-        add(r, p + "q", "activation", (B, sh.q_heads, hd), act)
         add(r, p + "attn_part", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv, hd), "float32")
         add(r, p + "attn_lse", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv), "float32")
         add(r, p + "attn", "activation", (B, sh.q_heads * hd), act)
@@ -234,6 +238,8 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
 
 
 def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
+    """QKV projection, attention splits, merge, O projection. The splits norm and rope the group's
+    q and k themselves and the merge appends this step's K/V row (docs/decisions.md, attention)."""
     cfg = prog.cfg
     p = f"layers.{layer}."
     x_in, x_out = f"x.{2 * layer}", f"x.{2 * layer + 1}"
@@ -244,23 +250,20 @@ def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
             inputs["bias"] = n(p + "qkv_bias")
         prog.add_op(r, "rmsnorm_linear", p + "qkv", layer, inputs, {"out": n(p + "qkv_out")},
                     tile=_qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
-    for r in range(len(shards)):
-        n = partial(_n, prog, r)
-        inputs = {"qkv": n(p + "qkv_out"), "cos": n(ROPE_COS), "sin": n(ROPE_SIN)}
-        if cfg.qk_norm:
-            inputs.update(q_norm=n(p + "q_norm"), k_norm=n(p + "k_norm"))
-        prog.add_op(r, "qk_norm_rope_append", p + "rope_append", layer, inputs,
-                    {"q": n(p + "q"), "k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")},
-                    q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps)
+    heads = dict(q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps)
     for r, sh in enumerate(shards):
         n = partial(_n, prog, r)
-        splits, chunk = attention_splits(prog.batch, sh.kv_groups, prog.max_seq_len, prog.num_sms)
-        prog.add_op(r, "attention_split", p + "attention", layer,
-                    {"q": n(p + "q"), "k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")},
+        current = {"qkv": n(p + "qkv_out"), "rope": n(ROPE)}
+        q_norm = {"q_norm": n(p + "q_norm")} if cfg.qk_norm else {}
+        k_norm = {"k_norm": n(p + "k_norm")} if cfg.qk_norm else {}
+        cache = {"k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")}
+        prog.add_op(r, "attention_split", p + "attention", layer, {**current, **q_norm, **k_norm, **cache},
                     {"part": n(p + "attn_part"), "lse": n(p + "attn_lse")},
-                    splits=splits, chunk=chunk, scale=cfg.head_dim ** -0.5, window=cfg.sliding_window)
+                    splits=attention_splits(prog.batch, sh.kv_groups, prog.max_seq_len, prog.num_sms),
+                    scale=cfg.head_dim ** -0.5, window=cfg.sliding_window, **heads)
         prog.add_op(r, "attention_merge", p + "attn_merge", layer,
-                    {"part": n(p + "attn_part"), "lse": n(p + "attn_lse")}, {"out": n(p + "attn")})
+                    {**current, **k_norm, "part": n(p + "attn_part"), "lse": n(p + "attn_lse")},
+                    {"out": n(p + "attn"), **cache}, **heads)
     _row_parallel_linear(prog, layer, "o", p + "attn", x_in, x_out)
 
 
@@ -299,7 +302,7 @@ def _row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residua
 
 
 def _qkv_tile(cfg: ModelConfig, sh: Shard, num_sms: int) -> int:
-    """QKV tiles never straddle two KV groups, so RoPE of group g waits only for group g's tiles."""
+    """QKV tiles never straddle two KV groups, so the attention of group g waits only for group g's tiles."""
     rows = cfg.qkv_rows_per_group
     tile = choose_tile(sh.kv_groups * rows, num_sms)
     if tile >= rows:

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from mpk.graph import EMBED, PROMPT, PROMPT_LEN, ROPE_COS, ROPE_SIN, TOKENS, shard_of, tensor_name
+from mpk.graph import EMBED, PROMPT, PROMPT_LEN, ROPE, TOKENS, shard_of, tensor_name
 from mpk.models.checkpoint import validate_shapes
 from mpk.models.config import ModelConfig, rope_tables
 from mpk.taskgraph import TaskGraph
@@ -75,14 +75,14 @@ def _group_rows(hf: dict[str, torch.Tensor], attn: str, kind: str, groups: range
 
 def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tensor], prompts: list[list[int]]):
     """Weights (fused, plus RoPE tables) and meta tensors for every rank of the graph."""
-    cos, sin = rope_tables(cfg, tg.max_seq_len)
+    rope = torch.cat(rope_tables(cfg, tg.max_seq_len), dim=-1)  # [S, head_dim]: cos, then sin
     prompt = torch.zeros(len(prompts), tg.max_seq_len, dtype=torch.int64)
     for b, p in enumerate(prompts):
         prompt[b, : len(p)] = torch.tensor(p)
     weights, meta = dict(fused), {}
     for r in range(tg.tp_size):
         n = partial(tensor_name, r, tg.tp_size)
-        weights[n(ROPE_COS)], weights[n(ROPE_SIN)] = cos, sin
+        weights[n(ROPE)] = rope
         meta[n(TOKENS)] = prompt[:, 0].clone()
         meta[n(PROMPT)] = prompt
         meta[n(PROMPT_LEN)] = torch.tensor([len(p) for p in prompts], dtype=torch.int64)

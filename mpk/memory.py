@@ -47,7 +47,7 @@ class MemoryNeed:
 
 
 def estimate(cfg: ModelConfig, *, batch: int, max_seq_len: int, tp_size: int = 1, weight_bytes: int = 2,
-             activation_bytes: int = 4, device: str = "CPU RAM") -> MemoryNeed:
+             activation_bytes: int = 4, kv_bytes: int = 2, device: str = "CPU RAM") -> MemoryNeed:
     """What generating `batch` sequences of up to `max_seq_len` tokens holds on `device`."""
     H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -55,7 +55,7 @@ def estimate(cfg: ModelConfig, *, batch: int, max_seq_len: int, tp_size: int = 1
     copied = qkv_rows * H + 2 * I * H
     if tp_size > 1:
         copied += H * q_dim + H * I
-    kv_cache = 2 * L * batch * max_seq_len * kv_dim * activation_bytes
+    kv_cache = 2 * L * batch * max_seq_len * kv_dim * kv_bytes
     per_layer = batch * (qkv_rows + 2 * q_dim + I + 2 * H) * activation_bytes
     splits = -(-max_seq_len // ATTN_SPLIT_ROWS)
     per_layer += batch * cfg.num_heads * splits * (cfg.head_dim + 1) * 4  # float32 attention partials and LSEs

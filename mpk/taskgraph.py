@@ -54,7 +54,7 @@ class Precision:
 
     weights: str = "bfloat16"
     activations: str = "float32"
-    kv_cache: str = "float32"
+    kv_cache: str = "bfloat16"
 
 
 @dataclass

@@ -28,7 +28,7 @@ status=$?
 python3 - "$report" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-print("\ncheck     case              batch  result")
+print("\ncheck     case                   batch  result")
 for r in rows:
     if r["check"] == "logits":
         res = (f"vs bf16 sim {r['vs_sim']:.1e} (max); vs fp32 ref {r['vs_fp32']:.1e} (L2), {r['vs_fp32_max']:.1e} (max); "
@@ -39,8 +39,11 @@ for r in rows:
     elif r["check"] == "greedy":
         res = f"{r['mismatches']} mismatches, {r['near_ties']} near-ties in {r['tokens']} tokens"
     else:
-        res = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("check", "case", "batch"))
-    print(f"{r['check']:<9} {r['case']:<17} {r['batch']:>5}  {res}")
+        res = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                        if k not in ("check", "case", "batch"))
+    if r["check"] in ("logits", "preset") and "vs_fp32_same_kv" in r:  # the float32 reference with the graph's cache
+        res += f"; vs fp32 ref, same KV dtype {r['vs_fp32_same_kv']:.1e} (L2)"
+    print(f"{r['check']:<9} {r['case']:<22} {r['batch']:>5}  {res}")
 PY
 rm -f "$report"
 echo "pytest exit status: $status"

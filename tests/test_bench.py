@@ -7,7 +7,7 @@ weight bytes, and the table must show what the JSON holds.
 import json
 from pathlib import Path
 
-from mpk.bench import Row, format_bench, weight_bytes_per_step
+from mpk.bench import Row, format_bench, kv_bytes_per_step, kv_rows_per_step, weight_bytes_per_step
 from mpk.compiler import compile_model
 from mpk.models import resolve_model
 
@@ -39,3 +39,19 @@ def test_table_ends_with_the_trace_summary_when_profiled():
     last = format_bench(result).splitlines()
     assert "80.0% running, 15.0% waiting, 5.0% between tasks" in last[-3]
     assert last[-1].split() == ["rmsnorm_linear", "132", "30.00", "50.0%", "10.0%", "3000", "1.50", "42.00"]
+
+
+def test_kv_bytes_count_the_rows_each_step_reads_and_appends():
+    assert kv_rows_per_step(0, 4, None) == (1 + 2 + 3 + 4) / 4
+    assert kv_rows_per_step(0, 4, 2) == (1 + 2 + 2 + 2) / 4  # a sliding window caps them
+    cfg = resolve_model("qwen3-8b").cfg
+    # Per layer 2 x batch x (context + (steps + 1) / 2) x kv_heads x head_dim x bytes.
+    assert kv_bytes_per_step(cfg, 1, 4096, 64, "bfloat16") == 36 * 2 * 1 * (4096 + 32.5) * 8 * 128 * 2
+    assert kv_bytes_per_step(cfg, 4, 4096, 64, "float32") == 4 * 2 * kv_bytes_per_step(cfg, 1, 4096, 64, "bfloat16")
+
+
+def test_table_says_the_context_and_the_kv_cache():
+    result = json.loads(RECORDED.read_text())
+    result.update(context=4096, kv_cache="bfloat16", kv_bytes_per_step=612_000_000)
+    first = format_bench(result).splitlines()[0]
+    assert "64 steps from position 4096" in first and "(0.61 GB of KV)" in first and "bfloat16 KV cache" in first

@@ -169,3 +169,10 @@ def test_cuda_backend_without_a_gpu_is_one_line(capsys, make_checkpoint):
     ckpt = make_checkpoint("llama")
     code, _, err = run_cli(capsys, "generate", str(ckpt), "--backend", "cuda", "--token-ids", "1,2")
     assert_one_line_error(code, err, "no CUDA GPU")
+
+
+def test_generate_with_a_float32_kv_cache(capsys, make_checkpoint):
+    ckpt = make_checkpoint("qwen3")
+    args = ("generate", str(ckpt), "--token-ids", "3,4,5", "--max-new-tokens", "4", "--ignore-eos", "--json")
+    runs = [json.loads(run_cli(capsys, *args, "--kv-cache", kv)[1])["token_ids"] for kv in ("model", "float32")]
+    assert len(runs[0]) == len(runs[1]) == 4

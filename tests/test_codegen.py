@@ -57,10 +57,11 @@ def test_source_has_one_case_per_variant(tg):
     assert src.count("case ") == len(variants)
     # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct.
     assert {v.template for v in variants} == {
-        "Embed", "RmsnormLinear", "QkNormRopeAppend", "AttentionSplit", "AttentionMerge", "LinearResidual",
+        "Embed", "RmsnormLinear", "AttentionSplit", "AttentionMerge", "LinearResidual",
         "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
     assert {"LinearResidual<2, 64, ActF32, 2>", "LinearResidual<2, 98, ActF32, 2>"} <= names(variants)
-    assert {"RmsnormLinear<2, 60, false, ActF32, 2>", "QkNormRopeAppend<2, 16, true, ActF32>"} <= names(variants)
+    assert {"RmsnormLinear<2, 60, false, ActF32, 2>", "AttentionSplit<2, 16, true, ActF32, bf16>",
+            "AttentionMerge<2, 16, true, ActF32, bf16>"} <= names(variants)
 
 
 def test_slots_name_every_operand_and_scalar_of_the_op_kind(tg):
@@ -82,12 +83,12 @@ def test_layers_share_variants_and_source_ignores_run_time_sizes():
     assert generate_source(graph(batch=3)) != small  # batch sizes GEMV registers
     big = build_decode_program(QWEN3_8B, 1, 4096, 1, 132)
     variants, _, _ = graph_variants(compile_program(big))
-    assert len(variants) == 10 and len(generate_source(compile_program(big))) < 6000
+    assert len(variants) == 9 and len(generate_source(compile_program(big))) < 6000
 
 
 def test_flags_pick_variants():
     variants, _, _ = graph_variants(graph(tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)))
-    assert {"RmsnormLinear<2, 60, true, ActF32, 2>", "QkNormRopeAppend<2, 16, false, ActF32>"} <= names(variants)
+    assert {"RmsnormLinear<2, 60, true, ActF32, 2>", "AttentionSplit<2, 16, false, ActF32, bf16>"} <= names(variants)
 
 
 def test_tables_mirror_the_graph(tg):
@@ -127,7 +128,8 @@ def test_op_table_fills_pointer_slots_by_role(tg):
     assert scalars("rmsnorm_linear")[2]["bias"] == 0  # no qkv bias in this model
     ints, floats, _ = scalars("rmsnorm_lm_head_argmax")
     assert ints == {"vocab": 128, "tile": 16, "n_tiles": 8, "vocab_start": 0} and np.isclose(floats["eps"], 1e-6)
-    assert scalars("attention_split")[0] == {"groups": 2, "seq": 40, "splits": 2, "chunk": 20, "window": 0}
+    assert scalars("attention_split")[0] == {"groups": 2, "seq": 40, "splits": 2, "window": 0}
+    assert scalars("attention_merge")[0] == {"groups": 2, "seq": 40, "splits": 2}
 
 
 def test_tensor_parallel_graphs_are_rejected():
@@ -217,10 +219,12 @@ def test_debug_build_with_device_asserts(tmp_path):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("batch, activations", [(1, "model"), (1, "float32"), (4, "float32")])
-def test_qwen3_8b_kernel_builds(tmp_path, batch, activations):
-    """Batch 1 takes the CUDA-core GEMV, batch 4 the tensor-core one (x staged as bf16 hi/lo planes)."""
-    tg = compile_program(build_decode_program(QWEN3_8B, batch, 4096, 1, 132, activations))
+@pytest.mark.parametrize("batch, activations, kv_cache", [(1, "model", "model"), (1, "float32", "model"),
+                                                          (4, "float32", "model"), (1, "float32", "float32")])
+def test_qwen3_8b_kernel_builds(tmp_path, batch, activations, kv_cache):
+    """Batch 1 takes the CUDA-core GEMV, batch 4 the tensor-core one (x staged as bf16 hi/lo planes); the KV
+    cache is bf16 by default, float32 on request, with either activation precision."""
+    tg = compile_program(build_decode_program(QWEN3_8B, batch, 4096, 1, 132, activations, kv_cache=kv_cache))
     assert build(generate_source(tg), "sm_90a", debug=False, cache=tmp_path).is_file()
 
 
@@ -259,7 +263,7 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
     for t in tg.tasks:
         op = tg.ops[t.op]
         head_addr, head, l2_addr, l2 = (int(v) for v in table[t.id])
-        if op.kind in ("embed", "sample", "attention_split", "attention_merge", "qk_norm_rope_append"):
+        if op.kind in ("embed", "sample", "attention_split", "attention_merge"):
             assert head == l2 == 0
             continue
         weight = op.inputs["weight"]
@@ -285,3 +289,29 @@ def test_a_template_reading_an_undeclared_slot_does_not_build(tg, tmp_path):
     variants[i] = replace(variants[i], ptrs=tuple(r for r in variants[i].ptrs if r != "bias"))
     with pytest.raises(MpkError, match="nvcc failed.*bias"):
         build(render_source(variants), "sm_90a", debug=False, cache=tmp_path)
+
+
+@needs_nvcc
+def test_attention_variants_build_without_register_spills(tmp_path):
+    """The attention templates over 1..8 query heads per KV head, head_dim 16..256, both activation
+    policies and both KV cache types, in one kernel: ptxas reports no spills and no stack frame."""
+    shapes = [(1, 16, "float32", "model"), (8, 16, "model", "float32"), (4, 64, "float32", "model"),
+              (8, 64, "float32", "model"), (4, 128, "float32", "model"), (8, 128, "float32", "float32"),
+              (2, 256, "model", "model")]
+    variants = []
+    for qpk, hd, activations, kv_cache in shapes:
+        cfg = tiny_cfg(num_layers=1, num_heads=2 * qpk, head_dim=hd)
+        tg = compile_program(build_decode_program(cfg, 1, 64, 1, 8, activations, kv_cache=kv_cache))
+        variants += [v for v in graph_variants(tg)[0] if v.template.startswith("Attention") and v not in variants]
+    assert len(variants) == 2 * len(shapes)
+    from mpk.codegen import render_source
+    from mpk.runtime.build import nvcc_flags
+
+    src = tmp_path / "attention.cu"
+    src.write_text(render_source(variants))
+    flags = [f for f in nvcc_flags("sm_90a", debug=False) if f != "-shared"]
+    proc = subprocess.run([find_nvcc(), *flags, "-cubin", "-Xptxas", "-v", str(src), "-o", str(tmp_path / "a.cubin")],
+                          capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-2000:]
+    assert "0 bytes spill stores, 0 bytes spill loads" in log and "0 bytes stack frame" in log, log[-2000:]

@@ -33,13 +33,15 @@ def producers_by_op(tg, task):
     return out
 
 
-def test_rope_waits_only_for_its_groups_qkv_tiles(tg):
-    rope = [t for t in tg.tasks if tg.ops[t.op].name == "layers.0.rope_append"]
-    assert len(rope) == 2 * 2  # batch x kv groups
+def test_attention_waits_only_for_its_groups_qkv_tiles(tg):
+    """The splits read the QKV rows of their group (and the cache the previous step's merge wrote,
+    which the token chain already orders): one lag-0 event on that group's QKV tiles."""
+    splits = [t for t in tg.tasks if tg.ops[t.op].name == "layers.0.attention"]
+    assert len(splits) == 2 * 2 * tg.ops[splits[0].op].params["splits"]  # batch x kv groups x splits
     rows = tiny_cfg().qkv_rows_per_group
-    for t in rope:
+    for t in splits:
         deps = producers_by_op(tg, t)
-        assert list(deps) == ["layers.0.qkv"]
+        assert list(deps) == ["layers.0.qkv"] and tg.events[t.wait].lag == 0
         g = t.tile[1]
         for p in deps["layers.0.qkv"]:
             (c0, c1), = [r.box[1] for r in p.writes]
@@ -48,12 +50,46 @@ def test_rope_waits_only_for_its_groups_qkv_tiles(tg):
         assert len(deps["layers.0.qkv"]) < all_qkv_tiles
 
 
-def test_attention_waits_for_its_own_rope_task_only(tg):
+def test_merge_waits_for_the_splits_of_its_group_only(tg):
     for t in tg.tasks:
-        if tg.ops[t.op].name == "layers.1.attention":
-            (p,) = tg.events[t.wait].producers
-            assert tg.ops[tg.tasks[p].op].name == "layers.1.rope_append"
-            assert tg.tasks[p].tile == t.tile[:2]
+        if tg.ops[t.op].name == "layers.1.attn_merge":
+            producers = [tg.tasks[p] for p in tg.events[t.wait].producers]
+            assert {tg.ops[p.op].name for p in producers} == {"layers.1.attention"}
+            assert sorted(p.tile for p in producers) == [(*t.tile, s) for s in range(len(producers))]
+
+
+def _chain(sample_reads_merge: bool):
+    """embed -> split -> merge -> sample, the split also reading what the previous step's merge wrote."""
+    from types import SimpleNamespace
+
+    from mpk.taskgraph import Region, Task
+
+    def r(name):
+        return Region(name, ((0, 1),), name)
+
+    kinds = {name: SimpleNamespace(kind="activation") for name in ("x", "p", "y")}
+    kinds.update(cache=SimpleNamespace(kind="state"), tok=SimpleNamespace(kind="meta"))
+    prog = SimpleNamespace(tensor=kinds.__getitem__, ops=[SimpleNamespace(name=n) for n in
+                                                          ("embed", "split", "merge", "sample")])
+    tasks = [Task(0, 0, (0,), [r("tok")], [r("x")], 0, 0),
+             Task(1, 1, (0,), [r("x"), r("cache")], [r("p")], 0, 0),
+             Task(2, 2, (0,), [r("p")], [r("cache"), r("y")], 0, 0),
+             Task(3, 3, (0,), [r("y")] if sample_reads_merge else [], [r("tok")], 0, 0)]
+    return prog, tasks
+
+
+def test_a_previous_step_producer_is_dropped_when_this_steps_imply_it():
+    from mpk.compiler.events import find_producers
+
+    keys = find_producers(*_chain(sample_reads_merge=True))
+    assert keys[0] == (frozenset({3}), 1) and keys[1] == (frozenset({0}), 0)
+
+
+def test_a_previous_step_producer_this_steps_do_not_imply_is_rejected():
+    from mpk.compiler.events import find_producers
+
+    with pytest.raises(MpkError, match="split tile \\(0,\\) depends on producers of this step and of the previous one"):
+        find_producers(*_chain(sample_reads_merge=False))
 
 
 def test_events_are_fused_and_name_contiguous_ranges(tg):
@@ -130,7 +166,7 @@ def test_tp_that_does_not_divide_heads_is_rejected():
 
 def test_sim_reports_a_stall_instead_of_hanging(tg):
     bad = TaskGraph.from_json(tg.to_json())
-    # Move an attention task in front of the rope task it waits for, on the same SM.
+    # Move an attention task in front of the QKV tile it waits for, on the same SM.
     t = next(t for t in bad.tasks if bad.ops[t.op].kind == "attention_split")
     producer = bad.events[t.wait].producers[0]
     q = bad.queues[bad.tasks[producer].queue]

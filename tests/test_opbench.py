@@ -52,7 +52,7 @@ def test_one_op_per_variant_in_graph_order(decode):
     ops = bench_ops(decode)
     variants = [str(lower_op(decode, op)[0]) for op in ops]
     assert len(set(variants)) == len(variants)
-    assert [op.name for op in ops] == ["embed", "layers.0.qkv", "layers.0.rope_append", "layers.0.attention",
+    assert [op.name for op in ops] == ["embed", "layers.0.qkv", "layers.0.attention",
                                        "layers.0.attn_merge", "layers.0.o", "layers.0.gate_up", "layers.0.down",
                                        "lm_head", "sample"]
     assert {op.kind for op in ops} == set(gpu_kinds(decode))
@@ -61,8 +61,8 @@ def test_one_op_per_variant_in_graph_order(decode):
         bench_ops(decode, ["allreduce_residual"])
 
 
-@pytest.mark.parametrize("name", ["embed", "layers.0.qkv", "layers.0.rope_append", "layers.0.attention",
-                                  "layers.0.attn_merge", "layers.0.down", "lm_head", "sample"])
+@pytest.mark.parametrize("name", ["embed", "layers.0.qkv", "layers.0.attention", "layers.0.attn_merge",
+                                  "layers.0.down", "lm_head", "sample"])
 def test_one_op_graphs_verify_and_hold_every_task_once(decode, name):
     op = ops_by_name(decode)[name]
     per_instance = len(OP_KINDS[op.kind].tiles(op, one_op_program(CFG, decode, op, 1)))
@@ -84,13 +84,12 @@ def test_replicas_own_their_weights_state_and_outputs(decode):
     assert [o.name for o in tg.ops] == ["layers.0.attention", "layers.0.attention@1"]
     second = tg.ops[1]
     assert second.inputs["k_cache"] == "layers.0.k_cache@1" and second.outputs["part"] == "layers.0.attn_part@1"
-    assert second.inputs["q"] == "layers.0.q"  # activations are shared ...
-    assert tg.tensors["layers.0.q"].kind == "state"  # ... and filled by the host before the launch
+    assert second.inputs["qkv"] == "layers.0.qkv_out"  # activations are shared ...
+    assert tg.tensors["layers.0.qkv_out"].kind == "state"  # ... and filled by the host before the launch
     assert tg.tensors["layers.0.k_cache@1"].shape == decode.tensors["layers.0.k_cache"].shape
     reference = compile_one_op(CFG, decode, op, 1)
     assert set(reference.tensors) < set(tg.tensors)  # the first replica keeps the decode graph's names
-    rope = ops_by_name(decode)["layers.0.rope_append"]
-    assert compile_one_op(CFG, decode, rope, 1, 2).ops[1].inputs["cos"] == decode.ops[2].inputs["cos"]
+    assert second.inputs["rope"] == op.inputs["rope"]  # a table shared by every layer is not copied
     assert replica_name("x.1", 0) == "x.1" and replica_name("x.1", 3) == "x.1@3"
 
 
@@ -100,18 +99,17 @@ def test_replicas_stream_past_l2_on_an_8b_model():
                       max_position_embeddings=40960, name="qwen3-8b-1-layer")
     tg = compile_model(cfg, batch=1, max_seq_len=4104, num_sms=132, verify=False)
     got = {op.name: replicas_for(cfg, tg, op, 4096) for op in bench_ops(tg)}
-    # qkv weights 50 MB, o 32 MB, gate_up 201 MB, down 101 MB, the float32 KV cache of one layer 34 MB at 4096.
-    assert got == {"embed": 1, "layers.0.qkv": 6, "layers.0.rope_append": 1, "layers.0.attention": 8,
-                   "layers.0.attn_merge": 1, "layers.0.o": 8, "layers.0.gate_up": 2, "layers.0.down": 3,
-                   "lm_head": 1, "sample": 1}
+    # qkv weights 50 MB, o 32 MB, gate_up 201 MB, down 101 MB, the bf16 KV cache of one layer 17 MB at 4096.
+    assert got == {"embed": 1, "layers.0.qkv": 6, "layers.0.attention": 16, "layers.0.attn_merge": 1,
+                   "layers.0.o": 8, "layers.0.gate_up": 2, "layers.0.down": 3, "lm_head": 1, "sample": 1}
     attention = compile_one_op(cfg, tg, bench_ops(tg, ["attention_split"])[0], 1)
-    kv_row = 2 * 8 * 128 * 4
+    kv_row = 2 * 8 * 128 * 2
     assert op_bytes(attention, 0, 4096) - op_bytes(attention, 0, 1023) == (4096 - 1023) * kv_row
     assert MAX_REPLICAS >= 8
 
 
-@pytest.mark.parametrize("name", ["embed", "layers.0.qkv", "layers.0.rope_append", "layers.0.attention",
-                                  "layers.0.attn_merge", "layers.0.o", "layers.0.gate_up", "lm_head", "sample"])
+@pytest.mark.parametrize("name", ["embed", "layers.0.qkv", "layers.0.attention", "layers.0.attn_merge",
+                                  "layers.0.o", "layers.0.gate_up", "lm_head", "sample"])
 def test_cpu_executor_on_a_one_op_graph_matches_a_direct_call_of_the_reference(decode, name):
     op = ops_by_name(decode)[name]
     tg = compile_one_op(CFG, decode, op, 4, replicas=2)
@@ -131,12 +129,12 @@ def test_cpu_executor_on_a_one_op_graph_matches_a_direct_call_of_the_reference(d
 
 
 def test_reference_outputs_are_the_one_replica_graph_at_the_position(decode):
-    op = ops_by_name(decode)["layers.0.rope_append"]
+    op = ops_by_name(decode)["layers.0.attn_merge"]
     tg = compile_one_op(CFG, decode, op, 4, replicas=2)
     bufs = random_buffers(tg, CFG.vocab_size, "cpu")
     before = {n: b.clone() for n, b in bufs.items()}
     want = reference_outputs(compile_one_op(CFG, decode, op, 1), bufs, POS)
-    assert set(want) == {"layers.0.q", "layers.0.k_cache", "layers.0.v_cache"}
+    assert set(want) == {"layers.0.attn", "layers.0.k_cache", "layers.0.v_cache"}
     for n in bufs:  # the reference ran on copies
         torch.testing.assert_close(bufs[n], before[n], rtol=0, atol=0, equal_nan=True)
     written_rows = (~torch.isnan(want["layers.0.k_cache"])).any(-1).any(-1).any(0).nonzero().flatten().tolist()
@@ -294,7 +292,7 @@ def test_whole_bench_on_the_cpu_executor(cpu_gpu, capsys):
 
     result = run_op_bench("tiny", batch=2, context=POS, steps=3, repeats=2)
     rows = result["rows"]
-    assert [r["kind"] for r in rows] == ["embed", "rmsnorm_linear", "qk_norm_rope_append", "attention_split",
+    assert [r["kind"] for r in rows] == ["embed", "rmsnorm_linear", "attention_split",
                                          "attention_merge", "linear_residual", "rmsnorm_gate_up_silu",
                                          "linear_residual", "rmsnorm_lm_head_argmax", "sample"]
     assert all(r["error"] == 0.0 and r["ok"] and r["bound"] == BOUNDS["float32"] for r in rows)

@@ -1,18 +1,27 @@
-"""Activation precision on the CPU executor, against a float32 reference on the same bf16 weights.
+"""Precision choices on the CPU executor, against a float32 reference on the same bf16 weights.
 
-With activations in bf16 (transformers' semantics) these random checkpoints land 2-4e-2 from
-float32 by ||ours - ref|| / ||ref||. Float32 activations (GEMV inputs and the KV cache included)
-compute what the float32 reference computes, so only summation order separates them (~1e-6).
+The measure is the worst step's ||ours - ref|| / ||ref|| over teacher-forced logits; the bound is the
+issue's: max(2e-2, 1.25 x the error of transformers' own bf16 model on the same inputs).
+- Float32 activations with a float32 KV cache compute what the float32 reference computes, so only
+  summation order separates them (~1e-6).
+- Float32 activations with a bf16 KV cache (the default) compute what the float32 reference computes
+  when its cache is bf16 (1e-6..1e-4 from that), and stay well inside the bound (4x less than bf16
+  activations cost: docs/decisions.md).
+- bf16 activations (transformers' rounding) land 2-4e-2 away, as transformers' bf16 model does.
 """
 
 import pytest
 import torch
 
 from mpk.engine import generate
+from mpk.graph import precision_of
 from mpk.models import resolve_model
 from mpk.models.reference import ReferenceModel
 
-BOUND = 1e-4  # float32 activations: summation order only
+SAME = 1e-4  # the same computation: summation order only
+# The same computation with a bf16 cache: summation order can move a k across a bf16 rounding boundary,
+# one bf16 step (2^-8) on one element, which shows at ~1e-5..1e-4 and grows slowly with the position.
+SAME_BF16_CACHE = 1e-3
 STEPS = 20
 
 CASES = {
@@ -27,33 +36,73 @@ def l2_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
 
 
-def worst_step_error(cfg, hf16, activations: str) -> float:
-    seq = torch.randint(0, cfg.vocab_size, (1, STEPS), generator=torch.Generator().manual_seed(1))
-    ref = ReferenceModel(cfg, hf16, torch.float32)
-    ref.reset(1, STEPS)
-    want = ref.forward(seq, 0)[0]
-    out = generate(cfg, hf16, seq.tolist(), 1, dtype="bfloat16", num_sms=8, stop_at_eos=False, collect_logits=True,
-                   activations=activations)
-    return max(l2_rel(out.logits[s][0], want[s]) for s in range(STEPS))
+def worst(logits, want: torch.Tensor) -> float:
+    """Worst step of per-step logits [1, V] against reference rows [STEPS, V]."""
+    return max(l2_rel(logits[s][0] if logits[s].dim() == 2 else logits[s], want[s]) for s in range(STEPS))
+
+
+def reference(cfg, hf16, seq, dtype=torch.float32, kv_dtype=None) -> torch.Tensor:
+    ref = ReferenceModel(cfg, hf16, dtype)
+    ref.reset(1, STEPS, kv_dtype)
+    return ref.forward(seq, 0)[0].float()
+
+
+def transformers_bf16(path, seq) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(seq).logits[0].float()
+
+
+def sim(cfg, hf16, seq, activations: str, kv_cache: str):
+    return generate(cfg, hf16, seq.tolist(), 1, dtype="bfloat16", num_sms=8, stop_at_eos=False, collect_logits=True,
+                    activations=activations, kv_cache=kv_cache).logits
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_float32_activations_meet_the_bound_bf16_ones_do_not_need_to(case, make_checkpoint):
+def test_precisions_against_float32(case, make_checkpoint):
     family, overrides = CASES[case]
-    source = resolve_model(str(make_checkpoint(family, **overrides)))
-    hf16 = source.load_weights(torch.bfloat16)
-    fp32_acts = worst_step_error(source.cfg, hf16, "float32")
-    bf16_acts = worst_step_error(source.cfg, hf16, "model")
-    assert fp32_acts < BOUND
-    assert fp32_acts < bf16_acts
+    path = make_checkpoint(family, **overrides)
+    source = resolve_model(str(path))
+    cfg, hf16 = source.cfg, source.load_weights(torch.bfloat16)
+    seq = torch.randint(0, cfg.vocab_size, (1, STEPS), generator=torch.Generator().manual_seed(1))
+    want = reference(cfg, hf16, seq)
+    bound = max(2e-2, 1.25 * worst(transformers_bf16(path, seq), want))
+
+    fp32_cache = worst(sim(cfg, hf16, seq, "float32", "float32"), want)
+    bf16_cache = sim(cfg, hf16, seq, "float32", "model")
+    bf16_acts = worst(sim(cfg, hf16, seq, "model", "model"), want)
+    assert fp32_cache < SAME
+    assert worst(bf16_cache, reference(cfg, hf16, seq, kv_dtype=torch.bfloat16)) < SAME_BF16_CACHE
+    assert fp32_cache < worst(bf16_cache, want) < bf16_acts / 2
+    assert worst(bf16_cache, want) < bound and bf16_acts < bound
 
 
-def test_codegen_selects_the_activation_policy():
-    from mpk.codegen import generate_source
+def test_kv_cache_precision_is_chosen_apart_from_activations():
+    assert precision_of("bfloat16", "float32").kv_cache == "bfloat16"  # the default: the model's dtype
+    assert precision_of("bfloat16", "float32", "float32").kv_cache == "float32"
+    assert precision_of("bfloat16", "model", "float32").kv_cache == "float32"
+    assert precision_of("float32", "model").kv_cache == "float32"
+    from mpk.errors import MpkError
+
+    with pytest.raises(MpkError, match="KV cache must be one of model, float32"):
+        precision_of("bfloat16", "float32", "float16")
+
+
+@pytest.mark.parametrize("activations, kv_cache, policy, kv_type", [
+    ("model", "model", "ActBf16", "bf16"), ("float32", "model", "ActF32", "bf16"),
+    ("float32", "float32", "ActF32", "float"), ("model", "float32", "ActBf16", "float")])
+def test_codegen_selects_the_activation_policy_and_the_kv_type(activations, kv_cache, policy, kv_type):
+    from mpk.codegen import graph_variants
     from mpk.compiler import compile_model
 
     cfg = resolve_model("tiny").cfg
-    for activations, policy in (("model", "ActBf16"), ("float32", "ActF32")):
-        tg = compile_model(cfg, batch=1, max_seq_len=16, num_sms=4, verify=False, activations=activations)
-        variants = [line for line in generate_source(tg).splitlines() if line.startswith("using V")]
-        assert variants and all(f", {policy}" in line for line in variants if "Sample" not in line)
+    tg = compile_model(cfg, batch=1, max_seq_len=16, num_sms=4, verify=False, activations=activations,
+                       kv_cache=kv_cache)
+    assert {tg.tensors[n].dtype for n in tg.tensors if n.endswith("_cache")} == {tg.precision.kv_cache}
+    for v in graph_variants(tg)[0]:
+        if v.template.startswith("Attention"):
+            assert v.args[-2:] == (policy, kv_type)
+        elif v.template != "Sample":
+            assert policy in v.args and {"ActF32", "ActBf16"} - {policy} - set(v.args) == {"ActF32", "ActBf16"} - {policy}

@@ -29,18 +29,40 @@ def test_compiled_graphs_pass(compiled):
     assert report.as_dict()["verdict"] == "pass"
 
 
+def drop_producer(tg: TaskGraph, ev_id: int, producer: int) -> None:
+    ev = tg.events[ev_id]
+    ev.producers.remove(producer)
+    tg.tasks[producer].signals.remove(ev.id)
+    ev.target -= 1
+
+
 def test_dropped_dependency_is_a_race(compiled):
     tg = fresh(compiled)
-    rope = first_task(tg, "qk_norm_rope_append")
-    ev = tg.events[rope.wait]
-    dropped = ev.producers.pop()
-    tg.tasks[dropped].signals.remove(ev.id)
-    ev.target -= 1
+    split = first_task(tg, "attention_split")
+    dropped = tg.events[split.wait].producers[-1]
+    drop_producer(tg, split.wait, dropped)
     with pytest.raises(VerificationError) as err:
         verify(tg)
     assert err.value.check in ("race", "coverage")
     assert "qkv_out" in str(err.value)
     assert tg.describe_task(dropped) in str(err.value)
+
+
+def test_a_merge_that_does_not_wait_for_a_split_races_on_the_cache():
+    """The merge appends this step's K/V row to the cache column the splits read: it must follow all of them."""
+    tg = compile_model(CFG, batch=1, max_seq_len=96, num_sms=8)
+    merge = first_task(tg, "attention_merge")
+    splits = tg.events[merge.wait].producers
+    assert len(splits) == 3 and all(tg.ops[tg.tasks[p].op].kind == "attention_split" for p in splits)
+    last = next(p for p in splits if tg.tasks[p].tile[2] == 2)
+    drop_producer(tg, merge.wait, last)
+    for i, r in enumerate(merge.reads):  # and stop reading its part: only the cache still orders the two
+        if r.role in ("part", "lse"):
+            merge.reads[i] = Region(r.tensor, r.box[:2] + ((0, 2),) + r.box[3:], r.role)
+    with pytest.raises(VerificationError) as err:
+        verify(tg)
+    assert err.value.check == "race" and "k_cache" in str(err.value)
+    assert tg.describe_task(last) in str(err.value) and tg.describe_task(merge.id) in str(err.value)
 
 
 def test_overlapping_writes_are_a_race(compiled):

@@ -63,19 +63,22 @@ def _reduce(prog: Program, tasks: list[Task], per_read) -> list[DepKey | None]:
 
     Tasks are in program order here, so same-step producers always come first. Reads that share a
     producer set (every tile reading all of x) share one union of ancestors, computed once.
+    A task with producers of both steps keeps this step's only if they already come after the
+    previous step's (`_check_previous_step_implied`): the attention splits read the cache column
+    the previous step's merge wrote, which the token chain orders before this step's QKV tiles.
     """
     ancestors = [0] * len(tasks)  # bit p set: task p happens-before this task within a step
     union_cache: dict[frozenset, int] = {}
     reduced: dict[tuple, tuple[frozenset, int]] = {}  # tasks with equal reads reduce alike
     keys: list[DepKey | None] = []
+    previous_step: dict[int, frozenset] = {}  # task -> lag-1 producers its lag-0 producers must imply
     for t in tasks:
         reads = per_read[t.id]
         lags = {lag for _, lag in reads}
         if len(lags) > 1:
-            raise MpkError(
-                f"{prog.ops[t.op].name} tile {t.tile} depends on producers of this step and of the previous one; "
-                "one event cannot express both"
-            )
+            previous_step[t.id] = frozenset().union(*(s for s, lag in reads if lag == 1))
+            reads = [(s, lag) for s, lag in reads if lag == 0]
+            lags = {0}
         if not reads:
             keys.append(None)
             continue
@@ -100,7 +103,31 @@ def _reduce(prog: Program, tasks: list[Task], per_read) -> list[DepKey | None]:
             reduced[memo_key] = (kept, implied | bits)
         kept, ancestors[t.id] = reduced[memo_key]
         keys.append((kept, 0))
+    _check_previous_step_implied(prog, tasks, keys, ancestors, previous_step)
     return keys
+
+
+def _check_previous_step_implied(prog: Program, tasks: list[Task], keys, ancestors, previous_step) -> None:
+    """Each task of `previous_step` must already come after its previous-step producers: some
+    same-step ancestor waits (lag 1) on tasks that have them as ancestors, or are them."""
+    lag1 = [t.id for t, key in zip(tasks, keys) if key is not None and key[1] == 1]
+    reach: dict[int, int] = {}  # lag-1 task -> previous-step tasks that happen-before it
+    for a in lag1:
+        bits = 0
+        for p in keys[a][0]:
+            bits |= ancestors[p] | (1 << p)
+        reach[a] = bits
+    for tid, wanted in previous_step.items():
+        before = 0
+        for a in lag1:
+            if (ancestors[tid] >> a) & 1:
+                before |= reach[a]
+        if any(not (before >> p) & 1 for p in wanted):
+            t = tasks[tid]
+            raise MpkError(
+                f"{prog.ops[t.op].name} tile {t.tile} depends on producers of this step and of the previous one, "
+                "and this step's do not already follow the previous step's; one event cannot express both"
+            )
 
 
 def fuse_and_linearize(tasks: list[Task], keys: list[DepKey | None]) -> tuple[list[Task], list[Event], dict]:

@@ -1,174 +1,354 @@
-// Attention tasks (mpk/ops/attention.py): q/k-norm + RoPE + KV append, split-KV attention, merge.
-// A task covers one sequence b and one KV group g, whose QPK query heads share one K/V head.
+// Attention tasks (mpk/ops/attention.py): flash-decoding splits and their merge, with q/k-norm, RoPE and
+// the KV append folded in. A task covers one sequence b and one KV group g, whose QPK query heads share one
+// K/V head; the group's QKV rows are its q heads, then k, then v. The KV cache's element type KT (bf16 or
+// float) is chosen apart from the activation policy A.
 #pragma once
+
+#include <type_traits>
 
 #include "mpk_runtime.cuh"
 
 namespace mpk {
 
-// A head of HD elements spread over a warp: lane l holds [l*E, l*E + E), packed when HD % 32 == 0.
-template <int HD> struct HeadLanes {
-  static constexpr int E = (HD + 31) / 32;
-  static constexpr bool kPacked = HD % 32 == 0 && (E == 1 || E == 2 || E == 4 || E == 8);
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
-  template <class T> __device__ __forceinline__ static void load(const T* head, float (&f)[E]) {
-    const int d0 = lane_id() * E;
-    if constexpr (kPacked) {
-      load_vec<E>(head + d0, f);
-    } else {
+// The value a KV cache of element type KT holds.
+template <class KT> __device__ __forceinline__ float kv_round(float x) {
+  if constexpr (std::is_same_v<KT, bf16>) {
+    return round_bf(x);
+  } else {
+    return x;
+  }
+}
+
+// Rows [r0, r1) that split s of `splits` attends to at `step`: an even share of [lo, step], lo from the
+// sliding window (mpk.ops.attention.split_rows). The last split always holds `step` itself.
+__device__ __forceinline__ void split_rows(long long step, long long window, int s, int splits, long long& r0,
+                                           long long& r1) {
+  const long long lo = window > 0 ? max(0ll, step + 1 - window) : 0ll;
+  const long long n = step + 1 - lo;
+  r0 = lo + n * s / splits;
+  r1 = lo + n * (s + 1) / splits;
+}
+
+// One warp: buf[0, HD) = rope(norm(x)) of one head as the sim computes it in the activation precision (norm
+// output, cos/sin and each product rounded). `rope` is the position's table row: cos, then sin.
+template <int HD, bool NORM, class A>
+__device__ void norm_rope_head(const typename A::T* x, const bf16* w, float eps, const float* rope, float* buf) {
+  constexpr int H2 = HD / 2, E = (HD + 31) / 32;
+  const int lane = lane_id();
+  float ss = 0.f;
+  for (int d = lane; d < HD; d += 32) {
+    const float v = act_f(x[d]);
+    buf[d] = v;
+    ss += v * v;
+  }
+  if constexpr (NORM) {
+    const float inv = rsqrtf(warp_sum(ss) / HD + eps);
+    for (int d = lane; d < HD; d += 32) buf[d] = A::round(to_f(__ldg(w + d)) * A::round(buf[d] * inv));
+  }
+  __syncwarp();
+  float out[E];
 #pragma unroll
-      for (int e = 0; e < E; ++e) f[e] = d0 + e < HD ? act_f(head[d0 + e]) : 0.f;
+  for (int e = 0; e < E; ++e) {
+    const int d = lane + 32 * e;
+    if (d < HD) {
+      const int j = d < H2 ? d : d - H2;
+      const float c = A::round(__ldg(rope + j)), s = A::round(__ldg(rope + H2 + j));
+      const float rot = d < H2 ? -buf[d + H2] : buf[d - H2];
+      out[e] = A::round(A::round(buf[d] * c) + A::round(rot * s));
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    if (lane + 32 * e < HD) buf[lane + 32 * e] = out[e];
+  __syncwarp();
+}
+
+// How a warp reads K/V rows of HD elements of type KT: a row is C chunks of V elements (16 bytes when HD
+// allows), LPR lanes share a row (chunks sub, sub + LPR, ...), so a warp holds RPW rows per load.
+template <int HD, class KT> struct KvLanes {
+  static constexpr int largest_vec(int v) { return HD % v == 0 ? v : largest_vec(v / 2); }
+  static constexpr int pow2_at_least(int n, int p = 1) { return p >= n ? p : pow2_at_least(n, 2 * p); }
+  static constexpr int V = largest_vec(16 / static_cast<int>(sizeof(KT)));
+  static constexpr int C = HD / V;
+  static constexpr int LPR = cmin(32, pow2_at_least(C));
+  static constexpr int RPW = 32 / LPR;
+  static constexpr int NV = (C + LPR - 1) / LPR;  // chunks per lane
+  static constexpr int E = NV * V;                // elements per lane
+  static constexpr int NW = V * static_cast<int>(sizeof(KT)) / 4;  // 32-bit words per chunk
+  static_assert(NW >= 1 && C * V == HD, "K/V rows must be whole 32-bit words");
+
+  // One chunk as raw words (coherent loads: other SMs write the cache during the launch).
+  __device__ __forceinline__ static void load(const KT* p, unsigned (&w)[NW]) {
+    if constexpr (NW == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    } else if constexpr (NW == 2) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      w[0] = v.x, w[1] = v.y;
+    } else {
+      w[0] = *reinterpret_cast<const unsigned*>(p);
+    }
+  }
+  // Element i of a chunk (exact: bf16 is the top half of a float).
+  __device__ __forceinline__ static float elem(const unsigned (&w)[NW], int i) {
+    if constexpr (std::is_same_v<KT, bf16>) {
+      return __uint_as_float(i & 1 ? w[i / 2] & 0xffff0000u : w[i / 2] << 16);
+    } else {
+      return __uint_as_float(w[i]);
     }
   }
 };
 
-// qk_norm_rope_append: q = rope(norm(q)); k = rope(norm(k)); append k, v at row `step` of the cache.
-template <class S, int QPK, int HD, bool QKNORM, class A> struct QkNormRopeAppend {
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// attention_split: softmax attention of group g's query heads over split s's rows [r0, r1) of [lo, step].
+// Rows below `step` come from the cache; row `step` (last split only) is this step's k and v, computed here
+// from the QKV output (the merge appends them to the cache). Each warp keeps U x RPW rows' loads in flight
+// (16-byte loads, lanes split across rows when HD is small) and the next rows streaming into L2, with an
+// online softmax in float32 (log2 domain) per row slot; slots, warps and the current row meet at the end.
+// Writes the split's normalised output and log-sum-exp; an empty split writes zeros and -inf.
+template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct AttentionSplit {
   using T = typename A::T;
-  static constexpr int SMEM = kWarps * HD * 4;
-  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const T* qkv = op.arg<const T>(S::qkv);
-    const float* cos_t = op.arg<const float>(S::cos);
-    const float* sin_t = op.arg<const float>(S::sin);
-    const bf16* q_norm = op.arg<const bf16>(S::q_norm);
-    const bf16* k_norm = op.arg<const bf16>(S::k_norm);
-    T* q_out = op.arg<T>(S::q);
-    T* k_cache = op.arg<T>(S::k_cache);
-    T* v_cache = op.arg<T>(S::v_cache);
-    const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
-    const int b = t.tile[0], g = t.tile[1];
-    const long long step = t.step;
-    MPK_ASSERT(g < G && step < seq);
-    constexpr int H2 = HD / 2;
-    const T* src = qkv + (static_cast<size_t>(b) * G + g) * (QPK + 2) * HD;
-    const size_t kv_row = ((static_cast<size_t>(b) * seq + step) * G + g) * HD;
-    float* buf = reinterpret_cast<float*>(smem) + warp_id() * HD;
-    for (int h = warp_id(); h < QPK + 2; h += kWarps) {
-      const T* x = src + h * HD;
-      if (h == QPK + 1) {
-        for (int d = lane_id(); d < HD; d += 32) v_cache[kv_row + d] = x[d];
-        continue;
-      }
-      float ss = 0.f;
-      for (int d = lane_id(); d < HD; d += 32) {
-        const float v = act_f(x[d]);
-        buf[d] = v;
-        ss += v * v;
-      }
-      if constexpr (QKNORM) {
-        const float inv = rsqrtf(warp_sum(ss) / HD + op.f[S::eps]);
-        const bf16* nw = h < QPK ? q_norm : k_norm;
-        for (int d = lane_id(); d < HD; d += 32) buf[d] = A::round(to_f(__ldg(nw + d)) * A::round(buf[d] * inv));
-      }
-      __syncwarp();
-      T* dst = h < QPK ? q_out + ((static_cast<size_t>(b) * G + g) * QPK + h) * HD : k_cache + kv_row;
-      // Rotate-half RoPE as the sim computes it in the activation dtype: cos/sin and each product rounded.
-      for (int d = lane_id(); d < HD; d += 32) {
-        const int j = d < H2 ? d : d - H2;
-        const float c = A::round(__ldg(cos_t + step * H2 + j)), s = A::round(__ldg(sin_t + step * H2 + j));
-        const float rot = d < H2 ? -buf[d + H2] : buf[d - H2];
-        act_store(dst + d, A::round(buf[d] * c) + A::round(rot * s));
-      }
-      __syncwarp();
+  using L = KvLanes<HD, KT>;
+  static constexpr int E = L::E;
+  // U row loads in flight per lane: q and acc take 2 QPK E registers, each of the U rows its raw words and
+  // QPK scores; a total of ~165 leaves room for the rest within 255 registers. U <= 8, <= 32 rows a warp.
+  static constexpr int kRegs = 165 - 2 * QPK * E, kPerRow = 2 * L::NV * L::NW + QPK;
+  static constexpr int U = cmax(1, cmin(cmin(8, kRegs / kPerRow), 32 / L::RPW));
+  static constexpr int kRowsPerWarp = U * L::RPW;  // rows in flight per warp
+  static constexpr int kHeadsOff = 0;               // float [QPK + 2][HD]: q heads, k, v of this step
+  static constexpr int kNowOff = kHeadsOff + align16((QPK + 2) * HD * 4);  // float [QPK]: scores of row step
+  static constexpr int kStatOff = kNowOff + align16(QPK * 4);              // float [2][kWarps][QPK]: m, l
+  static constexpr int kAccOff = kStatOff + align16(2 * kWarps * QPK * 4);  // float [kWarps][QPK][HD]
+  static constexpr int SMEM = kAccOff + kWarps * QPK * HD * 4;
+
+  // Warp-wide: pull K and V rows [r, r + kRowsPerWarp) below `end` into L2 (128-byte lines).
+  __device__ __forceinline__ static void prefetch_rows(const KT* k, const KT* v, size_t stride, long long r,
+                                                       long long end) {
+    constexpr int kLineElems = 128 / static_cast<int>(sizeof(KT)), kLines = (HD + kLineElems - 1) / kLineElems;
+    constexpr int kPerTensor = kRowsPerWarp * kLines;
+    for (int i = lane_id(); i < 2 * kPerTensor; i += 32) {
+      const int rest = i % kPerTensor;
+      const long long row = r + rest / kLines;
+      if (row < end) prefetch_l2((i < kPerTensor ? k : v) + row * stride + (rest % kLines) * kLineElems);
     }
   }
-};
 
-// attention_split: softmax attention of group g's query heads over KV rows [max(c0, lo), min(c1, step+1))
-// with online softmax per warp, then a merge of the 8 warps. Writes the split's normalised output and
-// log-sum-exp; an empty split writes zeros and -inf (the merge gives it weight 0).
-template <class S, int QPK, int HD, class A> struct AttentionSplit {
-  using L = HeadLanes<HD>;
-  static constexpr int E = L::E;
-  static constexpr int SMEM = align16(2 * kWarps * QPK * 4) + kWarps * QPK * HD * 4;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    using T = typename A::T;
-    const T* q = op.arg<const T>(S::q);
-    const T* k_cache = op.arg<const T>(S::k_cache);
-    const T* v_cache = op.arg<const T>(S::v_cache);
     const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
-    const int splits = static_cast<int>(op.i[S::splits]), chunk = static_cast<int>(op.i[S::chunk]);
-    const long long window = op.i[S::window];
-    const float scale = op.f[S::scale];
+    const int splits = static_cast<int>(op.i[S::splits]);
     const int b = t.tile[0], g = t.tile[1], s = t.tile[2];
     MPK_ASSERT(g < G && s < splits && t.step < seq);
-    float* part = op.arg<float>(S::part) + ((static_cast<size_t>(b) * G + g) * splits + s) * QPK * HD;
-    float* lse = op.arg<float>(S::lse) + ((static_cast<size_t>(b) * G + g) * splits + s) * QPK;
-    const long long c0 = static_cast<long long>(s) * chunk, c1 = min(static_cast<long long>(seq), c0 + chunk);
-    const long long lo = window > 0 ? max(0ll, t.step + 1 - window) : 0ll;
-    const long long a = max(c0, lo), z = min(c1, t.step + 1);
-    if (z <= a) {  // uniform over the CTA
+    const size_t bgs = (static_cast<size_t>(b) * G + g) * splits + s;
+    float* part = op.arg<float>(S::part) + bgs * QPK * HD;
+    float* lse = op.arg<float>(S::lse) + bgs * QPK;
+    long long r0, r1;
+    split_rows(t.step, op.i[S::window], s, splits, r0, r1);
+    if (r1 <= r0) {  // uniform over the CTA
       for (int i = threadIdx.x; i < QPK * HD; i += kThreads) part[i] = 0.f;
       for (int i = threadIdx.x; i < QPK; i += kThreads) lse[i] = kNegInf;
       return;
     }
+    const bool now = r1 == t.step + 1;      // this split holds the current row
+    const long long end = min(r1, t.step);  // cache rows [r0, end)
+    const size_t stride = static_cast<size_t>(G) * HD;  // between consecutive rows of one column
+    const KT* k_col = op.arg<const KT>(S::k_cache) + static_cast<size_t>(b) * seq * stride + g * HD;
+    const KT* v_col = op.arg<const KT>(S::v_cache) + static_cast<size_t>(b) * seq * stride + g * HD;
     const int lane = lane_id(), warp = warp_id();
+    constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;
+    // The first rows stream into L2 while the prologue below works on this step's heads.
+    for (int k = 0; k < 2; ++k) prefetch_rows(k_col, v_col, stride, r0 + k * kCtaRows + warp * kRowsPerWarp, end);
+
+    float* heads = reinterpret_cast<float*>(smem + kHeadsOff);
+    float* s_now = reinterpret_cast<float*>(smem + kNowOff);
+    const T* src = op.arg<const T>(S::qkv) + (static_cast<size_t>(b) * G + g) * (QPK + 2) * HD;
+    const float* rope = op.arg<const float>(S::rope) + t.step * HD;
+    const float eps = op.f[S::eps];
+    for (int h = warp; h < (now ? QPK + 2 : QPK); h += kWarps) {
+      float* buf = heads + h * HD;
+      if (h == QPK + 1) {
+        for (int d = lane; d < HD; d += 32) buf[d] = kv_round<KT>(act_f(src[h * HD + d]));
+      } else {
+        norm_rope_head<HD, QKNORM, A>(src + h * HD, op.arg<const bf16>(h < QPK ? S::q_norm : S::k_norm), eps, rope,
+                                      buf);
+        if (h == QPK)
+          for (int d = lane; d < HD; d += 32) buf[d] = kv_round<KT>(buf[d]);
+      }
+    }
+    __syncthreads();
+    const float qscale = op.f[S::scale] * kLog2e;
+    if (now) {
+      for (int h = warp; h < QPK; h += kWarps) {
+        float dot = 0.f;
+        for (int d = lane; d < HD; d += 32) dot = fmaf(heads[h * HD + d], heads[QPK * HD + d], dot);
+        dot = warp_sum(dot);
+        if (lane == 0) s_now[h] = dot * qscale;
+      }
+    }
+
+    const int slot = lane / L::LPR, sub = lane % L::LPR;
     float qf[QPK][E], m[QPK], l[QPK], acc[QPK][E];
 #pragma unroll
     for (int h = 0; h < QPK; ++h) {
-      L::load(q + ((static_cast<size_t>(b) * G + g) * QPK + h) * HD, qf[h]);
+#pragma unroll
+      for (int j = 0; j < L::NV; ++j) {
+        const int c = sub + j * L::LPR;
+#pragma unroll
+        for (int i = 0; i < L::V; ++i) qf[h][j * L::V + i] = c < L::C ? heads[h * HD + c * L::V + i] * qscale : 0.f;
+      }
       m[h] = kNegInf, l[h] = 0.f;
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[h][e] = 0.f;
     }
-    for (long long j = a + warp; j < z; j += kWarps) {
-      const size_t row = ((static_cast<size_t>(b) * seq + j) * G + g) * HD;
-      float kf[E], vf[E];
-      L::load(k_cache + row, kf);
-      L::load(v_cache + row, vf);
+
+    for (long long base = r0 + warp * kRowsPerWarp; base < end; base += kCtaRows) {
+      prefetch_rows(k_col, v_col, stride, base + 2 * kCtaRows, end);
+      unsigned kw[U][L::NV][L::NW], vw[U][L::NV][L::NW];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const long long row = min(base + u * L::RPW + slot, end - 1);  // past the end: a valid row, masked below
+#pragma unroll
+        for (int j = 0; j < L::NV; ++j) {
+          const int c = sub + j * L::LPR;
+          if (c < L::C) {
+            L::load(k_col + row * stride + c * L::V, kw[u][j]);
+            L::load(v_col + row * stride + c * L::V, vw[u][j]);
+          } else {
+#pragma unroll
+            for (int w = 0; w < L::NW; ++w) kw[u][j][w] = vw[u][j][w] = 0u;
+          }
+        }
+      }
+      float sc[U][QPK];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float kf[E];
+#pragma unroll
+        for (int j = 0; j < L::NV; ++j)
+#pragma unroll
+          for (int i = 0; i < L::V; ++i) kf[j * L::V + i] = L::elem(kw[u][j], i);
+        const bool valid = base + u * L::RPW + slot < end;
+#pragma unroll
+        for (int h = 0; h < QPK; ++h) {
+          float dot = 0.f;
+#pragma unroll
+          for (int e = 0; e < E; ++e) dot = fmaf(qf[h][e], kf[e], dot);
+#pragma unroll
+          for (int o = L::LPR / 2; o; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+          sc[u][h] = valid ? dot : kNegInf;
+        }
+      }
+      // One rescale per head for all U rows: the new max, then every row's weight against it.
+      float ref[QPK];
 #pragma unroll
       for (int h = 0; h < QPK; ++h) {
-        float dot = 0.f;
+        float mx = m[h];
 #pragma unroll
-        for (int e = 0; e < E; ++e) dot = fmaf(qf[h][e], kf[e], dot);
-        const float sc = warp_sum(dot) * scale;
-        const float mn = fmaxf(m[h], sc);
-        const float corr = expf(m[h] - mn), p = expf(sc - mn);
-        l[h] = l[h] * corr + p;
+        for (int u = 0; u < U; ++u) mx = fmaxf(mx, sc[u][h]);
+        ref[h] = mx == kNegInf ? 0.f : mx;  // a slot with no rows yet keeps l = acc = 0
+        const float corr = exp2f(m[h] - ref[h]);
+        l[h] *= corr;
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(acc[h][e], corr, p * vf[e]);
-        m[h] = mn;
+        for (int e = 0; e < E; ++e) acc[h][e] *= corr;
+        m[h] = mx;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float vf[E];
+#pragma unroll
+        for (int j = 0; j < L::NV; ++j)
+#pragma unroll
+          for (int i = 0; i < L::V; ++i) vf[j * L::V + i] = L::elem(vw[u][j], i);
+#pragma unroll
+        for (int h = 0; h < QPK; ++h) {
+          const float p = exp2f(sc[u][h] - ref[h]);
+          l[h] += p;
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[h][e] = fmaf(p, vf[e], acc[h][e]);
+        }
       }
     }
-    float* s_m = reinterpret_cast<float*>(smem);
+
+    // The warp's row slots meet (lanes sub of every slot hold the same dims), then the warps in shared memory.
+#pragma unroll
+    for (int o = L::LPR; o < 32; o <<= 1) {
+#pragma unroll
+      for (int h = 0; h < QPK; ++h) {
+        const float mo = __shfl_xor_sync(0xffffffffu, m[h], o), lo = __shfl_xor_sync(0xffffffffu, l[h], o);
+        const float mx = fmaxf(m[h], mo), ref = mx == kNegInf ? 0.f : mx;
+        const float fa = exp2f(m[h] - ref), fb = exp2f(mo - ref);
+        l[h] = l[h] * fa + lo * fb;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[h][e] = acc[h][e] * fa + __shfl_xor_sync(0xffffffffu, acc[h][e], o) * fb;
+        m[h] = mx;
+      }
+    }
+    float* s_m = reinterpret_cast<float*>(smem + kStatOff);
     float* s_l = s_m + kWarps * QPK;
-    float* s_acc = reinterpret_cast<float*>(smem + align16(2 * kWarps * QPK * 4));
+    float* s_acc = reinterpret_cast<float*>(smem + kAccOff);
+    if (slot == 0) {
 #pragma unroll
-    for (int h = 0; h < QPK; ++h) {
-      if (lane == 0) s_m[warp * QPK + h] = m[h], s_l[warp * QPK + h] = l[h];
+      for (int h = 0; h < QPK; ++h) {
+        if (lane == 0) s_m[warp * QPK + h] = m[h], s_l[warp * QPK + h] = l[h];
 #pragma unroll
-      for (int e = 0; e < E; ++e)
-        if (lane * E + e < HD) s_acc[(warp * QPK + h) * HD + lane * E + e] = acc[h][e];
+        for (int j = 0; j < L::NV; ++j) {
+          const int c = sub + j * L::LPR;
+          if (c < L::C)
+#pragma unroll
+            for (int i = 0; i < L::V; ++i) s_acc[(warp * QPK + h) * HD + c * L::V + i] = acc[h][j * L::V + i];
+        }
+      }
     }
     __syncthreads();
+    const float* v_now = heads + (QPK + 1) * HD;
     for (int i = threadIdx.x; i < QPK * HD; i += kThreads) {
-      const int h = i / HD;
-      float mx = kNegInf;
+      const int h = i / HD, d = i % HD;
+      float mx = now ? s_now[h] : kNegInf;
       for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * QPK + h]);
       float den = 0.f, num = 0.f;
+      if (now) {
+        den = exp2f(s_now[h] - mx);
+        num = den * v_now[d];
+      }
       for (int w = 0; w < kWarps; ++w) {
         if (s_m[w * QPK + h] == kNegInf) continue;  // a warp that saw no rows
-        const float f = expf(s_m[w * QPK + h] - mx);
+        const float f = exp2f(s_m[w * QPK + h] - mx);
         den += s_l[w * QPK + h] * f;
-        num += s_acc[(w * QPK) * HD + i] * f;
+        num += s_acc[(w * QPK + h) * HD + d] * f;
       }
       part[i] = num / den;
-      if (i % HD == 0) lse[h] = mx + logf(den);
+      if (d == 0) lse[h] = (mx + log2f(den)) * kLn2;
     }
   }
 };
 
-// attention_merge: out = sum over splits of softmax(lse) * part.
-template <class S, int QPK, int HD, class A> struct AttentionMerge {
-  static constexpr int SMEM = 0;
-  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
-    const int G = static_cast<int>(op.i[S::groups]), splits = static_cast<int>(op.i[S::splits]);
+// attention_merge: out = sum over splits of softmax(lse) * part; and row `step` of the cache column gets this
+// step's k (normed, roped) and v. The merge follows every split of (b, g), the only readers of the column.
+template <class S, int QPK, int HD, bool KNORM, class A, class KT> struct AttentionMerge {
+  static constexpr int SMEM = HD * 4;
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    using T = typename A::T;
+    const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
+    const int splits = static_cast<int>(op.i[S::splits]);
     const int b = t.tile[0], g = t.tile[1];
-    MPK_ASSERT(g < G);
+    MPK_ASSERT(g < G && t.step < seq);
     const size_t bg = static_cast<size_t>(b) * G + g;
+    const T* src = op.arg<const T>(S::qkv) + bg * (QPK + 2) * HD;
+    const size_t row = ((static_cast<size_t>(b) * seq + t.step) * G + g) * HD;
+    if (warp_id() == 0) {
+      float* buf = reinterpret_cast<float*>(smem);
+      norm_rope_head<HD, KNORM, A>(src + QPK * HD, op.arg<const bf16>(S::k_norm), op.f[S::eps],
+                                   op.arg<const float>(S::rope) + t.step * HD, buf);
+      for (int d = lane_id(); d < HD; d += 32) act_store(op.arg<KT>(S::k_cache) + row + d, buf[d]);
+    } else if (warp_id() == 1) {
+      for (int d = lane_id(); d < HD; d += 32) act_store(op.arg<KT>(S::v_cache) + row + d, act_f(src[(QPK + 1) * HD + d]));
+    }
     const float* part = op.arg<const float>(S::part) + bg * splits * QPK * HD;
     const float* lse = op.arg<const float>(S::lse) + bg * splits * QPK;
-    typename A::T* out = op.arg<typename A::T>(S::out) + bg * QPK * HD;
+    T* out = op.arg<T>(S::out) + bg * QPK * HD;
     for (int i = threadIdx.x; i < QPK * HD; i += kThreads) {
       const int h = i / HD;
       float mx = kNegInf;

@@ -62,9 +62,9 @@ class Layer(nn.Module):
         if cfg.qk_norm:
             q, k = rms_norm(q, self.q_norm, cfg.rms_norm_eps), rms_norm(k, self.k_norm, cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Cache layout [B, S, kv_heads, hd], the same as the megakernel's.
-        self.k_cache.index_put_((batch_idx, positions), k)
-        self.v_cache.index_put_((batch_idx, positions), v)
+        # Cache layout [B, S, kv_heads, hd], the same as the megakernel's; its dtype may differ from the model's.
+        self.k_cache.index_put_((batch_idx, positions), k.to(self.k_cache.dtype))
+        self.v_cache.index_put_((batch_idx, positions), v.to(self.v_cache.dtype))
         x = x + F.linear(self._attend(q, mask), self.wo)
         gate, up = F.linear(rms_norm(x, self.mlp_norm, cfg.rms_norm_eps), self.w_gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.w_down)
@@ -76,7 +76,7 @@ class Layer(nn.Module):
         g, nkv = cfg.q_per_kv, cfg.num_kv_heads
         # Each KV head serves its g query heads at once: [B, kv, g*T, hd] against [B, kv, S, hd].
         qg = q.view(B, T, nkv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * T, hd)
-        k, v = self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
+        k, v = self.k_cache.to(q.dtype).transpose(1, 2), self.v_cache.to(q.dtype).transpose(1, 2)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * hd ** -0.5
         scores = scores.view(B, nkv, g, T, -1).masked_fill(~mask[:, None, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B, nkv, g * T, -1)
@@ -109,13 +109,14 @@ class ReferenceModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def reset(self, batch: int, max_seq_len: int) -> None:
-        """Allocate a zeroed KV cache for `batch` sequences of up to `max_seq_len` tokens."""
+    def reset(self, batch: int, max_seq_len: int, kv_dtype: torch.dtype | None = None) -> None:
+        """Allocate a zeroed KV cache for `batch` sequences of up to `max_seq_len` tokens, in `kv_dtype`
+        (default: the model's dtype; a float32 model with a bf16 cache computes what mpk's default does)."""
         cfg = self.cfg
         shape = (batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         for layer in self.layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=kv_dtype or self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=kv_dtype or self.dtype, device=self.device)
         cos, sin = rope_tables(cfg, max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
         self.key_pos = torch.arange(max_seq_len, device=self.device)

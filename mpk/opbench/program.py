@@ -107,10 +107,11 @@ def region_bytes(tg: TaskGraph, task, region, step: int) -> int:
         n *= b - a
     op = tg.ops[task.op]
     if op.kind == "attention_split" and region.role in ("k_cache", "v_cache"):
+        from mpk.ops.attention import split_rows
+
         c0, c1 = region.box[1]
-        window = op.params.get("window") or 0
-        lo = max(0, step + 1 - window) if window else 0
-        n = n // (c1 - c0) * max(0, min(c1, step + 1) - max(c0, lo))
+        a, z = split_rows(step, op.params.get("window"), task.tile[2], op.params["splits"])
+        n = n // (c1 - c0) * max(0, z - a)
     return n
 
 

@@ -1,7 +1,17 @@
-"""Attention for one new token per sequence: q/k-norm + RoPE + KV append, split-KV attention, merge.
+"""Attention for one new token per sequence: split-KV attention, then a merge that appends the K/V row.
 
 A task covers one sequence b and one KV group g (its q_per_kv query heads share one K/V head).
 The fused QKV output keeps each group's rows together: q heads, then k, then v.
+
+There is no separate q/k-norm + RoPE + append phase: every split norms and ropes the group's q
+heads from the QKV output itself, the split holding the current position computes this step's k
+and v and uses them from registers, and splits read only earlier rows from the cache. The merge,
+one task per (b, g) that waits for all its splits, computes k and v again and writes them at row
+`step` of the cache. So one task per (b, g) writes the cache, after every reader of the step, and
+the next step's splits come after it through the event chain (docs/decisions.md, attention).
+
+Splits divide the rows [lo, step] that the current position attends to (lo from the sliding
+window) evenly at run time (`split_rows`), so every split has work at any position.
 CUDA templates: mpk/csrc/attention.cuh.
 """
 
@@ -9,149 +19,168 @@ from __future__ import annotations
 
 import torch
 
+from mpk.dtypes import dtype
 from mpk.models.functional import rms_norm
 from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, nbytes, shape, whole
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in transformers' rotate-half layout (first half pairs with second half)."""
+def split_rows(step: int, window: int | None, split: int, splits: int) -> tuple[int, int]:
+    """[r0, r1): the rows split `split` of `splits` attends to at position `step` (the kernel's formula)."""
+    lo = max(0, step + 1 - window) if window else 0
+    n = step + 1 - lo
+    return lo + n * split // splits, lo + n * (split + 1) // splits
+
+
+def _rotate(x: torch.Tensor, rope_row: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in transformers' rotate-half layout, computed in x's dtype (`rope_row`: cos, then sin)."""
+    cos, sin = rope_row.chunk(2)
     cos = torch.cat([cos, cos], -1).to(x.dtype)
     sin = torch.cat([sin, sin], -1).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos) + (torch.cat([-x2, x1], -1) * sin)
 
 
-class QkNormRopeAppend(OpKind):
-    """q = rope(norm(q)); k = rope(norm(k)); append k, v at this step's row of the cache."""
+def _heads(op, t) -> torch.Tensor:
+    """The QKV rows a task reads, as heads [n, head_dim]: the group's q heads (splits only), k, v."""
+    return t["qkv"].reshape(-1, op.params["head_dim"])
 
-    kind = "qk_norm_rope_append"
-    header = "attention.cuh"
-    template = "QkNormRopeAppend"
-    inputs = (Operand("qkv"), Operand("cos"), Operand("sin"),
-              Operand("q_norm", optional=True), Operand("k_norm", optional=True))
-    outputs = (Operand("q"), Operand("k_cache"), Operand("v_cache"))
 
-    def tiles(self, op, prog):
-        qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
-        batch, seq, groups, _ = shape(op, prog, "k_cache")
-        rows = (qpk + 2) * hd
-        tasks = []
-        for b in range(batch):
-            for g in range(groups):
-                reads = [box(op, "qkv", (b, b + 1), (g * rows, (g + 1) * rows)),
-                         whole(op, prog, "cos"), whole(op, prog, "sin")]
-                if "q_norm" in op.inputs:
-                    reads += [whole(op, prog, "q_norm"), whole(op, prog, "k_norm")]
-                writes = [box(op, "q", (b, b + 1), (g * qpk, (g + 1) * qpk), (0, hd)),
-                          box(op, "k_cache", (b, b + 1), (0, seq), (g, g + 1), (0, hd)),
-                          box(op, "v_cache", (b, b + 1), (0, seq), (g, g + 1), (0, hd))]
-                # At run time one row of the rope tables and of each cache is touched.
-                nb = nbytes(prog, reads[0]) + 2 * hd * 4 + nbytes(prog, writes[0]) + 2 * hd * 2
-                tasks.append(TileTask((b, g), reads, writes, nb, 8 * rows))
-        return tasks
+def current_kv(op, t, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's k (normed, roped in the activation dtype) and v, in the cache's dtype."""
+    k, v = _heads(op, t)[-2:]
+    if "k_norm" in t:
+        k = rms_norm(k, t["k_norm"], op.params["eps"])
+    kv_dtype = t["k_cache"].dtype
+    return _rotate(k, t["rope"][step]).to(kv_dtype), v.to(kv_dtype)
 
-    def run(self, op, tile, t, step):
-        qpk, hd, eps = op.params["q_per_kv"], op.params["head_dim"], op.params["eps"]
-        heads = t["qkv"].reshape(qpk + 2, hd)
-        q, k, v = heads[:qpk], heads[qpk], heads[qpk + 1]
-        if "q_norm" in t:
-            q, k = rms_norm(q, t["q_norm"], eps), rms_norm(k, t["k_norm"], eps)
-        c, s = t["cos"][step], t["sin"][step]
-        t["q"].copy_(_rotate(q, c, s).reshape(t["q"].shape))
-        t["k_cache"][0, step, 0].copy_(_rotate(k, c, s))
-        t["v_cache"][0, step, 0].copy_(v)
 
-    def cuda(self, op, tg):
-        qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
-        _, s, g, _ = tg.tensors[op.outputs["k_cache"]].shape
-        expect(tg.tensors[op.inputs["qkv"]].shape[1] == g * (qpk + 2) * hd, op,
-               "qkv rows are not groups x (q_per_kv + 2) heads")
-        expect(hd % 2 == 0, op, f"head_dim {hd} is odd")
-        return Cuda((qpk, hd, cbool("q_norm" in op.inputs), activation_policy(tg)),
-                    {"groups": g, "seq": s}, {"eps": op.params["eps"]})
+def current_q(op, t, step: int) -> torch.Tensor:
+    """The group's query heads [q_per_kv, head_dim], normed and roped in the activation dtype."""
+    q = _heads(op, t)[:-2]
+    if "q_norm" in t:
+        q = rms_norm(q, t["q_norm"], op.params["eps"])
+    return _rotate(q, t["rope"][step])
+
+
+def _current_reads(op, prog, b: int, g: int, rows: slice) -> list:
+    """QKV rows `rows` of group g (relative to the group), the RoPE table and the norm weights bound."""
+    per_group = (op.params["q_per_kv"] + 2) * op.params["head_dim"]
+    start, stop, _ = rows.indices(per_group)
+    reads = [box(op, "qkv", (b, b + 1), (g * per_group + start, g * per_group + stop)), whole(op, prog, "rope")]
+    return reads + [whole(op, prog, role) for role in ("q_norm", "k_norm") if role in op.inputs]
+
+
+def _cache_column(op, prog, role: str, b: int, g: int):
+    _, seq, _, hd = shape(op, prog, role)
+    return box(op, role, (b, b + 1), (0, seq), (g, g + 1), (0, hd))
+
+
+def _kv_type(op, tg) -> str:
+    """The CUDA element type of the KV cache, which the templates take apart from the activations'."""
+    k, v = (tg.tensors[op.tensor(role)].dtype for role in ("k_cache", "v_cache"))
+    expect(k == v and k in ("bfloat16", "float32"), op, f"the KV cache is {k}/{v}, not bfloat16 or float32")
+    return dtype(k).cuda
+
+
+def _check_heads(op, tg) -> None:
+    qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
+    _, s, g, cache_hd = tg.tensors[op.tensor("k_cache")].shape
+    expect(cache_hd == hd, op, f"the cache has head_dim {cache_hd}, not {hd}")
+    expect(tg.tensors[op.tensor("qkv")].shape[1] == g * (qpk + 2) * hd, op,
+           "qkv rows are not groups x (q_per_kv + 2) heads")
+    expect(hd % 2 == 0 and 16 <= hd <= 256, op, f"head_dim {hd} is not even and within 16..256")
+    expect(1 <= qpk <= 8, op, f"{qpk} query heads per KV head; the kernel takes 1 to 8")
 
 
 class AttentionSplit(OpKind):
-    """Softmax attention of group g's query heads over KV rows [c0, c1) of the cache (flash-decoding split).
+    """Softmax attention of group g's query heads over split s's share of rows [lo, step] (flash decoding).
 
-    Writes the split's normalized output and log-sum-exp; splits past the current position write
-    an empty result (lse = -inf) that the merge ignores.
+    Writes the split's normalized output and log-sum-exp; a split with no rows (early positions)
+    writes an empty result (lse = -inf) that the merge ignores.
     """
 
     kind = "attention_split"
     header = "attention.cuh"
     template = "AttentionSplit"
-    inputs = (Operand("q"), Operand("k_cache"), Operand("v_cache"))
+    inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
+              Operand("k_cache"), Operand("v_cache"))
     outputs = (Operand("part"), Operand("lse"))
 
     def tiles(self, op, prog):
         batch, seq, groups, hd = shape(op, prog, "k_cache")
-        _, _, splits, qpk, _ = shape(op, prog, "part")
-        chunk = op.params["chunk"]
+        splits = op.params["splits"]
         tasks = []
         for b in range(batch):
             for g in range(groups):
+                # Static read box: the whole cache column; at run time the rows below `step` of this split.
+                reads = _current_reads(op, prog, b, g, slice(None)) + [
+                    _cache_column(op, prog, "k_cache", b, g), _cache_column(op, prog, "v_cache", b, g)]
                 for s in range(splits):
-                    c0, c1 = s * chunk, min(seq, (s + 1) * chunk)
-                    reads = [box(op, "q", (b, b + 1), (g * qpk, (g + 1) * qpk), (0, hd)),
-                             box(op, "k_cache", (b, b + 1), (c0, c1), (g, g + 1), (0, hd)),
-                             box(op, "v_cache", (b, b + 1), (c0, c1), (g, g + 1), (0, hd))]
-                    writes = [box(op, "part", (b, b + 1), (g, g + 1), (s, s + 1), (0, qpk), (0, hd)),
-                              box(op, "lse", (b, b + 1), (g, g + 1), (s, s + 1), (0, qpk))]
-                    # Costed at half occupancy: the cache fills as decoding goes on.
-                    kv_bytes = (nbytes(prog, reads[1]) + nbytes(prog, reads[2])) // 2
+                    writes = [box(op, "part", (b, b + 1), (g, g + 1), (s, s + 1), (0, op.params["q_per_kv"]), (0, hd)),
+                              box(op, "lse", (b, b + 1), (g, g + 1), (s, s + 1), (0, op.params["q_per_kv"]))]
+                    # Costed at half the longest context, shared by the splits.
+                    kv_bytes = sum(nbytes(prog, r) for r in reads[-2:]) // (2 * splits)
                     nb = nbytes(prog, reads[0]) + kv_bytes + sum(nbytes(prog, w) for w in writes)
-                    tasks.append(TileTask((b, g, s), reads, writes, nb, 4 * qpk * hd * (c1 - c0) // 2))
+                    flops = 4 * op.params["q_per_kv"] * hd * seq // (2 * splits)
+                    tasks.append(TileTask((b, g, s), list(reads), writes, nb, flops))
         return tasks
 
     def run(self, op, tile, t, step):
-        chunk, window = op.params["chunk"], op.params["window"]
-        k_cache, v_cache, part, lse = t["k_cache"], t["v_cache"], t["part"], t["lse"]
-        c0 = tile[2] * chunk
-        lo = max(0, step + 1 - window) if window else 0
-        a, z = max(c0, lo) - c0, min(c0 + k_cache.shape[1], step + 1) - c0
-        if z <= a:
+        part, lse = t["part"], t["lse"]
+        r0, r1 = split_rows(step, op.params["window"], tile[2], op.params["splits"])
+        if r1 <= r0:
             part.zero_()
             lse.fill_(float("-inf"))
             return
-        qh = t["q"][0].float()  # [qpk, hd]
-        k = k_cache[0, a:z, 0].float()  # [rows, hd]
-        v = v_cache[0, a:z, 0].float()
-        scores = (qh @ k.T) * op.params["scale"]
+        cached = slice(r0, min(r1, step))  # this step's row is not in the cache yet
+        k, v = t["k_cache"][0, cached, 0], t["v_cache"][0, cached, 0]
+        if r1 == step + 1:
+            k_now, v_now = current_kv(op, t, step)
+            k, v = torch.cat([k, k_now[None]]), torch.cat([v, v_now[None]])
+        scores = (current_q(op, t, step).float() @ k.float().T) * op.params["scale"]  # [qpk, rows]
         m = scores.max(-1, keepdim=True).values
         p = torch.exp(scores - m)
         denom = p.sum(-1, keepdim=True)
-        part[0, 0, 0].copy_((p @ v) / denom)
+        part[0, 0, 0].copy_((p @ v.float()) / denom)
         lse[0, 0, 0].copy_((m + torch.log(denom)).squeeze(-1))
 
     def cuda(self, op, tg):
-        _, g, splits, qpk, hd = tg.tensors[op.outputs["part"]].shape
-        _, s, _, _ = tg.tensors[op.inputs["k_cache"]].shape
-        return Cuda((qpk, hd, activation_policy(tg)),
-                    {"groups": g, "seq": s, "splits": splits, "chunk": op.params["chunk"],
-                     "window": op.params["window"] or 0},
-                    {"scale": op.params["scale"]})
+        _check_heads(op, tg)
+        _, g, splits, _, _ = tg.tensors[op.tensor("part")].shape
+        _, s, _, _ = tg.tensors[op.tensor("k_cache")].shape
+        return Cuda((op.params["q_per_kv"], op.params["head_dim"], cbool("q_norm" in op.inputs), activation_policy(tg),
+                     _kv_type(op, tg)),
+                    {"groups": g, "seq": s, "splits": splits, "window": op.params["window"] or 0},
+                    {"scale": op.params["scale"], "eps": op.params["eps"]})
 
 
 class AttentionMerge(OpKind):
-    """Combine the splits of group g by their log-sum-exp weights into the attention output."""
+    """Combine the splits of group g by their log-sum-exp weights; append this step's k, v to the cache.
+
+    The merge waits for every split of (b, g), so its write of row `step` comes after all of this
+    step's readers of the cache column, and before the next step's (through the event chain).
+    """
 
     kind = "attention_merge"
     header = "attention.cuh"
     template = "AttentionMerge"
-    inputs = (Operand("part"), Operand("lse"))
-    outputs = (Operand("out"),)
+    inputs = (Operand("qkv"), Operand("rope"), Operand("k_norm", optional=True), Operand("part"), Operand("lse"))
+    outputs = (Operand("out"), Operand("k_cache"), Operand("v_cache"))
 
     def tiles(self, op, prog):
         batch, groups, splits, qpk, hd = shape(op, prog, "part")
         tasks = []
         for b in range(batch):
             for g in range(groups):
-                reads = [box(op, "part", (b, b + 1), (g, g + 1), (0, splits), (0, qpk), (0, hd)),
-                         box(op, "lse", (b, b + 1), (g, g + 1), (0, splits), (0, qpk))]
-                writes = [box(op, "out", (b, b + 1), (g * qpk * hd, (g + 1) * qpk * hd))]
-                nb = sum(nbytes(prog, r) for r in reads + writes)
-                tasks.append(TileTask((b, g), reads, writes, nb, 3 * splits * qpk * hd))
+                reads = _current_reads(op, prog, b, g, slice(qpk * hd, None)) + [
+                    box(op, "part", (b, b + 1), (g, g + 1), (0, splits), (0, qpk), (0, hd)),
+                    box(op, "lse", (b, b + 1), (g, g + 1), (0, splits), (0, qpk))]
+                # Static write box: the cache column of (b, g); at run time row `step` of it.
+                writes = [box(op, "out", (b, b + 1), (g * qpk * hd, (g + 1) * qpk * hd)),
+                          _cache_column(op, prog, "k_cache", b, g), _cache_column(op, prog, "v_cache", b, g)]
+                row_bytes = 2 * hd * dtype(prog.tensor(op.tensor("k_cache")).dtype).bytes
+                nb = nbytes(prog, reads[0]) + sum(nbytes(prog, r) for r in reads[-2:]) + nbytes(prog, writes[0])
+                tasks.append(TileTask((b, g), reads, writes, nb + row_bytes, 3 * splits * qpk * hd + 8 * hd))
         return tasks
 
     def run(self, op, tile, t, step):
@@ -159,7 +188,14 @@ class AttentionMerge(OpKind):
         weights = torch.softmax(lse, dim=0)  # empty splits (-inf) get weight 0
         merged = (weights.unsqueeze(-1) * part).sum(0)
         t["out"].copy_(merged.reshape(t["out"].shape))
+        k, v = current_kv(op, t, step)
+        t["k_cache"][0, step, 0].copy_(k)
+        t["v_cache"][0, step, 0].copy_(v)
 
     def cuda(self, op, tg):
-        _, g, splits, qpk, hd = tg.tensors[op.inputs["part"]].shape
-        return Cuda((qpk, hd, activation_policy(tg)), {"groups": g, "splits": splits})
+        _check_heads(op, tg)
+        _, g, splits, _, _ = tg.tensors[op.tensor("part")].shape
+        _, s, _, _ = tg.tensors[op.tensor("k_cache")].shape
+        return Cuda((op.params["q_per_kv"], op.params["head_dim"], cbool("k_norm" in op.inputs), activation_policy(tg),
+                     _kv_type(op, tg)),
+                    {"groups": g, "seq": s, "splits": splits}, {"eps": op.params["eps"]})

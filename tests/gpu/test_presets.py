@@ -1,11 +1,12 @@
 """The megakernel on real model shapes (presets, random bf16 weights) against the PyTorch reference.
 
-- Teacher-forced logits of every step within F32_TOL (well inside the issue's 2e-2) of a float32
-  reference on the same weights, by ||ours - ref|| / ||ref||, with the default float32
-  activations (bf16 activations land 4-5e-2 away on random 8B weights: docs/decisions.md).
+- Teacher-forced logits of every step, with the default precisions (float32 activations, bf16 KV
+  cache), within F32_TOL of a float32 reference on the same weights that keeps a bf16 cache (the same
+  computation), and within the issue's 2e-2 of the plain float32 reference, by ||ours - ref|| /
+  ||ref|| (a bf16 cache costs 4-7e-3 here; bf16 activations land 4-5e-2 away: docs/decisions.md).
 - Greedy tokens (one launch) equal to a bf16 reference teacher-forced along the kernel's own
   tokens, except near-ties as `test_megakernel.judge_token` states them, and to the float32
-  reference's argmax except gaps below F32_TIE.
+  reference's (bf16 cache) argmax except gaps below F32_TIE.
 Run by scripts/gpu_check.sh; skipped without CUDA.
 """
 
@@ -19,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from test_megakernel import F32_TOL, forced_rows, greedy_mismatches, l2_rel_err, rel_err, report  # noqa: E402
+from test_megakernel import F32_TOL, forced_rows, greedy_mismatches, kv_dtype, l2_rel_err, rel_err, report  # noqa: E402
 
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.inputs import program_inputs  # noqa: E402
@@ -51,6 +52,7 @@ def weights():
 
 
 def run_kernel(cfg, hf, prompts, steps, max_new=None, collect_logits=False):
+    """(the run's result, the graph's KV cache dtype)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=sms)
     w, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
@@ -59,7 +61,7 @@ def run_kernel(cfg, hf, prompts, steps, max_new=None, collect_logits=False):
     mk.close()
     del mk, w, meta
     torch.cuda.empty_cache()
-    return res
+    return res, kv_dtype(tg)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -68,26 +70,30 @@ def test_preset_logits_and_tokens(weights, name, batch):
     cfg, hf = weights(name)
     g = torch.Generator().manual_seed(batch)
     seqs = torch.randint(0, cfg.vocab_size, (batch, STEPS), generator=g)
-    forced = run_kernel(cfg, hf, seqs.tolist(), STEPS, collect_logits=True)
+    forced, kv = run_kernel(cfg, hf, seqs.tolist(), STEPS, collect_logits=True)
     ours = torch.stack(forced.logits, 1)  # [B, T, V]
 
     prompts = [seqs[b, : 2 + b].tolist() for b in range(batch)]
     max_new = STEPS
-    free = run_kernel(cfg, hf, prompts, max(len(p) for p in prompts) + max_new - 1, max_new=max_new)
+    free, _ = run_kernel(cfg, hf, prompts, max(len(p) for p in prompts) + max_new - 1, max_new=max_new)
     new = [[free.tokens[s][b] for s in range(len(p) - 1, len(p) - 1 + max_new)] for b, p in enumerate(prompts)]
 
     ref = ReferenceModel(cfg, hf, torch.float32, "cuda")  # one 8B float32 model is 33 GB: build it once
     ref.reset(batch, STEPS)
     want = ref.forward(seqs.cuda(), 0).cpu()
-    rows32 = forced_rows(ref, prompts, new)
+    ref.reset(batch, STEPS, kv)
+    want_kv = ref.forward(seqs.cuda(), 0).cpu()  # the float32 computation with the graph's cache
+    rows32 = forced_rows(ref, prompts, new, kv)
     del ref
     torch.cuda.empty_cache()
     errs = [l2_rel_err(ours[:, s], want[:, s]) for s in range(STEPS)]
+    kv_errs = [l2_rel_err(ours[:, s], want_kv[:, s]) for s in range(STEPS)]
     worst = max(rel_err(ours[:, s], want[:, s]) for s in range(STEPS))
     bad, ties, off32 = greedy_mismatches(cfg, hf, prompts, new, rows32)
 
     report(check="preset", case=name, batch=batch, vs_fp32=max(errs), vs_fp32_max=worst, tokens=batch * max_new,
-           mismatches=len(bad), near_ties=ties)
-    assert max(errs) < F32_TOL, f"step {errs.index(max(errs))}: {max(errs):.3g} from float32"
+           mismatches=len(bad), near_ties=ties, vs_fp32_same_kv=max(kv_errs))
+    assert max(kv_errs) < F32_TOL, f"step {kv_errs.index(max(kv_errs))}: {max(kv_errs):.3g} from float32 ({kv} cache)"
+    assert max(errs) < 2e-2, f"step {errs.index(max(errs))}: {max(errs):.3g} from float32"
     assert not bad, f"tokens differ from the bf16 reference (seq, index, got, want, gap): {bad[:5]}"
     assert not off32, f"tokens are not the float32 reference's argmax (seq, index, got, want, gap): {off32[:5]}"
