@@ -105,6 +105,23 @@ template <int B, int K, int VEC> struct XRegs {
 #pragma unroll
     for (int e = 0; e < VEC; ++e) f[j][e] = rms_normed<A>(f[j][e], inv[i / NV], w[e]);
   }
+
+  // All threads, when kFits: x read once, inv[b] = 1/rms(x[b]), then `store(b, v, f)` for every
+  // normalised vector v of row b; ends with a barrier. `red` is kWarps * B floats of scratch.
+  template <class A, class T, class Store>
+  __device__ static void stage_normed(const T* x, const bf16* norm, float eps, float* inv, float* red, Store&& store) {
+    XRegs r;
+    r.load(x);
+    r.inv_rms(eps, inv, red);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = index(j);
+      if (i >= B * NV) break;
+      r.template normalize<A>(j, inv, norm);
+      store(i / NV, i % NV, r.f[j]);
+    }
+    __syncthreads();
+  }
 };
 
 }  // namespace mpk

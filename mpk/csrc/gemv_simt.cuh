@@ -56,17 +56,8 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
     float* inv = reinterpret_cast<float*>(s + kInvOffset);
     using X = XRegs<B, K, VEC>;
     if constexpr (NORM && kStaged && X::kFits) {  // one pass over x
-      X r;
-      r.load(x);
-      r.inv_rms(eps, inv, reinterpret_cast<float*>(s + kRedOffset));
-#pragma unroll
-      for (int j = 0; j < X::PER; ++j) {
-        const int i = X::index(j);
-        if (i >= B * NV) break;
-        r.template normalize<A>(j, inv, norm);
-        store(s, i / NV, i % NV, r.f[j]);
-      }
-      __syncthreads();
+      X::template stage_normed<A>(x, norm, eps, inv, reinterpret_cast<float*>(s + kRedOffset),
+                                  [&](int b, int v, const float (&f)[VEC]) { store(s, b, v, f); });
       return;
     }
     if constexpr (NORM) row_inv_rms<B, K>(x, eps, inv, reinterpret_cast<float*>(s + kRedOffset));
