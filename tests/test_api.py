@@ -83,3 +83,12 @@ def test_eos_stops_with_reason_stop(text_llm):
         text_llm.cfg = dataclasses.replace(text_llm.cfg, eos_token_ids=(2,))
     assert stopped.token_ids == out.token_ids[:out.token_ids.index(eos) + 1]
     assert stopped.finish_reason == "stop"
+
+
+def test_chat_applies_the_checkpoints_template(text_llm):
+    out = text_llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert out.prompt == "<user>hi<assistant>"
+    assert out.prompt_token_ids == text_llm.tokenizer.encode(out.prompt, add_special_tokens=False)
+    assert len(out.outputs[0].token_ids) == 4
+    with pytest.raises(MpkError, match="role"):
+        text_llm.chat([{"content": "no role"}])
