@@ -33,6 +33,9 @@ TOKENS = "tokens"  # meta [B] int64: the token each sequence feeds this step (th
 PROMPT = "prompt"  # meta [B, S] int64: prompts, zero-padded
 PROMPT_LEN = "prompt_len"  # meta [B] int64
 LOGITS = "logits"  # activation [B, vocab shard] float32
+# Per-sequence sampling parameters, two meta tensors so the sample op fits the GPU's 8 operand slots:
+SAMPLE_FLOATS = "sample_floats"  # meta [B, 2] float32: temperature (0: greedy), top-p (1: all)
+SAMPLE_INTS = "sample_ints"  # meta [B, 2] int64: top-k (0: all), seed
 EMBED = "embed"  # weight: the embedding table (one row per sequence is read each step)
 ROPE = "rope"  # weight [S, head_dim] float32: cos then sin of each position (a table, not a checkpoint weight)
 
@@ -179,10 +182,13 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
                     {"logits": _n(prog, r, LOGITS), "cand_val": _n(prog, r, "cand_val"), "cand_idx": _n(prog, r, "cand_idx")},
                     tile=lm_tile[r], vocab_start=shards[r].vocab_start, eps=cfg.rms_norm_eps)
     for r in range(tp_size):
-        inputs = {"prompt": _n(prog, r, PROMPT), "prompt_len": _n(prog, r, PROMPT_LEN)}
+        inputs = {role: _n(prog, r, name) for role, name in
+                  (("prompt", PROMPT), ("prompt_len", PROMPT_LEN), ("sample_floats", SAMPLE_FLOATS),
+                   ("sample_ints", SAMPLE_INTS))}
         for k in range(tp_size):
             inputs[f"cand_val{k}"] = _n(prog, k, "cand_val")
             inputs[f"cand_idx{k}"] = _n(prog, k, "cand_idx")
+            inputs[f"logits{k}"] = _n(prog, k, LOGITS)
         prog.add_op(r, "sample", "sample", None, inputs, {"tokens": _n(prog, r, TOKENS)}, ranks=tp_size)
     return prog
 
@@ -201,6 +207,8 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     add(r, TOKENS, "meta", (B,), "int64")
     add(r, PROMPT, "meta", (B, S), "int64")
     add(r, PROMPT_LEN, "meta", (B,), "int64")
+    add(r, SAMPLE_FLOATS, "meta", (B, 2), "float32")
+    add(r, SAMPLE_INTS, "meta", (B, 2), "int64")
     add(r, EMBED, "weight", (cfg.vocab_size, H), wt)
     add(r, ROPE, "weight", (S, hd), "float32")
     add(r, "x.0", "activation", (B, H), act)

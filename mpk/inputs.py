@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from mpk.graph import EMBED, PROMPT, PROMPT_LEN, ROPE, TOKENS, shard_of, tensor_name
+from mpk.graph import EMBED, PROMPT, PROMPT_LEN, ROPE, SAMPLE_FLOATS, SAMPLE_INTS, TOKENS, shard_of, tensor_name
 from mpk.models.checkpoint import validate_shapes
 from mpk.models.config import ModelConfig, rope_tables
 from mpk.taskgraph import TaskGraph
@@ -73,17 +73,31 @@ def _group_rows(hf: dict[str, torch.Tensor], attn: str, kind: str, groups: range
     return torch.cat(parts)
 
 
-def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tensor], prompts: list[list[int]]):
-    """Weights (fused, plus RoPE tables) and meta tensors for every rank of the graph."""
+def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tensor], prompts: list[list[int]],
+                   sampling: list[tuple[float, int, float, int]] | None = None):
+    """Weights (fused, plus RoPE tables) and meta tensors for every rank of the graph.
+
+    `sampling` holds each sequence's (temperature, top_k, top_p, seed); None is greedy for all."""
     rope = torch.cat(rope_tables(cfg, tg.max_seq_len), dim=-1)  # [S, head_dim]: cos, then sin
     prompt = torch.zeros(len(prompts), tg.max_seq_len, dtype=torch.int64)
     for b, p in enumerate(prompts):
         prompt[b, : len(p)] = torch.tensor(p)
     weights, meta = dict(fused), {}
+    params = sampling_meta(sampling or [(0.0, 0, 1.0, 0)] * len(prompts))
     for r in range(tg.tp_size):
         n = partial(tensor_name, r, tg.tp_size)
         weights[n(ROPE)] = rope
         meta[n(TOKENS)] = prompt[:, 0].clone()
         meta[n(PROMPT)] = prompt
         meta[n(PROMPT_LEN)] = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        meta.update({n(name): value for name, value in params.items()})
     return weights, meta
+
+
+def sampling_meta(sampling: list[tuple[float, int, float, int]]) -> dict[str, torch.Tensor]:
+    """The sample op's per-sequence meta tensors from (temperature, top_k, top_p, seed) per sequence."""
+    temperature, top_k, top_p, seed = zip(*sampling)
+    # The seed tensor is int64: a 64-bit seed is stored as its two's-complement bits.
+    seeds = [s - (1 << 64) if s >= 1 << 63 else s for s in (int(x) % (1 << 64) for x in seed)]
+    return {SAMPLE_FLOATS: torch.tensor(list(zip(temperature, top_p)), dtype=torch.float32),
+            SAMPLE_INTS: torch.tensor(list(zip(top_k, seeds)), dtype=torch.int64)}

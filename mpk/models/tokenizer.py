@@ -29,6 +29,7 @@ class Tokenizer:
     eos_token_id: int | None = None
     add_bos_token: bool | None = None  # None: tokenizer.json's post-processor decides
     add_eos_token: bool | None = None
+    chat_template: str | None = None  # tokenizer_config.json's Jinja template for chat messages
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not add_special_tokens:
@@ -77,6 +78,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
         eos_token_id=_token_id(backend, config.get("eos_token")),
         add_bos_token=_flag(config, "add_bos_token"),
         add_eos_token=_flag(config, "add_eos_token"),
+        chat_template=config.get("chat_template") if isinstance(config.get("chat_template"), str) else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""The ends of a step: token -> embedding row, and argmax candidates -> the next step's token.
+"""The ends of a step: token -> embedding row, and logits (or their argmax candidates) -> the next step's token.
 
 CUDA templates: mpk/csrc/tokens.cuh.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from mpk import sampling
 from mpk.errors import MpkError
 from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, expect, nbytes, shape, whole
 
@@ -39,27 +40,34 @@ class Embed(OpKind):
 
 
 class Sample(OpKind):
-    """Greedy sampling for sequence b: the best candidate over all vocab tiles of all ranks.
+    """The next token of sequence b, from the logits of all vocab tiles of all ranks.
 
-    While sequence b is still inside its prompt, the next token is the prompt's instead, so
-    prompts run through the same decode step one token at a time.
+    Greedy (temperature 0): the best of the LM head tiles' argmax candidates. Otherwise a draw
+    from the whole logits row under the sequence's temperature, top-k and top-p, by its seed and
+    the position (`mpk.sampling`). While sequence b is still inside its prompt, the next token is
+    the prompt's instead, so prompts run through the same decode step one token at a time.
     """
 
     kind = "sample"
     header = "tokens.cuh"
     template = "Sample"
-    inputs = (Operand("cand_val", per_rank=True), Operand("cand_idx", per_rank=True), Operand("prompt"),
-              Operand("prompt_len"))
+    inputs = (Operand("cand_val", per_rank=True), Operand("cand_idx", per_rank=True), Operand("logits", per_rank=True),
+              Operand("prompt"), Operand("prompt_len"), Operand("sample_floats"), Operand("sample_ints"))
     outputs = (Operand("tokens"),)
 
     def tiles(self, op, prog):
         batch = shape(op, prog, "tokens")[0]
+        ranks = range(op.params["ranks"])
         tasks = []
         for b in range(batch):
             reads = [box(op, f"{role}{k}", (b, b + 1), (0, shape(op, prog, f"{role}{k}")[1]))
-                     for k in range(op.params["ranks"]) for role in ("cand_val", "cand_idx")]
+                     for k in ranks for role in ("cand_val", "cand_idx")]
             cand_bytes = sum(nbytes(prog, r) for r in reads)
-            reads += [box(op, "prompt", (b, b + 1), (0, prog.max_seq_len)), box(op, "prompt_len", (b, b + 1))]
+            # The cost counts the greedy path (candidates only); a sampled row reads its logits too.
+            reads += [box(op, f"logits{k}", (b, b + 1), (0, shape(op, prog, f"logits{k}")[1])) for k in ranks]
+            reads += [box(op, "prompt", (b, b + 1), (0, prog.max_seq_len))]
+            reads += [box(op, "prompt_len", (b, b + 1)), box(op, "sample_floats", (b, b + 1), (0, 2)),
+                      box(op, "sample_ints", (b, b + 1), (0, 2))]
             writes = [box(op, "tokens", (b, b + 1))]
             tasks.append(TileTask((b,), reads, writes, cand_bytes + 24, 0))
         return tasks
@@ -70,10 +78,15 @@ class Sample(OpKind):
             return
         ranks = range(op.params["ranks"])
         vals = torch.cat([t[f"cand_val{k}"][0] for k in ranks])
-        idxs = torch.cat([t[f"cand_idx{k}"][0] for k in ranks])
         if not bool(torch.isfinite(vals).all()):
             raise MpkError(f"the logits of sequence {tile[0]} are not finite at position {step} (the model overflowed "
                            "in its activation precision); try --activations float32")
+        (temperature, top_p), (top_k, seed) = t["sample_floats"][0].tolist(), t["sample_ints"][0].tolist()
+        if temperature > 0:
+            logits = torch.cat([t[f"logits{k}"][0] for k in ranks])
+            t["tokens"].fill_(sampling.sample(logits, temperature, top_k, top_p, seed, step + 1))
+            return
+        idxs = torch.cat([t[f"cand_idx{k}"][0] for k in ranks])
         best = vals.max()
         t["tokens"].fill_(int(idxs[vals == best].min()))  # ties go to the lowest token id, like argmax
 

@@ -1,0 +1,356 @@
+"""The Python API, shaped like vLLM's: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+An `LLM` loads and fuses the weights once, and keeps one compiled graph with its executor per
+batch size (all of the same `max_seq_len`), so later calls reuse them: new prompts only rewrite
+the meta tensors. Each sequence stops at the checkpoint's EOS ids, at `max_tokens`, or at a stop
+string (its text is cut before the stop string).
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from mpk.errors import MpkError
+
+BACKENDS = ("auto", "cuda", "sim")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each new token, and when to stop. temperature 0 is greedy; top_k 0 (or -1) and
+    top_p 1 keep every token; seed None draws one per call."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise MpkError(f"temperature must be 0 (greedy) or more, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MpkError(f"top_p must be in (0, 1], not {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise MpkError(f"top_k must be an integer, 0 or -1 for all tokens, not {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise MpkError(f"max_tokens must be at least 1, not {self.max_tokens!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise MpkError("stop must be a non-empty string or a list of them")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" (EOS or a stop string) or "length" (max_tokens)
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+
+
+@dataclass
+class RunStats:
+    """What the last `generate` call ran: for the command line's summary."""
+
+    steps: int
+    seconds: float
+    tasks_per_step: int
+
+
+class LLM:
+    """A model ready to generate: `LLM("qwen3-0.6b", backend="sim").generate(["the cat"], params)`.
+
+    `backend` "auto" runs the GPU megakernel when a GPU is present and the CPU executor otherwise;
+    `dtype` is the weights' dtype (default: bfloat16, or float32 on the CPU executor); `device` a
+    CUDA device for the megakernel. `max_seq_len` is clipped to the model's context.
+    """
+
+    def __init__(self, model: str, *, max_batch: int = 8, max_seq_len: int = 4096, backend: str = "auto",
+                 dtype: str | None = None, device=None, tp_size: int = 1, num_sms: int | None = None,
+                 activations: str | None = None, kv_cache: str | None = None, seed: int = 0,
+                 weights: dict | None = None, load_progress: Callable[[int], None] | None = None):
+        import torch
+
+        from mpk.dtypes import torch_dtype
+        from mpk.engine import SUPPORTED_DTYPES
+        from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, MAX_BATCH
+        from mpk.inputs import fuse_weights
+        from mpk.models import resolve_model
+
+        if backend not in BACKENDS:
+            raise MpkError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise MpkError(f"max_batch must be between 1 and {MAX_BATCH}, not {max_batch}")
+        if max_seq_len < 1:
+            raise MpkError(f"max_seq_len must be at least 1, not {max_seq_len}")
+        self.backend = backend if backend != "auto" else "cuda" if torch.cuda.is_available() else "sim"
+        self.dtype = dtype or ("bfloat16" if self.backend == "cuda" else "float32")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise MpkError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(SUPPORTED_DTYPES)}")
+        if self.backend == "cuda" and self.dtype != "bfloat16":
+            raise MpkError("the GPU megakernel runs bfloat16 weights; pass dtype='bfloat16' or backend='sim'")
+        self.source = resolve_model(model)
+        self.tokenizer = self._load_tokenizer()
+        self.cfg = _with_tokenizer_eos(self.source.cfg, self.tokenizer)
+        self.max_batch, self.max_seq_len = max_batch, min(max_seq_len, self.cfg.max_position_embeddings)
+        self.tp_size, self.seed = tp_size, seed
+        self.activations, self.kv_cache = activations or DEFAULT_ACTIVATIONS, kv_cache or DEFAULT_KV_CACHE
+        self.device = None
+        if self.backend == "cuda":
+            from mpk.runtime import cuda_device
+
+            self.device = device if device is not None else cuda_device()
+            if num_sms is None:
+                num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.num_sms = num_sms
+        if weights is None:
+            weights = self.source.load_weights(torch_dtype(self.dtype), device="cuda" if self.backend == "cuda" else "cpu",
+                                               progress=load_progress)
+        self._fused = fuse_weights(self.cfg, weights, tp_size, torch_dtype(self.dtype))
+        self._executors: dict[tuple[int, int], object] = {}
+        self.last_run: RunStats | None = None
+
+    # --- generation --------------------------------------------------------------------------
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[RequestOutput]:
+        """Complete each prompt (a string, or a list of token ids; or a list of those).
+
+        `params` is one SamplingParams for all prompts or one per prompt. `on_text(i, delta)` gets
+        each piece of prompt i's new text as soon as it is final (held back only while it could
+        still be the start of a stop string).
+        """
+        texts, ids = self._encode(prompts)
+        params = self._params(params, len(ids))
+        seqs = [_Sequence(p, sp, self._decode, self._eos(sp)) for p, sp in zip(ids, params)]
+        self._run(ids, params, seqs, on_text)
+        return [RequestOutput(t, p, [CompletionOutput(0, s.text, s.token_ids, s.finish_reason)])
+                for t, p, s in zip(texts, ids, seqs)]
+
+    def generate_stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """The new text of one prompt, piece by piece as tokens arrive."""
+        pieces: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def work():
+            try:
+                self._run_one(prompt, params, lambda _, delta: pieces.put(delta), cancel)
+                pieces.put(done)
+            except BaseException as e:  # handed to the consumer, who raises it
+                pieces.put(e)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        try:
+            while (item := pieces.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                if item:
+                    yield item
+        finally:
+            cancel.set()
+            worker.join()
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None,
+             on_text: Callable[[int, str], None] | None = None) -> RequestOutput:
+        """One assistant reply to `messages` ([{"role": ..., "content": ...}]), through the
+        checkpoint's chat template."""
+        from mpk.chat import render_chat
+
+        if self.tokenizer is None:
+            raise MpkError(f"{self.source.name} has no tokenizer, so it cannot chat")
+        text = render_chat(self.tokenizer, messages)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        out = self.generate([ids], params, on_text)[0]
+        out.prompt = text
+        return out
+
+    def close(self) -> None:
+        """Release the executors (GPU buffers and kernels)."""
+        for executor in self._executors.values():
+            executor.close()
+        self._executors.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _run_one(self, prompt, params, on_text, cancel: threading.Event) -> None:
+        texts, ids = self._encode([prompt])
+        params = self._params(params, 1)
+        seqs = [_Sequence(ids[0], params[0], self._decode, self._eos(params[0]))]
+        self._run(ids, params, seqs, on_text, cancel)
+
+    def _run(self, ids: list[list[int]], params: list[SamplingParams], seqs: list["_Sequence"], on_text,
+             cancel: threading.Event | None = None) -> None:
+        from mpk.inputs import program_inputs
+
+        if self.backend == "cuda" and any(sp.temperature > 0 for sp in params):
+            raise MpkError("the GPU megakernel samples greedily only so far; pass temperature=0, or backend='sim'")
+        if any(sp.stop for sp in params) and self.tokenizer is None:
+            raise MpkError(f"stop strings need a tokenizer, and {self.source.name} has none")
+        self._check_fits(ids, params)
+        steps = max(len(p) + sp.max_tokens - 1 for p, sp in zip(ids, params))
+        seeds = [sp.seed if sp.seed is not None else random.getrandbits(63) for sp in params]
+        sampling = [(sp.temperature, max(sp.top_k, 0), sp.top_p, seed) for sp, seed in zip(params, seeds)]
+        tg, executor = self._executor(len(ids))
+        _, meta = program_inputs(self.cfg, tg, {}, ids, sampling)
+
+        def on_step(step: int, tokens: list[int]) -> bool:
+            for s, seq in enumerate(seqs):
+                if seq.finish_reason is None and step >= len(ids[s]) - 1:
+                    seq.add(tokens[s])
+                    delta = seq.delta()
+                    if delta and on_text is not None:
+                        on_text(s, delta)
+            return all(seq.finish_reason is not None for seq in seqs) or (cancel is not None and cancel.is_set())
+
+        t0 = time.perf_counter()
+        executor.set_meta(meta)
+        result = executor.run(steps, max_new_tokens=[sp.max_tokens for sp in params], on_step=on_step,
+                              eos_token_ids=sorted(set.intersection(*(seq.eos for seq in seqs))))
+        self.last_run = RunStats(result.steps, time.perf_counter() - t0, len(tg.tasks))
+
+    def _executor(self, batch: int):
+        """The compiled graph and open executor for `batch` sequences, made on first use."""
+        key = (batch, self.max_seq_len)
+        if key not in self._executors:
+            from mpk import defaults
+            from mpk.compiler import compile_model
+            from mpk.engine import open_executor
+            from mpk.inputs import program_inputs
+
+            tg = compile_model(self.cfg, batch=batch, max_seq_len=self.max_seq_len, tp_size=self.tp_size,
+                               num_sms=defaults.SIM_NUM_SMS if self.num_sms is None else self.num_sms,
+                               activations=self.activations, weights=self.dtype, kv_cache=self.kv_cache)
+            weights, meta = program_inputs(self.cfg, tg, self._fused, [[0]] * batch)
+            self._executors[key] = open_executor(self.backend, tg, weights, meta, device=self.device, seed=self.seed)
+        executor = self._executors[key]
+        return executor.tg, executor
+
+    def _encode(self, prompts) -> tuple[list[str | None], list[list[int]]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise MpkError("no prompts given")
+        if len(prompts) > self.max_batch:
+            raise MpkError(f"{len(prompts)} prompts exceed max_batch={self.max_batch}; pass fewer or raise max_batch")
+        texts, ids = [], []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise MpkError(f"{self.source.name} has no tokenizer; pass prompts as lists of token ids")
+                texts.append(p)
+                ids.append(self.tokenizer.encode(p))
+            else:
+                texts.append(None)
+                ids.append([int(t) for t in p])
+        for p in ids:
+            if not p:
+                raise MpkError("every prompt needs at least one token")
+            bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise MpkError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        return texts, ids
+
+    def _params(self, params, n: int) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        params = [params] * n if isinstance(params, SamplingParams) else list(params)
+        if len(params) != n:
+            raise MpkError(f"{len(params)} SamplingParams for {n} prompts; give one, or one per prompt")
+        return params
+
+    def _check_fits(self, ids, params) -> None:
+        for p, sp in zip(ids, params):
+            if len(p) + sp.max_tokens - 1 > self.max_seq_len:
+                raise MpkError(f"a prompt of {len(p)} tokens plus max_tokens={sp.max_tokens} exceeds "
+                               f"max_seq_len={self.max_seq_len}; shorten the prompt or lower max_tokens")
+
+    def _eos(self, sp: SamplingParams) -> set[int]:
+        return set() if sp.ignore_eos else set(self.cfg.eos_token_ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _load_tokenizer(self):
+        """The checkpoint's tokenizer; one that cannot be used only costs the text (token ids still work)."""
+        try:
+            return self.source.tokenizer()
+        except MpkError:
+            return None
+
+
+class _Sequence:
+    """One sequence's new tokens and text, and why it finished."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, decode, eos: set[int]):
+        from mpk.detokenize import IncrementalDetokenizer
+
+        self.params, self.eos = params, eos
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._detok = IncrementalDetokenizer(decode, prompt_ids)
+        self._hold = max((len(s) for s in params.stop), default=1) - 1  # text that may start a stop string
+        self._sent = 0
+        self._cut = False  # the text ended at a stop string
+
+    def add(self, token: int) -> None:
+        self.token_ids.append(token)
+        if token in self.eos:
+            self.finish_reason = "stop"
+        else:
+            self._append(self._detok.push(token))
+        if self.finish_reason is None and len(self.token_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self._append(self._detok.flush())
+
+    def delta(self) -> str:
+        """New text that no later token can change."""
+        end = len(self.text) if self.finish_reason else max(self._sent, len(self.text) - self._hold)
+        piece, self._sent = self.text[self._sent:end], end
+        return piece
+
+    def _append(self, piece: str) -> None:
+        if not piece or self._cut:
+            return
+        start = max(0, len(self.text) - self._hold)
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason, self._cut = "stop", True
+
+
+def _with_tokenizer_eos(cfg, tokenizer):
+    """A checkpoint whose config files name no end-of-sequence token stops at its tokenizer's."""
+    import dataclasses
+
+    if cfg.eos_token_ids or tokenizer is None or tokenizer.eos_token_id is None:
+        return cfg
+    return dataclasses.replace(cfg, eos_token_ids=(tokenizer.eos_token_id,))
