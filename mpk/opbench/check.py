@@ -15,7 +15,7 @@ import torch
 from mpk.dtypes import torch_dtype
 from mpk.errors import MpkError
 from mpk.execution import INT_POISON
-from mpk.graph import PROMPT_LEN
+from mpk.graph import PROMPT_LEN, SAMPLE_FLOATS, SAMPLE_INTS
 from mpk.taskgraph import TaskGraph
 
 # ||gpu - ref|| / ||ref|| allowed per activation precision: summation order in float32; about one
@@ -46,7 +46,8 @@ def random_buffers(tg: TaskGraph, vocab: int, device, seed: int = 0) -> dict[str
 
     Floats are standard normal (matrices scaled by 1/sqrt(columns), as trained weights roughly
     are, so the GEMV outputs stay O(1)); integers are token ids, except the prompt lengths, which
-    are 1 so sampling picks from the candidates instead of replaying a prompt.
+    are 1 so sampling picks from the candidates instead of replaying a prompt, and the sampling
+    parameters, which are zero: greedy, what the GPU's sample template computes.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     outputs = set(written_tensors(tg))
@@ -56,6 +57,8 @@ def random_buffers(tg: TaskGraph, vocab: int, device, seed: int = 0) -> dict[str
         if name in outputs:
             buf = torch.empty(spec.shape, dtype=want, device=device)
             poison(buf)
+        elif name.split("@")[0] in (SAMPLE_FLOATS, SAMPLE_INTS):
+            buf = torch.zeros(spec.shape, dtype=want, device=device)
         elif want.is_floating_point:
             buf = torch.randn(spec.shape, generator=gen, dtype=want, device=device)
             if spec.kind == "weight" and len(spec.shape) == 2:
