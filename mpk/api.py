@@ -130,17 +130,19 @@ class LLM:
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 on_text: Callable[[int, str], None] | None = None) -> list[RequestOutput]:
+                 on_text: Callable[[int, str], None] | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
         """Complete each prompt (a string, or a list of token ids; or a list of those).
 
         `params` is one SamplingParams for all prompts or one per prompt. `on_text(i, delta)` gets
         each piece of prompt i's new text as soon as it is final (held back only while it could
-        still be the start of a stop string).
+        still be the start of a stop string). `on_token(i, token_id)` gets each new token of prompt i,
+        before its text.
         """
         texts, ids = self._encode(prompts)
         params = self._params(params, len(ids))
         seqs = [_Sequence(p, sp, self._decode, self._eos(sp)) for p, sp in zip(ids, params)]
-        self._run(ids, params, seqs, on_text)
+        self._run(ids, params, seqs, on_text, on_token=on_token)
         return [RequestOutput(t, p, [CompletionOutput(0, s.text, s.token_ids, s.finish_reason)])
                 for t, p, s in zip(texts, ids, seqs)]
 
@@ -204,11 +206,10 @@ class LLM:
         self._run(ids, params, seqs, on_text, cancel)
 
     def _run(self, ids: list[list[int]], params: list[SamplingParams], seqs: list["_Sequence"], on_text,
-             cancel: threading.Event | None = None) -> None:
+             cancel: threading.Event | None = None, on_token=None) -> None:
         from mpk.inputs import program_inputs
 
-        if self.backend == "cuda" and any(sp.temperature > 0 for sp in params):
-            raise MpkError("the GPU megakernel samples greedily only so far; pass temperature=0, or backend='sim'")
+        check_sampling_supported(self.backend, params)
         if any(sp.stop for sp in params) and self.tokenizer is None:
             raise MpkError(f"stop strings need a tokenizer, and {self.source.name} has none")
         self._check_fits(ids, params)
@@ -222,6 +223,8 @@ class LLM:
             for s, seq in enumerate(seqs):
                 if seq.finish_reason is None and step >= len(ids[s]) - 1:
                     seq.add(tokens[s])
+                    if on_token is not None:
+                        on_token(s, tokens[s])
                     delta = seq.delta()
                     if delta and on_text is not None:
                         on_text(s, delta)
@@ -345,6 +348,12 @@ class _Sequence:
         if hits:
             self.text = self.text[:min(hits)]
             self.finish_reason, self._cut = "stop", True
+
+
+def check_sampling_supported(backend: str, params: Sequence[SamplingParams]) -> None:
+    """Refuse sampling the backend cannot do yet (callers may check before loading any weights)."""
+    if backend == "cuda" and any(sp.temperature > 0 for sp in params):
+        raise MpkError("the GPU megakernel samples greedily only so far; pass temperature=0, or backend='sim'")
 
 
 def _with_tokenizer_eos(cfg, tokenizer):

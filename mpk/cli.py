@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     ben.set_defaults(func=cmd_bench)
     _add_bench_op(command)
 
-    gen = command("generate", "generate tokens greedily")
+    gen = command("generate", "generate tokens (greedily unless --temperature is above 0)")
     gen.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                      help="checkpoint directory or preset name (a preset has random weights)")
     src = gen.add_mutually_exclusive_group()
@@ -113,23 +113,52 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"comma-separated prompt token ids (repeat for a batch; default {DEFAULT_TOKEN_IDS} "
                           "without --prompt)")
     gen.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per prompt, at most")
-    gen.add_argument("--backend", choices=["auto", "cuda", "sim"], default="auto",
-                     help="cuda: the GPU megakernel; sim: the CPU executor; auto: cuda when a GPU is present")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                     help="weight dtype: bfloat16 (the only one of the GPU backend) or float32 (CPU executor)")
-    gen.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
-                     help="activation precision: float32 (a float32 computation on the stored weights) or model "
-                          "(the weights' dtype, rounding as transformers does)")
-    gen.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
-                     help="KV cache precision: model (the weights' dtype) or float32")
-    gen.add_argument("--num-sms", type=int, default=None,
-                     help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
-    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the executor's task order")
+    _add_run_flags(gen)
     gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    _add_sampling_flags(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object with token_ids (and text)")
     gen.set_defaults(func=cmd_generate)
+
+    cht = command("chat", "talk with a model through its chat template: one user turn per line of stdin, "
+                          "until end of input or /exit")
+    cht.add_argument("model", help="checkpoint directory with a tokenizer and a chat template")
+    cht.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply, at most")
+    cht.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
+                     help="tokens the whole conversation may hold (clipped to the model's context)")
+    _add_run_flags(cht)
+    _add_sampling_flags(cht)
+    cht.set_defaults(func=cmd_chat)
     return p
+
+
+def _add_run_flags(cmd: argparse.ArgumentParser) -> None:
+    """Where and at what precision a model runs: the flags of generate and chat."""
+    cmd.add_argument("--backend", choices=["auto", "cuda", "sim"], default="auto",
+                     help="cuda: the GPU megakernel; sim: the CPU executor; auto: cuda when a GPU is present")
+    cmd.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                     help="weight dtype: bfloat16 (the only one of the GPU backend) or float32 (CPU executor)")
+    cmd.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
+                     help="activation precision: float32 (a float32 computation on the stored weights) or model "
+                          "(the weights' dtype, rounding as transformers does)")
+    cmd.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
+                     help="KV cache precision: model (the weights' dtype) or float32")
+    cmd.add_argument("--num-sms", type=int, default=None,
+                     help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
+    cmd.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
+    cmd.add_argument("--seed", type=int, default=0,
+                     help="seed of the executor's task order (not of sampling: see --sample-seed)")
+
+
+def _add_sampling_flags(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--temperature", type=float, default=0.0,
+                     help="0 takes the likeliest token (greedy); above 0 samples (the CPU executor only, so far)")
+    cmd.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0: all)")
+    cmd.add_argument("--top-p", type=float, default=1.0,
+                     help="sample among the likeliest tokens whose probabilities add up to p (1: all)")
+    cmd.add_argument("--sample-seed", type=int, default=None,
+                     help="seed of sampling, to repeat a sampled run (default: a fresh one each time)")
+    cmd.add_argument("--stop", action="append", metavar="TEXT",
+                     help="end the text before this string (repeat for several); needs a tokenizer")
 
 
 def cmd_inspect(args) -> int:
@@ -227,20 +256,106 @@ def cmd_bench_op(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mpk.dtypes import torch_dtype
     from mpk.engine import check_prompts
-    from mpk.graph import shard_of
     from mpk.models import resolve_model
-    from mpk.models.checkpoint import expected_shapes
 
     source = resolve_model(args.model)
     tokenizer = _tokenizer(source, args)
     prompts = _prompts(args, tokenizer)
     seq_len = check_prompts(source.cfg, prompts, args.max_new_tokens)
-    for rank in range(args.tp):
-        shard_of(source.cfg, rank, args.tp)
+    params = _sampling_params(args)
+    if params.stop and tokenizer is None:
+        raise MpkError(f"--stop strings need a tokenizer, and {source.name} has none")
+    _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
+    backend, device = _prepare_backend(args, params)
+    _check_memory(source, args, backend, len(prompts), seq_len, device)
+
+    _describe_run(args, source, backend, stored)
+    if not args.prompt and not args.token_ids:
+        _note(args, f"prompt: token ids {DEFAULT_TOKEN_IDS}, the default (choose with --prompt TEXT or --token-ids)")
+    with _load_llm(args, source, backend, device, max_batch=len(prompts), max_seq_len=seq_len) as llm:
+        outs = _generate(args, llm, source.name, prompts, params)
+        _print_result(args, source.name, backend, outs, llm.last_run, text=tokenizer is not None)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from mpk.models import resolve_model
+
+    source = resolve_model(args.model)
+    _check_can_chat(source)
+    params = _sampling_params(args)
+    seq_len = min(args.max_seq_len, source.cfg.max_position_embeddings)
+    if args.max_new_tokens > seq_len:
+        raise MpkError(f"--max-new-tokens {args.max_new_tokens} exceeds the conversation's {seq_len} tokens; "
+                       "lower it or raise --max-seq-len")
+    _check_tp(source, args.tp)
+    stored = _stored_dtypes(source)
+    backend, device = _prepare_backend(args, params)
+    _check_memory(source, args, backend, 1, seq_len, device)
+    _describe_run(args, source, backend, stored)
+    with _load_llm(args, source, backend, device, max_batch=1, max_seq_len=seq_len) as llm:
+        _chat_loop(llm, params, sys.stdin, interactive=sys.stdin.isatty())
+    return 0
+
+
+def _check_can_chat(source) -> None:
+    """Say, before loading any weights, that a checkpoint cannot chat."""
+    try:
+        tokenizer = source.tokenizer()
+    except MpkError as e:
+        raise MpkError(f"{source.name} cannot chat without a usable tokenizer: {e}") from None
+    if tokenizer is None:
+        raise MpkError(f"{source.name} has no tokenizer, so it cannot chat; give a checkpoint directory with one")
+    if not tokenizer.chat_template:
+        raise MpkError(f"{source.name} has no chat template (chat_template in tokenizer_config.json), so it cannot "
+                       "chat; use `mpk generate --prompt` instead")
+
+
+def _chat_loop(llm, params, lines, interactive: bool) -> None:
+    """Read a user turn per line, stream each reply, and keep the whole conversation as the next prompt."""
+    history: list[dict] = []
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = lines.readline()
+        if not line:  # end of input
+            if interactive:
+                print()
+            return
+        turn = line.rstrip("\r\n")
+        if turn.strip() == "/exit":
+            return
+        if not turn.strip():
+            continue
+        history.append({"role": "user", "content": turn})
+        reply = llm.chat(history, params, on_text=lambda _, delta: print(delta, end="", flush=True))
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply.outputs[0].text})
+
+
+def _check_tp(source, tp: int) -> None:
+    from mpk.graph import shard_of
+
+    for rank in range(tp):
+        shard_of(source.cfg, rank, tp)
+
+
+def _sampling_params(args):
+    from mpk.api import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          max_tokens=args.max_new_tokens, seed=args.sample_seed, stop=args.stop,
+                          ignore_eos=getattr(args, "ignore_eos", False))
+
+
+def _prepare_backend(args, params) -> tuple[str, object]:
+    """The backend and CUDA device; what they cannot do is refused before loading anything."""
+    from mpk.api import check_sampling_supported
+
     backend = _backend(args.backend)
+    check_sampling_supported(backend, [params])
     device = None
     if backend == "cuda":
         from mpk.runtime import cuda_device
@@ -248,18 +363,20 @@ def cmd_generate(args) -> int:
 
         device = cuda_device()  # no GPU, or too old a one: say so before loading anything
         writable_cache()
-    _check_memory(source, args, backend, len(prompts), seq_len, device)
+    return backend, device
 
-    _describe_run(args, source, backend, stored)
+
+def _load_llm(args, source, backend: str, device, max_batch: int, max_seq_len: int):
+    from mpk.api import LLM
+    from mpk.dtypes import torch_dtype
+    from mpk.models.checkpoint import expected_shapes
+
     what = "making random weights" if source.path is None else "loading weights"
-    dtype = torch_dtype(args.dtype)
-    total = sum(math.prod(shape) for shape in expected_shapes(source.cfg).values()) * dtype.itemsize
+    total = sum(math.prod(shape) for shape in expected_shapes(source.cfg).values()) * torch_dtype(args.dtype).itemsize
     with progress.phase(what, total=total, unit="B", unit_scale=True) as loading:
-        hf = source.load_weights(dtype, device="cuda" if backend == "cuda" else "cpu", progress=loading.update)
-    cfg = _with_tokenizer_eos(source.cfg, tokenizer)
-    out = _run(args, source.name, cfg, hf, prompts, tokenizer, backend)
-    _print_result(args, source.name, backend, prompts, tokenizer, out)
-    return 0
+        return LLM(args.model, max_batch=max_batch, max_seq_len=max_seq_len, backend=backend, dtype=args.dtype,
+                   device=device, tp_size=args.tp, num_sms=args.num_sms, activations=args.activations,
+                   kv_cache=args.kv_cache, seed=args.seed, load_progress=loading.update)
 
 
 def _describe_run(args, source, backend: str, stored: set[str]) -> None:
@@ -271,27 +388,21 @@ def _describe_run(args, source, backend: str, stored: set[str]) -> None:
     if source.path is None:
         _note(args, f"{source.name} is a preset: the model's shapes with random weights, so its tokens mean nothing "
                     "(give a checkpoint directory for real text)")
-    if not args.prompt and not args.token_ids:
-        _note(args, f"prompt: token ids {DEFAULT_TOKEN_IDS}, the default (choose with --prompt TEXT or --token-ids)")
     if "F16" in stored and args.dtype == "bfloat16":
         _note(args, "the checkpoint stores float16 weights; bfloat16 rounds them to 8 significant bits "
                     "(--dtype float32 on the CPU executor keeps them exact)")
 
 
-def _run(args, name: str, cfg, hf, prompts: list[list[int]], tokenizer, backend: str):
+def _generate(args, llm, name: str, prompts: list[list[int]], params):
     """Generate, streaming the text of a single prompt to stdout as tokens arrive."""
-    from mpk.detokenize import IncrementalDetokenizer
-    from mpk.engine import generate
-
     stream = not args.json and len(prompts) == 1
-    detok = IncrementalDetokenizer(tokenizer.decode, prompts[0]) if stream and tokenizer is not None else None
     # Streamed text on a terminal is its own progress; a bar beside it would garble both.
     bar_total = None if stream and sys.stdout.isatty() else len(prompts) * args.max_new_tokens
     longest = max(len(p) for p in prompts)
     warmup = progress.Phase(f"compiling the decode step and reading the prompt ({longest} tokens)")
     phases = [warmup]
 
-    def on_tokens(seq: int, token: int) -> None:
+    def on_token(seq: int, token: int) -> None:
         if not warmup.closed:  # the first new token
             warmup.close()
             if bar_total:
@@ -300,40 +411,38 @@ def _run(args, name: str, cfg, hf, prompts: list[list[int]], tokenizer, backend:
                 print(f"{name}: ", end="", flush=True)  # only now: an error before the first token leaves stdout empty
         if len(phases) > 1:
             phases[1].update(1)
+        if stream and llm.tokenizer is None:
+            print(f" {token}", end="", flush=True)
+
+    def on_text(seq: int, delta: str) -> None:
         if stream:
-            print(detok.push(token) if detok is not None else f" {token}", end="", flush=True)
+            print(delta, end="", flush=True)
 
     try:
-        out = generate(cfg, hf, prompts, args.max_new_tokens, backend=backend, dtype=args.dtype, num_sms=args.num_sms,
-                       tp_size=args.tp, seed=args.seed, stop_at_eos=not args.ignore_eos, on_tokens=on_tokens,
-                       activations=args.activations, kv_cache=args.kv_cache)
+        return llm.generate(prompts, params, on_text=on_text, on_token=on_token)
     finally:
         if stream and warmup.closed:  # end the streamed line, also when generation failed halfway
-            print(detok.flush() if detok is not None else "", flush=True)
+            print(flush=True)
         for phase in phases:
             phase.close()
-    return out
 
 
-def _print_result(args, name: str, backend: str, prompts, tokenizer, out) -> None:
-    from mpk.detokenize import continuation_text
-
-    texts = None
-    if tokenizer is not None:
-        texts = [continuation_text(tokenizer.decode, p, ids) for p, ids in zip(prompts, out.token_ids)]
-    one = len(prompts) == 1
+def _print_result(args, name: str, backend: str, outs, run, text: bool) -> None:
+    token_ids = [o.outputs[0].token_ids for o in outs]
+    texts = [o.outputs[0].text for o in outs] if text else None
+    one = len(outs) == 1
     if args.json:
-        result = {"model": name, "backend": backend, "dtype": args.dtype, "steps": out.steps,
-                  "seconds": round(out.seconds, 3), "token_ids": out.token_ids[0] if one else out.token_ids}
+        result = {"model": name, "backend": backend, "dtype": args.dtype, "steps": run.steps,
+                  "seconds": round(run.seconds, 3), "token_ids": token_ids[0] if one else token_ids}
         if texts is not None:
             result["text"] = texts[0] if one else texts
         print(json.dumps(result))
     elif not one:
-        for i, ids in enumerate(out.token_ids):
+        for i, ids in enumerate(token_ids):
             print(f"[{i}] " + (texts[i] if texts is not None else " ".join(map(str, ids))))
-    made = sum(len(t) for t in out.token_ids)
-    _note(args, f"{made} tokens in {out.steps} steps, {out.seconds:.2f} s ({made / max(out.seconds, 1e-9):.1f} tokens/s, "
-                f"{len(out.taskgraph.tasks)} tasks per step)")
+    made = sum(len(t) for t in token_ids)
+    _note(args, f"{made} tokens in {run.steps} steps, {run.seconds:.2f} s ({made / max(run.seconds, 1e-9):.1f} tokens/s, "
+                f"{run.tasks_per_step} tasks per step)")
 
 
 def _tokenizer(source, args):
@@ -345,15 +454,6 @@ def _tokenizer(source, args):
             raise
         _note(args, f"printing token ids, not text: {e}")
         return None
-
-
-def _with_tokenizer_eos(cfg, tokenizer):
-    """A checkpoint whose config files name no end-of-sequence token stops at its tokenizer's."""
-    import dataclasses
-
-    if cfg.eos_token_ids or tokenizer is None or tokenizer.eos_token_id is None:
-        return cfg
-    return dataclasses.replace(cfg, eos_token_ids=(tokenizer.eos_token_id,))
 
 
 def _stored_dtypes(source) -> set[str]:
