@@ -131,18 +131,20 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
+                 on_token: Callable[[int, int], None] | None = None,
+                 cancel: threading.Event | None = None) -> list[RequestOutput]:
         """Complete each prompt (a string, or a list of token ids; or a list of those).
 
         `params` is one SamplingParams for all prompts or one per prompt. `on_text(i, delta)` gets
         each piece of prompt i's new text as soon as it is final (held back only while it could
         still be the start of a stop string). `on_token(i, token_id)` gets each new token of prompt i,
-        before its text.
+        before its text. Setting `cancel` (from another thread) ends the run after the current step;
+        the outputs then hold what was generated so far, with finish_reason None where unfinished.
         """
         texts, ids = self._encode(prompts)
         params = self._params(params, len(ids))
         seqs = [_Sequence(p, sp, self._decode, self._eos(sp)) for p, sp in zip(ids, params)]
-        self._run(ids, params, seqs, on_text, on_token=on_token)
+        self._run(ids, params, seqs, on_text, cancel, on_token=on_token)
         return [RequestOutput(t, p, [CompletionOutput(0, s.text, s.token_ids, s.finish_reason)])
                 for t, p, s in zip(texts, ids, seqs)]
 

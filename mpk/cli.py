@@ -21,7 +21,7 @@ DEFAULT_TOKEN_IDS = "1,2,3,4"
 
 # Integer options and their (lowest, highest) values, checked before anything runs or prints.
 RANGES = {"batch": (1, MAX_BATCH), "num_sms": (1, MAX_NUM_SMS), "tp": (1, None), "max_seq_len": (1, None),
-          "max_new_tokens": (1, None), "steps": (1, None)}
+          "max_new_tokens": (1, None), "steps": (1, None), "port": (0, 65535), "max_waiting": (1, None)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +128,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_flags(cht)
     _add_sampling_flags(cht)
     cht.set_defaults(func=cmd_chat)
+
+    srv = command("serve", "serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+                           "/v1/chat/completions, /v1/models, /health, /metrics); needs mpk[serve]")
+    srv.add_argument("model", help="checkpoint directory or preset name")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    srv.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
+    srv.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
+                     help="tokens a request's prompt and reply may hold together (clipped to the model's context)")
+    srv.add_argument("--max-waiting", type=int, default=64,
+                     help="requests that may wait for the engine; more are answered 503")
+    _add_run_flags(srv)
+    srv.set_defaults(func=cmd_serve)
     return p
 
 
@@ -297,6 +310,43 @@ def cmd_chat(args) -> int:
     _describe_run(args, source, backend, stored)
     with _load_llm(args, source, backend, device, max_batch=1, max_seq_len=seq_len) as llm:
         _chat_loop(llm, params, sys.stdin, interactive=sys.stdin.isatty())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import socket
+
+    from mpk.api import SamplingParams
+    from mpk.models import resolve_model
+
+    try:
+        import uvicorn
+
+        from mpk.serve import create_app
+    except ImportError as e:
+        raise MpkError(f"mpk serve needs fastapi and uvicorn ({e}); pip install 'mpk[serve]'") from None
+    source = resolve_model(args.model)
+    seq_len = min(args.max_seq_len, source.cfg.max_position_embeddings)
+    _check_tp(source, args.tp)
+    stored = _stored_dtypes(source)
+    backend, device = _prepare_backend(args, SamplingParams(temperature=0))
+    _check_memory(source, args, backend, 1, seq_len, device)
+    # Bind before loading weights, so a taken port is one line at once rather than after the load.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise MpkError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    _describe_run(args, source, backend, stored)
+    with _load_llm(args, source, backend, device, max_batch=1, max_seq_len=seq_len) as llm:
+        app = create_app(llm, args.served_model_name or args.model, max_waiting=args.max_waiting)
+        host, port = sock.getsockname()[:2]
+        _note(args, f"serving {args.served_model_name or args.model} on http://{host}:{port}/v1 "
+                    f"({backend}; one request at a time, up to {args.max_waiting} waiting)")
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning" if args.quiet else "info"))
+        server.run(sockets=[sock])
     return 0
 
 

@@ -1,0 +1,37 @@
+"""The server's Prometheus metrics, in a registry of its own (so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds; the CPU executor is far slower than a GPU, so the buckets reach into seconds.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, worker):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mpk_requests", "HTTP requests to the generation endpoints, by outcome",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("mpk_prompt_tokens", "prompt tokens of completed generations", registry=r)
+        self.generation_tokens = Counter("mpk_generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("mpk_time_to_first_token_seconds", "from the request's arrival to its first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("mpk_time_per_output_token_seconds", "mean time between a request's tokens after the first",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        waiting = Gauge("mpk_requests_waiting", "requests queued for the engine", registry=r)
+        waiting.set_function(lambda: worker.waiting)
+        running = Gauge("mpk_requests_running", "requests the engine is generating", registry=r)
+        running.set_function(lambda: worker.running)
+
+    def observe_generation(self, arrived: float, prompt_tokens: int, token_times: list[float]) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(len(token_times))
+        if token_times:
+            self.ttft.observe(token_times[0] - arrived)
+        if len(token_times) > 1:
+            self.tpot.observe((token_times[-1] - token_times[0]) / (len(token_times) - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
