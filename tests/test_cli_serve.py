@@ -1,0 +1,54 @@
+"""`mpk serve` from the command line: it listens, answers, and its errors are one line."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import tiny_tokenizers
+from test_cli import assert_one_line_error, run_cli
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+
+def test_import_mpk_and_its_cli_leave_fastapi_out():
+    code = "import sys, mpk, mpk.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'openai') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_serve_on_a_taken_port_is_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        code, _, err = run_cli(capsys, "serve", "tiny", "--backend", "sim", "--dtype", "float32", "--port", port)
+    assert_one_line_error(code, err, "cannot listen on 127.0.0.1:" + port)
+
+
+def test_serve_answers_on_the_port_it_names(make_checkpoint):
+    path = make_checkpoint("llama", vocab_size=300)
+    tiny_tokenizers.save(tiny_tokenizers.byte_level(), path)
+    cmd = [sys.executable, "-c", "import sys; from mpk.cli import main; sys.exit(main(sys.argv[1:]))",
+           "serve", str(path), "--backend", "sim", "--dtype", "float32", "--port", "0", "--max-seq-len", "32",
+           "--served-model-name", "m"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        while "serving m on " not in (line := lines.get(timeout=120)):
+            assert proc.poll() is None, line
+        base = line.split(" on ", 1)[1].split()[0]
+        r = httpx.get(f"{base}/models", timeout=30)
+        assert [m["id"] for m in r.json()["data"]] == ["m"]
+        r = httpx.post(f"{base}/completions", json={"model": "m", "prompt": "the", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
