@@ -15,6 +15,23 @@ template <class A> __device__ __forceinline__ float rms_normed(float v, float in
   return A::round(w * A::round(v * inv));
 }
 
+// All threads: inv[b] = 1 / rms(x[b]) from each thread's partial sums of squares `part[b]`;
+// `red` is kWarps * B floats of scratch. Ends with a barrier.
+template <int B, int K> __device__ void inv_rms_from_parts(const float (&part)[B], float eps, float* inv, float* red) {
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    const float w = warp_sum(part[b]);
+    if (lane_id() == 0) red[warp_id() * B + b] = w;
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < B; b += kThreads) {
+    float ss = 0.f;
+    for (int w = 0; w < kWarps; ++w) ss += red[w * B + b];
+    inv[b] = rsqrtf(ss / K + eps);
+  }
+  __syncthreads();
+}
+
 // All threads: inv[b] = 1 / rms(x[b]) for the B rows of x [B, K]. Every thread takes a share of
 // packed loads, so this costs a couple of L2 round trips, not one per 32 elements of a row.
 // `red` is kWarps * B floats of scratch. Ends with a barrier.
@@ -32,18 +49,7 @@ template <int B, int K, class T> __device__ void row_inv_rms(const T* x, float e
       for (int e = 0; e < VEC; ++e) part[b] = fmaf(f[e], f[e], part[b]);
     }
   }
-#pragma unroll
-  for (int b = 0; b < B; ++b) {
-    const float w = warp_sum(part[b]);
-    if (lane_id() == 0) red[warp_id() * B + b] = w;
-  }
-  __syncthreads();
-  for (int b = threadIdx.x; b < B; b += kThreads) {
-    float ss = 0.f;
-    for (int w = 0; w < kWarps; ++w) ss += red[w * B + b];
-    inv[b] = rsqrtf(ss / K + eps);
-  }
-  __syncthreads();
+  inv_rms_from_parts<B, K>(part, eps, inv, red);
 }
 
 // The input vectors one thread handles in a GEMV prologue, held in registers: vectors
@@ -83,18 +89,7 @@ template <int B, int K, int VEC> struct XRegs {
       for (int b = 0; b < B; ++b)
         if (i / NV == b) part[b] += ss;
     }
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const float s = warp_sum(part[b]);
-      if (lane_id() == 0) red[warp_id() * B + b] = s;
-    }
-    __syncthreads();
-    for (int b = threadIdx.x; b < B; b += kThreads) {
-      float ss = 0.f;
-      for (int k = 0; k < kWarps; ++k) ss += red[k * B + b];
-      inv[b] = rsqrtf(ss / K + eps);
-    }
-    __syncthreads();
+    inv_rms_from_parts<B, K>(part, eps, inv, red);
   }
 
   // Vector j normalised as the op references do (see rms_normed), in place.

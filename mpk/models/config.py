@@ -165,17 +165,26 @@ def _sliding_window(arch: str, d: dict) -> int | None:
     return int(window) if window else None
 
 
-def _generation_eos(path: Path, eos: tuple[int, ...]) -> tuple[int, ...]:
-    """generation_config.json often lists more end-of-sequence ids than config.json (Qwen3, Llama 3)."""
-    file = path / "generation_config.json"
+def read_json_object(file: Path, remedy: str = "re-download it") -> dict | None:
+    """The JSON object in `file`, None when there is no such file; one clear error when it is broken."""
     if not file.is_file():
-        return eos
+        return None
     try:
         d = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MpkError(f"{file} is not readable JSON ({e}); re-download it, or delete it to use config.json alone") from None
+        text = str(e).strip()
+        raise MpkError(f"{file} is not readable JSON ({text.splitlines()[0] if text else type(e).__name__}); "
+                       f"{remedy}") from None
     if not isinstance(d, dict):
-        raise MpkError(f"{file} does not hold a JSON object; re-download it, or delete it to use config.json alone")
+        raise MpkError(f"{file} does not hold a JSON object; {remedy}")
+    return d
+
+
+def _generation_eos(path: Path, eos: tuple[int, ...]) -> tuple[int, ...]:
+    """generation_config.json often lists more end-of-sequence ids than config.json (Qwen3, Llama 3)."""
+    d = read_json_object(path / "generation_config.json", "re-download it, or delete it to use config.json alone")
+    if d is None:
+        return eos
     extra = _eos_ids(d.get("eos_token_id"), "generation_config.json")
     return eos + tuple(e for e in extra if e not in eos)
 

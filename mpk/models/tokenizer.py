@@ -7,11 +7,11 @@ tokenizers rebuild their post-processor from them (docs/decisions.md).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from mpk.errors import MpkError
+from mpk.models.config import read_json_object
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -83,15 +83,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
 
 
 def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        d = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MpkError(f"{file} is not readable JSON ({_first_line(e)}); re-download it") from None
-    if not isinstance(d, dict):
-        raise MpkError(f"{file} does not hold a JSON object; re-download it")
-    return d
+    return read_json_object(file) or {}
 
 
 def _token_id(backend, token) -> int | None:
