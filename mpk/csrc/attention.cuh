@@ -100,6 +100,13 @@ template <int HD, class KT> struct KvLanes {
       return __uint_as_float(w[i]);
     }
   }
+  // A lane's E elements of a row, from its NV chunks.
+  __device__ __forceinline__ static void unpack_row(const unsigned (&w)[NV][NW], float (&f)[E]) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j)
+#pragma unroll
+      for (int i = 0; i < V; ++i) f[j * V + i] = elem(w[j], i);
+  }
 };
 
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
@@ -226,10 +233,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         float kf[E];
-#pragma unroll
-        for (int j = 0; j < L::NV; ++j)
-#pragma unroll
-          for (int i = 0; i < L::V; ++i) kf[j * L::V + i] = L::elem(kw[u][j], i);
+        L::unpack_row(kw[u], kf);
         const bool valid = base + u * L::RPW + slot < end;
 #pragma unroll
         for (int h = 0; h < QPK; ++h) {
@@ -258,10 +262,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         float vf[E];
-#pragma unroll
-        for (int j = 0; j < L::NV; ++j)
-#pragma unroll
-          for (int i = 0; i < L::V; ++i) vf[j * L::V + i] = L::elem(vw[u][j], i);
+        L::unpack_row(vw[u], vf);
 #pragma unroll
         for (int h = 0; h < QPK; ++h) {
           const float p = exp2f(sc[u][h] - ref[h]);
