@@ -114,14 +114,18 @@ class LLM:
         self.activations, self.kv_cache = activations or DEFAULT_ACTIVATIONS, kv_cache or DEFAULT_KV_CACHE
         self.device = None
         if self.backend == "cuda":
-            from mpk.runtime import cuda_device
+            from mpk.runtime import rank_devices
 
-            self.device = device if device is not None else cuda_device()
+            # One GPU per tensor-parallel rank: `device` for one rank, GPUs 0..tp_size-1 otherwise.
+            devices = rank_devices(tp_size, device)
+            self.device = devices[0] if tp_size == 1 else None
             if num_sms is None:
-                num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+                num_sms = torch.cuda.get_device_properties(devices[0]).multi_processor_count
         self.num_sms = num_sms
         if weights is None:
-            weights = self.source.load_weights(torch_dtype(self.dtype), device="cuda" if self.backend == "cuda" else "cpu",
+            # With several ranks the weights are sliced on the host and each GPU gets its slice only.
+            on_gpu = self.backend == "cuda" and tp_size == 1
+            weights = self.source.load_weights(torch_dtype(self.dtype), device=self.device if on_gpu else "cpu",
                                                progress=load_progress)
         self._fused = fuse_weights(self.cfg, weights, tp_size, torch_dtype(self.dtype))
         self._executors: dict[tuple[int, int], object] = {}

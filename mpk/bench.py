@@ -6,6 +6,10 @@ both on `mpk.models.reference`. A decode step reads the weights plus the KV rows
 so effective GB/s = bytes per step / time per step, and the floor is those bytes at the streaming
 kernel's bandwidth. `context` N starts the timed steps at position N with the cache filled (random
 values: the time does not depend on them), and every row counts the KV bytes of its own cache dtype.
+
+With tensor parallelism `tp` N, the mpk row runs on one GPU and an `mpk-tpN` row runs the same
+weights over N GPUs; its bytes and floor are those of the busiest GPU (its shard of the weights
+and of the KV heads), at the streaming bandwidth measured on GPU 0.
 """
 
 from __future__ import annotations
@@ -49,12 +53,13 @@ class Row:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s, "gbps": self.gbps, "pct_of_floor": self.pct_of_floor}
 
 
-def weight_bytes_per_step(tg) -> int:
-    """Bytes of weights one decode step reads: every weight once, but only B rows of the embedding table."""
+def weight_bytes_per_step(tg, rank: int | None = None) -> int:
+    """Bytes of weights one decode step reads (of every rank, or of `rank`): every weight once, but
+    only B rows of the embedding table."""
     total = 0
     for spec in tg.tensors.values():
         base = spec.name.rsplit("/", 1)[-1]
-        if spec.kind != "weight" or base == ROPE:
+        if spec.kind != "weight" or base == ROPE or rank not in (None, spec.rank):
             continue
         n = dtype(spec.dtype).bytes
         for d in spec.shape:
@@ -136,12 +141,20 @@ def time_torch(model, batch: int, steps: int, compiled: bool, context: int = 0) 
     return (time.perf_counter() - t0) / steps
 
 
+def rank_bytes_per_step(tg, nbytes: int) -> int:
+    """The busiest rank's share of a step's `nbytes` (weights and KV), in proportion to its weights."""
+    if tg.tp_size == 1:
+        return nbytes
+    whole = weight_bytes_per_step(tg)
+    return max(round(nbytes * weight_bytes_per_step(tg, rank) / whole) for rank in range(tg.tp_size))
+
+
 def fill_kv_cache(kernel, seed: int = 0) -> None:
     """Random values in every KV cache buffer of a loaded megakernel, standing in for a prompt's rows."""
-    gen = torch.Generator(device=kernel.device).manual_seed(seed)
     for name, spec in kernel.tg.tensors.items():
         if spec.kind == "state":
             buf = kernel.buffers[name]
+            gen = torch.Generator(device=buf.device).manual_seed(seed)
             buf.copy_(torch.randn(buf.shape, generator=gen, device=buf.device))
 
 
@@ -152,11 +165,12 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
     task spans are written there (the timed run is untraced)."""
     from mpk.runtime import Megakernel
 
-    with Megakernel(tg, device=device, weights=fused, meta=meta) as kernel:
+    with Megakernel(tg, device=device if tg.tp_size == 1 else None, weights=fused, meta=meta) as kernel:
         fill_kv_cache(kernel)
         kernel.run(min(steps, 8), max_new_tokens=None, first_step=context)  # warm-up: module load, first touch
         kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
-        torch.cuda.synchronize(device)
+        for d in kernel.devices:
+            torch.cuda.synchronize(d)
         t0 = time.perf_counter()
         result = kernel.run(steps, max_new_tokens=None, first_step=context)
         seconds = time.perf_counter() - t0
@@ -175,7 +189,7 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
               profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
-              context: int = 0) -> dict:
+              context: int = 0, tp: int = 1) -> dict:
     from mpk.compiler import compile_model
     from mpk.inputs import fuse_weights, program_inputs
     from mpk.models import resolve_model
@@ -204,8 +218,16 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     if "mpk" in backends:
         fused = fuse_weights(cfg, hf, 1, torch.bfloat16)
         weights, meta = program_inputs(cfg, tg, fused, [[1]] * batch)
-        mpk_seconds, traced = time_mpk(tg, weights, meta, steps, device, profile, context)
+        mpk_seconds, traced = time_mpk(tg, weights, meta, steps, device, profile if tp == 1 else None, context)
         seconds["mpk"] = mpk_seconds, nbytes
+        del fused, weights
+    if "mpk" in backends and tp > 1:
+        tg_tp = compile_model(cfg, batch=batch, max_seq_len=tg.max_seq_len, tp_size=tp,
+                              num_sms=props.multi_processor_count, activations=activations, kv_cache=kv_cache)
+        fused = fuse_weights(cfg, hf, tp, torch.bfloat16)
+        weights, meta = program_inputs(cfg, tg_tp, fused, [[1]] * batch)
+        mpk_seconds, traced = time_mpk(tg_tp, weights, meta, steps, None, profile, context)
+        seconds[f"mpk-tp{tp}"] = mpk_seconds, rank_bytes_per_step(tg_tp, nbytes)
         del fused, weights
     if "eager" in backends or "compile" in backends:
         ref = ReferenceModel(cfg, hf, torch.bfloat16, device)
@@ -216,7 +238,7 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     rows = [Row(name, sec * 1e3, batch, n, n / (gbps * 1e9) * 1e3 if gbps else float("nan"))
             for name, (sec, n) in seconds.items()]
     return {
-        "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch,
+        "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch, "tp": tp,
         "activations": activations, "kv_cache": tg.precision.kv_cache, "context": context,
         "steps": steps, "bytes_per_step": nbytes, "kv_bytes_per_step": nbytes - weight_bytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
@@ -237,6 +259,12 @@ def format_bench(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"  {r['name']:<14} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>10.1f} {r['gbps']:>8.0f} "
                      f"{r['pct_of_floor']:>7.1f}%")
+    by_name = {r["name"]: r for r in result["rows"]}
+    tp = result.get("tp", 1)
+    if tp > 1 and "mpk" in by_name and f"mpk-tp{tp}" in by_name:
+        ratio = by_name[f"mpk-tp{tp}"]["ms_per_step"] / by_name["mpk"]["ms_per_step"]
+        lines.append(f"  mpk-tp{tp} takes {ratio:.3f}x the time of mpk on one GPU ({1 / ratio:.2f}x faster); its "
+                     f"bytes and floor are per GPU")
     if "profile" in result:
         from mpk.profile import format_trace_summary
 

@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--arch", default=defaults.ARCH, help="GPU architecture: sm_90a, sm_80, sm_100a, ...")
     bld.add_argument("--num-sms", type=int, default=defaults.NUM_SMS,
                      help="SMs of the target GPU: tile widths shape the kernel")
+    bld.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (one library serves every rank)")
     bld.add_argument("--debug", action="store_true", help="with device asserts (MPK_DEBUG)")
     bld.set_defaults(func=cmd_build)
 
@@ -100,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="mpk's KV cache precision: model (the weights' dtype) or float32")
     ben.add_argument("--context", type=int, default=0,
                      help="position of the first timed step, the cache filled up to it")
+    ben.add_argument("--tp", type=int, default=1,
+                     help="also time mpk over this many GPUs (tensor parallel), beside mpk on one")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
     _add_bench_op(command)
@@ -157,7 +160,8 @@ def _add_run_flags(cmd: argparse.ArgumentParser) -> None:
                      help="KV cache precision: model (the weights' dtype) or float32")
     cmd.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
-    cmd.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (simulated together)")
+    cmd.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel ranks: one GPU each on the cuda backend, simulated together on sim")
     cmd.add_argument("--seed", type=int, default=0,
                      help="seed of the executor's task order (not of sampling: see --sample-seed)")
 
@@ -206,10 +210,11 @@ def cmd_build(args) -> int:
     # context length, so a short context stands for every one of this model, batch and GPU.
     with progress.phase("compiling the task graph"):
         tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(64, source.cfg.max_position_embeddings),
-                           num_sms=args.num_sms, verify=False)
+                           num_sms=args.num_sms, tp_size=args.tp, verify=False)
     t0 = time.perf_counter()
     path = build(generate_source(tg), args.arch, debug=args.debug or None)
-    print(f"{source.name} batch {args.batch} for {args.arch}: {path} ({time.perf_counter() - t0:.1f} s)")
+    tp = f" tp {args.tp}" if args.tp > 1 else ""
+    print(f"{source.name} batch {args.batch}{tp} for {args.arch}: {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -222,8 +227,10 @@ def cmd_bench(args) -> int:
         raise MpkError(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from stream, mpk, eager, compile")
     if args.profile and "mpk" not in backends:
         raise MpkError("--profile traces the mpk backend; include mpk in --backends")
+    if args.tp < 1:
+        raise MpkError(f"--tp must be at least 1, not {args.tp}")
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
-                       activations=args.activations, kv_cache=args.kv_cache, context=args.context)
+                       activations=args.activations, kv_cache=args.kv_cache, context=args.context, tp=args.tp)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
@@ -401,17 +408,19 @@ def _sampling_params(args):
 
 
 def _prepare_backend(args, params) -> tuple[str, object]:
-    """The backend and CUDA device; what they cannot do is refused before loading anything."""
+    """The backend and CUDA device (None with tensor parallelism: GPUs 0..tp-1); what they cannot do
+    is refused before loading anything."""
     from mpk.api import check_sampling_supported
 
     backend = _backend(args.backend)
     check_sampling_supported(backend, [params])
     device = None
     if backend == "cuda":
-        from mpk.runtime import cuda_device
+        from mpk.runtime import cuda_device, rank_devices
         from mpk.runtime.build import writable_cache
 
-        device = cuda_device()  # no GPU, or too old a one: say so before loading anything
+        devices = rank_devices(args.tp)  # too few GPUs, or too old ones: say so before loading anything
+        device = devices[0] if args.tp == 1 else None
         writable_cache()
     return backend, device
 
@@ -525,7 +534,13 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
                            activation_bytes=4 if args.activations == "float32" else weight_bytes,
                            kv_bytes=4 if args.kv_cache == "float32" else weight_bytes,
                            device="GPU memory" if backend == "cuda" else "CPU RAM")
-    if backend == "cuda":
+    if backend == "cuda" and args.tp > 1:
+        import torch
+
+        for rank in range(args.tp):
+            memory.check_fits(need.per_rank(args.tp), memory.available_gpu_bytes(torch.device("cuda", rank)),
+                              f"rank {rank} of {source.name} on cuda:{rank}")
+    elif backend == "cuda":
         memory.check_fits(need, memory.available_gpu_bytes(device), f"{source.name} on the GPU")
     else:
         memory.check_fits(need, memory.available_cpu_bytes(), f"{source.name} on the CPU executor")

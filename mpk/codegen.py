@@ -21,6 +21,7 @@ from mpk.taskgraph import OpSpec, TaskGraph
 
 RUNTIME_HEADER = "mpk_host.cuh"
 OP_PTRS, OP_INTS, OP_FLOATS = 8, 8, 4  # slots of an OpDesc (mpk_runtime.cuh)
+MAX_RANKS = 8  # kMaxRanks
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ class Variant:
 
 @dataclass(frozen=True)
 class OpArgs:
-    """What one op instance puts in its OpDesc: tensor names per pointer slot, ints, floats."""
+    """What one op instance puts in its OpDesc: per pointer slot a tensor name, the names of a
+    per-rank operand's tensors (one per rank), or None; then ints and floats."""
 
-    ptrs: tuple[str | None, ...]
+    ptrs: tuple[str | tuple[str, ...] | None, ...]
     ints: tuple[int, ...] = ()
     floats: tuple[float, ...] = ()
 
@@ -65,7 +67,8 @@ def lower_op(tg: TaskGraph, op: OpSpec) -> tuple[Variant, OpArgs]:
     if kind.template is None:
         raise MpkError(f"op kind {op.kind!r} ({op.name}) has no GPU kernel yet")
     cuda = kind.cuda(op, tg)
-    roles = tuple(kind.roles(op))
+    slots = kind.slots(op)
+    roles = tuple(role for role, _ in slots)
     names = roles + tuple(cuda.ints) + tuple(cuda.floats)
     if len(set(names)) != len(names):
         raise MpkError(f"op kind {op.kind!r} uses one name for two slots: {names}")
@@ -74,14 +77,13 @@ def lower_op(tg: TaskGraph, op: OpSpec) -> tuple[Variant, OpArgs]:
                        f"({OP_PTRS} pointers, {OP_INTS} ints, {OP_FLOATS} floats)")
     variant = Variant(kind.header, kind.template, tuple(str(a) for a in cuda.args), roles, tuple(cuda.ints),
                       tuple(cuda.floats))
-    bound = {**op.inputs, **op.outputs}
-    return variant, OpArgs(tuple(bound.get(r) for r in roles), tuple(cuda.ints.values()), tuple(cuda.floats.values()))
+    return variant, OpArgs(tuple(tensor for _, tensor in slots), tuple(cuda.ints.values()),
+                           tuple(cuda.floats.values()))
 
 
 def check_supported(tg: TaskGraph) -> None:
-    if tg.tp_size != 1:
-        raise MpkError(f"the GPU runtime runs one GPU for now; this graph has tensor parallelism {tg.tp_size} "
-                       "(compile with --tp 1)")
+    if not 1 <= tg.tp_size <= MAX_RANKS:
+        raise MpkError(f"the GPU runtime runs 1 to {MAX_RANKS} tensor-parallel GPUs, not {tg.tp_size}")
 
 
 def graph_variants(tg: TaskGraph) -> tuple[list[Variant], list[int], list[OpArgs]]:

@@ -81,7 +81,7 @@ def open_executor(backend: str, tg: TaskGraph, weights: dict, meta: dict, *, dev
         return CpuExecutor(tg, weights, meta, seed=seed)
     from mpk.runtime import Megakernel
 
-    return Megakernel(tg, device=device, weights=weights, meta=meta)
+    return Megakernel(tg, device=device if tg.tp_size == 1 else None, weights=weights, meta=meta)
 
 
 def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,

@@ -37,9 +37,11 @@ def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, to
              device="cpu") -> dict[str, torch.Tensor]:
     """Buffers for every tensor of the graph, in the dtypes it declares: given weights and meta,
     poisoned activations and state (NaN, or a huge negative for integers), so a read of anything the
-    graph did not order before it shows."""
+    graph did not order before it shows. `device` is one device, or a list of one per rank (each
+    tensor goes to its owner's)."""
     bufs = {}
     for name, spec in tg.tensors.items():
+        device_of_rank = device[spec.rank] if isinstance(device, (list, tuple)) else device
         want = torch_dtype(spec.dtype)
         if spec.kind in ("weight", "meta"):
             given = (weights if spec.kind == "weight" else meta).get(name)
@@ -47,11 +49,11 @@ def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, to
                 raise MpkError(f"no value given for {spec.kind} tensor {name!r} of shape {spec.shape}")
             if tuple(given.shape) != spec.shape:
                 raise MpkError(f"{spec.kind} tensor {name!r} has shape {tuple(given.shape)}, the graph needs {spec.shape}")
-            bufs[name] = given.to(device=device, dtype=want).contiguous()
+            bufs[name] = given.to(device=device_of_rank, dtype=want).contiguous()
         elif want == torch.int64:
-            bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want, device=device)
+            bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want, device=device_of_rank)
         else:
-            bufs[name] = torch.full(spec.shape, float("nan"), dtype=want, device=device)
+            bufs[name] = torch.full(spec.shape, float("nan"), dtype=want, device=device_of_rank)
     return bufs
 
 
@@ -110,7 +112,7 @@ class Executor:
     def logits(self) -> torch.Tensor:
         """This step's logits of every rank, side by side: [batch, vocab] float32 on the CPU."""
         parts = [self.buffers[tensor_name(r, self.tg.tp_size, LOGITS)] for r in range(self.tg.tp_size)]
-        return torch.cat(parts, dim=1).float().cpu()
+        return torch.cat([p.float().cpu() for p in parts], dim=1)
 
     def __enter__(self):
         return self

@@ -40,6 +40,11 @@ class MemoryNeed:
     def total(self) -> int:
         return self.weights + self.fused + self.kv_cache + self.workspace
 
+    def per_rank(self, tp_size: int) -> "MemoryNeed":
+        """One GPU's share with tensor parallelism: its slice of the weights (loaded on the host and
+        sliced there, so no fused copies on the GPU) and of the KV heads, and a whole workspace."""
+        return MemoryNeed(self.device, self.weights // tp_size, 0, self.kv_cache // tp_size, self.workspace)
+
     def describe(self) -> str:
         parts = [(self.weights, "weights"), (self.fused, "fused weight copies"), (self.kv_cache, "KV cache"),
                  (self.workspace, "workspace")]

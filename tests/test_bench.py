@@ -55,3 +55,22 @@ def test_table_says_the_context_and_the_kv_cache():
     result.update(context=4096, kv_cache="bfloat16", kv_bytes_per_step=612_000_000)
     first = format_bench(result).splitlines()[0]
     assert "64 steps from position 4096" in first and "(0.61 GB of KV)" in first and "bfloat16 KV cache" in first
+
+
+def test_tensor_parallel_rows_count_the_busiest_rank_and_the_speedup():
+    from mpk.bench import rank_bytes_per_step
+
+    cfg = resolve_model("qwen3-8b").cfg
+    one = compile_model(cfg, batch=1, max_seq_len=16, num_sms=132, verify=False)
+    two = compile_model(cfg, batch=1, max_seq_len=16, num_sms=132, tp_size=2, verify=False)
+    whole = weight_bytes_per_step(one)
+    per_rank = [weight_bytes_per_step(two, r) for r in range(2)]
+    # Each rank reads about half: its slices, plus the whole embedding rows and norms it keeps.
+    assert sum(per_rank) == weight_bytes_per_step(two) and all(0.49 < b / whole < 0.52 for b in per_rank)
+    assert rank_bytes_per_step(two, whole) == round(whole * max(per_rank) / weight_bytes_per_step(two))
+    assert rank_bytes_per_step(one, whole) == whole
+    result = json.loads(RECORDED.read_text())
+    mpk = next(r for r in result["rows"] if r["name"] == "mpk")
+    result["tp"] = 2
+    result["rows"].append({**mpk, "name": "mpk-tp2", "ms_per_step": mpk["ms_per_step"] * 0.55})
+    assert "mpk-tp2 takes 0.550x the time of mpk on one GPU (1.82x faster)" in format_bench(result)

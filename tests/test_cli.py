@@ -141,8 +141,8 @@ def test_build_prints_the_library_path(capsys, tmp_path, monkeypatch):
     except MpkError:
         pytest.skip("no nvcc on this machine")
     monkeypatch.setenv("MPK_CACHE_DIR", str(tmp_path))
-    code, out, _ = run_cli(capsys, "build", "tiny", "--batch", "2")
-    assert code == 0
+    code, out, _ = run_cli(capsys, "build", "tiny", "--batch", "2", "--tp", "2")
+    assert code == 0 and out.startswith("tiny batch 2 tp 2 for sm_90a: ")
     so = out.split(": ", 1)[1].split(" (")[0]
     assert so.startswith(str(tmp_path)) and so.endswith(".so")
     import os
@@ -169,6 +169,8 @@ def test_cuda_backend_without_a_gpu_is_one_line(capsys, make_checkpoint):
     ckpt = make_checkpoint("llama")
     code, _, err = run_cli(capsys, "generate", str(ckpt), "--backend", "cuda", "--token-ids", "1,2")
     assert_one_line_error(code, err, "no CUDA GPU")
+    code, _, err = run_cli(capsys, "generate", str(ckpt), "--backend", "cuda", "--tp", "2", "--token-ids", "1,2")
+    assert_one_line_error(code, err, "tensor parallelism 2 needs 2 GPUs and this machine has 0")
 
 
 def test_generate_with_a_float32_kv_cache(capsys, make_checkpoint):

@@ -70,8 +70,14 @@ def test_slots_name_every_operand_and_scalar_of_the_op_kind(tg):
     src = generate_source(tg)
     for op, vi, args in zip(tg.ops, op_variant, op_args):
         v = variants[vi]
-        assert list(v.ptrs) == OP_KINDS[op.kind].roles(op)
-        assert args.ptrs == tuple({**op.inputs, **op.outputs}.get(r) for r in v.ptrs)
+        kind = OP_KINDS[op.kind]
+        assert list(v.ptrs) == [o.role for o in kind.inputs + kind.outputs]
+        bound = {**op.inputs, **op.outputs}
+        for operand, tensor in zip(kind.inputs + kind.outputs, args.ptrs):
+            # A per-rank operand is one slot holding its tensors of every rank.
+            want = tuple(bound[f"{operand.role}{k}"] for k in range(op.params["ranks"])) if operand.per_rank \
+                else bound.get(operand.role)
+            assert tensor == want
         assert f"enum Ptr : int {{ {', '.join(v.ptrs)} }};" in src
         assert len(args.ints) == len(v.ints) and len(args.floats) == len(v.floats)
 
@@ -93,7 +99,7 @@ def test_flags_pick_variants():
 
 def test_tables_mirror_the_graph(tg):
     t = build_tables(tg)
-    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 24 * 8
+    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 30 * 8
     _, op_variant, _ = graph_variants(tg)
     assert len(t.tasks) == len(tg.tasks)
     for i, task in enumerate(tg.tasks):
@@ -101,11 +107,13 @@ def test_tables_mirror_the_graph(tg):
         assert row["variant"] == op_variant[task.op] and row["op"] == task.op and row["wait"] == task.wait
         assert tuple(row["tile"][: len(task.tile)]) == task.tile and not row["tile"][len(task.tile):].any()
         assert t.signals[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].tolist() == task.signals
+        assert not t.signal_rank[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].any()
     assert t.queue_off[0] == 0 and t.queue_off[-1] == len(tg.tasks) and len(t.queue_off) == tg.num_sms + 1
     for q, queue in enumerate(tg.queues):
         assert t.queue_tasks[t.queue_off[q]: t.queue_off[q + 1]].tolist() == queue
     assert t.ev_target.tolist() == [e.target for e in tg.events]
     assert t.ev_lag.tolist() == [e.lag for e in tg.events]
+    assert not t.ev_sys.any()  # one GPU: no event crosses ranks
     assert t.n_sample == tg.batch
 
 
@@ -113,11 +121,19 @@ def test_op_table_fills_pointer_slots_by_role(tg):
     t = build_tables(tg)
     variants, op_variant, _ = graph_variants(tg)
     addr = {name: 4096 * (i + 1) for i, name in enumerate(tg.tensors)}
-    table = op_table(t.op_args, addr.__getitem__)
+    lists_at = 1 << 40
+    table, lists = op_table(t.op_args, addr.__getitem__, lists_at)
     for i, op in enumerate(tg.ops):
         roles = {**op.inputs, **op.outputs}
         for slot, role in enumerate(variants[op_variant[i]].ptrs):
-            assert table[i]["ptr"][slot] == (addr[roles[role]] if role in roles else 0), (op.name, role)
+            if role in roles:
+                assert table[i]["ptr"][slot] == addr[roles[role]], (op.name, role)
+            elif f"{role}0" in roles:  # per-rank: the slot points at the address list of its ranks
+                at = (int(table[i]["ptr"][slot]) - lists_at) // 8
+                assert lists[at:at + op.params["ranks"]].tolist() == [addr[roles[f"{role}{k}"]]
+                                                                      for k in range(op.params["ranks"])]
+            else:
+                assert table[i]["ptr"][slot] == 0, (op.name, role)
 
     def scalars(kind):
         i = next(i for i, op in enumerate(tg.ops) if op.kind == kind)
@@ -132,9 +148,36 @@ def test_op_table_fills_pointer_slots_by_role(tg):
     assert scalars("attention_merge")[0] == {"groups": 2, "seq": 40, "splits": 2}
 
 
-def test_tensor_parallel_graphs_are_rejected():
-    with pytest.raises(MpkError, match="one GPU"):
-        generate_source(graph(tiny_cfg(), tp_size=2))
+def test_tensor_parallel_tables_split_queues_by_rank_and_signal_every_consumer_rank():
+    tg = graph(tiny_cfg(), tp_size=2)
+    rank_of = lambda tid: tg.tasks[tid].queue // tg.num_sms  # noqa: E731
+    per_rank = [build_tables(tg, r) for r in range(2)]
+    for r, t in enumerate(per_rank):
+        assert sorted(t.queue_tasks.tolist()) == [x.id for x in tg.tasks if rank_of(x.id) == r]
+        assert t.queue_off[-1] == len(t.queue_tasks) and len(t.queue_off) == tg.num_sms + 1
+        assert t.n_sample == tg.batch  # every rank samples the same tokens
+        assert (t.signals == per_rank[0].signals).all() and (t.signal_rank == per_rank[0].signal_rank).all()
+    t = per_rank[0]
+    crossing = set()
+    for task in tg.tasks:
+        row = t.tasks[task.id]
+        sent = list(zip(t.signals[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].tolist(),
+                        t.signal_rank[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].tolist()))
+        # One signal per (event, rank with consumers of it), and exactly those.
+        want = {(ev, rank_of(c)) for ev in task.signals
+                for c in range(tg.events[ev].first_task, tg.events[ev].stop_task)}
+        assert sorted(sent) == sorted(want), tg.describe_task(task.id)
+        crossing |= {ev for ev, r in sent if r != rank_of(task.id)}
+    kinds = {tg.ops[tg.tasks[tg.events[ev].first_task].op].kind for ev in crossing}
+    assert kinds == {"allreduce_residual", "sample"}  # only the allreduces and the sampler read peers
+    assert {ev for ev in range(len(tg.events)) if t.ev_sys[ev]} == crossing
+    src = generate_source(tg)
+    assert "AllreduceResidual<S" in src and "Linear<S" in src and "Sample<S" in src
+
+
+def test_graphs_beyond_eight_ranks_are_rejected():
+    with pytest.raises(MpkError, match="1 to 8 tensor-parallel GPUs"):
+        generate_source(graph(tiny_cfg(num_heads=16, num_kv_heads=16, intermediate_size=96, vocab_size=160), tp_size=16))
 
 
 def test_missing_nvcc_is_a_clear_error(monkeypatch):
@@ -226,6 +269,16 @@ def test_qwen3_8b_kernel_builds(tmp_path, batch, activations, kv_cache):
     cache is bf16 by default, float32 on request, with either activation precision."""
     tg = compile_program(build_decode_program(QWEN3_8B, batch, 4096, 1, 132, activations, kv_cache=kv_cache))
     assert build(generate_source(tg), "sm_90a", debug=False, cache=tmp_path).is_file()
+
+
+@needs_nvcc
+def test_tensor_parallel_kernel_builds(tmp_path):
+    """The kernel of qwen3-8b at TP=2 (one library serves every rank): partial projections, the
+    allreduce over the peers and the sampler over every rank's candidates."""
+    tg = compile_program(build_decode_program(QWEN3_8B, 1, 256, 2, 132))
+    src = generate_source(tg)
+    assert "AllreduceResidual<S" in src and "Sample<S" in src
+    assert build(src, "sm_90a", debug=False, cache=tmp_path).is_file()
 
 
 @needs_nvcc

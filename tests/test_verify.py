@@ -236,3 +236,55 @@ def test_layered_graph_with_a_dropped_fine_grained_producer_races():
     tg.tasks[dropped].signals.remove(ev.id)
     err = failure(tg)
     assert err.check == "race" and tg.describe_task(dropped) in str(err)
+
+
+def exchange(queues=((0, 2), (1, 3)), tp_size=2) -> TaskGraph:
+    """Two ranks, one SM each: each rank makes its partial p_r, then reads the peer's (an allreduce's
+    shape). Task ids: 0 rank 0's partial, 1 rank 1's, 2 rank 0's reduce (reads p1), 3 rank 1's (reads p0).
+    Rank 0's reduce waits on event 0 (produced on rank 1), rank 1's on event 1 (produced on rank 0);
+    the next step's partials wait for both reduces (event 2, lag 1), as the sampled token orders them.
+    """
+    tensors = [TensorSpec("rank0/p", "activation", (1, 4), "float32", 0),
+               TensorSpec("rank1/p", "activation", (1, 4), "float32", 1),
+               TensorSpec("rank0/x", "activation", (1, 4), "float32", 0),
+               TensorSpec("rank1/x", "activation", (1, 4), "float32", 1)]
+    ops = [OpSpec("part", "linear", 0, 0), OpSpec("part", "linear", 1, 0),
+           OpSpec("reduce", "allreduce_residual", 0, 0), OpSpec("reduce", "allreduce_residual", 1, 0)]
+    whole = ((0, 1), (0, 4))
+    tasks = [
+        task(0, 0, (0,), [], [("rank0/p", whole)], wait=2, signals=[1]),
+        task(1, 1, (0,), [], [("rank1/p", whole)], wait=2, signals=[0]),
+        task(2, 2, (0,), [("rank1/p", whole)], [("rank0/x", whole)], wait=0, signals=[2]),
+        task(3, 3, (0,), [("rank0/p", whole)], [("rank1/x", whole)], wait=1, signals=[2]),
+    ]
+    events = [Event(0, [1], 1, 0, 2, 3), Event(1, [0], 1, 0, 3, 4), Event(2, [2, 3], 2, 1, 0, 2)]
+    tg = graph(tensors, ops, tasks, events, [list(q) for q in queues])
+    tg.tp_size, tg.num_sms = tp_size, len(queues) // tp_size
+    return tg
+
+
+def test_cross_rank_exchange_passes():
+    report = verify(exchange())
+    assert report.race_pairs > 0 and report.covered_reads > 0
+
+
+def test_a_dropped_cross_rank_dependency_is_a_race_on_the_peer_tensor():
+    tg = exchange()
+    tg.tasks[2].wait, tg.tasks[1].signals = -1, []  # rank 0 reads rank 1's partial unordered
+    tg.events = [tg.events[1], tg.events[2]]
+    for i, ev in enumerate(tg.events):
+        ev.id = i
+    tg.tasks[0].signals, tg.tasks[3].wait = [0], 0
+    for t in (0, 1):
+        tg.tasks[t].wait = 1
+    tg.tasks[2].signals = tg.tasks[3].signals = [1]
+    err = failure(tg)
+    assert err.check == "race" and "'rank1/p'" in str(err)
+    assert "task 1 (part tile (0,))" in str(err) and "task 2 (reduce tile (0,))" in str(err)
+
+
+def test_a_wait_cycle_across_ranks_deadlocks_and_names_both():
+    """Each rank reads the peer's partial before making its own: each waits for the other."""
+    err = failure(exchange(queues=((2, 0), (3, 1))))
+    assert err.check == "deadlock"
+    assert "rank 0 SM 0" in str(err) and "rank 1 SM 0" in str(err)

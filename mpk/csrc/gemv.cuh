@@ -95,6 +95,26 @@ template <class S, int B, int K, class A, int COLS> struct LinearResidual {
   }
 };
 
+// linear: out[:, c0:c1] = x @ W[c0:c1]^T in float32, one rank's partial sum of a row-parallel
+// projection (rounded to the activation precision first, as the reference's matmul is).
+template <class S, int B, int K, class A, int COLS> struct Linear {
+  using G = Gemv<1, B, K, false, A, COLS>;
+  using T = typename A::T;
+  static constexpr int SMEM = G::SMEM;
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    float* out = op.arg<float>(S::out);
+    const int n = static_cast<int>(op.i[S::n]);
+    int c0, c1;
+    tile_span(t, n, op.i[S::tile], c0, c1);
+    G::run(op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), c0, c1, 0.f, smem, t,
+           [&](int c, const float (&acc)[1][B]) {
+      if (lane_id() != 0) return;
+#pragma unroll
+      for (int b = 0; b < B; ++b) out[b * n + c] = A::round(acc[0][b]);
+    });
+  }
+};
+
 // rmsnorm_lm_head_argmax: logits[:, v0:v1] and the tile's argmax candidate per sequence.
 template <class S, int B, int K, class A, int COLS> struct RmsnormLmHeadArgmax {
   using G = Gemv<1, B, K, true, A, COLS>;

@@ -61,9 +61,26 @@ const char* mpk_error_string(int err) { return cudaGetErrorString(static_cast<cu
 // The .so links its own CUDA runtime; both it and PyTorch's use the device's primary context.
 int mpk_set_device(int device) { return cudaSetDevice(device); }
 
-// Pinned host memory the GPU reads and writes directly (PyTorch's pin_memory is not mapped).
+// Tensor parallelism: `device` reads and signals `peer`'s memory directly (NVLink or PCIe).
+// Returns -1 when the pair has no peer access at all.
+int mpk_enable_peer_access(int device, int peer) {
+  int can = 0;
+  cudaError_t err = cudaDeviceCanAccessPeer(&can, device, peer);
+  if (err != cudaSuccess) return err;
+  if (!can) return -1;
+  if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
+  err = cudaDeviceEnablePeerAccess(peer, 0);
+  if (err == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();  // not an error here; clear it so it is not reported by a later call
+    return cudaSuccess;
+  }
+  return err;
+}
+
+// Pinned host memory the GPU reads and writes directly (PyTorch's pin_memory is not mapped);
+// portable, so the kernels of every rank's GPU can use it.
 int mpk_host_alloc(size_t bytes, void** host, void** dev) {
-  cudaError_t err = cudaHostAlloc(host, bytes, cudaHostAllocMapped);
+  cudaError_t err = cudaHostAlloc(host, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
   if (err != cudaSuccess) return err;
   std::memset(*host, 0, bytes);
   return cudaHostGetDevicePointer(dev, *host, 0);

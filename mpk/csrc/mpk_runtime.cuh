@@ -6,6 +6,11 @@
 // acquire load of the counter, then __syncthreads releases the CTA: every thread's later loads see
 // the producers' writes (the acquire also drops the SM's stale L1 lines). Activations are therefore
 // never read through the non-coherent (__ldg) path; only weights are.
+//
+// Tensor parallelism: one kernel per GPU, each walking its rank's queues. Every rank keeps a
+// counter per event; a producer signals the counter on each rank that has consumers of the event,
+// a peer's over NVLink at system scope, and a consumer of an event with producers on another rank
+// acquires at system scope. Peer tensors are read through their owners' addresses (peer access).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,6 +40,10 @@ struct OpDesc {
   float f[kOpFloats];
 
   template <class T> __device__ __forceinline__ T* arg(int slot) const { return static_cast<T*>(ptr[slot]); }
+  // A per-rank operand: its slot points to one address per tensor-parallel rank.
+  template <class T> __device__ __forceinline__ T* const* ranks(int slot) const {
+    return static_cast<T* const*>(ptr[slot]);
+  }
 };
 static_assert(sizeof(OpDesc) == 144, "OpDesc is mirrored by mpk/runtime/abi.py");
 
@@ -45,16 +54,19 @@ enum : int { kFlagAbort = 0, kFlagStopRequest = 1, kFlagWords = 4 };
 // progress: host-mapped, kProgressWords ints per SM, read by the host watchdog.
 enum : int { kPrSeq = 0, kPrTask = 1, kPrStep = 2, kPrEvent = 3, kPrState = 4, kProgressWords = 8 };
 enum : int { kStateIdle = 0, kStateWaiting = 1, kStateDone = 2, kStateStopped = 3, kStateAborted = 4 };
+constexpr int kMaxRanks = 8;  // tensor-parallel GPUs one graph may span
 
 // Kernel parameters. Every field is 8 bytes, so the ctypes mirror in mpk/runtime/abi.py has no
 // padding questions; mpk_params_size() lets the host check.
 struct MpkParams {
   const TaskDesc* tasks;
-  const int* signals;
+  const int* signals;      // event ids
+  const int* signal_rank;  // per entry of signals: the rank whose counter it increments
   const int* queue_off;    // [num_sms + 1]
   const int* queue_tasks;  // task ids, queue by queue
   const int* ev_target;
   const int* ev_lag;
+  const int* ev_sys;       // 1: the event has producers on another rank (system-scope acquire)
   const OpDesc* ops;
   unsigned long long* counters;  // one per event, zeroed before each launch
   long long* ctl;                // kCtlWords
@@ -67,12 +79,16 @@ struct MpkParams {
   int* host_flags;               // host-mapped kFlagWords
   const unsigned long long* prefetch;  // [num_tasks][kPrefetchWords]: the weight head for shared memory, the L2 range
   unsigned long long* trace;           // null, or [num_steps][num_tasks][3]: %globaltimer at wait, run, done
+  unsigned long long* const* peer_counters;  // [tp_size]: every rank's counters (this rank's too)
+  long long* const* peer_ctl;                // [tp_size]: every rank's ctl
   long long first_step;          // absolute position of the launch's first step
   long long num_steps;
   long long num_sms;
   long long n_eos;
   long long n_sample;  // sample tasks per step
   long long batch;
+  long long rank;  // this GPU's tensor-parallel rank
+  long long tp_size;
 };
 
 // Dynamic shared memory the kernel needs: the most any variant uses.
@@ -104,8 +120,18 @@ __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long lon
   return v;
 }
 
+__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ void red_release(unsigned long long* p, unsigned long long v) {
   asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void red_release_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 template <class T> __device__ __forceinline__ T ld_volatile(const T* p) {
@@ -127,6 +153,12 @@ __device__ __forceinline__ bool stopped_before(const MpkParams& p, long long ste
   return step > ld_volatile(p.ctl + kCtlStopStep);
 }
 
+// The run stops after `step` on every rank: a rank that runs ahead into the next step meets the
+// stop in its waits (which poll the stop word), so no rank waits for a peer that has left.
+__device__ __forceinline__ void stop_all_ranks(const MpkParams& p, long long step) {
+  for (long long r = 0; r < p.tp_size; ++r) atomicMin_system(p.peer_ctl[r] + kCtlStopStep, step);
+}
+
 // Whether a task waiting on `ev` may be the first of its step to run after the run stopped: only
 // a task on no event, or on a lag-1 event (the previous step's sampled token), can. Every other
 // task's producers are of its own step, so they ran only if the step was not stopped; such a task
@@ -143,9 +175,10 @@ __device__ bool wait_event(const MpkParams& p, int sm, int seq, int task, int ev
   MPK_ASSERT(p.ev_lag[ev] == 0 || p.ev_lag[ev] == 1);
   const long long need = static_cast<long long>(p.ev_target[ev]) * (rel + 1 - p.ev_lag[ev]);
   const unsigned long long* ctr = p.counters + ev;
+  const bool sys = p.ev_sys[ev];
   constexpr unsigned kQuietPolls = 512;  // ~ tens of microseconds before the host hears of the wait
   for (unsigned spin = 0;; ++spin) {
-    if (static_cast<long long>(ld_acquire(ctr)) >= need) return true;
+    if (static_cast<long long>(sys ? ld_acquire_sys(ctr) : ld_acquire(ctr)) >= need) return true;
     if (spin >= 64) __nanosleep(spin < 256 ? 32 : 128);
     if (spin == kQuietPolls) publish(p, sm, seq, task, step, ev, kStateWaiting);
     if ((spin & 63) == 63 && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
@@ -272,9 +305,14 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
 };
 
 // Thread 0 only, after the CTA's barrier: count the task done. The barrier orders every thread's
-// writes before thread 0's release, and release is cumulative, so one red.release publishes them.
+// writes before thread 0's release, and release is cumulative, so one red.release publishes them
+// (at system scope when the counter is a peer's).
 __device__ __forceinline__ void signal_events(const MpkParams& p, const TaskDesc& t) {
-  for (int k = 0; k < t.sig_cnt; ++k) red_release(p.counters + p.signals[t.sig_off + k], 1ull);
+  for (int k = t.sig_off; k < t.sig_off + t.sig_cnt; ++k) {
+    const int r = p.signal_rank[k];
+    if (r == p.rank) red_release(p.counters + p.signals[k], 1ull);
+    else red_release_sys(p.peer_counters[r] + p.signals[k], 1ull);
+  }
 }
 
 // Test hooks, compiled in only when the build asks (MPK_INJECT=hang:TASK or fault:TASK): task TASK

@@ -35,11 +35,12 @@ __device__ __forceinline__ bool is_eos(const MpkParams& p, long long tok) {
   return false;
 }
 
-// sample: the best candidate over all LM-head tiles (ties to the lowest token id), or the prompt's
-// next token while sequence b is inside its prompt. Writes tokens[b] (the next step's embed reads
-// it) and out_tokens[step * batch + b] (host-mapped). The step's last sample task publishes
-// steps_done and stops the run once every sequence has finished.
-template <class S> struct Sample {
+// sample: the best candidate over all LM-head tiles of all ranks (ties to the lowest token id), or
+// the prompt's next token while sequence b is inside its prompt. Writes tokens[b] (the next step's
+// embed reads it) and out_tokens[step * batch + b] (host-mapped). The step's last sample task
+// publishes steps_done and stops the run once every sequence has finished. With tensor
+// parallelism every rank samples the same token from the same candidates (read from the peers).
+template <class S, int RANKS> struct Sample {
   static constexpr int SMEM = 0;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
     if (warp_id() != 0) return;
@@ -47,14 +48,17 @@ template <class S> struct Sample {
     const int b = t.tile[0];
     const int n_tiles = static_cast<int>(op.i[S::n_tiles]);
     const long long seq = op.i[S::seq];
-    const float* cand_val = op.arg<const float>(S::cand_val0) + static_cast<size_t>(b) * n_tiles;
-    const long long* cand_idx = op.arg<const long long>(S::cand_idx0) + static_cast<size_t>(b) * n_tiles;
     float best = kNegInf;
     long long best_idx = 0x7fffffffffffffffll;
-    for (int k = lane_id(); k < n_tiles; k += 32) {
-      const float v = cand_val[k];
-      const long long i = cand_idx[k];
-      if (v > best || (v == best && i < best_idx)) best = v, best_idx = i;
+#pragma unroll
+    for (int r = 0; r < RANKS; ++r) {
+      const float* cand_val = op.ranks<const float>(S::cand_val)[r] + static_cast<size_t>(b) * n_tiles;
+      const long long* cand_idx = op.ranks<const long long>(S::cand_idx)[r] + static_cast<size_t>(b) * n_tiles;
+      for (int k = lane_id(); k < n_tiles; k += 32) {
+        const float v = cand_val[k];
+        const long long i = cand_idx[k];
+        if (v > best || (v == best && i < best_idx)) best = v, best_idx = i;
+      }
     }
     warp_argmax(best, best_idx);
     if (lane_id() != 0) return;
@@ -75,7 +79,7 @@ template <class S> struct Sample {
     __threadfence();
     bool all_done = true;
     for (long long k = 0; k < p.batch; ++k) all_done = all_done && ld_volatile(p.seq_done + k);
-    if (all_done || ld_volatile(p.host_flags + kFlagStopRequest)) st_volatile(p.ctl + kCtlStopStep, step);
+    if (all_done || ld_volatile(p.host_flags + kFlagStopRequest)) stop_all_ranks(p, step);
     __threadfence_system();
     st_volatile(p.steps_done, step + 1);
   }

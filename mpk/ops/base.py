@@ -86,6 +86,14 @@ class OpKind:
             else:
                 yield operand, operand.role
 
+    def slots(self, op: OpSpec) -> list[tuple[str, str | tuple[str, ...] | None]]:
+        """The GPU's pointer slots: (slot name, tensor bound), one per operand, inputs then outputs.
+        A per-rank operand is one slot bound to its tensors of every rank (the kernel gets an
+        array of their addresses); an unbound optional operand is None (a null pointer)."""
+        bound = {**op.inputs, **op.outputs}
+        return [(o.role, tuple(bound[f"{o.role}{k}"] for k in range(op.params["ranks"])) if o.per_rank
+                 else bound.get(o.role)) for o in self.inputs + self.outputs]
+
     def check(self, op: OpSpec) -> None:
         """The builder bound every required role and nothing undeclared, on the right side."""
         declared_in = {role for o, role in self._expanded(op) if o in self.inputs}

@@ -128,17 +128,25 @@ class Linear(Gemv):
     """out[:, c0:c1] = x @ W[c0:c1]^T in float32: one rank's partial sum of a row-parallel projection."""
 
     kind = "linear"
+    template = "Linear"
     inputs = (Operand("x"), Operand("weight"))
     outputs = (Operand("out"),)
 
     def run(self, op, tile, t, step):
         t["out"].copy_(linear(t["x"], t["weight"]).float())
 
+    def cuda(self, op, tg):
+        b, k, n = self.gemv_shape(op, tg)
+        expect(tg.tensors[op.outputs["out"]].dtype == "float32", op, "partial sums are float32")
+        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
+
 
 class AllreduceResidual(OpKind):
     """out[:, c0:c1] = residual + sum over ranks of their partials, read from every GPU's memory."""
 
     kind = "allreduce_residual"
+    header = "allreduce.cuh"
+    template = "AllreduceResidual"
     inputs = (Operand("partial", per_rank=True), Operand("residual"))
     outputs = (Operand("out"),)
 
@@ -158,6 +166,13 @@ class AllreduceResidual(OpKind):
         for k in range(1, op.params["ranks"]):
             total += t[f"partial{k}"]
         t["out"].copy_(t["residual"] + total.to(t["residual"].dtype))
+
+    def cuda(self, op, tg):
+        batch, n = tg.tensors[op.outputs["out"]].shape
+        for k in range(op.params["ranks"]):
+            part = tg.tensors[op.inputs[f"partial{k}"]]
+            expect(part.shape == (batch, n) and part.dtype == "float32", op, f"partial{k} is not float32 [{batch}, {n}]")
+        return Cuda((batch, op.params["ranks"], activation_policy(tg)), {"n": n, "tile": op.params["tile"]})
 
 
 class RmsnormLmHeadArgmax(Gemv):

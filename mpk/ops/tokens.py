@@ -91,6 +91,8 @@ class Sample(OpKind):
         t["tokens"].fill_(int(idxs[vals == best].min()))  # ties go to the lowest token id, like argmax
 
     def cuda(self, op, tg):
-        expect(op.params["ranks"] == 1, op, "sampling over several ranks")
+        ranks = op.params["ranks"]
         n_tiles = tg.tensors[op.inputs["cand_val0"]].shape[1]
-        return Cuda((), {"n_tiles": n_tiles, "seq": tg.tensors[op.inputs["prompt"]].shape[1]})
+        expect(all(tg.tensors[op.inputs[f"cand_val{k}"]].shape[1] == n_tiles for k in range(ranks)), op,
+               "every rank's LM head has the same number of vocab tiles")
+        return Cuda((ranks,), {"n_tiles": n_tiles, "seq": tg.tensors[op.inputs["prompt"]].shape[1]})

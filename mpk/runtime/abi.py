@@ -19,10 +19,10 @@ TASK_DTYPE = np.dtype([("variant", "<i4"), ("op", "<i4"), ("tile", "<i4", (3,)),
                        ("sig_off", "<i4"), ("sig_cnt", "<i4")])
 OP_DTYPE = np.dtype([("ptr", "<u8", (8,)), ("i", "<i8", (8,)), ("f", "<f4", (4,))])
 
-_PTR_FIELDS = ("tasks", "signals", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ops", "counters", "ctl",
-               "seq_done", "eos", "max_new", "out_tokens", "steps_done", "progress", "host_flags", "prefetch",
-               "trace")
-_INT_FIELDS = ("first_step", "num_steps", "num_sms", "n_eos", "n_sample", "batch")
+_PTR_FIELDS = ("tasks", "signals", "signal_rank", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ev_sys", "ops",
+               "counters", "ctl", "seq_done", "eos", "max_new", "out_tokens", "steps_done", "progress", "host_flags",
+               "prefetch", "trace", "peer_counters", "peer_ctl")
+_INT_FIELDS = ("first_step", "num_steps", "num_sms", "n_eos", "n_sample", "batch", "rank", "tp_size")
 
 
 class Params(ctypes.Structure):
@@ -69,6 +69,8 @@ def load_library(path: Path):
     lib.mpk_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.mpk_launch.restype = ctypes.c_int
     lib.mpk_blocks_per_sm.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    lib.mpk_enable_peer_access.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.mpk_enable_peer_access.restype = ctypes.c_int
     lib.mpk_host_alloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
     lib.mpk_host_free.argtypes = [ctypes.c_void_p]
     for fn, want in ((lib.mpk_params_size, ctypes.sizeof(Params)), (lib.mpk_task_desc_size, TASK_DTYPE.itemsize),

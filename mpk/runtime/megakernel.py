@@ -1,10 +1,13 @@
-"""Run a TaskGraph on one GPU as one persistent megakernel.
+"""Run a TaskGraph as one persistent megakernel per GPU.
 
 `Megakernel` loads the built .so (`mpk.runtime.abi`), keeps a CUDA buffer for every tensor of the
-graph, uploads the device tables (`mpk.runtime.tables`), and launches the kernel asynchronously.
-While it runs, the host polls host-mapped memory: `steps_done` and the token ring stream tokens to
-`on_step`, and the per-SM progress words feed a watchdog (`mpk.runtime.watchdog`) that aborts a
-stalled kernel and says which SM waits on which event.
+graph on the GPU of the rank that owns it, uploads each rank's device tables
+(`mpk.runtime.tables`), and launches one kernel per GPU asynchronously. With tensor parallelism
+the kernels read each other's tensors and signal each other's event counters through peer access
+(NVLink), all from this one process. While they run, the host polls host-mapped memory:
+rank 0's `steps_done` and token ring stream tokens to `on_step`, and every SM's progress words feed
+a watchdog (`mpk.runtime.watchdog`) that aborts stalled kernels and says which SM waits on which
+event.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from mpk.errors import MpkError
 from mpk.execution import Executor, RunResult, allocate, check_steps, per_sequence_limits
 from mpk.runtime.abi import Abi, Mapped, Params, check, load_library
 from mpk.runtime.build import arch_for_capability, build
-from mpk.runtime.tables import build_tables, op_table, prefetch_table
+from mpk.runtime.tables import KernelTables, build_tables, op_table, prefetch_table, rank_pointer_count
 from mpk.runtime.watchdog import stall_report
 from mpk.taskgraph import TaskGraph
 
@@ -40,6 +44,8 @@ def cuda_device(device=None) -> torch.device:
     if dev.type != "cuda":
         raise MpkError(f"the megakernel runs on a CUDA device, not {dev}")
     index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise MpkError(f"there is no GPU cuda:{index}; this machine has {torch.cuda.device_count()}")
     major, minor = torch.cuda.get_device_capability(index)
     if major < 8:
         raise MpkError(f"{torch.cuda.get_device_name(index)} has compute capability {major}.{minor}; the megakernel "
@@ -47,48 +53,100 @@ def cuda_device(device=None) -> torch.device:
     return torch.device("cuda", index)
 
 
-class Megakernel(Executor):
-    """One TaskGraph's megakernel on one GPU, with its tensors; a context manager.
+def rank_devices(tp_size: int, device=None, devices=None) -> list[torch.device]:
+    """One CUDA device per tensor-parallel rank: `devices`, or `device` for one rank, or the
+    first `tp_size` GPUs."""
+    if devices is None:
+        if tp_size == 1:
+            devices = [device]
+        elif device is not None:
+            raise MpkError(f"a graph of {tp_size} tensor-parallel ranks runs on {tp_size} GPUs; pass devices=[...], "
+                           "not one device")
+        else:
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if have < tp_size:
+                raise MpkError(f"tensor parallelism {tp_size} needs {tp_size} GPUs and this machine has {have}; "
+                               f"use --tp {max(1, have)} or fewer")
+            devices = list(range(tp_size))
+    found = [cuda_device(d) for d in devices]
+    if len(found) != tp_size or len(set(found)) != tp_size:
+        raise MpkError(f"a graph of {tp_size} tensor-parallel ranks needs {tp_size} different GPUs, got "
+                       f"{', '.join(map(str, found))}")
+    return found
 
-    `so_path` None builds (or reuses from the cache) the kernel for this device. Weights and meta
+
+@dataclass
+class RankState:
+    """One GPU's kernel: its tables and run state on its device, its host-mapped words."""
+
+    rank: int
+    device: torch.device
+    tables: KernelTables
+    dev: dict[str, torch.Tensor] = field(default_factory=dict)  # device arrays by MpkParams field
+    mapped: dict[str, Mapped] = field(default_factory=dict)  # out_tokens, steps_done, progress, host_flags
+    trace: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None  # the launch in flight
+
+    def address(self, name: str) -> int:
+        return self.dev[name].data_ptr()
+
+
+class Megakernel(Executor):
+    """One TaskGraph's megakernels, one per tensor-parallel rank and GPU, with its tensors; a
+    context manager.
+
+    `so_path` None builds (or reuses from the cache) the kernel for these devices. Weights and meta
     are dicts of CPU tensors as `mpk.inputs.program_inputs` returns them; or pass `buffers`, a dict
-    of CUDA tensors for every tensor of the graph, to share memory with the caller.
+    of CUDA tensors for every tensor of the graph (each on its rank's GPU), to share memory with the
+    caller. `device` picks the GPU of a one-rank graph; `devices` one GPU per rank (default: the
+    first `tp_size` GPUs).
     """
 
     poll_seconds = 2e-4
 
     def __init__(self, tg: TaskGraph, so_path: str | Path | None = None, device=None, *,
-                 weights: dict | None = None, meta: dict | None = None, buffers: dict | None = None,
+                 devices=None, weights: dict | None = None, meta: dict | None = None, buffers: dict | None = None,
                  arch: str | None = None, debug: bool | None = None):
         check_supported(tg)
-        self.device = cuda_device(device)
         self.tg = tg
-        self.tables = build_tables(tg)
-        self._mapped: list[Mapped] = []
-        self._ops = self._trace = None
+        self.devices = rank_devices(tg.tp_size, device, devices)
+        self.device = self.devices[0]
+        self.ranks: list[RankState] = []
+        self._ops = None
         self._broken = ""  # why this kernel may not launch again (a fault, a launch that would not stop)
         self.buffers: dict[str, torch.Tensor] = {}
-        props = torch.cuda.get_device_properties(self.device)
-        if tg.num_sms > props.multi_processor_count:
-            raise MpkError(f"the graph was compiled for {tg.num_sms} SMs but {props.name} has "
-                           f"{props.multi_processor_count}; compile with --num-sms {props.multi_processor_count}")
+        props = [torch.cuda.get_device_properties(d) for d in self.devices]
+        for d, pr in zip(self.devices, props):
+            if tg.num_sms > pr.multi_processor_count:
+                raise MpkError(f"the graph was compiled for {tg.num_sms} SMs but {pr.name} ({d}) has "
+                               f"{pr.multi_processor_count}; compile with --num-sms {pr.multi_processor_count}")
+        if len({(pr.major, pr.minor) for pr in props}) > 1:
+            raise MpkError("the GPUs of one tensor-parallel run must be of one compute capability: "
+                           + ", ".join(f"{d} {pr.major}.{pr.minor}" for d, pr in zip(self.devices, props)))
+        tables = [build_tables(tg, r) for r in range(tg.tp_size)]
         if so_path is None:
-            so_path = build(render_source(self.tables.variants), arch or arch_for_capability(props.major, props.minor),
+            so_path = build(render_source(tables[0].variants), arch or arch_for_capability(props[0].major, props[0].minor),
                             debug)
         self.so_path = Path(so_path)
         self.lib = load_library(self.so_path)
         self.abi = Abi(self.lib)
-        if self.lib.mpk_variants().decode() != variants_signature(self.tables.variants):
+        if self.lib.mpk_variants().decode() != variants_signature(tables[0].variants):
             raise MpkError(f"{self.so_path} was built for other op variants than this graph's; rebuild it from "
                            "mpk.codegen.generate_source(tg)")
-        check(self.lib, self.lib.mpk_set_device(self.device.index), "selecting the GPU")
-        blocks = ctypes.c_int(0)
-        check(self.lib, self.lib.mpk_blocks_per_sm(ctypes.byref(blocks)), "querying the kernel's occupancy")
-        if blocks.value < 1:
-            raise MpkError(f"the megakernel needs {self.lib.mpk_smem_bytes()} bytes of shared memory per SM, more than "
-                           f"{props.name} offers; use a smaller batch")
+        self._enable_peer_access()
+        for d, pr in zip(self.devices, props):
+            check(self.lib, self.lib.mpk_set_device(d.index), "selecting the GPU")
+            blocks = ctypes.c_int(0)
+            check(self.lib, self.lib.mpk_blocks_per_sm(ctypes.byref(blocks)), "querying the kernel's occupancy")
+            if blocks.value < 1:
+                raise MpkError(f"the megakernel needs {self.lib.mpk_smem_bytes()} bytes of shared memory per SM, more "
+                               f"than {pr.name} offers; use a smaller batch")
+        self.tables = tables[0]
         try:
-            self._upload_tables()
+            self.ranks = [RankState(r, d, t) for r, (d, t) in enumerate(zip(self.devices, tables))]
+            for rs in self.ranks:
+                self._upload_tables(rs)
+            self._link_ranks()
             if buffers is not None:
                 self.set_buffers(buffers)
             elif weights is not None or meta is not None:
@@ -97,52 +155,82 @@ class Megakernel(Executor):
             self.close()
             raise
 
-    def _upload_tables(self) -> None:
-        dev, t, abi, tg = self.device, self.tables, self.abi, self.tg
-        as_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-        self._tasks = as_dev(t.tasks.view(np.uint8))
-        self._signals, self._queue_off, self._queue_tasks = as_dev(t.signals), as_dev(t.queue_off), as_dev(t.queue_tasks)
-        self._ev_target, self._ev_lag = as_dev(t.ev_target), as_dev(t.ev_lag)
-        self._counters = torch.zeros(len(t.ev_target), dtype=torch.int64, device=dev)  # read as u64 on the GPU
-        self._ctl = torch.zeros(abi.kCtlWords, dtype=torch.int64, device=dev)
-        self._seq_done = torch.zeros(tg.batch, dtype=torch.int32, device=dev)
-        self._out_tokens = self._map(tg.max_seq_len * tg.batch, ctypes.c_int32)
-        self._steps_done = self._map(1, ctypes.c_int64)
-        self._progress = self._map(tg.num_sms * abi.kProgressWords, ctypes.c_int32)
-        self._flags = self._map(abi.kFlagWords, ctypes.c_int32)
+    def _enable_peer_access(self) -> None:
+        """Every rank's GPU reads and signals every other's memory."""
+        for a in self.devices:
+            for b in self.devices:
+                if a == b:
+                    continue
+                rc = self.lib.mpk_enable_peer_access(a.index, b.index)
+                if rc == -1:
+                    raise MpkError(f"{a} cannot access the memory of {b} (no peer access between them); tensor "
+                                   "parallelism needs GPUs joined by NVLink or peer-capable PCIe")
+                check(self.lib, rc, f"enabling peer access from {a} to {b}")
 
-    def _map(self, n: int, ctype) -> Mapped:
-        m = Mapped(self.lib, n, ctype)
-        self._mapped.append(m)
-        return m
+    def _upload_tables(self, rs: RankState) -> None:
+        dev, t, abi, tg = rs.device, rs.tables, self.abi, self.tg
+        as_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+        rs.dev.update(tasks=as_dev(t.tasks.view(np.uint8)), signals=as_dev(t.signals),
+                      signal_rank=as_dev(t.signal_rank), queue_off=as_dev(t.queue_off),
+                      queue_tasks=as_dev(t.queue_tasks), ev_target=as_dev(t.ev_target), ev_lag=as_dev(t.ev_lag),
+                      ev_sys=as_dev(t.ev_sys))
+        rs.dev["counters"] = torch.zeros(len(t.ev_target), dtype=torch.int64, device=dev)  # read as u64 on the GPU
+        rs.dev["ctl"] = torch.zeros(abi.kCtlWords, dtype=torch.int64, device=dev)
+        rs.dev["seq_done"] = torch.zeros(tg.batch, dtype=torch.int32, device=dev)
+        check(self.lib, self.lib.mpk_set_device(dev.index), "selecting the GPU")
+        rs.mapped.update(out_tokens=Mapped(self.lib, tg.max_seq_len * tg.batch, ctypes.c_int32),
+                         steps_done=Mapped(self.lib, 1, ctypes.c_int64),
+                         progress=Mapped(self.lib, tg.num_sms * abi.kProgressWords, ctypes.c_int32),
+                         host_flags=Mapped(self.lib, abi.kFlagWords, ctypes.c_int32))
+
+    def _link_ranks(self) -> None:
+        """Each rank's table of every rank's event counters and control words."""
+        for rs in self.ranks:
+            for name in ("counters", "ctl"):
+                addresses = [other.address(name) for other in self.ranks]
+                rs.dev["peer_" + name] = torch.tensor(addresses, dtype=torch.int64, device=rs.device)
+
+    def _rank_of(self, name: str) -> RankState:
+        return self.ranks[self.tg.tensors[name].rank]
+
+    def _flags(self, index: int, value: int = 1) -> None:
+        for rs in self.ranks:
+            rs.mapped["host_flags"].array[index] = value
 
     # --- tensors -------------------------------------------------------------------------------
 
     def load(self, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
-        """Copy weights and meta to the GPU; allocate (poisoned) activations and state."""
-        self.set_buffers(allocate(self.tg, weights, meta, self.device))
+        """Copy weights and meta to the GPUs; allocate (poisoned) activations and state."""
+        self.set_buffers(allocate(self.tg, weights, meta, self.devices))
 
     def set_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         for name, spec in self.tg.tensors.items():
             buf = buffers.get(name)
             if buf is None:
                 raise MpkError(f"no buffer for tensor {name!r}")
-            want = torch_dtype(spec.dtype)
-            if tuple(buf.shape) != spec.shape or buf.dtype != want or buf.device != self.device or not buf.is_contiguous():
+            want, where = torch_dtype(spec.dtype), self.devices[spec.rank]
+            if tuple(buf.shape) != spec.shape or buf.dtype != want or buf.device != where or not buf.is_contiguous():
                 raise MpkError(f"buffer {name!r} is {tuple(buf.shape)} {buf.dtype} on {buf.device}; the kernel needs a "
-                               f"contiguous {spec.shape} {want} on {self.device}")
+                               f"contiguous {spec.shape} {want} on {where}")
         self.buffers = dict(buffers)
         address = lambda n: self.buffers[n].data_ptr()  # noqa: E731
-        self._ops = torch.from_numpy(op_table(self.tables.op_args, address).view(np.uint8)).to(self.device)
         heads = prefetch_table(self.tg, address, head_limit=self.lib.mpk_head_bytes())
-        self._prefetch = torch.from_numpy(heads.view(np.int64)).to(self.device)
+        for rs in self.ranks:
+            lists = torch.zeros(max(1, rank_pointer_count(rs.tables.op_args)), dtype=torch.int64, device=rs.device)
+            table, addresses = op_table(rs.tables.op_args, address, lists.data_ptr())
+            lists.copy_(torch.from_numpy(addresses.view(np.int64)))
+            rs.dev["rank_lists"] = lists
+            rs.dev["ops"] = torch.from_numpy(table.view(np.uint8)).to(rs.device)
+            rs.dev["prefetch"] = torch.from_numpy(heads.view(np.int64)).to(rs.device)
+        self._ops = True
 
     # --- running -------------------------------------------------------------------------------
 
     def run(self, num_steps, max_new_tokens=None, on_step=None, *, first_step=0, eos_token_ids=None,
             collect_logits=False, trace: bool = False, watchdog_seconds: float | None = None) -> RunResult:
         """`Executor.run`, plus: `trace` records each task's wait, start and end times (%globaltimer,
-        ns) into `RunResult.trace` [steps, tasks, 3]; `collect_logits` runs one step per launch.
+        ns, each GPU's own clock) into `RunResult.trace` [steps, tasks, 3]; `collect_logits` runs
+        one step per launch.
 
         A later run may continue at `first_step = previous first_step + steps` only after a run that
         was not stopped by on_step: after such a stop the kernel may already have run a step or two
@@ -154,21 +242,23 @@ class Megakernel(Executor):
         check_steps(tg, first_step, num_steps)
         limits = per_sequence_limits(B, max_new_tokens)
         eos = list(tg.model.get("eos_token_ids", ()) if eos_token_ids is None else eos_token_ids)
-        self._eos = torch.tensor(eos or [-1], dtype=torch.int64, device=self.device)
-        self._max_new = torch.tensor([NO_LIMIT if n is None else int(n) for n in limits], dtype=torch.int64,
-                                     device=self.device)
         self._n_eos = len(eos)
         self._watchdog = float(os.environ.get("MPK_WATCHDOG_SECONDS", "10")) if watchdog_seconds is None else watchdog_seconds
         if first_step == 0 and self.tables.n_sample:  # only a sampler feeds tokens back (one-op graphs have none)
             self.restart_tokens()
-        self._seq_done.zero_()
-        self._ctl[abi.kCtlStopStep] = NO_STOP
-        self._steps_done.array[0] = first_step
-        self._flags.array[:] = 0
         if trace and collect_logits:
             raise MpkError("trace and collect_logits cannot be combined (collect_logits launches one step at a time)")
-        self._trace = torch.zeros((num_steps, len(tg.tasks), 3), dtype=torch.int64, device=self.device) if trace else None
+        for rs in self.ranks:
+            rs.dev["eos"] = torch.tensor(eos or [-1], dtype=torch.int64, device=rs.device)
+            rs.dev["max_new"] = torch.tensor([NO_LIMIT if n is None else int(n) for n in limits], dtype=torch.int64,
+                                             device=rs.device)
+            rs.dev["seq_done"].zero_()
+            rs.dev["ctl"][abi.kCtlStopStep] = NO_STOP
+            rs.mapped["steps_done"].array[0] = first_step
+            rs.mapped["host_flags"].array[:] = 0
+            rs.trace = torch.zeros((num_steps, len(tg.tasks), 3), dtype=torch.int64, device=rs.device) if trace else None
 
+        first = self.ranks[0]
         tokens: list[list[int]] = []
         logits: list[torch.Tensor] = []
         stop_at = [None]  # the step after which on_step asked to stop
@@ -176,116 +266,140 @@ class Megakernel(Executor):
         def deliver(upto: int) -> None:
             while first_step + len(tokens) < upto and stop_at[0] is None:
                 s = first_step + len(tokens)
-                tokens.append(self._out_tokens.array[s * B:(s + 1) * B].tolist())
+                tokens.append(first.mapped["out_tokens"].array[s * B:(s + 1) * B].tolist())
                 if on_step is not None and on_step(s, tokens[-1]):
                     stop_at[0] = s
-                    self._flags.array[abi.kFlagStopRequest] = 1
+                    self._flags(abi.kFlagStopRequest)
 
         t0 = time.perf_counter()
         if collect_logits:
             for s in range(first_step, first_step + num_steps):
                 self._launch(s, 1, deliver)
                 logits.append(self.logits())
-                if stop_at[0] is not None or int(self._ctl[abi.kCtlStopStep]) <= s:
+                if stop_at[0] is not None or int(first.dev["ctl"][abi.kCtlStopStep]) <= s:
                     break
         else:
             self._launch(first_step, num_steps, deliver)
         seconds = time.perf_counter() - t0
         steps = len(tokens)
         spans = None
-        if self._trace is not None:
-            # The kernel records by queue position (unique across SMs); reindex by task id.
-            by_position = self._trace[:steps].cpu()
-            spans = torch.empty_like(by_position)
-            spans[:, torch.from_numpy(self.tables.queue_tasks).long()] = by_position
+        if trace:
+            # The kernels record by queue position (unique across a rank's SMs); reindex by task id.
+            spans = torch.zeros((steps, len(tg.tasks), 3), dtype=torch.int64)
+            for rs in self.ranks:
+                spans[:, torch.from_numpy(rs.tables.queue_tasks).long()] = rs.trace[:steps].cpu()
         return RunResult(tokens, steps, seconds, steps < num_steps, logits[:steps], spans)
 
-    def _params(self, first_step: int, num_steps: int) -> Params:
+    def _params(self, rs: RankState, first_step: int, num_steps: int) -> Params:
         p = Params()
-        for name, tensor in (("tasks", self._tasks), ("signals", self._signals), ("queue_off", self._queue_off),
-                             ("queue_tasks", self._queue_tasks), ("ev_target", self._ev_target),
-                             ("ev_lag", self._ev_lag), ("ops", self._ops), ("counters", self._counters),
-                             ("ctl", self._ctl), ("seq_done", self._seq_done), ("eos", self._eos),
-                             ("max_new", self._max_new), ("prefetch", self._prefetch)):
-            setattr(p, name, tensor.data_ptr())
-        p.out_tokens, p.steps_done = self._out_tokens.dev, self._steps_done.dev
-        p.progress, p.host_flags = self._progress.dev, self._flags.dev
-        p.trace = self._trace.data_ptr() if self._trace is not None else 0
+        for name in ("tasks", "signals", "signal_rank", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ev_sys",
+                     "ops", "counters", "ctl", "seq_done", "eos", "max_new", "prefetch", "peer_counters", "peer_ctl"):
+            setattr(p, name, rs.address(name))
+        for name, mapped in rs.mapped.items():
+            setattr(p, name, mapped.dev)
+        p.trace = rs.trace.data_ptr() if rs.trace is not None else 0
         p.first_step, p.num_steps, p.num_sms = first_step, num_steps, self.tg.num_sms
-        p.n_eos, p.n_sample, p.batch = self._n_eos, self.tables.n_sample, self.tg.batch
+        p.n_eos, p.n_sample, p.batch = self._n_eos, rs.tables.n_sample, self.tg.batch
+        p.rank, p.tp_size = rs.rank, self.tg.tp_size
         return p
 
     def _launch(self, first_step: int, num_steps: int, deliver) -> None:
-        """Launch, stream tokens while it runs, and watch for a stall."""
+        """Launch every rank's kernel, stream tokens while they run, and watch for a stall."""
         if self._broken:
             raise MpkError(f"this megakernel cannot run again: {self._broken}; restart the process")
         abi = self.abi
-        stream = torch.cuda.current_stream(self.device)
-        self._counters.zero_()
-        self._ctl[abi.kCtlSampled] = 0
-        self._progress.array[:] = 0
-        params = self._params(first_step, num_steps)
-        check(self.lib, self.lib.mpk_set_device(self.device.index), "selecting the GPU")
-        check(self.lib, self.lib.mpk_launch(ctypes.byref(params), ctypes.c_void_p(stream.cuda_stream)),
-              "launching the megakernel")
-        done = torch.cuda.Event()
-        done.record(stream)
+        for rs in self.ranks:
+            rs.dev["counters"].zero_()
+            rs.dev["ctl"][abi.kCtlSampled] = 0
+            rs.mapped["progress"].array[:] = 0
+        if len(self.ranks) > 1:  # a peer may signal a rank's counters before that rank's stream zeroes them
+            for rs in self.ranks:
+                torch.cuda.synchronize(rs.device)
+        for rs in self.ranks:
+            rs.done = None
+        for rs in self.ranks:
+            stream = torch.cuda.current_stream(rs.device)
+            params = self._params(rs, first_step, num_steps)
+            check(self.lib, self.lib.mpk_set_device(rs.device.index), "selecting the GPU")
+            rc = self.lib.mpk_launch(ctypes.byref(params), ctypes.c_void_p(stream.cuda_stream))
+            if rc != 0 and rs.rank > 0:  # the ranks already running would wait for this one forever
+                self._flags(abi.kFlagAbort)
+                self._wait_exit(10.0)
+            check(self.lib, rc, f"launching the megakernel on {rs.device}")
+            rs.done = torch.cuda.Event()
+            rs.done.record(stream)
         try:
-            self._watch(done, deliver, first_step)
+            self._watch(deliver, first_step)
         except MpkError:
             raise
         except BaseException:
-            # Ctrl-C or an exception from on_step: stop the kernel before anything else may launch.
-            self._flags.array[abi.kFlagStopRequest] = self._flags.array[abi.kFlagAbort] = 1
-            if not self._wait_exit(done, 10.0):
+            # Ctrl-C or an exception from on_step: stop the kernels before anything else may launch.
+            self._flags(abi.kFlagStopRequest)
+            self._flags(abi.kFlagAbort)
+            if not self._wait_exit(10.0):
                 self._broken = "its launch did not stop within 10 s of an interrupt and may still be running"
             raise
-        self._exited(done)
         if not self.tables.n_sample:
             # Without a sampling task nothing publishes steps_done, and nothing can stop the run early.
-            self._steps_done.array[0] = first_step + num_steps
-        deliver(int(self._steps_done.array[0]))
+            self.ranks[0].mapped["steps_done"].array[0] = first_step + num_steps
+        deliver(int(self.ranks[0].mapped["steps_done"].array[0]))
 
-    def _watch(self, done: torch.cuda.Event, deliver, first_step: int) -> None:
-        """Stream tokens until the launch ends; abort it when neither the SMs' progress words nor the
-        step counter have moved for the watchdog's time (a stalled event, or a hang inside a task)."""
-        progress, steps_done = self._progress.array, self._steps_done.array
-        seen, seen_steps, last_change = progress.copy(), int(steps_done[0]), time.monotonic()
-        while not self._exited(done):
-            deliver(int(steps_done[0]))
-            now = time.monotonic()
-            if not np.array_equal(progress, seen) or int(steps_done[0]) != seen_steps:
-                seen[:], seen_steps, last_change = progress, int(steps_done[0]), now
+    def _watch(self, deliver, first_step: int) -> None:
+        """Stream tokens until every rank's launch has ended; abort them when neither the SMs'
+        progress words nor the step counters have moved for the watchdog's time (a stalled event,
+        a hang inside a task, or a rank that left while its peers wait for it)."""
+        def snapshot():
+            return [np.concatenate([rs.mapped["progress"].array, rs.mapped["steps_done"].array.view(np.int32)])
+                    for rs in self.ranks]
+
+        seen, last_change = snapshot(), time.monotonic()
+        while not self._all_exited():
+            deliver(int(self.ranks[0].mapped["steps_done"].array[0]))
+            now, words = time.monotonic(), snapshot()
+            if any(not np.array_equal(a, b) for a, b in zip(words, seen)):
+                seen, last_change = words, now
             elif now - last_change > self._watchdog:
-                self._abort(done, seen, first_step)
+                self._abort([w[:-2] for w in seen], first_step)
             time.sleep(self.poll_seconds)
 
-    def _exited(self, done: torch.cuda.Event) -> bool:
-        """Whether the launch has ended; a device fault becomes one clear error."""
-        try:
-            return done.query()
-        except RuntimeError as e:  # an illegal address or a device assert: CUDA errors are sticky
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self._broken = f"it faulted on the GPU ({reason})"
-            raise MpkError(f"the megakernel faulted on the GPU: {reason}; this process's CUDA context is unusable, "
-                           "so restart it (MPK_DEBUG=1 builds the kernel with device asserts)") from None
+    def _all_exited(self) -> bool:
+        """Whether every rank's launch has ended; a device fault becomes one clear error (after the
+        other ranks, which would wait for the faulted one, are stopped)."""
+        exited = True
+        for rs in self.ranks:
+            if rs.done is None:  # not launched
+                continue
+            try:
+                exited = rs.done.query() and exited
+            except RuntimeError as e:  # an illegal address or a device assert: CUDA errors are sticky
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self._broken = f"it faulted on the GPU ({reason})"
+                where = f" on rank {rs.rank} ({rs.device})" if self.tg.tp_size > 1 else ""
+                if self.tg.tp_size > 1:
+                    self._flags(self.abi.kFlagAbort)
+                raise MpkError(f"the megakernel faulted on the GPU{where}: {reason}; this process's CUDA context is "
+                               "unusable, so restart it (MPK_DEBUG=1 builds the kernel with device asserts)") from None
+        return exited
 
-    def _wait_exit(self, done: torch.cuda.Event, seconds: float) -> bool:
+    def _wait_exit(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
-        while not self._exited(done):
+        while not self._all_exited():
             if time.monotonic() > deadline:
                 return False
             time.sleep(1e-3)
         return True
 
-    def _abort(self, done: torch.cuda.Event, snapshot: np.ndarray, first_step: int) -> None:
-        """Tell the kernel to leave its wait loops, then raise with who waited on what."""
+    def _abort(self, snapshot: list[np.ndarray], first_step: int) -> None:
+        """Tell the kernels to leave their wait loops, then raise with who waited on what."""
         abi = self.abi
-        self._flags.array[abi.kFlagAbort] = 1
-        exited = self._wait_exit(done, 10.0)
-        counters = self._counters.cpu().tolist() if exited else None
+        self._flags(abi.kFlagAbort)
+        exited = self._wait_exit(10.0)
+        counters = [rs.dev["counters"].cpu().tolist() for rs in self.ranks] if exited else None
         # After the abort each stuck SM re-published its wait as aborted; else use the last snapshot.
-        words, state = (self._progress.array, abi.kStateAborted) if exited else (snapshot, abi.kStateWaiting)
+        if exited:
+            words, state = [rs.mapped["progress"].array for rs in self.ranks], abi.kStateAborted
+        else:
+            words, state = snapshot, abi.kStateWaiting
         what = stall_report(self.tg, abi, words, state, counters, first_step)
         tail = ""
         if not exited:
@@ -295,9 +409,11 @@ class Megakernel(Executor):
 
     def close(self) -> None:
         """Free the host-mapped memory and drop the GPU buffers (idempotent)."""
-        for mapped in self._mapped:
-            mapped.free()
-        self._mapped = []
+        for rs in self.ranks:
+            for mapped in rs.mapped.values():
+                mapped.free()
+            rs.mapped = {}
+            rs.dev = {}
         self.buffers, self._ops = {}, None
 
     def __del__(self):

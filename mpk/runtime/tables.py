@@ -22,24 +22,38 @@ PREFETCH_MAX_BYTES = 128 * 1024  # per task: about what HBM delivers to one SM d
 
 @dataclass
 class KernelTables:
-    """Everything the kernel reads besides tensors, as plain arrays."""
+    """Everything one rank's kernel reads besides tensors, as plain arrays."""
 
     variants: list[Variant]  # in dispatch order
-    tasks: np.ndarray  # TASK_DTYPE [num_tasks]
-    signals: np.ndarray  # int32
-    queue_off: np.ndarray  # int32 [num_sms + 1]
+    tasks: np.ndarray  # TASK_DTYPE [num_tasks]: every rank's tasks, by global id
+    signals: np.ndarray  # int32 event ids
+    signal_rank: np.ndarray  # int32, per entry of signals: the rank whose counter it increments
+    queue_off: np.ndarray  # int32 [num_sms + 1]: this rank's queues
     queue_tasks: np.ndarray  # int32
     ev_target: np.ndarray  # int32 [num_events]
     ev_lag: np.ndarray  # int32 [num_events]
+    ev_sys: np.ndarray  # int32 [num_events]: 1 when producers and consumers are on different ranks
     op_args: list[OpArgs]  # per op of the graph
-    n_sample: int  # sample tasks per step
+    n_sample: int  # this rank's sample tasks per step
 
 
-def build_tables(tg: TaskGraph) -> KernelTables:
-    """The task, queue and event tables of `tg` as the kernel reads them."""
+def task_rank(tg: TaskGraph, tid: int) -> int:
+    return tg.tasks[tid].queue // tg.num_sms
+
+
+def build_tables(tg: TaskGraph, rank: int = 0) -> KernelTables:
+    """The task, queue and event tables of `tg` as the kernel of GPU `rank` reads them.
+
+    Each rank counts every event its tasks wait on in its own memory, so a producer signals once
+    per rank with consumers of the event.
+    """
     variants, op_variant, op_args = graph_variants(tg)
+    if not 0 <= rank < tg.tp_size:
+        raise MpkError(f"rank {rank} is not one of the graph's {tg.tp_size} tensor-parallel ranks")
+    consumer_ranks = [sorted({task_rank(tg, c) for c in range(e.first_task, e.stop_task)}) for e in tg.events]
     tasks = np.zeros(len(tg.tasks), dtype=TASK_DTYPE)
     signals: list[int] = []
+    signal_rank: list[int] = []
     for i, t in enumerate(tg.tasks):
         if t.id != i:
             raise MpkError(f"task ids must be positions in the task list; task at {i} has id {t.id}")
@@ -50,36 +64,59 @@ def build_tables(tg: TaskGraph) -> KernelTables:
         tasks[i]["tile"][: len(t.tile)] = t.tile
         tasks[i]["wait"] = t.wait
         tasks[i]["sig_off"] = len(signals)
-        tasks[i]["sig_cnt"] = len(t.signals)
-        signals.extend(t.signals)
-    lengths = [len(q) for q in tg.queues]
-    if len(lengths) != tg.num_sms:
-        raise MpkError(f"the graph has {len(lengths)} queues for {tg.num_sms} SMs")
-    queue_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    queue_tasks = np.array([tid for q in tg.queues for tid in q], dtype=np.int32)
-    if sorted(queue_tasks.tolist()) != list(range(len(tg.tasks))):
-        raise MpkError("the queues do not hold every task exactly once")
+        for ev in t.signals:
+            signals += [ev] * len(consumer_ranks[ev])
+            signal_rank += consumer_ranks[ev]
+        tasks[i]["sig_cnt"] = len(signals) - tasks[i]["sig_off"]
+    queues = tg.queues[rank * tg.num_sms:(rank + 1) * tg.num_sms]
+    if len(tg.queues) != tg.num_queues:
+        raise MpkError(f"the graph has {len(tg.queues)} queues for {tg.tp_size} x {tg.num_sms} SMs")
+    queue_off = np.concatenate([[0], np.cumsum([len(q) for q in queues])]).astype(np.int32)
+    queue_tasks = np.array([tid for q in queues for tid in q], dtype=np.int32)
+    mine = [t.id for t in tg.tasks if task_rank(tg, t.id) == rank]
+    if sorted(queue_tasks.tolist()) != mine:
+        raise MpkError(f"the queues of rank {rank} do not hold each of its tasks exactly once")
+    ev_sys = [int(len({task_rank(tg, p) for p in e.producers} | set(consumer_ranks[e.id])) > 1) for e in tg.events]
     return KernelTables(
         variants=variants,
         tasks=tasks,
         signals=np.array(signals or [0], dtype=np.int32),
+        signal_rank=np.array(signal_rank or [0], dtype=np.int32),
         queue_off=queue_off,
         queue_tasks=queue_tasks,
         ev_target=np.array([e.target for e in tg.events] or [0], dtype=np.int32),
         ev_lag=np.array([e.lag for e in tg.events] or [0], dtype=np.int32),
+        ev_sys=np.array(ev_sys or [0], dtype=np.int32),
         op_args=op_args,
-        n_sample=sum(1 for t in tg.tasks if tg.ops[t.op].kind == "sample"),
+        n_sample=sum(1 for tid in mine if tg.ops[tg.tasks[tid].op].kind == "sample"),
     )
 
 
-def op_table(op_args: list[OpArgs], pointer_of) -> np.ndarray:
-    """OP_DTYPE rows for every op; `pointer_of(tensor name)` gives its device address."""
+def rank_pointer_count(op_args: list[OpArgs]) -> int:
+    """Entries of the per-rank address lists the op table points into."""
+    return sum(len(p) for a in op_args for p in a.ptrs if isinstance(p, tuple))
+
+
+def op_table(op_args: list[OpArgs], pointer_of, lists_at: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """OP_DTYPE rows for every op, and the u64 address lists of per-rank operands.
+
+    `pointer_of(tensor name)` gives a tensor's device address; the caller puts the lists at device
+    address `lists_at`, and a per-rank operand's slot points at its list there.
+    """
     table = np.zeros(len(op_args), dtype=OP_DTYPE)
+    lists: list[int] = []
     for i, a in enumerate(op_args):
-        table[i]["ptr"][: len(a.ptrs)] = [pointer_of(n) if n is not None else 0 for n in a.ptrs]
+        row = []
+        for p in a.ptrs:
+            if isinstance(p, tuple):
+                row.append(lists_at + 8 * len(lists))
+                lists += [pointer_of(n) for n in p]
+            else:
+                row.append(pointer_of(p) if p is not None else 0)
+        table[i]["ptr"][: len(row)] = row
         table[i]["i"][: len(a.ints)] = a.ints
         table[i]["f"][: len(a.floats)] = a.floats
-    return table
+    return table, np.array(lists or [0], dtype=np.uint64)
 
 
 def head_rows_align(batch: int) -> int:

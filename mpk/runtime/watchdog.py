@@ -13,23 +13,26 @@ from mpk.runtime.abi import Abi
 from mpk.taskgraph import TaskGraph
 
 
-def stall_report(tg: TaskGraph, abi: Abi, words: np.ndarray, state: int, counters: list[int] | None,
+def stall_report(tg: TaskGraph, abi: Abi, words: list[np.ndarray], state: int, counters: list[list[int]] | None,
                  first_step: int) -> str:
     """One line naming up to four SMs in `state` (waiting, or aborted while waiting), earliest first.
-    An SM aborted inside a task (event -1) was stuck there: it comes first, as the cause."""
-    words = words.reshape(tg.num_sms, abi.kProgressWords)
-    stuck = sorted((sm for sm in range(tg.num_sms) if words[sm, abi.kPrState] == state),
-                   key=lambda sm: (int(words[sm, abi.kPrEvent]) >= 0, int(words[sm, abi.kPrStep]),
-                                   int(words[sm, abi.kPrTask])))
+    `words` and `counters` hold one entry per tensor-parallel rank. An SM aborted inside a task
+    (event -1) was stuck there: it comes first, as the cause."""
+    stuck = []
+    for rank, w in enumerate(words):
+        w = w.reshape(tg.num_sms, abi.kProgressWords)
+        stuck += [(rank, sm, w[sm]) for sm in range(tg.num_sms) if w[sm, abi.kPrState] == state]
+    stuck.sort(key=lambda s: (int(s[2][abi.kPrEvent]) >= 0, int(s[2][abi.kPrStep]), int(s[2][abi.kPrTask])))
     parts = []
-    for sm in stuck[:4]:
-        task, step, ev = (int(words[sm, k]) for k in (abi.kPrTask, abi.kPrStep, abi.kPrEvent))
+    for rank, sm, w in stuck[:4]:
+        task, step, ev = (int(w[k]) for k in (abi.kPrTask, abi.kPrStep, abi.kPrEvent))
+        where = f"rank {rank} SM {sm}" if tg.tp_size > 1 else f"SM {sm}"
         if ev < 0:
-            parts.append(f"SM {sm} was stuck inside {tg.describe_task(task)} in step {step}")
+            parts.append(f"{where} was stuck inside {tg.describe_task(task)} in step {step}")
             continue
         e = tg.events[ev]
         need = e.target * (step - first_step + 1 - e.lag)
-        have = f"{counters[ev]}/{need}" if counters is not None else f"?/{need}"
-        parts.append(f"SM {sm} waits in step {step} with {tg.describe_task(task)} on event {ev} ({have})")
+        have = f"{counters[rank][ev]}/{need}" if counters is not None else f"?/{need}"
+        parts.append(f"{where} waits in step {step} with {tg.describe_task(task)} on event {ev} ({have})")
     more = f" and {len(stuck) - 4} more SMs" if len(stuck) > 4 else ""
     return "; ".join(parts) + more if parts else "no SM reported a wait"

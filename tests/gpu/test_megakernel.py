@@ -58,6 +58,11 @@ except MpkError as e:
 
 SIM_TOL = 2e-2
 F32_TOL = 2e-3  # float32 activations: 10x inside the 2e-2, far above summation-order noise
+# Float32 activations over a bf16 cache against the float32 reference over a bf16 cache: the same
+# computation, but a 1e-6 difference before rounding flips an entry's bf16 rounding (4e-3 of that
+# entry), and deep models with random weights amplify the flips: 2.1-3.5e-3 measured on presets
+# and long contexts (H200). Still 4x inside the accuracy bound, and far below a real error.
+SAME_BF16_KV_TOL = 5e-3
 F32_TIE = 1e-3  # a float32-reference top-2 gap (of the largest |logit|) the kernel's ~1e-5 error cannot flip
 NEAR_TIE = 2e-2
 
@@ -222,7 +227,8 @@ def test_long_context_logits(checkpoint, case, kv_cache, batch):
     errs = [l2_rel_err(tail.logits[s], want[:, s]) for s in range(checked)]
     report(check="long", case=f"{case}/{kv_cache}", batch=batch, splits=split.params["splits"],
            rows_per_split=LONG_STEPS // split.params["splits"], vs_fp32_same_kv=max(errs))
-    assert max(errs) < F32_TOL, f"step {LONG_STEPS - checked + errs.index(max(errs))}: {max(errs):.3g} from float32"
+    tol = F32_TOL if kv_cache == "float32" else SAME_BF16_KV_TOL
+    assert max(errs) < tol, f"step {LONG_STEPS - checked + errs.index(max(errs))}: {max(errs):.3g} from float32"
 
 
 def judge_token(tok: int, row16: torch.Tensor, row32: torch.Tensor) -> str:

@@ -1,8 +1,8 @@
 """The megakernel on real model shapes (presets, random bf16 weights) against the PyTorch reference.
 
 - Teacher-forced logits of every step, with the default precisions (float32 activations, bf16 KV
-  cache), within F32_TOL of a float32 reference on the same weights that keeps a bf16 cache (the same
-  computation), and within the issue's 2e-2 of the plain float32 reference, by ||ours - ref|| /
+  cache), within SAME_BF16_KV_TOL of a float32 reference on the same weights that keeps a bf16 cache (the
+  same computation, up to bf16 rounding flips), and within the issue's 2e-2 of the plain float32 reference, by ||ours - ref|| /
   ||ref|| (a bf16 cache costs 4-7e-3 here; bf16 activations land 4-5e-2 away: docs/decisions.md).
 - Greedy tokens (one launch) equal to a bf16 reference teacher-forced along the kernel's own
   tokens, except near-ties as `test_megakernel.judge_token` states them, and to the float32
@@ -20,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from test_megakernel import F32_TOL, forced_rows, greedy_mismatches, kv_dtype, l2_rel_err, rel_err, report  # noqa: E402
+from test_megakernel import SAME_BF16_KV_TOL, forced_rows, greedy_mismatches, kv_dtype, l2_rel_err, rel_err, report  # noqa: E402
 
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.inputs import program_inputs  # noqa: E402
@@ -93,7 +93,7 @@ def test_preset_logits_and_tokens(weights, name, batch):
 
     report(check="preset", case=name, batch=batch, vs_fp32=max(errs), vs_fp32_max=worst, tokens=batch * max_new,
            mismatches=len(bad), near_ties=ties, vs_fp32_same_kv=max(kv_errs))
-    assert max(kv_errs) < F32_TOL, f"step {kv_errs.index(max(kv_errs))}: {max(kv_errs):.3g} from float32 ({kv} cache)"
+    assert max(kv_errs) < SAME_BF16_KV_TOL, f"step {kv_errs.index(max(kv_errs))}: {max(kv_errs):.3g} from float32 ({kv} cache)"
     assert max(errs) < 2e-2, f"step {errs.index(max(errs))}: {max(errs):.3g} from float32"
     assert not bad, f"tokens differ from the bf16 reference (seq, index, got, want, gap): {bad[:5]}"
     assert not off32, f"tokens are not the float32 reference's argmax (seq, index, got, want, gap): {off32[:5]}"
