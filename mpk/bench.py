@@ -190,46 +190,60 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
               profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
               context: int = 0, tp: int = 1) -> dict:
+    from mpk import memory
     from mpk.compiler import compile_model
-    from mpk.inputs import fuse_weights, program_inputs
     from mpk.models import resolve_model
-    from mpk.models.reference import ReferenceModel
-    from mpk.runtime import cuda_device
+    from mpk.runtime import cuda_device, rank_devices
 
     device = cuda_device()
+    devices = rank_devices(tp) if tp > 1 else [device]
     props = torch.cuda.get_device_properties(device)
     source = resolve_model(model)
     cfg = source.cfg
     if context < 0:
         raise MpkError(f"--context must be at least 0, not {context}")
-    tg = compile_model(cfg, batch=batch, max_seq_len=context + steps + 8, num_sms=props.multi_processor_count,
-                       activations=activations, kv_cache=kv_cache)
+
+    def graph(tp_size: int):
+        return compile_model(cfg, batch=batch, max_seq_len=context + steps + 8, tp_size=tp_size,
+                             num_sms=props.multi_processor_count, activations=activations, kv_cache=kv_cache)
+
+    tg = graph(1)
     weight_bytes = weight_bytes_per_step(tg)
     # Each row's bytes: the weights plus the KV rows in its own cache dtype (the torch baselines keep bf16).
     nbytes = weight_bytes + kv_bytes_per_step(cfg, batch, context, steps, tg.precision.kv_cache)
     torch_bytes = weight_bytes + kv_bytes_per_step(cfg, batch, context, steps, "bfloat16")
-    hf = source.load_weights(torch.bfloat16, device=device)
+    need = memory.estimate(cfg, batch=batch, max_seq_len=tg.max_seq_len,
+                           activation_bytes=4 if activations == "float32" else 2,
+                           kv_bytes=dtype(tg.precision.kv_cache).bytes, device="GPU memory")
+    fits_one_gpu = need.total <= memory.available_gpu_bytes(device)
+    # A preset's weights are random: the mpk rows make theirs in place on each GPU, so a model larger
+    # than one GPU never passes through one. The torch baselines need the checkpoint's layout.
+    hf = None
+    if source.path is not None or {"eager", "compile"} & set(backends):
+        hf = source.load_weights(torch.bfloat16, device=device)
 
     seconds: dict[str, tuple[float, int]] = {}
+    skipped: dict[str, str] = {}
     gbps, traced = None, None
     if "stream" in backends:
         gbps = stream_read_gbps(device, min(max(nbytes, 1 << 30), 4 << 30), props.multi_processor_count)
         seconds["stream-read"] = nbytes / (gbps * 1e9), nbytes
-    if "mpk" in backends:
-        fused = fuse_weights(cfg, hf, 1, torch.bfloat16)
-        weights, meta = program_inputs(cfg, tg, fused, [[1]] * batch)
+    if "mpk" in backends and not fits_one_gpu:
+        skipped["mpk"] = f"needs about {memory.gib(need.total)} of GPU memory, more than one GPU has free"
+    elif "mpk" in backends:
+        weights, meta = _mpk_inputs(cfg, tg, hf, [device])
         mpk_seconds, traced = time_mpk(tg, weights, meta, steps, device, profile if tp == 1 else None, context)
         seconds["mpk"] = mpk_seconds, nbytes
-        del fused, weights
+        del weights
     if "mpk" in backends and tp > 1:
-        tg_tp = compile_model(cfg, batch=batch, max_seq_len=tg.max_seq_len, tp_size=tp,
-                              num_sms=props.multi_processor_count, activations=activations, kv_cache=kv_cache)
-        fused = fuse_weights(cfg, hf, tp, torch.bfloat16)
-        weights, meta = program_inputs(cfg, tg_tp, fused, [[1]] * batch)
+        tg_tp = graph(tp)
+        weights, meta = _mpk_inputs(cfg, tg_tp, hf, devices)
         mpk_seconds, traced = time_mpk(tg_tp, weights, meta, steps, None, profile, context)
         seconds[f"mpk-tp{tp}"] = mpk_seconds, rank_bytes_per_step(tg_tp, nbytes)
-        del fused, weights
-    if "eager" in backends or "compile" in backends:
+        del weights
+    if hf is not None and ("eager" in backends or "compile" in backends):
+        from mpk.models.reference import ReferenceModel
+
         ref = ReferenceModel(cfg, hf, torch.bfloat16, device)
         if "eager" in backends:
             seconds["torch-eager"] = time_torch(ref, batch, steps, False, context), torch_bytes
@@ -242,8 +256,17 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
         "activations": activations, "kv_cache": tg.precision.kv_cache, "context": context,
         "steps": steps, "bytes_per_step": nbytes, "kv_bytes_per_step": nbytes - weight_bytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
+        **({"skipped": skipped} if skipped else {}),
         **({"profile": traced} if traced else {}),
     }
+
+
+def _mpk_inputs(cfg, tg, hf: dict | None, devices: list) -> tuple[dict, dict]:
+    """The megakernel's weights and meta: fused from `hf`, or random in place on each rank's GPU."""
+    from mpk.inputs import fuse_weights, program_inputs, random_fused_weights
+
+    fused = fuse_weights(cfg, hf, tg.tp_size, torch.bfloat16) if hf is not None else random_fused_weights(tg, devices)
+    return program_inputs(cfg, tg, fused, [[1]] * tg.batch)
 
 
 def format_bench(result: dict) -> str:
@@ -259,6 +282,8 @@ def format_bench(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"  {r['name']:<14} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>10.1f} {r['gbps']:>8.0f} "
                      f"{r['pct_of_floor']:>7.1f}%")
+    for name, why in result.get("skipped", {}).items():
+        lines.append(f"  {name:<14} skipped: {why}")
     by_name = {r["name"]: r for r in result["rows"]}
     tp = result.get("tp", 1)
     if tp > 1 and "mpk" in by_name and f"mpk-tp{tp}" in by_name:

@@ -416,7 +416,7 @@ def _prepare_backend(args, params) -> tuple[str, object]:
     check_sampling_supported(backend, [params])
     device = None
     if backend == "cuda":
-        from mpk.runtime import cuda_device, rank_devices
+        from mpk.runtime import rank_devices
         from mpk.runtime.build import writable_cache
 
         devices = rank_devices(args.tp)  # too few GPUs, or too old ones: say so before loading anything

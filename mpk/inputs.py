@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 
+from mpk.dtypes import torch_dtype
 from mpk.graph import EMBED, PROMPT, PROMPT_LEN, ROPE, SAMPLE_FLOATS, SAMPLE_INTS, TOKENS, shard_of, tensor_name
 from mpk.models.checkpoint import validate_shapes
 from mpk.models.config import ModelConfig, rope_tables
@@ -71,6 +72,27 @@ def _group_rows(hf: dict[str, torch.Tensor], attn: str, kind: str, groups: range
     for g in groups:
         parts += [wq[g * q * hd:(g + 1) * q * hd], wk[g * hd:(g + 1) * hd], wv[g * hd:(g + 1) * hd]]
     return torch.cat(parts)
+
+
+def random_fused_weights(tg: TaskGraph, devices, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights made directly in the graph's fused, sharded layout, each on its rank's device
+    (`devices[rank]`): what a preset's random checkpoint would fuse to in distribution (N(0, 0.02)
+    matrices, unit norms, small biases), without ever holding the whole model on one device. For
+    timing models larger than one GPU; the values are not those of `random_weights`."""
+    out = {}
+    for r in range(tg.tp_size):
+        gen = torch.Generator(device=devices[r]).manual_seed(seed + r)
+        for name, spec in tg.tensors.items():
+            base = name.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+            if spec.kind != "weight" or spec.rank != r or base == ROPE:
+                continue
+            t = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype), device=devices[r])
+            if base.endswith("norm"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.002 if base.endswith("bias") else 0.02, generator=gen)
+            out[name] = t
+    return out
 
 
 def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tensor], prompts: list[list[int]],

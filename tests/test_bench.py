@@ -74,3 +74,21 @@ def test_tensor_parallel_rows_count_the_busiest_rank_and_the_speedup():
     result["tp"] = 2
     result["rows"].append({**mpk, "name": "mpk-tp2", "ms_per_step": mpk["ms_per_step"] * 0.55})
     assert "mpk-tp2 takes 0.550x the time of mpk on one GPU (1.82x faster)" in format_bench(result)
+
+
+def test_random_fused_weights_have_the_layout_fuse_weights_makes():
+    """The bench's in-place random weights for presets: every tensor the fused checkpoint has, by rank."""
+    import torch
+
+    from mpk.inputs import fuse_weights, random_fused_weights
+    from mpk.models.presets import random_weights
+
+    cfg = resolve_model("tiny").cfg
+    tg = compile_model(cfg, batch=1, max_seq_len=16, num_sms=4, tp_size=2, verify=False)
+    made = random_fused_weights(tg, ["cpu", "cpu"])
+    want = fuse_weights(cfg, random_weights(cfg), 2, torch.bfloat16)
+    assert set(made) == set(want)
+    for name, t in made.items():
+        assert t.shape == want[name].shape and t.dtype == want[name].dtype, name
+    assert torch.all(made["rank1/layers.0.attn_norm"] == 1)
+    assert 0.015 < made["rank0/layers.0.gate_up"].float().std() < 0.025

@@ -208,7 +208,7 @@ def test_no_tokenizer_and_corrupt_tokenizer(checkpoints, tmp_path):
 # Published parameter counts (embeddings included, tied counted once).
 PRESET_PARAMS = {"llama-3.2-1b": 1.236e9, "llama-3.2-3b": 3.213e9, "llama-3.1-8b": 8.030e9, "qwen3-0.6b": 0.596e9,
                  "qwen3-1.7b": 1.721e9, "qwen3-4b": 4.022e9, "qwen3-8b": 8.191e9, "qwen2.5-7b": 7.616e9,
-                 "mistral-7b": 7.248e9}
+                 "mistral-7b": 7.248e9, "qwen3-32b": 32.8e9, "llama-3.1-70b": 70.6e9}
 
 
 def test_presets_have_published_sizes():

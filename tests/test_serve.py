@@ -6,7 +6,6 @@ the end of their test module or test.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time

@@ -45,6 +45,9 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-1.7b": _qwen3("qwen3-1.7b", 2048, 6144, 28, 16, tied=True),
     "qwen3-4b": _qwen3("qwen3-4b", 2560, 9728, 36, 32, tied=True),
     "qwen3-8b": _qwen3("qwen3-8b", 4096, 12288, 36, 32, tied=False),
+    # Several GPUs: 65 GB and 141 GB of bf16 weights (llama-3.1-70b fits two 141 GB H200s at TP=2).
+    "qwen3-32b": _qwen3("qwen3-32b", 5120, 25600, 64, 64, tied=False),
+    "llama-3.1-70b": _llama3("llama-3.1-70b", 8192, 28672, 80, 64, 128, 8.0, tied=False),
     "qwen2.5-7b": ModelConfig(
         architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
         num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,

@@ -133,7 +133,7 @@ def preset_weights():
             gc.collect()
             torch.cuda.empty_cache()
             source = resolve_model(name)
-            held[name] = source.cfg, source.load_weights(torch.bfloat16, device="cpu")
+            held[name] = source.cfg, source.load_weights(torch.bfloat16, device="cuda")
         return held[name]
 
     yield get
@@ -157,14 +157,14 @@ def test_presets_at_tp2(preset_weights, name):
     gc.collect()
     torch.cuda.empty_cache()
     new2, new1 = new_tokens(res2, prompts, max_new), new_tokens(res1, prompts, max_new)
-    ref = ReferenceModel(cfg, {k: v.cuda() for k, v in hf.items()}, torch.float32, "cuda")
+    ref = ReferenceModel(cfg, hf, torch.float32, "cuda")
     ref.reset(1, 8)
     want = ref.forward(seqs.cuda(), 0).cpu()
     del ref
     gc.collect()
     torch.cuda.empty_cache()
     errs = [l2_rel_err(ours[:, s], want[:, s]) for s in range(8)]
-    split = diverging_at_ties(cfg, {k: v.cuda() for k, v in hf.items()}, prompts, new1, new2, torch.bfloat16)
+    split = diverging_at_ties(cfg, hf, prompts, new1, new2, torch.bfloat16)
     report(check="tp2-preset", case=name, batch=1, vs_fp32=max(errs), tokens=max_new,
            differs_from_tp1=int(new1 != new2))
     assert max(errs) < 2e-2, f"{max(errs):.3g} from float32"
