@@ -256,7 +256,9 @@ class Megakernel(Executor):
             rs.dev["ctl"][abi.kCtlStopStep] = NO_STOP
             rs.mapped["steps_done"].array[0] = first_step
             rs.mapped["host_flags"].array[:] = 0
-            rs.trace = torch.zeros((num_steps, len(tg.tasks), 3), dtype=torch.int64, device=rs.device) if trace else None
+            # The kernel records by position in this rank's queues: [steps, this rank's tasks, 3].
+            rs.trace = torch.zeros((num_steps, len(rs.tables.queue_tasks), 3), dtype=torch.int64,
+                                   device=rs.device) if trace else None
 
         first = self.ranks[0]
         tokens: list[list[int]] = []

@@ -239,3 +239,18 @@ def test_generate_and_bench_with_tp2_from_the_command_line(make_checkpoint, caps
     assert main(["bench", "tiny", "--tp", "2", "--steps", "8", "--backends", "mpk", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert set(rows) == {"mpk", "mpk-tp2"} and rows["mpk-tp2"]["bytes_per_step"] < rows["mpk"]["bytes_per_step"]
+
+
+def test_trace_at_tp2_records_every_task_of_both_ranks(checkpoint):
+    """Each GPU records its own tasks' spans; together they cover the graph, and the profile summary
+    counts the allreduce."""
+    from mpk.profile import summarize_trace
+
+    cfg, hf = checkpoint("llama")
+    mk = kernel(cfg, hf, [[1, 2, 3]], 6, 16, TP)
+    spans = mk.run(6, eos_token_ids=[], trace=True).trace
+    assert spans.shape == (6, len(mk.tg.tasks), 3) and bool((spans[..., 2] >= spans[..., 1]).all())
+    assert bool((spans[..., 1] > 0).all())
+    kinds = {row["kind"]: row for row in summarize_trace(mk.tg, spans)["kinds"]}
+    assert kinds["allreduce_residual"]["tasks_per_step"] == sum(
+        1 for t in mk.tg.tasks if mk.tg.ops[t.op].kind == "allreduce_residual")
