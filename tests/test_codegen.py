@@ -368,3 +368,12 @@ def test_attention_variants_build_without_register_spills(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-2000:]
     assert "0 bytes spill stores, 0 bytes spill loads" in log and "0 bytes stack frame" in log, log[-2000:]
+
+
+@needs_nvcc
+def test_eight_rank_kernel_builds(tmp_path):
+    """The allreduce and the sampler unrolled over eight ranks (the kernel of each GPU of a TP=8 run)."""
+    tg = graph(tiny_cfg(num_heads=8, num_kv_heads=8, intermediate_size=96, vocab_size=160), tp_size=8)
+    src = generate_source(tg)
+    assert ", 8, ActF32>" in src and "Sample<S" in src
+    assert build(src, "sm_90a", debug=False, cache=tmp_path).is_file()

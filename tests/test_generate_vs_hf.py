@@ -36,6 +36,9 @@ CASES = {
     "mistral-sliding-window": ("mistral", dict(sliding_window=8), 1, 1),
     "llama-tp2-odd-batch4": ("llama", dict(hidden_size=60, num_attention_heads=4, num_key_value_heads=2,
                                            intermediate_size=98, vocab_size=127), 4, 2),
+    # Four and eight ranks simulated together (the GPU runs need machines of 4 and 8 GPUs).
+    "qwen3-tp4-batch4": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=4), 4, 4),
+    "llama-tp8": ("llama", dict(num_attention_heads=8, num_key_value_heads=8, vocab_size=130), 1, 8),
 }
 
 
