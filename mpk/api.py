@@ -215,7 +215,6 @@ class LLM:
              cancel: threading.Event | None = None, on_token=None) -> None:
         from mpk.inputs import program_inputs
 
-        check_sampling_supported(self.backend, params)
         if any(sp.stop for sp in params) and self.tokenizer is None:
             raise MpkError(f"stop strings need a tokenizer, and {self.source.name} has none")
         self._check_fits(ids, params)
@@ -354,12 +353,6 @@ class _Sequence:
         if hits:
             self.text = self.text[:min(hits)]
             self.finish_reason, self._cut = "stop", True
-
-
-def check_sampling_supported(backend: str, params: Sequence[SamplingParams]) -> None:
-    """Refuse sampling the backend cannot do yet (callers may check before loading any weights)."""
-    if backend == "cuda" and any(sp.temperature > 0 for sp in params):
-        raise MpkError("the GPU megakernel samples greedily only so far; pass temperature=0, or backend='sim'")
 
 
 def _with_tokenizer_eos(cfg, tokenizer):

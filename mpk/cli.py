@@ -168,7 +168,7 @@ def _add_run_flags(cmd: argparse.ArgumentParser) -> None:
 
 def _add_sampling_flags(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--temperature", type=float, default=0.0,
-                     help="0 takes the likeliest token (greedy); above 0 samples (the CPU executor only, so far)")
+                     help="0 takes the likeliest token (greedy); above 0 samples")
     cmd.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0: all)")
     cmd.add_argument("--top-p", type=float, default=1.0,
                      help="sample among the likeliest tokens whose probabilities add up to p (1: all)")
@@ -288,7 +288,7 @@ def cmd_generate(args) -> int:
         raise MpkError(f"--stop strings need a tokenizer, and {source.name} has none")
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
-    backend, device = _prepare_backend(args, params)
+    backend, device = _prepare_backend(args)
     _check_memory(source, args, backend, len(prompts), seq_len, device)
 
     _describe_run(args, source, backend, stored)
@@ -312,7 +312,7 @@ def cmd_chat(args) -> int:
                        "lower it or raise --max-seq-len")
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
-    backend, device = _prepare_backend(args, params)
+    backend, device = _prepare_backend(args)
     _check_memory(source, args, backend, 1, seq_len, device)
     _describe_run(args, source, backend, stored)
     with _load_llm(args, source, backend, device, max_batch=1, max_seq_len=seq_len) as llm:
@@ -323,7 +323,6 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     import socket
 
-    from mpk.api import SamplingParams
     from mpk.models import resolve_model
 
     try:
@@ -336,7 +335,7 @@ def cmd_serve(args) -> int:
     seq_len = min(args.max_seq_len, source.cfg.max_position_embeddings)
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
-    backend, device = _prepare_backend(args, SamplingParams(temperature=0))
+    backend, device = _prepare_backend(args)
     _check_memory(source, args, backend, 1, seq_len, device)
     # Bind before loading weights, so a taken port is one line at once rather than after the load.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -407,13 +406,10 @@ def _sampling_params(args):
                           ignore_eos=getattr(args, "ignore_eos", False))
 
 
-def _prepare_backend(args, params) -> tuple[str, object]:
+def _prepare_backend(args) -> tuple[str, object]:
     """The backend and CUDA device (None with tensor parallelism: GPUs 0..tp-1); what they cannot do
     is refused before loading anything."""
-    from mpk.api import check_sampling_supported
-
     backend = _backend(args.backend)
-    check_sampling_supported(backend, [params])
     device = None
     if backend == "cuda":
         from mpk.runtime import rank_devices

@@ -92,11 +92,3 @@ def test_generate_stop_strings_cut_the_streamed_text(capsys, chat_checkpoint, ch
 def test_bad_sampling_flags_are_one_line(capsys, make_checkpoint, argv, phrase):
     code, _, err = run_cli(capsys, "generate", str(make_checkpoint("llama")), "--token-ids", "1,2", *argv)
     assert_one_line_error(code, err, phrase)
-
-
-def test_sampling_on_the_gpu_backend_is_refused_before_loading(capsys, monkeypatch, make_checkpoint):
-    import mpk.cli
-
-    monkeypatch.setattr(mpk.cli, "_backend", lambda choice: "cuda")
-    code, _, err = run_cli(capsys, "generate", str(make_checkpoint("llama")), "--temperature", "0.5")
-    assert_one_line_error(code, err, "greedily only")

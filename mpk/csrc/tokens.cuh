@@ -1,8 +1,9 @@
-// The ends of a step (mpk/ops/tokens.py): token -> embedding row, and argmax candidates -> the next
-// token, streamed to the host, plus the step's stop decision.
+// The ends of a step (mpk/ops/tokens.py): token -> embedding row, and logits (or their argmax
+// candidates) -> the next token, streamed to the host, plus the step's stop decision.
 #pragma once
 
 #include "mpk_runtime.cuh"
+#include "sampling.cuh"
 
 namespace mpk {
 
@@ -35,19 +36,19 @@ __device__ __forceinline__ bool is_eos(const MpkParams& p, long long tok) {
   return false;
 }
 
-// sample: the best candidate over all LM-head tiles of all ranks (ties to the lowest token id), or
-// the prompt's next token while sequence b is inside its prompt. Writes tokens[b] (the next step's
-// embed reads it) and out_tokens[step * batch + b] (host-mapped). The step's last sample task
-// publishes steps_done and stops the run once every sequence has finished. With tensor
-// parallelism every rank samples the same token from the same candidates (read from the peers).
+// sample: the next token of sequence b. Inside its prompt, the prompt's next token. Greedy
+// (temperature 0): the best candidate over all LM-head tiles of all ranks (ties to the lowest token
+// id). Otherwise a draw from the logits rows of all ranks under the sequence's temperature, top-k,
+// top-p and seed (sampling.cuh). Writes tokens[b] (the next step's embed reads it) and
+// out_tokens[step * batch + b] (host-mapped). The step's last sample task publishes steps_done and
+// stops the run once every sequence has finished. With tensor parallelism every rank makes the
+// same token from the same inputs (read from the peers).
 template <class S, int RANKS> struct Sample {
-  static constexpr int SMEM = 0;
-  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
-    if (warp_id() != 0) return;
-    const MpkParams& p = *t.p;
-    const int b = t.tile[0];
+  static constexpr int SMEM = sizeof(SampleScratch);
+
+  // Warp 0: the best of the LM head's argmax candidates.
+  __device__ static long long best_candidate(const OpDesc& op, int b) {
     const int n_tiles = static_cast<int>(op.i[S::n_tiles]);
-    const long long seq = op.i[S::seq];
     float best = kNegInf;
     long long best_idx = 0x7fffffffffffffffll;
 #pragma unroll
@@ -61,11 +62,34 @@ template <class S, int RANKS> struct Sample {
       }
     }
     warp_argmax(best, best_idx);
-    if (lane_id() != 0) return;
+    return best_idx;
+  }
 
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    const MpkParams& p = *t.p;
+    SampleScratch& sc = *reinterpret_cast<SampleScratch*>(smem);
+    const int b = t.tile[0];
     const long long step = t.step;
     const long long plen = op.arg<const long long>(S::prompt_len)[b];
-    const long long tok = step + 1 < plen ? op.arg<const long long>(S::prompt)[b * seq + step + 1] : best_idx;
+    const float temperature = op.arg<const float>(S::sample_floats)[2 * b];
+    if (step + 1 < plen) {
+      if (threadIdx.x == 0) sc.token = op.arg<const long long>(S::prompt)[b * op.i[S::seq] + step + 1];
+    } else if (temperature > 0.f) {  // uniform over the CTA: every thread takes part in the draw
+      const LogitsRow<RANKS> row{op.ranks<const float>(S::logits), op.i[S::vocab],
+                                 (op.i[S::vocab] + RANKS - 1) / RANKS, b, temperature};
+      const long long* ints = op.arg<const long long>(S::sample_ints) + 2 * b;
+      const long long tok = sample_row(row, ints[0], op.arg<const float>(S::sample_floats)[2 * b + 1],
+                                       static_cast<unsigned long long>(ints[1]), static_cast<unsigned long long>(step + 1),
+                                       sc);
+      if (threadIdx.x == 0) sc.token = tok;
+    } else if (warp_id() == 0) {
+      const long long tok = best_candidate(op, b);
+      if (lane_id() == 0) sc.token = tok;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+
+    const long long tok = sc.token;
     op.arg<long long>(S::tokens)[b] = tok;
     st_volatile(p.out_tokens + step * p.batch + b, static_cast<int>(tok));
     // Finished: hit EOS or its token limit (new tokens start at the prompt's last position).

@@ -10,6 +10,7 @@ import torch
 from mpk import sampling
 from mpk.errors import MpkError
 from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, expect, nbytes, shape, whole
+from mpk.util import cdiv
 
 
 class Embed(OpKind):
@@ -95,4 +96,8 @@ class Sample(OpKind):
         n_tiles = tg.tensors[op.inputs["cand_val0"]].shape[1]
         expect(all(tg.tensors[op.inputs[f"cand_val{k}"]].shape[1] == n_tiles for k in range(ranks)), op,
                "every rank's LM head has the same number of vocab tiles")
-        return Cuda((ranks,), {"n_tiles": n_tiles, "seq": tg.tensors[op.inputs["prompt"]].shape[1]})
+        vocab = sum(tg.tensors[op.inputs[f"logits{k}"]].shape[1] for k in range(ranks))
+        per_rank = cdiv(vocab, ranks)
+        expect(all(tg.tensors[op.inputs[f"logits{k}"]].shape[1] == max(0, min(vocab, (k + 1) * per_rank) - k * per_rank)
+                   for k in range(ranks)), op, "the vocabulary is split over the ranks as mpk.graph.shard_of splits it")
+        return Cuda((ranks,), {"n_tiles": n_tiles, "seq": tg.tensors[op.inputs["prompt"]].shape[1], "vocab": vocab})

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mpk.api import LLM, SamplingParams, check_sampling_supported
+from mpk.api import LLM, SamplingParams
 from mpk.errors import MpkError
 from mpk.serve.errors import ApiError, from_validation, invalid
 from mpk.serve.metrics import Metrics
@@ -98,7 +98,6 @@ def create_app(llm: LLM, model_name: str, max_waiting: int = 64) -> FastAPI:
             params = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
                                     top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k,
                                     max_tokens=max_tokens, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)
-            check_sampling_supported(llm.backend, [params])
         except MpkError as e:
             raise invalid(str(e)) from None
         if params.stop and llm.tokenizer is None:
