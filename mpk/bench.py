@@ -7,7 +7,8 @@ so effective GB/s = bytes per step / time per step, and the floor is those bytes
 kernel's bandwidth. `context` N starts the timed steps at position N with the cache filled (random
 values: the time does not depend on them), and every row counts the KV bytes of its own cache dtype.
 
-With tensor parallelism `tp` N, the mpk row runs on one GPU and an `mpk-tpN` row runs the same
+`sampling` makes mpk sample each token in the kernel (the greedy default reads the LM head's argmax
+candidates only). With tensor parallelism `tp` N, the mpk row runs on one GPU and an `mpk-tpN` row runs the same
 weights over N GPUs; its bytes and floor are those of the busiest GPU (its shard of the weights
 and of the KV heads), at the streaming bandwidth measured on GPU 0.
 """
@@ -189,7 +190,9 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
               profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
-              context: int = 0, tp: int = 1) -> dict:
+              context: int = 0, tp: int = 1, sampling: tuple[float, int, float] | None = None) -> dict:
+    """`sampling` (temperature, top_k, top_p) makes the mpk rows sample every token in the kernel
+    (seeded per sequence) instead of taking the greedy one; the torch baselines stay greedy."""
     from mpk import memory
     from mpk.compiler import compile_model
     from mpk.models import resolve_model
@@ -231,13 +234,13 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     if "mpk" in backends and not fits_one_gpu:
         skipped["mpk"] = f"needs about {memory.gib(need.total)} of GPU memory, more than one GPU has free"
     elif "mpk" in backends:
-        weights, meta = _mpk_inputs(cfg, tg, hf, [device])
+        weights, meta = _mpk_inputs(cfg, tg, hf, [device], sampling)
         mpk_seconds, traced = time_mpk(tg, weights, meta, steps, device, profile if tp == 1 else None, context)
         seconds["mpk"] = mpk_seconds, nbytes
         del weights
     if "mpk" in backends and tp > 1:
         tg_tp = graph(tp)
-        weights, meta = _mpk_inputs(cfg, tg_tp, hf, devices)
+        weights, meta = _mpk_inputs(cfg, tg_tp, hf, devices, sampling)
         mpk_seconds, traced = time_mpk(tg_tp, weights, meta, steps, None, profile, context)
         seconds[f"mpk-tp{tp}"] = mpk_seconds, rank_bytes_per_step(tg_tp, nbytes)
         del weights
@@ -253,6 +256,7 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
             for name, (sec, n) in seconds.items()]
     return {
         "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch, "tp": tp,
+        **({"sampling": dict(zip(("temperature", "top_k", "top_p"), sampling))} if sampling else {}),
         "activations": activations, "kv_cache": tg.precision.kv_cache, "context": context,
         "steps": steps, "bytes_per_step": nbytes, "kv_bytes_per_step": nbytes - weight_bytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
@@ -261,12 +265,18 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     }
 
 
-def _mpk_inputs(cfg, tg, hf: dict | None, devices: list) -> tuple[dict, dict]:
+def _mpk_inputs(cfg, tg, hf: dict | None, devices: list, sampling=None) -> tuple[dict, dict]:
     """The megakernel's weights and meta: fused from `hf`, or random in place on each rank's GPU."""
     from mpk.inputs import fuse_weights, program_inputs, random_fused_weights
 
     fused = fuse_weights(cfg, hf, tg.tp_size, torch.bfloat16) if hf is not None else random_fused_weights(tg, devices)
-    return program_inputs(cfg, tg, fused, [[1]] * tg.batch)
+    params = [(*sampling, b) for b in range(tg.batch)] if sampling else None
+    return program_inputs(cfg, tg, fused, [[1]] * tg.batch, params)
+
+
+def _sampled(result: dict) -> str:
+    s = result.get("sampling")
+    return f", mpk sampling (temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g})" if s else ""
 
 
 def format_bench(result: dict) -> str:
@@ -276,7 +286,7 @@ def format_bench(result: dict) -> str:
         f"{result['model']} batch {result['batch']} on {result['gpu']} ({result['num_sms']} SMs), "
         f"{result['steps']} steps from position {result.get('context', 0)}, "
         f"{result['bytes_per_step'] / 1e9:.2f} GB per step ({kv / 1e9:.2f} GB of KV), "
-        f"{result.get('activations', DEFAULT_ACTIVATIONS)} activations{cache}",
+        f"{result.get('activations', DEFAULT_ACTIVATIONS)} activations{cache}{_sampled(result)}",
         f"  {'backend':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'% floor':>8}",
     ]
     for r in result["rows"]:

@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="position of the first timed step, the cache filled up to it")
     ben.add_argument("--tp", type=int, default=1,
                      help="also time mpk over this many GPUs (tensor parallel), beside mpk on one")
+    ben.add_argument("--temperature", type=float, default=0.0,
+                     help="above 0, mpk samples every token in the kernel (with --top-k, --top-p) instead of greedily")
+    ben.add_argument("--top-k", type=int, default=0, help="with --temperature: sample among the k likeliest (0: all)")
+    ben.add_argument("--top-p", type=float, default=1.0, help="with --temperature: the nucleus mass (1: all)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
     _add_bench_op(command)
@@ -229,8 +233,15 @@ def cmd_bench(args) -> int:
         raise MpkError("--profile traces the mpk backend; include mpk in --backends")
     if args.tp < 1:
         raise MpkError(f"--tp must be at least 1, not {args.tp}")
+    sampling = None
+    if args.temperature > 0:
+        from mpk.api import SamplingParams
+
+        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates them
+        sampling = (args.temperature, max(args.top_k, 0), args.top_p)
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
-                       activations=args.activations, kv_cache=args.kv_cache, context=args.context, tp=args.tp)
+                       activations=args.activations, kv_cache=args.kv_cache, context=args.context, tp=args.tp,
+                       sampling=sampling)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 

@@ -92,3 +92,9 @@ def test_random_fused_weights_have_the_layout_fuse_weights_makes():
         assert t.shape == want[name].shape and t.dtype == want[name].dtype, name
     assert torch.all(made["rank1/layers.0.attn_norm"] == 1)
     assert 0.015 < made["rank0/layers.0.gate_up"].float().std() < 0.025
+
+
+def test_table_says_when_mpk_samples():
+    result = json.loads(RECORDED.read_text())
+    result["sampling"] = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
+    assert "mpk sampling (temperature 0.8, top-k 50, top-p 0.9)" in format_bench(result).splitlines()[0]
