@@ -233,12 +233,10 @@ def cmd_bench(args) -> int:
         raise MpkError("--profile traces the mpk backend; include mpk in --backends")
     if args.tp < 1:
         raise MpkError(f"--tp must be at least 1, not {args.tp}")
-    sampling = None
-    if args.temperature > 0:
-        from mpk.api import SamplingParams
+    from mpk.api import SamplingParams
 
-        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates them
-        sampling = (args.temperature, max(args.top_k, 0), args.top_p)
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates them
+    sampling = (args.temperature, max(args.top_k, 0), args.top_p) if args.temperature > 0 else None
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
                        activations=args.activations, kv_cache=args.kv_cache, context=args.context, tp=args.tp,
                        sampling=sampling)
