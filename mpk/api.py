@@ -69,9 +69,10 @@ class RequestOutput:
 class RunStats:
     """What the last `generate` call ran: for the command line's summary."""
 
-    steps: int
+    steps: int  # decode steps
     seconds: float
     tasks_per_step: int
+    prefilled: int = 0  # positions the prefill filled before the decode steps
 
 
 class LLM:
@@ -79,13 +80,16 @@ class LLM:
 
     `backend` "auto" runs the GPU megakernel when a GPU is present and the CPU executor otherwise;
     `dtype` is the weights' dtype (default: bfloat16, or float32 on the CPU executor); `device` a
-    CUDA device for the megakernel. `max_seq_len` is clipped to the model's context.
+    CUDA device for the megakernel (`tp_size` > 1: GPUs 0..tp_size-1). `max_seq_len` is clipped to
+    the model's context. `prefill` runs the prompts' first positions at once (`mpk.prefill`; on the
+    CPU executor so far) instead of one decode step each.
     """
 
     def __init__(self, model: str, *, max_batch: int = 8, max_seq_len: int = 4096, backend: str = "auto",
                  dtype: str | None = None, device=None, tp_size: int = 1, num_sms: int | None = None,
                  activations: str | None = None, kv_cache: str | None = None, seed: int = 0,
-                 weights: dict | None = None, load_progress: Callable[[int], None] | None = None):
+                 weights: dict | None = None, load_progress: Callable[[int], None] | None = None,
+                 prefill: bool = True):
         import torch
 
         from mpk.dtypes import torch_dtype
@@ -129,6 +133,8 @@ class LLM:
                                                progress=load_progress)
         self._fused = fuse_weights(self.cfg, weights, tp_size, torch_dtype(self.dtype))
         self._executors: dict[tuple[int, int], object] = {}
+        self._prefills: dict[tuple[int, int], object] = {}  # (batch, positions) -> prefill TaskGraph
+        self.prefill = prefill
         self.last_run: RunStats | None = None
 
     # --- generation --------------------------------------------------------------------------
@@ -237,9 +243,28 @@ class LLM:
 
         t0 = time.perf_counter()
         executor.set_meta(meta)
-        result = executor.run(steps, max_new_tokens=[sp.max_tokens for sp in params], on_step=on_step,
-                              eos_token_ids=sorted(set.intersection(*(seq.eos for seq in seqs))))
-        self.last_run = RunStats(result.steps, time.perf_counter() - t0, len(tg.tasks))
+        first = self._prefill(tg, executor, ids)
+        result = executor.run(steps - first, max_new_tokens=[sp.max_tokens for sp in params], on_step=on_step,
+                              first_step=first, eos_token_ids=sorted(set.intersection(*(seq.eos for seq in seqs))))
+        self.last_run = RunStats(result.steps, time.perf_counter() - t0, len(tg.tasks), first)
+
+    def _prefill(self, tg, executor, ids: list[list[int]]) -> int:
+        """Fill the KV cache of the first positions of every prompt at once; return the decode step
+        that continues after them (0: none). On the CPU executor only, so far: the GPU runs prompts
+        through its decode steps. The positions are a power of two (at most the positions every
+        prompt has before its last token), so few prefill graphs get compiled."""
+        from mpk.prefill import compile_prefill, prefill_rows, run_prefill
+
+        room = prefill_rows(ids)
+        if self.backend != "sim" or not self.prefill or room < 1:
+            return 0
+        rows = 1 << (room.bit_length() - 1)
+        key = (tg.batch, rows)
+        if key not in self._prefills:
+            self._prefills[key] = compile_prefill(tg, self.cfg, rows)
+        run_prefill(self._prefills[key], executor.buffers, ids, self.seed)
+        executor.set_tokens([p[rows] for p in ids])
+        return rows
 
     def _executor(self, batch: int):
         """The compiled graph and open executor for `batch` sequences, made on first use."""

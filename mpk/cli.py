@@ -496,7 +496,7 @@ def _print_result(args, name: str, backend: str, outs, run, text: bool) -> None:
     texts = [o.outputs[0].text for o in outs] if text else None
     one = len(outs) == 1
     if args.json:
-        result = {"model": name, "backend": backend, "dtype": args.dtype, "steps": run.steps,
+        result = {"model": name, "backend": backend, "dtype": args.dtype, "steps": run.steps, "prefilled": run.prefilled,
                   "seconds": round(run.seconds, 3), "token_ids": token_ids[0] if one else token_ids}
         if texts is not None:
             result["text"] = texts[0] if one else texts
@@ -505,8 +505,9 @@ def _print_result(args, name: str, backend: str, outs, run, text: bool) -> None:
         for i, ids in enumerate(token_ids):
             print(f"[{i}] " + (texts[i] if texts is not None else " ".join(map(str, ids))))
     made = sum(len(t) for t in token_ids)
-    _note(args, f"{made} tokens in {run.steps} steps, {run.seconds:.2f} s ({made / max(run.seconds, 1e-9):.1f} tokens/s, "
-                f"{run.tasks_per_step} tasks per step)")
+    prefilled = f" after a prefill of {run.prefilled} positions" if run.prefilled else ""
+    _note(args, f"{made} tokens in {run.steps} steps{prefilled}, {run.seconds:.2f} s "
+                f"({made / max(run.seconds, 1e-9):.1f} tokens/s, {run.tasks_per_step} tasks per step)")
 
 
 def _tokenizer(source, args):

@@ -100,6 +100,13 @@ class Executor:
                 raise MpkError(f"{name!r} is not a meta tensor of this graph")
             self.buffers[name].copy_(value.to(self.buffers[name].dtype))
 
+    def set_tokens(self, tokens: Sequence[int]) -> None:
+        """The token each sequence feeds the next step (one per sequence), on every rank."""
+        value = torch.tensor(list(tokens), dtype=torch.int64)
+        for r in range(self.tg.tp_size):
+            buf = self.buffers[tensor_name(r, self.tg.tp_size, TOKENS)]
+            buf.copy_(value.to(buf.device))
+
     def restart_tokens(self) -> None:
         """Step 0 embeds each prompt's first token; a previous run left its last ones in TOKENS."""
         for r in range(self.tg.tp_size):

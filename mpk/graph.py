@@ -170,30 +170,31 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
     # Program order, stage by stage, every rank's op of a stage side by side.
     for r in range(tp_size):
         prog.add_op(r, "embed", "embed", None,
-                    {"tokens": _n(prog, r, TOKENS), "table": _n(prog, r, EMBED)}, {"out": _n(prog, r, "x.0")})
+                    {"tokens": rank_name(prog, r, TOKENS), "table": rank_name(prog, r, EMBED)}, {"out": rank_name(prog, r, "x.0")})
     for layer in range(cfg.num_layers):
         _attention_block(prog, layer, shards)
-        _mlp_block(prog, layer, shards)
+        mlp_block(prog, layer, shards)
     x_final = f"x.{2 * cfg.num_layers}"
     lm_tile = [choose_tile(s.vocab, num_sms) for s in shards]
     for r in range(tp_size):
         prog.add_op(r, "rmsnorm_lm_head_argmax", "lm_head", None,
-                    {"x": _n(prog, r, x_final), "norm": _n(prog, r, "final_norm"), "weight": _n(prog, r, "lm_head")},
-                    {"logits": _n(prog, r, LOGITS), "cand_val": _n(prog, r, "cand_val"), "cand_idx": _n(prog, r, "cand_idx")},
+                    {"x": rank_name(prog, r, x_final), "norm": rank_name(prog, r, "final_norm"), "weight": rank_name(prog, r, "lm_head")},
+                    {"logits": rank_name(prog, r, LOGITS), "cand_val": rank_name(prog, r, "cand_val"), "cand_idx": rank_name(prog, r, "cand_idx")},
                     tile=lm_tile[r], vocab_start=shards[r].vocab_start, eps=cfg.rms_norm_eps)
     for r in range(tp_size):
-        inputs = {role: _n(prog, r, name) for role, name in
+        inputs = {role: rank_name(prog, r, name) for role, name in
                   (("prompt", PROMPT), ("prompt_len", PROMPT_LEN), ("sample_floats", SAMPLE_FLOATS),
                    ("sample_ints", SAMPLE_INTS))}
         for k in range(tp_size):
-            inputs[f"cand_val{k}"] = _n(prog, k, "cand_val")
-            inputs[f"cand_idx{k}"] = _n(prog, k, "cand_idx")
-            inputs[f"logits{k}"] = _n(prog, k, LOGITS)
-        prog.add_op(r, "sample", "sample", None, inputs, {"tokens": _n(prog, r, TOKENS)}, ranks=tp_size)
+            inputs[f"cand_val{k}"] = rank_name(prog, k, "cand_val")
+            inputs[f"cand_idx{k}"] = rank_name(prog, k, "cand_idx")
+            inputs[f"logits{k}"] = rank_name(prog, k, LOGITS)
+        prog.add_op(r, "sample", "sample", None, inputs, {"tokens": rank_name(prog, r, TOKENS)}, ranks=tp_size)
     return prog
 
 
-def _n(prog: Program, rank: int, name: str) -> str:
+def rank_name(prog: Program, rank: int, name: str) -> str:
+    """The name of rank `rank`'s copy of tensor `name` in `prog`."""
     return tensor_name(rank, prog.tp_size, name)
 
 
@@ -252,15 +253,15 @@ def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
     p = f"layers.{layer}."
     x_in, x_out = f"x.{2 * layer}", f"x.{2 * layer + 1}"
     for r, sh in enumerate(shards):
-        n = partial(_n, prog, r)
+        n = partial(rank_name, prog, r)
         inputs = {"x": n(x_in), "norm": n(p + "attn_norm"), "weight": n(p + "qkv")}
         if cfg.qkv_bias:
             inputs["bias"] = n(p + "qkv_bias")
         prog.add_op(r, "rmsnorm_linear", p + "qkv", layer, inputs, {"out": n(p + "qkv_out")},
-                    tile=_qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
+                    tile=qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
     heads = dict(q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps)
     for r, sh in enumerate(shards):
-        n = partial(_n, prog, r)
+        n = partial(rank_name, prog, r)
         current = {"qkv": n(p + "qkv_out"), "rope": n(ROPE)}
         q_norm = {"q_norm": n(p + "q_norm")} if cfg.qk_norm else {}
         k_norm = {"k_norm": n(p + "k_norm")} if cfg.qk_norm else {}
@@ -272,28 +273,28 @@ def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
         prog.add_op(r, "attention_merge", p + "attn_merge", layer,
                     {**current, **k_norm, "part": n(p + "attn_part"), "lse": n(p + "attn_lse")},
                     {"out": n(p + "attn"), **cache}, **heads)
-    _row_parallel_linear(prog, layer, "o", p + "attn", x_in, x_out)
+    row_parallel_linear(prog, layer, "o", p + "attn", x_in, x_out)
 
 
-def _mlp_block(prog: Program, layer: int, shards: list[Shard]) -> None:
+def mlp_block(prog: Program, layer: int, shards: list[Shard]) -> None:
     p = f"layers.{layer}."
     x_in, x_out = f"x.{2 * layer + 1}", f"x.{2 * layer + 2}"
     for r, sh in enumerate(shards):
-        n = partial(_n, prog, r)
+        n = partial(rank_name, prog, r)
         prog.add_op(r, "rmsnorm_gate_up_silu", p + "gate_up", layer,
                     {"x": n(x_in), "norm": n(p + "mlp_norm"), "weight": n(p + "gate_up")}, {"out": n(p + "h")},
                     tile=choose_tile(sh.intermediate, prog.num_sms), eps=prog.cfg.rms_norm_eps)
-    _row_parallel_linear(prog, layer, "down", p + "h", x_in, x_out)
+    row_parallel_linear(prog, layer, "down", p + "h", x_in, x_out)
 
 
-def _row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual: str, out: str) -> None:
+def row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual: str, out: str) -> None:
     """out = residual + x @ W^T; with TP each rank's partial product is summed by an allreduce op."""
     p = f"layers.{layer}."
     H, N = prog.cfg.hidden_size, prog.tp_size
     tile = choose_tile(H, prog.num_sms)
     name = p + ("o" if weight == "o" else "down")
     for r in range(N):
-        n = partial(_n, prog, r)
+        n = partial(rank_name, prog, r)
         if N == 1:
             prog.add_op(r, "linear_residual", name, layer,
                         {"x": n(x), "weight": n(p + weight), "residual": n(residual)}, {"out": n(out)}, tile=tile)
@@ -303,13 +304,13 @@ def _row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residua
     if N == 1:
         return
     for r in range(N):
-        inputs = {f"partial{k}": _n(prog, k, p + f"{weight}_partial") for k in range(N)}
-        inputs["residual"] = _n(prog, r, residual)
-        prog.add_op(r, "allreduce_residual", name + "_allreduce", layer, inputs, {"out": _n(prog, r, out)},
+        inputs = {f"partial{k}": rank_name(prog, k, p + f"{weight}_partial") for k in range(N)}
+        inputs["residual"] = rank_name(prog, r, residual)
+        prog.add_op(r, "allreduce_residual", name + "_allreduce", layer, inputs, {"out": rank_name(prog, r, out)},
                     tile=tile, ranks=N)
 
 
-def _qkv_tile(cfg: ModelConfig, sh: Shard, num_sms: int) -> int:
+def qkv_tile(cfg: ModelConfig, sh: Shard, num_sms: int) -> int:
     """QKV tiles never straddle two KV groups, so the attention of group g waits only for group g's tiles."""
     rows = cfg.qkv_rows_per_group
     tile = choose_tile(sh.kv_groups * rows, num_sms)

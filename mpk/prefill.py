@@ -1,0 +1,157 @@
+"""Prefill: a prompt's first tokens through the model at once, filling the KV cache for decode.
+
+The prefill program processes positions [0, rows) of every sequence of a batch together: the
+embedding of batch x rows tokens, then per layer the QKV projection over all rows, causal attention
+that also writes the K/V rows into the cache (`mpk.ops.prefill`), the O projection and the MLP,
+each a matrix product tiled by output columns like the decode ops (which take any number of rows).
+The last layer stops after its attention: only its K/V rows are needed. It has the decode
+program's weights and KV cache tensors, by name and shape, so it runs on the decode executor's
+buffers, and decode continues at position `rows`.
+
+Prompts of different lengths share a batch: prefill covers the positions before the shortest
+prompt's last token, and decode steps through the rest of each prompt as it always does (its
+sample op forwards prompt tokens). Runs on the CPU executor; the GPU has no prefill kernels yet.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from mpk import defaults
+from mpk.compiler import compile_program
+from mpk.errors import MpkError
+from mpk.graph import (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE, Program, mlp_block, precision_of, qkv_tile,
+                       rank_name, row_parallel_linear, shard_of)
+from mpk.taskgraph import TaskGraph
+
+PREFILL_TOKENS = "prefill_tokens"  # meta [batch * rows] int64: the prompt tokens of positions [0, rows)
+
+
+def build_prefill_program(cfg, batch: int, rows: int, max_seq_len: int, tp_size: int = 1,
+                          num_sms: int = defaults.NUM_SMS, activations: str = DEFAULT_ACTIVATIONS,
+                          weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE) -> Program:
+    """Positions [0, rows) of `batch` sequences, for a decode program of the same arguments."""
+    if not 1 <= rows < max_seq_len:
+        raise MpkError(f"a prefill of {rows} positions does not fit a context of {max_seq_len}")
+    prog = Program(cfg, batch, max_seq_len, tp_size, num_sms, precision_of(weights, activations, kv_cache))
+    shards = [shard_of(cfg, r, tp_size) for r in range(tp_size)]
+    for r, sh in enumerate(shards):
+        _declare(prog, r, sh, batch * rows)
+    for r in range(tp_size):
+        prog.add_op(r, "embed", "embed", None, {"tokens": rank_name(prog, r, PREFILL_TOKENS), "table": rank_name(prog, r, EMBED)},
+                    {"out": rank_name(prog, r, "x.0")})
+    for layer in range(cfg.num_layers):
+        _attention(prog, layer, shards, rows)
+        if layer < cfg.num_layers - 1:  # the last layer's output feeds no K/V row
+            p = f"layers.{layer}."
+            row_parallel_linear(prog, layer, "o", p + "attn", f"x.{2 * layer}", f"x.{2 * layer + 1}")
+            mlp_block(prog, layer, shards)
+    return prog
+
+
+def _declare(prog: Program, r: int, sh, n_rows: int) -> None:
+    """The decode program's weights and caches (same names and shapes), and activations of n_rows rows."""
+    cfg, S = prog.cfg, prog.max_seq_len
+    H, hd = cfg.hidden_size, cfg.head_dim
+    qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
+    add = prog.add_tensor
+    wt, act, kv = prog.precision.weights, prog.precision.activations, prog.precision.kv_cache
+    add(r, PREFILL_TOKENS, "meta", (n_rows,), "int64")
+    add(r, EMBED, "weight", (cfg.vocab_size, H), wt)
+    add(r, ROPE, "weight", (S, hd), "float32")
+    add(r, "x.0", "activation", (n_rows, H), act)
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}."
+        last = layer == cfg.num_layers - 1
+        add(r, p + "attn_norm", "weight", (H,), wt)
+        add(r, p + "qkv", "weight", (qkv_rows, H), wt)
+        if cfg.qkv_bias:
+            add(r, p + "qkv_bias", "weight", (qkv_rows,), wt)
+        if cfg.qk_norm:
+            add(r, p + "q_norm", "weight", (hd,), wt)
+            add(r, p + "k_norm", "weight", (hd,), wt)
+        add(r, p + "k_cache", "state", (prog.batch, S, sh.kv_groups, hd), kv)
+        add(r, p + "v_cache", "state", (prog.batch, S, sh.kv_groups, hd), kv)
+        add(r, p + "qkv_out", "activation", (n_rows, qkv_rows), act)
+        add(r, p + "attn", "activation", (n_rows, sh.q_heads * hd), act)
+        if last:
+            continue
+        add(r, p + "o", "weight", (H, sh.q_heads * hd), wt)
+        add(r, p + "mlp_norm", "weight", (H,), wt)
+        add(r, p + "gate_up", "weight", (2 * sh.intermediate, H), wt)
+        add(r, p + "down", "weight", (H, sh.intermediate), wt)
+        add(r, p + "h", "activation", (n_rows, sh.intermediate), act)
+        add(r, f"x.{2 * layer + 1}", "activation", (n_rows, H), act)
+        add(r, f"x.{2 * layer + 2}", "activation", (n_rows, H), act)
+        if prog.tp_size > 1:
+            add(r, p + "o_partial", "activation", (n_rows, H), "float32")
+            add(r, p + "down_partial", "activation", (n_rows, H), "float32")
+
+
+def _attention(prog: Program, layer: int, shards, rows: int) -> None:
+    cfg = prog.cfg
+    p = f"layers.{layer}."
+    for r, sh in enumerate(shards):
+        n = partial(rank_name, prog, r)
+        inputs = {"x": n(f"x.{2 * layer}"), "norm": n(p + "attn_norm"), "weight": n(p + "qkv")}
+        if cfg.qkv_bias:
+            inputs["bias"] = n(p + "qkv_bias")
+        prog.add_op(r, "rmsnorm_linear", p + "qkv", layer, inputs, {"out": n(p + "qkv_out")},
+                    tile=qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
+        norms = {role: n(p + role) for role in ("q_norm", "k_norm")} if cfg.qk_norm else {}
+        prog.add_op(r, "prefill_attention", p + "attention", layer, {"qkv": n(p + "qkv_out"), "rope": n(ROPE), **norms},
+                    {"out": n(p + "attn"), "k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")},
+                    rows=rows, q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps,
+                    scale=cfg.head_dim ** -0.5, window=cfg.sliding_window)
+
+
+def prefill_rows(prompts: list[list[int]]) -> int:
+    """Positions every prompt has before its last token: what prefill can take (0: nothing to do)."""
+    return min(len(p) for p in prompts) - 1
+
+
+def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True) -> TaskGraph:
+    """The verified prefill TaskGraph matching a compiled decode graph (its batch, context, ranks,
+    SMs and precisions)."""
+    pr = decode.precision
+    prog = build_prefill_program(cfg, decode.batch, rows, decode.max_seq_len, decode.tp_size, decode.num_sms,
+                                 "float32" if pr.activations == "float32" else "model", pr.weights,
+                                 "float32" if pr.kv_cache == "float32" else "model")
+    tg = compile_program(prog)
+    if verify:
+        from mpk.compiler.verify import verify as run_verifier
+
+        tg.stats["verify"] = run_verifier(tg).as_dict()
+    return tg
+
+
+def run_prefill(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts: list[list[int]], seed: int = 0) -> None:
+    """Run a prefill graph on the CPU executor over the decode executor's buffers (the weights and
+    the KV cache it fills are shared; its own activations are new)."""
+    from mpk.execution import allocate
+    from mpk.graph import tensor_name
+    from mpk.sim import run
+
+    rows = next(op.params["rows"] for op in tg.ops if op.kind == "prefill_attention")
+    if min(len(p) for p in prompts) <= rows:
+        raise MpkError(f"a prefill of {rows} positions needs prompts of at least {rows + 1} tokens")
+    tokens = torch.tensor([t for p in prompts for t in p[:rows]], dtype=torch.int64)
+    meta = {tensor_name(r, tg.tp_size, PREFILL_TOKENS): tokens for r in range(tg.tp_size)}
+    shared = {name: buf for name, buf in decode_buffers.items() if name in tg.tensors and tg.tensors[name].kind
+              in ("weight", "state")}
+    for name, buf in shared.items():
+        if tuple(buf.shape) != tg.tensors[name].shape:
+            raise MpkError(f"the prefill graph's {name} is {tg.tensors[name].shape}, the decode buffer {tuple(buf.shape)}")
+    own = {name: spec for name, spec in tg.tensors.items() if name not in shared}
+    bufs = allocate(_only(tg, own), {}, meta)
+    bufs.update(shared)
+    run(tg, bufs, 1, lambda step, b: False, seed, 0)
+
+
+def _only(tg: TaskGraph, tensors: dict) -> TaskGraph:
+    """`tg` restricted to some tensors, for allocating just those."""
+    from dataclasses import replace
+
+    return replace(tg, tensors=tensors)

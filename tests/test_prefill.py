@@ -1,0 +1,137 @@
+"""Prefill on the CPU executor: a prompt's first positions at once, then decode over the filled cache.
+
+- Against decode alone (the prompt fed one token per step, itself checked against transformers in
+  test_generate_vs_hf): with a float32 cache the logits agree to float32 summation noise, and
+  greedy tokens are equal; with the default bf16 cache, within bf16 rounding flips.
+- Against transformers directly: the logits after a prefill stay within the accuracy bound.
+- The verifier proves prefill graphs (one and two ranks) and catches a dropped dependency.
+- The API prefills on the CPU executor and returns what it returns without prefill.
+"""
+
+import pytest
+import torch
+
+from mpk import LLM, SamplingParams
+from mpk.compiler import compile_model
+from mpk.compiler.verify import VerificationError, verify
+from mpk.errors import MpkError
+from mpk.inputs import fuse_weights, program_inputs
+from mpk.models.checkpoint import load_checkpoint
+from mpk.prefill import compile_prefill, prefill_rows, run_prefill
+from mpk.sim import CpuExecutor
+from mpk.taskgraph import TaskGraph
+
+CASES = {  # name: (family, config overrides, tp)
+    "llama": ("llama", {}, 1),
+    "qwen2-bias": ("qwen2", {}, 1),
+    "qwen3-qknorm-tied": ("qwen3", {"tie_word_embeddings": True}, 1),
+    "mistral-window": ("mistral", {"sliding_window": 5}, 1),
+    "llama-odd": ("llama", {"hidden_size": 60, "intermediate_size": 98, "vocab_size": 131}, 1),
+    "qwen3-tp2": ("qwen3", {}, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def models(make_checkpoint):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            family, overrides, _ = CASES[case]
+            cache[case] = load_checkpoint(make_checkpoint(family, **overrides))
+        return cache[case]
+
+    return get
+
+
+def decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill: bool, weights="bfloat16"):
+    """Per-step logits and tokens of decode from position 0, or after a prefill of the prompts' first positions."""
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=4, tp_size=tp, kv_cache=kv_cache,
+                       weights=weights)
+    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.float32), prompts)
+    with CpuExecutor(tg, weights, meta) as ex:
+        first = 0
+        if prefill:
+            first = prefill_rows(prompts)
+            run_prefill(compile_prefill(tg, cfg, first), ex.buffers, prompts)
+            ex.set_tokens([p[first] for p in prompts])
+        res = ex.run(steps - first, first_step=first, eos_token_ids=[], collect_logits=True)
+    return res.logits, res.tokens, first
+
+
+def rel(a, b) -> float:
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_then_decode_equals_decode_alone(models, case):
+    cfg, hf = models(case)
+    tp = CASES[case][2]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (11, 9, 13)]
+    steps = 15
+    for kv_cache, tol in (("float32", 1e-5), ("model", 5e-3)):
+        want, want_tokens, _ = decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill=False)
+        got, tokens, first = decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill=True)
+        assert first == 8  # the shortest prompt's positions before its last token
+        errs = [rel(a, b) for a, b in zip(got, want[first:])]
+        assert max(errs) < tol, (kv_cache, max(errs))
+        if kv_cache == "float32":
+            assert tokens == want_tokens[first:]
+
+
+def test_logits_after_a_long_prefill_match_transformers(models, load_hf_model, make_checkpoint):
+    """A 66-token prompt: 65 positions through prefill, the last one decoded, against float32 transformers."""
+    path = make_checkpoint("qwen3", max_position_embeddings=128)
+    cfg, hf = load_checkpoint(path)
+    model = load_hf_model(path)
+    seq = torch.randint(0, cfg.vocab_size, (1, 66), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(seq).logits[0]  # [66, vocab]
+    got, _, first = decode_logits(cfg, hf, [seq[0].tolist()], 66, 1, "float32", prefill=True, weights="float32")
+    assert first == 65
+    # The last position's logits, after the prefill of the 65 before it.
+    assert rel(got[0][0], want[65]) < 1e-4
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_prefill_graphs_verify_and_a_dropped_dependency_is_caught(models, tp):
+    cfg, _ = models("qwen3-tp2")
+    decode = compile_model(cfg, batch=2, max_seq_len=24, num_sms=4, tp_size=tp)
+    tg = compile_prefill(decode, cfg, 16)
+    assert tg.stats["verify"]["verdict"] == "pass"
+    assert {op.kind for op in tg.ops} >= {"embed", "rmsnorm_linear", "prefill_attention", "rmsnorm_gate_up_silu"}
+    bad = TaskGraph.from_json(tg.to_json())
+    attention = next(t for t in bad.tasks if bad.ops[t.op].kind == "prefill_attention")
+    ev = bad.events[attention.wait]
+    dropped = ev.producers.pop()
+    bad.tasks[dropped].signals.remove(ev.id)
+    ev.target -= 1
+    with pytest.raises(VerificationError) as err:
+        verify(bad)
+    assert err.value.check in ("race", "coverage") and "qkv_out" in str(err.value)
+
+
+def test_a_prompt_shorter_than_the_prefill_is_refused(models):
+    cfg, hf = models("llama")
+    decode = compile_model(cfg, batch=1, max_seq_len=32, num_sms=8)
+    weights, meta = program_inputs(cfg, decode, fuse_weights(cfg, hf, 1, torch.float32), [[1, 2, 3]])
+    with CpuExecutor(decode, weights, meta) as ex, pytest.raises(MpkError, match="needs prompts of at least 9 tokens"):
+        run_prefill(compile_prefill(decode, cfg, 8), ex.buffers, [[1, 2, 3]])
+    with pytest.raises(MpkError, match="does not fit a context of 32"):
+        compile_prefill(decode, cfg, 32)
+
+
+def test_the_api_prefills_and_returns_what_it_returns_without(make_checkpoint):
+    path = str(make_checkpoint("qwen3", tokenizer=True))
+    prompts = [list(range(3, 30)), list(range(50, 70))]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=6, seed=4, ignore_eos=True)
+    with LLM(path, backend="sim", dtype="float32", kv_cache="float32") as fast, \
+            LLM(path, backend="sim", dtype="float32", kv_cache="float32", prefill=False) as slow:
+        for params in (greedy, sampled):
+            a = [o.outputs[0].token_ids for o in fast.generate(prompts, params)]
+            assert fast.last_run.prefilled == 16  # a power of two within the 19 positions both prompts have
+            b = [o.outputs[0].token_ids for o in slow.generate(prompts, params)]
+            assert slow.last_run.prefilled == 0 and fast.last_run.steps < slow.last_run.steps
+            assert a == b
