@@ -21,7 +21,8 @@ DEFAULT_TOKEN_IDS = "1,2,3,4"
 
 # Integer options and their (lowest, highest) values, checked before anything runs or prints.
 RANGES = {"batch": (1, MAX_BATCH), "num_sms": (1, MAX_NUM_SMS), "tp": (1, None), "max_seq_len": (1, None),
-          "max_new_tokens": (1, None), "steps": (1, None), "port": (0, 65535), "max_waiting": (1, None)}
+          "max_new_tokens": (1, None), "steps": (1, None), "port": (0, 65535), "max_waiting": (1, None),
+          "clients": (1, None), "requests": (1, None), "prompt_len": (1, None), "output_len": (1, None)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +149,29 @@ def _parser() -> argparse.ArgumentParser:
                      help="requests that may wait for the engine; more are answered 503")
     _add_run_flags(srv)
     srv.set_defaults(func=cmd_serve)
+
+    bsv = command("bench-serve", "load an OpenAI-compatible server (mpk serve, vLLM) with concurrent streaming "
+                                 "completions; report throughput, time to first token (TTFT) and time per output "
+                                 "token (TPOT); needs httpx")
+    bsv.add_argument("url", help="the server's address, such as http://127.0.0.1:8000 (with or without /v1)")
+    bsv.add_argument("--model", help="the model to ask for (default: the first the server lists at /v1/models)")
+    bsv.add_argument("--clients", type=int, default=8, help="concurrent clients, each streaming one request at a time")
+    amount = bsv.add_mutually_exclusive_group()
+    amount.add_argument("--requests", type=int, help="requests in all (default: 4 per client)")
+    amount.add_argument("--duration", type=float, metavar="SECONDS",
+                        help="send requests for this long instead; those in flight then finish")
+    bsv.add_argument("--prompt-len", type=int, default=128,
+                     help="mean prompt length in tokens (random token ids); each request's is drawn uniformly "
+                          "within +-50%%")
+    bsv.add_argument("--output-len", type=int, default=128,
+                     help="mean output length in tokens; each request's is drawn uniformly within +-50%%")
+    bsv.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths and prompts")
+    bsv.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                     help="let requests stop at an end-of-sequence token (by default they ask, with the ignore_eos "
+                          "extension of mpk serve and vLLM, for exactly the drawn output length)")
+    bsv.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
+    bsv.add_argument("--json", action="store_true", help="print the results as JSON")
+    bsv.set_defaults(func=cmd_bench_serve)
     return p
 
 
@@ -362,6 +386,23 @@ def cmd_serve(args) -> int:
                     f"({backend}; one request at a time, up to {args.max_waiting} waiting)")
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning" if args.quiet else "info"))
         server.run(sockets=[sock])
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    for flag, value in (("--duration", args.duration), ("--timeout", args.timeout)):
+        if value is not None and not value > 0:
+            raise MpkError(f"{flag} must be more than 0 seconds, not {value}")
+    try:
+        from mpk.serve.loadgen import format_bench_serve, run_bench_serve
+    except ImportError as e:
+        raise MpkError(f"mpk bench-serve needs httpx ({e}); pip install 'mpk[serve]'") from None
+    result = run_bench_serve(args.url, model=args.model, clients=args.clients, requests=args.requests,
+                             duration=args.duration, prompt_len=args.prompt_len, output_len=args.output_len,
+                             seed=args.seed, ignore_eos=args.ignore_eos, timeout=args.timeout)
+    print(json.dumps(result, indent=2) if args.json else format_bench_serve(result))
+    if result["completed"] == 0:
+        raise MpkError(f"every request failed; the first: {result['first_error']}")
     return 0
 
 

@@ -18,7 +18,8 @@ pytest.importorskip("uvicorn")
 
 
 def test_import_mpk_and_its_cli_leave_fastapi_out():
-    code = "import sys, mpk, mpk.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'openai') if m in sys.modules))"
+    code = ("import sys, mpk, mpk.cli; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'openai', 'httpx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
 

@@ -154,6 +154,61 @@ def test_concurrent_requests_each_get_what_generate_gives(url, llm):
         assert list(pool.map(ask, prompts)) == want
 
 
+def mixed_request(i: int) -> dict:
+    """Request i of a mixed load: completions and chats, streamed or not, greedy or sampled with a seed."""
+    params = {"max_tokens": 2 + i % 4}
+    if i % 3 == 0:
+        params["temperature"] = 0.0
+    else:
+        params.update(temperature=0.6 + 0.1 * (i % 5), seed=100 + i)
+        if i % 2:
+            params["top_p"] = 0.85
+    chat = i % 2 == 1
+    prompt = [{"role": "user", "content": f"dog {i}"}] if chat else f"{i} cat"
+    return {"chat": chat, "stream": i % 4 >= 2, "prompt": prompt, "params": params}
+
+
+def send(url: str, req: dict, start: threading.Barrier) -> tuple[str, str, int]:
+    """The reply's text, finish reason and token count, through the openai client (a client per thread)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    usage = {"stream_options": {"include_usage": True}} if req["stream"] else {}
+    start.wait(30)
+    if req["chat"]:
+        reply = client.chat.completions.create(model=MODEL, messages=req["prompt"], stream=req["stream"],
+                                               **usage, **req["params"])
+        if not req["stream"]:
+            choice = reply.choices[0]
+            return choice.message.content, choice.finish_reason, reply.usage.completion_tokens
+        chunks = list(reply)
+        choices = [c.choices[0] for c in chunks if c.choices]
+        return ("".join(c.delta.content or "" for c in choices), choices[-1].finish_reason,
+                chunks[-1].usage.completion_tokens)
+    reply = client.completions.create(model=MODEL, prompt=req["prompt"], stream=req["stream"], **usage, **req["params"])
+    if not req["stream"]:
+        return reply.choices[0].text, reply.choices[0].finish_reason, reply.usage.completion_tokens
+    chunks = list(reply)
+    choices = [c.choices[0] for c in chunks if c.choices]
+    return "".join(c.text for c in choices), choices[-1].finish_reason, chunks[-1].usage.completion_tokens
+
+
+def test_sixteen_mixed_concurrent_requests_each_get_what_the_llm_gives(url, llm):
+    requests = [mixed_request(i) for i in range(16)]
+    assert {(r["chat"], r["stream"], "seed" in r["params"]) for r in requests} == {
+        (c, s, seeded) for c in (False, True) for s in (False, True) for seeded in (False, True)}
+    want = []
+    for r in requests:
+        params = SamplingParams(**r["params"])
+        out = llm.chat(r["prompt"], params) if r["chat"] else llm.generate([r["prompt"]], params)[0]
+        o = out.outputs[0]
+        want.append((o.text, o.finish_reason, len(o.token_ids)))
+    assert len({text for text, _, _ in want}) > 8  # the prompts and seeds really differ
+
+    start = threading.Barrier(len(requests))  # every thread sends at the same moment
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(lambda r: send(url, r, start), requests))
+    assert got == want
+
+
 GOOD = {"model": MODEL, "prompt": "the cat", "max_tokens": 2, "temperature": 0}
 
 
