@@ -141,7 +141,7 @@ class Megakernel(Executor):
             if blocks.value < 1:
                 raise MpkError(f"the megakernel needs {self.lib.mpk_smem_bytes()} bytes of shared memory per SM, more "
                                f"than {pr.name} offers; use a smaller batch")
-        self.tables = tables[0]
+        self.tables = tables[0]  # rank 0's; every rank has the same variants and sample tasks per step
         try:
             self.ranks = [RankState(r, d, t) for r, (d, t) in enumerate(zip(self.devices, tables))]
             for rs in self.ranks:
@@ -189,9 +189,6 @@ class Megakernel(Executor):
             for name in ("counters", "ctl"):
                 addresses = [other.address(name) for other in self.ranks]
                 rs.dev["peer_" + name] = torch.tensor(addresses, dtype=torch.int64, device=rs.device)
-
-    def _rank_of(self, name: str) -> RankState:
-        return self.ranks[self.tg.tensors[name].rank]
 
     def _flags(self, index: int, value: int = 1) -> None:
         for rs in self.ranks:
