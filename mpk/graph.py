@@ -201,10 +201,9 @@ def rank_name(prog: Program, rank: int, name: str) -> str:
 def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     cfg, B, S = prog.cfg, prog.batch, prog.max_seq_len
     H, hd = cfg.hidden_size, cfg.head_dim
-    qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
     splits = attention_splits(B, sh.kv_groups, S, prog.num_sms)
     add = prog.add_tensor
-    wt, act, kv = prog.precision.weights, prog.precision.activations, prog.precision.kv_cache
+    wt, act = prog.precision.weights, prog.precision.activations
     add(r, TOKENS, "meta", (B,), "int64")
     add(r, PROMPT, "meta", (B, S), "int64")
     add(r, PROMPT_LEN, "meta", (B,), "int64")
@@ -215,35 +214,50 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     add(r, "x.0", "activation", (B, H), act)
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
-        add(r, p + "attn_norm", "weight", (H,), wt)
-        add(r, p + "qkv", "weight", (qkv_rows, H), wt)
-        if cfg.qkv_bias:
-            add(r, p + "qkv_bias", "weight", (qkv_rows,), wt)
-        if cfg.qk_norm:
-            add(r, p + "q_norm", "weight", (hd,), wt)
-            add(r, p + "k_norm", "weight", (hd,), wt)
-        add(r, p + "o", "weight", (H, sh.q_heads * hd), wt)
-        add(r, p + "mlp_norm", "weight", (H,), wt)
-        add(r, p + "gate_up", "weight", (2 * sh.intermediate, H), wt)
-        add(r, p + "down", "weight", (H, sh.intermediate), wt)
-        add(r, p + "k_cache", "state", (B, S, sh.kv_groups, hd), kv)
-        add(r, p + "v_cache", "state", (B, S, sh.kv_groups, hd), kv)
-        add(r, p + "qkv_out", "activation", (B, qkv_rows), act)
+        declare_layer(prog, r, sh, layer, B)
         add(r, p + "attn_part", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv, hd), "float32")
         add(r, p + "attn_lse", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv), "float32")
-        add(r, p + "attn", "activation", (B, sh.q_heads * hd), act)
-        add(r, p + "h", "activation", (B, sh.intermediate), act)
-        add(r, f"x.{2 * layer + 1}", "activation", (B, H), act)
-        add(r, f"x.{2 * layer + 2}", "activation", (B, H), act)
-        if prog.tp_size > 1:
-            add(r, p + "o_partial", "activation", (B, H), "float32")
-            add(r, p + "down_partial", "activation", (B, H), "float32")
     add(r, "final_norm", "weight", (H,), wt)
     add(r, "lm_head", "weight", (sh.vocab, H), wt)
     n_lm_tiles = cdiv(sh.vocab, choose_tile(sh.vocab, prog.num_sms))
     add(r, LOGITS, "activation", (B, sh.vocab), "float32")
     add(r, "cand_val", "activation", (B, n_lm_tiles), "float32")
     add(r, "cand_idx", "activation", (B, n_lm_tiles), "int64")
+
+
+def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: bool = True) -> None:
+    """Rank r's weights and KV cache of one layer, and the activations its ops pass along for `rows`
+    rows (one per sequence in decode, one per position and sequence in prefill). Without `mlp`,
+    only what the layer's attention needs."""
+    cfg, S = prog.cfg, prog.max_seq_len
+    H, hd = cfg.hidden_size, cfg.head_dim
+    qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
+    add = prog.add_tensor
+    wt, act, kv = prog.precision.weights, prog.precision.activations, prog.precision.kv_cache
+    p = f"layers.{layer}."
+    add(r, p + "attn_norm", "weight", (H,), wt)
+    add(r, p + "qkv", "weight", (qkv_rows, H), wt)
+    if cfg.qkv_bias:
+        add(r, p + "qkv_bias", "weight", (qkv_rows,), wt)
+    if cfg.qk_norm:
+        add(r, p + "q_norm", "weight", (hd,), wt)
+        add(r, p + "k_norm", "weight", (hd,), wt)
+    add(r, p + "k_cache", "state", (prog.batch, S, sh.kv_groups, hd), kv)
+    add(r, p + "v_cache", "state", (prog.batch, S, sh.kv_groups, hd), kv)
+    add(r, p + "qkv_out", "activation", (rows, qkv_rows), act)
+    add(r, p + "attn", "activation", (rows, sh.q_heads * hd), act)
+    if not mlp:
+        return
+    add(r, p + "o", "weight", (H, sh.q_heads * hd), wt)
+    add(r, p + "mlp_norm", "weight", (H,), wt)
+    add(r, p + "gate_up", "weight", (2 * sh.intermediate, H), wt)
+    add(r, p + "down", "weight", (H, sh.intermediate), wt)
+    add(r, p + "h", "activation", (rows, sh.intermediate), act)
+    add(r, f"x.{2 * layer + 1}", "activation", (rows, H), act)
+    add(r, f"x.{2 * layer + 2}", "activation", (rows, H), act)
+    if prog.tp_size > 1:
+        add(r, p + "o_partial", "activation", (rows, H), "float32")
+        add(r, p + "down_partial", "activation", (rows, H), "float32")
 
 
 def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:

@@ -22,8 +22,8 @@ import torch
 from mpk import defaults
 from mpk.compiler import compile_program
 from mpk.errors import MpkError
-from mpk.graph import (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE, Program, mlp_block, precision_of, qkv_tile,
-                       rank_name, row_parallel_linear, shard_of)
+from mpk.graph import (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE, Program, declare_layer, mlp_block,
+                       precision_of, qkv_tile, rank_name, row_parallel_linear, shard_of)
 from mpk.taskgraph import TaskGraph
 
 PREFILL_TOKENS = "prefill_tokens"  # meta [batch * rows] int64: the prompt tokens of positions [0, rows)
@@ -53,41 +53,13 @@ def build_prefill_program(cfg, batch: int, rows: int, max_seq_len: int, tp_size:
 
 def _declare(prog: Program, r: int, sh, n_rows: int) -> None:
     """The decode program's weights and caches (same names and shapes), and activations of n_rows rows."""
-    cfg, S = prog.cfg, prog.max_seq_len
-    H, hd = cfg.hidden_size, cfg.head_dim
-    qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
-    add = prog.add_tensor
-    wt, act, kv = prog.precision.weights, prog.precision.activations, prog.precision.kv_cache
-    add(r, PREFILL_TOKENS, "meta", (n_rows,), "int64")
-    add(r, EMBED, "weight", (cfg.vocab_size, H), wt)
-    add(r, ROPE, "weight", (S, hd), "float32")
-    add(r, "x.0", "activation", (n_rows, H), act)
+    cfg = prog.cfg
+    prog.add_tensor(r, PREFILL_TOKENS, "meta", (n_rows,), "int64")
+    prog.add_tensor(r, EMBED, "weight", (cfg.vocab_size, cfg.hidden_size), prog.precision.weights)
+    prog.add_tensor(r, ROPE, "weight", (prog.max_seq_len, cfg.head_dim), "float32")
+    prog.add_tensor(r, "x.0", "activation", (n_rows, cfg.hidden_size), prog.precision.activations)
     for layer in range(cfg.num_layers):
-        p = f"layers.{layer}."
-        last = layer == cfg.num_layers - 1
-        add(r, p + "attn_norm", "weight", (H,), wt)
-        add(r, p + "qkv", "weight", (qkv_rows, H), wt)
-        if cfg.qkv_bias:
-            add(r, p + "qkv_bias", "weight", (qkv_rows,), wt)
-        if cfg.qk_norm:
-            add(r, p + "q_norm", "weight", (hd,), wt)
-            add(r, p + "k_norm", "weight", (hd,), wt)
-        add(r, p + "k_cache", "state", (prog.batch, S, sh.kv_groups, hd), kv)
-        add(r, p + "v_cache", "state", (prog.batch, S, sh.kv_groups, hd), kv)
-        add(r, p + "qkv_out", "activation", (n_rows, qkv_rows), act)
-        add(r, p + "attn", "activation", (n_rows, sh.q_heads * hd), act)
-        if last:
-            continue
-        add(r, p + "o", "weight", (H, sh.q_heads * hd), wt)
-        add(r, p + "mlp_norm", "weight", (H,), wt)
-        add(r, p + "gate_up", "weight", (2 * sh.intermediate, H), wt)
-        add(r, p + "down", "weight", (H, sh.intermediate), wt)
-        add(r, p + "h", "activation", (n_rows, sh.intermediate), act)
-        add(r, f"x.{2 * layer + 1}", "activation", (n_rows, H), act)
-        add(r, f"x.{2 * layer + 2}", "activation", (n_rows, H), act)
-        if prog.tp_size > 1:
-            add(r, p + "o_partial", "activation", (n_rows, H), "float32")
-            add(r, p + "down_partial", "activation", (n_rows, H), "float32")
+        declare_layer(prog, r, sh, layer, n_rows, mlp=layer < cfg.num_layers - 1)
 
 
 def _attention(prog: Program, layer: int, shards, rows: int) -> None:

@@ -22,7 +22,7 @@ from mpk import LLM  # noqa: E402
 from mpk.serve import create_app  # noqa: E402
 from mpk.serve.loadgen import percentile, request_bodies  # noqa: E402
 from test_cli import assert_one_line_error, run_cli  # noqa: E402
-from test_serve import BlockingJob, metric, serving  # noqa: E402
+from test_serve import busy_server, metric, serving  # noqa: E402
 
 MODEL = "tiny-bench"
 MAX_SEQ_LEN = 48
@@ -84,18 +84,9 @@ def test_bench_serve_for_a_duration(capsys, url):
 
 
 def test_a_busy_server_is_counted_as_failures(capsys, llm):
-    app = create_app(llm, MODEL, max_waiting=1)
-    running, waiting = BlockingJob(), BlockingJob()
-    with serving(app) as base:
-        try:
-            app.state.worker.submit(running)
-            assert running.started.wait(10)
-            app.state.worker.submit(waiting)
-            code, result, err = bench(capsys, base, "--clients", "2", "--requests", "3", "--prompt-len", "4",
-                                      "--output-len", "2", "--json")
-        finally:
-            running.release.set()
-            waiting.release.set()
+    with busy_server(llm) as (base, _):
+        code, result, err = bench(capsys, base, "--clients", "2", "--requests", "3", "--prompt-len", "4",
+                                  "--output-len", "2", "--json")
     assert (result["completed"], result["failures"]) == (0, 3)
     assert result["ttft_ms"] is None and result["first_error"].startswith("HTTP 503: the server is busy")
     assert_one_line_error(code, err, "every request failed; the first: HTTP 503")

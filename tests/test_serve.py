@@ -304,20 +304,33 @@ class BlockingJob:
         self.release.wait(30)
 
 
-def test_a_full_queue_answers_503(llm):
+@contextmanager
+def busy_server(llm):
+    """A server whose engine runs one job and whose queue (of one) holds another, until the block
+    ends; yields (base URL, a function that frees both)."""
     app = create_app(llm, MODEL, max_waiting=1)
     running, waiting = BlockingJob(), BlockingJob()
+
+    def free() -> None:
+        running.release.set()
+        waiting.release.set()
+
     with serving(app) as base:
         try:
             app.state.worker.submit(running)
             assert running.started.wait(10)
             app.state.worker.submit(waiting)
-            r = httpx.post(f"{base}/v1/completions", json=GOOD, timeout=60)
-            assert r.status_code == 503
-            assert r.json()["error"]["code"] == "queue_full"
-            assert httpx.get(f"{base}/health").status_code == 200
+            yield base, free
         finally:
-            running.release.set()
-            waiting.release.set()
+            free()
+
+
+def test_a_full_queue_answers_503(llm):
+    with busy_server(llm) as (base, free):
+        r = httpx.post(f"{base}/v1/completions", json=GOOD, timeout=60)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "queue_full"
+        assert httpx.get(f"{base}/health").status_code == 200
+        free()
         r = httpx.post(f"{base}/v1/completions", json=GOOD, timeout=60)
         assert r.status_code == 200

@@ -25,10 +25,11 @@ if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
 from test_megakernel import (CASES, F32_TIE, SAME_BF16_KV_TOL, bound, checkpoint, greedy_mismatches,  # noqa: E402,F401
                              kv_dtype, l2_rel_err, report)
 
+from test_presets import weights  # noqa: E402,F401  (8B bf16 weights on GPU 0, one preset at a time)
+
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.engine import check_prompts  # noqa: E402
 from mpk.inputs import fuse_weights, program_inputs  # noqa: E402
-from mpk.models import resolve_model  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
 
@@ -44,8 +45,8 @@ def sms(case: str) -> int:
 
 def kernel(cfg, hf, prompts, max_seq_len, num_sms, tp):
     tg = compile_model(cfg, batch=len(prompts), max_seq_len=max_seq_len, tp_size=tp, num_sms=num_sms)
-    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.bfloat16), prompts)
-    return Megakernel(tg, weights=weights, meta=meta)
+    inputs, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.bfloat16), prompts)
+    return Megakernel(tg, weights=inputs, meta=meta)
 
 
 def new_tokens(res, prompts, max_new):
@@ -123,27 +124,10 @@ def test_greedy_tokens_at_tp2_equal_tp1(checkpoint, case, batch):
     assert not split, f"TP=2 tokens leave TP=1's away from a near-tie (seq, index, tp1, tp2): {split}"
 
 
-@pytest.fixture(scope="module")
-def preset_weights():
-    held: dict = {}
-
-    def get(name):
-        if name not in held:
-            held.clear()
-            gc.collect()
-            torch.cuda.empty_cache()
-            source = resolve_model(name)
-            held[name] = source.cfg, source.load_weights(torch.bfloat16, device="cuda")
-        return held[name]
-
-    yield get
-    held.clear()
-
-
 @pytest.mark.parametrize("name", PRESETS)
-def test_presets_at_tp2(preset_weights, name):
+def test_presets_at_tp2(weights, name):
     """8B shapes on both GPUs: TP=2's greedy tokens are TP=1's bar near-ties, its logits in the bound."""
-    cfg, hf = preset_weights(name)
+    cfg, hf = weights(name)
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator().manual_seed(3)
     seqs = torch.randint(0, cfg.vocab_size, (1, 8), generator=g)
@@ -196,14 +180,14 @@ def test_a_hang_on_one_rank_stops_both_and_names_the_rank(checkpoint, monkeypatc
     tg = compile_model(cfg, batch=1, max_seq_len=8, tp_size=TP, num_sms=8)
     stuck = next(t.id for t in tg.tasks if tg.ops[t.op].kind == "linear" and t.queue >= tg.num_sms)  # on rank 1
     monkeypatch.setenv("MPK_INJECT", f"hang:{stuck}")
-    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, TP, torch.bfloat16), [[1, 2]])
-    mk = Megakernel(tg, weights=weights, meta=meta)
+    inputs, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, TP, torch.bfloat16), [[1, 2]])
+    mk = Megakernel(tg, weights=inputs, meta=meta)
     with pytest.raises(MpkError, match=rf"no progress for 1\.5 s: rank 1 SM \d+ was stuck inside task {stuck} \("):
         mk.run(4, watchdog_seconds=1.5)
     for d in mk.devices:  # both kernels left: both GPUs are usable
         torch.cuda.synchronize(d)
     monkeypatch.delenv("MPK_INJECT")
-    ok = Megakernel(tg, weights=weights, meta=meta).run(4, eos_token_ids=[])
+    ok = Megakernel(tg, weights=inputs, meta=meta).run(4, eos_token_ids=[])
     assert ok.steps == 4
     report(check="tp2-hang", case="llama", batch=1, task=stuck)
 
