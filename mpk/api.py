@@ -133,7 +133,7 @@ class LLM:
                                                progress=load_progress)
         self._fused = fuse_weights(self.cfg, weights, tp_size, torch_dtype(self.dtype))
         self._executors: dict[tuple[int, int], object] = {}
-        self._prefills: dict[tuple[int, int], object] = {}  # (batch, positions) -> prefill TaskGraph
+        self._prefills: dict[tuple[int, int, int], object] = {}  # (batch, start, rows) -> prefill TaskGraph
         self.prefill = prefill
         self.last_run: RunStats | None = None
 
@@ -249,22 +249,23 @@ class LLM:
         self.last_run = RunStats(result.steps, time.perf_counter() - t0, len(tg.tasks), first)
 
     def _prefill(self, tg, executor, ids: list[list[int]]) -> int:
-        """Fill the KV cache of the first positions of every prompt at once; return the decode step
-        that continues after them (0: none). On the CPU executor only, so far: the GPU runs prompts
-        through its decode steps. The positions are a power of two (at most the positions every
-        prompt has before its last token), so few prefill graphs get compiled."""
-        from mpk.prefill import compile_prefill, prefill_rows, run_prefill
+        """Fill the KV cache of the positions every prompt has before its last token, a chunk at a
+        time (`mpk.prefill.chunks`); return the decode step that continues after them (0: none).
+        On the CPU executor only, so far: the GPU runs prompts through its decode steps."""
+        from mpk.prefill import chunks, compile_prefill, prefill_rows, run_prefill
 
-        room = prefill_rows(ids)
-        if self.backend != "sim" or not self.prefill or room < 1:
+        if self.backend != "sim" or not self.prefill:
             return 0
-        rows = 1 << (room.bit_length() - 1)
-        key = (tg.batch, rows)
-        if key not in self._prefills:
-            self._prefills[key] = compile_prefill(tg, self.cfg, rows)
-        run_prefill(self._prefills[key], executor.buffers, ids, self.seed)
-        executor.set_tokens([p[rows] for p in ids])
-        return rows
+        done = 0
+        for start, rows in chunks(prefill_rows(ids)):
+            key = (tg.batch, start, rows)
+            if key not in self._prefills:
+                self._prefills[key] = compile_prefill(tg, self.cfg, rows, start=start)
+            run_prefill(self._prefills[key], executor.buffers, ids, self.seed)
+            done = start + rows
+        if done:
+            executor.set_tokens([p[done] for p in ids])
+        return done
 
     def _executor(self, batch: int):
         """The compiled graph and open executor for `batch` sequences, made on first use."""

@@ -1,12 +1,13 @@
-"""Prefill: a prompt's first tokens through the model at once, filling the KV cache for decode.
+"""Prefill: a prompt's first tokens through the model a chunk at a time, filling the KV cache for decode.
 
-The prefill program processes positions [0, rows) of every sequence of a batch together: the
+A prefill program processes positions [start, start + rows) of every sequence of a batch together
+(chunks after the first attend to the positions earlier chunks cached): the
 embedding of batch x rows tokens, then per layer the QKV projection over all rows, causal attention
 that also writes the K/V rows into the cache (`mpk.ops.prefill`), the O projection and the MLP,
 each a matrix product tiled by output columns like the decode ops (which take any number of rows).
 The last layer stops after its attention: only its K/V rows are needed. It has the decode
 program's weights and KV cache tensors, by name and shape, so it runs on the decode executor's
-buffers, and decode continues at position `rows`.
+buffers, and the next chunk or decode continues at position start + rows.
 
 Prompts of different lengths share a batch: prefill covers the positions before the shortest
 prompt's last token, and decode steps through the rest of each prompt as it always does (its
@@ -26,15 +27,18 @@ from mpk.graph import (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE, Progr
                        precision_of, qkv_tile, rank_name, row_parallel_linear, shard_of)
 from mpk.taskgraph import TaskGraph
 
-PREFILL_TOKENS = "prefill_tokens"  # meta [batch * rows] int64: the prompt tokens of positions [0, rows)
+PREFILL_TOKENS = "prefill_tokens"  # meta [batch * rows] int64: the prompt tokens of the chunk's positions
+DEFAULT_CHUNK = 256  # positions per prefill graph; longer prompts take several, one after another
 
 
 def build_prefill_program(cfg, batch: int, rows: int, max_seq_len: int, tp_size: int = 1,
                           num_sms: int = defaults.NUM_SMS, activations: str = DEFAULT_ACTIVATIONS,
-                          weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE) -> Program:
-    """Positions [0, rows) of `batch` sequences, for a decode program of the same arguments."""
-    if not 1 <= rows < max_seq_len:
-        raise MpkError(f"a prefill of {rows} positions does not fit a context of {max_seq_len}")
+                          weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE, start: int = 0) -> Program:
+    """Positions [start, start + rows) of `batch` sequences (earlier chunks cached [0, start)), for a
+    decode program of the same arguments."""
+    if rows < 1 or start < 0 or start + rows >= max_seq_len:
+        raise MpkError(f"a prefill of positions {start}..{start + rows - 1} does not fit a context of {max_seq_len} "
+                       "(decode needs the last position)")
     prog = Program(cfg, batch, max_seq_len, tp_size, num_sms, precision_of(weights, activations, kv_cache))
     shards = [shard_of(cfg, r, tp_size) for r in range(tp_size)]
     for r, sh in enumerate(shards):
@@ -43,7 +47,7 @@ def build_prefill_program(cfg, batch: int, rows: int, max_seq_len: int, tp_size:
         prog.add_op(r, "embed", "embed", None, {"tokens": rank_name(prog, r, PREFILL_TOKENS), "table": rank_name(prog, r, EMBED)},
                     {"out": rank_name(prog, r, "x.0")})
     for layer in range(cfg.num_layers):
-        _attention(prog, layer, shards, rows)
+        _attention(prog, layer, shards, rows, start)
         if layer < cfg.num_layers - 1:  # the last layer's output feeds no K/V row
             p = f"layers.{layer}."
             row_parallel_linear(prog, layer, "o", p + "attn", f"x.{2 * layer}", f"x.{2 * layer + 1}")
@@ -62,7 +66,7 @@ def _declare(prog: Program, r: int, sh, n_rows: int) -> None:
         declare_layer(prog, r, sh, layer, n_rows, mlp=layer < cfg.num_layers - 1)
 
 
-def _attention(prog: Program, layer: int, shards, rows: int) -> None:
+def _attention(prog: Program, layer: int, shards, rows: int, start: int) -> None:
     cfg = prog.cfg
     p = f"layers.{layer}."
     for r, sh in enumerate(shards):
@@ -73,9 +77,11 @@ def _attention(prog: Program, layer: int, shards, rows: int) -> None:
         prog.add_op(r, "rmsnorm_linear", p + "qkv", layer, inputs, {"out": n(p + "qkv_out")},
                     tile=qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
         norms = {role: n(p + role) for role in ("q_norm", "k_norm")} if cfg.qk_norm else {}
-        prog.add_op(r, "prefill_attention", p + "attention", layer, {"qkv": n(p + "qkv_out"), "rope": n(ROPE), **norms},
+        past = {"k_past": n(p + "k_cache"), "v_past": n(p + "v_cache")} if start else {}
+        prog.add_op(r, "prefill_attention", p + "attention", layer,
+                    {"qkv": n(p + "qkv_out"), "rope": n(ROPE), **norms, **past},
                     {"out": n(p + "attn"), "k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")},
-                    rows=rows, q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps,
+                    rows=rows, start=start, q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps,
                     scale=cfg.head_dim ** -0.5, window=cfg.sliding_window)
 
 
@@ -84,13 +90,28 @@ def prefill_rows(prompts: list[list[int]]) -> int:
     return min(len(p) for p in prompts) - 1
 
 
-def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True) -> TaskGraph:
-    """The verified prefill TaskGraph matching a compiled decode graph (its batch, context, ranks,
-    SMs and precisions)."""
+def chunks(positions: int, chunk: int = DEFAULT_CHUNK) -> list[tuple[int, int]]:
+    """(start, rows) of the prefill chunks covering positions [0, positions): whole chunks of
+    `chunk` positions, then the rest in decreasing powers of two, so any prompt length reuses a
+    few compiled graphs."""
+    out, start = [], 0
+    while positions - start >= chunk:
+        out.append((start, chunk))
+        start += chunk
+    for bit in reversed(range((positions - start).bit_length())):
+        if (positions - start) >> bit & 1:
+            out.append((start, 1 << bit))
+            start += 1 << bit
+    return out
+
+
+def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True, start: int = 0) -> TaskGraph:
+    """The verified prefill TaskGraph of positions [start, start + rows) matching a compiled decode
+    graph (its batch, context, ranks, SMs and precisions)."""
     pr = decode.precision
     prog = build_prefill_program(cfg, decode.batch, rows, decode.max_seq_len, decode.tp_size, decode.num_sms,
                                  "float32" if pr.activations == "float32" else "model", pr.weights,
-                                 "float32" if pr.kv_cache == "float32" else "model")
+                                 "float32" if pr.kv_cache == "float32" else "model", start)
     tg = compile_program(prog)
     if verify:
         from mpk.compiler.verify import verify as run_verifier
@@ -106,10 +127,12 @@ def run_prefill(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts:
     from mpk.graph import tensor_name
     from mpk.sim import run
 
-    rows = next(op.params["rows"] for op in tg.ops if op.kind == "prefill_attention")
-    if min(len(p) for p in prompts) <= rows:
-        raise MpkError(f"a prefill of {rows} positions needs prompts of at least {rows + 1} tokens")
-    tokens = torch.tensor([t for p in prompts for t in p[:rows]], dtype=torch.int64)
+    attention = next(op for op in tg.ops if op.kind == "prefill_attention")
+    start, rows = attention.params["start"], attention.params["rows"]
+    if min(len(p) for p in prompts) <= start + rows:
+        raise MpkError(f"a prefill of positions {start}..{start + rows - 1} needs prompts of at least "
+                       f"{start + rows + 1} tokens")
+    tokens = torch.tensor([t for p in prompts for t in p[start:start + rows]], dtype=torch.int64)
     meta = {tensor_name(r, tg.tp_size, PREFILL_TOKENS): tokens for r in range(tg.tp_size)}
     shared = {name: buf for name, buf in decode_buffers.items() if name in tg.tensors and tg.tensors[name].kind
               in ("weight", "state")}

@@ -17,7 +17,7 @@ from mpk.compiler.verify import VerificationError, verify
 from mpk.errors import MpkError
 from mpk.inputs import fuse_weights, program_inputs
 from mpk.models.checkpoint import load_checkpoint
-from mpk.prefill import compile_prefill, prefill_rows, run_prefill
+from mpk.prefill import chunks, compile_prefill, prefill_rows, run_prefill
 from mpk.sim import CpuExecutor
 from mpk.taskgraph import TaskGraph
 
@@ -44,8 +44,9 @@ def models(make_checkpoint):
     return get
 
 
-def decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill: bool, weights="bfloat16"):
-    """Per-step logits and tokens of decode from position 0, or after a prefill of the prompts' first positions."""
+def decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill: bool, weights="bfloat16", chunk=256):
+    """Per-step logits and tokens of decode from position 0, or after a prefill of the prompts' first
+    positions (in chunks of at most `chunk`)."""
     tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=4, tp_size=tp, kv_cache=kv_cache,
                        weights=weights)
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.float32), prompts)
@@ -53,7 +54,8 @@ def decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill: bool, weights=
         first = 0
         if prefill:
             first = prefill_rows(prompts)
-            run_prefill(compile_prefill(tg, cfg, first), ex.buffers, prompts)
+            for start, rows in chunks(first, chunk):
+                run_prefill(compile_prefill(tg, cfg, rows, start=start), ex.buffers, prompts)
             ex.set_tokens([p[first] for p in prompts])
         res = ex.run(steps - first, first_step=first, eos_token_ids=[], collect_logits=True)
     return res.logits, res.tokens, first
@@ -63,8 +65,17 @@ def rel(a, b) -> float:
     return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
 
 
+def test_chunks_cover_the_positions_with_few_distinct_shapes():
+    assert chunks(600, 256) == [(0, 256), (256, 256), (512, 64), (576, 16), (592, 8)]
+    assert chunks(7, 4) == [(0, 4), (4, 2), (6, 1)] and chunks(0, 4) == []
+    covered = [p for start, rows in chunks(1000, 128) for p in range(start, start + rows)]
+    assert covered == list(range(1000))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_prefill_then_decode_equals_decode_alone(models, case):
+    """Eight positions in chunks of 3, 3 and 2 (later chunks attend to the cached ones), the rest by
+    decode; against decode of every position."""
     cfg, hf = models(case)
     tp = CASES[case][2]
     g = torch.Generator().manual_seed(1)
@@ -72,7 +83,7 @@ def test_prefill_then_decode_equals_decode_alone(models, case):
     steps = 15
     for kv_cache, tol in (("float32", 1e-5), ("model", 5e-3)):
         want, want_tokens, _ = decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill=False)
-        got, tokens, first = decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill=True)
+        got, tokens, first = decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill=True, chunk=3)
         assert first == 8  # the shortest prompt's positions before its last token
         errs = [rel(a, b) for a, b in zip(got, want[first:])]
         assert max(errs) < tol, (kv_cache, max(errs))
@@ -94,11 +105,11 @@ def test_logits_after_a_long_prefill_match_transformers(models, load_hf_model, m
     assert rel(got[0][0], want[65]) < 1e-4
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_prefill_graphs_verify_and_a_dropped_dependency_is_caught(models, tp):
+@pytest.mark.parametrize("tp, start", [(1, 0), (2, 0), (1, 4)])
+def test_prefill_graphs_verify_and_a_dropped_dependency_is_caught(models, tp, start):
     cfg, _ = models("qwen3-tp2")
     decode = compile_model(cfg, batch=2, max_seq_len=24, num_sms=4, tp_size=tp)
-    tg = compile_prefill(decode, cfg, 16)
+    tg = compile_prefill(decode, cfg, 16, start=start)
     assert tg.stats["verify"]["verdict"] == "pass"
     assert {op.kind for op in tg.ops} >= {"embed", "rmsnorm_linear", "prefill_attention", "rmsnorm_gate_up_silu"}
     bad = TaskGraph.from_json(tg.to_json())
@@ -119,7 +130,7 @@ def test_a_prompt_shorter_than_the_prefill_is_refused(models):
     with CpuExecutor(decode, weights, meta) as ex, pytest.raises(MpkError, match="needs prompts of at least 9 tokens"):
         run_prefill(compile_prefill(decode, cfg, 8), ex.buffers, [[1, 2, 3]])
     with pytest.raises(MpkError, match="does not fit a context of 32"):
-        compile_prefill(decode, cfg, 32)
+        compile_prefill(decode, cfg, 8, start=24)
 
 
 def test_the_api_prefills_and_returns_what_it_returns_without(make_checkpoint):
@@ -131,7 +142,7 @@ def test_the_api_prefills_and_returns_what_it_returns_without(make_checkpoint):
             LLM(path, backend="sim", dtype="float32", kv_cache="float32", prefill=False) as slow:
         for params in (greedy, sampled):
             a = [o.outputs[0].token_ids for o in fast.generate(prompts, params)]
-            assert fast.last_run.prefilled == 16  # a power of two within the 19 positions both prompts have
+            assert fast.last_run.prefilled == 19  # every position both prompts have before their last token
             b = [o.outputs[0].token_ids for o in slow.generate(prompts, params)]
             assert slow.last_run.prefilled == 0 and fast.last_run.steps < slow.last_run.steps
             assert a == b
