@@ -129,3 +129,15 @@ def test_percentiles_interpolate_as_numpy_does():
     values = sorted([3.0, 1.0, 4.0, 1.5, 9.0, 2.6])
     for q in (0, 50, 99, 100):
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_a_model_without_a_tokenizer_still_has_ttft_and_tpot(capsys, make_checkpoint):
+    """Token-id prompts and no text: the server still streams a chunk per token, which is what is timed."""
+    plain = LLM(str(make_checkpoint("llama")), backend="sim", dtype="float32", max_batch=1, max_seq_len=MAX_SEQ_LEN)
+    with serving(create_app(plain, MODEL, max_waiting=16)) as base:
+        code, result, err = bench(capsys, base, "--clients", "2", "--requests", "4", "--prompt-len", "6",
+                                  "--output-len", "4", "--json")
+    assert code == 0, err
+    assert result["completed"] == 4 and result["failures"] == 0
+    for name in ("ttft_ms", "tpot_ms"):
+        assert 0 < result[name]["p50"] <= result[name]["p99"], name

@@ -120,6 +120,7 @@ def test_streaming_completion_and_chat_through_the_openai_client(client, llm):
     want = expected(llm, "the cat", max_tokens=10, temperature=0.7, seed=1)
     assert "".join(c.choices[0].text for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == want.finish_reason
+    assert len(chunks) - 1 == len(want.token_ids)  # one chunk per token, then the one that says why it ended
 
     messages = [{"role": "user", "content": "hi"}]
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
@@ -127,6 +128,8 @@ def test_streaming_completion_and_chat_through_the_openai_client(client, llm):
     want = llm.chat(messages, SamplingParams(max_tokens=10, temperature=0)).outputs[0]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content is not None and
+               not c.choices[0].delta.role) == len(want.token_ids)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
 

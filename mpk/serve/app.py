@@ -152,14 +152,25 @@ def create_app(llm: LLM, model_name: str, max_waiting: int = 64) -> FastAPI:
     def stream(job: Job, arrived: float, chunk, reply: "Reply", req) -> StreamingResponse:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
 
+        # One chunk per new token, carrying the text that token made final ("" while text is held
+        # back, or without a tokenizer), so a client sees every token arrive.
         async def events():
             try:
-                yield sse(chunk(first=True))
+                if reply.object == "chat.completion":
+                    yield sse(chunk(first=True))  # the assistant's role, as OpenAI's first chat chunk
+                unsent = False  # a token arrived whose chunk is not out yet
                 while True:
                     kind, value = await job.next_event()
-                    if kind == "text":
-                        yield sse(chunk(text=value))
+                    if kind == "token":
+                        if unsent:
+                            yield sse(chunk(text="", token=True))
+                        unsent = True
+                    elif kind == "text":
+                        yield sse(chunk(text=value, token=True))
+                        unsent = False
                     elif kind == "done":
+                        if unsent:
+                            yield sse(chunk(text="", token=True))
                         yield sse(chunk(finish_reason=value.outputs[0].finish_reason))
                         if include_usage:
                             yield sse(reply.usage_chunk(value))
@@ -228,12 +239,14 @@ class Reply:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text},
                              "logprobs": None, "finish_reason": o.finish_reason}]}
 
-    def completion_chunk(self, text: str = "", finish_reason: str | None = None, first: bool = False) -> dict:
+    def completion_chunk(self, text: str = "", finish_reason: str | None = None, first: bool = False,
+                         token: bool = False) -> dict:
         return {**self._head("text_completion"),
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
-    def chat_chunk(self, text: str = "", finish_reason: str | None = None, first: bool = False) -> dict:
-        delta = {"role": "assistant", "content": ""} if first else {"content": text} if text else {}
+    def chat_chunk(self, text: str = "", finish_reason: str | None = None, first: bool = False,
+                   token: bool = False) -> dict:
+        delta = {"role": "assistant", "content": ""} if first else {"content": text} if text or token else {}
         return {**self._head("chat.completion.chunk"),
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 

@@ -6,9 +6,10 @@ are random token ids, so their lengths are exact whatever the server's tokenizer
 prompt and output lengths are drawn uniformly within +-50% of the means from `seed`, so runs with
 one seed send the same requests.
 
-Per request: TTFT is the time from sending to the first piece of text; TPOT is (end of stream -
-first text) / (output tokens - 1), with the output tokens the server's usage counts. A request
-that streams no text has no TTFT or TPOT, and one of a single token no TPOT.
+Per request: TTFT is the time from sending to the first token's chunk (mpk serve streams one chunk
+per token, its text possibly empty); TPOT is (end of stream - first token) / (output tokens - 1),
+with the output tokens the server's usage counts. A request that streams no token chunk has no
+TTFT or TPOT, and one of a single token no TPOT.
 """
 
 from __future__ import annotations
@@ -167,8 +168,9 @@ async def _request(http: httpx.AsyncClient, base: str, body: dict) -> Outcome:
                     return Outcome(False, error=f"a stream chunk is not a JSON object: {_one_line(line)[:200]}")
                 if "error" in chunk:
                     return Outcome(False, error=_error_text(chunk))
-                if first is None and any(isinstance(c, dict) and c.get("text") for c in chunk.get("choices") or ()):
-                    first = time.perf_counter()
+                if first is None and any(isinstance(c, dict) and "text" in c and c.get("finish_reason") is None
+                                         for c in chunk.get("choices") or ()):
+                    first = time.perf_counter()  # the first token's chunk (its text may still be held back)
                 usage = chunk.get("usage") or usage
             else:
                 return Outcome(False, error="the stream ended before its [DONE]")
@@ -218,8 +220,8 @@ def format_bench_serve(result: dict) -> str:
               f"{result['seconds']:.2f} s: {result['requests_per_s']:.2f} requests/s"),
              (f"tokens        {result['prompt_tokens']} prompt, {result['output_tokens']} output: "
               f"{result['output_tokens_per_s']:.1f} output tokens/s")]
-    for name, why_none in (("ttft", "no request streamed text"),
-                           ("tpot", "no request streamed text and more than one token")):
+    for name, why_none in (("ttft", "no request streamed a token"),
+                           ("tpot", "no request streamed a token and more than one token")):
         stats = result[f"{name}_ms"]
         shown = f"none ({why_none})" if stats is None else \
             "   ".join(f"{k} {stats[k]:.1f} ms" for k in ("mean", "p50", "p99"))

@@ -22,7 +22,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One generation: token ids in, events out ("text", delta) ... then ("done", output) or ("error", exc)."""
+    """One generation: token ids in, events out: ("token", None) as each new token is made and ("text",
+    delta) as text becomes final, ... then ("done", output) or ("error", exc)."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -37,11 +38,14 @@ class Job:
     def run(self, llm: LLM) -> None:
         try:
             out = llm.generate([self.prompt_ids], self.params, on_text=lambda _, d: self._emit("text", d),
-                               on_token=lambda _, t: self.token_times.append(time.perf_counter()),
-                               cancel=self.cancel)[0]
+                               on_token=lambda _, t: self._token(), cancel=self.cancel)[0]
             self._emit("done", out)
         except Exception as e:  # the request's handler answers it; the engine thread carries on
             self._emit("error", e)
+
+    def _token(self) -> None:
+        self.token_times.append(time.perf_counter())
+        self._emit("token", None)
 
     async def next_event(self) -> tuple[str, object]:
         return await self.events.get()
