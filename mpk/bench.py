@@ -274,6 +274,78 @@ def _mpk_inputs(cfg, tg, hf: dict | None, devices: list, sampling=None) -> tuple
     return program_inputs(cfg, tg, fused, [[1]] * tg.batch, params)
 
 
+def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "eager"), repeats: int = 3) -> dict:
+    """Time to first token for `batch` prompts of `prompt_len` random tokens: mpk (its first token after
+    the prompt; the GPU has no prefill kernels yet, so the prompt runs through decode steps) against
+    the PyTorch reference doing one batched forward pass with fused causal attention (SDPA) in
+    bfloat16. Median of `repeats` runs after a warm-up."""
+    from mpk.compiler import compile_model
+    from mpk.models import resolve_model
+    from mpk.runtime import cuda_device
+
+    device = cuda_device()
+    props = torch.cuda.get_device_properties(device)
+    source = resolve_model(model)
+    cfg = source.cfg
+    if not 1 <= prompt_len < cfg.max_position_embeddings:
+        raise MpkError(f"--prompt-len must be between 1 and {cfg.max_position_embeddings - 1}, not {prompt_len}")
+    if cfg.sliding_window and cfg.sliding_window < prompt_len:
+        raise MpkError(f"{source.name} has a sliding window of {cfg.sliding_window}; the PyTorch baseline's fused "
+                       "attention has none, so use a --prompt-len within it")
+    prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    hf = source.load_weights(torch.bfloat16, device=device)
+    seconds: dict[str, float] = {}
+    if "mpk" in backends:
+        from mpk.runtime import Megakernel
+
+        tg = compile_model(cfg, batch=batch, max_seq_len=prompt_len, num_sms=props.multi_processor_count)
+        weights, meta = _mpk_inputs(cfg, tg, hf, [device])
+        meta.update(_prompt_meta(cfg, tg, prompts.tolist()))
+        with Megakernel(tg, device=device, weights=weights, meta=meta) as kernel:
+            times = []
+            for _ in range(repeats + 1):
+                kernel.set_meta(meta)
+                t0 = time.perf_counter()
+                result = kernel.run(prompt_len, max_new_tokens=1, eos_token_ids=[])
+                times.append(time.perf_counter() - t0)
+                if result.steps != prompt_len:
+                    raise MpkError(f"the megakernel ran {result.steps} of {prompt_len} steps")
+        seconds["mpk"] = statistics.median(times[1:])
+        del weights
+    if "eager" in backends:
+        from mpk.models.reference import ReferenceModel
+
+        ref = ReferenceModel(cfg, hf, torch.bfloat16, device)
+        tokens = prompts.to(device)
+        times = []
+        for _ in range(repeats + 1):
+            ref.reset(batch, prompt_len)
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            ref.prefill(tokens)
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        seconds["torch-sdpa"] = statistics.median(times[1:])
+    return {"model": source.name, "gpu": props.name, "batch": batch, "prompt_len": prompt_len,
+            "ttft_ms": {name: s * 1e3 for name, s in seconds.items()}}
+
+
+def _prompt_meta(cfg, tg, prompts: list[list[int]]) -> dict:
+    from mpk.inputs import program_inputs
+
+    return program_inputs(cfg, tg, {}, prompts)[1]
+
+
+def format_ttft(result: dict) -> str:
+    ms = result["ttft_ms"]
+    lines = [f"{result['model']}: time to first token, batch {result['batch']} x {result['prompt_len']} prompt "
+             f"tokens on {result['gpu']}"]
+    lines += [f"  {name:<12} {value:>10.2f} ms" for name, value in ms.items()]
+    if "mpk" in ms and "torch-sdpa" in ms:
+        lines.append(f"  mpk takes {ms['mpk'] / ms['torch-sdpa']:.2f}x the time of one batched PyTorch pass")
+    return "\n".join(lines)
+
+
 def _sampled(result: dict) -> str:
     s = result.get("sampling")
     return f", mpk sampling (temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g})" if s else ""

@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="above 0, mpk samples every token in the kernel (with --top-k, --top-p) instead of greedily")
     ben.add_argument("--top-k", type=int, default=0, help="with --temperature: sample among the k likeliest (0: all)")
     ben.add_argument("--top-p", type=float, default=1.0, help="with --temperature: the nucleus mass (1: all)")
+    ben.add_argument("--prompt-len", type=int, default=None,
+                     help="time to first token of prompts this long instead of decode steps (mpk vs one batched "
+                          "PyTorch pass with fused attention; backends mpk,eager)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
     _add_bench_op(command)
@@ -255,12 +258,16 @@ def cmd_bench(args) -> int:
         raise MpkError(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from stream, mpk, eager, compile")
     if args.profile and "mpk" not in backends:
         raise MpkError("--profile traces the mpk backend; include mpk in --backends")
-    if args.tp < 1:
-        raise MpkError(f"--tp must be at least 1, not {args.tp}")
     from mpk.api import SamplingParams
 
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates them
     sampling = (args.temperature, max(args.top_k, 0), args.top_p) if args.temperature > 0 else None
+    if args.prompt_len is not None:
+        from mpk.bench import format_ttft, run_ttft_bench
+
+        result = run_ttft_bench(args.model, batch=args.batch, prompt_len=args.prompt_len, backends=backends)
+        print(json.dumps(result, indent=2) if args.json else format_ttft(result))
+        return 0
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
                        activations=args.activations, kv_cache=args.kv_cache, context=args.context, tp=args.tp,
                        sampling=sampling)

@@ -98,3 +98,33 @@ def test_table_says_when_mpk_samples():
     result = json.loads(RECORDED.read_text())
     result["sampling"] = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
     assert "mpk sampling (temperature 0.8, top-k 50, top-p 0.9)" in format_bench(result).splitlines()[0]
+
+
+def test_time_to_first_token_table():
+    from mpk.bench import format_ttft
+
+    result = {"model": "qwen3-8b", "gpu": "NVIDIA H200", "batch": 1, "prompt_len": 2048,
+              "ttft_ms": {"mpk": 9800.0, "torch-sdpa": 98.0}}
+    lines = format_ttft(result).splitlines()
+    assert lines[0] == "qwen3-8b: time to first token, batch 1 x 2048 prompt tokens on NVIDIA H200"
+    assert "9800.00 ms" in lines[1] and "98.00 ms" in lines[2] and "100.00x" in lines[3]
+
+
+def test_reference_prefill_with_fused_attention_equals_the_masked_pass(make_checkpoint):
+    """The PyTorch baseline of the time-to-first-token bench computes what the reference does, and
+    fills the cache decode continues from."""
+    import torch
+
+    from mpk.models.checkpoint import load_checkpoint
+    from mpk.models.reference import ReferenceModel
+
+    cfg, hf = load_checkpoint(make_checkpoint("qwen3"))
+    ref = ReferenceModel(cfg, hf)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref.reset(2, 24)
+    want = ref.forward(tokens, 0)[:, -1]
+    want_next = ref.decode_step(tokens[:, -1], 20)
+    ref.reset(2, 24)
+    got = ref.prefill(tokens)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ref.decode_step(tokens[:, -1], 20), want_next, atol=1e-5, rtol=1e-5)

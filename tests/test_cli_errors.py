@@ -41,6 +41,7 @@ def test_nan_or_infinite_weights(capsys, make_checkpoint, value, bad, which):
     (("generate", "tiny", "--max-new-tokens", "-1"), "--max-new-tokens must be at least 1"),
     (("bench", "tiny", "--steps", "0"), "--steps must be at least 1"),
     (("bench", "tiny", "--tp", "0"), "--tp must be at least 1, not 0"),
+    (("bench", "tiny", "--prompt-len", "-3"), "--prompt-len must be at least 1, not -3"),
     (("bench", "tiny", "--temperature", "-1"), "temperature must be 0 (greedy) or more"),
     (("bench", "tiny", "--temperature", "1", "--top-p", "0"), "top_p must be in (0, 1]"),
     (("build", "tiny", "--tp", "3"), "does not divide over tensor-parallel size 3"),

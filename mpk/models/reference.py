@@ -65,9 +65,18 @@ class Layer(nn.Module):
         # Cache layout [B, S, kv_heads, hd], the same as the megakernel's; its dtype may differ from the model's.
         self.k_cache.index_put_((batch_idx, positions), k.to(self.k_cache.dtype))
         self.v_cache.index_put_((batch_idx, positions), v.to(self.v_cache.dtype))
-        x = x + F.linear(self._attend(q, mask), self.wo)
+        attn = self._attend(q, mask) if mask is not None else self._attend_causal(q, k, v)
+        x = x + F.linear(attn, self.wo)
         gate, up = F.linear(rms_norm(x, self.mlp_norm, cfg.rms_norm_eps), self.w_gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.w_down)
+
+    def _attend_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A prompt from position 0 attending to itself: PyTorch's fused causal attention (flash
+        where the GPU has it), as an inference engine's prefill computes it."""
+        B, T, nh, hd = q.shape
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             enable_gqa=True)
+        return out.transpose(1, 2).reshape(B, T, nh * hd)
 
     def _attend(self, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, T, nh, hd] over the whole cache; mask [B, T, S] (True = may attend)."""
@@ -131,6 +140,18 @@ class ReferenceModel(nn.Module):
         return self._run(tokens.to(self.device), positions)
 
     @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] from position 0 in one batched pass with fused causal attention (SDPA), filling
+        the cache -> logits [B, V] of the last position. Without a sliding window (the fused kernel
+        attends to every earlier position)."""
+        B, T = tokens.shape
+        if self.cfg.sliding_window and self.cfg.sliding_window < T:
+            raise MpkError("the fused-attention prefill has no sliding window; use forward()")
+        self._check(B, T)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        return self._run(tokens.to(self.device), positions, causal=True)[:, -1]
+
+    @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """One token per sequence: tokens [B] at pos (an int, or [B] per-sequence positions) -> logits [B, V]."""
         B = tokens.shape[0]
@@ -146,15 +167,18 @@ class ReferenceModel(nn.Module):
                 f"call reset() for batch {batch} and at least {end} tokens"
             )
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens, positions [B, T] -> logits [B, T, V] float32."""
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """tokens, positions [B, T] -> logits [B, T, V] float32. `causal`: positions are 0..T-1 and
+        attention is over the new rows only, fused (no mask over the cache)."""
         B, T = tokens.shape
         x = F.embedding(tokens, self.embed)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        q_pos, k_pos = positions[:, :, None], self.key_pos[None, None, :]
-        mask = k_pos <= q_pos  # [B, T, S]; stale cache rows beyond the query are masked too
-        if self.cfg.sliding_window:
-            mask = mask & (k_pos > q_pos - self.cfg.sliding_window)
+        mask = None
+        if not causal:
+            q_pos, k_pos = positions[:, :, None], self.key_pos[None, None, :]
+            mask = k_pos <= q_pos  # [B, T, S]; stale cache rows beyond the query are masked too
+            if self.cfg.sliding_window:
+                mask = mask & (k_pos > q_pos - self.cfg.sliding_window)
         batch_idx = torch.arange(B, device=self.device)[:, None].expand(B, T)
         for layer in self.layers:
             x = layer(x, cos, sin, batch_idx, positions, mask)
