@@ -21,7 +21,7 @@ from mpk.taskgraph import OpSpec, TaskGraph
 
 RUNTIME_HEADER = "mpk_host.cuh"
 OP_PTRS, OP_INTS, OP_FLOATS = 8, 8, 4  # slots of an OpDesc (mpk_runtime.cuh)
-MAX_RANKS = 8  # kMaxRanks
+MAX_RANKS = 8  # kMaxRanks in mpk_runtime.cuh: GPUs one graph may span
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ namespace mpk {
 // out[:, c0:c1] = residual + (partial_0 + ... + partial_{RANKS-1}), summed in rank order in float32
 // so every rank computes the same bits.
 template <class S, int B, int RANKS, class A> struct AllreduceResidual {
+  static_assert(1 <= RANKS && RANKS <= kMaxRanks, "tensor parallelism spans 1 to kMaxRanks GPUs");
   using T = typename A::T;
   static constexpr int SMEM = 0;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {

@@ -44,6 +44,7 @@ __device__ __forceinline__ bool is_eos(const MpkParams& p, long long tok) {
 // stops the run once every sequence has finished. With tensor parallelism every rank makes the
 // same token from the same inputs (read from the peers).
 template <class S, int RANKS> struct Sample {
+  static_assert(1 <= RANKS && RANKS <= kMaxRanks, "tensor parallelism spans 1 to kMaxRanks GPUs");
   static constexpr int SMEM = sizeof(SampleScratch);
 
   // Warp 0: the best of the LM head's argmax candidates.
