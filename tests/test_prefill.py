@@ -91,18 +91,19 @@ def test_prefill_then_decode_equals_decode_alone(models, case):
             assert tokens == want_tokens[first:]
 
 
-def test_logits_after_a_long_prefill_match_transformers(models, load_hf_model, make_checkpoint):
-    """A 66-token prompt: 65 positions through prefill, the last one decoded, against float32 transformers."""
-    path = make_checkpoint("qwen3", max_position_embeddings=128)
+@pytest.mark.parametrize("length", [1, 2, 66, 300, 2048])
+def test_logits_after_a_prefill_match_transformers(load_hf_model, make_checkpoint, length):
+    """A prompt of `length` tokens: all but the last through prefill (chunks of 256, then powers of
+    two), the last one decoded; its logits against float32 transformers."""
+    path = make_checkpoint("qwen3", max_position_embeddings=2048)
     cfg, hf = load_checkpoint(path)
     model = load_hf_model(path)
-    seq = torch.randint(0, cfg.vocab_size, (1, 66), generator=torch.Generator().manual_seed(3))
+    seq = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
     with torch.no_grad():
-        want = model(seq).logits[0]  # [66, vocab]
-    got, _, first = decode_logits(cfg, hf, [seq[0].tolist()], 66, 1, "float32", prefill=True, weights="float32")
-    assert first == 65
-    # The last position's logits, after the prefill of the 65 before it.
-    assert rel(got[0][0], want[65]) < 1e-4
+        want = model(seq).logits[0, -1]
+    got, _, first = decode_logits(cfg, hf, [seq[0].tolist()], length, 1, "float32", prefill=True, weights="float32")
+    assert first == length - 1
+    assert rel(got[0][0], want) < 1e-4
 
 
 @pytest.mark.parametrize("tp, start", [(1, 0), (2, 0), (1, 4)])
