@@ -7,6 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1  # never NVLink multicast
 export MPK_CACHE_DIR="${MPK_CACHE_DIR:-$(mktemp -d)/mpk-cache}"
 report="$(mktemp)"
 export MPK_GPU_REPORT="$report"

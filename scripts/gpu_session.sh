@@ -4,6 +4,8 @@
 #   scripts/gpu_session.sh tests     # tests/gpu + codegen builds, table last (~5 min)
 #   scripts/gpu_session.sh bench     # mpk bench: qwen3-8b and llama-3.2-1b, batch 1 and 4 (~6 min)
 #   scripts/gpu_session.sh ops       # mpk bench-op: every task template alone, OPS_MODELS at batch 1 and 4 (~4 min)
+#   scripts/gpu_session.sh tp        # 2+ GPUs: mpk bench --tp 2 of TP_MODELS beside one GPU, the first profiled (~3 min)
+#   scripts/gpu_session.sh ttft      # time to first token of a PROMPT_LEN (2048) prompt: mpk vs batched PyTorch
 # Bench knobs: STEPS (64), BACKENDS (all four), ACTIVATIONS (the CLI's default, float32), MPK_GEMV.
 # bench-op knobs: OPS_MODELS (qwen3-8b llama-3.2-1b qwen3-0.6b), OPS (--op kinds, comma-separated), CONTEXT (4096),
 # ACTIVATIONS.
@@ -11,6 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1  # never NVLink multicast
 out="${OUT:-$(mktemp -d)}"
 
 run_tests() {
@@ -39,6 +42,24 @@ run_ops() {
     done
   done
   return $status
+}
+
+run_tp() {
+  local status=0 first=1
+  for model in ${TP_MODELS:-qwen3-8b llama-3.1-8b}; do
+    local profile=()
+    if [ $first = 1 ]; then profile=(--profile "$out/trace-tp2.json"); first=0; fi
+    python3 -m mpk.cli bench "$model" --tp 2 --steps "${STEPS:-64}" --backends stream,mpk "${profile[@]}" --json \
+      > "$out/bench-tp2-$model.json" 2> "$out/bench-tp2-$model.err" || { status=1; tail -3 "$out/bench-tp2-$model.err"; }
+  done
+  rm -f "$out/trace-tp2.json"  # the summary is in the JSON; the trace itself is large
+  return $status
+}
+
+run_ttft() {
+  python3 -m mpk.cli bench "${TTFT_MODEL:-qwen3-8b}" --prompt-len "${PROMPT_LEN:-2048}" --backends mpk,eager \
+    > "$out/ttft.txt" 2> "$out/ttft.err" || { tail -3 "$out/ttft.err"; return 1; }
+  cat "$out/ttft.txt"
 }
 
 print_test_table() {  # gpu_check.sh ends with the table and the pytest status
@@ -74,11 +95,13 @@ case "${1:-all}" in
   tests) run_tests; t=$?; print_test_table; exit $t ;;
   bench) run_bench; b=$?; print_bench_tables; exit $b ;;
   ops) run_ops; o=$?; print_ops_tables; exit $o ;;
+  tp) run_tp; p=$?; print_bench_tables; exit $p ;;
+  ttft) run_ttft; exit $? ;;
   all)
     run_tests; t=$?
     run_bench; b=$?
     run_ops; o=$?
     echo; print_test_table; echo; print_bench_tables; echo; print_ops_tables
     exit $(( t || b || o )) ;;
-  *) echo "usage: $0 [all|tests|bench|ops]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|tests|bench|ops|tp|ttft]" >&2; exit 2 ;;
 esac

@@ -33,6 +33,9 @@ from mpk.taskgraph import TaskGraph
 
 NO_STOP = 2**63 - 1
 NO_LIMIT = 2**62
+# NVLink multicast (NVLS) is never used: mpk moves data with peer loads and stores, and any library
+# in the process that could reach for multicast (NCCL, NVSHMEM, torch's symmetric memory) is told not to.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
 def cuda_device(device=None) -> torch.device:
@@ -109,6 +112,8 @@ class Megakernel(Executor):
                  arch: str | None = None, debug: bool | None = None):
         check_supported(tg)
         self.tg = tg
+        if tg.tp_size > 1:
+            os.environ.update(NO_MULTICAST)
         self.devices = rank_devices(tg.tp_size, device, devices)
         self.device = self.devices[0]
         self.ranks: list[RankState] = []
