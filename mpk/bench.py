@@ -296,11 +296,12 @@ def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "ea
     hf = source.load_weights(torch.bfloat16, device=device)
     seconds: dict[str, float] = {}
     if "mpk" in backends:
+        from mpk.inputs import program_inputs
         from mpk.runtime import Megakernel
 
         tg = compile_model(cfg, batch=batch, max_seq_len=prompt_len, num_sms=props.multi_processor_count)
         weights, meta = _mpk_inputs(cfg, tg, hf, [device])
-        meta.update(_prompt_meta(cfg, tg, prompts.tolist()))
+        meta.update(program_inputs(cfg, tg, {}, prompts.tolist())[1])  # the prompts, in place of _mpk_inputs' [1]
         with Megakernel(tg, device=device, weights=weights, meta=meta) as kernel:
             times = []
             for _ in range(repeats + 1):
@@ -328,12 +329,6 @@ def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "ea
         seconds["torch-sdpa"] = statistics.median(times[1:])
     return {"model": source.name, "gpu": props.name, "batch": batch, "prompt_len": prompt_len,
             "ttft_ms": {name: s * 1e3 for name, s in seconds.items()}}
-
-
-def _prompt_meta(cfg, tg, prompts: list[list[int]]) -> dict:
-    from mpk.inputs import program_inputs
-
-    return program_inputs(cfg, tg, {}, prompts)[1]
 
 
 def format_ttft(result: dict) -> str:

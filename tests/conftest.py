@@ -104,3 +104,17 @@ def make_checkpoint(tmp_path_factory):
 def load_hf_model():
     """Function fixture: load_hf_model(path) -> the transformers model (float32, eager attention)."""
     return hf_model_from
+
+
+def have_nvcc() -> bool:
+    from mpk.errors import MpkError
+    from mpk.runtime.build import find_nvcc
+
+    try:
+        find_nvcc()
+        return True
+    except MpkError:
+        return False
+
+
+needs_nvcc = pytest.mark.skipif(not have_nvcc(), reason="nvcc not installed")

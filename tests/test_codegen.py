@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import needs_nvcc
 from mpk.codegen import generate_source, graph_variants
 from mpk.compiler import compile_model, compile_program
 from mpk.errors import MpkError
@@ -190,15 +191,6 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch):
 
 # --- nvcc builds -------------------------------------------------------------------------------
 
-def _have_nvcc() -> bool:
-    try:
-        find_nvcc()
-        return True
-    except MpkError:
-        return False
-
-
-needs_nvcc = pytest.mark.skipif(not _have_nvcc(), reason="nvcc not installed")
 
 
 @needs_nvcc

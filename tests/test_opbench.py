@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from conftest import needs_nvcc
 from mpk.cli import main
 from mpk.codegen import generate_source, lower_op
 from mpk.compiler import compile_model
@@ -335,17 +336,7 @@ def test_bench_op_without_a_gpu_is_one_line(capsys):
     assert "Traceback" not in err
 
 
-def _have_nvcc() -> bool:
-    from mpk.runtime.build import find_nvcc
-
-    try:
-        find_nvcc()
-        return True
-    except MpkError:
-        return False
-
-
-@pytest.mark.skipif(not _have_nvcc(), reason="nvcc not installed")
+@needs_nvcc
 def test_one_op_kernels_build_for_sm_90a(tmp_path, monkeypatch):
     from mpk.codegen import variants_signature
     from mpk.models import resolve_model

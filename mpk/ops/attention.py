@@ -92,6 +92,17 @@ def _check_heads(op, tg) -> None:
     expect(1 <= qpk <= 8, op, f"{qpk} query heads per KV head; the kernel takes 1 to 8")
 
 
+def _cuda_shapes(op, tg, norm_role: str) -> tuple[tuple, dict]:
+    """What both attention templates take: (q_per_kv, head_dim, normed?, activation policy, KV type)
+    and the run-time groups, cache length and splits. `norm_role`: the norm whose presence is a flag."""
+    _check_heads(op, tg)
+    _, g, splits, _, _ = tg.tensors[op.tensor("part")].shape
+    _, s, _, _ = tg.tensors[op.tensor("k_cache")].shape
+    args = (op.params["q_per_kv"], op.params["head_dim"], cbool(norm_role in op.inputs), activation_policy(tg),
+            _kv_type(op, tg))
+    return args, {"groups": g, "seq": s, "splits": splits}
+
+
 class AttentionSplit(OpKind):
     """Softmax attention of group g's query heads over split s's share of rows [lo, step] (flash decoding).
 
@@ -145,12 +156,8 @@ class AttentionSplit(OpKind):
         lse[0, 0, 0].copy_((m + torch.log(denom)).squeeze(-1))
 
     def cuda(self, op, tg):
-        _check_heads(op, tg)
-        _, g, splits, _, _ = tg.tensors[op.tensor("part")].shape
-        _, s, _, _ = tg.tensors[op.tensor("k_cache")].shape
-        return Cuda((op.params["q_per_kv"], op.params["head_dim"], cbool("q_norm" in op.inputs), activation_policy(tg),
-                     _kv_type(op, tg)),
-                    {"groups": g, "seq": s, "splits": splits, "window": op.params["window"] or 0},
+        args, ints = _cuda_shapes(op, tg, "q_norm")
+        return Cuda(args, {**ints, "window": op.params["window"] or 0},
                     {"scale": op.params["scale"], "eps": op.params["eps"]})
 
 
@@ -193,9 +200,5 @@ class AttentionMerge(OpKind):
         t["v_cache"][0, step, 0].copy_(v)
 
     def cuda(self, op, tg):
-        _check_heads(op, tg)
-        _, g, splits, _, _ = tg.tensors[op.tensor("part")].shape
-        _, s, _, _ = tg.tensors[op.tensor("k_cache")].shape
-        return Cuda((op.params["q_per_kv"], op.params["head_dim"], cbool("k_norm" in op.inputs), activation_policy(tg),
-                     _kv_type(op, tg)),
-                    {"groups": g, "seq": s, "splits": splits}, {"eps": op.params["eps"]})
+        args, ints = _cuda_shapes(op, tg, "k_norm")
+        return Cuda(args, ints, {"eps": op.params["eps"]})

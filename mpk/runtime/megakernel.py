@@ -27,7 +27,7 @@ from mpk.errors import MpkError
 from mpk.execution import Executor, RunResult, allocate, check_steps, per_sequence_limits
 from mpk.runtime.abi import Abi, Mapped, Params, check, load_library
 from mpk.runtime.build import arch_for_capability, build
-from mpk.runtime.tables import KernelTables, build_tables, op_table, prefetch_table, rank_pointer_count
+from mpk.runtime.tables import KernelTables, build_rank_tables, op_table, prefetch_table, rank_pointer_count
 from mpk.runtime.watchdog import stall_report
 from mpk.taskgraph import TaskGraph
 
@@ -128,7 +128,7 @@ class Megakernel(Executor):
         if len({(pr.major, pr.minor) for pr in props}) > 1:
             raise MpkError("the GPUs of one tensor-parallel run must be of one compute capability: "
                            + ", ".join(f"{d} {pr.major}.{pr.minor}" for d, pr in zip(self.devices, props)))
-        tables = [build_tables(tg, r) for r in range(tg.tp_size)]
+        tables = build_rank_tables(tg)
         if so_path is None:
             so_path = build(render_source(tables[0].variants), arch or arch_for_capability(props[0].major, props[0].minor),
                             debug)
@@ -353,17 +353,17 @@ class Megakernel(Executor):
         progress words nor the step counters have moved for the watchdog's time (a stalled event,
         a hang inside a task, or a rank that left while its peers wait for it)."""
         def snapshot():
-            return [np.concatenate([rs.mapped["progress"].array, rs.mapped["steps_done"].array.view(np.int32)])
-                    for rs in self.ranks]
+            return ([rs.mapped["progress"].array.copy() for rs in self.ranks],
+                    [int(rs.mapped["steps_done"].array[0]) for rs in self.ranks])
 
-        seen, last_change = snapshot(), time.monotonic()
+        (seen, seen_steps), last_change = snapshot(), time.monotonic()
         while not self._all_exited():
             deliver(int(self.ranks[0].mapped["steps_done"].array[0]))
-            now, words = time.monotonic(), snapshot()
-            if any(not np.array_equal(a, b) for a, b in zip(words, seen)):
-                seen, last_change = words, now
+            now, (words, steps) = time.monotonic(), snapshot()
+            if steps != seen_steps or any(not np.array_equal(a, b) for a, b in zip(words, seen)):
+                seen, seen_steps, last_change = words, steps, now
             elif now - last_change > self._watchdog:
-                self._abort([w[:-2] for w in seen], first_step)
+                self._abort(seen, first_step)
             time.sleep(self.poll_seconds)
 
     def _all_exited(self) -> bool:

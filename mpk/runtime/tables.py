@@ -42,14 +42,20 @@ def task_rank(tg: TaskGraph, tid: int) -> int:
 
 
 def build_tables(tg: TaskGraph, rank: int = 0) -> KernelTables:
-    """The task, queue and event tables of `tg` as the kernel of GPU `rank` reads them.
+    """The task, queue and event tables of `tg` as the kernel of GPU `rank` reads them."""
+    if not 0 <= rank < tg.tp_size:
+        raise MpkError(f"rank {rank} is not one of the graph's {tg.tp_size} tensor-parallel ranks")
+    return build_rank_tables(tg)[rank]
+
+
+def build_rank_tables(tg: TaskGraph) -> list[KernelTables]:
+    """The tables of every rank's kernel. All ranks share the task, signal and event tables (task ids
+    and event ids are global); each has its own queues.
 
     Each rank counts every event its tasks wait on in its own memory, so a producer signals once
     per rank with consumers of the event.
     """
     variants, op_variant, op_args = graph_variants(tg)
-    if not 0 <= rank < tg.tp_size:
-        raise MpkError(f"rank {rank} is not one of the graph's {tg.tp_size} tensor-parallel ranks")
     consumer_ranks = [sorted({task_rank(tg, c) for c in range(e.first_task, e.stop_task)}) for e in tg.events]
     tasks = np.zeros(len(tg.tasks), dtype=TASK_DTYPE)
     signals: list[int] = []
@@ -68,28 +74,30 @@ def build_tables(tg: TaskGraph, rank: int = 0) -> KernelTables:
             signals += [ev] * len(consumer_ranks[ev])
             signal_rank += consumer_ranks[ev]
         tasks[i]["sig_cnt"] = len(signals) - tasks[i]["sig_off"]
-    queues = tg.queues[rank * tg.num_sms:(rank + 1) * tg.num_sms]
     if len(tg.queues) != tg.num_queues:
         raise MpkError(f"the graph has {len(tg.queues)} queues for {tg.tp_size} x {tg.num_sms} SMs")
-    queue_off = np.concatenate([[0], np.cumsum([len(q) for q in queues])]).astype(np.int32)
-    queue_tasks = np.array([tid for q in queues for tid in q], dtype=np.int32)
-    mine = [t.id for t in tg.tasks if task_rank(tg, t.id) == rank]
-    if sorted(queue_tasks.tolist()) != mine:
-        raise MpkError(f"the queues of rank {rank} do not hold each of its tasks exactly once")
     ev_sys = [int(len({task_rank(tg, p) for p in e.producers} | set(consumer_ranks[e.id])) > 1) for e in tg.events]
-    return KernelTables(
+    shared = dict(
         variants=variants,
         tasks=tasks,
         signals=np.array(signals or [0], dtype=np.int32),
         signal_rank=np.array(signal_rank or [0], dtype=np.int32),
-        queue_off=queue_off,
-        queue_tasks=queue_tasks,
         ev_target=np.array([e.target for e in tg.events] or [0], dtype=np.int32),
         ev_lag=np.array([e.lag for e in tg.events] or [0], dtype=np.int32),
         ev_sys=np.array(ev_sys or [0], dtype=np.int32),
         op_args=op_args,
-        n_sample=sum(1 for tid in mine if tg.ops[tg.tasks[tid].op].kind == "sample"),
     )
+    out = []
+    for rank in range(tg.tp_size):
+        queues = tg.queues[rank * tg.num_sms:(rank + 1) * tg.num_sms]
+        queue_off = np.concatenate([[0], np.cumsum([len(q) for q in queues])]).astype(np.int32)
+        queue_tasks = np.array([tid for q in queues for tid in q], dtype=np.int32)
+        mine = [t.id for t in tg.tasks if task_rank(tg, t.id) == rank]
+        if sorted(queue_tasks.tolist()) != mine:
+            raise MpkError(f"the queues of rank {rank} do not hold each of its tasks exactly once")
+        n_sample = sum(1 for tid in mine if tg.ops[tg.tasks[tid].op].kind == "sample")
+        out.append(KernelTables(queue_off=queue_off, queue_tasks=queue_tasks, n_sample=n_sample, **shared))
+    return out
 
 
 def rank_pointer_count(op_args: list[OpArgs]) -> int:
