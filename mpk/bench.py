@@ -16,6 +16,7 @@ and of the KV heads), at the streaming bandwidth measured on GPU 0.
 from __future__ import annotations
 
 import ctypes
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -357,8 +358,9 @@ def format_bench(result: dict) -> str:
         f"  {'backend':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'% floor':>8}",
     ]
     for r in result["rows"]:
-        lines.append(f"  {r['name']:<14} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>10.1f} {r['gbps']:>8.0f} "
-                     f"{r['pct_of_floor']:>7.1f}%")
+        pct = r["pct_of_floor"]
+        floor = f"{pct:>7.1f}%" if math.isfinite(pct) else f"{'-':>8}"  # no stream-read row: no floor measured
+        lines.append(f"  {r['name']:<14} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>10.1f} {r['gbps']:>8.0f} {floor}")
     for name, why in result.get("skipped", {}).items():
         lines.append(f"  {name:<14} skipped: {why}")
     by_name = {r["name"]: r for r in result["rows"]}

@@ -128,3 +128,10 @@ def test_reference_prefill_with_fused_attention_equals_the_masked_pass(make_chec
     got = ref.prefill(tokens)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert torch.allclose(ref.decode_step(tokens[:, -1], 20), want_next, atol=1e-5, rtol=1e-5)
+
+
+def test_a_run_without_the_stream_read_row_shows_no_floor_share():
+    result = json.loads(RECORDED.read_text())
+    result["rows"] = [r | {"pct_of_floor": float("nan")} for r in result["rows"] if r["name"] == "mpk"]
+    mpk_line = next(line for line in format_bench(result).splitlines() if line.split()[:1] == ["mpk"])
+    assert mpk_line.split()[-1] == "-" and "nan" not in mpk_line
