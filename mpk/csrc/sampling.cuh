@@ -3,7 +3,8 @@
 // k, top-p the shortest prefix whose mass reaches p, and the draw is the inverse CDF of what is left
 // at u = uniform(seed, position). No sort: each cut is a radix select over a 64-bit key (scaled
 // logit bits, then the inverted id), one 8-bit digit per pass over the row, with the digit's count
-// and probability mass per bin. Masses are fixed-point integers, so their sums do not depend on the
+// and probability mass per bin; a top-k draw first narrows the row to its top few thousand tokens in
+// shared memory, so its cuts pass over those instead. Masses are fixed-point integers, so their sums do not depend on the
 // order atomics land in: a seed gives the same token on every run.
 #pragma once
 
@@ -32,6 +33,7 @@ __device__ __forceinline__ unsigned order_bits(float f) {
 }
 
 constexpr double kMassOne = 1099511627776.0;  // 2^40: a probability weight of 1 in fixed point
+constexpr int kCandidates = 4096;  // tokens a top-k draw narrows the row to, in shared memory
 
 struct SampleScratch {
   unsigned count[256];
@@ -40,6 +42,9 @@ struct SampleScratch {
   int digit;
   float warp_best[kWarps];
   long long token;  // the CTA's result, for every thread to read
+  unsigned n_cand;
+  float cand_s[kCandidates];  // the narrowed row: scaled logits and token ids
+  int cand_id[kCandidates];
 };
 
 // One sequence's logits, split over RANKS GPUs by vocabulary (rank r holds tokens
@@ -77,6 +82,23 @@ template <int RANKS> struct LogitsRow {
           f(v[u] / temperature, r * per_rank + j, j < n);
         }
       }
+    }
+  }
+};
+
+// The tokens a top-k draw narrowed a row to (`narrow_to_top`), in shared memory, with LogitsRow's
+// interface. Their order is the order atomics landed in; nothing below depends on it.
+struct CandidateRow {
+  const float* s;
+  const int* id;
+  unsigned n;
+  long long vocab;
+
+  template <class F> __device__ void for_each(F&& f) const {
+    for (unsigned base = 0; base < n; base += kThreads) {
+      const unsigned j = base + threadIdx.x;
+      const bool valid = j < n;
+      f(valid ? s[j] : 0.f, valid ? static_cast<long long>(id[j]) : 0ll, valid);
     }
   }
 };
@@ -205,12 +227,102 @@ template <class Row> __device__ Cut select_cut(const Row& row, float s_max, unsi
   }
 }
 
+// All threads: gather the tokens with key >= `floor` (at most kCandidates) into the scratch.
+template <class Row> __device__ void gather_candidates(const Row& row, unsigned long long floor, SampleScratch& sc) {
+  if (threadIdx.x == 0) sc.n_cand = 0;
+  __syncthreads();
+  const unsigned lane = static_cast<unsigned>(lane_id());
+  row.for_each([&](float s, long long id, bool valid) {
+    const bool in = valid && sample_key(s, id) >= floor;
+    const unsigned ballot = __ballot_sync(0xffffffffu, in);
+    unsigned base = 0;
+    if (lane == 0 && ballot) base = atomicAdd(&sc.n_cand, static_cast<unsigned>(__popc(ballot)));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (in) {
+      const unsigned at = base + static_cast<unsigned>(__popc(ballot & ((1u << lane) - 1u)));
+      MPK_ASSERT(at < kCandidates);
+      sc.cand_s[at] = s, sc.cand_id[at] = static_cast<int>(id);
+    }
+  });
+  __syncthreads();
+}
+
+// All threads: narrow a row to the top of its key order: the fewest leading digits of the k-th
+// largest key whose bin and everything above it hold at most kCandidates tokens, found one 8-bit
+// digit per counting pass (no masses, so a pass is cheap); those tokens are gathered into the
+// scratch. The k largest keys, and so every later cut and draw of a top-k draw, lie among them.
+// False when three digits still leave more than kCandidates (then the caller works on the row).
+template <class Row> __device__ bool narrow_to_top(const Row& row, long long k, SampleScratch& sc) {
+  unsigned long long prefix = 0, above = 0;
+  const unsigned lane = static_cast<unsigned>(lane_id());
+  for (int shift = 56; shift >= 40; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += kThreads) sc.count[i] = 0;
+    __syncthreads();
+    row.for_each([&](float s, long long id, bool valid) {
+      const unsigned long long key = sample_key(s, id);
+      const bool in = valid && (shift == 56 || (key >> (shift + 8)) == prefix);
+      const unsigned digit = static_cast<unsigned>(key >> shift) & 255u;
+      // One shared atomic per digit and warp: lanes off the prefix form groups of their own.
+      const unsigned peers = __match_any_sync(0xffffffffu, in ? digit : 256u + lane);
+      if (in && lane == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&sc.count[digit], static_cast<unsigned>(__popc(peers)));
+    });
+    __syncthreads();
+    if (warp_id() == 0) {  // the digit where the count from the top reaches k
+      unsigned long long c = 0;
+      for (int j = 0; j < 8; ++j) c += sc.count[255 - 8 * static_cast<int>(lane) - j];
+      unsigned long long before = c;
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned long long oc = __shfl_up_sync(0xffffffffu, before, o);
+        if (static_cast<int>(lane) >= o) before += oc;
+      }
+      before -= c;
+      const bool here = above + before < static_cast<unsigned long long>(k) && static_cast<unsigned long long>(k) <= above + before + c;
+      const unsigned owner = __ballot_sync(0xffffffffu, here);
+      if (here && lane == static_cast<unsigned>(__ffs(owner) - 1)) {
+        unsigned long long run = above + before;
+        int d = 255 - 8 * static_cast<int>(lane);
+        while (run + sc.count[d] < static_cast<unsigned long long>(k)) run += sc.count[d--];
+        sc.digit = d, sc.above_count = run;
+      }
+      if (owner == 0 && lane == 0) sc.digit = -1;  // fewer than k tokens: a caller's bug
+    }
+    __syncthreads();
+    const int d = sc.digit;
+    MPK_ASSERT(d >= 0);
+    if (d < 0) return false;
+    const unsigned long long above_bin = sc.above_count, in_bin = sc.count[d];
+    __syncthreads();
+    prefix = (prefix << 8) | static_cast<unsigned>(d);
+    if (above_bin + in_bin <= kCandidates) {
+      gather_candidates(row, prefix << shift, sc);
+      return true;
+    }
+    above = above_bin;
+  }
+  return false;
+}
+
+// All threads: the draw of sample_row once the largest scaled logit is known.
+template <class Row> __device__ long long draw_from(const Row& row, float s_max, long long top_k, float top_p,
+                                                   unsigned long long seed, unsigned long long position,
+                                                   SampleScratch& sc);
+
 // All threads: the sampled token id for one logits row (temperature > 0). `top_k` <= 0 keeps all,
-// `top_p` >= 1 keeps all.
+// `top_p` >= 1 keeps all. A top-k draw of at most kCandidates tokens first narrows the row to its top
+// in shared memory (a few counting passes over the row instead of a dozen full ones).
 template <class Row> __device__ long long sample_row(const Row& row, long long top_k, float top_p,
                                                     unsigned long long seed, unsigned long long position,
                                                     SampleScratch& sc) {
-  const float s_max = row_max(row, sc);
+  if (top_k > 0 && top_k <= kCandidates && top_k < row.vocab && narrow_to_top(row, top_k, sc)) {
+    const CandidateRow top{sc.cand_s, sc.cand_id, sc.n_cand, row.vocab};
+    return draw_from(top, row_max(top, sc), top_k, top_p, seed, position, sc);  // the row's largest is among them
+  }
+  return draw_from(row, row_max(row, sc), top_k, top_p, seed, position, sc);
+}
+
+template <class Row> __device__ long long draw_from(const Row& row, float s_max, long long top_k, float top_p,
+                                                   unsigned long long seed, unsigned long long position,
+                                                   SampleScratch& sc) {
   unsigned long long floor = 0, mass;
   if (top_k > 0 && top_k < row.vocab) {
     const Cut k = select_cut(row, s_max, 0, true, static_cast<unsigned long long>(top_k), sc);

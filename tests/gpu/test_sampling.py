@@ -5,6 +5,8 @@
 - A seed gives the same tokens on every run; another seed gives other tokens.
 - The sampled distribution matches softmax(logits / T) by a chi-square test on a small vocabulary.
 - top-k and top-p keep exactly the tokens the reference keeps; top-k 1 is greedy.
+- On a vocabulary larger than the candidate buffer, top-k draws narrowed to shared memory and
+  draws over the whole row both equal the CPU sampler's.
 - With tensor parallelism the draw over two GPUs' vocabulary slices is the one-GPU draw.
 Skipped without CUDA.
 """
@@ -115,6 +117,25 @@ def test_truncation_keeps_exactly_the_reference_set(model, top_k, top_p):
             assert res.tokens[s][b] in allowed, (s, b, res.tokens[s][b], allowed)
             if top_k == 1:
                 assert res.tokens[s][b] == sampling.greedy(row)
+
+
+def test_top_k_draws_narrowed_to_shared_memory_equal_the_cpu_sampler(make_checkpoint):
+    """A vocabulary larger than the kernel's candidate buffer (4096 tokens): top-k draws of up to
+    4096 narrow the row to its top first, larger ones and top-p alone work on the whole row; every
+    kind of draw equals the CPU sampler's on the kernel's logits."""
+    cfg, hf = load_checkpoint(make_checkpoint("llama", vocab_size=6000, initializer_range=0.3))
+    hf = {k: v.to(torch.bfloat16) for k, v in hf.items()}
+    prompts = [[1], [2], [3], [4], [5], [6]]
+    params = [(1.0, 50, 1.0, 31), (0.8, 40, 0.8, 32), (1.2, 1, 1.0, 33), (1.0, 4096, 0.95, 34),
+              (1.0, 5000, 1.0, 35), (1.0, 0, 0.9, 36)]
+    steps = 16
+    res = kernel(cfg, hf, prompts, steps, params).run(steps, eos_token_ids=[], collect_logits=True)
+    agree = total = 0
+    for s in range(steps - 1):
+        for b, (t, k, top_p, seed) in enumerate(params):
+            agree += res.tokens[s][b] == sampling.sample(res.logits[s][b], t, k, top_p, seed, s + 1)
+            total += 1
+    assert agree >= total - 1, f"{agree} of {total} draws equal the CPU sampler's"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
