@@ -81,8 +81,8 @@ class LLM:
     `backend` "auto" runs the GPU megakernel when a GPU is present and the CPU executor otherwise;
     `dtype` is the weights' dtype (default: bfloat16, or float32 on the CPU executor); `device` a
     CUDA device for the megakernel (`tp_size` > 1: GPUs 0..tp_size-1). `max_seq_len` is clipped to
-    the model's context. `prefill` runs the prompts' first positions at once (`mpk.prefill`; on the
-    CPU executor so far) instead of one decode step each.
+    the model's context. `prefill` runs the prompts' first positions at once (`mpk.prefill`: on the
+    GPU op by op in PyTorch, on the CPU as task graphs) instead of one decode step each.
     """
 
     def __init__(self, model: str, *, max_batch: int = 8, max_seq_len: int = 4096, backend: str = "auto",
@@ -133,7 +133,8 @@ class LLM:
                                                progress=load_progress)
         self._fused = fuse_weights(self.cfg, weights, tp_size, torch_dtype(self.dtype))
         self._executors: dict[tuple[int, int], object] = {}
-        self._prefills: dict[tuple[int, int, int], object] = {}  # (batch, start, rows) -> prefill TaskGraph
+        # batch -> (start, rows) -> the prefill TaskGraph (CPU executor) or Program (GPU) of those positions
+        self._prefills: dict[int, dict[tuple[int, int], object]] = {}
         self.prefill = prefill
         self.last_run: RunStats | None = None
 
@@ -249,19 +250,22 @@ class LLM:
         self.last_run = RunStats(result.steps, time.perf_counter() - t0, len(tg.tasks), first)
 
     def _prefill(self, tg, executor, ids: list[list[int]]) -> int:
-        """Fill the KV cache of the positions every prompt has before its last token, a chunk at a
-        time (`mpk.prefill.chunks`); return the decode step that continues after them (0: none).
-        On the CPU executor only, so far: the GPU runs prompts through its decode steps."""
-        from mpk.prefill import chunks, compile_prefill, prefill_rows, run_prefill
+        """Fill the KV cache of the positions every prompt has before its last token and return the
+        decode step that continues after them (0: none). On the GPU op by op in PyTorch over the
+        megakernel's buffers (`mpk.prefill.prefill_ops`); on the CPU executor as verified task
+        graphs, a chunk at a time (`mpk.prefill.chunks`)."""
+        from mpk.prefill import chunks, compile_prefill, prefill_ops, prefill_rows, run_prefill
 
-        if self.backend != "sim" or not self.prefill:
+        if not self.prefill:
             return 0
+        made = self._prefills.setdefault(tg.batch, {})
+        if self.backend == "cuda":
+            return prefill_ops(executor, self.cfg, ids, programs=made)
         done = 0
         for start, rows in chunks(prefill_rows(ids)):
-            key = (tg.batch, start, rows)
-            if key not in self._prefills:
-                self._prefills[key] = compile_prefill(tg, self.cfg, rows, start=start)
-            run_prefill(self._prefills[key], executor.buffers, ids, self.seed)
+            if (start, rows) not in made:
+                made[start, rows] = compile_prefill(tg, self.cfg, rows, start=start)
+            run_prefill(made[start, rows], executor.buffers, ids, self.seed)
             done = start + rows
         if done:
             executor.set_tokens([p[done] for p in ids])

@@ -276,11 +276,10 @@ def _mpk_inputs(cfg, tg, hf: dict | None, devices: list, sampling=None) -> tuple
 
 
 def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "eager"), repeats: int = 3) -> dict:
-    """Time to first token for `batch` prompts of `prompt_len` random tokens: mpk (its first token after
-    the prompt; the GPU has no prefill kernels yet, so the prompt runs through decode steps) against
-    the PyTorch reference doing one batched forward pass with fused causal attention (SDPA) in
-    bfloat16. Median of `repeats` runs after a warm-up."""
-    from mpk.compiler import compile_model
+    """Time to first token for `batch` prompts of `prompt_len` random tokens: mpk (the prefill ops over
+    positions [0, prompt_len - 1) on the megakernel's buffers, then one megakernel decode step, which
+    makes the first token) against the PyTorch reference doing one batched forward pass with fused
+    causal attention (SDPA) in bfloat16. Median of `repeats` runs after a warm-up."""
     from mpk.models import resolve_model
     from mpk.runtime import cuda_device
 
@@ -296,24 +295,9 @@ def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "ea
     prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     hf = source.load_weights(torch.bfloat16, device=device)
     seconds: dict[str, float] = {}
+    parts: dict[str, float] = {}
     if "mpk" in backends:
-        from mpk.inputs import program_inputs
-        from mpk.runtime import Megakernel
-
-        tg = compile_model(cfg, batch=batch, max_seq_len=prompt_len, num_sms=props.multi_processor_count)
-        weights, meta = _mpk_inputs(cfg, tg, hf, [device])
-        meta.update(program_inputs(cfg, tg, {}, prompts.tolist())[1])  # the prompts, in place of _mpk_inputs' [1]
-        with Megakernel(tg, device=device, weights=weights, meta=meta) as kernel:
-            times = []
-            for _ in range(repeats + 1):
-                kernel.set_meta(meta)
-                t0 = time.perf_counter()
-                result = kernel.run(prompt_len, max_new_tokens=1, eos_token_ids=[])
-                times.append(time.perf_counter() - t0)
-                if result.steps != prompt_len:
-                    raise MpkError(f"the megakernel ran {result.steps} of {prompt_len} steps")
-        seconds["mpk"] = statistics.median(times[1:])
-        del weights
+        seconds["mpk"], parts = time_mpk_ttft(cfg, hf, prompts, device, props.multi_processor_count, repeats)
     if "eager" in backends:
         from mpk.models.reference import ReferenceModel
 
@@ -329,14 +313,54 @@ def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "ea
             times.append(time.perf_counter() - t0)
         seconds["torch-sdpa"] = statistics.median(times[1:])
     return {"model": source.name, "gpu": props.name, "batch": batch, "prompt_len": prompt_len,
-            "ttft_ms": {name: s * 1e3 for name, s in seconds.items()}}
+            "ttft_ms": {name: s * 1e3 for name, s in seconds.items()},
+            **({"mpk_parts_ms": {name: s * 1e3 for name, s in parts.items()}} if parts else {})}
+
+
+def time_mpk_ttft(cfg, hf: dict, prompts: torch.Tensor, device, num_sms: int, repeats: int) -> tuple[float, dict]:
+    """Seconds to mpk's first token, and its parts: the prefill (`mpk.prefill.prefill_ops`) and the
+    decode steps after it (one, for prompts of one length). Medians of `repeats` runs after a warm-up."""
+    from mpk.compiler import compile_model
+    from mpk.inputs import program_inputs
+    from mpk.prefill import prefill_ops
+    from mpk.runtime import Megakernel
+
+    batch, prompt_len = prompts.shape
+    ids = prompts.tolist()
+    tg = compile_model(cfg, batch=batch, max_seq_len=prompt_len, num_sms=num_sms)
+    weights, meta = _mpk_inputs(cfg, tg, hf, [device])
+    meta.update(program_inputs(cfg, tg, {}, ids)[1])  # the prompts, in place of _mpk_inputs' [1]
+    times: list[tuple[float, float]] = []
+    programs: dict = {}  # the prefill programs, made in the warm-up run
+    with Megakernel(tg, device=device, weights=weights, meta=meta) as kernel:
+        for _ in range(repeats + 1):
+            kernel.set_meta(meta)
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            first = prefill_ops(kernel, cfg, ids, programs=programs)
+            torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            result = kernel.run(prompt_len - first, max_new_tokens=1, first_step=first, eos_token_ids=[])
+            times.append((t1 - t0, time.perf_counter() - t1))
+            if result.steps != prompt_len - first:
+                raise MpkError(f"the megakernel ran {result.steps} of {prompt_len - first} steps after the prefill")
+    prefill = statistics.median(t[0] for t in times[1:])
+    decode = statistics.median(t[1] for t in times[1:])
+    total = statistics.median(sum(t) for t in times[1:])
+    return total, {"prefill": prefill, "decode": decode} if prompt_len > 1 else {"decode": decode}
 
 
 def format_ttft(result: dict) -> str:
     ms = result["ttft_ms"]
     lines = [f"{result['model']}: time to first token, batch {result['batch']} x {result['prompt_len']} prompt "
              f"tokens on {result['gpu']}"]
-    lines += [f"  {name:<12} {value:>10.2f} ms" for name, value in ms.items()]
+    parts = result.get("mpk_parts_ms", {})
+    what = {"prefill": ("prefill", f"positions 0..{result['prompt_len'] - 2}, PyTorch ops on the megakernel's buffers"),
+            "decode": ("first step", "one megakernel decode step")}
+    for name, value in ms.items():
+        lines.append(f"  {name:<12} {value:>10.2f} ms")
+        if name == "mpk":
+            lines += [f"    {what[p][0]:<10} {parts[p]:>10.2f} ms  ({what[p][1]})" for p in what if p in parts]
     if "mpk" in ms and "torch-sdpa" in ms:
         lines.append(f"  mpk takes {ms['mpk'] / ms['torch-sdpa']:.2f}x the time of one batched PyTorch pass")
     return "\n".join(lines)

@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--top-k", type=int, default=0, help="with --temperature: sample among the k likeliest (0: all)")
     ben.add_argument("--top-p", type=float, default=1.0, help="with --temperature: the nucleus mass (1: all)")
     ben.add_argument("--prompt-len", type=int, default=None,
-                     help="time to first token of prompts this long instead of decode steps (mpk vs one batched "
-                          "PyTorch pass with fused attention; backends mpk,eager)")
+                     help="time to first token of prompts this long instead of decode steps (mpk: prefill ops "
+                          "and one megakernel step, vs one batched PyTorch pass with fused attention; backends "
+                          "mpk,eager)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
     _add_bench_op(command)

@@ -9,26 +9,46 @@ The last layer stops after its attention: only its K/V rows are needed. It has t
 program's weights and KV cache tensors, by name and shape, so it runs on the decode executor's
 buffers, and the next chunk or decode continues at position start + rows.
 
+It runs two ways over the same ops:
+- as a verified TaskGraph on the CPU executor, task by task (`compile_prefill`, `run_prefill`), as
+  the persistent runtime would run it;
+- op by op, each op whole in one PyTorch call (`run_prefill_ops`, `OpKind.run_whole`), on the
+  device of the buffers: on the GPU over the megakernel's own buffers, with cuBLAS GEMMs on bf16
+  inputs and fused (flash) attention in its fast mode (`prefill_ops`). The exact mode computes what
+  the tasks compute. The GPU prefills this way until the megakernel has tensor-core GEMM tiles and
+  a causal attention template (docs/decisions.md, "Prefill").
+
 Prompts of different lengths share a batch: prefill covers the positions before the shortest
 prompt's last token, and decode steps through the rest of each prompt as it always does (its
-sample op forwards prompt tokens). Runs on the CPU executor; the GPU has no prefill kernels yet.
+sample op forwards prompt tokens).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
 
 from mpk import defaults
 from mpk.compiler import compile_program
+from mpk.dtypes import torch_dtype
 from mpk.errors import MpkError
+from mpk.execution import INT_POISON, allocate
 from mpk.graph import (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE, Program, declare_layer, mlp_block,
-                       precision_of, qkv_tile, rank_name, row_parallel_linear, shard_of)
-from mpk.taskgraph import TaskGraph
+                       precision_of, qkv_tile, rank_name, row_parallel_linear, shard_of, tensor_name)
+from mpk.ops import OP_KINDS
+from mpk.taskgraph import TaskGraph, TensorSpec
+from mpk.util import cdiv
 
 PREFILL_TOKENS = "prefill_tokens"  # meta [batch * rows] int64: the prompt tokens of the chunk's positions
 DEFAULT_CHUNK = 256  # positions per prefill graph; longer prompts take several, one after another
+# Rows (sequences x positions) of one op-by-op chunk. Every chunk reads all the weights once and a
+# chunk from position 0 attends with flash attention, so fewer, larger chunks are faster. The cap
+# bounds what is live at once (at the MLP about 8192 x (5 intermediate + 4 hidden) floats: 2.5 GB
+# on an 8B model) and still takes 8 prompts of 1024 tokens, or one of 8192, in one chunk.
+OP_CHUNK_ROWS = 8192
+PROGRAMS_KEPT = 64  # op-by-op programs `prefill_ops` keeps (one per prompt length, in a server)
 
 
 def build_prefill_program(cfg, batch: int, rows: int, max_seq_len: int, tp_size: int = 1,
@@ -105,14 +125,18 @@ def chunks(positions: int, chunk: int = DEFAULT_CHUNK) -> list[tuple[int, int]]:
     return out
 
 
-def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True, start: int = 0) -> TaskGraph:
-    """The verified prefill TaskGraph of positions [start, start + rows) matching a compiled decode
-    graph (its batch, context, ranks, SMs and precisions)."""
+def prefill_program(decode: TaskGraph, cfg, rows: int, start: int = 0) -> Program:
+    """The prefill program of positions [start, start + rows) matching a compiled decode graph (its
+    batch, context, ranks, SMs and precisions)."""
     pr = decode.precision
-    prog = build_prefill_program(cfg, decode.batch, rows, decode.max_seq_len, decode.tp_size, decode.num_sms,
+    return build_prefill_program(cfg, decode.batch, rows, decode.max_seq_len, decode.tp_size, decode.num_sms,
                                  "float32" if pr.activations == "float32" else "model", pr.weights,
                                  "float32" if pr.kv_cache == "float32" else "model", start)
-    tg = compile_program(prog)
+
+
+def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True, start: int = 0) -> TaskGraph:
+    """The verified prefill TaskGraph of `prefill_program`."""
+    tg = compile_program(prefill_program(decode, cfg, rows, start))
     if verify:
         from mpk.compiler.verify import verify as run_verifier
 
@@ -123,30 +147,114 @@ def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True, star
 def run_prefill(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts: list[list[int]], seed: int = 0) -> None:
     """Run a prefill graph on the CPU executor over the decode executor's buffers (the weights and
     the KV cache it fills are shared; its own activations are new)."""
-    from mpk.execution import allocate
-    from mpk.graph import tensor_name
     from mpk.sim import run
 
-    attention = next(op for op in tg.ops if op.kind == "prefill_attention")
-    start, rows = attention.params["start"], attention.params["rows"]
-    if min(len(p) for p in prompts) <= start + rows:
-        raise MpkError(f"a prefill of positions {start}..{start + rows - 1} needs prompts of at least "
-                       f"{start + rows + 1} tokens")
-    tokens = torch.tensor([t for p in prompts for t in p[start:start + rows]], dtype=torch.int64)
+    start, rows = chunk_of(tg)
+    tokens = _chunk_tokens(prompts, start, rows)
     meta = {tensor_name(r, tg.tp_size, PREFILL_TOKENS): tokens for r in range(tg.tp_size)}
-    shared = {name: buf for name, buf in decode_buffers.items() if name in tg.tensors and tg.tensors[name].kind
-              in ("weight", "state")}
-    for name, buf in shared.items():
-        if tuple(buf.shape) != tg.tensors[name].shape:
-            raise MpkError(f"the prefill graph's {name} is {tg.tensors[name].shape}, the decode buffer {tuple(buf.shape)}")
+    shared = _shared(tg, decode_buffers)
     own = {name: spec for name, spec in tg.tensors.items() if name not in shared}
-    bufs = allocate(_only(tg, own), {}, meta)
+    bufs = allocate(replace(tg, tensors=own), {}, meta)
     bufs.update(shared)
     run(tg, bufs, 1, lambda step, b: False, seed, 0)
 
 
-def _only(tg: TaskGraph, tensors: dict) -> TaskGraph:
-    """`tg` restricted to some tensors, for allocating just those."""
-    from dataclasses import replace
+def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts: list[list[int]],
+                    fast: bool = False) -> None:
+    """Run a prefill program op by op in program order (every op reads only what earlier ops
+    wrote), each op whole (`OpKind.run_whole`), over the decode buffers on their devices (a rank's
+    ops on its GPU). Activations are made when first written and dropped after their last use;
+    the exact mode poisons them first (NaN), so an op that leaves part of its output unwritten shows.
+    `fast`: bf16 GEMM inputs with float32 accumulation and fused attention."""
+    start, rows = chunk_of(prog)
+    tokens = _chunk_tokens(prompts, start, rows)
+    bufs = _shared(prog, decode_buffers)
+    devices = [decode_buffers[tensor_name(r, prog.tp_size, EMBED)].device for r in range(prog.tp_size)]
+    for r in range(prog.tp_size):
+        bufs[tensor_name(r, prog.tp_size, PREFILL_TOKENS)] = tokens.to(devices[r])
+    last_use = {name: i for i, op in enumerate(prog.ops) for name in _bound(op).values()}
+    with torch.no_grad():
+        for i, op in enumerate(prog.ops):
+            for name in op.outputs.values():
+                if name not in bufs:
+                    spec = prog.tensors[name]
+                    bufs[name] = _activation(spec, devices[spec.rank], poison=not fast)
+            OP_KINDS[op.kind].run_whole(op, {role: bufs[name] for role, name in _bound(op).items()}, start, fast)
+            for name in _bound(op).values():
+                if last_use[name] == i and prog.tensors[name].kind == "activation":
+                    del bufs[name]
 
-    return replace(tg, tensors=tensors)
+
+def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chunk_rows: int = OP_CHUNK_ROWS,
+                programs: dict | None = None) -> int:
+    """Prefill, op by op, the positions every prompt has before its last token over an executor's
+    buffers (the megakernel's on the GPU), in `op_chunks`; set each sequence's next token; return
+    the decode step that continues after them (0: nothing to prefill). `programs` keeps the latest
+    chunks' programs by (start, rows) from one call to the next (building one takes milliseconds)."""
+    programs = {} if programs is None else programs
+    done = 0
+    for start, rows in op_chunks(prefill_rows(prompts), executor.tg.batch, chunk_rows):
+        if (start, rows) not in programs:
+            if len(programs) >= PROGRAMS_KEPT:
+                del programs[next(iter(programs))]
+            programs[start, rows] = prefill_program(executor.tg, cfg, rows, start)
+        run_prefill_ops(programs[start, rows], executor.buffers, prompts, fast)
+        done = start + rows
+    if done:
+        executor.set_tokens([p[done] for p in prompts])
+        _wait_for(executor)
+    return done
+
+
+def _wait_for(executor) -> None:
+    """Let the GPUs finish the prefill: the megakernel's watchdog counts from its launch, and prefill
+    ops still queued ahead of it on the stream would look like a stall."""
+    for r in range(executor.tg.tp_size):
+        device = executor.buffers[tensor_name(r, executor.tg.tp_size, EMBED)].device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def op_chunks(positions: int, batch: int, chunk_rows: int = OP_CHUNK_ROWS) -> list[tuple[int, int]]:
+    """(start, rows) of the op-by-op chunks covering positions [0, positions): as few as keep
+    batch x rows within `chunk_rows`, of equal length but the last."""
+    if positions < 1:
+        return []
+    n = cdiv(positions, max(1, chunk_rows // batch))
+    size = cdiv(positions, n)
+    return [(start, min(size, positions - start)) for start in range(0, positions, size)]
+
+
+def chunk_of(prog: Program | TaskGraph) -> tuple[int, int]:
+    """(start, rows) of a prefill program or graph."""
+    attention = next(op for op in prog.ops if op.kind == "prefill_attention")
+    return attention.params["start"], attention.params["rows"]
+
+
+def _chunk_tokens(prompts: list[list[int]], start: int, rows: int) -> torch.Tensor:
+    if min(len(p) for p in prompts) <= start + rows:
+        raise MpkError(f"a prefill of positions {start}..{start + rows - 1} needs prompts of at least "
+                       f"{start + rows + 1} tokens")
+    return torch.tensor([t for p in prompts for t in p[start:start + rows]], dtype=torch.int64)
+
+
+def _shared(prog: Program | TaskGraph, decode_buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decode buffers the prefill shares: the weights and the KV cache, checked against its shapes."""
+    shared = {name: buf for name, buf in decode_buffers.items() if name in prog.tensors and prog.tensors[name].kind
+              in ("weight", "state")}
+    for name, buf in shared.items():
+        if tuple(buf.shape) != prog.tensors[name].shape:
+            raise MpkError(f"the prefill graph's {name} is {prog.tensors[name].shape}, the decode buffer "
+                           f"{tuple(buf.shape)}")
+    return shared
+
+
+def _bound(op) -> dict[str, str]:
+    return {**op.inputs, **op.outputs}
+
+
+def _activation(spec: TensorSpec, device, poison: bool) -> torch.Tensor:
+    dt = torch_dtype(spec.dtype)
+    if not poison:
+        return torch.empty(spec.shape, dtype=dt, device=device)
+    return torch.full(spec.shape, INT_POISON if dt == torch.int64 else float("nan"), dtype=dt, device=device)

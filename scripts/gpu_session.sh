@@ -5,7 +5,7 @@
 #   scripts/gpu_session.sh bench     # mpk bench: qwen3-8b and llama-3.2-1b, batch 1 and 4 (~6 min)
 #   scripts/gpu_session.sh ops       # mpk bench-op: every task template alone, OPS_MODELS at batch 1 and 4 (~4 min)
 #   scripts/gpu_session.sh tp        # 2+ GPUs: mpk bench --tp 2 of TP_MODELS beside one GPU, the first profiled (~3 min)
-#   scripts/gpu_session.sh ttft      # time to first token of a PROMPT_LEN (2048) prompt: mpk vs batched PyTorch
+#   scripts/gpu_session.sh ttft      # time to first token, 1 x PROMPT_LEN (2048) and 8 x 512 prompts: mpk vs batched PyTorch
 # Bench knobs: STEPS (64), BACKENDS (all four), ACTIVATIONS (the CLI's default, float32), MPK_GEMV.
 # bench-op knobs: OPS_MODELS (qwen3-8b llama-3.2-1b qwen3-0.6b), OPS (--op kinds, comma-separated), CONTEXT (4096),
 # ACTIVATIONS.
@@ -57,9 +57,15 @@ run_tp() {
 }
 
 run_ttft() {
-  python3 -m mpk.cli bench "${TTFT_MODEL:-qwen3-8b}" --prompt-len "${PROMPT_LEN:-2048}" --backends mpk,eager \
-    > "$out/ttft.txt" 2> "$out/ttft.err" || { tail -3 "$out/ttft.err"; return 1; }
-  cat "$out/ttft.txt"
+  local status=0 batch len
+  for shape in "1 ${PROMPT_LEN:-2048}" "8 512"; do
+    read -r batch len <<< "$shape"
+    python3 -m mpk.cli bench "${TTFT_MODEL:-qwen3-8b}" --batch "$batch" --prompt-len "$len" --backends mpk,eager \
+      > "$out/ttft-b$batch-$len.txt" 2> "$out/ttft-b$batch-$len.err" \
+      || { status=1; tail -3 "$out/ttft-b$batch-$len.err"; continue; }
+    cat "$out/ttft-b$batch-$len.txt"
+  done
+  return $status
 }
 
 print_test_table() {  # gpu_check.sh ends with the table and the pytest status

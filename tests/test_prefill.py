@@ -6,6 +6,9 @@
 - Against transformers directly: the logits after a prefill stay within the accuracy bound.
 - The verifier proves prefill graphs (one and two ranks) and catches a dropped dependency.
 - The API prefills on the CPU executor and returns what it returns without prefill.
+- Op by op (`run_prefill_ops`, the GPU's path, here on CPU tensors): the exact mode fills the same
+  KV cache and leads to the same logits as the task graph, in one chunk or several; the fast mode
+  (bf16 GEMM inputs, fused attention) stays within the accuracy bound of a float32 reference.
 """
 
 import pytest
@@ -17,7 +20,9 @@ from mpk.compiler.verify import VerificationError, verify
 from mpk.errors import MpkError
 from mpk.inputs import fuse_weights, program_inputs
 from mpk.models.checkpoint import load_checkpoint
-from mpk.prefill import chunks, compile_prefill, prefill_rows, run_prefill
+from mpk.models.reference import ReferenceModel
+from mpk.ops import OP_KINDS
+from mpk.prefill import chunks, compile_prefill, op_chunks, prefill_ops, prefill_rows, run_prefill
 from mpk.sim import CpuExecutor
 from mpk.taskgraph import TaskGraph
 
@@ -147,3 +152,140 @@ def test_the_api_prefills_and_returns_what_it_returns_without(make_checkpoint):
             b = [o.outputs[0].token_ids for o in slow.generate(prompts, params)]
             assert slow.last_run.prefilled == 0 and fast.last_run.steps < slow.last_run.steps
             assert a == b
+
+
+# --- op by op ------------------------------------------------------------------------------------
+
+BOUND = 2e-2  # the accuracy bound is max(2e-2, 1.25x transformers' bf16 error): 2e-2 is never looser
+
+
+@pytest.fixture(scope="module")
+def long_models(make_checkpoint):
+    """The CASES checkpoints with room for prompts of 300 tokens and more."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            family, overrides, _ = CASES[case]
+            cache[case] = load_checkpoint(make_checkpoint(family, max_position_embeddings=512, **overrides))
+        return cache[case]
+
+    return get
+
+
+def by_tasks(cfg, prompts):
+    def run(tg, ex):
+        first = prefill_rows(prompts)
+        for start, rows in chunks(first):
+            run_prefill(compile_prefill(tg, cfg, rows, start=start), ex.buffers, prompts)
+        if first:
+            ex.set_tokens([p[first] for p in prompts])
+        return first
+
+    return run
+
+
+def by_ops(cfg, prompts, fast=False, chunk_rows=8192):
+    return lambda tg, ex: prefill_ops(ex, cfg, prompts, fast=fast, chunk_rows=chunk_rows)
+
+
+def after_prefill(cfg, hf, prompts, tp, prefill, new_tokens=3, kv_cache="model"):
+    """The KV cache rows a prefill filled, then per decode step until every prompt has `new_tokens`
+    new tokens: the logits, and the tokens each sequence was fed."""
+    steps = max(len(p) for p in prompts) + new_tokens - 1
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=4, tp_size=tp, kv_cache=kv_cache)
+    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.float32), prompts)
+    with CpuExecutor(tg, weights, meta) as ex:
+        first = prefill(tg, ex)
+        cache = {n: ex.buffers[n][:, :first].clone() for n, spec in tg.tensors.items() if spec.kind == "state"}
+        res = ex.run(steps - first, first_step=first, eos_token_ids=[], collect_logits=True)
+    fed = [[p[s] if s < len(p) else res.tokens[s - 1 - first][b] for s in range(first, steps)]
+           for b, p in enumerate(prompts)]
+    return cache, res.logits, fed, first
+
+
+def float32_rows(cfg, hf, prompts, fed, first):
+    """Per step from `first`, the float32 reference's logits [batch, vocab] along the tokens each
+    sequence was fed (on the run's bf16 weights, with a float32 cache)."""
+    ref = ReferenceModel(cfg, {k: v.to(torch.bfloat16) for k, v in hf.items()}, torch.float32)
+    rows = []
+    for p, tokens in zip(prompts, fed):
+        seq = torch.tensor([p[:first] + tokens])
+        ref.reset(1, seq.shape[1])
+        rows.append(ref.forward(seq, 0)[0, first:])
+    return [torch.stack([r[s] for r in rows]) for s in range(len(fed[0]))]
+
+
+def mixed_prompts(cfg, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (length + 2, length, length + 1)]
+
+
+def test_op_chunks_are_few_and_equal():
+    assert op_chunks(2047, 1) == [(0, 2047)] and op_chunks(511, 8) == [(0, 511)]
+    assert op_chunks(600, 2, 512) == [(0, 200), (200, 200), (400, 200)]
+    assert op_chunks(7, 3, 6) == [(0, 2), (2, 2), (4, 2), (6, 1)] and op_chunks(0, 4) == []
+    covered = [p for start, rows in op_chunks(1000, 3, 256) for p in range(start, start + rows)]
+    assert covered == list(range(1000))
+
+
+@pytest.mark.parametrize("length", [1, 5, 300])
+@pytest.mark.parametrize("case", list(CASES))
+def test_ops_fill_the_cache_the_task_graph_fills(long_models, case, length):
+    """The exact op-by-op prefill, in one chunk and in chunks of about a third (the later ones
+    attend to cached rows under a mask), against the task graph's chunks of 256 and powers of two.
+    Only float32 summation order differs: with a bf16 cache it flips a few entries' rounding."""
+    cfg, hf = long_models(case)
+    tp = CASES[case][2]
+    prompts = mixed_prompts(cfg, length, length)
+    for kv_cache, tol in (("float32", 1e-5), ("model", 1e-4)):
+        want_cache, want, want_fed, first = after_prefill(cfg, hf, prompts, tp, by_tasks(cfg, prompts),
+                                                          kv_cache=kv_cache)
+        assert first == length - 1
+        for chunk_rows in (8192, 3 * max(1, length // 3)):
+            cache, got, fed, done = after_prefill(cfg, hf, prompts, tp, by_ops(cfg, prompts, chunk_rows=chunk_rows),
+                                                  kv_cache=kv_cache)
+            assert done == first and fed == want_fed
+            for name, rows in want_cache.items() if first else ():
+                assert rel(cache[name].float(), rows.float()) < tol, (kv_cache, chunk_rows, name)
+            assert max(rel(a, b) for a, b in zip(got, want)) < tol, (kv_cache, chunk_rows)
+
+
+@pytest.mark.parametrize("length", [5, 300])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_ops_stay_within_the_bound(long_models, case, length):
+    """bf16 GEMM inputs and fused attention (with a mask after the first chunk): every step's
+    logits within the bound of the float32 reference, and not the exact mode's."""
+    cfg, hf = long_models(case)
+    tp = CASES[case][2]
+    prompts = mixed_prompts(cfg, length, length + 1)
+    _, exact, _, _ = after_prefill(cfg, hf, prompts, tp, by_ops(cfg, prompts))
+    for chunk_rows in (8192, 3 * max(1, length // 3)):
+        _, got, fed, first = after_prefill(cfg, hf, prompts, tp, by_ops(cfg, prompts, fast=True, chunk_rows=chunk_rows))
+        want = float32_rows(cfg, hf, prompts, fed, first)
+        errs = [rel(a, b) for a, b in zip(got, want)]
+        assert max(errs) < BOUND, (chunk_rows, errs)
+        assert rel(got[0], exact[0]) > 1e-5  # the fast mode rounds: this is not the exact mode again
+
+
+def test_an_op_without_a_whole_form_is_refused(models):
+    cfg, _ = models("llama")
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4)
+    for kind in ("rmsnorm_lm_head_argmax", "sample", "attention_split"):
+        op = next(op for op in tg.ops if op.kind == kind)
+        with pytest.raises(MpkError, match=f"op kind '{kind}' .* cannot run as one whole op"):
+            OP_KINDS[kind].run_whole(op, {}, 0)
+
+
+def test_the_api_on_the_gpu_path_prefills_op_by_op(make_checkpoint):
+    """`LLM._prefill`'s GPU branch (op by op, fast) over the CPU executor's buffers: it prefills the
+    positions every prompt has, and greedy decode continues as after the task graph's prefill."""
+    path = str(make_checkpoint("qwen3"))
+    prompts = [list(range(3, 30)), list(range(50, 70))]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(path, backend="sim", dtype="bfloat16") as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]  # opens the CPU executor
+        llm.backend = "cuda"  # from here on `_prefill` takes the GPU's branch, over that same executor
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+        assert llm.last_run.prefilled == 19 and (0, 19) in llm._prefills[2]
+        assert got == want

@@ -7,6 +7,10 @@ An op kind declares
 - its tiling (`tiles`): which boxes of which operands one task reads and writes, and its cost;
 - its PyTorch reference (`run`): one task's compute on views of exactly its declared regions,
   passed as a dict by role;
+- optionally the whole op in one call (`run_whole`), on its operands' whole tensors: what the
+  op-by-op prefill runner (`mpk.prefill.run_prefill_ops`) calls, on the CPU or the GPU. Its exact
+  mode computes what all of the op's tasks compute; its fast mode may round matrix-product inputs
+  to bf16 (float32 accumulation) and use fused attention;
 - its CUDA template (`template` in `header`, under mpk/csrc) and `cuda`: the compile-time
   arguments and the named run-time scalars of one op instance. Codegen gives the template a
   `Slots` struct naming each operand's pointer slot and each scalar's slot, so device code reads
@@ -114,6 +118,10 @@ class OpKind:
     def run(self, op: OpSpec, tile: tuple, t: dict[str, torch.Tensor], step: int) -> None:
         raise NotImplementedError
 
+    def run_whole(self, op: OpSpec, t: dict[str, torch.Tensor], step: int, fast: bool = False) -> None:
+        """The whole op at once; `t` maps each role to its whole tensor."""
+        raise MpkError(f"op kind {self.kind!r} ({op.name}) cannot run as one whole op")
+
     def cuda(self, op: OpSpec, tg) -> Cuda:
         raise MpkError(f"op kind {self.kind!r} ({op.name}) has no GPU kernel yet")
 
@@ -177,3 +185,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
     return F.linear(x, weight.float(), None if bias is None else bias.float())
+
+
+_MM_FLOAT32_OUT = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=torch.float32) on bf16
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) on inputs rounded to bf16, accumulated and returned in float32 (then in x's
+    dtype): tensor-core GEMMs on the GPU. The float32 output keeps the rounding to the inputs."""
+    xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+    if x.is_cuda and _MM_FLOAT32_OUT:
+        y = torch.mm(xb, wb.t(), out_dtype=torch.float32)
+    elif x.is_cuda:  # a torch without mm's out_dtype: cuBLAS rounds the output to bf16 too
+        y = F.linear(xb, wb).float()
+    else:  # the same products and float32 sums, for CPU runs of the fast mode
+        y = F.linear(xb.float(), wb.float())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def matmul(fast: bool):
+    """The matrix product of an exact (`linear`) or fast (`linear_bf16`) whole-op run."""
+    return linear_bf16 if fast else linear

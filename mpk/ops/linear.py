@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mpk.errors import MpkError
 from mpk.models.functional import rms_norm
-from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, linear, nbytes, shape, \
-    spans, whole
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, linear, matmul, \
+    nbytes, shape, spans, whole
 from mpk.util import cdiv
 
 CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
@@ -18,7 +19,8 @@ CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
 
 class Gemv(OpKind):
     """What the matrix-vector kinds share: tasks over output columns [c0, c1) of `out` that read all
-    of x and weight rows [c0, c1) * rows_per_col."""
+    of x and weight rows [c0, c1) * rows_per_col. A kind whose columns do not depend on the tile
+    computes them in `compute`, for one task's columns (`run`) or all of them (`run_whole`)."""
 
     header = "gemv.cuh"
     streamed = "weight"
@@ -36,6 +38,18 @@ class Gemv(OpKind):
             nb = sum(nbytes(prog, r) for r in reads + writes)
             tasks.append(TileTask((i,), reads, writes, nb, 2 * batch * (c1 - c0) * self.rows_per_col * k))
         return tasks
+
+    def run(self, op, tile, t, step):
+        self.compute(op, t, linear)
+
+    def run_whole(self, op, t, step, fast=False):
+        self.compute(op, t, matmul(fast))
+
+    def compute(self, op, t, mm) -> None:
+        """The outputs of the columns the views hold, `mm(x, weight, bias)` the matrix product. None
+        here: a kind whose tiles differ in more than their columns (the LM head's candidates) has
+        only `run`."""
+        raise MpkError(f"op kind {self.kind!r} ({op.name}) cannot run as one whole op")
 
     def extra_reads(self, op, prog, c0, c1):
         return []
@@ -73,8 +87,8 @@ class RmsnormLinear(Gemv):
     def extra_reads(self, op, prog, c0, c1):
         return [whole(op, prog, "norm")] + ([box(op, "bias", (c0, c1))] if "bias" in op.inputs else [])
 
-    def run(self, op, tile, t, step):
-        t["out"].copy_(linear(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"], t.get("bias")))
+    def compute(self, op, t, mm):
+        t["out"].copy_(mm(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"], t.get("bias")))
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
@@ -94,8 +108,8 @@ class RmsnormGateUpSilu(Gemv):
     def extra_reads(self, op, prog, c0, c1):
         return [whole(op, prog, "norm")]
 
-    def run(self, op, tile, t, step):
-        y = linear(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"])
+    def compute(self, op, t, mm):
+        y = mm(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"])
         gate_up = y.unflatten(-1, (-1, 2))
         t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])
 
@@ -116,8 +130,8 @@ class LinearResidual(Gemv):
     def extra_reads(self, op, prog, c0, c1):
         return [box(op, "residual", (0, shape(op, prog, "x")[0]), (c0, c1))]
 
-    def run(self, op, tile, t, step):
-        t["out"].copy_(t["residual"] + linear(t["x"], t["weight"]))
+    def compute(self, op, t, mm):
+        t["out"].copy_(t["residual"] + mm(t["x"], t["weight"]))
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
@@ -132,8 +146,8 @@ class Linear(Gemv):
     inputs = (Operand("x"), Operand("weight"))
     outputs = (Operand("out"),)
 
-    def run(self, op, tile, t, step):
-        t["out"].copy_(linear(t["x"], t["weight"]).float())
+    def compute(self, op, t, mm):
+        t["out"].copy_(mm(t["x"], t["weight"]).float())
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
@@ -162,10 +176,13 @@ class AllreduceResidual(OpKind):
         return tasks
 
     def run(self, op, tile, t, step):
-        total = t["partial0"].clone()
+        total = t["partial0"].to(t["out"].device, copy=True)
         for k in range(1, op.params["ranks"]):
-            total += t[f"partial{k}"]
+            total += t[f"partial{k}"].to(total.device)  # a peer GPU's partial, when whole ops run on several
         t["out"].copy_(t["residual"] + total.to(t["residual"].dtype))
+
+    def run_whole(self, op, t, step, fast=False):
+        self.run(op, None, t, step)
 
     def cuda(self, op, tg):
         batch, n = tg.tensors[op.outputs["out"]].shape
