@@ -21,7 +21,7 @@ DEFAULT_TOKEN_IDS = "1,2,3,4"
 
 # Integer options and their (lowest, highest) values, checked before anything runs or prints.
 RANGES = {"batch": (1, MAX_BATCH), "num_sms": (1, MAX_NUM_SMS), "tp": (1, None), "max_seq_len": (1, None),
-          "max_new_tokens": (1, None), "steps": (1, None), "port": (0, 65535), "max_waiting": (1, None),
+          "max_new_tokens": (1, None), "steps": (1, None), "port": (0, 65535), "max_waiting": (1, None), "max_batch": (1, MAX_BATCH),
           "clients": (1, None), "requests": (1, None), "prompt_len": (1, None), "output_len": (1, None)}
 
 
@@ -149,8 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
     srv.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
                      help="tokens a request's prompt and reply may hold together (clipped to the model's context)")
+    srv.add_argument("--max-batch", type=int, default=8,
+                     help="requests generated together (continuous batching: each joins when a slot frees up)")
     srv.add_argument("--max-waiting", type=int, default=64,
-                     help="requests that may wait for the engine; more are answered 503")
+                     help="requests that may wait for a slot; more are answered 503")
     _add_run_flags(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -377,7 +379,7 @@ def cmd_serve(args) -> int:
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
     backend, device = _prepare_backend(args)
-    _check_memory(source, args, backend, 1, seq_len, device)
+    _check_memory(source, args, backend, args.max_batch, seq_len, device)
     # Bind before loading weights, so a taken port is one line at once rather than after the load.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -387,11 +389,11 @@ def cmd_serve(args) -> int:
         sock.close()
         raise MpkError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     _describe_run(args, source, backend, stored)
-    with _load_llm(args, source, backend, device, max_batch=1, max_seq_len=seq_len) as llm:
+    with _load_llm(args, source, backend, device, max_batch=args.max_batch, max_seq_len=seq_len) as llm:
         app = create_app(llm, args.served_model_name or args.model, max_waiting=args.max_waiting)
         host, port = sock.getsockname()[:2]
         _note(args, f"serving {args.served_model_name or args.model} on http://{host}:{port}/v1 "
-                    f"({backend}; one request at a time, up to {args.max_waiting} waiting)")
+                    f"({backend}; up to {args.max_batch} requests at once, {args.max_waiting} waiting)")
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning" if args.quiet else "info"))
         server.run(sockets=[sock])
     return 0

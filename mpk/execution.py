@@ -65,10 +65,20 @@ def per_sequence_limits(batch: int, max_new_tokens: int | Sequence[int | None] |
     return limits
 
 
-def check_steps(tg: TaskGraph, first_step: int, num_steps: int) -> None:
-    if num_steps < 1 or first_step < 0 or first_step + num_steps > tg.max_seq_len:
-        raise MpkError(f"steps {first_step}..{first_step + num_steps - 1} do not fit the graph's context of "
-                       f"{tg.max_seq_len} positions")
+def check_steps(tg: TaskGraph, first_step: int, num_steps: int, position_offsets=None) -> list[int]:
+    """The per-sequence position offsets of a run of steps [first_step, first_step + num_steps),
+    after checking that every sequence's positions fit the graph's context."""
+    offsets = [0] * tg.batch if position_offsets is None else [int(o) for o in position_offsets]
+    if len(offsets) != tg.batch:
+        raise MpkError(f"position_offsets has {len(offsets)} entries for a batch of {tg.batch}")
+    if num_steps < 1 or num_steps > tg.max_seq_len:
+        raise MpkError(f"a run of {num_steps} steps does not fit the graph's context of {tg.max_seq_len} positions")
+    for b, off in enumerate(offsets):
+        lo, hi = first_step - off, first_step + num_steps - 1 - off
+        if lo < 0 or hi >= tg.max_seq_len:
+            raise MpkError(f"positions {lo}..{hi} of sequence {b} do not fit the graph's context of "
+                           f"{tg.max_seq_len} positions")
+    return offsets
 
 
 class Executor:
@@ -79,14 +89,17 @@ class Executor:
 
     def run(self, num_steps: int, max_new_tokens: int | Sequence[int | None] | None = None,
             on_step: OnStep | None = None, *, first_step: int = 0, eos_token_ids: Sequence[int] | None = None,
-            collect_logits: bool = False) -> RunResult:
+            collect_logits: bool = False, position_offsets: Sequence[int] | None = None) -> RunResult:
         """Run decode steps [first_step, first_step + num_steps) and return their tokens.
 
         `on_step(step, tokens)` gets each step's tokens (one per sequence) as they are made;
         returning True stops the run after that step. A sequence is finished at EOS
         (`eos_token_ids`, default the model's) or after `max_new_tokens` new tokens (an int or one
         per sequence); the run stops by itself once all are. `collect_logits` keeps each step's
-        logits [batch, vocab] (all ranks' vocabulary slices side by side).
+        logits [batch, vocab] (all ranks' vocabulary slices side by side). Sequence b is at
+        position `step - position_offsets[b]` (default: every sequence at the step), so sequences
+        that joined at different steps run together; with offsets the caller sets the tokens the
+        first step feeds (`set_tokens`).
         """
         raise NotImplementedError
 

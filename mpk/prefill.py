@@ -125,18 +125,19 @@ def chunks(positions: int, chunk: int = DEFAULT_CHUNK) -> list[tuple[int, int]]:
     return out
 
 
-def prefill_program(decode: TaskGraph, cfg, rows: int, start: int = 0) -> Program:
+def prefill_program(decode: TaskGraph, cfg, rows: int, start: int = 0, batch: int | None = None) -> Program:
     """The prefill program of positions [start, start + rows) matching a compiled decode graph (its
-    batch, context, ranks, SMs and precisions)."""
+    batch unless `batch` says otherwise, context, ranks, SMs and precisions)."""
     pr = decode.precision
-    return build_prefill_program(cfg, decode.batch, rows, decode.max_seq_len, decode.tp_size, decode.num_sms,
+    return build_prefill_program(cfg, batch or decode.batch, rows, decode.max_seq_len, decode.tp_size, decode.num_sms,
                                  "float32" if pr.activations == "float32" else "model", pr.weights,
                                  "float32" if pr.kv_cache == "float32" else "model", start)
 
 
-def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True, start: int = 0) -> TaskGraph:
+def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True, start: int = 0,
+                    batch: int | None = None) -> TaskGraph:
     """The verified prefill TaskGraph of `prefill_program`."""
-    tg = compile_program(prefill_program(decode, cfg, rows, start))
+    tg = compile_program(prefill_program(decode, cfg, rows, start, batch))
     if verify:
         from mpk.compiler.verify import verify as run_verifier
 
@@ -204,6 +205,33 @@ def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chun
         executor.set_tokens([p[done] for p in prompts])
         _wait_for(executor)
     return done
+
+
+def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fast: bool = True) -> int:
+    """Prefill one prompt into one sequence slot of a running batch (`mpk.batching`): the positions
+    before its last token, into that slot's rows of the KV cache, leaving the other slots alone.
+    On the GPU op by op in PyTorch (`run_prefill_ops`); on the CPU executor as the verified task
+    graphs `LLM.generate` runs for one prompt, so a request gets the same tokens either way.
+    `programs` caches the programs or graphs by (start, rows). Returns the positions filled."""
+    positions = len(prompt) - 1
+    if positions < 1:
+        return 0
+    tg = executor.tg
+    views = {name: buf[slot:slot + 1] if tg.tensors[name].kind == "state" else buf
+             for name, buf in executor.buffers.items()}
+    on_gpu = views[tensor_name(0, tg.tp_size, EMBED)].device.type == "cuda"
+    for start, rows in op_chunks(positions, 1) if on_gpu else chunks(positions):
+        if (start, rows) not in programs:
+            if len(programs) >= PROGRAMS_KEPT:
+                del programs[next(iter(programs))]
+            programs[start, rows] = (prefill_program(tg, cfg, rows, start, batch=1) if on_gpu
+                                     else compile_prefill(tg, cfg, rows, start=start, batch=1))
+        if on_gpu:
+            run_prefill_ops(programs[start, rows], views, [prompt], fast)
+        else:
+            run_prefill(programs[start, rows], views, [prompt])
+    _wait_for(executor)
+    return positions
 
 
 def _wait_for(executor) -> None:

@@ -31,8 +31,10 @@ def _view(buf: torch.Tensor, box) -> torch.Tensor:
 
 
 def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, step_done: StepDone | None = None,
-        seed: int = 0, first_step: int = 0) -> int:
-    """Execute decode steps [first_step, first_step + num_steps); returns the number run."""
+        seed: int = 0, first_step: int = 0, position_offsets: list[int] | None = None) -> int:
+    """Execute decode steps [first_step, first_step + num_steps); returns the number run. Sequence b
+    is at position step - position_offsets[b] (default: the step)."""
+    offsets = position_offsets or [0] * tg.batch
     rng = random.Random(seed)
     counters = [0] * len(tg.events)
     head = [0] * tg.num_queues  # position in the queue, counting across steps
@@ -69,7 +71,9 @@ def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, step_done:
             continue
         op = tg.ops[task.op]
         views = {r.role: _view(bufs[r.tensor], r.box) for r in task.reads + task.writes}
-        OP_KINDS[op.kind].run(op, task.tile, views, first_step + step)
+        kind = OP_KINDS[op.kind]
+        at = first_step + step
+        kind.run(op, task.tile, views, at - offsets[task.tile[0]] if kind.per_sequence else at)
         head[q] += 1
         for e in task.signals:
             counters[e] += 1
@@ -114,12 +118,12 @@ class CpuExecutor(Executor):
         self.buffers = allocate(tg, weights, meta)
 
     def run(self, num_steps, max_new_tokens=None, on_step=None, *, first_step=0, eos_token_ids=None,
-            collect_logits=False) -> RunResult:
+            collect_logits=False, position_offsets=None) -> RunResult:
         tg = self.tg
-        check_steps(tg, first_step, num_steps)
+        offsets = check_steps(tg, first_step, num_steps, position_offsets)
         limits = per_sequence_limits(tg.batch, max_new_tokens)
         eos = set(tg.model.get("eos_token_ids", ()) if eos_token_ids is None else eos_token_ids)
-        if first_step == 0:
+        if first_step == 0 and position_offsets is None:
             self.restart_tokens()
         prompt_len = self.prompt_lengths()
         finished = [False] * tg.batch
@@ -134,14 +138,14 @@ class CpuExecutor(Executor):
                 logits.append(self.logits())
             # The kernel's rule: new tokens start at the prompt's last position.
             for b, tok in enumerate(toks):
-                made = step - prompt_len[b] + 2
+                made = step - offsets[b] - prompt_len[b] + 2
                 if made >= 1 and (tok in eos or (limits[b] is not None and made >= limits[b])):
                     finished[b] = True
             asked = on_step is not None and bool(on_step(step, toks))
             return asked or all(finished)
 
         t0 = time.perf_counter()
-        steps = run(tg, self.buffers, num_steps, step_done, self.seed, first_step)
+        steps = run(tg, self.buffers, num_steps, step_done, self.seed, first_step, offsets)
         return RunResult(tokens, steps, time.perf_counter() - t0, steps < num_steps, logits)
 
     def close(self) -> None:

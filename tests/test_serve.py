@@ -21,6 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import tiny_tokenizers  # noqa: E402
 from mpk import LLM, SamplingParams  # noqa: E402
+from mpk.batching import Request  # noqa: E402
 from mpk.serve import create_app  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -60,7 +61,7 @@ def wait_until(condition, seconds: float = 20) -> None:
 def llm(make_checkpoint):
     path = make_checkpoint("llama", vocab_size=300)
     tiny_tokenizers.save(tiny_tokenizers.byte_level(), path, chat_template=TEMPLATE)
-    return LLM(str(path), backend="sim", dtype="float32", max_batch=1, max_seq_len=MAX_SEQ_LEN)
+    return LLM(str(path), backend="sim", dtype="float32", max_batch=4, max_seq_len=MAX_SEQ_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -297,14 +298,17 @@ def test_a_client_that_disconnects_stops_its_generation(url, app):
 
 
 class BlockingJob:
-    """Holds the engine until released, so a test can fill the queue."""
+    """Holds the engine until released (its first token's callback waits), so a test can fill the queue."""
 
     def __init__(self):
-        self.cancel, self.started, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.started, self.release = threading.Event(), threading.Event()
 
-    def run(self, llm):
-        self.started.set()
-        self.release.wait(30)
+    def request(self) -> Request:
+        def hold(_token: int) -> None:
+            self.started.set()
+            self.release.wait(30)
+
+        return Request([1], SamplingParams(max_tokens=1, temperature=0), on_token=hold)
 
 
 @contextmanager

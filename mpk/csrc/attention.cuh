@@ -148,19 +148,20 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
     const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
     const int splits = static_cast<int>(op.i[S::splits]);
     const int b = t.tile[0], g = t.tile[1], s = t.tile[2];
-    MPK_ASSERT(g < G && s < splits && t.step < seq);
+    const long long pos = t.position(b);
+    MPK_ASSERT(g < G && s < splits && 0 <= pos && pos < seq);
     const size_t bgs = (static_cast<size_t>(b) * G + g) * splits + s;
     float* part = op.arg<float>(S::part) + bgs * QPK * HD;
     float* lse = op.arg<float>(S::lse) + bgs * QPK;
     long long r0, r1;
-    split_rows(t.step, op.i[S::window], s, splits, r0, r1);
+    split_rows(pos, op.i[S::window], s, splits, r0, r1);
     if (r1 <= r0) {  // uniform over the CTA
       for (int i = threadIdx.x; i < QPK * HD; i += kThreads) part[i] = 0.f;
       for (int i = threadIdx.x; i < QPK; i += kThreads) lse[i] = kNegInf;
       return;
     }
-    const bool now = r1 == t.step + 1;      // this split holds the current row
-    const long long end = min(r1, t.step);  // cache rows [r0, end)
+    const bool now = r1 == pos + 1;      // this split holds the current row
+    const long long end = min(r1, pos);  // cache rows [r0, end)
     const size_t stride = static_cast<size_t>(G) * HD;  // between consecutive rows of one column
     const KT* k_col = op.arg<const KT>(S::k_cache) + static_cast<size_t>(b) * seq * stride + g * HD;
     const KT* v_col = op.arg<const KT>(S::v_cache) + static_cast<size_t>(b) * seq * stride + g * HD;
@@ -172,7 +173,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
     float* heads = reinterpret_cast<float*>(smem + kHeadsOff);
     float* s_now = reinterpret_cast<float*>(smem + kNowOff);
     const T* src = op.arg<const T>(S::qkv) + (static_cast<size_t>(b) * G + g) * (QPK + 2) * HD;
-    const float* rope = op.arg<const float>(S::rope) + t.step * HD;
+    const float* rope = op.arg<const float>(S::rope) + pos * HD;
     const float eps = op.f[S::eps];
     for (int h = warp; h < (now ? QPK + 2 : QPK); h += kWarps) {
       float* buf = heads + h * HD;
@@ -335,14 +336,15 @@ template <class S, int QPK, int HD, bool KNORM, class A, class KT> struct Attent
     const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
     const int splits = static_cast<int>(op.i[S::splits]);
     const int b = t.tile[0], g = t.tile[1];
-    MPK_ASSERT(g < G && t.step < seq);
+    const long long pos = t.position(b);
+    MPK_ASSERT(g < G && 0 <= pos && pos < seq);
     const size_t bg = static_cast<size_t>(b) * G + g;
     const T* src = op.arg<const T>(S::qkv) + bg * (QPK + 2) * HD;
-    const size_t row = ((static_cast<size_t>(b) * seq + t.step) * G + g) * HD;
+    const size_t row = ((static_cast<size_t>(b) * seq + pos) * G + g) * HD;
     if (warp_id() == 0) {
       float* buf = reinterpret_cast<float*>(smem);
       norm_rope_head<HD, KNORM, A>(src + QPK * HD, op.arg<const bf16>(S::k_norm), op.f[S::eps],
-                                   op.arg<const float>(S::rope) + t.step * HD, buf);
+                                   op.arg<const float>(S::rope) + pos * HD, buf);
       for (int d = lane_id(); d < HD; d += 32) act_store(op.arg<KT>(S::k_cache) + row + d, buf[d]);
     } else if (warp_id() == 1) {
       for (int d = lane_id(); d < HD; d += 32) act_store(op.arg<KT>(S::v_cache) + row + d, act_f(src[(QPK + 1) * HD + d]));

@@ -73,7 +73,8 @@ struct MpkParams {
   int* seq_done;                 // [batch]: sequence hit EOS or its token limit
   const long long* eos;          // [n_eos]
   const long long* max_new;      // [batch]: new tokens allowed per sequence
-  int* out_tokens;               // host-mapped [max_seq_len * batch]: token of (step, b)
+  const long long* pos_offset;   // [batch]: sequence b is at position step - pos_offset[b]
+  int* out_tokens;               // host-mapped [max_seq_len * batch]: token of (step - first_step, b)
   long long* steps_done;         // host-mapped: absolute steps completed
   int* progress;                 // host-mapped [num_sms * kProgressWords]
   int* host_flags;               // host-mapped kFlagWords
@@ -101,11 +102,14 @@ template <class... V> constexpr int max_smem() {
 // What a task's code sees besides its OpDesc.
 struct TaskCtx {
   int tile[3];
-  long long step;  // absolute position (RoPE row, KV row)
+  long long step;  // the kernel's step (steps count on across launches)
   long long rel;   // step within this launch (event thresholds, sample counting)
   const MpkParams* p;
   const unsigned char* head;  // shared memory: the first head_bytes of the task's weight tile, or null
   unsigned head_bytes;
+
+  // Sequence b's position this step (its RoPE row and KV row): sequences join a batch at any step.
+  __device__ long long position(int b) const { return step - p->pos_offset[b]; }
 };
 
 __device__ __forceinline__ unsigned long long global_timer() {

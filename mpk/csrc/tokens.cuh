@@ -40,7 +40,7 @@ __device__ __forceinline__ bool is_eos(const MpkParams& p, long long tok) {
 // (temperature 0): the best candidate over all LM-head tiles of all ranks (ties to the lowest token
 // id). Otherwise a draw from the logits rows of all ranks under the sequence's temperature, top-k,
 // top-p and seed (sampling.cuh). Writes tokens[b] (the next step's embed reads it) and
-// out_tokens[step * batch + b] (host-mapped). The step's last sample task publishes steps_done and
+// out_tokens[launch step * batch + b] (host-mapped). The step's last sample task publishes steps_done and
 // stops the run once every sequence has finished. With tensor parallelism every rank makes the
 // same token from the same inputs (read from the peers).
 template <class S, int RANKS> struct Sample {
@@ -70,17 +70,17 @@ template <class S, int RANKS> struct Sample {
     const MpkParams& p = *t.p;
     SampleScratch& sc = *reinterpret_cast<SampleScratch*>(smem);
     const int b = t.tile[0];
-    const long long step = t.step;
+    const long long pos = t.position(b);
     const long long plen = op.arg<const long long>(S::prompt_len)[b];
     const float temperature = op.arg<const float>(S::sample_floats)[2 * b];
-    if (step + 1 < plen) {
-      if (threadIdx.x == 0) sc.token = op.arg<const long long>(S::prompt)[b * op.i[S::seq] + step + 1];
+    if (pos + 1 < plen) {
+      if (threadIdx.x == 0) sc.token = op.arg<const long long>(S::prompt)[b * op.i[S::seq] + pos + 1];
     } else if (temperature > 0.f) {  // uniform over the CTA: every thread takes part in the draw
       const LogitsRow<RANKS> row{op.ranks<const float>(S::logits), op.i[S::vocab],
                                  (op.i[S::vocab] + RANKS - 1) / RANKS, b, temperature};
       const long long* ints = op.arg<const long long>(S::sample_ints) + 2 * b;
       const long long tok = sample_row(row, ints[0], op.arg<const float>(S::sample_floats)[2 * b + 1],
-                                       static_cast<unsigned long long>(ints[1]), static_cast<unsigned long long>(step + 1),
+                                       static_cast<unsigned long long>(ints[1]), static_cast<unsigned long long>(pos + 1),
                                        sc);
       if (threadIdx.x == 0) sc.token = tok;
     } else if (warp_id() == 0) {
@@ -92,10 +92,10 @@ template <class S, int RANKS> struct Sample {
 
     const long long tok = sc.token;
     op.arg<long long>(S::tokens)[b] = tok;
-    st_volatile(p.out_tokens + step * p.batch + b, static_cast<int>(tok));
+    st_volatile(p.out_tokens + t.rel * p.batch + b, static_cast<int>(tok));
     // Finished: hit EOS or its token limit (new tokens start at the prompt's last position).
-    const bool generated = step >= plen - 1;
-    const bool done = ld_volatile(p.seq_done + b) || (generated && (is_eos(p, tok) || step - plen + 2 >= p.max_new[b]));
+    const bool generated = pos >= plen - 1;
+    const bool done = ld_volatile(p.seq_done + b) || (generated && (is_eos(p, tok) || pos - plen + 2 >= p.max_new[b]));
     st_volatile(p.seq_done + b, static_cast<int>(done));
     __threadfence_system();  // out_tokens reach the host before steps_done says so
     const unsigned long long n = atomicAdd(reinterpret_cast<unsigned long long*>(p.ctl + kCtlSampled), 1ull);
@@ -104,9 +104,9 @@ template <class S, int RANKS> struct Sample {
     __threadfence();
     bool all_done = true;
     for (long long k = 0; k < p.batch; ++k) all_done = all_done && ld_volatile(p.seq_done + k);
-    if (all_done || ld_volatile(p.host_flags + kFlagStopRequest)) stop_all_ranks(p, step);
+    if (all_done || ld_volatile(p.host_flags + kFlagStopRequest)) stop_all_ranks(p, t.step);
     __threadfence_system();
-    st_volatile(p.steps_done, step + 1);
+    st_volatile(p.steps_done, t.step + 1);
   }
 };
 

@@ -111,6 +111,7 @@ class AttentionSplit(OpKind):
     """
 
     kind = "attention_split"
+    per_sequence = True
     header = "attention.cuh"
     template = "AttentionSplit"
     inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
@@ -169,6 +170,7 @@ class AttentionMerge(OpKind):
     """
 
     kind = "attention_merge"
+    per_sequence = True
     header = "attention.cuh"
     template = "AttentionMerge"
     inputs = (Operand("qkv"), Operand("rope"), Operand("k_norm", optional=True), Operand("part"), Operand("lse"))

@@ -70,6 +70,9 @@ class OpKind:
     header: ClassVar[str | None] = None  # the .cuh under mpk/csrc holding `template`
     template: ClassVar[str | None] = None  # None: no GPU kernel yet
     streamed: ClassVar[str | None] = None  # the weight role whose tile a task streams whole (prefetch)
+    # Each task serves one sequence, tile[0]; `run` then gets that sequence's position as `step`
+    # (sequences join a batch at any step: mpk.execution.Executor.run's position_offsets).
+    per_sequence: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -53,6 +53,7 @@ class Sample(OpKind):
     """
 
     kind = "sample"
+    per_sequence = True
     header = "tokens.cuh"
     template = "Sample"
     inputs = (Operand("cand_val", per_rank=True), Operand("cand_idx", per_rank=True), Operand("logits", per_rank=True),

@@ -182,6 +182,7 @@ class Megakernel(Executor):
         rs.dev["counters"] = torch.zeros(len(t.ev_target), dtype=torch.int64, device=dev)  # read as u64 on the GPU
         rs.dev["ctl"] = torch.zeros(abi.kCtlWords, dtype=torch.int64, device=dev)
         rs.dev["seq_done"] = torch.zeros(tg.batch, dtype=torch.int32, device=dev)
+        rs.dev["pos_offset"] = torch.zeros(tg.batch, dtype=torch.int64, device=dev)
         check(self.lib, self.lib.mpk_set_device(dev.index), "selecting the GPU")
         rs.mapped.update(out_tokens=Mapped(self.lib, tg.max_seq_len * tg.batch, ctypes.c_int32),
                          steps_done=Mapped(self.lib, 1, ctypes.c_int64),
@@ -229,7 +230,8 @@ class Megakernel(Executor):
     # --- running -------------------------------------------------------------------------------
 
     def run(self, num_steps, max_new_tokens=None, on_step=None, *, first_step=0, eos_token_ids=None,
-            collect_logits=False, trace: bool = False, watchdog_seconds: float | None = None) -> RunResult:
+            collect_logits=False, position_offsets=None, trace: bool = False,
+            watchdog_seconds: float | None = None) -> RunResult:
         """`Executor.run`, plus: `trace` records each task's wait, start and end times (%globaltimer,
         ns, each GPU's own clock) into `RunResult.trace` [steps, tasks, 3]; `collect_logits` runs
         one step per launch.
@@ -241,12 +243,12 @@ class Megakernel(Executor):
         tg, B, abi = self.tg, self.tg.batch, self.abi
         if self._ops is None:
             raise MpkError("load weights and meta (Megakernel.load) before run()")
-        check_steps(tg, first_step, num_steps)
+        offsets = check_steps(tg, first_step, num_steps, position_offsets)
         limits = per_sequence_limits(B, max_new_tokens)
         eos = list(tg.model.get("eos_token_ids", ()) if eos_token_ids is None else eos_token_ids)
         self._n_eos = len(eos)
         self._watchdog = float(os.environ.get("MPK_WATCHDOG_SECONDS", "10")) if watchdog_seconds is None else watchdog_seconds
-        if first_step == 0 and self.tables.n_sample:  # only a sampler feeds tokens back (one-op graphs have none)
+        if first_step == 0 and position_offsets is None and self.tables.n_sample:  # only a sampler feeds tokens back
             self.restart_tokens()
         if trace and collect_logits:
             raise MpkError("trace and collect_logits cannot be combined (collect_logits launches one step at a time)")
@@ -255,6 +257,7 @@ class Megakernel(Executor):
             rs.dev["max_new"] = torch.tensor([NO_LIMIT if n is None else int(n) for n in limits], dtype=torch.int64,
                                              device=rs.device)
             rs.dev["seq_done"].zero_()
+            rs.dev["pos_offset"].copy_(torch.tensor(offsets, dtype=torch.int64))
             rs.dev["ctl"][abi.kCtlStopStep] = NO_STOP
             rs.mapped["steps_done"].array[0] = first_step
             rs.mapped["host_flags"].array[:] = 0
@@ -266,11 +269,13 @@ class Megakernel(Executor):
         tokens: list[list[int]] = []
         logits: list[torch.Tensor] = []
         stop_at = [None]  # the step after which on_step asked to stop
+        launched_at = [first_step]  # the current launch's first step: the kernel writes tokens by launch step
 
         def deliver(upto: int) -> None:
             while first_step + len(tokens) < upto and stop_at[0] is None:
                 s = first_step + len(tokens)
-                tokens.append(first.mapped["out_tokens"].array[s * B:(s + 1) * B].tolist())
+                rel = s - launched_at[0]
+                tokens.append(first.mapped["out_tokens"].array[rel * B:(rel + 1) * B].tolist())
                 if on_step is not None and on_step(s, tokens[-1]):
                     stop_at[0] = s
                     self._flags(abi.kFlagStopRequest)
@@ -278,6 +283,7 @@ class Megakernel(Executor):
         t0 = time.perf_counter()
         if collect_logits:
             for s in range(first_step, first_step + num_steps):
+                launched_at[0] = s
                 self._launch(s, 1, deliver)
                 logits.append(self.logits())
                 if stop_at[0] is not None or int(first.dev["ctl"][abi.kCtlStopStep]) <= s:
@@ -297,7 +303,8 @@ class Megakernel(Executor):
     def _params(self, rs: RankState, first_step: int, num_steps: int) -> Params:
         p = Params()
         for name in ("tasks", "signals", "signal_rank", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ev_sys",
-                     "ops", "counters", "ctl", "seq_done", "eos", "max_new", "prefetch", "peer_counters", "peer_ctl"):
+                     "ops", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "prefetch", "peer_counters",
+                     "peer_ctl"):
             setattr(p, name, rs.address(name))
         for name, mapped in rs.mapped.items():
             setattr(p, name, mapped.dev)

@@ -105,6 +105,8 @@ def create_app(llm: LLM, model_name: str, max_waiting: int = 64) -> FastAPI:
         job = Job(ids, params, asyncio.get_running_loop())
         try:
             worker.submit(job)
+        except MpkError as e:
+            raise invalid(str(e)) from None
         except QueueFull:
             raise ApiError(503, "the server is busy: too many requests are waiting; retry later",
                            type="server_overloaded", code="queue_full") from None

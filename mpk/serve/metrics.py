@@ -24,6 +24,12 @@ class Metrics:
         waiting.set_function(lambda: worker.waiting)
         running = Gauge("mpk_requests_running", "requests the engine is generating", registry=r)
         running.set_function(lambda: worker.running)
+        # The KV cache is one block of max_seq_len rows per batch slot; rows in use are the running
+        # requests' positions.
+        slots = Gauge("mpk_kv_slots", "sequence slots of the batch, each with its KV cache rows", registry=r)
+        slots.set_function(lambda: len(worker.batcher.slots))
+        rows = Gauge("mpk_kv_rows_in_use", "KV cache rows the running requests hold", registry=r)
+        rows.set_function(lambda: worker.batcher.kv_rows_in_use())
 
     def observe_generation(self, arrived: float, prompt_tokens: int, token_times: list[float]) -> None:
         self.prompt_tokens.inc(prompt_tokens)

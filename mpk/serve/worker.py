@@ -1,19 +1,20 @@
-"""One engine thread that runs generations one at a time, fed by a bounded queue.
+"""One engine thread that runs the server's requests together, in the slots of a continuous batch.
 
-The engine runs a single sequence at a time in this version, so requests wait their turn here;
-a full queue is refused at once (503) rather than letting waits grow without bound. Each job
-reports back to its request's event loop, token by token, through an asyncio queue.
+Requests join the batch between windows of decode steps and leave it when they finish
+(`mpk.batching`). At most `max_waiting` requests wait for a slot; one more is refused at once (503)
+rather than letting waits grow without bound. Each job reports back to its request's event loop,
+token by token, through an asyncio queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
 from mpk.api import LLM, RequestOutput, SamplingParams
+from mpk.batching import Batcher, Request
 
 
 class QueueFull(Exception):
@@ -35,13 +36,11 @@ class Job:
     def _emit(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
-    def run(self, llm: LLM) -> None:
-        try:
-            out = llm.generate([self.prompt_ids], self.params, on_text=lambda _, d: self._emit("text", d),
-                               on_token=lambda _, t: self._token(), cancel=self.cancel)[0]
-            self._emit("done", out)
-        except Exception as e:  # the request's handler answers it; the engine thread carries on
-            self._emit("error", e)
+    def request(self) -> Request:
+        """The batcher's view of this job, reporting back through the event queue."""
+        return Request(self.prompt_ids, self.params, on_token=lambda _: self._token(),
+                       on_text=lambda delta: self._emit("text", delta), on_done=lambda out: self._emit("done", out),
+                       on_error=lambda e: self._emit("error", e), cancel=self.cancel)
 
     def _token(self) -> None:
         self.token_times.append(time.perf_counter())
@@ -61,40 +60,40 @@ class Job:
 
 
 class EngineWorker:
-    """Runs submitted jobs on `llm`, in order, on one daemon thread; at most `max_waiting` wait."""
+    """Runs submitted jobs on `llm`, up to `slots` (default: llm.max_batch) at once, on one daemon
+    thread; at most `max_waiting` wait for a slot."""
 
-    def __init__(self, llm: LLM, max_waiting: int):
+    def __init__(self, llm: LLM, max_waiting: int, slots: int | None = None):
         self.llm = llm
-        self._jobs: queue.Queue = queue.Queue(maxsize=max(1, max_waiting))
-        self.running = 0
+        self.max_waiting = max(1, max_waiting)
+        self.batcher = Batcher(llm, slots)
+        self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="mpk-engine", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        return self.batcher.waiting
 
-    def submit(self, job) -> None:
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+    @property
+    def running(self) -> int:
+        return self.batcher.running
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; QueueFull when max_waiting wait already, MpkError for one that cannot run."""
+        if self.batcher.waiting >= self.max_waiting:
+            raise QueueFull
+        self.batcher.submit(job.request())
+        self._wake.set()
 
     def stop(self) -> None:
-        """End the engine thread once the job running now ends; jobs still waiting are dropped."""
+        """End the engine thread after its current window; requests still waiting are dropped."""
         self._stopping = True
-        try:
-            self._jobs.put_nowait(None)
-        except queue.Full:
-            pass  # the loop sees _stopping after its next job
+        self._wake.set()
 
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None and not self._stopping:
-            if job.cancel.is_set():  # its client left while it waited
-                continue
-            self.running = 1
-            try:
-                job.run(self.llm)
-            finally:
-                self.running = 0
+        while not self._stopping:
+            self._wake.clear()
+            if not self.batcher.run_window():
+                self._wake.wait()

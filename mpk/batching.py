@@ -1,0 +1,196 @@
+"""Continuous batching: requests join and leave the sequence slots of one batch between windows of steps.
+
+The executor is compiled for `slots` sequences; a slot holds one request or none. Before each
+window of decode steps the batcher hands back the requests that finished (or whose callers
+cancelled them) and fills the free slots from its queue, prefilling each new prompt into its own
+slot's rows of the KV cache (`mpk.prefill.prefill_slot`). Then every slot decodes at its own
+position (`Executor.run`'s position_offsets): a request that joins at kernel step s with p
+positions prefilled has offset s - p. A window ends after `window` steps, when every sequence has
+finished, or as soon as every request in it is finished or cancelled; a slot whose request
+finished earlier idles until then. Idle slots decode a one-token dummy prompt from position 0,
+which adds nothing to a step's time: the step streams every weight once whatever the batch.
+
+Windows end only where no running request continues past them (their natural end, or every
+request done), so the tokens the host has are all the kernel made, and a request's next window
+picks up from its last token. Results match `LLM.generate` for the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mpk.errors import MpkError
+
+DEFAULT_WINDOW = 16  # steps per window: how long a new request may wait for a slot to free up
+
+
+@dataclass
+class Request:
+    """One generation. The batcher calls `on_token(token)` for each new token, `on_text(delta)` for
+    text that became final, then exactly one of `on_done(RequestOutput)` or `on_error(exception)`,
+    all on its own thread."""
+
+    prompt_ids: list[int]
+    params: object  # mpk.api.SamplingParams
+    on_token: Callable[[int], None] | None = None
+    on_text: Callable[[str], None] | None = None
+    on_done: Callable[[object], None] | None = None
+    on_error: Callable[[BaseException], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Slot:
+    request: Request
+    seq: object  # mpk.api._Sequence
+    seed: int
+    offset: int  # the slot's position is step - offset
+    next_token: int  # what the slot feeds the next step
+
+
+class Batcher:
+    """Runs the requests given to `submit` in the slots of one executor of `llm`, window by window
+    (`run_window`), on the caller's thread."""
+
+    def __init__(self, llm, slots: int | None = None, window: int = DEFAULT_WINDOW):
+        if window < 1:
+            raise MpkError(f"a batching window needs at least one step, not {window}")
+        self.llm, self.window = llm, window
+        self.tg, self.executor = llm._executor(slots or llm.max_batch)
+        self.slots: list[_Slot | None] = [None] * self.tg.batch
+        self.step = 0  # the kernel's next step; positions are relative to it
+        self._queue: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._prefills: dict = {}
+
+    # --- the queue (any thread) ----------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises MpkError at once for one that cannot run."""
+        llm = self.llm
+        _, ids = llm._encode([request.prompt_ids])
+        request.prompt_ids = ids[0]
+        llm._check_fits(ids, [request.params])
+        if request.params.stop and llm.tokenizer is None:
+            raise MpkError(f"stop strings need a tokenizer, and {llm.source.name} has none")
+        with self._lock:
+            self._queue.append(request)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def kv_rows_in_use(self) -> int:
+        """KV cache rows the running requests hold (each slot owns max_seq_len rows)."""
+        return sum(self.step - s.offset for s in self.slots if s is not None)
+
+    # --- windows (one thread) ------------------------------------------------------------------
+
+    def run_window(self) -> bool:
+        """Admit what fits, run one window, hand back what finished; False when there was nothing to run."""
+        self._admit()
+        if not any(self.slots):
+            return False
+        try:
+            self._run()
+        except BaseException as e:  # every request of the window gets the error; the batcher carries on
+            for b, slot in enumerate(self.slots):
+                if slot is not None:
+                    self.slots[b] = None
+                    if slot.request.on_error is not None:
+                        slot.request.on_error(e)
+            if not isinstance(e, Exception):
+                raise
+            return True
+        self._retire()
+        return True
+
+    def _admit(self) -> None:
+        from mpk.api import _Sequence
+        from mpk.prefill import prefill_slot
+
+        llm = self.llm
+        for b in range(len(self.slots)):
+            if self.slots[b] is not None:
+                continue
+            request = self._next_request()
+            if request is None:
+                return
+            ids, sp = request.prompt_ids, request.params
+            seq = _Sequence(ids, sp, llm._decode, llm._eos(sp))
+            seed = sp.seed if sp.seed is not None else random.getrandbits(63)
+            try:
+                done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
+                                    fast=llm.backend == "cuda") if llm.prefill else 0
+            except Exception as e:
+                if request.on_error is not None:
+                    request.on_error(e)
+                continue
+            self.slots[b] = _Slot(request, seq, seed, self.step - done, ids[done])
+
+    def _next_request(self) -> Request | None:
+        with self._lock:
+            while self._queue:
+                request = self._queue.popleft()
+                if not request.cancel.is_set():  # its caller left while it waited
+                    return request
+        return None
+
+    def _run(self) -> None:
+        from mpk.inputs import program_inputs
+
+        llm, S, first = self.llm, self.tg.max_seq_len, self.step
+        active = [s for s in self.slots if s is not None]
+        # Idle slots start a dummy sequence at position 0 and are done after one token.
+        offsets = [s.offset if s is not None else first for s in self.slots]
+        steps = min([self.window, S] + [S - (first - s.offset) for s in active])
+        prompts = [s.request.prompt_ids if s is not None else [0] for s in self.slots]
+        sampling = [(s.request.params.temperature, max(s.request.params.top_k, 0), s.request.params.top_p, s.seed)
+                    if s is not None else (0.0, 0, 1.0, 0) for s in self.slots]
+        limits = [s.request.params.max_tokens if s is not None else 1 for s in self.slots]
+        _, meta = program_inputs(llm.cfg, self.tg, {}, prompts, sampling)
+        self.executor.set_meta(meta)
+        self.executor.set_tokens([s.next_token if s is not None else 0 for s in self.slots])
+        eos = sorted(set.intersection(*(s.seq.eos for s in active)))
+
+        def on_step(step: int, tokens: list[int]) -> bool:
+            for b, slot in enumerate(self.slots):
+                if slot is None:
+                    continue
+                slot.next_token = tokens[b]
+                seq, request = slot.seq, slot.request
+                if seq.finish_reason is None and step - slot.offset >= len(request.prompt_ids) - 1:
+                    seq.add(tokens[b])
+                    if request.on_token is not None:
+                        request.on_token(tokens[b])
+                    delta = seq.delta()
+                    if delta and request.on_text is not None:
+                        request.on_text(delta)
+            # Stop early only when no request continues past this step (see the module's docstring).
+            return all(s.seq.finish_reason is not None or s.request.cancel.is_set() for s in active)
+
+        result = self.executor.run(steps, max_new_tokens=limits, on_step=on_step, first_step=first,
+                                   eos_token_ids=eos, position_offsets=offsets)
+        self.step = first + result.steps
+
+    def _retire(self) -> None:
+        from mpk.api import CompletionOutput, RequestOutput
+
+        for b, slot in enumerate(self.slots):
+            if slot is None or (slot.seq.finish_reason is None and not slot.request.cancel.is_set()):
+                continue
+            self.slots[b] = None
+            seq, request = slot.seq, slot.request
+            if request.on_done is not None:
+                request.on_done(RequestOutput(None, request.prompt_ids,
+                                              [CompletionOutput(0, seq.text, seq.token_ids, seq.finish_reason)]))
+        if not any(self.slots):
+            self.step = 0  # nothing continues: start positions afresh

@@ -1,0 +1,136 @@
+"""Continuous batching (mpk.batching) on the CPU executor: requests that join a running batch at
+different steps, in slots at their own positions, get exactly what LLM.generate gives them alone."""
+
+import threading
+
+import pytest
+
+import tiny_tokenizers
+from mpk import LLM, MpkError, SamplingParams
+from mpk.batching import Batcher, Request
+
+MAX_SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def llm(make_checkpoint):
+    path = make_checkpoint("qwen3", vocab_size=300)
+    tiny_tokenizers.save(tiny_tokenizers.byte_level(), path)
+    return LLM(str(path), backend="sim", dtype="float32", max_batch=3, max_seq_len=MAX_SEQ_LEN)
+
+
+class Collected:
+    """A request's callbacks, recorded."""
+
+    def __init__(self, prompt, params):
+        self.tokens, self.text, self.output, self.error = [], "", None, None
+        self.request = Request(prompt, params, on_token=self.tokens.append, on_text=self._text,
+                               on_done=self._done, on_error=self._error)
+
+    def _text(self, delta: str) -> None:
+        self.text += delta
+
+    def _done(self, out) -> None:
+        self.output = out
+
+    def _error(self, e) -> None:
+        self.error = e
+
+
+def drain(batcher: Batcher, limit: int = 200) -> int:
+    windows = 0
+    while batcher.run_window():
+        windows += 1
+        assert windows < limit
+    return windows
+
+
+REQUESTS = [
+    ([5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)),
+    ([12], SamplingParams(temperature=0.9, top_k=20, max_tokens=12, seed=4, ignore_eos=True)),
+    ("the cat sat on", SamplingParams(temperature=0.7, top_p=0.9, max_tokens=5, seed=8, ignore_eos=True)),
+    (list(range(20, 50)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)),
+    ([3, 4], SamplingParams(temperature=1.2, max_tokens=14, seed=2, ignore_eos=True)),
+    ("a dog", SamplingParams(temperature=0, max_tokens=6, stop=["x"])),
+]
+
+
+def test_requests_joining_a_running_batch_get_what_generate_gives(llm):
+    want = [llm.generate([p], sp)[0].outputs[0] for p, sp in REQUESTS]
+    batcher = Batcher(llm, window=4)
+    got = [Collected(llm._encode([p])[1][0], sp) for p, sp in REQUESTS]
+    for c in got[:2]:  # two start; the rest arrive while they run, and wait for free slots
+        batcher.submit(c.request)
+    assert batcher.run_window()
+    for c in got[2:]:
+        batcher.submit(c.request)
+    most = 0
+    while batcher.run_window():
+        most = max(most, batcher.running)
+    assert most == 3  # every slot was busy at some point
+    for c, w in zip(got, want):
+        assert c.error is None
+        out = c.output.outputs[0]
+        assert (out.token_ids, out.text, out.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+        assert c.tokens == w.token_ids and c.text == w.text  # streamed as it was made
+    assert batcher.running == 0 and batcher.waiting == 0
+
+
+def test_a_cancelled_request_frees_its_slot_and_a_waiting_one_never_runs(llm):
+    batcher = Batcher(llm, slots=1, window=2)
+    long = Collected([1, 2], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    queued = Collected([3], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    batcher.submit(long.request)
+    batcher.submit(queued.request)
+    queued.request.cancel.set()
+    assert batcher.run_window()
+    long.request.cancel.set()
+    drain(batcher)
+    assert long.output is not None and long.output.outputs[0].finish_reason is None
+    assert len(long.tokens) < 40
+    assert queued.tokens == [] and queued.output is None and batcher.waiting == 0 and batcher.running == 0
+
+
+def test_positions_are_per_sequence(llm):
+    """After 5 steps, sequence 0 starts over at position 0 while sequence 1 goes on: each gets the
+    tokens of a run from step 0."""
+    from mpk.inputs import program_inputs
+
+    tg, executor = llm._executor(2)
+    _, meta = program_inputs(llm.cfg, tg, {}, [[7, 8, 9], [7, 8, 9]])
+    executor.set_meta(meta)
+    straight = executor.run(13, max_new_tokens=[11, 11], eos_token_ids=[]).tokens
+    executor.set_meta(meta)
+    first = executor.run(5, max_new_tokens=[11, 11], eos_token_ids=[]).tokens
+    executor.set_tokens([7, first[-1][1]])
+    then = executor.run(8, first_step=5, position_offsets=[5, 0], max_new_tokens=[11, 11], eos_token_ids=[]).tokens
+    assert [t[0] for t in then] == [t[0] for t in straight[:8]]
+    assert [t[1] for t in first + then] == [t[1] for t in straight]
+    with pytest.raises(MpkError, match="do not fit"):
+        executor.run(8, first_step=0, position_offsets=[1, 0])
+
+
+def test_requests_that_cannot_run_are_refused_at_once(llm):
+    batcher = Batcher(llm)
+    for prompt, params, words in [
+        (list(range(1, 60)), SamplingParams(max_tokens=10), "max_seq_len"),
+        ([10**6], SamplingParams(), "outside the vocabulary"),
+        ([], SamplingParams(), "at least one token"),
+    ]:
+        with pytest.raises(MpkError, match=words):
+            batcher.submit(Request(prompt, params))
+    assert batcher.waiting == 0
+
+
+def test_requests_from_many_threads_all_finish(llm):
+    batcher = Batcher(llm, window=3)
+    got = [Collected([i + 1, i + 2], SamplingParams(temperature=0, max_tokens=4 + i % 3, ignore_eos=True))
+           for i in range(7)]
+    threads = [threading.Thread(target=batcher.submit, args=(c.request,)) for c in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    drain(batcher)
+    for i, c in enumerate(got):
+        assert c.output is not None and len(c.output.outputs[0].token_ids) == 4 + i % 3
