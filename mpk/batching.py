@@ -137,12 +137,14 @@ class Batcher:
             self.slots[b] = _Slot(request, seq, seed, self.step - done, ids[done])
 
     def _next_request(self) -> Request | None:
-        with self._lock:
-            while self._queue:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return None
                 request = self._queue.popleft()
-                if not request.cancel.is_set():  # its caller left while it waited
-                    return request
-        return None
+            if not request.cancel.is_set():
+                return request
+            _finish(request, [], "", None)  # its caller left while it waited
 
     def _run(self) -> None:
         from mpk.inputs import program_inputs
@@ -182,15 +184,17 @@ class Batcher:
         self.step = first + result.steps
 
     def _retire(self) -> None:
-        from mpk.api import CompletionOutput, RequestOutput
-
         for b, slot in enumerate(self.slots):
             if slot is None or (slot.seq.finish_reason is None and not slot.request.cancel.is_set()):
                 continue
             self.slots[b] = None
-            seq, request = slot.seq, slot.request
-            if request.on_done is not None:
-                request.on_done(RequestOutput(None, request.prompt_ids,
-                                              [CompletionOutput(0, seq.text, seq.token_ids, seq.finish_reason)]))
+            _finish(slot.request, slot.seq.token_ids, slot.seq.text, slot.seq.finish_reason)
         if not any(self.slots):
             self.step = 0  # nothing continues: start positions afresh
+
+
+def _finish(request: Request, token_ids: list[int], text: str, finish_reason: str | None) -> None:
+    from mpk.api import CompletionOutput, RequestOutput
+
+    if request.on_done is not None:
+        request.on_done(RequestOutput(None, request.prompt_ids, [CompletionOutput(0, text, token_ids, finish_reason)]))

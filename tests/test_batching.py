@@ -88,7 +88,8 @@ def test_a_cancelled_request_frees_its_slot_and_a_waiting_one_never_runs(llm):
     drain(batcher)
     assert long.output is not None and long.output.outputs[0].finish_reason is None
     assert len(long.tokens) < 40
-    assert queued.tokens == [] and queued.output is None and batcher.waiting == 0 and batcher.running == 0
+    assert queued.tokens == [] and queued.output.outputs[0].token_ids == [] and queued.output.outputs[0].finish_reason is None
+    assert batcher.waiting == 0 and batcher.running == 0
 
 
 def test_positions_are_per_sequence(llm):

@@ -34,7 +34,10 @@ class Job:
     token_times: list[float] = field(default_factory=list)  # when each new token arrived (perf_counter)
 
     def _emit(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the request's event loop has closed (the server is shutting down)
+            pass
 
     def request(self) -> Request:
         """The batcher's view of this job, reporting back through the event queue."""
