@@ -4,3 +4,4 @@ NUM_SMS = 132  # SMs of an H100 / H200: what `mpk inspect` and `compile_model` s
 SIM_NUM_SMS = 16  # SMs the CPU executor schedules for unless told otherwise
 ARCH = "sm_90a"  # the build target when no GPU says otherwise (`mpk build`)
 MAX_SEQ_LEN = 4096  # KV cache length of `mpk inspect` and `compile_model`
+PREFILL_CHUNK_ROWS = 8192  # rows (sequences x positions) of one op-by-op prefill chunk on the GPU (mpk.prefill)

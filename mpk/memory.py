@@ -6,6 +6,8 @@ The estimate follows what generation holds at its peak (`mpk.engine.generate`):
   and with tensor parallelism the column slices of o and down are too (embed, lm_head and the
   norms are used in place);
 - the KV cache and the activations, in the activation dtype;
+- on the GPU, the op-by-op prefill's activations at their widest (the MLP of a chunk of up to
+  `defaults.PREFILL_CHUNK_ROWS` rows);
 - a fixed allowance for the process (Python, torch, the executor's bookkeeping).
 On the CPU executor this is within 1% of the measured peak RSS of qwen3-0.6b, llama-3.2-1b and
 qwen3-1.7b: about 1.5-1.6x the weights. The GPU backend holds the same tensors in GPU memory.
@@ -17,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpk import defaults
 from mpk.errors import MpkError
 from mpk.models.config import ModelConfig
 
@@ -67,6 +70,9 @@ def estimate(cfg: ModelConfig, *, batch: int, max_seq_len: int, tp_size: int = 1
     if tp_size > 1:
         per_layer += 2 * batch * H * 4 * tp_size  # float32 partial sums of o and down, every rank
     workspace = (L * per_layer + batch * V * 4 + max_seq_len * cfg.head_dim * 4 + PROCESS_ALLOWANCE[device])
+    if device == "GPU memory":
+        rows = min(batch * max_seq_len, defaults.PREFILL_CHUNK_ROWS)
+        workspace += rows * (5 * I + 4 * H) * 4  # at the MLP: gate/up, h, their bf16 copies; x, residual
     return MemoryNeed(device, cfg.num_params() * weight_bytes, L * copied * weight_bytes, kv_cache, workspace)
 
 

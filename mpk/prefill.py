@@ -47,7 +47,7 @@ DEFAULT_CHUNK = 256  # positions per prefill graph; longer prompts take several,
 # chunk from position 0 attends with flash attention, so fewer, larger chunks are faster. The cap
 # bounds what is live at once (at the MLP about 8192 x (5 intermediate + 4 hidden) floats: 2.5 GB
 # on an 8B model) and still takes 8 prompts of 1024 tokens, or one of 8192, in one chunk.
-OP_CHUNK_ROWS = 8192
+OP_CHUNK_ROWS = defaults.PREFILL_CHUNK_ROWS
 PROGRAMS_KEPT = 64  # op-by-op programs `prefill_ops` keeps (one per prompt length, in a server)
 
 

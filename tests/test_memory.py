@@ -81,3 +81,13 @@ def test_the_check_can_be_skipped(monkeypatch):
 def test_available_cpu_memory_is_plausible():
     total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
     assert 0 < memory.available_cpu_bytes() <= total
+
+
+def test_the_gpu_estimate_holds_the_op_by_op_prefill_at_its_widest():
+    cfg = PRESETS["qwen3-8b"]
+    cpu = memory.estimate(cfg, batch=1, max_seq_len=4096)
+    gpu = memory.estimate(cfg, batch=1, max_seq_len=4096, device="GPU memory")
+    extra = gpu.workspace - cpu.workspace - (memory.PROCESS_ALLOWANCE["GPU memory"] - memory.PROCESS_ALLOWANCE["CPU RAM"])
+    assert 1.0 * memory.GIB < extra < 2.0 * memory.GIB  # 4096 rows through qwen3-8b's MLP
+    short = memory.estimate(cfg, batch=1, max_seq_len=64, device="GPU memory")
+    assert short.workspace < gpu.workspace  # a short context prefills few rows
