@@ -6,6 +6,9 @@
 #   scripts/gpu_session.sh ops       # mpk bench-op: every task template alone, OPS_MODELS at batch 1 and 4 (~4 min)
 #   scripts/gpu_session.sh tp        # 2+ GPUs: mpk bench --tp 2 of TP_MODELS beside one GPU, the first profiled (~3 min)
 #   scripts/gpu_session.sh ttft      # time to first token, 1 x PROMPT_LEN (2048) and 8 x 512 prompts: mpk vs batched PyTorch
+#   scripts/gpu_session.sh serve     # mpk serve SERVE_MODEL (qwen3-8b) under bench-serve: 1 client, then CLIENTS (64)
+#                                    # for DURATION (300) s; PyTorch eager at batch CLIENTS beside it. A machine
+#                                    # without fastapi/uvicorn can take them from ./.deps (pip install --target .deps).
 # Bench knobs: STEPS (64), BACKENDS (all four), ACTIVATIONS (the CLI's default, float32), MPK_GEMV.
 # bench-op knobs: OPS_MODELS (qwen3-8b llama-3.2-1b qwen3-0.6b), OPS (--op kinds, comma-separated), CONTEXT (4096),
 # ACTIVATIONS.
@@ -68,6 +71,23 @@ run_ttft() {
   return $status
 }
 
+run_serve() {
+  [ -d .deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.deps"
+  local port=8123 model="${SERVE_MODEL:-qwen3-8b}" status=0
+  python3 -m mpk.cli serve "$model" --max-batch "${MAX_BATCH:-8}" --max-seq-len 1024 --port $port > "$out/serve.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
+  python3 -m mpk.cli bench-serve "http://127.0.0.1:$port" --clients 1 --requests 4 --prompt-len 512 --output-len 256 \
+    || status=1
+  python3 -m mpk.cli bench-serve "http://127.0.0.1:$port" --clients "${CLIENTS:-64}" --duration "${DURATION:-300}" \
+    --prompt-len 512 --output-len 256 || status=1
+  kill $server; wait $server 2> /dev/null
+  python3 -m mpk.cli bench "$model" --steps 64 --backends mpk || status=1
+  python3 -m mpk.cli bench "$model" --batch "${CLIENTS:-64}" --context 640 --steps 16 --backends eager || status=1
+  [ $status = 0 ] || tail -5 "$out/serve.log"
+  return $status
+}
+
 print_test_table() {  # gpu_check.sh ends with the table and the pytest status
   grep -E "FAILED|ERROR|passed|failed" "$out/gpu_tests.log" | tail -8
   sed -n '/^check /,$p' "$out/gpu_tests.log"
@@ -103,11 +123,12 @@ case "${1:-all}" in
   ops) run_ops; o=$?; print_ops_tables; exit $o ;;
   tp) run_tp; p=$?; print_bench_tables; exit $p ;;
   ttft) run_ttft; exit $? ;;
+  serve) run_serve; exit $? ;;
   all)
     run_tests; t=$?
     run_bench; b=$?
     run_ops; o=$?
     echo; print_test_table; echo; print_bench_tables; echo; print_ops_tables
     exit $(( t || b || o )) ;;
-  *) echo "usage: $0 [all|tests|bench|ops|tp|ttft]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|tests|bench|ops|tp|ttft|serve]" >&2; exit 2 ;;
 esac
