@@ -144,7 +144,9 @@ class LLM:
                  on_text: Callable[[int, str], None] | None = None,
                  on_token: Callable[[int, int], None] | None = None,
                  cancel: threading.Event | None = None) -> list[RequestOutput]:
-        """Complete each prompt (a string, or a list of token ids; or a list of those).
+        """Complete each prompt (a string, or a list of token ids; or a list of those). More prompts
+        than `max_batch` take turns in the slots of one batch (`mpk.batching`), each with the
+        tokens it would get alone.
 
         `params` is one SamplingParams for all prompts or one per prompt. `on_text(i, delta)` gets
         each piece of prompt i's new text as soon as it is final (held back only while it could
@@ -154,6 +156,8 @@ class LLM:
         """
         texts, ids = self._encode(prompts)
         params = self._params(params, len(ids))
+        if len(ids) > self.max_batch:
+            return self._generate_in_turns(texts, ids, params, on_text, on_token, cancel)
         seqs = [_Sequence(p, sp, self._decode, self._eos(sp)) for p, sp in zip(ids, params)]
         self._run(ids, params, seqs, on_text, cancel, on_token=on_token)
         return [RequestOutput(t, p, [CompletionOutput(0, s.text, s.token_ids, s.finish_reason)])
@@ -211,6 +215,28 @@ class LLM:
         self.close()
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _generate_in_turns(self, texts, ids, params, on_text, on_token, cancel) -> list[RequestOutput]:
+        from mpk.batching import Batcher, Request
+
+        batcher = Batcher(self)
+        outs: list[RequestOutput | None] = [None] * len(ids)
+        errors: list[BaseException] = []
+        requests = []
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            request = Request(p, sp, on_error=errors.append,
+                              on_token=None if on_token is None else (lambda t, i=i: on_token(i, t)),
+                              on_text=None if on_text is None else (lambda d, i=i: on_text(i, d)),
+                              on_done=lambda out, i=i: outs.__setitem__(i, out))
+            batcher.submit(request)
+            requests.append(request)
+        while batcher.run_window():
+            if cancel is not None and cancel.is_set():
+                for request in requests:
+                    request.cancel.set()
+        if errors:
+            raise errors[0]
+        return [RequestOutput(t, p, out.outputs) for t, p, out in zip(texts, ids, outs)]
 
     def _run_one(self, prompt, params, on_text, cancel: threading.Event) -> None:
         texts, ids = self._encode([prompt])
@@ -294,8 +320,6 @@ class LLM:
         prompts = list(prompts)
         if not prompts:
             raise MpkError("no prompts given")
-        if len(prompts) > self.max_batch:
-            raise MpkError(f"{len(prompts)} prompts exceed max_batch={self.max_batch}; pass fewer or raise max_batch")
         texts, ids = [], []
         for p in prompts:
             if isinstance(p, str):

@@ -48,8 +48,7 @@ def test_seeded_sampling_repeats_and_the_graph_is_reused(llm):
 
 
 def test_bad_inputs_are_one_line_errors(llm):
-    for call, words in [(lambda: llm.generate([[1]] * 5), "max_batch"),
-                        (lambda: llm.generate([list(range(1, 48))], SamplingParams(max_tokens=4)), "max_seq_len"),
+    for call, words in [(lambda: llm.generate([list(range(1, 48))], SamplingParams(max_tokens=4)), "max_seq_len"),
                         (lambda: llm.generate("hello"), "no tokenizer"),
                         (lambda: llm.generate([[10**6]]), "outside the vocabulary"),
                         (lambda: SamplingParams(temperature=-1), "temperature"),
@@ -58,6 +57,18 @@ def test_bad_inputs_are_one_line_errors(llm):
         with pytest.raises(MpkError, match=words) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_more_prompts_than_max_batch_take_turns_and_get_what_each_gets_alone(llm):
+    prompts = [[i + 1, i + 2, i + 3][: 1 + i % 3] for i in range(7)]  # 7 prompts, 4 slots
+    params = [SamplingParams(temperature=0.8 if i % 2 else 0, max_tokens=3 + i, seed=i, ignore_eos=True)
+              for i in range(7)]
+    streamed: dict[int, list[int]] = {}
+    outs = llm.generate(prompts, params, on_token=lambda i, t: streamed.setdefault(i, []).append(t))
+    alone = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in alone]
+    assert [o.prompt_token_ids for o in outs] == prompts
+    assert [streamed[i] for i in range(7)] == [o.outputs[0].token_ids for o in outs]
 
 
 def test_text_prompts_stop_strings_and_streaming(text_llm):
