@@ -288,3 +288,110 @@ def test_a_wait_cycle_across_ranks_deadlocks_and_names_both():
     err = failure(exchange(queues=((2, 0), (3, 1))))
     assert err.check == "deadlock"
     assert "rank 0 SM 0" in str(err) and "rank 1 SM 0" in str(err)
+
+
+def split_merge(tail=True) -> TaskGraph:
+    """Two splits on two SMs, then a merge run as a tail by whichever split finishes last, then a
+    consumer of the merge; the next step's splits wait for that consumer (lag 1).
+
+    Task ids: 0, 1 splits (queues 0, 1), 2 merge (a tail of event 0, on no queue), 3 consumer (queue 0).
+    """
+    tensors = [TensorSpec("a", "activation", (1, 8), "float32"), TensorSpec("m", "activation", (1, 8), "float32"),
+               TensorSpec("y", "activation", (1, 8), "float32")]
+    ops = [OpSpec("split", "attention_split", 0, 0), OpSpec("merge", "attention_merge", 0, 0),
+           OpSpec("o", "linear", 0, 0)]
+    whole = ((0, 1), (0, 8))
+    tasks = [
+        task(0, 0, (0,), [], [("a", ((0, 1), (0, 4)))], wait=2, signals=[0]),
+        task(1, 0, (1,), [], [("a", ((0, 1), (4, 8)))], wait=2, signals=[0]),
+        task(2, 1, (0,), [("a", whole)], [("m", whole)], wait=0, signals=[1]),
+        task(3, 2, (0,), [("m", whole)], [("y", whole)], wait=1, signals=[2]),
+    ]
+    events = [Event(0, [0, 1], 2, 0, 2, 3, tail=2 if tail else -1), Event(1, [2], 1, 0, 3, 4),
+              Event(2, [3], 1, 1, 0, 2)]
+    return graph(tensors, ops, tasks, events, [[0, 3], [1]] if tail else [[0, 3], [1, 2]])
+
+
+def test_a_tail_runs_after_its_producers_and_before_its_consumers():
+    tg = split_merge()
+    report = verify(tg)
+    assert report.tails == 1 and report.instances == 8 and "and 1 tails" in report.summary
+    clocks = Clocks.from_order(tg, check_deadlock(tg))
+    assert clocks.happens_before(0, 0, 2, 0) and clocks.happens_before(1, 0, 2, 0)
+    assert clocks.happens_before(2, 0, 3, 0) and clocks.happens_before(2, 0, 0, 1) and clocks.happens_before(2, 0, 2, 1)
+    assert not clocks.happens_before(2, 0, 1, 0) and not clocks.happens_before(2, 1, 3, 0)
+    verify(split_merge(tail=False))
+
+
+def test_a_tail_is_not_ordered_after_its_producers_queue():
+    """Which SM runs a tail is decided at run time: a task queued after one producer that reads the
+    tail's output without waiting for it races, whichever producer the verifier saw finish last."""
+    for queues in ([[0, 3], [1]], [[0], [1, 3]]):
+        tg = split_merge()
+        tg.queues = queues
+        for q, queue in enumerate(queues):
+            for tid in queue:
+                tg.tasks[tid].queue = q
+        # The consumer stops waiting for the merge; the next step's splits wait for both (lag 1).
+        tg.events = [tg.events[0], Event(1, [2, 3], 2, 1, 0, 2)]
+        tg.tasks[3].wait = -1
+        tg.tasks[0].wait = tg.tasks[1].wait = 1
+        tg.tasks[2].signals = tg.tasks[3].signals = [1]
+        err = failure(tg)
+        assert err.check == "race" and "tensor 'm'" in str(err) and tg.describe_task(2) in str(err)
+
+
+def test_a_tail_also_on_a_queue_is_named():
+    tg = split_merge()
+    tg.queues[1].append(2)
+    tg.tasks[2].queue = 1
+    err = failure(tg)
+    assert err.check == "queues" and "tail of event 0" in str(err) and "run twice" in str(err)
+
+
+def test_a_tail_of_a_lag_one_event_is_rejected():
+    tg = split_merge()
+    tg.events[0].lag = 1
+    err = failure(tg)
+    assert err.check == "tails" and "lag 1" in str(err) and tg.describe_task(2) in str(err)
+
+
+def test_a_tail_sharing_its_event_with_another_consumer_is_rejected():
+    tg = split_merge()
+    tg.tasks[3].wait, tg.tasks[2].signals = 0, []  # the consumer waits on the splits' event too
+    tg.events[0].stop_task = 4
+    tg.events[1] = Event(1, [], 0, 0, 4, 4)
+    err = failure(tg)
+    assert err.check == "tails" and "2 consumers" in str(err)
+
+
+def test_a_tail_whose_event_crosses_ranks_is_rejected():
+    tg = split_merge()
+    tg.tp_size, tg.num_sms = 2, 1  # split 1 is on queue 1: rank 1's SM
+    err = failure(tg)
+    assert err.check == "tails" and "rank 0" in str(err) and tg.describe_task(1) in str(err)
+
+
+def test_a_task_completing_two_tails_is_rejected():
+    tg = split_merge()
+    tg.tensors["z"] = TensorSpec("z", "activation", (1, 4), "float32")
+    tg.tasks.append(task(4, 1, (1,), [("a", ((0, 1), (0, 4)))], [("z", ((0, 1), (0, 4)))], wait=3))
+    tg.events.append(Event(3, [0], 1, 0, 4, 5, tail=4))
+    tg.tasks[0].signals.append(3)
+    err = failure(tg)
+    assert err.check == "tails" and "two tails" in str(err) and tg.describe_task(0) in str(err)
+
+
+def test_a_next_step_signal_before_a_tails_event_completes_is_caught():
+    """The tail runs on the signal that completes a step's count; a free-running producer's next-step
+    signal arriving first would complete it early (or never exactly)."""
+    tensors = [TensorSpec("u", "activation", (2,), "bfloat16")]
+    ops = [OpSpec("a", "x", 0, None), OpSpec("b", "x", 0, None), OpSpec("c", "x", 0, None)]
+    tasks = [
+        task(0, 0, (0,), [], [("u", ((0, 1),))], signals=[0]),
+        task(1, 1, (0,), [], [("u", ((1, 2),))], signals=[0]),
+        task(2, 2, (0,), [], [], wait=0),
+    ]
+    tg = graph(tensors, ops, tasks, [Event(0, [0, 1], 2, 0, 2, 3, tail=2)], [[0], [1], []])
+    err = failure(tg)
+    assert err.check == "counters" and "event 0" in str(err) and tg.describe_task(2) in str(err)
