@@ -2,9 +2,7 @@
 
 Input: the TaskGraph and `RunResult.trace` of a traced megakernel run: for each step and task,
 the %globaltimer nanoseconds at which its SM began waiting for its event, started it, and finished.
-Each SM is a thread of the trace; a task is a span named after its op, preceded by its wait. A tail
-task's wait is from the end of the producer that ran it (the runtime records that very time), so
-its SM is that producer's, and its wake is the time its SM took from there to start it.
+Each SM is a thread of the trace; a task is a span named after its op, preceded by its wait.
 """
 
 from __future__ import annotations
@@ -16,24 +14,9 @@ import torch
 from mpk.taskgraph import TaskGraph
 
 
-def task_sms(tg: TaskGraph, times: torch.Tensor) -> torch.Tensor:
-    """[steps, tasks]: the queue (SM) that ran each task instance. A tail ran on the SM of the
-    producer whose end is its wait start; where none matches exactly, of the last to end."""
-    sms = torch.tensor([t.queue for t in tg.tasks], dtype=torch.int64).repeat(times.shape[0], 1)
-    for ev in tg.events:  # in task order, so a tail's producers are placed before it
-        if ev.tail < 0:
-            continue
-        ends = times[:, ev.producers, 2]
-        exact = ends == times[:, ev.tail, 0, None]
-        which = torch.where(exact.any(1), exact.long().argmax(1), ends.argmax(1))
-        sms[:, ev.tail] = sms[:, ev.producers].gather(1, which[:, None])[:, 0]
-    return sms
-
-
 def trace_events(tg: TaskGraph, spans: torch.Tensor, first_step: int = 0) -> list[dict]:
     """Trace events (microseconds from the first wait) for every recorded task instance."""
     times = spans.to(torch.int64)
-    sms = task_sms(tg, times).tolist()
     recorded = times[..., 2] > 0
     origin = int(times[..., 0][recorded].min()) if bool(recorded.any()) else 0
     events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"mpk {tg.model.get('name', '')}"}}]
@@ -45,9 +28,9 @@ def trace_events(tg: TaskGraph, spans: torch.Tensor, first_step: int = 0) -> lis
         op = tg.ops[t.op]
         args = {"step": first_step + step, "task": task, "tile": list(t.tile), "event": t.wait}
         if start > wait:
-            events.append({"name": "wait", "cat": "wait", "ph": "X", "pid": 0, "tid": sms[step][task],
+            events.append({"name": "wait", "cat": "wait", "ph": "X", "pid": 0, "tid": t.queue,
                            "ts": wait / 1e3, "dur": (start - wait) / 1e3, "args": args})
-        events.append({"name": op.name, "cat": op.kind, "ph": "X", "pid": 0, "tid": sms[step][task],
+        events.append({"name": op.name, "cat": op.kind, "ph": "X", "pid": 0, "tid": t.queue,
                        "ts": start / 1e3, "dur": (end - start) / 1e3, "args": args})
     return events
 

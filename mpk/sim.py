@@ -1,9 +1,7 @@
 """The CPU executor: runs a TaskGraph the way the megakernel would, one task at a time, in PyTorch.
 
 Each SM's queue is replayed step after step; at every point a seeded random SM among those whose
-head task's event has fired runs next, so steps overlap exactly as far as the events allow. A
-signal that completes a step's count of an event with a tail task runs the tail right away, on
-the same SM, as the megakernel does.
+head task's event has fired runs next, so steps overlap exactly as far as the events allow.
 A task sees views of exactly the regions it declared, bound by role. Activations and the KV cache
 start poisoned (`mpk.execution.allocate`), so a read of anything the graph did not order before it
 shows.
@@ -64,20 +62,21 @@ def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, step_done:
         else:
             waiting[task.wait].append(q)
 
-    def execute(task, step):
-        """Run `task` of `step`, signal its events, and run the tail of an event it completes."""
-        nonlocal steps
+    for q in range(tg.num_queues):
+        park(q)
+    while ready:
+        q = ready.pop(rng.randrange(len(ready)))
+        task, step = task_at(q)
+        if task is None:  # the run was stopped early after this queue was parked
+            continue
         op = tg.ops[task.op]
         views = {r.role: _view(bufs[r.tensor], r.box) for r in task.reads + task.writes}
         kind = OP_KINDS[op.kind]
         at = first_step + step
         kind.run(op, task.tile, views, at - offsets[task.tile[0]] if kind.per_sequence else at)
-        tails = []
+        head[q] += 1
         for e in task.signals:
             counters[e] += 1
-            ev = tg.events[e]
-            if ev.tail >= 0 and counters[e] == ev.target * (step + 1):
-                tails.append(tg.tasks[ev.tail])
             still = []
             for wq in waiting.pop(e, []):
                 wtask, wstep = task_at(wq)
@@ -91,18 +90,6 @@ def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, step_done:
             samples_done[step] += 1
             if samples_done[step] == sample_tasks and step_done is not None and step_done(first_step + step, bufs):
                 steps = step + 1
-        for tail in tails:
-            execute(tail, step)
-
-    for q in range(tg.num_queues):
-        park(q)
-    while ready:
-        q = ready.pop(rng.randrange(len(ready)))
-        task, step = task_at(q)
-        if task is None:  # the run was stopped early after this queue was parked
-            continue
-        head[q] += 1
-        execute(task, step)
         park(q)
 
     unfinished = [q for q in range(tg.num_queues) if task_at(q)[0] is not None]

@@ -38,7 +38,6 @@ def summarize(tg: TaskGraph, seconds: float) -> dict:
         "max_seq_len": tg.max_seq_len,
         "ops": list(rows.values()),
         "tasks": len(tg.tasks),
-        "tail_tasks": sum(ev.tail >= 0 for ev in tg.events),
         "events_unfused": s["events_unfused"],
         "events": len(tg.events),
         "event_savings": 1 - len(tg.events) / max(1, s["events_unfused"]),
@@ -67,8 +66,7 @@ def format_summary(d: dict) -> str:
         lines.append(f"  {r['op']:<16} {r['kind']:<24} {r['instances']:>9} {r['tasks']:>8} {r['events']:>7}")
     lines += [
         "",
-        f"tasks            {d['tasks']:,} per step"
-        + (f", {d['tail_tasks']:,} of them tails (run where their event completes)" if d["tail_tasks"] else ""),
+        f"tasks            {d['tasks']:,} per step",
         f"events           {d['events_unfused']:,} unfused -> {d['events']:,} fused ({d['event_savings']:.1%} fewer); "
         f"dependency edges {d['dependency_edges']:,} -> {d['event_edges']:,} signals",
         f"load balance     max/mean {d['load_balance']:.3f} (per-SM cost max {d['load_max_us']:.0f} us, "

@@ -14,9 +14,6 @@ Conventions
   waits until `count >= target * (s + 1 - lag)`: lag 0 waits for this step's producers, lag 1 for
   the previous step's (the token the last step sampled). Its consumers are the task range
   `[first_task, stop_task)`.
-- A tail task (`Event.tail`) is on no queue: the SM whose signal completes its event (the last
-  producer to finish) runs it right after that producer. It is its event's only consumer, the
-  event has lag 0, and every producer is on the tail's rank.
 """
 
 from __future__ import annotations
@@ -86,7 +83,7 @@ class Task:
     flops: int
     wait: int = -1  # event this task waits on, -1 for none
     signals: list[int] = field(default_factory=list)  # events it increments when done
-    queue: int = -1  # -1 for a tail task
+    queue: int = -1
 
 
 @dataclass
@@ -97,7 +94,6 @@ class Event:
     lag: int
     first_task: int
     stop_task: int
-    tail: int = -1  # the consumer the last producer runs (a tail task), or -1
 
 
 @dataclass
@@ -118,15 +114,6 @@ class TaskGraph:
     @property
     def num_queues(self) -> int:
         return self.tp_size * self.num_sms
-
-    def is_tail(self, tid: int) -> bool:
-        t = self.tasks[tid]
-        return t.wait >= 0 and self.events[t.wait].tail == tid
-
-    def rank_of(self, tid: int) -> int:
-        """The GPU that runs a task: its queue's, or for a tail task its op's (its producers' too)."""
-        t = self.tasks[tid]
-        return t.queue // self.num_sms if t.queue >= 0 else self.ops[t.op].rank
 
     def describe_task(self, tid: int) -> str:
         t = self.tasks[tid]

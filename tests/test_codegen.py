@@ -100,25 +100,18 @@ def test_flags_pick_variants():
 
 def test_tables_mirror_the_graph(tg):
     t = build_tables(tg)
-    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 32 * 8
+    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 31 * 8
     _, op_variant, _ = graph_variants(tg)
     assert len(t.tasks) == len(tg.tasks)
     for i, task in enumerate(tg.tasks):
         row = t.tasks[i]
         assert row["variant"] == op_variant[task.op] and row["op"] == task.op and row["wait"] == task.wait
         assert tuple(row["tile"][: len(task.tile)]) == task.tile and not row["tile"][len(task.tile):].any()
-        entries = slice(row["sig_off"], row["sig_off"] + row["sig_cnt"])
-        assert t.signals[entries].tolist() == sorted(task.signals, key=lambda e: tg.events[e].tail >= 0)
-        assert not t.signal_rank[entries].any()
-        tails = [t.queue_tasks[k] if k >= 0 else -1 for k in t.signal_tail[entries].tolist()]
-        assert tails == [tg.events[e].tail for e in t.signals[entries].tolist()]
-    queued = sum(len(q) for q in tg.queues)
-    assert len(t.queue_off) == tg.num_sms + 2 and t.queue_off[0] == 0 and t.queue_off[-2] == queued
+        assert t.signals[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].tolist() == task.signals
+        assert not t.signal_rank[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].any()
+    assert t.queue_off[0] == 0 and t.queue_off[-1] == len(tg.tasks) and len(t.queue_off) == tg.num_sms + 1
     for q, queue in enumerate(tg.queues):
         assert t.queue_tasks[t.queue_off[q]: t.queue_off[q + 1]].tolist() == queue
-    # The tail tasks follow the queues: a tail's index there is its trace slot.
-    assert t.queue_tasks[queued:].tolist() == sorted(e.tail for e in tg.events if e.tail >= 0)
-    assert t.queue_off[-1] == len(tg.tasks) > queued
     assert t.ev_target.tolist() == [e.target for e in tg.events]
     assert t.ev_lag.tolist() == [e.lag for e in tg.events]
     assert not t.ev_sys.any()  # one GPU: no event crosses ranks
@@ -158,13 +151,11 @@ def test_op_table_fills_pointer_slots_by_role(tg):
 
 def test_tensor_parallel_tables_split_queues_by_rank_and_signal_every_consumer_rank():
     tg = graph(tiny_cfg(), tp_size=2)
-    rank_of = tg.rank_of
+    rank_of = lambda tid: tg.tasks[tid].queue // tg.num_sms  # noqa: E731
     per_rank = [build_tables(tg, r) for r in range(2)]
     for r, t in enumerate(per_rank):
         assert sorted(t.queue_tasks.tolist()) == [x.id for x in tg.tasks if rank_of(x.id) == r]
-        assert t.queue_off[-1] == len(t.queue_tasks) and len(t.queue_off) == tg.num_sms + 2
-        tails = t.queue_tasks[t.queue_off[-2]:].tolist()
-        assert tails and all(tg.is_tail(x) and tg.ops[tg.tasks[x].op].rank == r for x in tails)
+        assert t.queue_off[-1] == len(t.queue_tasks) and len(t.queue_off) == tg.num_sms + 1
         assert t.n_sample == tg.batch  # every rank samples the same tokens
         assert (t.signals == per_rank[0].signals).all() and (t.signal_rank == per_rank[0].signal_rank).all()
     t = per_rank[0]
@@ -204,7 +195,6 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch):
 
 @needs_nvcc
 def test_tiny_kernel_builds_and_the_second_build_is_a_cache_hit(tg, tmp_path, monkeypatch):
-    assert any(e.tail >= 0 for e in tg.events)  # the runtime's tail path is in every kernel
     src = generate_source(tg)
     so = build(src, "sm_90a", debug=False, cache=tmp_path)
     assert so.is_file() and so.stat().st_size > 0

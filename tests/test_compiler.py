@@ -108,8 +108,7 @@ def test_global_order_is_topological_and_queues_follow_it(tg):
     for t in tg.tasks:
         if t.wait >= 0 and tg.events[t.wait].lag == 0:
             assert all(p < t.id for p in tg.events[t.wait].producers)
-    tails = [ev.tail for ev in tg.events if ev.tail >= 0]
-    seen = sorted([tid for q in tg.queues for tid in q] + tails)
+    seen = sorted(tid for q in tg.queues for tid in q)
     assert seen == list(range(len(tg.tasks)))
     for qi, q in enumerate(tg.queues):
         assert q == sorted(q)
@@ -128,7 +127,7 @@ def test_tensor_parallel_ranks_live_on_their_own_sms():
     tg = compile_model(tiny_cfg(), batch=1, max_seq_len=64, tp_size=2, num_sms=4)
     assert tg.num_queues == 8
     for t in tg.tasks:
-        assert t.queue // tg.num_sms == tg.ops[t.op].rank or (t.queue == -1 and tg.is_tail(t.id))
+        assert t.queue // tg.num_sms == tg.ops[t.op].rank
     # allreduce tiles of rank 0 read partial sums written on rank 1
     ar = next(t for t in tg.tasks if tg.ops[t.op].kind == "allreduce_residual" and tg.ops[t.op].rank == 0)
     producer_ranks = {tg.ops[tg.tasks[p].op].rank for p in tg.events[ar.wait].producers}

@@ -36,7 +36,7 @@ def test_trace_has_one_span_per_task_instance_on_its_sm(tmp_path):
 def test_trace_summary_splits_sm_time_into_running_waiting_and_between():
     cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
-    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False, tails=False)  # a trace by queue
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
     steps, slot = 3, 1000
     longest = max(len(q) for q in tg.queues)
     spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
@@ -98,29 +98,3 @@ def test_wake_latency_is_from_the_last_producer_end_to_the_consumer_start():
             by_op.setdefault(t.op, []).append(t.id)
         spans_us = [((max(ids) - min(ids)) * 1000 + 600) / 1e3 for ids in by_op.values()]
         assert r["op_span_us"] == pytest.approx(float(torch.tensor(spans_us, dtype=torch.float64).median()))
-
-
-def test_a_tail_is_drawn_on_the_sm_of_the_producer_that_ran_it(tmp_path):
-    """The runtime records a tail's wait start as the end time of the producer whose signal ran it,
-    which need not be the producer that ended last (it may signal after a later one)."""
-    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
-    tg = compile_model(cfg, batch=1, max_seq_len=64, num_sms=4, verify=False)
-    (ev,) = [e for e in tg.events if e.tail >= 0]
-    assert len({tg.tasks[p].queue for p in ev.producers}) > 1
-    steps, n = 2, len(tg.tasks)
-    spans = torch.zeros(steps, n, 3, dtype=torch.int64)
-    for s in range(steps):
-        for t in range(n):
-            clock = 1_000_000 + (s * n + t) * 1000
-            spans[s, t] = torch.tensor([clock - 500, clock, clock + 600])
-    ran_it = ev.producers[0]  # ended first, signalled last
-    last_end = int(spans[1, ev.producers, 2].max())
-    spans[1, ev.tail] = torch.tensor([int(spans[1, ran_it, 2]), last_end + 300, last_end + 900])
-    path = tmp_path / "trace.json"
-    write_trace(str(path), tg, spans)
-    runs = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X" and e["cat"] != "wait"]
-    tail = next(e for e in runs if e["args"]["task"] == ev.tail and e["args"]["step"] == 1)
-    assert tail["tid"] == tg.tasks[ran_it].queue
-    merge = next(r for r in summarize_trace(tg, spans)["kinds"] if r["kind"] == "attention_merge")
-    assert merge["wake_us"] == pytest.approx(0.3)

@@ -121,30 +121,3 @@ def test_four_and_eight_rank_graphs_pass_and_a_dropped_peer_partial_races(tp_siz
         verify(bad)
     assert err.value.check in ("race", "coverage")
     assert f"rank{tp_size - 1}/" in str(err.value) and bad.describe_task(peer) in str(err.value)
-
-
-def test_merges_are_tails_and_one_also_queued_is_caught(compiled):
-    report = verify(compiled)
-    assert report.tails == CFG.num_layers * 2 * CFG.num_kv_heads  # layers x batch x KV groups, over the ranks
-    tg = fresh(compiled)
-    merge = first_task(tg, "attention_merge")
-    assert tg.is_tail(merge.id) and merge.queue == -1
-    producer = tg.tasks[tg.events[merge.wait].producers[-1]]
-    queue = tg.queues[producer.queue]
-    queue.insert(queue.index(producer.id) + 1, merge.id)
-    merge.queue = producer.queue
-    with pytest.raises(VerificationError) as err:
-        verify(tg)
-    assert err.value.check == "queues" and tg.describe_task(merge.id) in str(err.value)
-
-
-def test_an_allreduce_made_a_tail_is_caught():
-    """Its event has producers on both ranks and a consumer on each: no SM can run it as a tail."""
-    tg = compile_model(CFG, batch=2, max_seq_len=96, tp_size=2, num_sms=6)
-    reduce = first_task(tg, "allreduce_residual")
-    tg.queues[reduce.queue].remove(reduce.id)
-    reduce.queue = -1
-    tg.events[reduce.wait].tail = reduce.id
-    with pytest.raises(VerificationError) as err:
-        verify(tg)
-    assert err.value.check == "tails" and "2 consumers" in str(err.value)

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 from mpk import defaults
 from mpk.compiler.events import find_producers, fuse_and_linearize
 from mpk.compiler.lower import lower
-from mpk.compiler.schedule import CostModel, choose_tails, schedule
+from mpk.compiler.schedule import CostModel, schedule
 from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, Program, build_decode_program
 from mpk.models.config import ModelConfig
-from mpk.ops import OP_KINDS
 from mpk.taskgraph import TaskGraph
 
-TAILS_ENV = "MPK_TAILS"  # 0: no tail tasks, every task queued (for A/B runs)
 
-
-def tails_default() -> bool:
-    return os.environ.get(TAILS_ENV, "1") != "0"
-
-
-def compile_program(prog: Program, cost: CostModel = CostModel(), tails: bool = True) -> TaskGraph:
-    """Lower, derive and fuse events, linearize, choose tail tasks (unless `tails` is False) and
-    schedule. Does not verify (see `compile_model`)."""
+def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
+    """Lower, derive and fuse events, linearize and schedule. Does not verify (see `compile_model`)."""
     t0 = time.perf_counter()
     raw = lower(prog)
     keys = find_producers(prog, raw)
     tasks, events, event_stats = fuse_and_linearize(raw, keys)
     ranks = [prog.ops[t.op].rank for t in tasks]
-    if tails:
-        choose_tails(tasks, events, ranks, [OP_KINDS[prog.ops[t.op].kind].tail for t in tasks])
     queues, sched_stats = schedule(tasks, events, ranks, prog.tp_size, prog.num_sms, cost)
     stats = {**event_stats, **sched_stats, "compile_seconds": time.perf_counter() - t0}
     return TaskGraph(
@@ -43,11 +32,10 @@ def compile_program(prog: Program, cost: CostModel = CostModel(), tails: bool = 
 
 def compile_model(cfg: ModelConfig, batch: int = 1, max_seq_len: int = defaults.MAX_SEQ_LEN, tp_size: int = 1,
                   num_sms: int = defaults.NUM_SMS, verify: bool = True, activations: str = DEFAULT_ACTIVATIONS,
-                  weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE, tails: bool | None = None) -> TaskGraph:
-    """The verified decode-step TaskGraph of a model. Raises VerificationError if a check fails.
-    `tails` None: tail tasks unless the environment sets MPK_TAILS=0."""
+                  weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE) -> TaskGraph:
+    """The verified decode-step TaskGraph of a model. Raises VerificationError if a check fails."""
     tg = compile_program(build_decode_program(cfg, batch, max_seq_len, tp_size, num_sms, activations, weights,
-                                              kv_cache), tails=tails_default() if tails is None else tails)
+                                              kv_cache))
     if verify:
         from mpk.compiler.verify import verify as run_verifier
 

@@ -2,21 +2,16 @@
 
 Execution model (what both executors do): queue `q` is run by one SM in order, step after step.
 Before task `t` of step `s` runs, the SM waits until `counter[t.wait] >= target * (s + 1 - lag)`;
-after it runs, every event in `t.signals` gets +1. Counters start at 0. A tail task (`Event.tail`)
-is on no queue: the signal that brings its event to `target * (s + 1)` runs it, in step `s`, on
-the signalling SM. It happens after its event's producers and before its own signals' consumers,
-and is ordered with nothing else (which SM runs it is decided at run time).
+after it runs, every event in `t.signals` gets +1. Counters start at 0.
 
 Checks, in order; the first failing one raises `VerificationError` naming tasks, tensors, boxes
 and events:
 
-1. structure: every task in exactly one queue or a tail, regions inside their tensors, no writes
-   to weights, each event's producers are exactly the tasks that signal it, its target is their
-   number, and its consumers are exactly its task range. A tail is its event's only consumer, the
-   event has lag 0 and producers on the tail's rank only, and no task completes two tails.
-2. deadlock: two unrolled steps run to completion (a worklist over the SMs, tails run by the
-   signal that completes their event; counters only grow, so if any interleaving finishes, this
-   one does). Its execution order feeds the vector clocks.
+1. structure: every task in exactly one queue, regions inside their tensors, no writes to weights,
+   each event's producers are exactly the tasks that signal it, its target is their number, and
+   its consumers are exactly its task range.
+2. deadlock: two unrolled steps run to completion (a worklist over the SMs; counters only grow,
+   so if any interleaving finishes, this one does). Its execution order feeds the vector clocks.
 3. races: any two task instances of the same or consecutive steps that touch intersecting boxes,
    one of them writing, are ordered by happens-before.
 4. coverage: every activation read is covered by the boxes of the writes that happen-before it
@@ -31,9 +26,7 @@ in steps, so an order proven between steps 0 and 1 (or within a step) holds betw
 
 Happens-before uses vector clocks: queues run in order, so the ancestors of an instance are a
 prefix of each queue, one position per queue. `a` happens-before-or-equals `b` iff
-`vc[b][column(a)] >= pos(a)`, one array lookup, which is what makes 40k-task graphs fast. Tail
-instances are in no queue; they are put on extra columns (lanes), each a chain of instances that
-happen-before one another, so the prefix property holds for lanes too.
+`vc[b][queue(a)] >= pos(a)`, one array lookup, which is what makes 40k-task graphs fast.
 """
 
 from __future__ import annotations
@@ -66,7 +59,6 @@ class VerifyReport:
     tasks: int = 0
     events: int = 0
     queues: int = 0
-    tails: int = 0  # tail tasks: on no queue, run by the SM that completes their event
     instances: int = 0  # task instances run in the two-step deadlock simulation
     race_pairs: int = 0  # instance pairs with intersecting boxes, one writing, proven ordered
     covered_reads: int = 0  # activation read instances proven covered by earlier writes
@@ -76,8 +68,7 @@ class VerifyReport:
 
     @property
     def summary(self) -> str:
-        tails = f" and {self.tails} tails" if self.tails else ""
-        return (f"{self.tasks:,} tasks x {STEPS} steps on {self.queues} queues{tails} deadlock-free; "
+        return (f"{self.tasks:,} tasks x {STEPS} steps on {self.queues} queues deadlock-free; "
                 f"{self.events:,} event targets; {self.race_pairs:,} overlapping pairs ordered; "
                 f"{self.covered_reads:,} reads covered")
 
@@ -87,8 +78,7 @@ class VerifyReport:
 
 def verify(tg: TaskGraph) -> VerifyReport:
     """Run every check on `tg`; return the counts, or raise VerificationError at the first failure."""
-    report = VerifyReport(tasks=len(tg.tasks), events=len(tg.events), queues=tg.num_queues,
-                          tails=sum(ev.tail >= 0 for ev in tg.events))
+    report = VerifyReport(tasks=len(tg.tasks), events=len(tg.events), queues=tg.num_queues)
     t_start = last = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -153,28 +143,11 @@ class Accesses:
 
 
 def check_structure(tg: TaskGraph) -> dict[str, Accesses]:
-    """Check queues, regions, event targets and tails; return the accesses grouped by tensor."""
+    """Check queues, regions and event targets; return the accesses grouped by tensor."""
     _check_queues(tg)
     accesses = _collect_accesses(tg)
     _check_events(tg)
-    _check_tails(tg)
     return accesses
-
-
-def _tail_events(tg: TaskGraph) -> dict[int, int]:
-    """Tail task -> the event naming it."""
-    tails: dict[int, int] = {}
-    for ev in tg.events:
-        if ev.tail == -1:
-            continue
-        if not 0 <= ev.tail < len(tg.tasks):
-            raise VerificationError("tails", f"event {ev.id} names task {ev.tail} as its tail, but there are "
-                                             f"{len(tg.tasks)} tasks")
-        if ev.tail in tails:
-            raise VerificationError("tails", f"{tg.describe_task(ev.tail)} is the tail of events {tails[ev.tail]} "
-                                             f"and {ev.id}; a task waits on one event")
-        tails[ev.tail] = ev.id
-    return tails
 
 
 def _check_queues(tg: TaskGraph) -> None:
@@ -186,15 +159,11 @@ def _check_queues(tg: TaskGraph) -> None:
     for i, t in enumerate(tg.tasks):
         if t.id != i:
             raise fail(f"tasks[{i}] has id {t.id}; task ids must be their positions")
-    tails = _tail_events(tg)
     seen = [-1] * len(tg.tasks)
     for q, queue in enumerate(tg.queues):
         for tid in queue:
             if not 0 <= tid < len(tg.tasks):
                 raise fail(f"{_queue_name(tg, q)} lists task {tid}, but there are {len(tg.tasks)} tasks")
-            if tid in tails:
-                raise fail(f"{tg.describe_task(tid)} is on {_queue_name(tg, q)} and is the tail of event "
-                           f"{tails[tid]}, which the SM completing the event runs; it would run twice")
             if seen[tid] >= 0:
                 raise fail(f"{tg.describe_task(tid)} is listed on {_queue_name(tg, seen[tid])} "
                            f"and again on {_queue_name(tg, q)}")
@@ -202,12 +171,9 @@ def _check_queues(tg: TaskGraph) -> None:
             if tg.tasks[tid].queue != q:
                 raise fail(f"{tg.describe_task(tid)} is on {_queue_name(tg, q)} "
                            f"but says queue {tg.tasks[tid].queue}")
-    missing = [t for t, q in enumerate(seen) if q < 0 and t not in tails]
+    missing = [t for t, q in enumerate(seen) if q < 0]
     if missing:
         raise fail(f"{_some(tg, missing)} are on no queue, so they would never run")
-    for tid in tails:
-        if tg.tasks[tid].queue != -1:
-            raise fail(f"{tg.describe_task(tid)} is a tail task but says queue {tg.tasks[tid].queue}")
 
 
 def _collect_accesses(tg: TaskGraph) -> dict[str, Accesses]:
@@ -295,36 +261,6 @@ def _check_events(tg: TaskGraph) -> None:
                        f"but the tasks waiting on it are [{shown}]")
 
 
-def _check_tails(tg: TaskGraph) -> None:
-    """What lets the SM whose signal completes an event run its tail, in that step, once."""
-    def fail(msg: str) -> VerificationError:
-        return VerificationError("tails", msg)
-
-    completes: dict[int, int] = {}  # producer -> the tail its signal may complete
-    for ev in tg.events:
-        if ev.tail == -1:
-            continue
-        tail = tg.describe_task(ev.tail)
-        if tg.tasks[ev.tail].wait != ev.id:
-            raise fail(f"event {ev.id} names {tail} as its tail, but that task waits on event {tg.tasks[ev.tail].wait}")
-        if ev.lag != 0:
-            raise fail(f"{tail} is the tail of event {ev.id} of lag {ev.lag}; the previous step completes a "
-                       "lag-1 event, so its tail would run a step early")
-        if ev.stop_task - ev.first_task != 1:
-            raise fail(f"{tail} is the tail of event {ev.id}, which has {ev.stop_task - ev.first_task} consumers; "
-                       "a tail must be its event's only consumer")
-        rank = tg.rank_of(ev.tail)
-        away = [p for p in ev.producers if tg.rank_of(p) != rank]
-        if away:
-            raise fail(f"{tail} runs on rank {rank}, but its event {ev.id} has producers on another rank "
-                       f"({_some(tg, away)}); a tail is run by an SM of its own GPU, so its event must not cross GPUs")
-        for p in ev.producers:
-            if p in completes:
-                raise fail(f"{tg.describe_task(p)} may complete the events of two tails, "
-                           f"{tg.describe_task(completes[p])} and {tail}; a task runs at most one tail after itself")
-            completes[p] = ev.tail
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. Deadlock freedom
 
@@ -333,8 +269,7 @@ def check_deadlock(tg: TaskGraph) -> list[int]:
     """Run two steps on all SMs; return the instances (`step * num_tasks + task`) in the order run.
 
     Each SM runs as far as it can, then parks on the event its head task waits for; it is woken
-    when that counter reaches a multiple of the target (every threshold is one). A signal that
-    completes a step's count of an event with a tail runs the tail at once. Running ahead
+    when that counter reaches a multiple of the target (every threshold is one). Running ahead
     greedily also gives fast producers the best chance to signal a step early, which is checked:
     a consumer must only pass once every producer of the step it waits for has run, so that the
     order is a valid execution of the happens-before graph the clocks are built from.
@@ -344,7 +279,6 @@ def check_deadlock(tg: TaskGraph) -> list[int]:
     signals = [t.signals for t in tg.tasks]
     target = [ev.target for ev in tg.events]
     lag = [ev.lag for ev in tg.events]
-    tail = [ev.tail for ev in tg.events]
     counter = [0] * num_events
     per_step = [[0] * STEPS for _ in range(num_events)]  # signals of each step, to catch early ones
     done = [0] * n_tasks  # instances of each task run so far
@@ -352,26 +286,6 @@ def check_deadlock(tg: TaskGraph) -> list[int]:
     parked: list[list[int]] = [[] for _ in range(num_events)]
     work = list(range(tg.num_queues - 1, -1, -1))
     order: list[int] = []
-
-    def run(t: int, s: int) -> None:
-        """Run instance (t, s) and the tails its signals complete, and theirs."""
-        pending = [t]
-        while pending:
-            t = pending.pop()
-            order.append(s * n_tasks + t)
-            done[t] += 1
-            for x in signals[t]:
-                counter[x] += 1
-                per_step[x][s] += 1
-                if tail[x] >= 0:
-                    if s > 0 and per_step[x][s - 1] < target[x]:
-                        raise _early_signal_error(tg, tail[x], s - 1, x, done)
-                    if per_step[x][s] == target[x]:
-                        pending.append(tail[x])
-                if parked[x] and counter[x] % target[x] == 0:
-                    work.extend(parked[x])
-                    parked[x] = []
-
     while work:
         q = work.pop()
         queue = tg.queues[q]
@@ -387,7 +301,14 @@ def check_deadlock(tg: TaskGraph) -> list[int]:
                     break
                 if s >= lag[e] and per_step[e][s - lag[e]] < target[e]:
                     raise _early_signal_error(tg, t, s, e, done)
-            run(t, s)
+            order.append(s * n_tasks + t)
+            done[t] += 1
+            for x in signals[t]:
+                counter[x] += 1
+                per_step[x][s] += 1
+                if parked[x] and counter[x] % target[x] == 0:
+                    work.extend(parked[x])
+                    parked[x] = []
             k += 1
         head[q] = k
     if len(order) < STEPS * n_tasks:
@@ -410,10 +331,6 @@ def _deadlock_error(tg: TaskGraph, head, counter, done) -> VerificationError:
                                f"(counter {counter[ev.id]} < {need} needed; producers not yet run in step "
                                f"{s - ev.lag}: {_some(tg, missing) or 'none'})"))
     stuck.sort(key=lambda x: x[0])  # SMs that wait on themselves first: they are the cause
-    if not stuck:  # every queue ran to its end: only tails are left, waiting on each other
-        unrun = [ev.tail for ev in tg.events if ev.tail >= 0 and done[ev.tail] < STEPS]
-        return VerificationError("deadlock", f"tail tasks {_some(tg, unrun)} never ran: their events never "
-                                             "completed, as only other unrun tails produce them")
     named = "; ".join(msg for _, msg in stuck[:LIST_MAX])
     more = f"; and {len(stuck) - LIST_MAX} more SMs" if len(stuck) > LIST_MAX else ""
     return VerificationError("deadlock", f"the queues deadlock: {named}{more}. "
@@ -439,15 +356,14 @@ def _early_signal_error(tg: TaskGraph, t: int, s: int, e: int, done) -> Verifica
 class Clocks:
     """Vector clocks of the task instances of steps 0 and 1; instance id is `step * num_tasks + task`.
 
-    Columns are the queues, then lanes of tail instances. `col[i]` is the column of instance `i`
-    and `pos[i]` its position there (a queue unrolled over the steps, or a lane), and `vc[i, c]`
-    the last position on column `c` that happens-before-or-equals `i` (-1: none).
+    `pos[i]` is the position of instance `i` in its queue unrolled over the steps, and
+    `vc[i, q]` the last position on queue `q` that happens-before-or-equals `i` (-1: none).
     """
 
     num_tasks: int
-    col: np.ndarray  # [STEPS * num_tasks]
+    queue_of: np.ndarray  # [num_tasks] queue of each task
     pos: np.ndarray  # [STEPS * num_tasks]
-    vc: np.ndarray  # [STEPS * num_tasks, num_queues + lanes] int32
+    vc: np.ndarray  # [STEPS * num_tasks, num_queues] int32
 
     @classmethod
     def from_order(cls, tg: TaskGraph, order: list[int]) -> "Clocks":
@@ -455,73 +371,47 @@ class Clocks:
 
         vc(i) = max(vc(previous instance on i's queue), clock of the event instance i waits for),
         then i's own position. An event instance's clock is the max over its producers, computed
-        once as they run and shared by all its consumers. A tail instance goes on the first lane
-        whose last instance happens-before it (its clock already holds that one), else on a new
-        lane: each lane is then a chain, as a queue is.
+        once as they run and shared by all its consumers.
         """
         n, num_queues = len(tg.tasks), tg.num_queues
-        col = np.full(STEPS * n, -1, dtype=np.int64)
-        pos = np.full(STEPS * n, -1, dtype=np.int64)
-        for q, queue in enumerate(tg.queues):
+        queue_of = np.array([t.queue for t in tg.tasks], dtype=np.int64)
+        pos = np.empty(STEPS * n, dtype=np.int64)
+        for queue in tg.queues:
             for s in range(STEPS):
-                col[s * n + np.array(queue, dtype=np.int64)] = q
                 pos[s * n + np.array(queue, dtype=np.int64)] = s * len(queue) + np.arange(len(queue))
-        tails = sum(ev.tail >= 0 for ev in tg.events)
-        width = num_queues + min(STEPS * tails, 16)
-        vc = np.empty((STEPS * n, width), dtype=np.int32)
-        event_vc = np.full((len(tg.events) * STEPS, width), -1, dtype=np.int32)  # row e * STEPS + s
+        vc = np.empty((STEPS * n, num_queues), dtype=np.int32)
+        event_vc = np.full((len(tg.events) * STEPS, num_queues), -1, dtype=np.int32)  # row e * STEPS + s
         wait = [t.wait for t in tg.tasks]
         signals = [t.signals for t in tg.tasks]
         lag = [ev.lag for ev in tg.events]
-        task_queue = [t.queue for t in tg.tasks]
+        task_queue = queue_of.tolist()
         last = [-1] * num_queues  # instance last run on each queue
-        lane_end: list[int] = []  # position of the last instance on each lane
         pos_list = pos.tolist()
         for i in order:
             s, t = divmod(i, n)
             q = task_queue[t]
             row = vc[i]
-            if q >= 0 and last[q] >= 0:
+            if last[q] >= 0:
                 row[:] = vc[last[q]]
             else:
                 row.fill(-1)
             e = wait[t]
             if e >= 0 and s >= lag[e]:
                 np.maximum(row, event_vc[e * STEPS + s - lag[e]], out=row)
-            if q < 0:  # a tail
-                ends = np.array(lane_end, dtype=np.int64)
-                after = np.nonzero(row[num_queues:num_queues + len(ends)] >= ends)[0]
-                lane = int(after[0]) if len(after) else len(lane_end)
-                if lane == len(lane_end):
-                    lane_end.append(-1)
-                    if num_queues + lane >= vc.shape[1]:
-                        vc, event_vc = _widen(vc), _widen(event_vc)
-                        row = vc[i]
-                lane_end[lane] += 1
-                q, pos_list[i] = num_queues + lane, lane_end[lane]
-                col[i], pos[i] = q, pos_list[i]
-            else:
-                last[q] = i
             row[q] = pos_list[i]
             for x in signals[t]:
                 np.maximum(event_vc[x * STEPS + s], row, out=event_vc[x * STEPS + s])
-        return cls(n, col, pos, vc[:, :num_queues + len(lane_end)])
+            last[q] = i
+        return cls(n, queue_of, pos, vc)
 
     def ordered(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Elementwise: instance a happens-before-or-equals instance b."""
-        return self.vc[b, self.col[a]] >= self.pos[a]
+        return self.vc[b, self.queue_of[a % self.num_tasks]] >= self.pos[a]
 
     def happens_before(self, a_task: int, a_step: int, b_task: int, b_step: int) -> bool:
         """Whether task a of step a_step happens-before (or is) task b of step b_step."""
         a, b = a_step * self.num_tasks + a_task, b_step * self.num_tasks + b_task
         return bool(self.ordered(np.array([a]), np.array([b]))[0])
-
-
-def _widen(clocks: np.ndarray) -> np.ndarray:
-    """The clocks with twice the columns, for more lanes; new ones -1 (nothing on them happens-before)."""
-    wider = np.full((clocks.shape[0], 2 * clocks.shape[1]), -1, dtype=clocks.dtype)
-    wider[:, :clocks.shape[1]] = clocks
-    return wider
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,7 +619,7 @@ def check_counters(tg: TaskGraph, clocks: Clocks) -> int:
         meet = clocks.vc[producers].min(axis=0)
         consumers = np.arange(ev.first_task, ev.stop_task, dtype=np.int64)
         mine = ev.lag * n + consumers
-        bad = np.nonzero(meet[clocks.col[mine]] < clocks.pos[mine])[0]
+        bad = np.nonzero(meet[clocks.queue_of[consumers]] < clocks.pos[mine])[0]
         if len(bad):
             c = int(consumers[bad[0]])
             early = [p for p in ev.producers if not clocks.happens_before(c, ev.lag, p, 1)]

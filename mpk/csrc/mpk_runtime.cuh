@@ -11,12 +11,6 @@
 // counter per event; a producer signals the counter on each rank that has consumers of the event,
 // a peer's over NVLink at system scope, and a consumer of an event with producers on another rank
 // acquires at system scope. Peer tensors are read through their owners' addresses (peer access).
-//
-// Tail tasks are in no queue: the CTA whose signal completes a tail's event (the last producer to
-// finish) runs it right after, saving the consumer's wake. Its signal is an acq_rel atomic: the
-// release publishes this CTA's writes as red.release does, and the acquire makes the other
-// producers' writes visible here, as a waiter's acquire load would; a __syncthreads then hands that
-// to every thread, as on the wait path.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -68,9 +62,8 @@ struct MpkParams {
   const TaskDesc* tasks;
   const int* signals;      // event ids
   const int* signal_rank;  // per entry of signals: the rank whose counter it increments
-  const int* signal_tail;  // per entry of signals: its event's tail task in queue_tasks, or -1
-  const int* queue_off;    // [num_sms + 2]: the queues, then the tail tasks
-  const int* queue_tasks;  // task ids, queue by queue, then the tail tasks (an index there is a trace slot)
+  const int* queue_off;    // [num_sms + 1]
+  const int* queue_tasks;  // task ids, queue by queue
   const int* ev_target;
   const int* ev_lag;
   const int* ev_sys;       // 1: the event has producers on another rank (system-scope acquire)
@@ -86,7 +79,7 @@ struct MpkParams {
   int* progress;                 // host-mapped [num_sms * kProgressWords]
   int* host_flags;               // host-mapped kFlagWords
   const unsigned long long* prefetch;  // [num_tasks][kPrefetchWords]: the weight head for shared memory, the L2 range
-  unsigned long long* trace;           // null, or [num_steps][queue_tasks][3]: %globaltimer at wait, run, done
+  unsigned long long* trace;           // null, or [num_steps][num_tasks][3]: %globaltimer at wait, run, done
   unsigned long long* const* peer_counters;  // [tp_size]: every rank's counters (this rank's too)
   long long* const* peer_ctl;                // [tp_size]: every rank's ctl
   long long first_step;          // absolute position of the launch's first step
@@ -143,12 +136,6 @@ __device__ __forceinline__ void red_release(unsigned long long* p, unsigned long
 
 __device__ __forceinline__ void red_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ unsigned long long atom_add_acq_rel(unsigned long long* p, unsigned long long v) {
-  unsigned long long old;
-  asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
-  return old;
 }
 
 template <class T> __device__ __forceinline__ T ld_volatile(const T* p) {
@@ -323,33 +310,13 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
 
 // Thread 0 only, after the CTA's barrier: count the task done. The barrier orders every thread's
 // writes before thread 0's release, and release is cumulative, so one red.release publishes them
-// (at system scope when the counter is a peer's). Returns the queue_tasks index of the tail task
-// this signal completed, or -1: the signal that brings a tail's event to this step's threshold
-// (lag 0, producers on this rank only) is the last, so exactly one CTA runs the tail. The compiler
-// lets a task complete at most one tail, and puts its entry last (the atomic waits for its value).
-__device__ __forceinline__ int signal_events(const MpkParams& p, const TaskDesc& t, long long rel) {
-  int tail = -1;
+// (at system scope when the counter is a peer's).
+__device__ __forceinline__ void signal_events(const MpkParams& p, const TaskDesc& t) {
   for (int k = t.sig_off; k < t.sig_off + t.sig_cnt; ++k) {
-    const int r = p.signal_rank[k], e = p.signals[k], slot = p.signal_tail[k];
-    // One test of both values (a tail's producers are all on its rank): the compiler cannot sink
-    // either load behind a branch on the other, so the entry's loads overlap.
-    if ((slot >= 0) & (r == p.rank)) {
-      MPK_ASSERT(p.ev_lag[e] == 0 && tail < 0);
-      const unsigned long long need = static_cast<unsigned long long>(p.ev_target[e]) * (rel + 1);
-      if (atom_add_acq_rel(p.counters + e, 1ull) + 1 == need) tail = slot;
-    } else if (r == p.rank) {
-      red_release(p.counters + e, 1ull);
-    } else {
-      red_release_sys(p.peer_counters[r] + e, 1ull);
-    }
+    const int r = p.signal_rank[k];
+    if (r == p.rank) red_release(p.counters + p.signals[k], 1ull);
+    else red_release_sys(p.peer_counters[r] + p.signals[k], 1ull);
   }
-  return tail;
-}
-
-// Profiling: the record of step `rel` at `slot`, a position in queue_tasks (the queued tasks, unique
-// across SMs, then the tails), or null when not tracing.
-__device__ __forceinline__ unsigned long long* trace_record(const MpkParams& p, long long rel, int slot) {
-  return p.trace ? p.trace + (rel * p.queue_off[p.num_sms + 1] + slot) * 3 : nullptr;
 }
 
 // Test hooks, compiled in only when the build asks (MPK_INJECT=hang:TASK or fault:TASK): task TASK
@@ -364,8 +331,7 @@ __device__ __forceinline__ void inject_faults(const MpkParams& p, int task, vola
 }
 
 // Each CTA walks queue blockIdx.x for steps [first_step, first_step + num_steps): issue the next
-// task's weight head, wait for this task's event, run it, signal, and run the tail task the signal
-// completed, if any (and the tail its signal completed, ...). The task and op descriptors are in
+// task's weight head, wait for this task's event, run it, signal. The task and op descriptors are in
 // shared memory before the wait ends.
 template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persistent_loop(const MpkParams& p) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -373,8 +339,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
   __shared__ TaskDesc s_task;
   __shared__ OpDesc s_op;
   __shared__ unsigned s_head_bytes;
-  __shared__ int s_id, s_go, s_tail;
-  __shared__ unsigned long long* s_rec;  // thread 0: the running task's trace record, or null
+  __shared__ int s_id, s_go;
   __shared__ int s_abort;  // raised by a wait inside a task (wait_or_abort) when the host aborts
   const int sm = blockIdx.x;
   const int q0 = p.queue_off[sm], qn = p.queue_off[sm + 1] - q0;
@@ -391,9 +356,10 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
   for (long long n = 0; n < total; ++n) {
     const long long rel = n / qn, step = p.first_step + rel;
     const int i = static_cast<int>(n - rel * qn), b = static_cast<int>(n & 1);
+    // Profiling: one record per task and step, indexed by queue position (unique across SMs).
+    unsigned long long* rec = p.trace ? p.trace + (rel * p.queue_off[p.num_sms] + q0 + i) * 3 : nullptr;
     if (threadIdx.x == 0) {
-      s_rec = trace_record(p, rel, q0 + i);
-      if (s_rec) s_rec[0] = global_timer();
+      if (rec) rec[0] = global_timer();
       const int id = p.queue_tasks[q0 + i];
       if (n + 1 < total) {  // the next task's weights stream while this one waits and runs
         const int next = p.queue_tasks[q0 + (i + 1) % qn];
@@ -413,39 +379,19 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     }
     __syncthreads();
     if (!s_go) return;
-    if (threadIdx.x == 0 && s_rec) s_rec[1] = global_timer();
+    if (rec && threadIdx.x == 0) rec[1] = global_timer();
     const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
-    // The queued task, then each tail task a signal completes: same step, no weight head. A tail
-    // runs only after its producer ran, so a stopped step never reaches one. The attention templates
-    // use all 255 registers, so the trace record waits in shared memory across Dispatch::run.
-    for (;;) {
-      const TaskCtx ctx{{s_task.tile[0], s_task.tile[1], s_task.tile[2]}, step, step - p.first_step, &p, head,
-                        s_head_bytes};
-      inject_faults(p, s_id, &s_abort);
-      if (!s_abort) Dispatch::run(s_task.variant, ctx, s_op, smem);
-      __syncthreads();
-      if (s_abort) {  // the host gave up on a wait inside this task: leave it unfinished, unsignalled
-        if (threadIdx.x == 0) publish(p, sm, ++seq, s_id, step, -1, kStateAborted), heads.drain(p);
-        return;
-      }
-      if (threadIdx.x == 0) {
-        const unsigned long long done = s_rec ? global_timer() : 0ull;
-        if (s_rec) s_rec[2] = done;  // before the signal: a consumer never starts before this
-        s_tail = signal_events(p, s_task, step - p.first_step);
-        if (s_tail >= 0) {  // s_id names the tail if the watchdog has to abort inside it
-          s_id = p.queue_tasks[s_tail];
-          s_task = p.tasks[s_id];
-          s_op = p.ops[s_task.op];
-          s_head_bytes = 0;
-          s_rec = trace_record(p, step - p.first_step, s_tail);
-          // The tail's wait starts at its producer's end: mpk.profile finds the tail's SM by it.
-          if (s_rec) s_rec[0] = done;
-        }
-      }
-      __syncthreads();
-      if (s_tail < 0) break;
-      head = nullptr;
-      if (threadIdx.x == 0 && s_rec) s_rec[1] = global_timer();
+    const TaskCtx ctx{{s_task.tile[0], s_task.tile[1], s_task.tile[2]}, step, rel, &p, head, s_head_bytes};
+    inject_faults(p, s_id, &s_abort);
+    if (!s_abort) Dispatch::run(s_task.variant, ctx, s_op, smem);
+    __syncthreads();
+    if (s_abort) {  // the host gave up on a wait inside this task: leave it unfinished, unsignalled
+      if (threadIdx.x == 0) publish(p, sm, ++seq, s_id, step, -1, kStateAborted), heads.drain(p);
+      return;
+    }
+    if (threadIdx.x == 0) {
+      if (rec) rec[2] = global_timer();  // before the signal: a consumer never starts before this
+      signal_events(p, s_task);
     }
   }
   if (threadIdx.x == 0) publish(p, sm, ++seq, -1, p.first_step + p.num_steps, -1, kStateDone);

@@ -173,7 +173,6 @@ class AttentionMerge(OpKind):
     per_sequence = True
     header = "attention.cuh"
     template = "AttentionMerge"
-    tail = True  # run by the last split of (b, g) to finish: no wake between the phases
     inputs = (Operand("qkv"), Operand("rope"), Operand("k_norm", optional=True), Operand("part"), Operand("lse"))
     outputs = (Operand("out"), Operand("k_cache"), Operand("v_cache"))
 

@@ -73,9 +73,6 @@ class OpKind:
     # Each task serves one sequence, tile[0]; `run` then gets that sequence's position as `step`
     # (sequences join a batch at any step: mpk.execution.Executor.run's position_offsets).
     per_sequence: ClassVar[bool] = False
-    # A task of this kind runs as a tail task where it may (mpk.compiler.schedule.choose_tails): on
-    # the SM of its last producer, right after it, instead of waking a queued SM.
-    tail: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

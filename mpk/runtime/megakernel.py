@@ -176,8 +176,7 @@ class Megakernel(Executor):
         dev, t, abi, tg = rs.device, rs.tables, self.abi, self.tg
         as_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
         rs.dev.update(tasks=as_dev(t.tasks.view(np.uint8)), signals=as_dev(t.signals),
-                      signal_rank=as_dev(t.signal_rank), signal_tail=as_dev(t.signal_tail),
-                      queue_off=as_dev(t.queue_off),
+                      signal_rank=as_dev(t.signal_rank), queue_off=as_dev(t.queue_off),
                       queue_tasks=as_dev(t.queue_tasks), ev_target=as_dev(t.ev_target), ev_lag=as_dev(t.ev_lag),
                       ev_sys=as_dev(t.ev_sys))
         rs.dev["counters"] = torch.zeros(len(t.ev_target), dtype=torch.int64, device=dev)  # read as u64 on the GPU
@@ -303,9 +302,9 @@ class Megakernel(Executor):
 
     def _params(self, rs: RankState, first_step: int, num_steps: int) -> Params:
         p = Params()
-        for name in ("tasks", "signals", "signal_rank", "signal_tail", "queue_off", "queue_tasks", "ev_target",
-                     "ev_lag", "ev_sys", "ops", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset",
-                     "prefetch", "peer_counters", "peer_ctl"):
+        for name in ("tasks", "signals", "signal_rank", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ev_sys",
+                     "ops", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "prefetch", "peer_counters",
+                     "peer_ctl"):
             setattr(p, name, rs.address(name))
         for name, mapped in rs.mapped.items():
             setattr(p, name, mapped.dev)

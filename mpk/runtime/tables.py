@@ -28,8 +28,7 @@ class KernelTables:
     tasks: np.ndarray  # TASK_DTYPE [num_tasks]: every rank's tasks, by global id
     signals: np.ndarray  # int32 event ids
     signal_rank: np.ndarray  # int32, per entry of signals: the rank whose counter it increments
-    signal_tail: np.ndarray  # int32, per entry of signals: its event's tail task in queue_tasks, or -1
-    queue_off: np.ndarray  # int32 [num_sms + 2]: this rank's queues, then its tail tasks
+    queue_off: np.ndarray  # int32 [num_sms + 1]: this rank's queues
     queue_tasks: np.ndarray  # int32
     ev_target: np.ndarray  # int32 [num_events]
     ev_lag: np.ndarray  # int32 [num_events]
@@ -39,7 +38,7 @@ class KernelTables:
 
 
 def task_rank(tg: TaskGraph, tid: int) -> int:
-    return tg.rank_of(tid)
+    return tg.tasks[tid].queue // tg.num_sms
 
 
 def build_tables(tg: TaskGraph, rank: int = 0) -> KernelTables:
@@ -51,25 +50,16 @@ def build_tables(tg: TaskGraph, rank: int = 0) -> KernelTables:
 
 def build_rank_tables(tg: TaskGraph) -> list[KernelTables]:
     """The tables of every rank's kernel. All ranks share the task, signal and event tables (task ids
-    and event ids are global); each has its own queues, followed by its tail tasks (a tail's index
-    there is also its trace slot).
+    and event ids are global); each has its own queues.
 
     Each rank counts every event its tasks wait on in its own memory, so a producer signals once
-    per rank with consumers of the event. An entry of an event with a tail names where the tail is
-    in its rank's queue_tasks, so the signal needs no second lookup, and a task's tail entry comes
-    last, as its atomic waits for the counter's value.
+    per rank with consumers of the event.
     """
     variants, op_variant, op_args = graph_variants(tg)
-    if len(tg.queues) != tg.num_queues:
-        raise MpkError(f"the graph has {len(tg.queues)} queues for {tg.tp_size} x {tg.num_sms} SMs")
     consumer_ranks = [sorted({task_rank(tg, c) for c in range(e.first_task, e.stop_task)}) for e in tg.events]
-    queues = [tg.queues[r * tg.num_sms:(r + 1) * tg.num_sms] for r in range(tg.tp_size)]
-    tails = [sorted(e.tail for e in tg.events if e.tail >= 0 and task_rank(tg, e.tail) == r) for r in range(tg.tp_size)]
-    slot = {tid: sum(map(len, queues[r])) + k for r in range(tg.tp_size) for k, tid in enumerate(tails[r])}
     tasks = np.zeros(len(tg.tasks), dtype=TASK_DTYPE)
     signals: list[int] = []
     signal_rank: list[int] = []
-    signal_tail: list[int] = []
     for i, t in enumerate(tg.tasks):
         if t.id != i:
             raise MpkError(f"task ids must be positions in the task list; task at {i} has id {t.id}")
@@ -80,18 +70,18 @@ def build_rank_tables(tg: TaskGraph) -> list[KernelTables]:
         tasks[i]["tile"][: len(t.tile)] = t.tile
         tasks[i]["wait"] = t.wait
         tasks[i]["sig_off"] = len(signals)
-        for ev in sorted(t.signals, key=lambda e: tg.events[e].tail >= 0):
+        for ev in t.signals:
             signals += [ev] * len(consumer_ranks[ev])
             signal_rank += consumer_ranks[ev]
-            signal_tail += [slot.get(tg.events[ev].tail, -1)] * len(consumer_ranks[ev])
         tasks[i]["sig_cnt"] = len(signals) - tasks[i]["sig_off"]
+    if len(tg.queues) != tg.num_queues:
+        raise MpkError(f"the graph has {len(tg.queues)} queues for {tg.tp_size} x {tg.num_sms} SMs")
     ev_sys = [int(len({task_rank(tg, p) for p in e.producers} | set(consumer_ranks[e.id])) > 1) for e in tg.events]
     shared = dict(
         variants=variants,
         tasks=tasks,
         signals=np.array(signals or [0], dtype=np.int32),
         signal_rank=np.array(signal_rank or [0], dtype=np.int32),
-        signal_tail=np.array(signal_tail or [-1], dtype=np.int32),
         ev_target=np.array([e.target for e in tg.events] or [0], dtype=np.int32),
         ev_lag=np.array([e.lag for e in tg.events] or [0], dtype=np.int32),
         ev_sys=np.array(ev_sys or [0], dtype=np.int32),
@@ -99,9 +89,9 @@ def build_rank_tables(tg: TaskGraph) -> list[KernelTables]:
     )
     out = []
     for rank in range(tg.tp_size):
-        lists = queues[rank] + [tails[rank]]
-        queue_off = np.concatenate([[0], np.cumsum([len(q) for q in lists])]).astype(np.int32)
-        queue_tasks = np.array([tid for q in lists for tid in q], dtype=np.int32)
+        queues = tg.queues[rank * tg.num_sms:(rank + 1) * tg.num_sms]
+        queue_off = np.concatenate([[0], np.cumsum([len(q) for q in queues])]).astype(np.int32)
+        queue_tasks = np.array([tid for q in queues for tid in q], dtype=np.int32)
         mine = [t.id for t in tg.tasks if task_rank(tg, t.id) == rank]
         if sorted(queue_tasks.tolist()) != mine:
             raise MpkError(f"the queues of rank {rank} do not hold each of its tasks exactly once")

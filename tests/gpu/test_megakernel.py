@@ -45,8 +45,7 @@ from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE  # noqa: E402
 from mpk.models.checkpoint import load_checkpoint  # noqa: E402
 from mpk.inputs import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
-from mpk.ops.base import OpKind  # noqa: E402
-from mpk.profile import summarize_trace, task_sms  # noqa: E402
+from mpk.profile import summarize_trace  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
 from mpk.runtime.build import find_nvcc  # noqa: E402
 from mpk.dtypes import torch_dtype  # noqa: E402
@@ -337,7 +336,7 @@ def test_watchdog_names_the_stalled_wait(checkpoint):
     cfg, hf = checkpoint("llama")
     tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=8)
     broken = TaskGraph.from_json(tg.to_json())
-    ev = next(e for e in broken.events if e.lag == 0 and e.target > 1 and e.tail < 0)
+    ev = next(e for e in broken.events if e.lag == 0 and e.target > 1)
     ev.target += 1  # one producer too many: its consumers can never start
     mk = megakernel(cfg, hf, [[1, 2]], 8, 8, tg=broken)
     # The first SM named is the root cause: the earliest task stuck, on the broken event.
@@ -425,47 +424,6 @@ def test_a_hang_inside_a_task_ends_in_a_clear_error(checkpoint, monkeypatch):
     monkeypatch.delenv("MPK_INJECT")
     assert megakernel(cfg, hf, [[1, 2]], 8, 8, tg=tg).run(4, eos_token_ids=[]).steps == 4
     report(check="hang", case="llama", batch=1, task=stuck)
-
-
-def test_a_hang_inside_a_tail_task_names_it(checkpoint, monkeypatch):
-    """A tail runs on whichever SM completes its event; stuck inside it, that SM names the tail."""
-    cfg, hf = checkpoint("llama")
-    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=8)
-    stuck = next(e.tail for e in tg.events if e.tail >= 0)
-    monkeypatch.setenv("MPK_INJECT", f"hang:{stuck}")
-    mk = megakernel(cfg, hf, [[1, 2]], 8, 8, tg=tg)
-    with pytest.raises(MpkError, match=rf"no progress for 1\.5 s: SM \d+ was stuck inside task {stuck} \("):
-        mk.run(4, watchdog_seconds=1.5)
-    torch.cuda.synchronize()
-    report(check="hang", case="llama-tail", batch=1, task=stuck)
-
-
-@pytest.mark.parametrize("sms", [1, 2, 16])
-def test_tail_tasks_compute_what_queued_tasks_do(checkpoint, sms, monkeypatch):
-    """Every op kind asking for tails: on 1 or 2 SMs most tasks are tails, in chains (a tail's signal
-    completing the next tail's event). A task computes the same bits on any SM (batch 1 has no float
-    atomics), so the logits and tokens equal those of the graph without tails; a traced launch
-    records every tail instance, on the SM of one of its producers."""
-    cfg, hf = checkpoint("qwen3-qknorm")
-    prompts, steps = [[1, 2, 3]], 12
-    off = compile_model(cfg, batch=1, max_seq_len=steps, num_sms=sms, tails=False)
-    monkeypatch.setattr(OpKind, "tail", True)
-    on = compile_model(cfg, batch=1, max_seq_len=steps, num_sms=sms, tails=True)
-    tails = [e for e in on.events if e.tail >= 0]
-    assert tails
-    want = megakernel(cfg, hf, prompts, steps, sms, tg=off).run(steps, eos_token_ids=[], collect_logits=True)
-    mk = megakernel(cfg, hf, prompts, steps, sms, tg=on)
-    got = mk.run(steps, eos_token_ids=[], collect_logits=True)
-    assert got.tokens == want.tokens
-    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits)), "tails changed the logits"
-    traced = mk.run(steps, eos_token_ids=[], trace=True)
-    assert traced.tokens == want.tokens and bool((traced.trace[..., 2] > 0).all())
-    ran_on = task_sms(on, traced.trace)
-    for ev in tails:
-        producers = ran_on[:, ev.producers]
-        assert bool((producers == ran_on[:, ev.tail, None]).any(1).all())
-        assert bool((traced.trace[:, ev.tail, 0, None] == traced.trace[:, ev.producers, 2]).any(1).all())
-    report(check="tails", case="qwen3-qknorm", batch=1, sms=sms, tails=len(tails), tasks=len(on.tasks))
 
 
 def test_an_interrupt_stops_the_kernel_before_anything_else_runs(checkpoint):
