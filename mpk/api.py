@@ -301,18 +301,40 @@ class LLM:
         """The compiled graph and open executor for `batch` sequences, made on first use."""
         key = (batch, self.max_seq_len)
         if key not in self._executors:
-            from mpk import defaults
-            from mpk.compiler import compile_model
             from mpk.engine import open_executor
             from mpk.inputs import program_inputs
 
-            tg = compile_model(self.cfg, batch=batch, max_seq_len=self.max_seq_len, tp_size=self.tp_size,
-                               num_sms=defaults.SIM_NUM_SMS if self.num_sms is None else self.num_sms,
-                               activations=self.activations, weights=self.dtype, kv_cache=self.kv_cache)
+            tg = self._compile(batch)
             weights, meta = program_inputs(self.cfg, tg, self._fused, [[0]] * batch)
             self._executors[key] = open_executor(self.backend, tg, weights, meta, device=self.device, seed=self.seed)
         executor = self._executors[key]
         return executor.tg, executor
+
+    def _slots_executor(self, slots: int, batch: int):
+        """An executor for the first `batch` of the `slots` sequence slots of `_executor(slots)`: the
+        same weights and KV cache (its first `batch` slots), its own inputs and activations. A batch
+        of few requests then runs a kernel of its size (`mpk.batching`)."""
+        home_tg, home = self._executor(slots)
+        if batch == slots:
+            return home_tg, home
+        key = ("slots", slots, batch, self.max_seq_len)
+        if key not in self._executors:
+            from mpk.engine import open_executor
+            from mpk.execution import slot_buffers
+
+            tg = self._compile(batch)
+            self._executors[key] = open_executor(self.backend, tg, {}, {}, device=self.device, seed=self.seed,
+                                                 buffers=slot_buffers(tg, home.buffers))
+        executor = self._executors[key]
+        return executor.tg, executor
+
+    def _compile(self, batch: int):
+        from mpk import defaults
+        from mpk.compiler import compile_model
+
+        return compile_model(self.cfg, batch=batch, max_seq_len=self.max_seq_len, tp_size=self.tp_size,
+                             num_sms=defaults.SIM_NUM_SMS if self.num_sms is None else self.num_sms,
+                             activations=self.activations, weights=self.dtype, kv_cache=self.kv_cache)
 
     def _encode(self, prompts) -> tuple[list[str | None], list[list[int]]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):

@@ -1,14 +1,16 @@
 """Continuous batching: requests join and leave the sequence slots of one batch between windows of steps.
 
-The executor is compiled for `slots` sequences; a slot holds one request or none. Before each
-window of decode steps the batcher hands back the requests that finished (or whose callers
-cancelled them) and fills the free slots from its queue, prefilling each new prompt into its own
-slot's rows of the KV cache (`mpk.prefill.prefill_slot`). Then every slot decodes at its own
-position (`Executor.run`'s position_offsets): a request that joins at kernel step s with p
+The KV cache has `slots` sequence slots; a slot holds one request or none. Before each window of
+decode steps the batcher hands back the requests that finished (or whose callers cancelled them),
+moves the rest to the lowest slots, and fills free slots from its queue, prefilling each new
+prompt into its own slot's rows of the KV cache (`mpk.prefill.prefill_slot`). The window then runs
+the smallest executor of 1, 2, 4, ... slots that holds the requests (all share the weights and the
+KV cache: `LLM._slots_executor`), so one request decodes at batch-1 speed. Every slot decodes at
+its own position (`Executor.run`'s position_offsets): a request that joins at kernel step s with p
 positions prefilled has offset s - p. A window ends after `window` steps, when every sequence has
 finished, or as soon as every request in it is finished or cancelled; a slot whose request
-finished earlier idles until then. Idle slots decode a one-token dummy prompt from position 0,
-which adds nothing to a step's time: the step streams every weight once whatever the batch.
+finished earlier idles until then. Idle slots in the window's batch decode a one-token dummy
+prompt from position 0.
 
 Windows end only where no running request continues past them (their natural end, or every
 request done), so the tokens the host has are all the kernel made, and a request's next window
@@ -60,12 +62,19 @@ class Batcher:
         if window < 1:
             raise MpkError(f"a batching window needs at least one step, not {window}")
         self.llm, self.window = llm, window
-        self.tg, self.executor = llm._executor(slots or llm.max_batch)
+        self.tg, self.executor = llm._executor(slots or llm.max_batch)  # the home of the weights and the KV cache
         self.slots: list[_Slot | None] = [None] * self.tg.batch
+        self.sizes = sorted({min(self.tg.batch, 1 << i) for i in range(self.tg.batch.bit_length() + 1)})
+        self.last_batch = 0  # the batch size the last window ran
         self.step = 0  # the kernel's next step; positions are relative to it
         self._queue: deque[Request] = deque()
         self._lock = threading.Lock()
         self._prefills: dict = {}
+
+    def prepare(self) -> None:
+        """Build and open the executor of every batch size now, not when a window first needs it."""
+        for batch in self.sizes:
+            self.llm._slots_executor(self.tg.batch, batch)
 
     # --- the queue (any thread) ----------------------------------------------------------------
 
@@ -146,25 +155,45 @@ class Batcher:
                 return request
             _finish(request, [], "", None)  # its caller left while it waited
 
+    def _compact(self) -> None:
+        """Move requests into the lowest slots, each with its KV rows, so the smallest batch holds them."""
+        free = 0
+        for b, slot in enumerate(self.slots):
+            if slot is None:
+                continue
+            if b != free:
+                rows = self.step - slot.offset  # the rows it has written
+                for name, spec in self.tg.tensors.items():
+                    if spec.kind == "state":
+                        buf = self.executor.buffers[name]
+                        buf[free, :rows].copy_(buf[b, :rows])
+                self.slots[free], self.slots[b] = slot, None
+            free += 1
+
     def _run(self) -> None:
         from mpk.inputs import program_inputs
 
+        self._compact()
         llm, S, first = self.llm, self.tg.max_seq_len, self.step
         active = [s for s in self.slots if s is not None]
+        batch = next(k for k in self.sizes if k >= len(active))
+        tg, executor = llm._slots_executor(self.tg.batch, batch)
+        self.last_batch = batch
+        slots = self.slots[:batch]
         # Idle slots start a dummy sequence at position 0 and are done after one token.
-        offsets = [s.offset if s is not None else first for s in self.slots]
+        offsets = [s.offset if s is not None else first for s in slots]
         steps = min([self.window, S] + [S - (first - s.offset) for s in active])
-        prompts = [s.request.prompt_ids if s is not None else [0] for s in self.slots]
+        prompts = [s.request.prompt_ids if s is not None else [0] for s in slots]
         sampling = [(s.request.params.temperature, max(s.request.params.top_k, 0), s.request.params.top_p, s.seed)
-                    if s is not None else (0.0, 0, 1.0, 0) for s in self.slots]
-        limits = [s.request.params.max_tokens if s is not None else 1 for s in self.slots]
-        _, meta = program_inputs(llm.cfg, self.tg, {}, prompts, sampling)
-        self.executor.set_meta(meta)
-        self.executor.set_tokens([s.next_token if s is not None else 0 for s in self.slots])
+                    if s is not None else (0.0, 0, 1.0, 0) for s in slots]
+        limits = [s.request.params.max_tokens if s is not None else 1 for s in slots]
+        _, meta = program_inputs(llm.cfg, tg, {}, prompts, sampling)
+        executor.set_meta(meta)
+        executor.set_tokens([s.next_token if s is not None else 0 for s in slots])
         eos = sorted(set.intersection(*(s.seq.eos for s in active)))
 
         def on_step(step: int, tokens: list[int]) -> bool:
-            for b, slot in enumerate(self.slots):
+            for b, slot in enumerate(slots):
                 if slot is None:
                     continue
                 slot.next_token = tokens[b]
@@ -179,8 +208,8 @@ class Batcher:
             # Stop early only when no request continues past this step (see the module's docstring).
             return all(s.seq.finish_reason is not None or s.request.cancel.is_set() for s in active)
 
-        result = self.executor.run(steps, max_new_tokens=limits, on_step=on_step, first_step=first,
-                                   eos_token_ids=eos, position_offsets=offsets)
+        result = executor.run(steps, max_new_tokens=limits, on_step=on_step, first_step=first,
+                              eos_token_ids=eos, position_offsets=offsets)
         self.step = first + result.steps
 
     def _retire(self) -> None:

@@ -73,14 +73,18 @@ class _Collector:
         return all(self.finished)
 
 
-def open_executor(backend: str, tg: TaskGraph, weights: dict, meta: dict, *, device=None, seed: int = 0) -> Executor:
-    """The CPU executor (`sim`) or the GPU megakernel (`cuda`) holding `tg` with these inputs."""
+def open_executor(backend: str, tg: TaskGraph, weights: dict, meta: dict, *, device=None, seed: int = 0,
+                  buffers: dict | None = None) -> Executor:
+    """The CPU executor (`sim`) or the GPU megakernel (`cuda`) holding `tg` with these inputs, or
+    over these `buffers` (every tensor of the graph, already in place)."""
     if backend == "sim":
         from mpk.sim import CpuExecutor
 
-        return CpuExecutor(tg, weights, meta, seed=seed)
+        return CpuExecutor(tg, weights, meta, seed=seed, buffers=buffers)
     from mpk.runtime import Megakernel
 
+    if buffers is not None:
+        return Megakernel(tg, device=device if tg.tp_size == 1 else None, buffers=buffers)
     return Megakernel(tg, device=device if tg.tp_size == 1 else None, weights=weights, meta=meta)
 
 

@@ -7,7 +7,7 @@ with the same arguments and the same stop rule, returning a `RunResult`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -54,6 +54,30 @@ def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, to
             bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want, device=device_of_rank)
         else:
             bufs[name] = torch.full(spec.shape, float("nan"), dtype=want, device=device_of_rank)
+    return bufs
+
+
+def slot_buffers(tg: TaskGraph, home: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Buffers for `tg` (of `tg.batch` sequences) inside a larger graph's `home` buffers: the same
+    weights, the first tg.batch sequences of its state (the KV cache: views, so both see one cache),
+    and meta (zeros) and activations (poisoned) of its own, on the same devices."""
+    shared, own, meta = {}, {}, {}
+    for name, spec in tg.tensors.items():
+        if spec.kind == "weight":
+            shared[name] = home[name]
+        elif spec.kind == "state":
+            shared[name] = home[name][: tg.batch]
+        else:
+            own[name] = spec
+            if spec.kind == "meta":
+                meta[name] = torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype))
+    for name, buf in shared.items():
+        if tuple(buf.shape) != tg.tensors[name].shape:
+            raise MpkError(f"{name} is {tuple(buf.shape)} in the larger batch's buffers; {tg.tensors[name].shape} "
+                           "is needed")
+    devices = {spec.rank: home[name].device for name, spec in tg.tensors.items() if name in shared}
+    bufs = allocate(replace(tg, tensors=own), {}, meta, [devices[r] for r in range(tg.tp_size)])
+    bufs.update(shared)
     return bufs
 
 

@@ -113,9 +113,10 @@ def _stall_report(tg, counters, queues, task_at, threshold) -> str:
 class CpuExecutor(Executor):
     """The CPU executor behind the same run shape as the megakernel (`mpk.execution.Executor`)."""
 
-    def __init__(self, tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], seed: int = 0):
+    def __init__(self, tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], seed: int = 0,
+                 buffers: dict[str, torch.Tensor] | None = None):
         self.tg, self.seed = tg, seed
-        self.buffers = allocate(tg, weights, meta)
+        self.buffers = dict(buffers) if buffers is not None else allocate(tg, weights, meta)
 
     def run(self, num_steps, max_new_tokens=None, on_step=None, *, first_step=0, eos_token_ids=None,
             collect_logits=False, position_offsets=None) -> RunResult:

@@ -135,3 +135,21 @@ def test_requests_from_many_threads_all_finish(llm):
     drain(batcher)
     for i, c in enumerate(got):
         assert c.output is not None and len(c.output.outputs[0].token_ids) == 4 + i % 3
+
+
+def test_a_window_runs_the_smallest_batch_that_holds_its_requests(llm):
+    """One request runs a batch of one; when a second joins, a batch of two; when the first leaves
+    the second moves to slot 0 with its KV rows and runs alone again, getting what it gets alone."""
+    batcher = Batcher(llm, window=2)
+    short = Collected([5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    long = Collected([8, 9], SamplingParams(temperature=0.8, max_tokens=9, seed=3, ignore_eos=True))
+    batcher.submit(short.request)
+    batcher.run_window()
+    assert batcher.last_batch == 1
+    batcher.submit(long.request)
+    sizes = []
+    while batcher.run_window():
+        sizes.append(batcher.last_batch)
+    assert sizes[0] == 2 and sizes[-1] == 1 and batcher.sizes == [1, 2, 3]
+    for c, (p, sp) in ((short, ([5, 6, 7], short.request.params)), (long, ([8, 9], long.request.params))):
+        assert c.output.outputs[0].token_ids == llm.generate([p], sp)[0].outputs[0].token_ids

@@ -70,6 +70,7 @@ class EngineWorker:
         self.llm = llm
         self.max_waiting = max(1, max_waiting)
         self.batcher = Batcher(llm, slots)
+        self.batcher.prepare()  # every batch size's kernel before the first request, not during it
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="mpk-engine", daemon=True)
