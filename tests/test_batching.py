@@ -153,3 +153,27 @@ def test_a_window_runs_the_smallest_batch_that_holds_its_requests(llm):
     assert sizes[0] == 2 and sizes[-1] == 1 and batcher.sizes == [1, 2, 3]
     for c, (p, sp) in ((short, ([5, 6, 7], short.request.params)), (long, ([8, 9], long.request.params))):
         assert c.output.outputs[0].token_ids == llm.generate([p], sp)[0].outputs[0].token_ids
+
+
+def test_prefilling_one_slot_leaves_the_others_alone(llm):
+    """prefill_slot writes the prompt's KV rows into its own slot only; the rows equal what a
+    one-prompt prefill writes."""
+    import torch
+
+    from mpk.prefill import prefill_slot
+
+    tg, executor = llm._executor(3)
+    caches = [name for name, spec in tg.tensors.items() if spec.kind == "state"]
+    for name in caches:
+        executor.buffers[name].fill_(7.0)
+    prompt = list(range(30, 50))
+    assert prefill_slot(executor, llm.cfg, prompt, 1, {}, fast=False) == len(prompt) - 1
+    _, alone = llm._executor(1)
+    for name in caches:
+        alone.buffers[name].fill_(7.0)
+    prefill_slot(alone, llm.cfg, prompt, 0, {}, fast=False)
+    for name in caches:
+        buf = executor.buffers[name]
+        assert bool((buf[0] == 7.0).all()) and bool((buf[2] == 7.0).all())
+        assert torch.equal(buf[1], alone.buffers[name][0])
+        assert not bool((buf[1, : len(prompt) - 1] == 7.0).any()) and bool((buf[1, len(prompt) - 1:] == 7.0).all())
