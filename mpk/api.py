@@ -246,7 +246,7 @@ class LLM:
 
     def _run(self, ids: list[list[int]], params: list[SamplingParams], seqs: list["_Sequence"], on_text,
              cancel: threading.Event | None = None, on_token=None) -> None:
-        from mpk.inputs import program_inputs
+        from mpk.inputs import program_meta
 
         if any(sp.stop for sp in params) and self.tokenizer is None:
             raise MpkError(f"stop strings need a tokenizer, and {self.source.name} has none")
@@ -255,7 +255,7 @@ class LLM:
         seeds = [sp.seed if sp.seed is not None else random.getrandbits(63) for sp in params]
         sampling = [(sp.temperature, max(sp.top_k, 0), sp.top_p, seed) for sp, seed in zip(params, seeds)]
         tg, executor = self._executor(len(ids))
-        _, meta = program_inputs(self.cfg, tg, {}, ids, sampling)
+        meta = program_meta(tg, ids, sampling)
 
         def on_step(step: int, tokens: list[int]) -> bool:
             for s, seq in enumerate(seqs):

@@ -171,7 +171,7 @@ class Batcher:
             free += 1
 
     def _run(self) -> None:
-        from mpk.inputs import program_inputs
+        from mpk.inputs import program_meta
 
         self._compact()
         llm, S, first = self.llm, self.tg.max_seq_len, self.step
@@ -187,8 +187,7 @@ class Batcher:
         sampling = [(s.request.params.temperature, max(s.request.params.top_k, 0), s.request.params.top_p, s.seed)
                     if s is not None else (0.0, 0, 1.0, 0) for s in slots]
         limits = [s.request.params.max_tokens if s is not None else 1 for s in slots]
-        _, meta = program_inputs(llm.cfg, tg, {}, prompts, sampling)
-        executor.set_meta(meta)
+        executor.set_meta(program_meta(tg, prompts, sampling))
         executor.set_tokens([s.next_token if s is not None else 0 for s in slots])
         eos = sorted(set.intersection(*(s.seq.eos for s in active)))
 

@@ -321,7 +321,7 @@ def time_mpk_ttft(cfg, hf: dict, prompts: torch.Tensor, device, num_sms: int, re
     """Seconds to mpk's first token, and its parts: the prefill (`mpk.prefill.prefill_ops`) and the
     decode steps after it (one, for prompts of one length). Medians of `repeats` runs after a warm-up."""
     from mpk.compiler import compile_model
-    from mpk.inputs import program_inputs
+    from mpk.inputs import program_meta
     from mpk.prefill import prefill_ops
     from mpk.runtime import Megakernel
 
@@ -329,7 +329,7 @@ def time_mpk_ttft(cfg, hf: dict, prompts: torch.Tensor, device, num_sms: int, re
     ids = prompts.tolist()
     tg = compile_model(cfg, batch=batch, max_seq_len=prompt_len, num_sms=num_sms)
     weights, meta = _mpk_inputs(cfg, tg, hf, [device])
-    meta.update(program_inputs(cfg, tg, {}, ids)[1])  # the prompts, in place of _mpk_inputs' [1]
+    meta.update(program_meta(tg, ids))  # the prompts, in place of _mpk_inputs' [1]
     times: list[tuple[float, float]] = []
     programs: dict = {}  # the prefill programs, made in the warm-up run
     with Megakernel(tg, device=device, weights=weights, meta=meta) as kernel:

@@ -1,7 +1,8 @@
 """What a decode program reads besides its activations: fused, TP-sharded weights and meta tensors.
 
 `fuse_weights` turns Hugging Face weights into the weight tensors the program declares;
-`program_inputs` adds the RoPE tables and the prompts' meta tensors for every rank.
+`program_inputs` adds the RoPE tables and the prompts' meta tensors for every rank (`program_meta`
+makes the meta tensors alone, for new prompts on an open executor).
 
 Layout contract (the ops depend on it), for rank r, q = query heads per KV head, hd = head_dim:
 - qkv: per local KV group, its q query heads, then its K head, then its V head (a group's rows
@@ -101,19 +102,26 @@ def program_inputs(cfg: ModelConfig, tg: TaskGraph, fused: dict[str, torch.Tenso
 
     `sampling` holds each sequence's (temperature, top_k, top_p, seed); None is greedy for all."""
     rope = torch.cat(rope_tables(cfg, tg.max_seq_len), dim=-1)  # [S, head_dim]: cos, then sin
+    weights = dict(fused)
+    for r in range(tg.tp_size):
+        weights[tensor_name(r, tg.tp_size, ROPE)] = rope
+    return weights, program_meta(tg, prompts, sampling)
+
+
+def program_meta(tg: TaskGraph, prompts: list[list[int]], sampling: list[tuple[float, int, float, int]] | None = None):
+    """The meta tensors alone (prompts, tokens, sampling parameters) for every rank of the graph."""
     prompt = torch.zeros(len(prompts), tg.max_seq_len, dtype=torch.int64)
     for b, p in enumerate(prompts):
         prompt[b, : len(p)] = torch.tensor(p)
-    weights, meta = dict(fused), {}
+    meta = {}
     params = sampling_meta(sampling or [(0.0, 0, 1.0, 0)] * len(prompts))
     for r in range(tg.tp_size):
         n = partial(tensor_name, r, tg.tp_size)
-        weights[n(ROPE)] = rope
         meta[n(TOKENS)] = prompt[:, 0].clone()
         meta[n(PROMPT)] = prompt
         meta[n(PROMPT_LEN)] = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         meta.update({n(name): value for name, value in params.items()})
-    return weights, meta
+    return meta
 
 
 def sampling_meta(sampling: list[tuple[float, int, float, int]]) -> dict[str, torch.Tensor]:
