@@ -20,7 +20,8 @@ It runs two ways over the same ops:
 
 Prompts of different lengths share a batch: prefill covers the positions before the shortest
 prompt's last token, and decode steps through the rest of each prompt as it always does (its
-sample op forwards prompt tokens).
+sample op forwards prompt tokens). Continuous batching prefills one prompt at a time into its own
+slot of a running batch (`prefill_slot`).
 """
 
 from __future__ import annotations
