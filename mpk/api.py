@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 from mpk.errors import MpkError
@@ -47,6 +48,15 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         if not all(isinstance(s, str) and s for s in self.stop):
             raise MpkError("stop must be a non-empty string or a list of them")
+
+    def run_seed(self) -> int:
+        """The seed of one run: the one given, or a fresh one."""
+        return self.seed if self.seed is not None else random.getrandbits(63)
+
+    def sample_row(self, seed: int) -> tuple[float, int, float, int]:
+        """The sample op's per-sequence parameters (`mpk.inputs.sampling_meta`): temperature, top_k
+        (0 for all), top_p, seed."""
+        return (self.temperature, max(self.top_k, 0), self.top_p, seed)
 
 
 @dataclass
@@ -252,20 +262,17 @@ class LLM:
             raise MpkError(f"stop strings need a tokenizer, and {self.source.name} has none")
         self._check_fits(ids, params)
         steps = max(len(p) + sp.max_tokens - 1 for p, sp in zip(ids, params))
-        seeds = [sp.seed if sp.seed is not None else random.getrandbits(63) for sp in params]
-        sampling = [(sp.temperature, max(sp.top_k, 0), sp.top_p, seed) for sp, seed in zip(params, seeds)]
+        sampling = [sp.sample_row(sp.run_seed()) for sp in params]
         tg, executor = self._executor(len(ids))
         meta = program_meta(tg, ids, sampling)
+
+        token_to = [None if on_token is None else partial(on_token, s) for s in range(len(seqs))]
+        text_to = [None if on_text is None else partial(on_text, s) for s in range(len(seqs))]
 
         def on_step(step: int, tokens: list[int]) -> bool:
             for s, seq in enumerate(seqs):
                 if seq.finish_reason is None and step >= len(ids[s]) - 1:
-                    seq.add(tokens[s])
-                    if on_token is not None:
-                        on_token(s, tokens[s])
-                    delta = seq.delta()
-                    if delta and on_text is not None:
-                        on_text(s, delta)
+                    seq.take(tokens[s], token_to[s], text_to[s])
             return all(seq.finish_reason is not None for seq in seqs) or (cancel is not None and cancel.is_set())
 
         t0 = time.perf_counter()
@@ -402,6 +409,15 @@ class _Sequence:
         self._hold = max((len(s) for s in params.stop), default=1) - 1  # text that may start a stop string
         self._sent = 0
         self._cut = False  # the text ended at a stop string
+
+    def take(self, token: int, on_token=None, on_text=None) -> None:
+        """Add a new token, then tell `on_token(token)`, and `on_text(delta)` if text became final."""
+        self.add(token)
+        if on_token is not None:
+            on_token(token)
+        delta = self.delta()
+        if delta and on_text is not None:
+            on_text(delta)
 
     def add(self, token: int) -> None:
         self.token_ids.append(token)

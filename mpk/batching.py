@@ -19,7 +19,6 @@ picks up from its last token. Results match `LLM.generate` for the same prompt a
 
 from __future__ import annotations
 
-import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -135,7 +134,7 @@ class Batcher:
                 return
             ids, sp = request.prompt_ids, request.params
             seq = _Sequence(ids, sp, llm._decode, llm._eos(sp))
-            seed = sp.seed if sp.seed is not None else random.getrandbits(63)
+            seed = sp.run_seed()
             try:
                 done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
                                     fast=llm.backend == "cuda") if llm.prefill else 0
@@ -184,8 +183,7 @@ class Batcher:
         offsets = [s.offset if s is not None else first for s in slots]
         steps = min([self.window, S] + [S - (first - s.offset) for s in active])
         prompts = [s.request.prompt_ids if s is not None else [0] for s in slots]
-        sampling = [(s.request.params.temperature, max(s.request.params.top_k, 0), s.request.params.top_p, s.seed)
-                    if s is not None else (0.0, 0, 1.0, 0) for s in slots]
+        sampling = [s.request.params.sample_row(s.seed) if s is not None else (0.0, 0, 1.0, 0) for s in slots]
         limits = [s.request.params.max_tokens if s is not None else 1 for s in slots]
         executor.set_meta(program_meta(tg, prompts, sampling))
         executor.set_tokens([s.next_token if s is not None else 0 for s in slots])
@@ -198,12 +196,7 @@ class Batcher:
                 slot.next_token = tokens[b]
                 seq, request = slot.seq, slot.request
                 if seq.finish_reason is None and step - slot.offset >= len(request.prompt_ids) - 1:
-                    seq.add(tokens[b])
-                    if request.on_token is not None:
-                        request.on_token(tokens[b])
-                    delta = seq.delta()
-                    if delta and request.on_text is not None:
-                        request.on_text(delta)
+                    seq.take(tokens[b], request.on_token, request.on_text)
             # Stop early only when no request continues past this step (see the module's docstring).
             return all(s.seq.finish_reason is not None or s.request.cancel.is_set() for s in active)
 

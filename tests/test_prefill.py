@@ -36,17 +36,22 @@ CASES = {  # name: (family, config overrides, tp)
 }
 
 
-@pytest.fixture(scope="module")
-def models(make_checkpoint):
+def checkpoints(make_checkpoint, **extra):
+    """get(case) -> the loaded checkpoint of CASES[case], with `extra` config overrides, made once."""
     cache = {}
 
     def get(case):
         if case not in cache:
             family, overrides, _ = CASES[case]
-            cache[case] = load_checkpoint(make_checkpoint(family, **overrides))
+            cache[case] = load_checkpoint(make_checkpoint(family, **extra, **overrides))
         return cache[case]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def models(make_checkpoint):
+    return checkpoints(make_checkpoint)
 
 
 def decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill: bool, weights="bfloat16", chunk=256):
@@ -162,15 +167,7 @@ BOUND = 2e-2  # the accuracy bound is max(2e-2, 1.25x transformers' bf16 error):
 @pytest.fixture(scope="module")
 def long_models(make_checkpoint):
     """The CASES checkpoints with room for prompts of 300 tokens and more."""
-    cache = {}
-
-    def get(case):
-        if case not in cache:
-            family, overrides, _ = CASES[case]
-            cache[case] = load_checkpoint(make_checkpoint(family, max_position_embeddings=512, **overrides))
-        return cache[case]
-
-    return get
+    return checkpoints(make_checkpoint, max_position_embeddings=512)
 
 
 def by_tasks(cfg, prompts):

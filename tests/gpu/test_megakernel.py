@@ -34,8 +34,9 @@ import torch
 
 from mpk.errors import MpkError
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+from gpu_build import require_gpu_build
+
+require_gpu_build()
 
 from mpk.sim import CpuExecutor  # noqa: E402
 from mpk.compiler import compile_model  # noqa: E402
@@ -47,14 +48,9 @@ from mpk.inputs import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
 from mpk.profile import summarize_trace  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
-from mpk.runtime.build import find_nvcc  # noqa: E402
 from mpk.dtypes import torch_dtype  # noqa: E402
 from mpk.taskgraph import TaskGraph  # noqa: E402
 
-try:
-    find_nvcc()
-except MpkError as e:
-    pytest.skip(str(e), allow_module_level=True)
 
 SIM_TOL = 2e-2
 F32_TOL = 2e-3  # float32 activations: 10x inside the 2e-2, far above summation-order noise

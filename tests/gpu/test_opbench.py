@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpk.errors import MpkError
+from gpu_build import require_gpu_build
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_gpu_build()
 
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.models import resolve_model  # noqa: E402
@@ -17,12 +16,6 @@ from mpk.opbench.check import random_buffers  # noqa: E402
 from mpk.opbench.program import bench_ops, compile_one_op  # noqa: E402
 from mpk.opbench.run import run_op_bench  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
-from mpk.runtime.build import find_nvcc  # noqa: E402
-
-try:
-    find_nvcc()
-except MpkError as e:
-    pytest.skip(str(e), allow_module_level=True)
 
 
 @pytest.mark.parametrize("batch, activations", [(1, "float32"), (4, "model")])

@@ -17,17 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpk.errors import MpkError
+from gpu_build import require_gpu_build
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-
-from mpk.runtime.build import find_nvcc  # noqa: E402
-
-try:
-    find_nvcc()
-except MpkError as e:
-    pytest.skip(str(e), allow_module_level=True)
+require_gpu_build()
 
 from test_megakernel import bound, checkpoint, greedy_mismatches, l2_rel_err, report  # noqa: E402,F401
 
