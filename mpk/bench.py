@@ -278,8 +278,9 @@ def _mpk_inputs(cfg, tg, hf: dict | None, devices: list, sampling=None) -> tuple
 def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "eager"), repeats: int = 3) -> dict:
     """Time to first token for `batch` prompts of `prompt_len` random tokens: mpk (the prefill ops over
     positions [0, prompt_len - 1) on the megakernel's buffers, then one megakernel decode step, which
-    makes the first token) against the PyTorch reference doing one batched forward pass with fused
-    causal attention (SDPA) in bfloat16. Median of `repeats` runs after a warm-up."""
+    makes the first token), mpk-graph (the same with the prefill as task graphs on the persistent
+    runtime), against the PyTorch reference doing one batched forward pass with fused causal
+    attention (SDPA) in bfloat16. Median of `repeats` runs after a warm-up."""
     from mpk.models import resolve_model
     from mpk.runtime import cuda_device
 
@@ -295,9 +296,12 @@ def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "ea
     prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     hf = source.load_weights(torch.bfloat16, device=device)
     seconds: dict[str, float] = {}
-    parts: dict[str, float] = {}
+    parts: dict[str, dict] = {}
     if "mpk" in backends:
-        seconds["mpk"], parts = time_mpk_ttft(cfg, hf, prompts, device, props.multi_processor_count, repeats)
+        seconds["mpk"], parts["mpk"] = time_mpk_ttft(cfg, hf, prompts, device, props.multi_processor_count, repeats)
+    if "mpk-graph" in backends:
+        seconds["mpk-graph"], parts["mpk-graph"] = time_mpk_ttft(cfg, hf, prompts, device, props.multi_processor_count,
+                                                                 repeats, graph=True)
     if "eager" in backends:
         from mpk.models.reference import ReferenceModel
 
@@ -314,15 +318,18 @@ def run_ttft_bench(model: str, batch: int, prompt_len: int, backends=("mpk", "ea
         seconds["torch-sdpa"] = statistics.median(times[1:])
     return {"model": source.name, "gpu": props.name, "batch": batch, "prompt_len": prompt_len,
             "ttft_ms": {name: s * 1e3 for name, s in seconds.items()},
-            **({"mpk_parts_ms": {name: s * 1e3 for name, s in parts.items()}} if parts else {})}
+            **({"mpk_parts_ms": {b: {name: s * 1e3 for name, s in p.items()} for b, p in parts.items()}}
+               if parts else {})}
 
 
-def time_mpk_ttft(cfg, hf: dict, prompts: torch.Tensor, device, num_sms: int, repeats: int) -> tuple[float, dict]:
-    """Seconds to mpk's first token, and its parts: the prefill (`mpk.prefill.prefill_ops`) and the
-    decode steps after it (one, for prompts of one length). Medians of `repeats` runs after a warm-up."""
+def time_mpk_ttft(cfg, hf: dict, prompts: torch.Tensor, device, num_sms: int, repeats: int,
+                  graph: bool = False) -> tuple[float, dict]:
+    """Seconds to mpk's first token, and its parts: the prefill (`mpk.prefill.prefill_ops`, or with
+    `graph` `prefill_graphs`) and the decode steps after it (one, for prompts of one length).
+    Medians of `repeats` runs after a warm-up (which builds what the prefill needs)."""
     from mpk.compiler import compile_model
     from mpk.inputs import program_meta
-    from mpk.prefill import prefill_ops
+    from mpk.prefill import prefill_graphs, prefill_ops
     from mpk.runtime import Megakernel
 
     batch, prompt_len = prompts.shape
@@ -331,19 +338,21 @@ def time_mpk_ttft(cfg, hf: dict, prompts: torch.Tensor, device, num_sms: int, re
     weights, meta = _mpk_inputs(cfg, tg, hf, [device])
     meta.update(program_meta(tg, ids))  # the prompts, in place of _mpk_inputs' [1]
     times: list[tuple[float, float]] = []
-    programs: dict = {}  # the prefill programs, made in the warm-up run
+    made: dict = {}  # the prefill programs or megakernels, made in the warm-up run
     with Megakernel(tg, device=device, weights=weights, meta=meta) as kernel:
         for _ in range(repeats + 1):
             kernel.set_meta(meta)
             torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            first = prefill_ops(kernel, cfg, ids, programs=programs)
+            first = prefill_graphs(kernel, cfg, ids, made) if graph else prefill_ops(kernel, cfg, ids, programs=made)
             torch.cuda.synchronize(device)
             t1 = time.perf_counter()
             result = kernel.run(prompt_len - first, max_new_tokens=1, first_step=first, eos_token_ids=[])
             times.append((t1 - t0, time.perf_counter() - t1))
             if result.steps != prompt_len - first:
                 raise MpkError(f"the megakernel ran {result.steps} of {prompt_len - first} steps after the prefill")
+    for prefill_kernel in made.values() if graph else ():
+        prefill_kernel.close()
     prefill = statistics.median(t[0] for t in times[1:])
     decode = statistics.median(t[1] for t in times[1:])
     total = statistics.median(sum(t) for t in times[1:])
@@ -355,14 +364,16 @@ def format_ttft(result: dict) -> str:
     lines = [f"{result['model']}: time to first token, batch {result['batch']} x {result['prompt_len']} prompt "
              f"tokens on {result['gpu']}"]
     parts = result.get("mpk_parts_ms", {})
-    what = {"prefill": ("prefill", f"positions 0..{result['prompt_len'] - 2}, PyTorch ops on the megakernel's buffers"),
-            "decode": ("first step", "one megakernel decode step")}
+    positions = f"positions 0..{result['prompt_len'] - 2}"
+    prefill_how = {"mpk": f"{positions}, PyTorch ops on the megakernel's buffers",
+                   "mpk-graph": f"{positions}, task graphs on the persistent runtime"}
     for name, value in ms.items():
         lines.append(f"  {name:<12} {value:>10.2f} ms")
-        if name == "mpk":
-            lines += [f"    {what[p][0]:<10} {parts[p]:>10.2f} ms  ({what[p][1]})" for p in what if p in parts]
-    if "mpk" in ms and "torch-sdpa" in ms:
-        lines.append(f"  mpk takes {ms['mpk'] / ms['torch-sdpa']:.2f}x the time of one batched PyTorch pass")
+        what = {"prefill": ("prefill", prefill_how.get(name)), "decode": ("first step", "one megakernel decode step")}
+        lines += [f"    {what[p][0]:<10} {ms_:>10.2f} ms  ({what[p][1]})" for p, ms_ in parts.get(name, {}).items()]
+    for name in ("mpk", "mpk-graph"):
+        if name in ms and "torch-sdpa" in ms:
+            lines.append(f"  {name} takes {ms[name] / ms['torch-sdpa']:.2f}x the time of one batched PyTorch pass")
     return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--prompt-len", type=int, default=None,
                      help="time to first token of prompts this long instead of decode steps (mpk: prefill ops "
                           "and one megakernel step, vs one batched PyTorch pass with fused attention; backends "
-                          "mpk,eager)")
+                          "mpk,eager, and mpk-graph: the prefill as task graphs on the persistent runtime)")
     ben.add_argument("--json", action="store_true", help="print the results as JSON")
     ben.set_defaults(func=cmd_bench)
     _add_bench_op(command)
@@ -256,9 +256,12 @@ def cmd_bench(args) -> int:
     from mpk.bench import format_bench, run_bench
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = set(backends) - {"stream", "mpk", "eager", "compile"}
+    unknown = set(backends) - {"stream", "mpk", "mpk-graph", "eager", "compile"}
     if unknown:
-        raise MpkError(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from stream, mpk, eager, compile")
+        raise MpkError(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from stream, mpk, eager, compile "
+                       "(and mpk-graph with --prompt-len)")
+    if "mpk-graph" in backends and args.prompt_len is None:
+        raise MpkError("the mpk-graph backend times prefill on the persistent runtime; use it with --prompt-len")
     if args.profile and "mpk" not in backends:
         raise MpkError("--profile traces the mpk backend; include mpk in --backends")
     from mpk.api import SamplingParams
@@ -299,6 +302,9 @@ def _add_bench_op(command) -> None:
     bop.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
                      help=f"activation precision of the graph (default {DEFAULT_ACTIVATIONS})")
     bop.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    bop.add_argument("--prefill", type=int, default=0, metavar="ROWS",
+                     help="bench the prefill graph's op variants for a chunk of ROWS positions per sequence "
+                          "(GEMMs on tensor cores, causal attention) instead of the decode graph's (default 0: decode)")
     bop.add_argument("--json", action="store_true", help="print the results as JSON")
     bop.set_defaults(func=cmd_bench_op)
 
@@ -309,7 +315,7 @@ def cmd_bench_op(args) -> int:
 
     kinds = [k.strip() for spec in args.op or () for k in spec.split(",") if k.strip()]
     result = run_op_bench(args.model, batch=args.batch, kinds=kinds or None, context=args.context, steps=args.steps,
-                          repeats=args.repeats, activations=args.activations, seed=args.seed)
+                          repeats=args.repeats, activations=args.activations, seed=args.seed, prefill=args.prefill)
     print(json.dumps(result, indent=2) if args.json else format_op_bench(result))
     bad = failures(result)
     if bad:

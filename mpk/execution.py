@@ -97,6 +97,8 @@ def check_steps(tg: TaskGraph, first_step: int, num_steps: int, position_offsets
         raise MpkError(f"position_offsets has {len(offsets)} entries for a batch of {tg.batch}")
     if num_steps < 1 or num_steps > tg.max_seq_len:
         raise MpkError(f"a run of {num_steps} steps does not fit the graph's context of {tg.max_seq_len} positions")
+    if tg.one_step and num_steps != 1:
+        raise MpkError(f"this graph runs one step per launch (a prefill chunk), not {num_steps}")
     for b, off in enumerate(offsets):
         lo, hi = first_step - off, first_step + num_steps - 1 - off
         if lo < 0 or hi >= tg.max_seq_len:

@@ -50,6 +50,7 @@ class Program:
     precision: Precision
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
     ops: list[OpSpec] = field(default_factory=list)
+    one_step: bool = False  # runs one step per launch (TaskGraph.one_step)
 
     def tensor(self, name: str) -> TensorSpec:
         return self.tensors[name]

@@ -39,6 +39,7 @@ from mpk.execution import INT_POISON, allocate
 from mpk.graph import (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE, Program, declare_layer, mlp_block,
                        precision_of, qkv_tile, rank_name, row_parallel_linear, shard_of, tensor_name)
 from mpk.ops import OP_KINDS
+from mpk.ops.linear import Gemv
 from mpk.taskgraph import TaskGraph, TensorSpec
 from mpk.util import cdiv
 
@@ -50,6 +51,7 @@ DEFAULT_CHUNK = 256  # positions per prefill graph; longer prompts take several,
 # on an 8B model) and still takes 8 prompts of 1024 tokens, or one of 8192, in one chunk.
 OP_CHUNK_ROWS = defaults.PREFILL_CHUNK_ROWS
 PROGRAMS_KEPT = 64  # op-by-op programs `prefill_ops` keeps (one per prompt length, in a server)
+KERNELS_KEPT = 2  # prefill megakernels `prefill_graphs` keeps (each holds its chunk's activations)
 
 
 def build_prefill_program(cfg, batch: int, rows: int, max_seq_len: int, tp_size: int = 1,
@@ -60,7 +62,8 @@ def build_prefill_program(cfg, batch: int, rows: int, max_seq_len: int, tp_size:
     if rows < 1 or start < 0 or start + rows >= max_seq_len:
         raise MpkError(f"a prefill of positions {start}..{start + rows - 1} does not fit a context of {max_seq_len} "
                        "(decode needs the last position)")
-    prog = Program(cfg, batch, max_seq_len, tp_size, num_sms, precision_of(weights, activations, kv_cache))
+    prog = Program(cfg, batch, max_seq_len, tp_size, num_sms, precision_of(weights, activations, kv_cache),
+                   one_step=True)
     shards = [shard_of(cfg, r, tp_size) for r in range(tp_size)]
     for r, sh in enumerate(shards):
         _declare(prog, r, sh, batch * rows)
@@ -73,6 +76,9 @@ def build_prefill_program(cfg, batch: int, rows: int, max_seq_len: int, tp_size:
             p = f"layers.{layer}."
             row_parallel_linear(prog, layer, "o", p + "attn", f"x.{2 * layer}", f"x.{2 * layer + 1}")
             mlp_block(prog, layer, shards)
+    for op in prog.ops:  # the decode ops' column tiles suit 1-8 rows; a chunk's rows make them GEMMs
+        if isinstance(OP_KINDS[op.kind], Gemv):
+            OP_KINDS[op.kind].tile_as_gemm(op)
     return prog
 
 
@@ -152,13 +158,47 @@ def run_prefill(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts:
     from mpk.sim import run
 
     start, rows = chunk_of(tg)
-    tokens = _chunk_tokens(prompts, start, rows)
-    meta = {tensor_name(r, tg.tp_size, PREFILL_TOKENS): tokens for r in range(tg.tp_size)}
+    run(tg, _graph_buffers(tg, decode_buffers, _chunk_tokens(prompts, start, rows)), 1, lambda step, b: False, seed, 0)
+
+
+def _graph_buffers(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Buffers for a prefill graph: the decode buffers' weights and KV cache, and activations and
+    the chunk's tokens of its own, each on its rank's device."""
     shared = _shared(tg, decode_buffers)
+    devices = [decode_buffers[tensor_name(r, tg.tp_size, EMBED)].device for r in range(tg.tp_size)]
+    meta = {tensor_name(r, tg.tp_size, PREFILL_TOKENS): tokens for r in range(tg.tp_size)}
     own = {name: spec for name, spec in tg.tensors.items() if name not in shared}
-    bufs = allocate(replace(tg, tensors=own), {}, meta)
+    bufs = allocate(replace(tg, tensors=own), {}, meta, devices)
     bufs.update(shared)
-    run(tg, bufs, 1, lambda step, b: False, seed, 0)
+    return bufs
+
+
+def prefill_graphs(executor, cfg, prompts: list[list[int]], kernels: dict, chunk_rows: int = OP_CHUNK_ROWS) -> int:
+    """Prefill on the persistent runtime: each of the `op_chunks` is a verified prefill TaskGraph
+    run as one launch of its own megakernel (GEMM tiles on tensor cores, causal attention tiles)
+    over the decode megakernel's weights and KV cache. Sets each sequence's next token and returns
+    the decode step that continues after the prefill, as `prefill_ops` does. `kernels` keeps the
+    chunks' megakernels by (start, rows) from one call to the next (compiling a graph of a long
+    chunk takes tens of seconds; each holds its chunk's activations on the GPU)."""
+    from mpk.runtime import Megakernel
+
+    done = 0
+    for start, rows in op_chunks(prefill_rows(prompts), executor.tg.batch, chunk_rows):
+        tokens = _chunk_tokens(prompts, start, rows)
+        if (start, rows) not in kernels:
+            while len(kernels) >= KERNELS_KEPT:
+                kernels.pop(next(iter(kernels))).close()
+            tg = compile_prefill(executor.tg, cfg, rows, start=start)
+            kernels[start, rows] = Megakernel(tg, devices=executor.devices,
+                                              buffers=_graph_buffers(tg, executor.buffers, tokens))
+        mk = kernels[start, rows]
+        for r in range(mk.tg.tp_size):
+            mk.buffers[tensor_name(r, mk.tg.tp_size, PREFILL_TOKENS)].copy_(tokens)
+        mk.run(1)
+        done = start + rows
+    if done:
+        executor.set_tokens([p[done] for p in prompts])
+    return done
 
 
 def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts: list[list[int]],

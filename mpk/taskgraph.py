@@ -110,6 +110,8 @@ class TaskGraph:
     queues: list[list[int]]
     stats: dict = field(default_factory=dict)  # compiler facts for `mpk inspect` (fusion, cost)
     precision: Precision = field(default_factory=Precision)
+    # Runs one step per launch (a prefill chunk): proven for that step alone, never run for more.
+    one_step: bool = False
 
     @property
     def num_queues(self) -> int:
@@ -150,5 +152,5 @@ class TaskGraph:
             model=d["model"], batch=d["batch"], max_seq_len=d["max_seq_len"], tp_size=d["tp_size"],
             num_sms=d["num_sms"], tensors=tensors, ops=[OpSpec(**o) for o in d["ops"]], tasks=tasks,
             events=[Event(**e) for e in d["events"]], queues=d["queues"], stats=d.get("stats", {}),
-            precision=Precision(**d["precision"]),
+            precision=Precision(**d["precision"]), one_step=d.get("one_step", False),
         )

@@ -205,7 +205,7 @@ def test_measure_from_traces():
 
 def fake_row(**kw) -> OpRow:
     base = dict(kind="rmsnorm_linear", op="layers.0.qkv", variant="RmsnormLinear<1, 4096, false, ActF32>", tasks=128,
-                replicas=6, op_bytes=53_500_000, task_us_1sm=12.5, task_us_1sm_mean=12.7, task_us_all=30.0,
+                replicas=6, op_bytes=53_500_000, op_flops=53_400_000, task_us_1sm=12.5, task_us_1sm_mean=12.7, task_us_all=30.0,
                 op_us_all=14.0, error=2.5e-7, bound=1e-3)
     base.update(kw)
     return OpRow(**base)
@@ -222,6 +222,7 @@ def test_row_derives_bandwidths():
     assert r.bytes_per_task == pytest.approx(53_500_000 / 128)
     assert r.gbps_per_sm == pytest.approx(53_500_000 / 128 / 12.5e-6 / 1e9)
     assert r.gbps_all == pytest.approx(53_500_000 / 14e-6 / 1e9)
+    assert r.tflops_all == pytest.approx(53_400_000 / 14e-6 / 1e12)
     d = r.as_dict(4600.0)
     assert d["pct_of_ceiling"] == pytest.approx(100 * r.gbps_all / 4600) and d["ok"]
     assert not fake_row(error=math.inf).ok and fake_row().as_dict(None)["pct_of_ceiling"] is None
@@ -237,7 +238,7 @@ def test_table_and_json_from_a_fake_result():
     assert "us/task" in lines[1] and "(1 SM)" in lines[2]
     qkv = lines[3].split()
     assert qkv[:5] == ["rmsnorm_linear", "RmsnormLinear<1,", "4096,", "false,", "ActF32>"]
-    assert qkv[5:] == ["128", "418.0", "12.50", "33.4", "14.00", "3821", "83.1%", "2.5e-07"]
+    assert qkv[5:] == ["128", "418.0", "12.50", "33.4", "14.00", "3821", "83.1%", "3.8", "2.5e-07"]
     assert lines[4].split()[-2:] == ["5.0e-03", "FAIL"]
     assert [r["op"] for r in failures(result)] == ["layers.0.attention"]
 
@@ -306,6 +307,21 @@ def test_whole_bench_on_the_cpu_executor(cpu_gpu, capsys):
     assert main(["bench-op", "tiny", "--batch", "2", "--op", "attention_split,sample", "--context", str(POS),
                  "--steps", "3", "--json"]) == 0
     assert [r["kind"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["attention_split", "sample"]
+
+
+def test_prefill_variants_bench_as_gemms_on_the_cpu_executor(cpu_gpu):
+    from mpk.opbench.run import run_op_bench
+
+    rows = 300  # x 2 sequences: row blocks of 128, 128, 128, 128 and 88
+    result = run_op_bench("tiny", batch=2, steps=2, repeats=1, prefill=rows,
+                          kinds=["rmsnorm_linear", "rmsnorm_gate_up_silu", "linear_residual"])
+    got = result["rows"]
+    assert [r["kind"] for r in got] == ["rmsnorm_linear", "linear_residual", "rmsnorm_gate_up_silu", "linear_residual"]
+    assert all(r["variant"].endswith(", 0>") for r in got)  # COLS = 0: the GEMM strategy
+    assert all(r["ok"] and r["bound"] == BOUNDS["bfloat16"] and r["tflops_all"] > 0 for r in got)
+    gate_up = got[2]
+    assert gate_up["variant"].startswith(f"RmsnormGateUpSilu<{2 * rows}, ")
+    assert result["prefill"] == rows
 
 
 def test_a_wrong_output_fails_the_bench_in_one_line(cpu_gpu, capsys):

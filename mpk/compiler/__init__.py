@@ -26,7 +26,7 @@ def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
         model={"name": prog.cfg.name, **prog.cfg.to_dict()},
         batch=prog.batch, max_seq_len=prog.max_seq_len, tp_size=prog.tp_size, num_sms=prog.num_sms,
         tensors=prog.tensors, ops=prog.ops, tasks=tasks, events=events, queues=queues, stats=stats,
-        precision=prog.precision,
+        precision=prog.precision, one_step=prog.one_step,
     )
 
 

@@ -22,7 +22,9 @@ and events:
 
 Why two steps suffice: the graph is the same every step, and happens-before edges never go back
 in steps, so an order proven between steps 0 and 1 (or within a step) holds between any `s` and
-`s + 1`; the lag-1 edges that step 0 lacks only add orders in later steps.
+`s + 1`; the lag-1 edges that step 0 lacks only add orders in later steps. A graph that runs one
+step per launch (`TaskGraph.one_step`, a prefill chunk: the launch's end orders it against the next)
+is proven for that one step.
 
 Happens-before uses vector clocks: queues run in order, so the ancestors of an instance are a
 prefix of each queue, one position per queue. `a` happens-before-or-equals `b` iff
@@ -40,6 +42,11 @@ from mpk.errors import MpkError
 from mpk.taskgraph import Box, Region, TaskGraph
 
 STEPS = 2  # unrolled steps
+
+
+def steps_of(tg: TaskGraph) -> int:
+    """Steps the checks unroll: two, or one for a graph that runs one step per launch."""
+    return 1 if tg.one_step else STEPS
 PAIR_CHUNK = 1 << 21  # box-pair elements per numpy batch: bounds the memory of the intersection matrices
 LIST_MAX = 4  # tasks or SMs named in one message before "and N more"
 
@@ -59,7 +66,8 @@ class VerifyReport:
     tasks: int = 0
     events: int = 0
     queues: int = 0
-    instances: int = 0  # task instances run in the two-step deadlock simulation
+    steps: int = STEPS  # steps unrolled
+    instances: int = 0  # task instances run in the deadlock simulation
     race_pairs: int = 0  # instance pairs with intersecting boxes, one writing, proven ordered
     covered_reads: int = 0  # activation read instances proven covered by earlier writes
     counter_pairs: int = 0  # (consumer, producer) pairs proven not to signal a step early
@@ -68,7 +76,7 @@ class VerifyReport:
 
     @property
     def summary(self) -> str:
-        return (f"{self.tasks:,} tasks x {STEPS} steps on {self.queues} queues deadlock-free; "
+        return (f"{self.tasks:,} tasks x {self.steps} steps on {self.queues} queues deadlock-free; "
                 f"{self.events:,} event targets; {self.race_pairs:,} overlapping pairs ordered; "
                 f"{self.covered_reads:,} reads covered")
 
@@ -78,7 +86,7 @@ class VerifyReport:
 
 def verify(tg: TaskGraph) -> VerifyReport:
     """Run every check on `tg`; return the counts, or raise VerificationError at the first failure."""
-    report = VerifyReport(tasks=len(tg.tasks), events=len(tg.events), queues=tg.num_queues)
+    report = VerifyReport(tasks=len(tg.tasks), events=len(tg.events), queues=tg.num_queues, steps=steps_of(tg))
     t_start = last = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -97,7 +105,7 @@ def verify(tg: TaskGraph) -> VerifyReport:
     lap("races")
     report.covered_reads = check_coverage(tg, clocks, accesses)
     lap("coverage")
-    report.counter_pairs = check_counters(tg, clocks)
+    report.counter_pairs = check_counters(tg, clocks) if steps_of(tg) > 1 else 0
     lap("counters")
     report.seconds = time.perf_counter() - t_start
     return report
@@ -266,7 +274,8 @@ def _check_events(tg: TaskGraph) -> None:
 
 
 def check_deadlock(tg: TaskGraph) -> list[int]:
-    """Run two steps on all SMs; return the instances (`step * num_tasks + task`) in the order run.
+    """Run two steps (`steps_of`) on all SMs; return the instances (`step * num_tasks + task`) in the
+    order run.
 
     Each SM runs as far as it can, then parks on the event its head task waits for; it is woken
     when that counter reaches a multiple of the target (every threshold is one). Running ahead
@@ -274,13 +283,13 @@ def check_deadlock(tg: TaskGraph) -> list[int]:
     a consumer must only pass once every producer of the step it waits for has run, so that the
     order is a valid execution of the happens-before graph the clocks are built from.
     """
-    n_tasks, num_events = len(tg.tasks), len(tg.events)
+    n_tasks, num_events, steps = len(tg.tasks), len(tg.events), steps_of(tg)
     wait = [t.wait for t in tg.tasks]
     signals = [t.signals for t in tg.tasks]
     target = [ev.target for ev in tg.events]
     lag = [ev.lag for ev in tg.events]
     counter = [0] * num_events
-    per_step = [[0] * STEPS for _ in range(num_events)]  # signals of each step, to catch early ones
+    per_step = [[0] * steps for _ in range(num_events)]  # signals of each step, to catch early ones
     done = [0] * n_tasks  # instances of each task run so far
     head = [0] * tg.num_queues
     parked: list[list[int]] = [[] for _ in range(num_events)]
@@ -291,7 +300,7 @@ def check_deadlock(tg: TaskGraph) -> list[int]:
         queue = tg.queues[q]
         n = len(queue)
         k = head[q]
-        while k < STEPS * n:
+        while k < steps * n:
             s = k // n
             t = queue[k - s * n]
             e = wait[t]
@@ -311,7 +320,7 @@ def check_deadlock(tg: TaskGraph) -> list[int]:
                     parked[x] = []
             k += 1
         head[q] = k
-    if len(order) < STEPS * n_tasks:
+    if len(order) < steps * n_tasks:
         raise _deadlock_error(tg, head, counter, done)
     return order
 
@@ -319,7 +328,7 @@ def check_deadlock(tg: TaskGraph) -> list[int]:
 def _deadlock_error(tg: TaskGraph, head, counter, done) -> VerificationError:
     stuck = []  # (waits for a producer queued behind it on its own SM, message)
     for q, queue in enumerate(tg.queues):
-        if head[q] >= STEPS * len(queue):
+        if head[q] >= steps_of(tg) * len(queue):
             continue
         s, i = divmod(head[q], len(queue))
         t = tg.tasks[queue[i]]
@@ -354,7 +363,8 @@ def _early_signal_error(tg: TaskGraph, t: int, s: int, e: int, done) -> Verifica
 
 @dataclass
 class Clocks:
-    """Vector clocks of the task instances of steps 0 and 1; instance id is `step * num_tasks + task`.
+    """Vector clocks of the task instances of steps 0 and 1 (or 0 alone: `steps_of`); instance id is
+    `step * num_tasks + task`.
 
     `pos[i]` is the position of instance `i` in its queue unrolled over the steps, and
     `vc[i, q]` the last position on queue `q` that happens-before-or-equals `i` (-1: none).
@@ -362,8 +372,8 @@ class Clocks:
 
     num_tasks: int
     queue_of: np.ndarray  # [num_tasks] queue of each task
-    pos: np.ndarray  # [STEPS * num_tasks]
-    vc: np.ndarray  # [STEPS * num_tasks, num_queues] int32
+    pos: np.ndarray  # [steps * num_tasks]
+    vc: np.ndarray  # [steps * num_tasks, num_queues] int32
 
     @classmethod
     def from_order(cls, tg: TaskGraph, order: list[int]) -> "Clocks":
@@ -373,14 +383,14 @@ class Clocks:
         then i's own position. An event instance's clock is the max over its producers, computed
         once as they run and shared by all its consumers.
         """
-        n, num_queues = len(tg.tasks), tg.num_queues
+        n, num_queues, steps = len(tg.tasks), tg.num_queues, steps_of(tg)
         queue_of = np.array([t.queue for t in tg.tasks], dtype=np.int64)
-        pos = np.empty(STEPS * n, dtype=np.int64)
+        pos = np.empty(steps * n, dtype=np.int64)
         for queue in tg.queues:
-            for s in range(STEPS):
+            for s in range(steps):
                 pos[s * n + np.array(queue, dtype=np.int64)] = s * len(queue) + np.arange(len(queue))
-        vc = np.empty((STEPS * n, num_queues), dtype=np.int32)
-        event_vc = np.full((len(tg.events) * STEPS, num_queues), -1, dtype=np.int32)  # row e * STEPS + s
+        vc = np.empty((steps * n, num_queues), dtype=np.int32)
+        event_vc = np.full((len(tg.events) * steps, num_queues), -1, dtype=np.int32)  # row e * steps + s
         wait = [t.wait for t in tg.tasks]
         signals = [t.signals for t in tg.tasks]
         lag = [ev.lag for ev in tg.events]
@@ -397,10 +407,10 @@ class Clocks:
                 row.fill(-1)
             e = wait[t]
             if e >= 0 and s >= lag[e]:
-                np.maximum(row, event_vc[e * STEPS + s - lag[e]], out=row)
+                np.maximum(row, event_vc[e * steps + s - lag[e]], out=row)
             row[q] = pos_list[i]
             for x in signals[t]:
-                np.maximum(event_vc[x * STEPS + s], row, out=event_vc[x * STEPS + s])
+                np.maximum(event_vc[x * steps + s], row, out=event_vc[x * steps + s])
             last[q] = i
         return cls(n, queue_of, pos, vc)
 
@@ -459,11 +469,9 @@ def check_races(tg: TaskGraph, clocks: Clocks, accesses: dict[str, Accesses]) ->
             wi, xi = np.nonzero(hit)
             wi = w[wi]
             tw, tx = acc.tasks[wi], acc.tasks[xi]
-            checks = (
-                (clocks.ordered(tw, tx) | clocks.ordered(tx, tw), 0, 0),
-                (clocks.ordered(tw, n + tx), 0, 1),
-                (clocks.ordered(tx, n + tw), 1, 0),
-            )
+            checks = ((clocks.ordered(tw, tx) | clocks.ordered(tx, tw), 0, 0),)
+            if steps_of(tg) > 1:
+                checks += ((clocks.ordered(tw, n + tx), 0, 1), (clocks.ordered(tx, n + tw), 1, 0))
             for ok, step_w, step_x in checks:
                 bad = np.nonzero(~ok)[0]
                 if not len(bad):
@@ -478,7 +486,7 @@ def check_races(tg: TaskGraph, clocks: Clocks, accesses: dict[str, Accesses]) ->
                 key = (int(rank[m]), int(late[m]), int(early[m]))
                 if worst is None or key < worst[0]:
                     worst = (key, name, int(wi[bad[m]]), step_w, int(xi[bad[m]]), step_x)
-            proven += 3 * len(wi)
+            proven += len(checks) * len(wi)
     if worst is not None:
         raise _race_error(tg, worst[1], accesses[worst[1]], *worst[2:])
     return proven
@@ -523,7 +531,7 @@ def check_coverage(tg: TaskGraph, clocks: Clocks, accesses: dict[str, Accesses])
             vol = _overlap(rb, wb).prod(axis=-1)  # [reads, writes] clipped volumes
             need = (rb[..., 1] - rb[..., 0]).prod(axis=-1)
             same_step = op[wt][None, :] < op[rt][:, None]
-            for s in range(STEPS):
+            for s in range(steps_of(tg)):
                 w_step = np.where(same_step, s, s - 1)
                 ri, wj = np.nonzero((vol > 0) & (w_step >= 0))
                 before = clocks.ordered(w_step[ri, wj] * n + wt[wj], s * n + rt[ri])

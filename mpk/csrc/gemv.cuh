@@ -3,10 +3,15 @@
 // compile time): tensor cores for 2..8 sequences when the input fits in shared memory
 // (gemv_mma.cuh), CUDA cores otherwise (gemv_simt.cuh). Both end in the op's epilogue, called per
 // column on every lane of a warp with that column's sums acc[RPC][B].
+//
+// The same ops over many rows (a prefill chunk) are tiled by rows too and run as GEMMs on tensor
+// cores (gemm.cuh); codegen says so with COLS = 0. The ops below write each output element in one
+// place, `out(b, c, v[RPC])`, that both paths call (`product`).
 #pragma once
 
 #include <type_traits>
 
+#include "gemm.cuh"
 #include "gemv_mma.cuh"
 #include "gemv_simt.cuh"
 
@@ -24,73 +29,98 @@ template <int RPC, int B, int K, bool NORM, class A, int COLS>
 using Gemv = std::conditional_t<kGemvMma && MmaGemv<RPC, B, K, NORM, A>::kUsable, MmaGemv<RPC, B, K, NORM, A>,
                                 SimtGemv<RPC, B, K, NORM, A, COLS>>;
 
-// Output columns [c0, c1) of this task, out of n in tiles of `tile`.
-__device__ __forceinline__ void tile_span(const TaskCtx& t, long long n, long long tile, int& c0, int& c1) {
-  c0 = t.tile[0] * static_cast<int>(tile);
+// Output columns [c0, c1) of column tile i, out of n in tiles of `tile`.
+__device__ __forceinline__ void tile_span(int i, long long n, long long tile, int& c0, int& c1) {
+  c0 = i * static_cast<int>(tile);
   c1 = min(static_cast<int>(n), c0 + static_cast<int>(tile));
   MPK_ASSERT(c0 < c1);
+}
+__device__ __forceinline__ void tile_span(const TaskCtx& t, long long n, long long tile, int& c0, int& c1) {
+  tile_span(t.tile[0], n, tile, c0, c1);
+}
+
+// The strategy of a product: COLS = 0 is a row-tiled GEMM (never instantiating a GEMV over its rows).
+template <int RPC, int B, int K, bool NORM, class A, int COLS> struct StrategyOf {
+  using type = Gemv<RPC, B, K, NORM, A, COLS>;
+};
+template <int RPC, int B, int K, bool NORM, class A> struct StrategyOf<RPC, B, K, NORM, A, 0> {
+  using type = MmaGemm<RPC, B, K, NORM, A>;
+};
+template <int RPC, int B, int K, bool NORM, class A, int COLS>
+using Strategy = typename StrategyOf<RPC, B, K, NORM, A, COLS>::type;
+
+// All threads: this task's share of x (B x K, RMS-normalised if NORM) @ W^T, calling
+// out(b, c, v[RPC]) once per output element (row b, column c of n). A GEMV task owns column tile
+// t.tile[0] of every row; a GEMM task (COLS = 0) rows tile t.tile[0] x column tile t.tile[1].
+template <int RPC, int B, int K, bool NORM, class A, int COLS, class Out>
+__device__ __forceinline__ void product(const TaskCtx& t, const OpDesc& op, const typename A::T* x, const bf16* norm,
+                                        const bf16* w, long long n, long long tile, float eps, unsigned char* smem,
+                                        Out&& out) {
+  int c0, c1;
+  if constexpr (COLS == 0) {
+    using G = MmaGemm<RPC, B, K, NORM, A>;
+    tile_span(t.tile[1], n, tile, c0, c1);
+    const int r0 = t.tile[0] * G::BM;
+    G::run(x, norm, w, r0, min(B, r0 + G::BM), c0, c1, eps, smem, out);
+  } else {
+    tile_span(t, n, tile, c0, c1);
+    Gemv<RPC, B, K, NORM, A, COLS>::run(x, norm, w, c0, c1, eps, smem, t, [&](int c, const float (&acc)[RPC][B]) {
+      if (lane_id() != 0) return;
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        float v[RPC];
+#pragma unroll
+        for (int r = 0; r < RPC; ++r) v[r] = acc[r][b];
+        out(b, c, v);
+      }
+    });
+  }
 }
 
 // rmsnorm_linear: out[:, c0:c1] = rmsnorm(x) @ W[c0:c1]^T (+ bias).
 template <class S, int B, int K, bool BIAS, class A, int COLS> struct RmsnormLinear {
-  using G = Gemv<1, B, K, true, A, COLS>;
   using T = typename A::T;
-  static constexpr int SMEM = G::SMEM;
+  static constexpr int SMEM = Strategy<1, B, K, true, A, COLS>::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     const bf16* bias = op.arg<const bf16>(S::bias);
     T* out = op.arg<T>(S::out);
-    const int n = static_cast<int>(op.i[S::n]);
-    int c0, c1;
-    tile_span(t, n, op.i[S::tile], c0, c1);
-    G::run(op.arg<const T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1, op.f[S::eps], smem, t,
-           [&](int c, const float (&acc)[1][B]) {
-      if (lane_id() != 0) return;
-      const float add = BIAS ? to_f(__ldg(bias + c)) : 0.f;
-#pragma unroll
-      for (int b = 0; b < B; ++b) act_store(out + b * n + c, acc[0][b] + add);
+    const long long n = op.i[S::n];
+    product<1, B, K, true, A, COLS>(t, op, op.arg<const T>(S::x), op.arg<const bf16>(S::norm),
+                                    op.arg<const bf16>(S::weight), n, op.i[S::tile], op.f[S::eps], smem,
+                                    [&](int b, int c, const float (&v)[1]) {
+      act_store(out + b * n + c, v[0] + (BIAS ? to_f(__ldg(bias + c)) : 0.f));
     });
   }
 };
 
 // rmsnorm_gate_up_silu: out[:, c] = silu(gate) * up with gate/up rows 2c, 2c+1 of the fused weight.
 template <class S, int B, int K, class A, int COLS> struct RmsnormGateUpSilu {
-  using G = Gemv<2, B, K, true, A, COLS>;
   using T = typename A::T;
-  static constexpr int SMEM = G::SMEM;
+  static constexpr int SMEM = Strategy<2, B, K, true, A, COLS>::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     T* out = op.arg<T>(S::out);
-    const int n = static_cast<int>(op.i[S::n]);
-    int c0, c1;
-    tile_span(t, n, op.i[S::tile], c0, c1);
-    G::run(op.arg<const T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1, op.f[S::eps], smem, t,
-           [&](int c, const float (&acc)[2][B]) {
-      if (lane_id() != 0) return;
-#pragma unroll
-      for (int b = 0; b < B; ++b) {
-        // In bf16, F.linear rounds gate and up, F.silu rounds, the product rounds.
-        const float g = A::round(acc[0][b]), u = A::round(acc[1][b]);
-        act_store(out + b * n + c, A::round(g / (1.f + expf(-g))) * u);
-      }
+    const long long n = op.i[S::n];
+    product<2, B, K, true, A, COLS>(t, op, op.arg<const T>(S::x), op.arg<const bf16>(S::norm),
+                                    op.arg<const bf16>(S::weight), n, op.i[S::tile], op.f[S::eps], smem,
+                                    [&](int b, int c, const float (&v)[2]) {
+      // In bf16, F.linear rounds gate and up, F.silu rounds, the product rounds.
+      const float g = A::round(v[0]), u = A::round(v[1]);
+      act_store(out + b * n + c, A::round(g / (1.f + expf(-g))) * u);
     });
   }
 };
 
 // linear_residual: out[:, c0:c1] = residual[:, c0:c1] + x @ W[c0:c1]^T.
 template <class S, int B, int K, class A, int COLS> struct LinearResidual {
-  using G = Gemv<1, B, K, false, A, COLS>;
   using T = typename A::T;
-  static constexpr int SMEM = G::SMEM;
+  static constexpr int SMEM = Strategy<1, B, K, false, A, COLS>::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     const T* res = op.arg<const T>(S::residual);
     T* out = op.arg<T>(S::out);
-    const int n = static_cast<int>(op.i[S::n]);
-    int c0, c1;
-    tile_span(t, n, op.i[S::tile], c0, c1);
-    G::run(op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), c0, c1, 0.f, smem, t,
-           [&](int c, const float (&acc)[1][B]) {
-      if (lane_id() != 0) return;
-#pragma unroll
-      for (int b = 0; b < B; ++b) act_store(out + b * n + c, act_f(res[b * n + c]) + A::round(acc[0][b]));
+    const long long n = op.i[S::n];
+    product<1, B, K, false, A, COLS>(t, op, op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), n,
+                                     op.i[S::tile], 0.f, smem, [&](int b, int c, const float (&v)[1]) {
+      act_store(out + b * n + c, act_f(res[b * n + c]) + A::round(v[0]));
     });
   }
 };
@@ -98,19 +128,14 @@ template <class S, int B, int K, class A, int COLS> struct LinearResidual {
 // linear: out[:, c0:c1] = x @ W[c0:c1]^T in float32, one rank's partial sum of a row-parallel
 // projection (rounded to the activation precision first, as the reference's matmul is).
 template <class S, int B, int K, class A, int COLS> struct Linear {
-  using G = Gemv<1, B, K, false, A, COLS>;
   using T = typename A::T;
-  static constexpr int SMEM = G::SMEM;
+  static constexpr int SMEM = Strategy<1, B, K, false, A, COLS>::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     float* out = op.arg<float>(S::out);
-    const int n = static_cast<int>(op.i[S::n]);
-    int c0, c1;
-    tile_span(t, n, op.i[S::tile], c0, c1);
-    G::run(op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), c0, c1, 0.f, smem, t,
-           [&](int c, const float (&acc)[1][B]) {
-      if (lane_id() != 0) return;
-#pragma unroll
-      for (int b = 0; b < B; ++b) out[b * n + c] = A::round(acc[0][b]);
+    const long long n = op.i[S::n];
+    product<1, B, K, false, A, COLS>(t, op, op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), n,
+                                     op.i[S::tile], 0.f, smem, [&](int b, int c, const float (&v)[1]) {
+      out[b * n + c] = A::round(v[0]);
     });
   }
 };

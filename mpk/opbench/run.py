@@ -18,7 +18,7 @@ import torch
 from mpk.errors import MpkError
 from mpk.graph import DEFAULT_ACTIVATIONS
 from mpk.opbench import DEFAULT_CONTEXT, DEFAULT_MODEL, DEFAULT_REPEATS, DEFAULT_STEPS
-from mpk.opbench.check import bound_for, output_errors, poison, random_buffers, reference_outputs, written_tensors
+from mpk.opbench.check import BOUNDS, bound_for, output_errors, poison, random_buffers, reference_outputs, written_tensors
 from mpk.opbench.measure import mean_task_us, median_step_us, median_task_us
 from mpk.opbench.program import bench_ops, compile_one_op, op_bytes, replicas_for
 from mpk.opbench.report import OpRow
@@ -40,10 +40,13 @@ class Plan:
 
 def run_op_bench(model: str = DEFAULT_MODEL, batch: int = 1, kinds: list[str] | None = None,
                  context: int = DEFAULT_CONTEXT, steps: int = DEFAULT_STEPS, repeats: int = DEFAULT_REPEATS,
-                 activations: str = DEFAULT_ACTIVATIONS, seed: int = 0) -> dict:
+                 activations: str = DEFAULT_ACTIVATIONS, seed: int = 0, prefill: int = 0) -> dict:
+    """`prefill` > 0: the op variants of the prefill graph of a chunk of that many positions per
+    sequence (GEMM tiles, causal attention) instead of the decode graph's."""
     from mpk.bench import stream_read_gbps
     from mpk.compiler import compile_model
     from mpk.models import resolve_model
+    from mpk.prefill import compile_prefill
 
     device, gpu_name, num_sms, arch = gpu()
     if steps < 2:
@@ -52,18 +55,27 @@ def run_op_bench(model: str = DEFAULT_MODEL, batch: int = 1, kinds: list[str] | 
         raise MpkError(f"--repeats must be at least 1, not {repeats}")
     source = resolve_model(model)
     cfg = source.cfg
+    if prefill:
+        context = 0  # a prefill chunk's ops run at its own positions, whatever the step
     if context < 0 or context + steps > cfg.max_position_embeddings:
         raise MpkError(f"--context {context} with {steps} steps does not fit {source.name}'s "
                        f"{cfg.max_position_embeddings} positions")
-    tg = compile_model(cfg, batch=batch, max_seq_len=context + steps, num_sms=num_sms, verify=False,
-                       activations=activations)
+    if prefill < 0 or prefill >= cfg.max_position_embeddings:
+        raise MpkError(f"--prefill must be between 1 and {cfg.max_position_embeddings - 1} positions, not {prefill}")
+    tg = compile_model(cfg, batch=batch, max_seq_len=max(context + steps, prefill + 1), num_sms=num_sms,
+                       verify=False, activations=activations)
+    if prefill:
+        tg = compile_prefill(tg, cfg, prefill, verify=False)
     plans = [plan_op(cfg, tg, op, num_sms, context) for op in bench_ops(tg, kinds)]
     prebuild([p.all_sms for p in plans], arch)
     ceiling = stream_read_gbps(device, 1 << 30, num_sms)
-    rows = [bench_plan(p, cfg.vocab_size, device, context, steps, repeats, seed + i) for i, p in enumerate(plans)]
+    # Prefill templates round GEMM and attention inputs to bf16, as PyTorch's fast prefill does.
+    bound = BOUNDS["bfloat16"] if prefill else None
+    rows = [bench_plan(p, cfg.vocab_size, device, context, steps, repeats, seed + i, bound)
+            for i, p in enumerate(plans)]
     return {
         "model": source.name, "gpu": gpu_name, "num_sms": num_sms, "batch": batch, "activations": activations,
-        "context": context, "steps": steps, "repeats": repeats, "stream_read_gbps": ceiling,
+        "context": context, "steps": steps, "repeats": repeats, "stream_read_gbps": ceiling, "prefill": prefill,
         "rows": [r.as_dict(ceiling) for r in rows],
     }
 
@@ -96,7 +108,8 @@ def prebuild(graphs: list[TaskGraph], arch: str) -> None:
         list(pool.map(lambda src: build(src, arch), sources))
 
 
-def bench_plan(plan: Plan, vocab: int, device, context: int, steps: int, repeats: int, seed: int) -> OpRow:
+def bench_plan(plan: Plan, vocab: int, device, context: int, steps: int, repeats: int, seed: int,
+               bound: float | None = None) -> OpRow:
     from mpk.codegen import lower_op
     from mpk.runtime import Megakernel
 
@@ -115,10 +128,10 @@ def bench_plan(plan: Plan, vocab: int, device, context: int, steps: int, repeats
     ref = plan.reference
     return OpRow(
         kind=plan.op.kind, op=plan.op.name, variant=str(lower_op(ref, ref.ops[0])[0]), tasks=len(ref.tasks),
-        replicas=plan.replicas, op_bytes=op_bytes(ref, 0, context),
+        replicas=plan.replicas, op_bytes=op_bytes(ref, 0, context), op_flops=sum(t.flops for t in ref.tasks),
         task_us_1sm=median_task_us(one_sm), task_us_1sm_mean=mean_task_us(one_sm), task_us_all=median_task_us(all_sms),
         op_us_all=median_step_us(all_sms) / plan.replicas,
-        error=max(errors.values()), bound=bound_for(ref),
+        error=max(errors.values()), bound=bound or bound_for(ref),
     )
 
 

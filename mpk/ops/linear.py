@@ -15,6 +15,14 @@ from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box
 from mpk.util import cdiv
 
 CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
+# A GEMM task's block (MmaGemm in mpk/csrc/gemm.cuh): rows x weight rows.
+GEMM_ROWS, GEMM_WEIGHT_ROWS = 128, 128
+
+
+def is_gemm(op) -> bool:
+    """Whether a matrix-product op is tiled by rows as well as columns and runs as a GEMM on tensor
+    cores: the prefill program's, over a chunk's many rows (`Gemv.tile_as_gemm`)."""
+    return op.params.get("gemm", False)
 
 
 class Gemv(OpKind):
@@ -30,14 +38,23 @@ class Gemv(OpKind):
     def tiles(self, op, prog):
         batch, n_out = shape(op, prog, self.out_role)
         k = shape(op, prog, "weight")[1]
+        gemm = is_gemm(op)
         tasks = []
-        for i, (c0, c1) in enumerate(spans(n_out, op.params["tile"])):
-            reads = [whole(op, prog, "x"), *self.extra_reads(op, prog, c0, c1),
-                     box(op, "weight", (c0 * self.rows_per_col, c1 * self.rows_per_col), (0, k))]
-            writes = self.tile_writes(op, prog, i, c0, c1, batch)
-            nb = sum(nbytes(prog, r) for r in reads + writes)
-            tasks.append(TileTask((i,), reads, writes, nb, 2 * batch * (c1 - c0) * self.rows_per_col * k))
+        for ri, (r0, r1) in enumerate(spans(batch, GEMM_ROWS) if gemm else [(0, batch)]):
+            for i, (c0, c1) in enumerate(spans(n_out, op.params["tile"])):
+                reads = [box(op, "x", (r0, r1), (0, k)), *self.extra_reads(op, prog, r0, r1, c0, c1),
+                         box(op, "weight", (c0 * self.rows_per_col, c1 * self.rows_per_col), (0, k))]
+                writes = self.tile_writes(op, prog, i, r0, r1, c0, c1)
+                nb = sum(nbytes(prog, r) for r in reads + writes)
+                tasks.append(TileTask((ri, i) if gemm else (i,), reads, writes, nb,
+                                      2 * (r1 - r0) * (c1 - c0) * self.rows_per_col * k))
         return tasks
+
+    def tile_as_gemm(self, op) -> None:
+        """Tile `op` by blocks of GEMM_ROWS rows x GEMM_WEIGHT_ROWS weight rows: a GEMM on tensor
+        cores, for many rows (the GPU template rounds x to bf16, as the fast whole-op mode does)."""
+        op.params["gemm"] = True
+        op.params["tile"] = GEMM_WEIGHT_ROWS // self.rows_per_col
 
     def run(self, op, tile, t, step):
         self.compute(op, t, linear)
@@ -51,17 +68,19 @@ class Gemv(OpKind):
         only `run`."""
         raise MpkError(f"op kind {self.kind!r} ({op.name}) cannot run as one whole op")
 
-    def extra_reads(self, op, prog, c0, c1):
+    def extra_reads(self, op, prog, r0, r1, c0, c1):
         return []
 
-    def tile_writes(self, op, prog, i, c0, c1, batch):
-        return [box(op, self.out_role, (0, batch), (c0, c1))]
+    def tile_writes(self, op, prog, i, r0, r1, c0, c1):
+        return [box(op, self.out_role, (r0, r1), (c0, c1))]
 
     @staticmethod
     def columns_per_warp(op) -> int:
         """The most output columns one of the CTA's warps owns in a tile, up to the CTA's warp count
         (a template argument: the CUDA-core GEMV loads up to that many columns' rows together when K
-        is short; more never pays)."""
+        is short; more never pays). 0 for a GEMM (`is_gemm`): the template then tiles rows too."""
+        if is_gemm(op):
+            return 0
         return min(CTA_WARPS, cdiv(op.params["tile"], CTA_WARPS))
 
     def gemv_shape(self, op, tg) -> tuple[int, int, int]:
@@ -84,7 +103,7 @@ class RmsnormLinear(Gemv):
     inputs = (Operand("x"), Operand("norm"), Operand("weight"), Operand("bias", optional=True))
     outputs = (Operand("out"),)
 
-    def extra_reads(self, op, prog, c0, c1):
+    def extra_reads(self, op, prog, r0, r1, c0, c1):
         return [whole(op, prog, "norm")] + ([box(op, "bias", (c0, c1))] if "bias" in op.inputs else [])
 
     def compute(self, op, t, mm):
@@ -105,7 +124,7 @@ class RmsnormGateUpSilu(Gemv):
     outputs = (Operand("out"),)
     rows_per_col = 2
 
-    def extra_reads(self, op, prog, c0, c1):
+    def extra_reads(self, op, prog, r0, r1, c0, c1):
         return [whole(op, prog, "norm")]
 
     def compute(self, op, t, mm):
@@ -127,8 +146,8 @@ class LinearResidual(Gemv):
     inputs = (Operand("x"), Operand("weight"), Operand("residual"))
     outputs = (Operand("out"),)
 
-    def extra_reads(self, op, prog, c0, c1):
-        return [box(op, "residual", (0, shape(op, prog, "x")[0]), (c0, c1))]
+    def extra_reads(self, op, prog, r0, r1, c0, c1):
+        return [box(op, "residual", (r0, r1), (c0, c1))]
 
     def compute(self, op, t, mm):
         t["out"].copy_(t["residual"] + mm(t["x"], t["weight"]))
@@ -201,12 +220,15 @@ class RmsnormLmHeadArgmax(Gemv):
     outputs = (Operand("logits"), Operand("cand_val"), Operand("cand_idx"))
     out_role = "logits"
 
-    def extra_reads(self, op, prog, c0, c1):
+    def extra_reads(self, op, prog, r0, r1, c0, c1):
         return [whole(op, prog, "norm")]
 
-    def tile_writes(self, op, prog, i, c0, c1, batch):
-        return [box(op, "logits", (0, batch), (c0, c1)),
-                box(op, "cand_val", (0, batch), (i, i + 1)), box(op, "cand_idx", (0, batch), (i, i + 1))]
+    def tile_as_gemm(self, op) -> None:
+        raise MpkError(f"{op.name}: the LM head runs for one new token per sequence, never as a GEMM")
+
+    def tile_writes(self, op, prog, i, r0, r1, c0, c1):
+        return [box(op, "logits", (r0, r1), (c0, c1)),
+                box(op, "cand_val", (r0, r1), (i, i + 1)), box(op, "cand_idx", (r0, r1), (i, i + 1))]
 
     def run(self, op, tile, t, step):
         y = linear(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"]).float()

@@ -1,5 +1,6 @@
-"""Prefill on the GPU: the prefill ops in PyTorch over the megakernel's buffers, then the megakernel's
-decode steps from the KV cache they filled, on tiny random checkpoints.
+"""Prefill on the GPU: the prefill ops in PyTorch over the megakernel's buffers, or the prefill task
+graphs on the persistent runtime, then the megakernel's decode steps from the KV cache they filled,
+on tiny random checkpoints.
 
 - Teacher-forced logits: a sequence of `length` + 3 tokens whose first `length` - 1 positions are
   prefilled (in one chunk, or in several that attend to the cached rows under a mask), the rest
@@ -28,7 +29,7 @@ from mpk.compiler import compile_model  # noqa: E402
 from mpk.inputs import fuse_weights, program_inputs  # noqa: E402
 from mpk.models.checkpoint import load_checkpoint  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
-from mpk.prefill import prefill_ops  # noqa: E402
+from mpk.prefill import prefill_graphs, prefill_ops  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
 
 LENGTHS = [1, 17, 300, 2048]
@@ -68,17 +69,25 @@ def kernels(checkpoint):
         mk.close()
 
 
+@pytest.mark.parametrize("runtime", ["ops", "graph"])
 @pytest.mark.parametrize("chunk_rows", [8192, 256])
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_after_a_prefill(kernels, case, length, chunk_rows):
+def test_logits_after_a_prefill(kernels, case, length, chunk_rows, runtime):
     if chunk_rows < 8192 and length < 300:
         pytest.skip("one chunk either way")  # 256 rows: chunks of 128 positions for two sequences
     cfg, hf, mk = kernels(case)
     T = length + AFTER - 1
     seqs = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(length))
     mk.set_meta(program_inputs(cfg, mk.tg, {}, seqs.tolist())[1])  # the whole sequence: teacher-forced decode
-    first = prefill_ops(mk, cfg, seqs[:, :length].tolist(), chunk_rows=chunk_rows)
+    prompts = seqs[:, :length].tolist()
+    if runtime == "ops":
+        first = prefill_ops(mk, cfg, prompts, chunk_rows=chunk_rows)
+    else:  # the prefill task graphs on the persistent runtime
+        graphs: dict = {}
+        first = prefill_graphs(mk, cfg, prompts, graphs, chunk_rows=chunk_rows)
+        for graph in graphs.values():
+            graph.close()
     assert first == length - 1
     res = mk.run(T - first, first_step=first, collect_logits=True, eos_token_ids=[])
     assert res.steps == T - first
@@ -94,7 +103,7 @@ def test_logits_after_a_prefill(kernels, case, length, chunk_rows):
                                                     want.unbind(1)))
     del ref16
     errs = [l2_rel_err(res.logits[s], want[:, s]) for s in range(T - first)]
-    report(check="prefill", case=case, batch=2, length=length, chunk_rows=chunk_rows, vs_fp32=max(errs),
+    report(check=f"prefill-{runtime}", case=case, batch=2, length=length, chunk_rows=chunk_rows, vs_fp32=max(errs),
            bf16_ref_vs_fp32=ref16_err)
     assert max(errs) < bound(ref16_err), f"{max(errs):.3g} from float32 (bf16 reference: {ref16_err:.3g})"
 
