@@ -15,8 +15,8 @@ It runs two ways over the same ops:
 - op by op, each op whole in one PyTorch call (`run_prefill_ops`, `OpKind.run_whole`), on the
   device of the buffers: on the GPU over the megakernel's own buffers, with cuBLAS GEMMs on bf16
   inputs and fused (flash) attention in its fast mode (`prefill_ops`). The exact mode computes what
-  the tasks compute. The GPU prefills this way until the megakernel has tensor-core GEMM tiles and
-  a causal attention template (docs/decisions.md, "Prefill").
+  the tasks compute. The GPU prefills this way until the megakernel has tensor-core GEMM tiles
+  beside its causal attention template (docs/decisions.md, "Prefill").
 
 Prompts of different lengths share a batch: prefill covers the positions before the shortest
 prompt's last token, and decode steps through the rest of each prompt as it always does (its

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import needs_nvcc
-from mpk.codegen import generate_source, graph_variants
+from mpk.codegen import generate_source, graph_variants, lower_op, render_source
 from mpk.compiler import compile_model, compile_program
 from mpk.errors import MpkError
 from mpk.graph import build_decode_program
 from mpk.models.config import ModelConfig
 from mpk.models.presets import get_preset
 from mpk.ops import OP_KINDS
+from mpk.prefill import compile_prefill
 import mpk.runtime.build as build_mod
 from mpk.runtime.abi import OP_DTYPE, TASK_DTYPE, Abi, Params, load_library
 from mpk.runtime.build import build, find_nvcc
@@ -32,8 +33,8 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def graph(cfg=None, batch=2, max_seq_len=40, num_sms=8, tp_size=1):
-    return compile_program(build_decode_program(cfg or tiny_cfg(), batch, max_seq_len, tp_size, num_sms))
+def graph(cfg=None, batch=2, max_seq_len=40, num_sms=8, tp_size=1, **precision):
+    return compile_program(build_decode_program(cfg or tiny_cfg(), batch, max_seq_len, tp_size, num_sms, **precision))
 
 
 QWEN3_8B = get_preset("qwen3-8b")
@@ -179,6 +180,22 @@ def test_tensor_parallel_tables_split_queues_by_rank_and_signal_every_consumer_r
 def test_graphs_beyond_eight_ranks_are_rejected():
     with pytest.raises(MpkError, match="1 to 8 tensor-parallel GPUs"):
         generate_source(graph(tiny_cfg(num_heads=16, num_kv_heads=16, intermediate_size=96, vocab_size=160), tp_size=16))
+
+
+def prefill_attention(cfg, rows=20, start=8, **kw):
+    """The prefill_attention variant and run-time arguments of a prefill graph of `cfg`."""
+    tg = compile_prefill(graph(cfg, **kw), cfg, rows, start=start, verify=False)
+    return lower_op(tg, next(op for op in tg.ops if op.kind == "prefill_attention"))
+
+
+def test_prefill_attention_lowers_with_its_row_blocks_and_reads_past_rows_through_the_cache():
+    v, args = prefill_attention(tiny_cfg(num_heads=8, sliding_window=6))  # 4 q heads per KV head: 32 rows a task
+    assert str(v) == "PrefillAttention<4, 16, 32, true, ActF32, bf16>"
+    assert v.ptrs == ("qkv", "rope", "q_norm", "k_norm", "out", "k_cache", "v_cache")  # k_past, v_past: the cache
+    assert dict(zip(v.ints, args.ints)) == {"rows": 20, "start": 8, "window": 6, "groups": 2, "seq": 40}
+    assert v.floats == ("scale", "eps") and np.isclose(args.floats[0], 16 ** -0.5)
+    with pytest.raises(MpkError, match="head_dim a multiple of 16, not 24"):
+        prefill_attention(tiny_cfg(head_dim=24))
 
 
 def test_missing_nvcc_is_a_clear_error(monkeypatch):
@@ -369,3 +386,11 @@ def test_eight_rank_kernel_builds(tmp_path):
     src = generate_source(tg)
     assert ", 8, ActF32>" in src and "Sample<S" in src
     assert build(src, "sm_90a", debug=False, cache=tmp_path).is_file()
+
+
+@needs_nvcc
+def test_prefill_attention_builds(tmp_path):
+    """Both activation policies, both KV cache types, with and without q/k norm, in one kernel."""
+    variants = [prefill_attention(tiny_cfg(head_dim=64))[0],
+                prefill_attention(tiny_cfg(qk_norm=False, num_heads=16), activations="model", kv_cache="float32")[0]]
+    assert build(render_source(variants), "sm_90a", debug=False, cache=tmp_path).is_file()

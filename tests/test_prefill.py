@@ -22,7 +22,8 @@ from mpk.inputs import fuse_weights, program_inputs
 from mpk.models.checkpoint import load_checkpoint
 from mpk.models.reference import ReferenceModel
 from mpk.ops import OP_KINDS
-from mpk.prefill import chunks, compile_prefill, op_chunks, prefill_ops, prefill_rows, run_prefill
+from mpk.ops.prefill import query_rows
+from mpk.prefill import chunks, compile_prefill, op_chunks, prefill_ops, prefill_rows, run_prefill, run_prefill_ops
 from mpk.sim import CpuExecutor
 from mpk.taskgraph import TaskGraph
 
@@ -286,3 +287,33 @@ def test_the_api_on_the_gpu_path_prefills_op_by_op(make_checkpoint):
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
         assert llm.last_run.prefilled == 19 and (0, 19) in llm._prefills[2]
         assert got == want
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 1), (6, 2)])
+def test_row_block_tasks_compute_the_whole_op(make_checkpoint, heads, kv_heads):
+    """A chunk after cached positions, under a sliding window, whose attention tasks each take a block
+    of query rows (16 rows x 8 heads, 32 rows x 3 heads; the last block partial): the task graph
+    fills the KV cache the exact whole-op run fills, layer 1's rows depending on layer 0's output."""
+    cfg, hf = load_checkpoint(make_checkpoint("mistral", sliding_window=7, num_attention_heads=heads,
+                                              num_key_value_heads=kv_heads))
+    prompts = mixed_prompts(cfg, 60, 3)[:2]
+    start, rows = 20, 37
+    decode = compile_model(cfg, batch=len(prompts), max_seq_len=64, num_sms=4, kv_cache="float32")
+    tg = compile_prefill(decode, cfg, rows, start=start)
+    blocks = {t.tile[2] for t in tg.tasks if tg.ops[t.op].kind == "prefill_attention"}
+    assert len(blocks) == -(-rows // query_rows(cfg.q_per_kv)) > 1
+    weights, meta = program_inputs(cfg, decode, fuse_weights(cfg, hf, 1, torch.float32), prompts)
+    caches = []
+    for by_tasks_too in (True, False):
+        with CpuExecutor(decode, weights, meta) as ex:
+            run_prefill(compile_prefill(decode, cfg, start), ex.buffers, prompts)
+            if by_tasks_too:
+                run_prefill(tg, ex.buffers, prompts)
+            else:
+                run_prefill_ops(tg, ex.buffers, prompts)
+            caches.append({n: ex.buffers[n][:, start:start + rows].clone() for n, spec in decode.tensors.items()
+                           if spec.kind == "state"})
+    got, want = caches
+    assert len(want) == 2 * cfg.num_layers
+    for name in want:
+        assert rel(got[name], want[name]) < 1e-5, name

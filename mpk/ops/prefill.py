@@ -1,12 +1,14 @@
 """Causal attention over a chunk of a prompt's positions at once (prefill), writing their K/V rows.
 
-A task covers one sequence b and one KV group g: it norms and ropes the group's q and k for the
-positions [start, start + rows) from the fused QKV output (rows b * rows .. (b + 1) * rows - 1 of
-it), stores k and v in the cache, and attends every position to the cached positions before the
-chunk (earlier chunks wrote them) and the chunk's own up to it, within the sliding window. The
-next chunk, or decode, continues at position start + rows. No megakernel template yet: the CPU
-executor runs its tasks, and `run_whole` runs every sequence and group at once on the CPU or
-the GPU (`mpk.prefill`), fast with PyTorch's fused attention.
+A task covers one sequence b, one KV group g and one block j of the chunk's rows, [r0, r1) with
+r0 = j * R (`query_rows`): it norms and ropes the group's q for those rows and k for the rows [0, r1)
+from the fused QKV output (rows b * rows .. of it), stores k and v of its own rows [r0, r1) in the
+cache, and attends each of its positions start + r0 .. to the cached positions before the chunk
+(earlier chunks wrote them) and the chunk's own up to it, within the sliding window. Computing the
+chunk's k and v itself, no task waits for another of the op. The next chunk, or decode, continues
+at position start + rows. `run_whole` runs every sequence, group and row at once on the CPU or the
+GPU (`mpk.prefill`), fast with PyTorch's fused attention.
+CUDA template: mpk/csrc/prefill_attention.cuh (flash attention on tensor cores).
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from mpk.models.functional import rms_norm
-from mpk.ops.base import OpKind, Operand, TileTask, box, nbytes, shape, whole
+from mpk.ops.attention import _check_heads, _kv_type
+from mpk.ops.base import (Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, nbytes, shape, spans,
+                          whole)
+
+
+def query_rows(q_per_kv: int) -> int:
+    """R, the chunk rows of one task: on the GPU each warp takes 16 rows of one query head, so a task
+    has (R / 16) x q_per_kv such items, 8 (the CTA's warps) when q_per_kv divides 8."""
+    return 16 * max(1, 8 // q_per_kv)
 
 
 def rotate_rows(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -30,81 +40,105 @@ def rotate_rows(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 class PrefillAttention(OpKind):
     kind = "prefill_attention"
+    header = "prefill_attention.cuh"
+    template = "PrefillAttention"
     # k_past / v_past: the cache tensors again, for the positions before the chunk (chunks after the first).
     inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
               Operand("k_past", optional=True), Operand("v_past", optional=True))
     outputs = (Operand("out"), Operand("k_cache"), Operand("v_cache"))
+    _ALIASES = ("k_past", "v_past")
 
     def tiles(self, op, prog):
         batch, _, groups, hd = shape(op, prog, "k_cache")
         rows, start, qpk = op.params["rows"], op.params["start"], op.params["q_per_kv"]
+        window = op.params["window"]
         per_group = (qpk + 2) * hd
         tasks = []
         for b in range(batch):
-            r0, r1 = b * rows, (b + 1) * rows
+            at = b * rows
             for g in range(groups):
-                qkv = box(op, "qkv", (r0, r1), (g * per_group, (g + 1) * per_group))
-                past = [box(op, role, (b, b + 1), (0, start), (g, g + 1), (0, hd)) for role in ("k_past", "v_past")
+                past = [box(op, role, (b, b + 1), (0, start), (g, g + 1), (0, hd)) for role in self._ALIASES
                         if role in op.inputs]
-                reads = [qkv, whole(op, prog, "rope"), *past]
-                reads += [whole(op, prog, role) for role in ("q_norm", "k_norm") if role in op.inputs]
-                writes = [box(op, "out", (r0, r1), (g * qpk * hd, (g + 1) * qpk * hd)),
-                          box(op, "k_cache", (b, b + 1), (start, start + rows), (g, g + 1), (0, hd)),
-                          box(op, "v_cache", (b, b + 1), (start, start + rows), (g, g + 1), (0, hd))]
-                nb = sum(nbytes(prog, r) for r in [qkv, *past, *writes])
-                flops = 4 * qpk * hd * rows * (start + (rows + 1) // 2)
-                tasks.append(TileTask((b, g), reads, writes, nb, flops))
+                shared = [whole(op, prog, "rope"), *past]
+                shared += [whole(op, prog, role) for role in ("q_norm", "k_norm") if role in op.inputs]
+                for j, (r0, r1) in enumerate(spans(rows, query_rows(qpk))):
+                    qkv = box(op, "qkv", (at, at + r1), (g * per_group, (g + 1) * per_group))
+                    writes = [box(op, "out", (at + r0, at + r1), (g * qpk * hd, (g + 1) * qpk * hd)),
+                              *(box(op, role, (b, b + 1), (start + r0, start + r1), (g, g + 1), (0, hd))
+                                for role in ("k_cache", "v_cache"))]
+                    nb = sum(nbytes(prog, r) for r in [qkv, *past, *writes])
+                    keys = sum(min(start + i + 1, window or start + i + 1) for i in range(r0, r1))
+                    tasks.append(TileTask((b, g, j), [qkv, *shared], writes, nb, 4 * qpk * hd * keys))
         return tasks
 
     def run(self, op, tile, t, step):
-        self.attend(op, t, t["k_cache"], t["v_cache"], t.get("k_past"), t.get("v_past"), fast=False)
+        r0, _ = spans(op.params["rows"], query_rows(op.params["q_per_kv"]))[tile[2]]
+        self.attend(op, t, r0, t["k_cache"], t["v_cache"], t.get("k_past"), t.get("v_past"), fast=False)
 
     def run_whole(self, op, t, step, fast=False):
         start, rows = op.params["start"], op.params["rows"]
         past = (t["k_past"][:, :start], t["v_past"][:, :start]) if "k_past" in t else (None, None)
-        self.attend(op, t, t["k_cache"][:, start:start + rows], t["v_cache"][:, start:start + rows], *past, fast=fast)
+        self.attend(op, t, 0, t["k_cache"][:, start:start + rows], t["v_cache"][:, start:start + rows], *past,
+                    fast=fast)
 
-    def attend(self, op, t, k_new, v_new, k_past, v_past, fast: bool) -> None:
-        """Every sequence and KV group the views hold at once (one of each in a task): the qkv rows
-        [batch * rows, groups * (q_per_kv + 2) * head_dim] in, the out rows [batch * rows,
-        groups * q_per_kv * head_dim]; k_new / v_new [batch, rows, groups, head_dim] are the cache
-        rows to fill, k_past / v_past the rows cached before the chunk (None for the first)."""
-        rows, start = op.params["rows"], op.params["start"]
-        qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
+    def attend(self, op, t, r0: int, k_new, v_new, k_past, v_past, fast: bool) -> None:
+        """Chunk rows [r0, r1) of every sequence and KV group the views hold at once (one of each in a
+        task, all of them in a whole run): the qkv rows [0, r1) of each sequence in, [batch * r1,
+        groups * (q_per_kv + 2) * head_dim], and the out rows [r0, r1), [batch * (r1 - r0), groups *
+        q_per_kv * head_dim]; k_new / v_new [batch, r1 - r0, groups, head_dim] are the cache rows to
+        fill, k_past / v_past the rows cached before the chunk (None for the first)."""
+        start, qpk, hd = op.params["start"], op.params["q_per_kv"], op.params["head_dim"]
         batch, _, groups, _ = k_new.shape
-        heads = t["qkv"].reshape(batch, rows, groups, qpk + 2, hd)
-        q, k, v = heads[..., :qpk, :], heads[..., qpk, :], heads[..., qpk + 1, :]
+        r1 = t["qkv"].shape[0] // batch
+        heads = t["qkv"].reshape(batch, r1, groups, qpk + 2, hd)
+        q, k, v = heads[:, r0:, :, :qpk, :], heads[..., qpk, :], heads[..., qpk + 1, :]
         if "q_norm" in t:
             q = rms_norm(q, t["q_norm"], op.params["eps"])
             k = rms_norm(k, t["k_norm"], op.params["eps"])
-        rope = t["rope"][start:start + rows]
-        q = rotate_rows(q.reshape(batch, rows, groups * qpk, hd), rope)  # [batch, rows, heads, hd]
+        rope = t["rope"][start:start + r1]
+        q = rotate_rows(q.reshape(batch, r1 - r0, groups * qpk, hd), rope[r0:])  # [batch, rows, heads, hd]
         k = rotate_rows(k, rope).to(k_new.dtype)
         v = v.to(v_new.dtype)
-        k_new.copy_(k)
-        v_new.copy_(v)
+        k_new.copy_(k[:, r0:])
+        v_new.copy_(v[:, r0:])
         if k_past is not None:
             k, v = torch.cat([k_past, k], 1), torch.cat([v_past, v], 1)
         window, scale = op.params["window"], op.params["scale"]
-        if not fast:
-            out = softmax_attention(q, k, v, causal_mask(start, rows, window, q.device), scale)
-        elif start == 0 and (not window or window >= rows):  # SDPA's own causal mask is this one
+        if fast and start + r0 == 0 and (not window or window >= r1):  # SDPA's own causal mask is this one
             out = fused_attention(q, k, v, None, scale)
         else:
-            out = fused_attention(q, k, v, causal_mask(start, rows, window, q.device), scale)
+            mask = causal_mask(start + r0, start + r1, window, q.device)
+            out = (fused_attention if fast else softmax_attention)(q, k, v, mask, scale)
         t["out"].copy_(out.reshape(t["out"].shape))
 
+    def slots(self, op):
+        # The kernel reads the rows before the chunk through k_cache / v_cache, the tensors k_past /
+        # v_past name: an OpDesc has no pointer slots to spare for them.
+        return [(role, tensor) for role, tensor in super().slots(op) if role not in self._ALIASES]
 
-def causal_mask(start: int, rows: int, window: int | None, device) -> torch.Tensor:
-    """[rows, start + rows] bool: which keys each of positions start.. attends to (True)."""
-    query = torch.arange(start, start + rows, device=device)[:, None]
-    key = torch.arange(start + rows, device=device)[None, :]
+    def cuda(self, op, tg):
+        _check_heads(op, tg)
+        qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
+        expect(hd % 16 == 0, op, f"prefill attention on the GPU needs head_dim a multiple of 16, not {hd}")
+        for past, cache in zip(self._ALIASES, ("k_cache", "v_cache")):
+            expect(op.inputs.get(past, op.outputs[cache]) == op.outputs[cache], op, f"{past} is not {cache}")
+        _, seq, groups, _ = tg.tensors[op.tensor("k_cache")].shape
+        args = (qpk, hd, query_rows(qpk), cbool("q_norm" in op.inputs), activation_policy(tg), _kv_type(op, tg))
+        ints = {"rows": op.params["rows"], "start": op.params["start"], "window": op.params["window"] or 0,
+                "groups": groups, "seq": seq}
+        return Cuda(args, ints, {"scale": op.params["scale"], "eps": op.params["eps"]})
+
+
+
+
+def causal_mask(q0: int, q1: int, window: int | None, device) -> torch.Tensor:
+    """[q1 - q0, q1] bool: which keys each of positions [q0, q1) attends to (True)."""
+    query = torch.arange(q0, q1, device=device)[:, None]
+    key = torch.arange(q1, device=device)[None, :]
     allowed = key <= query
     if window:
         allowed &= key > query - window
     return allowed
-
-
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """The float32 reference: q [batch, rows, heads, hd], k / v [batch, keys, groups, hd] ->
