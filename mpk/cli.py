@@ -314,6 +314,8 @@ def cmd_bench_op(args) -> int:
     from mpk.opbench.run import run_op_bench
 
     kinds = [k.strip() for spec in args.op or () for k in spec.split(",") if k.strip()]
+    if args.prefill < 0:
+        raise MpkError(f"--prefill must be 0 (the decode graph) or a chunk of 1 or more positions, not {args.prefill}")
     result = run_op_bench(args.model, batch=args.batch, kinds=kinds or None, context=args.context, steps=args.steps,
                           repeats=args.repeats, activations=args.activations, seed=args.seed, prefill=args.prefill)
     print(json.dumps(result, indent=2) if args.json else format_op_bench(result))

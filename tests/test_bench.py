@@ -104,13 +104,16 @@ def test_time_to_first_token_table():
     from mpk.bench import format_ttft
 
     result = {"model": "qwen3-8b", "gpu": "NVIDIA H200", "batch": 1, "prompt_len": 2048,
-              "ttft_ms": {"mpk": 196.0, "torch-sdpa": 98.0}, "mpk_parts_ms": {"prefill": 190.0, "decode": 6.0}}
+              "ttft_ms": {"mpk": 196.0, "mpk-graph": 392.0, "torch-sdpa": 98.0},
+              "mpk_parts_ms": {"mpk": {"prefill": 190.0, "decode": 6.0}, "mpk-graph": {"prefill": 386.0, "decode": 6.0}}}
     lines = format_ttft(result).splitlines()
     assert lines[0] == "qwen3-8b: time to first token, batch 1 x 2048 prompt tokens on NVIDIA H200"
     assert lines[1].split() == ["mpk", "196.00", "ms"]
-    assert lines[2].split()[:3] == ["prefill", "190.00", "ms"] and "positions 0..2046" in lines[2]
+    assert lines[2].split()[:3] == ["prefill", "190.00", "ms"] and "positions 0..2046, PyTorch ops" in lines[2]
     assert lines[3].split()[:4] == ["first", "step", "6.00", "ms"]
-    assert "98.00 ms" in lines[4] and "2.00x" in lines[5]
+    assert lines[4].split() == ["mpk-graph", "392.00", "ms"]
+    assert lines[5].split()[:3] == ["prefill", "386.00", "ms"] and "persistent runtime" in lines[5]
+    assert "98.00 ms" in lines[7] and "2.00x" in lines[8] and lines[9].endswith("4.00x the time of one batched PyTorch pass")
 
 
 def test_reference_prefill_with_fused_attention_equals_the_masked_pass(make_checkpoint):

@@ -43,6 +43,8 @@ def test_nan_or_infinite_weights(capsys, make_checkpoint, value, bad, which):
     (("bench", "tiny", "--tp", "0"), "--tp must be at least 1, not 0"),
     (("bench", "tiny", "--prompt-len", "-3"), "--prompt-len must be at least 1, not -3"),
     (("bench", "tiny", "--temperature", "-1"), "temperature must be 0 (greedy) or more"),
+    (("bench", "tiny", "--backends", "mpk-graph"), "use it with --prompt-len"),
+    (("bench-op", "tiny", "--prefill", "-2"), "--prefill must be 0 (the decode graph) or a chunk of 1 or more positions, not -2"),
     (("bench", "tiny", "--temperature", "1", "--top-p", "0"), "top_p must be in (0, 1]"),
     (("build", "tiny", "--tp", "3"), "does not divide over tensor-parallel size 3"),
     (("build", "tiny", "--batch", "0"), "--batch must be between 1"),

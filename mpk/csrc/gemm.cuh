@@ -3,132 +3,129 @@
 //
 // mma.sync m16n8k16 (bf16 in, fp32 accumulate) with x as A ([rows][k]) and the weight as B (its rows
 // are B's columns, k-contiguous, as mma's "col" layout wants). Eight warps tile the block 2 x 4, a
-// warp 64 rows x 32 weight rows: 4 x 4 mmas per 16 k, fragments through ldmatrix. The K loop stages
-// BK-wide slices of x and the weight in shared memory, double-buffered: each thread loads the next
-// slice into registers before the mmas of the current one and stores it after, so the loads are in
-// flight while the tensor cores work. x is rounded to bf16 as it is staged (the inputs of PyTorch's
-// fast prefill GEMMs), times the RMSNorm weight when the op norms its input; the row's 1/rms comes
-// from the sums of squares of the same loads and scales the sums in the epilogue.
+// warp 64 rows x 32 weight rows: 4 x 4 mmas per 16 k, fragments through ldmatrix.
+//
+// The K loop streams BK-wide slices of x (as stored: float or bf16) and of the weight through a ring
+// of kStages slots with cp.async, so kStages - 1 slices are in flight while the tensor cores work on
+// one. Each slice of x is then converted once into a bf16 tile (times the RMSNorm weight when the op
+// norms its input: the inputs of PyTorch's fast prefill GEMMs); the row's 1/rms comes from the sums
+// of squares taken in the same pass and scales the sums in the epilogue.
 #pragma once
 
 #include "gemv_base.cuh"
-#include "gemv_mma.cuh"  // mma_16816, pack_bf2
+#include "mma.cuh"
 
 namespace mpk {
 
-// Four 8x8 b16 matrices from shared memory, one row address per lane (lanes 8i..8i+7: matrix i).
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(row))));
+// 16 bytes global -> shared, asynchronously; `valid` false fills zeros (rows or k past the end).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
 }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 template <int RPC, int M, int K, bool NORM, class A> struct MmaGemm {
   using T = typename A::T;
-  static constexpr int BM = 128, BN = 128, BK = 64;  // BN: weight rows (RPC of them per output column)
-  static constexpr int LD = BK + 8;  // bf16 per staged row: 144 bytes, so ldmatrix's 8 rows hit 8 bank groups
-  static constexpr int kStage = (BM + BN) * LD * 2;
-  static constexpr int kInvOffset = 2 * kStage;
+  static constexpr int BM = 128, BN = 128;  // BN: weight rows (RPC of them per output column)
+  static constexpr int kColumns = BN / RPC;  // output columns of a task
+  // Slice width and ring depth: the deepest ring of 64-wide slices that fits, else 32-wide ones.
+  static constexpr int stage_bytes(int bk) { return BM * bk * static_cast<int>(sizeof(T)) + BN * (bk + 8) * 2; }
+  static constexpr int fixed_bytes(int bk) { return BM * (bk + 8) * 2 + BM * 4; }
+  static constexpr int stages_for(int bk) { return cmin(3, (kXBudget - fixed_bytes(bk)) / stage_bytes(bk)); }
+  static constexpr int BK = stages_for(64) >= 2 ? 64 : 32;
+  static constexpr int kStages = stages_for(BK);
+  static_assert(kStages >= 2, "a GEMM ring needs two slices of shared memory");
+  static constexpr int LD = BK + 8;  // bf16 per tile row: 16 bytes of pad put ldmatrix's 8 rows in 8 bank groups
+  static constexpr int kRawBytes = BM * BK * static_cast<int>(sizeof(T));  // a slot's x, as stored
+  static constexpr int kStage = stage_bytes(BK);
+  static constexpr int kTileOffset = kStages * kStage;  // the bf16 x tile the mmas read
+  static constexpr int kInvOffset = kTileOffset + BM * LD * 2;
   static constexpr int SMEM = kInvOffset + BM * 4;
   static constexpr int kSlices = (K + BK - 1) / BK;
-  static constexpr int kColumns = BN / RPC;  // output columns of a task
-  // Each thread stages half a row (32 k) of x and of the weight per slice.
-  static constexpr int kHalf = BK / 2;
-  static constexpr bool kVecX = K % 8 == 0;  // whole 16-byte loads (K % 8: every slice stays aligned)
-  static_assert(BN % RPC == 0 && kThreads == 2 * BM && kThreads == 2 * BN, "two threads stage each row");
+  static constexpr bool kAsync = K % 8 == 0;  // 16-byte pieces of every row stay aligned (else element loads)
+  // A 16-byte piece of x holds E values; a row of a slice is CPR pieces; a thread converts the same
+  // piece column of kPasses rows of every slice (consecutive threads: consecutive pieces).
+  static constexpr int E = 16 / sizeof(T), CPR = BK / E, kRowsPerPass = kThreads / CPR, kPasses = BM / kRowsPerPass;
+  static_assert(kThreads % CPR == 0 && BM % kRowsPerPass == 0 && BN * BK / 8 % kThreads == 0, "even staging shares");
 
-  struct Regs {  // one thread's share of a slice, in flight: 32 x values (as floats) and 32 weights
-    float x[kHalf];
-    uint4 w[kHalf / 8];
-  };
-
-  __device__ static void load(const T* x, const bf16* w, int rows, int wrows, int slice, Regs& r) {
-    const int row = threadIdx.x >> 1, k0 = slice * BK + (threadIdx.x & 1) * kHalf;
-    const bool x_in = row < rows, w_in = row < wrows;
-    const T* xr = x + static_cast<size_t>(row) * K + k0;
-    const bf16* wr = w + static_cast<size_t>(row) * K + k0;
-    if constexpr (kVecX) {
-      constexpr int V = 16 / sizeof(T);
+  // Slice s of x and the weight into ring slot `slot`: cp.async, or element loads when K is odd.
+  __device__ static void issue(const T* x, const bf16* w, int rows, int wrows, int s, unsigned char* slot) {
+    const int k0 = s * BK;
+    T* xr = reinterpret_cast<T*>(slot);
+    bf16* wr = reinterpret_cast<bf16*>(slot + kRawBytes);
+    for (int i = threadIdx.x; i < BM * CPR; i += kThreads) {
+      const int row = i / CPR, k = k0 + (i % CPR) * E;
+      T* dst = xr + row * BK + (i % CPR) * E;
+      if constexpr (kAsync) {
+        const bool in = row < rows && k < K;
+        cp_async16(dst, in ? x + static_cast<size_t>(row) * K + k : x, in);
+      } else {
 #pragma unroll
-      for (int j = 0; j < kHalf / V; ++j) {
-        float f[V];
-        if (x_in && k0 + j * V < K) {
-          load_vec<V>(xr + j * V, f);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) f[e] = 0.f;
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) r.x[j * V + e] = f[e];
+        for (int e = 0; e < E; ++e) dst[e] = row < rows && k + e < K ? x[static_cast<size_t>(row) * K + k + e] : T(0.f);
       }
+    }
+    for (int i = threadIdx.x; i < BN * BK / 8; i += kThreads) {
+      const int row = i / (BK / 8), k = k0 + (i % (BK / 8)) * 8;
+      bf16* dst = wr + row * LD + (i % (BK / 8)) * 8;
+      if constexpr (kAsync) {
+        const bool in = row < wrows && k < K;
+        cp_async16(dst, in ? w + static_cast<size_t>(row) * K + k : w, in);
+      } else {
 #pragma unroll
-      for (int j = 0; j < kHalf / 8; ++j)
-        r.w[j] = w_in && k0 + j * 8 < K ? ld_weight<8>(wr + j * 8) : make_uint4(0, 0, 0, 0);
-    } else {  // odd K: element by element
+        for (int e = 0; e < 8; ++e) dst[e] = row < wrows && k + e < K ? w[static_cast<size_t>(row) * K + k + e] : to_bf(0.f);
+      }
+    }
+    cp_async_commit();  // an empty group when nothing was issued: the wait counts stay in step
+  }
+
+  // Slice s of x from its ring slot into the bf16 tile (times the norm weight); sums of squares of
+  // the raw values into ss[pass].
+  __device__ static void convert(const unsigned char* slot, const bf16* norm, int s, unsigned char* tile,
+                                 float (&ss)[kPasses]) {
+    const int piece = threadIdx.x % CPR, k = s * BK + piece * E;
+    float nw[E];
 #pragma unroll
-      for (int e = 0; e < kHalf; ++e) r.x[e] = x_in && k0 + e < K ? act_f(xr[e]) : 0.f;
+    for (int e = 0; e < E; ++e) nw[e] = 1.f;
+    if constexpr (NORM) {
 #pragma unroll
-      for (int j = 0; j < kHalf / 8; ++j) {
-        unsigned short h[8];
+      for (int e = 0; e < E; ++e) nw[e] = k + e < K ? to_f(norm[k + e]) : 0.f;
+    }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int k = k0 + j * 8 + e;
-          h[e] = w_in && k < K ? __ldg(reinterpret_cast<const unsigned short*>(wr) + j * 8 + e) : 0;
-        }
-        r.w[j] = make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
+    for (int p = 0; p < kPasses; ++p) {
+      const int row = threadIdx.x / CPR + p * kRowsPerPass;
+      float f[E];
+      load_vec<E>(reinterpret_cast<const T*>(slot) + row * BK + piece * E, f);
+      unsigned packed[E / 2];
+#pragma unroll
+      for (int e = 0; e < E; e += 2) {
+        ss[p] = fmaf(f[e], f[e], fmaf(f[e + 1], f[e + 1], ss[p]));
+        packed[e / 2] = pack_bf2(f[e] * nw[e], f[e + 1] * nw[e + 1]);
+      }
+      unsigned char* dst = tile + (row * LD + piece * E) * 2;
+      if constexpr (E == 8) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      } else {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
       }
     }
   }
 
-  // The RMSNorm weights of k .. k + 7 (0 past K).
-  __device__ static void norm_weights(const bf16* norm, int k, float (&nw)[8]) {
-    if constexpr (kVecX) {
-      if (k < K) {
-        unpack<8>(ld_weight<8>(norm + k), nw);
-        return;
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) nw[e] = k + e < K ? to_f(norm[k + e]) : 0.f;
-  }
-
-  // The slice into a stage: x (times the norm weight) as bf16; sum of squares of raw x into ss.
-  __device__ static void store(unsigned char* stage, const bf16* norm, int slice, const Regs& r, float& ss) {
-    const int row = threadIdx.x >> 1, half = threadIdx.x & 1, k0 = slice * BK + half * kHalf;
-    bf16* xs = reinterpret_cast<bf16*>(stage) + row * LD + half * kHalf;
-    bf16* ws = reinterpret_cast<bf16*>(stage) + (BM + row) * LD + half * kHalf;
-#pragma unroll
-    for (int j = 0; j < kHalf / 8; ++j) {
-      float f[8], nw[8];
-      if constexpr (NORM) norm_weights(norm, k0 + j * 8, nw);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        f[e] = r.x[j * 8 + e];
-        if constexpr (NORM) {
-          ss = fmaf(f[e], f[e], ss);
-          f[e] *= nw[e];
-        }
-      }
-      *reinterpret_cast<uint4*>(xs + j * 8) =
-          make_uint4(pack_bf2(f[0], f[1]), pack_bf2(f[2], f[3]), pack_bf2(f[4], f[5]), pack_bf2(f[6], f[7]));
-      *reinterpret_cast<uint4*>(ws + j * 8) = r.w[j];
-    }
-  }
-
-  // One warp's mmas over a staged slice: acc[m-tile][n-tile][fragment].
-  __device__ static void mma_slice(const unsigned char* stage, float (&acc)[4][4][4]) {
+  // One warp's mmas over the x tile and a slot's weight slice: acc[m-tile][n-tile][fragment].
+  __device__ static void mma_slice(const unsigned char* tile, const unsigned char* slot, float (&acc)[4][4][4]) {
     const int lane = lane_id(), wm = warp_id() >> 2, wn = warp_id() & 3;
-    const bf16* xs = reinterpret_cast<const bf16*>(stage) + (wm * 64) * LD;
-    const bf16* ws = reinterpret_cast<const bf16*>(stage) + (BM + wn * 32) * LD;
+    const bf16* xs = reinterpret_cast<const bf16*>(tile) + (wm * 64) * LD;
+    const bf16* ws = reinterpret_cast<const bf16*>(slot + kRawBytes) + (wn * 32) * LD;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       unsigned a[4][4], b[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt) ldmatrix_x4(a[mt], xs + (mt * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
+      for (int mt = 0; mt < 4; ++mt) ldsm_x4(a[mt], xs + (mt * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
       // b[p]: n-tiles 2p and 2p + 1, k halves 0 and 8 of each.
 #pragma unroll
       for (int p = 0; p < 2; ++p)
-        ldmatrix_x4(b[p], ws + (p * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk + ((lane >> 3) & 1) * 8);
+        ldsm_x4(b[p], ws + (p * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -148,24 +145,39 @@ template <int RPC, int M, int K, bool NORM, class A> struct MmaGemm {
     const int rows = r1 - r0, wrows = (c1 - c0) * RPC;
     x += static_cast<size_t>(r0) * K;
     w += static_cast<size_t>(c0) * RPC * K;
+    unsigned char* tile = smem + kTileOffset;
     float acc[4][4][4] = {};
-    float ss = 0.f;
-    Regs regs;
-    load(x, w, rows, wrows, 0, regs);
-    store(smem, norm, 0, regs, ss);
-    __syncthreads();
+    float ss[kPasses] = {};
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < kSlices) {
+        issue(x, w, rows, wrows, s, smem + s * kStage);
+      } else {
+        cp_async_commit();
+      }
+    }
 #pragma unroll 1
     for (int s = 0; s < kSlices; ++s) {
-      const bool more = s + 1 < kSlices;
-      if (more) load(x, w, rows, wrows, s + 1, regs);
-      mma_slice(smem + (s & 1) * kStage, acc);
-      if (more) store(smem + ((s + 1) & 1) * kStage, norm, s + 1, regs, ss);
-      __syncthreads();
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // slice s has landed for every thread, and every warp is done with slice s - 1
+      convert(smem + (s % kStages) * kStage, norm, s, tile, ss);
+      const int next = s + kStages - 1;  // into the slot slice s - 1 used
+      if (next < kSlices) {
+        issue(x, w, rows, wrows, next, smem + (next % kStages) * kStage);
+      } else {
+        cp_async_commit();
+      }
+      __syncthreads();  // the x tile is whole
+      mma_slice(tile, smem + (s % kStages) * kStage, acc);
     }
     float* inv = reinterpret_cast<float*>(smem + kInvOffset);
     if constexpr (NORM) {
-      ss += __shfl_xor_sync(0xffffffffu, ss, 1);  // the row's other half
-      if ((threadIdx.x & 1) == 0) inv[threadIdx.x >> 1] = rsqrtf(ss / K + eps);
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) {
+#pragma unroll
+        for (int o = 1; o < CPR; o <<= 1) ss[p] += __shfl_xor_sync(0xffffffffu, ss[p], o);  // the row's pieces
+        if (threadIdx.x % CPR == 0) inv[threadIdx.x / CPR + p * kRowsPerPass] = rsqrtf(ss[p] / K + eps);
+      }
       __syncthreads();
     }
     const int lane = lane_id(), g = lane >> 2, q = lane & 3, wm = warp_id() >> 2, wn = warp_id() & 3;

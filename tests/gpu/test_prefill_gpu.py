@@ -40,6 +40,7 @@ CASES = {  # name: (family, config overrides)
     "qwen2-bias": ("qwen2", {}),
     "qwen3-qknorm-tied": ("qwen3", {"tie_word_embeddings": True}),
     "mistral-window": ("mistral", {"sliding_window": 64}),
+    "llama-odd": ("llama", {"hidden_size": 60, "intermediate_size": 98, "vocab_size": 131}),  # K % 8 != 0
     "llama-wide": ("llama", {"hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8,
                              "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 1000}),
 }
