@@ -49,7 +49,9 @@ def find_producers(prog: Program, tasks: list[Task]) -> list[DepKey | None]:
         a, b = _boxes([r for _, r in reads]), _boxes([w for _, w in wr])
         overlap = np.all((a[:, None, :, 0] < b[None, :, :, 1]) & (b[None, :, :, 0] < a[:, None, :, 1]), axis=-1)
         writer_lag = np.array([0 if tasks[w].op < op else 1 for w, _ in wr])
-        rows, which = np.unique(overlap, axis=0, return_inverse=True)  # most reads share a producer set
+        # Most reads share a producer set: group them by their row of bits, packed 8 to a byte.
+        packed, which = np.unique(np.packbits(overlap, axis=1), axis=0, return_inverse=True)
+        rows = np.unpackbits(packed, axis=1, count=len(wr)).astype(bool)
         sets = []
         for row in rows:
             sets.append([(frozenset(wr[j][0] for j in np.nonzero(row & (writer_lag == lag))[0]), lag) for lag in (0, 1)])
