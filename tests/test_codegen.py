@@ -295,8 +295,10 @@ def test_gemv_strategy_switch(tmp_path, monkeypatch):
     src = generate_source(graph(tiny_cfg(), batch=4))
     monkeypatch.setenv("MPK_GEMV", "simt")
     assert "-DMPK_GEMV_SIMT" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    monkeypatch.setenv("MPK_GEMV", "bf16")
+    assert "-DMPK_GEMV_BF16" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
     monkeypatch.setenv("MPK_GEMV", "tensor")
-    with pytest.raises(MpkError, match="MPK_GEMV must be auto or simt"):
+    with pytest.raises(MpkError, match="MPK_GEMV must be auto, simt or bf16"):
         build(src, "sm_90a", debug=False, cache=tmp_path)
 
 

@@ -17,9 +17,17 @@ namespace mpk {
 
 __host__ __device__ constexpr int gcd_int(int a, int b) { return b ? gcd_int(b, a % b) : a; }
 
+// MPK_GEMV=bf16 at build time multiplies float32 x rounded to bf16 alone (for A/B comparisons of
+// speed and accuracy; the CPU executor keeps the float32 product).
+#ifdef MPK_GEMV_BF16
+constexpr bool kGemvBf16 = true;
+#else
+constexpr bool kGemvBf16 = false;
+#endif
+
 template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   using T = typename A::T;
-  static constexpr bool kSplit = sizeof(T) == 4;  // float32 x: hi and lo planes
+  static constexpr bool kSplit = sizeof(T) == 4 && !kGemvBf16;  // float32 x: hi and lo planes
   static constexpr int kPlanes = kSplit ? 2 : 1;
   // Bytes per staged row, = 64 mod 128: the 4 rows a warp's x load touches land in different banks.
   static constexpr int kStride = (K * 2 + 127) / 128 * 128 + 64;
