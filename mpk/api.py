@@ -93,18 +93,20 @@ class LLM:
     CUDA device for the megakernel (`tp_size` > 1: GPUs 0..tp_size-1). `max_seq_len` is clipped to
     the model's context. `prefill` runs the prompts' first positions at once (`mpk.prefill`: on the
     GPU op by op in PyTorch, on the CPU as task graphs) instead of one decode step each.
+    `activations`, `kv_cache` and `matmul_inputs` are the precisions of `mpk.graph.precision_of`.
     """
 
     def __init__(self, model: str, *, max_batch: int = 8, max_seq_len: int = 4096, backend: str = "auto",
                  dtype: str | None = None, device=None, tp_size: int = 1, num_sms: int | None = None,
-                 activations: str | None = None, kv_cache: str | None = None, seed: int = 0,
+                 activations: str | None = None, kv_cache: str | None = None, matmul_inputs: str | None = None,
+                 seed: int = 0,
                  weights: dict | None = None, load_progress: Callable[[int], None] | None = None,
                  prefill: bool = True):
         import torch
 
         from mpk.dtypes import torch_dtype
         from mpk.engine import SUPPORTED_DTYPES
-        from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, MAX_BATCH
+        from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, MAX_BATCH
         from mpk.inputs import fuse_weights
         from mpk.models import resolve_model
 
@@ -126,6 +128,7 @@ class LLM:
         self.max_batch, self.max_seq_len = max_batch, min(max_seq_len, self.cfg.max_position_embeddings)
         self.tp_size, self.seed = tp_size, seed
         self.activations, self.kv_cache = activations or DEFAULT_ACTIVATIONS, kv_cache or DEFAULT_KV_CACHE
+        self.matmul_inputs = matmul_inputs or DEFAULT_MATMUL_INPUTS
         self.device = None
         if self.backend == "cuda":
             from mpk.runtime import rank_devices
@@ -341,7 +344,8 @@ class LLM:
 
         return compile_model(self.cfg, batch=batch, max_seq_len=self.max_seq_len, tp_size=self.tp_size,
                              num_sms=defaults.SIM_NUM_SMS if self.num_sms is None else self.num_sms,
-                             activations=self.activations, weights=self.dtype, kv_cache=self.kv_cache)
+                             activations=self.activations, weights=self.dtype, kv_cache=self.kv_cache,
+                             matmul_inputs=self.matmul_inputs)
 
     def _encode(self, prompts) -> tuple[list[str | None], list[list[int]]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):

@@ -26,7 +26,7 @@ import torch
 
 from mpk.dtypes import dtype
 from mpk.errors import MpkError
-from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE
+from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, EMBED, ROPE
 
 STREAM_SOURCE = Path(__file__).resolve().parent / "csrc" / "stream_read.cu"
 
@@ -191,7 +191,8 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
               profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
-              context: int = 0, tp: int = 1, sampling: tuple[float, int, float] | None = None) -> dict:
+              context: int = 0, tp: int = 1, sampling: tuple[float, int, float] | None = None,
+              matmul_inputs: str = DEFAULT_MATMUL_INPUTS) -> dict:
     """`sampling` (temperature, top_k, top_p) makes the mpk rows sample every token in the kernel
     (seeded per sequence) instead of taking the greedy one; the torch baselines stay greedy."""
     from mpk import memory
@@ -209,7 +210,8 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
 
     def graph(tp_size: int):
         return compile_model(cfg, batch=batch, max_seq_len=context + steps + 8, tp_size=tp_size,
-                             num_sms=props.multi_processor_count, activations=activations, kv_cache=kv_cache)
+                             num_sms=props.multi_processor_count, activations=activations, kv_cache=kv_cache,
+                             matmul_inputs=matmul_inputs)
 
     tg = graph(1)
     weight_bytes = weight_bytes_per_step(tg)
@@ -258,7 +260,8 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     return {
         "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch, "tp": tp,
         **({"sampling": dict(zip(("temperature", "top_k", "top_p"), sampling))} if sampling else {}),
-        "activations": activations, "kv_cache": tg.precision.kv_cache, "context": context,
+        "activations": activations, "kv_cache": tg.precision.kv_cache, "matmul_inputs": tg.precision.matmul_inputs,
+        "context": context,
         "steps": steps, "bytes_per_step": nbytes, "kv_bytes_per_step": nbytes - weight_bytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
         **({"skipped": skipped} if skipped else {}),
@@ -385,6 +388,8 @@ def _sampled(result: dict) -> str:
 def format_bench(result: dict) -> str:
     kv = result.get("kv_bytes_per_step", 0)
     cache = f", {result['kv_cache']} KV cache" if "kv_cache" in result else ""  # runs before it was its own choice
+    if result.get("activations", DEFAULT_ACTIVATIONS) == "float32" and result.get("matmul_inputs") == "bfloat16":
+        cache += ", bfloat16 matrix-product inputs"
     lines = [
         f"{result['model']} batch {result['batch']} on {result['gpu']} ({result['num_sms']} SMs), "
         f"{result['steps']} steps from position {result.get('context', 0)}, "

@@ -14,7 +14,8 @@ import time
 
 from mpk import __version__, defaults, progress
 from mpk.errors import MpkError
-from mpk.graph import ACTIVATIONS, DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, KV_CACHES, MAX_BATCH, MAX_NUM_SMS
+from mpk.graph import (ACTIVATIONS, DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, KV_CACHES,
+                       MATMUL_INPUTS, MAX_BATCH, MAX_NUM_SMS)
 
 DEFAULT_MODEL = "qwen3-0.6b"
 DEFAULT_TOKEN_IDS = "1,2,3,4"
@@ -100,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="mpk's activation precision (the torch baselines run in bfloat16)")
     ben.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
                      help="mpk's KV cache precision: model (the weights' dtype) or float32")
+    ben.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
+                     help="with float32 activations, round the input of every matrix product to bfloat16 "
+                          "(float32 sums; one tensor-core pass at batch 2-8 instead of two)")
     ben.add_argument("--context", type=int, default=0,
                      help="position of the first timed step, the cache filled up to it")
     ben.add_argument("--tp", type=int, default=1,
@@ -192,6 +196,9 @@ def _add_run_flags(cmd: argparse.ArgumentParser) -> None:
                           "(the weights' dtype, rounding as transformers does)")
     cmd.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
                      help="KV cache precision: model (the weights' dtype) or float32")
+    cmd.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
+                     help="with float32 activations, round the input of every matrix product to bfloat16 "
+                          "(float32 sums)")
     cmd.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
     cmd.add_argument("--tp", type=int, default=1,
@@ -275,8 +282,8 @@ def cmd_bench(args) -> int:
         print(json.dumps(result, indent=2) if args.json else format_ttft(result))
         return 0
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
-                       activations=args.activations, kv_cache=args.kv_cache, context=args.context, tp=args.tp,
-                       sampling=sampling)
+                       activations=args.activations, kv_cache=args.kv_cache, matmul_inputs=args.matmul_inputs,
+                       context=args.context, tp=args.tp, sampling=sampling)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
@@ -499,7 +506,8 @@ def _load_llm(args, source, backend: str, device, max_batch: int, max_seq_len: i
     with progress.phase(what, total=total, unit="B", unit_scale=True) as loading:
         return LLM(args.model, max_batch=max_batch, max_seq_len=max_seq_len, backend=backend, dtype=args.dtype,
                    device=device, tp_size=args.tp, num_sms=args.num_sms, activations=args.activations,
-                   kv_cache=args.kv_cache, seed=args.seed, load_progress=loading.update)
+                   kv_cache=args.kv_cache, matmul_inputs=args.matmul_inputs, seed=args.seed,
+                   load_progress=loading.update)
 
 
 def _describe_run(args, source, backend: str, stored: set[str]) -> None:

@@ -17,7 +17,7 @@ from mpk.compiler import compile_model
 from mpk.dtypes import torch_dtype
 from mpk.errors import MpkError
 from mpk.execution import Executor
-from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE
+from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS
 from mpk.inputs import fuse_weights, program_inputs
 from mpk.models.config import ModelConfig
 from mpk.taskgraph import TaskGraph
@@ -91,10 +91,11 @@ def open_executor(backend: str, tg: TaskGraph, weights: dict, meta: dict, *, dev
 def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
              *, backend: str = "sim", dtype: str = "float32", num_sms: int | None = None, tp_size: int = 1,
              seed: int = 0, stop_at_eos: bool = True, collect_logits: bool = False, on_tokens=None,
-             activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE) -> Generation:
+             activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
+             matmul_inputs: str = DEFAULT_MATMUL_INPUTS) -> Generation:
     """Greedy generation on the CPU executor (`sim`) or the GPU megakernel (`cuda`).
 
-    `dtype` is the weights' dtype, `activations` and `kv_cache` the graph's precisions (see
+    `dtype` is the weights' dtype, `activations`, `kv_cache` and `matmul_inputs` the graph's precisions (see
     `mpk.graph.precision_of`). `on_tokens(seq, token)` is called for each new token as soon as its
     step is done.
     """
@@ -114,7 +115,7 @@ def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: lis
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     tg = compile_model(cfg, batch=len(prompts), max_seq_len=seq_len, tp_size=tp_size,
                        num_sms=defaults.SIM_NUM_SMS if num_sms is None else num_sms, activations=activations,
-                       weights=dtype, kv_cache=kv_cache)
+                       weights=dtype, kv_cache=kv_cache, matmul_inputs=matmul_inputs)
     fused = fuse_weights(cfg, hf_weights, tp_size, torch_dtype(dtype))
     weights, meta = program_inputs(cfg, tg, fused, prompts)
     eos = set(cfg.eos_token_ids) if stop_at_eos else set()

@@ -127,30 +127,40 @@ ACTIVATIONS = ("float32", "model")
 DEFAULT_ACTIVATIONS = "float32"  # docs/decisions.md: bf16 activations drift 4-5e-2 from float32 on 8B models
 KV_CACHES = ("model", "float32")
 DEFAULT_KV_CACHE = "model"  # docs/decisions.md: a bf16 cache halves KV traffic within the accuracy bound
+MATMUL_INPUTS = ("float32", "bfloat16")
+DEFAULT_MATMUL_INPUTS = "float32"  # docs/perf.md: bf16 inputs measured 17% faster at batch 4, not yet the default
 
 
-def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACHE) -> Precision:
+def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACHE,
+                 matmul_inputs: str = DEFAULT_MATMUL_INPUTS) -> Precision:
     """`activations`: "float32" keeps activations and GEMV inputs in float32 over the weights'
     dtype: a float32 reference computation on the stored weights. "model" keeps them in the
     weights' dtype, rounding every op's output as transformers does. `kv_cache`, chosen on its own:
-    "model" stores K and V in the weights' dtype, "float32" in float32."""
+    "model" stores K and V in the weights' dtype, "float32" in float32. `matmul_inputs`
+    "bfloat16" rounds the input of every decode matrix product to bf16 (float32 accumulation,
+    float32 residual stream): what tensor cores multiply in one pass instead of two."""
     if weights not in WEIGHT_DTYPES:
         raise MpkError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, not {weights!r}")
     if activations not in ACTIVATIONS:
         raise MpkError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
     if kv_cache not in KV_CACHES:
         raise MpkError(f"the KV cache must be one of {', '.join(KV_CACHES)}, not {kv_cache!r}")
+    if matmul_inputs not in MATMUL_INPUTS:
+        raise MpkError(f"matrix-product inputs must be one of {', '.join(MATMUL_INPUTS)}, not {matmul_inputs!r}")
     act = "float32" if activations == "float32" else weights
     kv = "float32" if kv_cache == "float32" else weights
-    return Precision(weights=weights, activations=act, kv_cache=kv)
+    mm = "bfloat16" if matmul_inputs == "bfloat16" and act == "float32" else act
+    return Precision(weights=weights, activations=act, kv_cache=kv, matmul_inputs=mm)
 
 
 def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1,
                          num_sms: int = defaults.NUM_SMS, activations: str = DEFAULT_ACTIVATIONS,
-                         weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE) -> Program:
+                         weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE,
+                         matmul_inputs: str = DEFAULT_MATMUL_INPUTS) -> Program:
     """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs,
-    with weights stored as `weights`, activations and the KV cache as `precision_of` says."""
-    precision = precision_of(weights, activations, kv_cache)
+    with weights stored as `weights`, activations, the KV cache and matrix-product inputs as
+    `precision_of` says."""
+    precision = precision_of(weights, activations, kv_cache, matmul_inputs)
     if not 1 <= batch <= MAX_BATCH:
         raise MpkError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
     if not 1 <= num_sms <= MAX_NUM_SMS:
@@ -191,6 +201,13 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
             inputs[f"cand_idx{k}"] = rank_name(prog, k, "cand_idx")
             inputs[f"logits{k}"] = rank_name(prog, k, LOGITS)
         prog.add_op(r, "sample", "sample", None, inputs, {"tokens": rank_name(prog, r, TOKENS)}, ranks=tp_size)
+    if precision.matmul_inputs != precision.activations:
+        from mpk.ops import OP_KINDS
+        from mpk.ops.linear import Gemv
+
+        for op in prog.ops:  # each matrix product says so itself: its CPU reference and its template follow it
+            if isinstance(OP_KINDS[op.kind], Gemv):
+                op.params["bf16_inputs"] = True
     return prog
 
 

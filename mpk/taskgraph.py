@@ -55,6 +55,9 @@ class Precision:
     weights: str = "bfloat16"
     activations: str = "float32"
     kv_cache: str = "bfloat16"
+    # The x operand of the decode matrix products: the activations as they are, or (over float32
+    # activations) rounded to bf16 first, with float32 accumulation (mpk.graph.precision_of).
+    matmul_inputs: str = "float32"
 
 
 @dataclass

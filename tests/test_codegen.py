@@ -291,14 +291,20 @@ def test_tensor_parallel_kernel_builds(tmp_path):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("batch", [1, 4])  # CUDA cores, tensor cores
+def test_bf16_input_products_build(tmp_path, batch):
+    src = generate_source(graph(tiny_cfg(hidden_size=64, intermediate_size=96), batch=batch, matmul_inputs="bfloat16"))
+    assert "ActF32Bf16Inputs" in src
+    assert build(src, "sm_90a", debug=False, cache=tmp_path).is_file()
+
+
+@needs_nvcc
 def test_gemv_strategy_switch(tmp_path, monkeypatch):
     src = generate_source(graph(tiny_cfg(), batch=4))
     monkeypatch.setenv("MPK_GEMV", "simt")
     assert "-DMPK_GEMV_SIMT" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
-    monkeypatch.setenv("MPK_GEMV", "bf16")
-    assert "-DMPK_GEMV_BF16" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
     monkeypatch.setenv("MPK_GEMV", "tensor")
-    with pytest.raises(MpkError, match="MPK_GEMV must be auto, simt or bf16"):
+    with pytest.raises(MpkError, match="MPK_GEMV must be auto or simt"):
         build(src, "sm_90a", debug=False, cache=tmp_path)
 
 

@@ -8,6 +8,8 @@ issue's: max(2e-2, 1.25 x the error of transformers' own bf16 model on the same 
   when its cache is bf16 (1e-6..1e-4 from that), and stay well inside the bound (4x less than bf16
   activations cost: docs/decisions.md).
 - bf16 activations (transformers' rounding) land 2-4e-2 away, as transformers' bf16 model does.
+- bf16 matrix-product inputs over float32 activations (one tensor-core pass) are another
+  computation than float32 inputs, inside the bound.
 """
 
 import pytest
@@ -55,9 +57,9 @@ def transformers_bf16(path, seq) -> torch.Tensor:
         return model(seq).logits[0].float()
 
 
-def sim(cfg, hf16, seq, activations: str, kv_cache: str):
+def sim(cfg, hf16, seq, activations: str, kv_cache: str, matmul_inputs: str = "float32"):
     return generate(cfg, hf16, seq.tolist(), 1, dtype="bfloat16", num_sms=8, stop_at_eos=False, collect_logits=True,
-                    activations=activations, kv_cache=kv_cache).logits
+                    activations=activations, kv_cache=kv_cache, matmul_inputs=matmul_inputs).logits
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -77,6 +79,40 @@ def test_precisions_against_float32(case, make_checkpoint):
     assert worst(bf16_cache, reference(cfg, hf16, seq, kv_dtype=torch.bfloat16)) < SAME_BF16_CACHE
     assert fp32_cache < worst(bf16_cache, want) < bf16_acts / 2
     assert worst(bf16_cache, want) < bound and bf16_acts < bound
+    bf16_inputs = sim(cfg, hf16, seq, "float32", "model", "bfloat16")
+    assert worst(bf16_inputs, reference(cfg, hf16, seq, kv_dtype=torch.bfloat16)) > SAME_BF16_CACHE  # not a no-op
+    assert worst(bf16_inputs, want) < bound
+
+
+def test_matmul_inputs_round_only_over_float32_activations():
+    from mpk.errors import MpkError
+
+    assert precision_of("bfloat16", "float32").matmul_inputs == "float32"  # the default: exact products
+    assert precision_of("bfloat16", "float32", matmul_inputs="bfloat16").matmul_inputs == "bfloat16"
+    assert precision_of("bfloat16", "model", matmul_inputs="float32").matmul_inputs == "bfloat16"  # x is bf16 already
+    with pytest.raises(MpkError, match="matrix-product inputs must be one of float32, bfloat16"):
+        precision_of("bfloat16", "float32", matmul_inputs="float16")
+
+
+def test_a_bf16_input_product_is_the_float32_product_of_rounded_inputs():
+    from mpk.compiler import compile_model
+    from mpk.ops import OP_KINDS
+    from mpk.ops.linear import Gemv
+
+    cfg = resolve_model("tiny").cfg
+    tg = compile_model(cfg, batch=2, max_seq_len=8, num_sms=4, verify=False, matmul_inputs="bfloat16")
+    products = [op for op in tg.ops if isinstance(OP_KINDS[op.kind], Gemv)]
+    assert products and all(op.params["bf16_inputs"] for op in products)
+    assert not any(op.params.get("bf16_inputs") for op in tg.ops if op not in products)
+    op = next(op for op in products if op.kind == "linear_residual")
+    g = torch.Generator().manual_seed(0)
+    k, n = tg.tensors[op.inputs["weight"]].shape[1], tg.tensors[op.inputs["weight"]].shape[0]
+    t = {"x": torch.randn(2, k, generator=g), "weight": torch.randn(n, k, generator=g).bfloat16(),
+         "residual": torch.randn(2, n, generator=g), "out": torch.empty(2, n)}
+    OP_KINDS[op.kind].run(op, (0,), t, 0)
+    want = t["residual"] + t["x"].bfloat16().float() @ t["weight"].float().T
+    assert torch.allclose(t["out"], want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(t["out"], t["residual"] + t["x"] @ t["weight"].float().T, atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_precision_is_chosen_apart_from_activations():
@@ -106,3 +142,14 @@ def test_codegen_selects_the_activation_policy_and_the_kv_type(activations, kv_c
             assert v.args[-2:] == (policy, kv_type)
         elif v.template != "Sample":
             assert policy in v.args and {"ActF32", "ActBf16"} - {policy} - set(v.args) == {"ActF32", "ActBf16"} - {policy}
+
+
+def test_codegen_gives_bf16_input_products_their_policy():
+    from mpk.codegen import graph_variants
+    from mpk.compiler import compile_model
+
+    cfg = resolve_model("tiny").cfg
+    tg = compile_model(cfg, batch=4, max_seq_len=16, num_sms=4, verify=False, matmul_inputs="bfloat16")
+    for v in graph_variants(tg)[0]:
+        products = v.template in ("RmsnormLinear", "RmsnormGateUpSilu", "LinearResidual", "RmsnormLmHeadArgmax")
+        assert ("ActF32Bf16Inputs" in v.args) == products, v

@@ -8,7 +8,7 @@ from mpk import defaults
 from mpk.compiler.events import find_producers, fuse_and_linearize
 from mpk.compiler.lower import lower
 from mpk.compiler.schedule import CostModel, schedule
-from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, Program, build_decode_program
+from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, Program, build_decode_program
 from mpk.models.config import ModelConfig
 from mpk.taskgraph import TaskGraph
 
@@ -32,10 +32,11 @@ def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
 
 def compile_model(cfg: ModelConfig, batch: int = 1, max_seq_len: int = defaults.MAX_SEQ_LEN, tp_size: int = 1,
                   num_sms: int = defaults.NUM_SMS, verify: bool = True, activations: str = DEFAULT_ACTIVATIONS,
-                  weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE) -> TaskGraph:
+                  weights: str = "bfloat16", kv_cache: str = DEFAULT_KV_CACHE,
+                  matmul_inputs: str = DEFAULT_MATMUL_INPUTS) -> TaskGraph:
     """The verified decode-step TaskGraph of a model. Raises VerificationError if a check fails."""
     tg = compile_program(build_decode_program(cfg, batch, max_seq_len, tp_size, num_sms, activations, weights,
-                                              kv_cache))
+                                              kv_cache, matmul_inputs))
     if verify:
         from mpk.compiler.verify import verify as run_verifier
 

@@ -136,13 +136,23 @@ __device__ __forceinline__ void act_store(float* p, float v) { *p = v; }
 
 // Activation precision of a graph (mpk.graph `activations`): the element type of activations and
 // the KV cache, and `round`, applied wherever the op references round an intermediate result.
+// `input` is what a matrix product multiplies an element of its x by (Precision.matmul_inputs).
 struct ActBf16 {
   using T = bf16;
+  static constexpr bool kBf16Inputs = true;
   __device__ __forceinline__ static float round(float x) { return round_bf(x); }
+  __device__ __forceinline__ static float input(float x) { return x; }
 };
 struct ActF32 {
   using T = float;
+  static constexpr bool kBf16Inputs = false;
   __device__ __forceinline__ static float round(float x) { return x; }
+  __device__ __forceinline__ static float input(float x) { return x; }
+};
+// Float32 activations whose matrix products take x rounded to bf16 (one tensor-core pass).
+struct ActF32Bf16Inputs : ActF32 {
+  static constexpr bool kBf16Inputs = true;
+  __device__ __forceinline__ static float input(float x) { return round_bf(x); }
 };
 
 // Widest packing that divides n (rows of n elements then stay aligned).

@@ -2,7 +2,8 @@
 // the A operand and the batch as N (8, zero-padded), fp32 accumulation. A float32 input is split
 // into bf16 planes hi + lo (x = hi + lo to 2^-17 relative) and both are multiplied, so the result is
 // the float32 product of the bf16 weights and x, as on CUDA cores, for a fraction of the
-// instructions and shared-memory reads per weight byte.
+// instructions and shared-memory reads per weight byte. With bf16 matrix-product inputs
+// (Precision.matmul_inputs, A::kBf16Inputs) x is rounded once and hi alone is multiplied.
 //
 // A dot product may sum k in any order, so the k order inside an mma is chosen to suit the loads:
 // lane (g = lane / 4, q = lane % 4) loads 16 contiguous bytes (8 k) of weight rows g and g + 8 and
@@ -17,17 +18,9 @@ namespace mpk {
 
 __host__ __device__ constexpr int gcd_int(int a, int b) { return b ? gcd_int(b, a % b) : a; }
 
-// MPK_GEMV=bf16 at build time multiplies float32 x rounded to bf16 alone (for A/B comparisons of
-// speed and accuracy; the CPU executor keeps the float32 product).
-#ifdef MPK_GEMV_BF16
-constexpr bool kGemvBf16 = true;
-#else
-constexpr bool kGemvBf16 = false;
-#endif
-
 template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   using T = typename A::T;
-  static constexpr bool kSplit = sizeof(T) == 4 && !kGemvBf16;  // float32 x: hi and lo planes
+  static constexpr bool kSplit = !A::kBf16Inputs;  // float32 x: hi and lo planes (Precision.matmul_inputs)
   static constexpr int kPlanes = kSplit ? 2 : 1;
   // Bytes per staged row, = 64 mod 128: the 4 rows a warp's x load touches land in different banks.
   static constexpr int kStride = (K * 2 + 127) / 128 * 128 + 64;

@@ -48,7 +48,7 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
 #pragma unroll
     for (int j = 0; j < NP; ++j)
 #pragma unroll
-      for (int e = 0; e < PW; ++e) act_store(reinterpret_cast<T*>(s) + slot(b, v, j) + e, f[j * PW + e]);
+      for (int e = 0; e < PW; ++e) act_store(reinterpret_cast<T*>(s) + slot(b, v, j) + e, A::input(f[j * PW + e]));
   }
 
   // All threads: 1/rms per sequence, then stage x (packed loads shared by the whole CTA).
@@ -97,6 +97,8 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) f[e] = rms_normed<A>(f[e], inv, w[e]);
       }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) f[e] = A::input(f[e]);
     }
   }
 };

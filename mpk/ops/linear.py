@@ -10,13 +10,25 @@ import torch.nn.functional as F
 
 from mpk.errors import MpkError
 from mpk.models.functional import rms_norm
-from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, linear, matmul, \
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, matmul, \
     nbytes, shape, spans, whole
 from mpk.util import cdiv
 
 CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
 # A GEMM task's block (MmaGemm in mpk/csrc/gemm.cuh): rows x weight rows.
 GEMM_ROWS, GEMM_WEIGHT_ROWS = 128, 128
+
+
+def product(op, fast: bool = False):
+    """The matrix product of `op`: on inputs rounded to bf16 when its graph says so (Precision.
+    matmul_inputs) or in a fast whole-op run, else exactly in the activation precision."""
+    return matmul(fast or op.params.get("bf16_inputs", False))
+
+
+def policy(op, tg) -> str:
+    """The activation policy a matrix-product template gets (mpk/csrc/common.cuh): the graph's, or
+    float32 activations with bf16 inputs to the product."""
+    return "ActF32Bf16Inputs" if op.params.get("bf16_inputs", False) else activation_policy(tg)
 
 
 def is_gemm(op) -> bool:
@@ -57,10 +69,10 @@ class Gemv(OpKind):
         op.params["tile"] = GEMM_WEIGHT_ROWS // self.rows_per_col
 
     def run(self, op, tile, t, step):
-        self.compute(op, t, linear)
+        self.compute(op, t, product(op))
 
     def run_whole(self, op, t, step, fast=False):
-        self.compute(op, t, matmul(fast))
+        self.compute(op, t, product(op, fast))
 
     def compute(self, op, t, mm) -> None:
         """The outputs of the columns the views hold, `mm(x, weight, bias)` the matrix product. None
@@ -111,7 +123,7 @@ class RmsnormLinear(Gemv):
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
-        return Cuda((b, k, cbool("bias" in op.inputs), activation_policy(tg), self.columns_per_warp(op)),
+        return Cuda((b, k, cbool("bias" in op.inputs), policy(op, tg), self.columns_per_warp(op)),
                     {"n": n, "tile": op.params["tile"]}, {"eps": op.params["eps"]})
 
 
@@ -134,7 +146,7 @@ class RmsnormGateUpSilu(Gemv):
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
-        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]},
+        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]},
                     {"eps": op.params["eps"]})
 
 
@@ -154,7 +166,7 @@ class LinearResidual(Gemv):
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
-        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
+        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
 
 
 class Linear(Gemv):
@@ -171,7 +183,7 @@ class Linear(Gemv):
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
         expect(tg.tensors[op.outputs["out"]].dtype == "float32", op, "partial sums are float32")
-        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
+        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
 
 
 class AllreduceResidual(OpKind):
@@ -231,7 +243,7 @@ class RmsnormLmHeadArgmax(Gemv):
                 box(op, "cand_val", (r0, r1), (i, i + 1)), box(op, "cand_idx", (r0, r1), (i, i + 1))]
 
     def run(self, op, tile, t, step):
-        y = linear(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"]).float()
+        y = product(op)(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"]).float()
         t["logits"].copy_(y)
         best = torch.argmax(y, dim=-1, keepdim=True)  # first index among equal maxima
         t["cand_val"].copy_(torch.gather(y, -1, best))
@@ -241,6 +253,6 @@ class RmsnormLmHeadArgmax(Gemv):
         b, k, v = self.gemv_shape(op, tg)
         n_tiles = tg.tensors[op.outputs["cand_val"]].shape[1]
         expect(n_tiles == cdiv(v, op.params["tile"]), op, "candidate count is not the number of vocab tiles")
-        return Cuda((b, k, activation_policy(tg), self.columns_per_warp(op)),
+        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)),
                     {"vocab": v, "tile": op.params["tile"], "n_tiles": n_tiles, "vocab_start": op.params["vocab_start"]},
                     {"eps": op.params["eps"]})

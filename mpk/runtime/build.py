@@ -102,12 +102,10 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
     if debug:
         flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
     gemv = os.environ.get("MPK_GEMV", "auto")
-    if gemv not in ("auto", "simt", "bf16"):
-        raise MpkError(f"MPK_GEMV must be auto, simt or bf16, not {gemv!r}")
+    if gemv not in ("auto", "simt"):
+        raise MpkError(f"MPK_GEMV must be auto or simt, not {gemv!r}")
     if gemv == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
-    if gemv == "bf16":
-        flags.append("-DMPK_GEMV_BF16")  # tensor-core GEMVs on x rounded to bf16 (no low plane), for A/B comparisons
     head_kb = os.environ.get("MPK_HEAD_KB", "")
     if head_kb:
         if not (head_kb.isdigit() or head_kb == "max"):
