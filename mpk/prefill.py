@@ -26,6 +26,7 @@ slot of a running batch (`prefill_slot`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from functools import partial
 
@@ -189,6 +190,7 @@ def prefill_graphs(executor, cfg, prompts: list[list[int]], kernels: dict, chunk
             while len(kernels) >= KERNELS_KEPT:
                 kernels.pop(next(iter(kernels))).close()
             tg = compile_prefill(executor.tg, cfg, rows, start=start)
+            _check_activations_fit(tg, executor.devices)
             kernels[start, rows] = Megakernel(tg, devices=executor.devices,
                                               buffers=_graph_buffers(tg, executor.buffers, tokens))
         mk = kernels[start, rows]
@@ -273,6 +275,21 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
             run_prefill(programs[start, rows], views, [prompt])
     _wait_for(executor)
     return positions
+
+
+def _check_activations_fit(tg: TaskGraph, devices) -> None:
+    """A prefill graph holds every layer's activations of its chunk at once (each a tensor of its
+    own): refuse in one line, before allocating, a chunk whose activations do not fit."""
+    from mpk.memory import available_gpu_bytes, gib
+
+    for r, device in enumerate(devices):
+        need = sum(math.prod(spec.shape) * torch_dtype(spec.dtype).itemsize for spec in tg.tensors.values()
+                   if spec.rank == r and spec.kind in ("activation", "meta"))
+        free = available_gpu_bytes(device)
+        if need > free:
+            raise MpkError(f"the prefill graph of {chunk_of(tg)[1]} positions x {tg.batch} sequences needs "
+                           f"{gib(need)} of activations on {device} and {gib(free)} is free; use a smaller "
+                           "chunk_rows")
 
 
 def _wait_for(executor) -> None:

@@ -6,6 +6,8 @@
 #   scripts/gpu_session.sh ops       # mpk bench-op: every task template alone, OPS_MODELS at batch 1 and 4 (~4 min)
 #   scripts/gpu_session.sh tp        # 2+ GPUs: mpk bench --tp 2 of TP_MODELS beside one GPU, the first profiled (~3 min)
 #   scripts/gpu_session.sh ttft      # time to first token, 1 x PROMPT_LEN (2048) and 8 x 512 prompts: mpk vs batched PyTorch
+#   scripts/gpu_session.sh prefill   # the persistent runtime's prefill: its templates alone (bench-op --prefill
+#                                    # PROMPT_LEN), then time to first token of 1 x PROMPT_LEN, op by op vs task graphs (~4 min)
 #   scripts/gpu_session.sh serve     # mpk serve SERVE_MODEL (qwen3-8b) under bench-serve: 1 client, then CLIENTS (64)
 #                                    # for DURATION (300) s; PyTorch eager at batch CLIENTS beside it. A machine
 #                                    # without fastapi/uvicorn can take them from ./.deps (pip install --target .deps).
@@ -71,6 +73,16 @@ run_ttft() {
   return $status
 }
 
+run_prefill() {
+  local status=0 model="${TTFT_MODEL:-qwen3-8b}" len="${PROMPT_LEN:-2048}"
+  python3 -m mpk.cli bench-op "$model" --prefill "$len" --steps 3 --repeats 2 --json \
+    > "$out/ops-prefill-$model.json" 2> "$out/ops-prefill-$model.err" || { status=1; tail -3 "$out/ops-prefill-$model.err"; }
+  python3 -m mpk.cli bench "$model" --prompt-len "$len" --backends mpk,mpk-graph,eager \
+    > "$out/ttft-graph-$len.txt" 2> "$out/ttft-graph-$len.err" || { status=1; tail -3 "$out/ttft-graph-$len.err"; }
+  cat "$out/ttft-graph-$len.txt"
+  return $status
+}
+
 run_serve() {
   [ -d .deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.deps"
   local port=8123 model="${SERVE_MODEL:-qwen3-8b}" status=0
@@ -123,6 +135,7 @@ case "${1:-all}" in
   ops) run_ops; o=$?; print_ops_tables; exit $o ;;
   tp) run_tp; p=$?; print_bench_tables; exit $p ;;
   ttft) run_ttft; exit $? ;;
+  prefill) run_prefill; r=$?; print_ops_tables; exit $r ;;
   serve) run_serve; exit $? ;;
   all)
     run_tests; t=$?
@@ -130,5 +143,5 @@ case "${1:-all}" in
     run_ops; o=$?
     echo; print_test_table; echo; print_bench_tables; echo; print_ops_tables
     exit $(( t || b || o )) ;;
-  *) echo "usage: $0 [all|tests|bench|ops|tp|ttft|serve]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|tests|bench|ops|tp|ttft|prefill|serve]" >&2; exit 2 ;;
 esac

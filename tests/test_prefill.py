@@ -135,6 +135,40 @@ def test_prefill_graphs_verify_and_a_dropped_dependency_is_caught(models, tp, st
     assert err.value.check in ("race", "coverage") and "qkv_out" in str(err.value)
 
 
+def test_a_prefill_graph_is_gemm_tiled_and_proven_for_its_one_step(models):
+    from mpk.execution import check_steps
+    from mpk.ops.linear import GEMM_ROWS, GEMM_WEIGHT_ROWS
+
+    cfg, _ = models("llama")
+    decode = compile_model(cfg, batch=2, max_seq_len=200, num_sms=4)
+    assert not decode.one_step and decode.stats["verify"]["steps"] == 2
+    tg = compile_prefill(decode, cfg, 150)  # 2 x 150 rows: row blocks of 128, 128 and 44
+    assert tg.one_step and tg.stats["verify"]["steps"] == 1
+    qkv = next(i for i, op in enumerate(tg.ops) if op.kind == "rmsnorm_linear")
+    tiles = [t for t in tg.tasks if t.op == qkv]
+    n = tg.tensors[tg.ops[qkv].outputs["out"]].shape[1]
+    assert {t.tile[0] for t in tiles} == {0, 1, 2} and len(tiles) == 3 * -(-n // GEMM_WEIGHT_ROWS)
+    rows = sorted({next(r.box[0] for r in t.reads if r.role == "x") for t in tiles})
+    assert rows == [(0, GEMM_ROWS), (GEMM_ROWS, 2 * GEMM_ROWS), (2 * GEMM_ROWS, 300)]
+    with pytest.raises(MpkError, match="runs one step per launch"):
+        check_steps(tg, 0, 2)
+    assert TaskGraph.from_json(tg.to_json()).one_step
+
+
+def test_a_prefill_graph_whose_activations_do_not_fit_is_refused(models, monkeypatch):
+    import mpk.memory
+    from mpk.prefill import _check_activations_fit
+
+    cfg, _ = models("llama")
+    tg = compile_prefill(compile_model(cfg, batch=1, max_seq_len=256, num_sms=4), cfg, 200)
+    monkeypatch.setattr(mpk.memory, "available_gpu_bytes", lambda device: 1 << 30)
+    _check_activations_fit(tg, ["cuda:0"])
+    monkeypatch.setattr(mpk.memory, "available_gpu_bytes", lambda device: 1 << 10)
+    with pytest.raises(MpkError, match=r"^the prefill graph of 200 positions x 1 sequences needs .* of activations "
+                                       r"on cuda:0 and 0\.0 GiB is free; use a smaller chunk_rows$"):
+        _check_activations_fit(tg, ["cuda:0"])
+
+
 def test_a_prompt_shorter_than_the_prefill_is_refused(models):
     cfg, hf = models("llama")
     decode = compile_model(cfg, batch=1, max_seq_len=32, num_sms=8)
