@@ -15,6 +15,7 @@ import torch
 from mpk.dtypes import torch_dtype
 from mpk.errors import MpkError
 from mpk.graph import LOGITS, PROMPT, PROMPT_LEN, TOKENS, tensor_name
+from mpk.paging import KvPages, pool_shape
 from mpk.taskgraph import TaskGraph
 
 INT_POISON = -(2**62)
@@ -34,15 +35,20 @@ class RunResult:
 
 
 def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor],
-             device="cpu") -> dict[str, torch.Tensor]:
+             device="cpu", kv_pages: KvPages | None = None) -> dict[str, torch.Tensor]:
     """Buffers for every tensor of the graph, in the dtypes it declares: given weights and meta,
     poisoned activations and state (NaN, or a huge negative for integers), so a read of anything the
     graph did not order before it shows. `device` is one device, or a list of one per rank (each
-    tensor goes to its owner's)."""
+    tensor goes to its owner's). With `kv_pages` the state (the KV cache) is block pools
+    (`mpk.paging`)."""
     bufs = {}
     for name, spec in tg.tensors.items():
         device_of_rank = device[spec.rank] if isinstance(device, (list, tuple)) else device
         want = torch_dtype(spec.dtype)
+        if spec.kind == "state" and kv_pages is not None:
+            shape = pool_shape(spec.shape, kv_pages.num_blocks, kv_pages.block_rows)
+            bufs[name] = torch.full(shape, float("nan"), dtype=want, device=device_of_rank)
+            continue
         if spec.kind in ("weight", "meta"):
             given = (weights if spec.kind == "weight" else meta).get(name)
             if given is None:
@@ -112,6 +118,23 @@ class Executor:
 
     tg: TaskGraph
     buffers: dict[str, torch.Tensor]
+    kv_pages: KvPages | None = None  # None: each sequence's KV rows are contiguous
+    kv_table: torch.Tensor | None = None  # with kv_pages: the block table [batch, blocks per sequence] int32
+
+    def set_kv_table(self, table: torch.Tensor) -> None:
+        """Which pool block holds each block of each sequence's KV rows (`mpk.paging.BlockPool.table`)."""
+        if self.kv_pages is None:
+            raise MpkError("this executor's KV cache is not paged; it takes no block table")
+        want = self.kv_pages.table_shape(self.tg)
+        if tuple(table.shape) != want:
+            raise MpkError(f"the block table is {tuple(table.shape)}; this graph needs {want}")
+        if int(table.min()) < 0 or int(table.max()) >= self.kv_pages.num_blocks:
+            raise MpkError(f"the block table names blocks outside the pool's {self.kv_pages.num_blocks}")
+        self.kv_table = table.to(torch.int32).cpu().contiguous()
+
+    def check_kv_table(self) -> None:
+        if self.kv_pages is not None and self.kv_table is None:
+            raise MpkError("the KV cache is paged: set its block table (set_kv_table) before running")
 
     def run(self, num_steps: int, max_new_tokens: int | Sequence[int | None] | None = None,
             on_step: OnStep | None = None, *, first_step: int = 0, eos_token_ids: Sequence[int] | None = None,

@@ -20,6 +20,7 @@ from mpk.errors import MpkError
 from mpk.execution import Executor, RunResult, allocate, check_steps, per_sequence_limits
 from mpk.graph import TOKENS, tensor_name
 from mpk.ops import OP_KINDS
+from mpk.paging import KvPages, gather, scatter
 from mpk.taskgraph import TaskGraph
 
 # step_done(step, buffers) after every sampling task of a step has run; True stops after that step.
@@ -31,9 +32,12 @@ def _view(buf: torch.Tensor, box) -> torch.Tensor:
 
 
 def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, step_done: StepDone | None = None,
-        seed: int = 0, first_step: int = 0, position_offsets: list[int] | None = None) -> int:
+        seed: int = 0, first_step: int = 0, position_offsets: list[int] | None = None,
+        kv_table: torch.Tensor | None = None) -> int:
     """Execute decode steps [first_step, first_step + num_steps); returns the number run. Sequence b
-    is at position step - position_offsets[b] (default: the step)."""
+    is at position step - position_offsets[b] (default: the step). With `kv_table` the state
+    buffers are paged pools (`mpk.paging`): a task gets copies of its state regions, and what it
+    writes there goes back to the pool's blocks."""
     offsets = position_offsets or [0] * tg.batch
     rng = random.Random(seed)
     counters = [0] * len(tg.events)
@@ -70,10 +74,15 @@ def run(tg: TaskGraph, bufs: dict[str, torch.Tensor], num_steps: int, step_done:
         if task is None:  # the run was stopped early after this queue was parked
             continue
         op = tg.ops[task.op]
-        views = {r.role: _view(bufs[r.tensor], r.box) for r in task.reads + task.writes}
+        paged = {r.role for r in task.reads + task.writes if kv_table is not None and tg.tensors[r.tensor].kind == "state"}
+        views = {r.role: gather(bufs[r.tensor], kv_table, r.box) if r.role in paged else _view(bufs[r.tensor], r.box)
+                 for r in task.reads + task.writes}
         kind = OP_KINDS[op.kind]
         at = first_step + step
         kind.run(op, task.tile, views, at - offsets[task.tile[0]] if kind.per_sequence else at)
+        for r in task.writes:
+            if r.role in paged:
+                scatter(bufs[r.tensor], kv_table, r.box, views[r.role])
         head[q] += 1
         for e in task.signals:
             counters[e] += 1
@@ -114,14 +123,15 @@ class CpuExecutor(Executor):
     """The CPU executor behind the same run shape as the megakernel (`mpk.execution.Executor`)."""
 
     def __init__(self, tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], seed: int = 0,
-                 buffers: dict[str, torch.Tensor] | None = None):
-        self.tg, self.seed = tg, seed
-        self.buffers = dict(buffers) if buffers is not None else allocate(tg, weights, meta)
+                 buffers: dict[str, torch.Tensor] | None = None, kv_pages: KvPages | None = None):
+        self.tg, self.seed, self.kv_pages = tg, seed, kv_pages
+        self.buffers = dict(buffers) if buffers is not None else allocate(tg, weights, meta, kv_pages=kv_pages)
 
     def run(self, num_steps, max_new_tokens=None, on_step=None, *, first_step=0, eos_token_ids=None,
             collect_logits=False, position_offsets=None) -> RunResult:
         tg = self.tg
         offsets = check_steps(tg, first_step, num_steps, position_offsets)
+        self.check_kv_table()
         limits = per_sequence_limits(tg.batch, max_new_tokens)
         eos = set(tg.model.get("eos_token_ids", ()) if eos_token_ids is None else eos_token_ids)
         if first_step == 0 and position_offsets is None:
@@ -146,7 +156,7 @@ class CpuExecutor(Executor):
             return asked or all(finished)
 
         t0 = time.perf_counter()
-        steps = run(tg, self.buffers, num_steps, step_done, self.seed, first_step, offsets)
+        steps = run(tg, self.buffers, num_steps, step_done, self.seed, first_step, offsets, self.kv_table)
         return RunResult(tokens, steps, time.perf_counter() - t0, steps < num_steps, logits)
 
     def close(self) -> None:

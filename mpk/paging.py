@@ -1,0 +1,136 @@
+"""Paged KV cache: each layer's K and V live in a pool of fixed-size blocks, and a block table per
+sequence says which block holds which of its rows.
+
+The task graph keeps the logical view, [batch, max_seq_len, groups, head_dim] per cache tensor: the
+verifier proves the tasks' regions in it, and every op's PyTorch reference reads it. Only storage
+changes: logical row r of sequence b is row r % block_rows of block table[b, r // block_rows] of a
+pool [num_blocks, block_rows, groups, head_dim]. The executors translate (the CPU executor gathers
+and scatters a task's regions, the GPU's attention templates look the block up), and `BlockPool`
+hands out blocks as sequences grow and takes them back when they finish.
+
+Block 0 is never given to a sequence: table entries not yet backed point at it, so a slot with no
+request (it still runs in the batch) reads and writes there, harmlessly, and never another
+sequence's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mpk.errors import MpkError
+from mpk.util import cdiv
+
+SCRATCH_BLOCK = 0
+DEFAULT_BLOCK_ROWS = 64
+
+
+@dataclass(frozen=True)
+class KvPages:
+    """How an executor stores its KV cache: `num_blocks` blocks of `block_rows` rows per cache tensor."""
+
+    num_blocks: int
+    block_rows: int = DEFAULT_BLOCK_ROWS
+
+    def table_shape(self, tg) -> tuple[int, int]:
+        """The block table a graph's executor takes: one row of blocks per sequence."""
+        return tg.batch, cdiv(tg.max_seq_len, self.block_rows)
+
+
+@dataclass
+class BlockPool:
+    """Blocks of `block_rows` KV rows, `num_blocks` in all (block 0 is scratch), for `slots` sequences
+    of up to `max_seq_len` rows. A slot's blocks back its rows [0, len(blocks) * block_rows)."""
+
+    num_blocks: int
+    block_rows: int
+    slots: int
+    max_seq_len: int
+    owned: list[list[int]] = field(init=False)
+    free: list[int] = field(init=False)
+
+    def __post_init__(self):
+        if self.block_rows < 1:
+            raise MpkError(f"a KV block holds at least one row, not {self.block_rows}")
+        if self.num_blocks < 2:
+            raise MpkError(f"a KV pool needs at least 2 blocks (one is scratch), not {self.num_blocks}")
+        self.owned = [[] for _ in range(self.slots)]
+        self.free = list(range(self.num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out the lowest first
+
+    @property
+    def blocks_per_seq(self) -> int:
+        return cdiv(self.max_seq_len, self.block_rows)
+
+    @property
+    def in_use(self) -> int:
+        return sum(len(b) for b in self.owned)
+
+    def blocks_for(self, rows: int) -> int:
+        return cdiv(max(0, rows), self.block_rows)
+
+    def can_grow(self, slot: int, rows: int) -> bool:
+        return self.blocks_for(rows) - len(self.owned[slot]) <= len(self.free)
+
+    def grow(self, slot: int, rows: int) -> None:
+        """Back rows [0, rows) of `slot` (rows past max_seq_len are never used and never backed)."""
+        want = self.blocks_for(min(rows, self.max_seq_len))
+        need = want - len(self.owned[slot])
+        if need > len(self.free):
+            raise MpkError(f"the KV cache has {len(self.free)} free blocks of {self.block_rows} rows and sequence "
+                           f"slot {slot} needs {need} more; fewer requests at once, or more GPU memory for the cache")
+        for _ in range(max(0, need)):
+            self.owned[slot].append(self.free.pop())
+
+    def release(self, slot: int) -> None:
+        """Give back every block of `slot`."""
+        self.free.extend(reversed(self.owned[slot]))
+        self.owned[slot] = []
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot `src`'s rows become slot `dst`'s (an empty slot): its blocks change hands, no row moves."""
+        if self.owned[dst]:
+            raise MpkError(f"KV slot {dst} still holds blocks; release it before moving slot {src} there")
+        self.owned[dst], self.owned[src] = self.owned[src], []
+
+    def table(self, batch: int | None = None) -> torch.Tensor:
+        """The block table of the first `batch` slots (all by default): int32 [batch, blocks_per_seq],
+        the scratch block where a row is not backed."""
+        batch = self.slots if batch is None else batch
+        out = torch.full((batch, self.blocks_per_seq), SCRATCH_BLOCK, dtype=torch.int32)
+        for slot in range(batch):
+            blocks = self.owned[slot]
+            if blocks:
+                out[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return out
+
+
+def pool_shape(spec_shape: tuple[int, ...], num_blocks: int, block_rows: int) -> tuple[int, ...]:
+    """The pool holding a logical cache tensor [batch, max_seq_len, groups, head_dim]."""
+    return (num_blocks, block_rows, *spec_shape[2:])
+
+
+def physical_rows(table: torch.Tensor, block_rows: int, seqs: range, rows: range) -> torch.Tensor:
+    """[len(seqs), len(rows)] flat pool rows (block * block_rows + offset) of logical rows `rows`
+    of sequences `seqs`."""
+    r = torch.arange(rows.start, rows.stop)
+    blocks = table[seqs.start:seqs.stop][:, r // block_rows].long()
+    return blocks * block_rows + (r % block_rows)
+
+
+def gather(pool: torch.Tensor, table: torch.Tensor, box) -> torch.Tensor:
+    """A copy of logical box (seqs, rows, groups, dims) of a paged cache."""
+    (b0, b1), (r0, r1), *rest = box
+    flat = pool.reshape(-1, *pool.shape[2:])
+    out = flat[physical_rows(table, pool.shape[1], range(b0, b1), range(r0, r1))]
+    return out[(slice(None), slice(None), *(slice(a, b) for a, b in rest))]
+
+
+def scatter(pool: torch.Tensor, table: torch.Tensor, box, values: torch.Tensor) -> None:
+    """Write `values` (the shape of logical box (seqs, rows, groups, dims)) into a paged cache."""
+    (b0, b1), (r0, r1), *rest = box
+    flat = pool.view(-1, *pool.shape[2:])
+    idx = physical_rows(table, pool.shape[1], range(b0, b1), range(r0, r1))
+    rows = flat[idx]
+    rows[(slice(None), slice(None), *(slice(a, b) for a, b in rest))] = values
+    flat[idx] = rows

@@ -1,0 +1,87 @@
+"""Paged KV cache (mpk.paging): the block pool's bookkeeping, and the CPU executor over block pools
+giving exactly what it gives over contiguous caches, whatever blocks the table names."""
+
+import pytest
+import torch
+
+from mpk.compiler import compile_model
+from mpk.errors import MpkError
+from mpk.inputs import fuse_weights, program_inputs
+from mpk.models.checkpoint import load_checkpoint
+from mpk.paging import SCRATCH_BLOCK, BlockPool, KvPages, gather, scatter
+from mpk.sim import CpuExecutor
+
+
+def test_blocks_are_handed_out_as_sequences_grow_and_come_back():
+    pool = BlockPool(num_blocks=8, block_rows=4, slots=3, max_seq_len=10)
+    assert pool.blocks_per_seq == 3 and pool.in_use == 0 and len(pool.free) == 7  # block 0 is scratch
+    pool.grow(0, 5)  # rows 0..4: two blocks
+    pool.grow(1, 1)
+    pool.grow(0, 6)  # still two
+    assert [len(b) for b in pool.owned] == [2, 1, 0] and pool.in_use == 3
+    assert SCRATCH_BLOCK not in pool.owned[0] + pool.owned[1]
+    table = pool.table()
+    assert table.shape == (3, 3) and table.dtype == torch.int32
+    assert table[0, :2].tolist() == pool.owned[0] and table[0, 2] == SCRATCH_BLOCK and table[2].tolist() == [0, 0, 0]
+    pool.grow(2, 100)  # beyond max_seq_len: only what the context can use
+    assert len(pool.owned[2]) == 3 and not pool.can_grow(1, 10)
+    with pytest.raises(MpkError, match="has 1 free blocks of 4 rows and sequence slot 1 needs 2 more"):
+        pool.grow(1, 10)
+    pool.release(0)
+    assert pool.in_use == 4 and pool.can_grow(1, 10)
+    pool.move(2, 0)
+    assert pool.owned[2] == [] and len(pool.owned[0]) == 3
+    with pytest.raises(MpkError, match="still holds blocks"):
+        pool.move(1, 0)
+    with pytest.raises(MpkError, match="at least 2 blocks"):
+        BlockPool(num_blocks=1, block_rows=4, slots=1, max_seq_len=8)
+
+
+def test_gather_and_scatter_address_rows_through_the_table():
+    pool = torch.arange(5 * 3 * 2 * 4, dtype=torch.float32).reshape(5, 3, 2, 4)  # 5 blocks of 3 rows
+    table = torch.tensor([[4, 1, 2], [3, 0, 0]], dtype=torch.int32)
+    got = gather(pool, table, ((0, 2), (2, 5), (1, 2), (0, 4)))
+    want = torch.stack([torch.stack([pool[4, 2, 1], pool[1, 0, 1], pool[1, 1, 1]]),
+                        torch.stack([pool[3, 2, 1], pool[0, 0, 1], pool[0, 1, 1]])])
+    assert torch.equal(got, want[:, :, None])
+    scatter(pool, table, ((1, 2), (1, 2), (0, 2), (1, 3)), torch.full((1, 1, 2, 2), -1.0))
+    assert (pool[3, 1, :, 1:3] == -1).all() and (pool[3, 1, :, 0] != -1).all() and (pool[3, 0] != -1).all()
+
+
+def run(tg, weights, meta, steps, kv_pages=None, table=None):
+    with CpuExecutor(tg, weights, meta, kv_pages=kv_pages) as ex:
+        if table is not None:
+            ex.set_kv_table(table)
+        return ex.run(steps, eos_token_ids=[], collect_logits=True)
+
+
+@pytest.mark.parametrize("family, overrides", [("qwen3", {}), ("mistral", {"sliding_window": 7})])
+def test_a_paged_cache_gives_what_a_contiguous_cache_gives(make_checkpoint, family, overrides):
+    cfg, hf = load_checkpoint(make_checkpoint(family, **overrides))
+    steps = 30
+    tg = compile_model(cfg, batch=2, max_seq_len=steps, num_sms=4)
+    prompts = [[3, 4, 5, 6, 7], [9, 8]]
+    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
+    want = run(tg, weights, meta, steps)
+    pool = BlockPool(num_blocks=20, block_rows=4, slots=2, max_seq_len=steps)
+    for rows in range(4, steps + 4, 4):  # the two sequences' blocks interleave in the pool
+        pool.grow(1, rows)
+        pool.grow(0, rows)
+    got = run(tg, weights, meta, steps, KvPages(20, 4), pool.table())
+    assert got.tokens == want.tokens
+    assert all(torch.equal(g, w) for g, w in zip(got.logits, want.logits))
+
+
+def test_a_paged_executor_needs_its_table(make_checkpoint):
+    cfg, hf = load_checkpoint(make_checkpoint("llama"))
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4)
+    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), [[1, 2]])
+    with CpuExecutor(tg, weights, meta, kv_pages=KvPages(4, 4)) as ex:
+        with pytest.raises(MpkError, match="set its block table"):
+            ex.run(2)
+        with pytest.raises(MpkError, match=r"the block table is \(1, 3\); this graph needs \(1, 2\)"):
+            ex.set_kv_table(torch.zeros(1, 3, dtype=torch.int32))
+        with pytest.raises(MpkError, match="outside the pool's 4"):
+            ex.set_kv_table(torch.tensor([[1, 4]], dtype=torch.int32))
+    with CpuExecutor(tg, weights, meta) as ex, pytest.raises(MpkError, match="is not paged"):
+        ex.set_kv_table(torch.zeros(1, 2, dtype=torch.int32))
