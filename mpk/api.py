@@ -94,12 +94,15 @@ class LLM:
     the model's context. `prefill` runs the prompts' first positions at once (`mpk.prefill`: on the
     GPU op by op in PyTorch, on the CPU as task graphs) instead of one decode step each.
     `activations`, `kv_cache` and `matmul_inputs` are the precisions of `mpk.graph.precision_of`.
+    `kv_block_rows` > 0 pages the KV cache (`mpk.paging`): `kv_blocks` blocks of that many rows per
+    cache tensor (default: as many as max_batch sequences of max_seq_len fill), handed to sequences
+    as they grow.
     """
 
     def __init__(self, model: str, *, max_batch: int = 8, max_seq_len: int = 4096, backend: str = "auto",
                  dtype: str | None = None, device=None, tp_size: int = 1, num_sms: int | None = None,
                  activations: str | None = None, kv_cache: str | None = None, matmul_inputs: str | None = None,
-                 seed: int = 0,
+                 kv_block_rows: int = 0, kv_blocks: int | None = None, seed: int = 0,
                  weights: dict | None = None, load_progress: Callable[[int], None] | None = None,
                  prefill: bool = True):
         import torch
@@ -116,6 +119,9 @@ class LLM:
             raise MpkError(f"max_batch must be between 1 and {MAX_BATCH}, not {max_batch}")
         if max_seq_len < 1:
             raise MpkError(f"max_seq_len must be at least 1, not {max_seq_len}")
+        if kv_block_rows < 0 or (kv_blocks is not None and (kv_block_rows == 0 or kv_blocks < 2)):
+            raise MpkError(f"a paged KV cache takes kv_block_rows >= 1 and kv_blocks >= 2 (one is scratch), not "
+                           f"{kv_block_rows} and {kv_blocks}")
         self.backend = backend if backend != "auto" else "cuda" if torch.cuda.is_available() else "sim"
         self.dtype = dtype or ("bfloat16" if self.backend == "cuda" else "float32")
         if self.dtype not in SUPPORTED_DTYPES:
@@ -129,6 +135,7 @@ class LLM:
         self.tp_size, self.seed = tp_size, seed
         self.activations, self.kv_cache = activations or DEFAULT_ACTIVATIONS, kv_cache or DEFAULT_KV_CACHE
         self.matmul_inputs = matmul_inputs or DEFAULT_MATMUL_INPUTS
+        self.kv_block_rows, self.kv_blocks = kv_block_rows, kv_blocks
         self.device = None
         if self.backend == "cuda":
             from mpk.runtime import rank_devices
@@ -146,6 +153,7 @@ class LLM:
                                                progress=load_progress)
         self._fused = fuse_weights(self.cfg, weights, tp_size, torch_dtype(self.dtype))
         self._executors: dict[tuple[int, int], object] = {}
+        self._block_pools: dict[int, object] = {}  # slots -> the BlockPool of `_executor(slots)`'s paged cache
         # batch -> (start, rows) -> the prefill TaskGraph (CPU executor) or Program (GPU) of those positions
         self._prefills: dict[int, dict[tuple[int, int], object]] = {}
         self.prefill = prefill
@@ -280,9 +288,18 @@ class LLM:
 
         t0 = time.perf_counter()
         executor.set_meta(meta)
-        first = self._prefill(tg, executor, ids)
-        result = executor.run(steps - first, max_new_tokens=[sp.max_tokens for sp in params], on_step=on_step,
-                              first_step=first, eos_token_ids=sorted(set.intersection(*(seq.eos for seq in seqs))))
+        pool = self._block_pools.get(tg.batch)
+        if pool is not None:  # every row the run may write, for each of its sequences
+            for slot in range(tg.batch):
+                pool.grow(slot, steps)
+            executor.set_kv_table(pool.table())
+        try:
+            first = self._prefill(tg, executor, ids)
+            result = executor.run(steps - first, max_new_tokens=[sp.max_tokens for sp in params], on_step=on_step,
+                                  first_step=first, eos_token_ids=sorted(set.intersection(*(seq.eos for seq in seqs))))
+        finally:
+            for slot in range(tg.batch if pool is not None else 0):
+                pool.release(slot)
         self.last_run = RunStats(result.steps, time.perf_counter() - t0, len(tg.tasks), first)
 
     def _prefill(self, tg, executor, ids: list[list[int]]) -> int:
@@ -301,7 +318,7 @@ class LLM:
         for start, rows in chunks(prefill_rows(ids)):
             if (start, rows) not in made:
                 made[start, rows] = compile_prefill(tg, self.cfg, rows, start=start)
-            run_prefill(made[start, rows], executor.buffers, ids, self.seed)
+            run_prefill(made[start, rows], executor.buffers, ids, self.seed, executor.kv_table)
             done = start + rows
         if done:
             executor.set_tokens([p[done] for p in ids])
@@ -316,9 +333,30 @@ class LLM:
 
             tg = self._compile(batch)
             weights, meta = program_inputs(self.cfg, tg, self._fused, [[0]] * batch)
-            self._executors[key] = open_executor(self.backend, tg, weights, meta, device=self.device, seed=self.seed)
+            pages = self._kv_pages(batch)
+            self._executors[key] = open_executor(self.backend, tg, weights, meta, device=self.device, seed=self.seed,
+                                                 kv_pages=pages)
+            if pages is not None:
+                from mpk.paging import BlockPool
+
+                self._block_pools[batch] = BlockPool(pages.num_blocks, pages.block_rows, batch, self.max_seq_len)
         executor = self._executors[key]
         return executor.tg, executor
+
+    def _kv_pages(self, slots: int):
+        """How an executor of `slots` sequences stores its KV cache: None (contiguous) or its pools."""
+        if not self.kv_block_rows:
+            return None
+        from mpk.paging import KvPages
+        from mpk.util import cdiv
+
+        blocks = self.kv_blocks or slots * cdiv(self.max_seq_len, self.kv_block_rows) + 1  # + the scratch block
+        return KvPages(blocks, self.kv_block_rows)
+
+    def _block_pool(self, slots: int):
+        """The BlockPool of `_executor(slots)`'s paged KV cache, or None."""
+        self._executor(slots)
+        return self._block_pools.get(slots)
 
     def _slots_executor(self, slots: int, batch: int):
         """An executor for the first `batch` of the `slots` sequence slots of `_executor(slots)`: the
@@ -333,8 +371,9 @@ class LLM:
             from mpk.execution import slot_buffers
 
             tg = self._compile(batch)
+            paged = home.kv_pages is not None
             self._executors[key] = open_executor(self.backend, tg, {}, {}, device=self.device, seed=self.seed,
-                                                 buffers=slot_buffers(tg, home.buffers))
+                                                 buffers=slot_buffers(tg, home.buffers, paged), kv_pages=home.kv_pages)
         executor = self._executors[key]
         return executor.tg, executor
 

@@ -62,6 +62,7 @@ class Batcher:
             raise MpkError(f"a batching window needs at least one step, not {window}")
         self.llm, self.window = llm, window
         self.tg, self.executor = llm._executor(slots or llm.max_batch)  # the home of the weights and the KV cache
+        self.pool = llm._block_pool(self.tg.batch)  # a paged cache's blocks, or None
         self.slots: list[_Slot | None] = [None] * self.tg.batch
         self.sizes = sorted({min(self.tg.batch, 1 << i) for i in range(self.tg.batch.bit_length() + 1)})
         self.last_batch = 0  # the batch size the last window ran
@@ -83,6 +84,11 @@ class Batcher:
         _, ids = llm._encode([request.prompt_ids])
         request.prompt_ids = ids[0]
         llm._check_fits(ids, [request.params])
+        if self.pool is not None:
+            need = self.pool.blocks_for(min(len(ids[0]) + request.params.max_tokens, self.pool.max_seq_len))
+            if need > self.pool.num_blocks - 1:
+                raise MpkError(f"the request needs {need} KV blocks of {self.pool.block_rows} rows and the cache has "
+                               f"{self.pool.num_blocks - 1}; ask for fewer tokens, or give the cache more blocks")
         if request.params.stop and llm.tokenizer is None:
             raise MpkError(f"stop strings need a tokenizer, and {llm.source.name} has none")
         with self._lock:
@@ -97,8 +103,15 @@ class Batcher:
         return sum(s is not None for s in self.slots)
 
     def kv_rows_in_use(self) -> int:
-        """KV cache rows the running requests hold (each slot owns max_seq_len rows)."""
+        """KV cache rows the running requests hold: with a paged cache, in their blocks; else the rows
+        they have written (each slot owning max_seq_len rows)."""
+        if self.pool is not None:
+            return self.pool.in_use * self.pool.block_rows
         return sum(self.step - s.offset for s in self.slots if s is not None)
+
+    def kv_blocks_in_use(self) -> int | None:
+        """Blocks of a paged KV cache the running requests hold (None: the cache is not paged)."""
+        return None if self.pool is None else self.pool.in_use
 
     # --- windows (one thread) ------------------------------------------------------------------
 
@@ -113,6 +126,7 @@ class Batcher:
             for b, slot in enumerate(self.slots):
                 if slot is not None:
                     self.slots[b] = None
+                    self._release(b)
                     if slot.request.on_error is not None:
                         slot.request.on_error(e)
             if not isinstance(e, Exception):
@@ -133,12 +147,20 @@ class Batcher:
             if request is None:
                 return
             ids, sp = request.prompt_ids, request.params
+            if self.pool is not None:
+                if not self.pool.reserve(b, len(ids) + sp.max_tokens):  # it waits for blocks to come back
+                    with self._lock:
+                        self._queue.appendleft(request)
+                    return
+                self.pool.grow(b, len(ids))
+                self.executor.set_kv_table(self.pool.table())
             seq = _Sequence(ids, sp, llm._decode, llm._eos(sp))
             seed = sp.run_seed()
             try:
                 done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
                                     fast=llm.backend == "cuda") if llm.prefill else 0
             except Exception as e:
+                self._release(b)
                 if request.on_error is not None:
                     request.on_error(e)
                 continue
@@ -155,19 +177,27 @@ class Batcher:
             _finish(request, [], "", None)  # its caller left while it waited
 
     def _compact(self) -> None:
-        """Move requests into the lowest slots, each with its KV rows, so the smallest batch holds them."""
+        """Move requests into the lowest slots, each with its KV rows (a paged cache's blocks change
+        hands), so the smallest batch holds them."""
         free = 0
         for b, slot in enumerate(self.slots):
             if slot is None:
                 continue
             if b != free:
-                rows = self.step - slot.offset  # the rows it has written
-                for name, spec in self.tg.tensors.items():
-                    if spec.kind == "state":
-                        buf = self.executor.buffers[name]
-                        buf[free, :rows].copy_(buf[b, :rows])
+                if self.pool is not None:
+                    self.pool.move(b, free)
+                else:
+                    rows = self.step - slot.offset  # the rows it has written
+                    for name, spec in self.tg.tensors.items():
+                        if spec.kind == "state":
+                            buf = self.executor.buffers[name]
+                            buf[free, :rows].copy_(buf[b, :rows])
                 self.slots[free], self.slots[b] = slot, None
             free += 1
+
+    def _release(self, b: int) -> None:
+        if self.pool is not None:
+            self.pool.release(b)
 
     def _run(self) -> None:
         from mpk.inputs import program_meta
@@ -187,6 +217,12 @@ class Batcher:
         limits = [s.request.params.max_tokens if s is not None else 1 for s in slots]
         executor.set_meta(program_meta(tg, prompts, sampling))
         executor.set_tokens([s.next_token if s is not None else 0 for s in slots])
+        if self.pool is not None:  # the rows this window writes; idle slots use the scratch block
+            for b, slot in enumerate(slots):
+                if slot is not None:  # within its reservation; a finished request's later rows go to scratch
+                    request = slot.request
+                    self.pool.grow(b, min(first - slot.offset + steps, len(request.prompt_ids) + request.params.max_tokens))
+            executor.set_kv_table(self.pool.table(batch))
         eos = sorted(set.intersection(*(s.seq.eos for s in active)))
 
         def on_step(step: int, tokens: list[int]) -> bool:
@@ -209,6 +245,7 @@ class Batcher:
             if slot is None or (slot.seq.finish_reason is None and not slot.request.cancel.is_set()):
                 continue
             self.slots[b] = None
+            self._release(b)
             _finish(slot.request, slot.seq.token_ids, slot.seq.text, slot.seq.finish_reason)
         if not any(self.slots):
             self.step = 0  # nothing continues: start positions afresh

@@ -74,18 +74,20 @@ class _Collector:
 
 
 def open_executor(backend: str, tg: TaskGraph, weights: dict, meta: dict, *, device=None, seed: int = 0,
-                  buffers: dict | None = None) -> Executor:
+                  buffers: dict | None = None, kv_pages=None) -> Executor:
     """The CPU executor (`sim`) or the GPU megakernel (`cuda`) holding `tg` with these inputs, or
-    over these `buffers` (every tensor of the graph, already in place)."""
+    over these `buffers` (every tensor of the graph, already in place). `kv_pages`: a paged KV cache
+    (`mpk.paging.KvPages`)."""
     if backend == "sim":
         from mpk.sim import CpuExecutor
 
-        return CpuExecutor(tg, weights, meta, seed=seed, buffers=buffers)
+        return CpuExecutor(tg, weights, meta, seed=seed, buffers=buffers, kv_pages=kv_pages)
     from mpk.runtime import Megakernel
 
+    where = device if tg.tp_size == 1 else None
     if buffers is not None:
-        return Megakernel(tg, device=device if tg.tp_size == 1 else None, buffers=buffers)
-    return Megakernel(tg, device=device if tg.tp_size == 1 else None, weights=weights, meta=meta)
+        return Megakernel(tg, device=where, buffers=buffers, kv_pages=kv_pages)
+    return Megakernel(tg, device=where, weights=weights, meta=meta, kv_pages=kv_pages)
 
 
 def generate(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,

@@ -9,7 +9,8 @@ and scatters a task's regions, the GPU's attention templates look the block up),
 hands out blocks as sequences grow and takes them back when they finish.
 
 Block 0 is never given to a sequence: table entries not yet backed point at it, so a slot with no
-request (it still runs in the batch) reads and writes there, harmlessly, and never another
+request (it still runs in the batch), or a request that finished before its window did, reads and
+writes there, harmlessly (it starts zeroed, so the garbage stays finite), and never another
 sequence's rows.
 """
 
@@ -49,6 +50,7 @@ class BlockPool:
     max_seq_len: int
     owned: list[list[int]] = field(init=False)
     free: list[int] = field(init=False)
+    reserved: list[int] = field(init=False)  # blocks each slot may still grow to (`reserve`)
 
     def __post_init__(self):
         if self.block_rows < 1:
@@ -56,6 +58,7 @@ class BlockPool:
         if self.num_blocks < 2:
             raise MpkError(f"a KV pool needs at least 2 blocks (one is scratch), not {self.num_blocks}")
         self.owned = [[] for _ in range(self.slots)]
+        self.reserved = [0] * self.slots
         self.free = list(range(self.num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out the lowest first
 
     @property
@@ -69,8 +72,23 @@ class BlockPool:
     def blocks_for(self, rows: int) -> int:
         return cdiv(max(0, rows), self.block_rows)
 
+    @property
+    def unpromised(self) -> int:
+        """Free blocks no slot's reservation counts on."""
+        return len(self.free) - sum(max(0, r - len(o)) for r, o in zip(self.reserved, self.owned))
+
     def can_grow(self, slot: int, rows: int) -> bool:
         return self.blocks_for(rows) - len(self.owned[slot]) <= len(self.free)
+
+    def reserve(self, slot: int, rows: int) -> bool:
+        """Promise `slot` the blocks of `rows` rows (its prompt and every token it may make), so that
+        growing to them never fails; False, and nothing promised, when the unpromised blocks are too few."""
+        want = self.blocks_for(min(rows, self.max_seq_len))
+        extra = max(0, want - max(self.reserved[slot], len(self.owned[slot])))
+        if extra > self.unpromised:
+            return False
+        self.reserved[slot] = max(self.reserved[slot], want)
+        return True
 
     def grow(self, slot: int, rows: int) -> None:
         """Back rows [0, rows) of `slot` (rows past max_seq_len are never used and never backed)."""
@@ -83,15 +101,17 @@ class BlockPool:
             self.owned[slot].append(self.free.pop())
 
     def release(self, slot: int) -> None:
-        """Give back every block of `slot`."""
+        """Give back every block of `slot`, and its reservation."""
         self.free.extend(reversed(self.owned[slot]))
         self.owned[slot] = []
+        self.reserved[slot] = 0
 
     def move(self, src: int, dst: int) -> None:
         """Slot `src`'s rows become slot `dst`'s (an empty slot): its blocks change hands, no row moves."""
-        if self.owned[dst]:
+        if self.owned[dst] or self.reserved[dst]:
             raise MpkError(f"KV slot {dst} still holds blocks; release it before moving slot {src} there")
         self.owned[dst], self.owned[src] = self.owned[src], []
+        self.reserved[dst], self.reserved[src] = self.reserved[src], 0
 
     def table(self, batch: int | None = None) -> torch.Tensor:
         """The block table of the first `batch` slots (all by default): int32 [batch, blocks_per_seq],
@@ -110,19 +130,19 @@ def pool_shape(spec_shape: tuple[int, ...], num_blocks: int, block_rows: int) ->
     return (num_blocks, block_rows, *spec_shape[2:])
 
 
-def physical_rows(table: torch.Tensor, block_rows: int, seqs: range, rows: range) -> torch.Tensor:
+def physical_rows(table: torch.Tensor, block_rows: int, seqs: range, rows: range, device=None) -> torch.Tensor:
     """[len(seqs), len(rows)] flat pool rows (block * block_rows + offset) of logical rows `rows`
-    of sequences `seqs`."""
+    of sequences `seqs`, on `device`."""
     r = torch.arange(rows.start, rows.stop)
-    blocks = table[seqs.start:seqs.stop][:, r // block_rows].long()
-    return blocks * block_rows + (r % block_rows)
+    blocks = table.cpu()[seqs.start:seqs.stop][:, r // block_rows].long()
+    return (blocks * block_rows + (r % block_rows)).to(device)
 
 
 def gather(pool: torch.Tensor, table: torch.Tensor, box) -> torch.Tensor:
     """A copy of logical box (seqs, rows, groups, dims) of a paged cache."""
     (b0, b1), (r0, r1), *rest = box
     flat = pool.reshape(-1, *pool.shape[2:])
-    out = flat[physical_rows(table, pool.shape[1], range(b0, b1), range(r0, r1))]
+    out = flat[physical_rows(table, pool.shape[1], range(b0, b1), range(r0, r1), pool.device)]
     return out[(slice(None), slice(None), *(slice(a, b) for a, b in rest))]
 
 
@@ -130,7 +150,7 @@ def scatter(pool: torch.Tensor, table: torch.Tensor, box, values: torch.Tensor) 
     """Write `values` (the shape of logical box (seqs, rows, groups, dims)) into a paged cache."""
     (b0, b1), (r0, r1), *rest = box
     flat = pool.view(-1, *pool.shape[2:])
-    idx = physical_rows(table, pool.shape[1], range(b0, b1), range(r0, r1))
+    idx = physical_rows(table, pool.shape[1], range(b0, b1), range(r0, r1), pool.device)
     rows = flat[idx]
     rows[(slice(None), slice(None), *(slice(a, b) for a, b in rest))] = values
     flat[idx] = rows

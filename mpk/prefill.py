@@ -43,6 +43,7 @@ from mpk.graph import (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE, Progr
                        precision_of, qkv_tile, rank_name, row_parallel_linear, shard_of, tensor_name)
 from mpk.ops import OP_KINDS
 from mpk.ops.linear import Gemv
+from mpk.paging import gather, scatter
 from mpk.taskgraph import TaskGraph, TensorSpec
 from mpk.util import cdiv
 
@@ -155,19 +156,23 @@ def compile_prefill(decode: TaskGraph, cfg, rows: int, verify: bool = True, star
     return tg
 
 
-def run_prefill(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts: list[list[int]], seed: int = 0) -> None:
+def run_prefill(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts: list[list[int]], seed: int = 0,
+                kv_table: torch.Tensor | None = None) -> None:
     """Run a prefill graph on the CPU executor over the decode executor's buffers (the weights and
-    the KV cache it fills are shared; its own activations are new)."""
+    the KV cache it fills are shared; its own activations are new). `kv_table`: the block table of a
+    paged cache (`mpk.paging`)."""
     from mpk.sim import run
 
     start, rows = chunk_of(tg)
-    run(tg, _graph_buffers(tg, decode_buffers, _chunk_tokens(prompts, start, rows)), 1, lambda step, b: False, seed, 0)
+    bufs = _graph_buffers(tg, decode_buffers, _chunk_tokens(prompts, start, rows), paged=kv_table is not None)
+    run(tg, bufs, 1, lambda step, b: False, seed, 0, kv_table=kv_table)
 
 
-def _graph_buffers(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+def _graph_buffers(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], tokens: torch.Tensor,
+                   paged: bool = False) -> dict[str, torch.Tensor]:
     """Buffers for a prefill graph: the decode buffers' weights and KV cache, and activations and
     the chunk's tokens of its own, each on its rank's device."""
-    shared = _shared(tg, decode_buffers)
+    shared = _shared(tg, decode_buffers, paged)
     devices = [decode_buffers[tensor_name(r, tg.tp_size, EMBED)].device for r in range(tg.tp_size)]
     meta = {tensor_name(r, tg.tp_size, PREFILL_TOKENS): tokens for r in range(tg.tp_size)}
     own = {name: spec for name, spec in tg.tensors.items() if name not in shared}
@@ -193,9 +198,12 @@ def prefill_graphs(executor, cfg, prompts: list[list[int]], kernels: dict, chunk
                 kernels.pop(next(iter(kernels))).close()
             tg = compile_prefill(executor.tg, cfg, rows, start=start)
             _check_activations_fit(tg, executor.devices)
-            kernels[start, rows] = Megakernel(tg, devices=executor.devices,
-                                              buffers=_graph_buffers(tg, executor.buffers, tokens))
+            paged = executor.kv_pages is not None
+            kernels[start, rows] = Megakernel(tg, devices=executor.devices, kv_pages=executor.kv_pages,
+                                              buffers=_graph_buffers(tg, executor.buffers, tokens, paged))
         mk = kernels[start, rows]
+        if mk.kv_pages is not None:
+            mk.set_kv_table(executor.kv_table)
         for r in range(mk.tg.tp_size):
             mk.buffers[tensor_name(r, mk.tg.tp_size, PREFILL_TOKENS)].copy_(tokens)
         mk.run(1)
@@ -206,15 +214,23 @@ def prefill_graphs(executor, cfg, prompts: list[list[int]], kernels: dict, chunk
 
 
 def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.Tensor], prompts: list[list[int]],
-                    fast: bool = False) -> None:
+                    fast: bool = False, kv_table: torch.Tensor | None = None) -> None:
     """Run a prefill program op by op in program order (every op reads only what earlier ops
     wrote), each op whole (`OpKind.run_whole`), over the decode buffers on their devices (a rank's
     ops on its GPU). Activations are made when first written and dropped after their last use;
     the exact mode poisons them first (NaN), so an op that leaves part of its output unwritten shows.
-    `fast`: bf16 GEMM inputs with float32 accumulation and fused attention."""
+    `fast`: bf16 GEMM inputs with float32 accumulation and fused attention. With `kv_table` (a
+    paged cache) the ops see the sequences' rows [0, start + rows) gathered from the pools, and the
+    chunk's rows go back to their blocks at the end."""
     start, rows = chunk_of(prog)
     tokens = _chunk_tokens(prompts, start, rows)
-    bufs = _shared(prog, decode_buffers)
+    bufs = _shared(prog, decode_buffers, paged=kv_table is not None)
+    pools = {}
+    if kv_table is not None:
+        pools = {name: buf for name, buf in bufs.items() if prog.tensors[name].kind == "state"}
+        for name, pool in pools.items():
+            _, _, groups, hd = prog.tensors[name].shape
+            bufs[name] = gather(pool, kv_table, ((0, prog.batch), (0, start + rows), (0, groups), (0, hd)))
     devices = [decode_buffers[tensor_name(r, prog.tp_size, EMBED)].device for r in range(prog.tp_size)]
     for r in range(prog.tp_size):
         bufs[tensor_name(r, prog.tp_size, PREFILL_TOKENS)] = tokens.to(devices[r])
@@ -229,6 +245,10 @@ def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.T
             for name in _bound(op).values():
                 if last_use[name] == i and prog.tensors[name].kind == "activation":
                     del bufs[name]
+        for name, pool in pools.items():
+            _, _, groups, hd = prog.tensors[name].shape
+            scatter(pool, kv_table, ((0, prog.batch), (start, start + rows), (0, groups), (0, hd)),
+                    bufs[name][:, start:start + rows])
 
 
 def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chunk_rows: int = OP_CHUNK_ROWS,
@@ -244,7 +264,7 @@ def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chun
             if len(programs) >= PROGRAMS_KEPT:
                 del programs[next(iter(programs))]
             programs[start, rows] = prefill_program(executor.tg, cfg, rows, start)
-        run_prefill_ops(programs[start, rows], executor.buffers, prompts, fast)
+        run_prefill_ops(programs[start, rows], executor.buffers, prompts, fast, executor.kv_table)
         done = start + rows
     if done:
         executor.set_tokens([p[done] for p in prompts])
@@ -262,7 +282,10 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
     if positions < 1:
         return 0
     tg = executor.tg
-    views = {name: buf[slot:slot + 1] if tg.tensors[name].kind == "state" else buf
+    paged = executor.kv_table is not None
+    # The slot alone: its rows of the KV cache (of a paged cache: its row of the block table).
+    table = executor.kv_table[slot:slot + 1] if paged else None
+    views = {name: buf[slot:slot + 1] if tg.tensors[name].kind == "state" and not paged else buf
              for name, buf in executor.buffers.items()}
     on_gpu = views[tensor_name(0, tg.tp_size, EMBED)].device.type == "cuda"
     for start, rows in op_chunks(positions, 1) if on_gpu else chunks(positions):
@@ -272,9 +295,9 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
             programs[start, rows] = (prefill_program(tg, cfg, rows, start, batch=1) if on_gpu
                                      else compile_prefill(tg, cfg, rows, start=start, batch=1))
         if on_gpu:
-            run_prefill_ops(programs[start, rows], views, [prompt], fast)
+            run_prefill_ops(programs[start, rows], views, [prompt], fast, table)
         else:
-            run_prefill(programs[start, rows], views, [prompt])
+            run_prefill(programs[start, rows], views, [prompt], kv_table=table)
     _wait_for(executor)
     return positions
 
@@ -326,12 +349,19 @@ def _chunk_tokens(prompts: list[list[int]], start: int, rows: int) -> torch.Tens
     return torch.tensor([t for p in prompts for t in p[start:start + rows]], dtype=torch.int64)
 
 
-def _shared(prog: Program | TaskGraph, decode_buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The decode buffers the prefill shares: the weights and the KV cache, checked against its shapes."""
+def _shared(prog: Program | TaskGraph, decode_buffers: dict[str, torch.Tensor],
+            paged: bool = False) -> dict[str, torch.Tensor]:
+    """The decode buffers the prefill shares: the weights and the KV cache (block pools when
+    `paged`), checked against its shapes."""
     shared = {name: buf for name, buf in decode_buffers.items() if name in prog.tensors and prog.tensors[name].kind
               in ("weight", "state")}
     for name, buf in shared.items():
-        if tuple(buf.shape) != prog.tensors[name].shape:
+        spec = prog.tensors[name]
+        if paged and spec.kind == "state":
+            if tuple(buf.shape[2:]) != spec.shape[2:]:
+                raise MpkError(f"the prefill graph's {name} has rows of {spec.shape[2:]}, the decode pool "
+                               f"{tuple(buf.shape[2:])}")
+        elif tuple(buf.shape) != spec.shape:
             raise MpkError(f"the prefill graph's {name} is {prog.tensors[name].shape}, the decode buffer "
                            f"{tuple(buf.shape)}")
     return shared

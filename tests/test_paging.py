@@ -85,3 +85,71 @@ def test_a_paged_executor_needs_its_table(make_checkpoint):
             ex.set_kv_table(torch.tensor([[1, 4]], dtype=torch.int32))
     with CpuExecutor(tg, weights, meta) as ex, pytest.raises(MpkError, match="is not paged"):
         ex.set_kv_table(torch.zeros(1, 2, dtype=torch.int32))
+
+
+# --- the API and the batcher over a paged cache ---------------------------------------------------
+
+MAX_SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def path(make_checkpoint):
+    import tiny_tokenizers
+
+    p = make_checkpoint("qwen3", vocab_size=300)
+    tiny_tokenizers.save(tiny_tokenizers.byte_level(), p)
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def contiguous(path):
+    from mpk import LLM
+
+    return LLM(path, backend="sim", dtype="float32", max_batch=3, max_seq_len=MAX_SEQ_LEN)
+
+
+def paged(path, blocks=None):
+    from mpk import LLM
+
+    return LLM(path, backend="sim", dtype="float32", max_batch=3, max_seq_len=MAX_SEQ_LEN, kv_block_rows=4,
+               kv_blocks=blocks)
+
+
+def outputs(outs):
+    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+
+
+def test_generate_over_a_paged_cache_gives_what_a_contiguous_one_gives(path, contiguous):
+    from mpk import SamplingParams
+
+    prompts = [list(range(30, 50)), [5, 6, 7], "the cat sat"]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, max_tokens=9, seed=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5)]
+    llm = paged(path)
+    assert outputs(llm.generate(prompts, params)) == outputs(contiguous.generate(prompts, params))
+    assert llm.last_run.prefilled == 2  # the prefill wrote through the block table too
+    assert llm._block_pools[3].in_use == 0  # every block came back
+
+
+def test_the_batcher_over_few_blocks_makes_requests_wait_for_them(path, contiguous):
+    from mpk import SamplingParams
+    from mpk.batching import Batcher, Request
+
+    requests = [([5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)),
+                ([12], SamplingParams(temperature=0.9, top_k=20, max_tokens=12, seed=4, ignore_eos=True)),
+                (list(range(20, 50)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)),
+                ([3, 4], SamplingParams(temperature=1.2, max_tokens=14, seed=2, ignore_eos=True))]
+    want = [outputs(contiguous.generate([p], sp))[0] for p, sp in requests]
+    llm = paged(path, blocks=12)  # 11 usable blocks of 4 rows: two or three requests at a time, not four
+    batcher = Batcher(llm, window=4)
+    got, peak, most = [None] * len(requests), 0, 0
+    for i, (p, sp) in enumerate(requests):
+        batcher.submit(Request(p, sp, on_done=lambda out, i=i: got.__setitem__(i, outputs([out])[0])))
+    while batcher.run_window():
+        peak = max(peak, batcher.kv_blocks_in_use())
+        most = max(most, batcher.running)
+    assert got == want
+    assert peak <= 11 and most < 3 and batcher.kv_blocks_in_use() == 0
+    with pytest.raises(MpkError, match="needs 13 KV blocks of 4 rows and the cache has 11"):
+        batcher.submit(Request([1, 2], SamplingParams(max_tokens=50)))

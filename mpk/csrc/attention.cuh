@@ -132,15 +132,16 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
   static constexpr int kAccOff = kStatOff + align16(2 * kWarps * QPK * 4);  // float [kWarps][QPK][HD]
   static constexpr int SMEM = kAccOff + kWarps * QPK * HD * 4;
 
-  // Warp-wide: pull K and V rows [r, r + kRowsPerWarp) below `end` into L2 (128-byte lines).
-  __device__ __forceinline__ static void prefetch_rows(const KT* k, const KT* v, size_t stride, long long r,
-                                                       long long end) {
+  // Warp-wide: pull sequence b's K and V rows [r, r + kRowsPerWarp) below `end` into L2 (128-byte lines).
+  __device__ __forceinline__ static void prefetch_rows(const TaskCtx& t, int b, int seq, const KT* k, const KT* v,
+                                                       size_t stride, long long r, long long end) {
     constexpr int kLineElems = 128 / static_cast<int>(sizeof(KT)), kLines = (HD + kLineElems - 1) / kLineElems;
     constexpr int kPerTensor = kRowsPerWarp * kLines;
     for (int i = lane_id(); i < 2 * kPerTensor; i += 32) {
       const int rest = i % kPerTensor;
       const long long row = r + rest / kLines;
-      if (row < end) prefetch_l2((i < kPerTensor ? k : v) + row * stride + (rest % kLines) * kLineElems);
+      if (row < end)
+        prefetch_l2((i < kPerTensor ? k : v) + t.kv_row(b, row, seq) * stride + (rest % kLines) * kLineElems);
     }
   }
 
@@ -163,12 +164,13 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
     const bool now = r1 == pos + 1;      // this split holds the current row
     const long long end = min(r1, pos);  // cache rows [r0, end)
     const size_t stride = static_cast<size_t>(G) * HD;  // between consecutive rows of one column
-    const KT* k_col = op.arg<const KT>(S::k_cache) + static_cast<size_t>(b) * seq * stride + g * HD;
-    const KT* v_col = op.arg<const KT>(S::v_cache) + static_cast<size_t>(b) * seq * stride + g * HD;
+    const KT* k_col = op.arg<const KT>(S::k_cache) + g * HD;  // row r of sequence b: + t.kv_row(b, r, seq) * stride
+    const KT* v_col = op.arg<const KT>(S::v_cache) + g * HD;
     const int lane = lane_id(), warp = warp_id();
     constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;
     // The first rows stream into L2 while the prologue below works on this step's heads.
-    for (int k = 0; k < 2; ++k) prefetch_rows(k_col, v_col, stride, r0 + k * kCtaRows + warp * kRowsPerWarp, end);
+    for (int k = 0; k < 2; ++k)
+      prefetch_rows(t, b, seq, k_col, v_col, stride, r0 + k * kCtaRows + warp * kRowsPerWarp, end);
 
     float* heads = reinterpret_cast<float*>(smem + kHeadsOff);
     float* s_now = reinterpret_cast<float*>(smem + kNowOff);
@@ -213,17 +215,18 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
     }
 
     for (long long base = r0 + warp * kRowsPerWarp; base < end; base += kCtaRows) {
-      prefetch_rows(k_col, v_col, stride, base + 2 * kCtaRows, end);
+      prefetch_rows(t, b, seq, k_col, v_col, stride, base + 2 * kCtaRows, end);
       unsigned kw[U][L::NV][L::NW], vw[U][L::NV][L::NW];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const long long row = min(base + u * L::RPW + slot, end - 1);  // past the end: a valid row, masked below
+        const size_t at = t.kv_row(b, row, seq) * stride;
 #pragma unroll
         for (int j = 0; j < L::NV; ++j) {
           const int c = sub + j * L::LPR;
           if (c < L::C) {
-            L::load(k_col + row * stride + c * L::V, kw[u][j]);
-            L::load(v_col + row * stride + c * L::V, vw[u][j]);
+            L::load(k_col + at + c * L::V, kw[u][j]);
+            L::load(v_col + at + c * L::V, vw[u][j]);
           } else {
 #pragma unroll
             for (int w = 0; w < L::NW; ++w) kw[u][j][w] = vw[u][j][w] = 0u;
@@ -340,7 +343,7 @@ template <class S, int QPK, int HD, bool KNORM, class A, class KT> struct Attent
     MPK_ASSERT(g < G && 0 <= pos && pos < seq);
     const size_t bg = static_cast<size_t>(b) * G + g;
     const T* src = op.arg<const T>(S::qkv) + bg * (QPK + 2) * HD;
-    const size_t row = ((static_cast<size_t>(b) * seq + pos) * G + g) * HD;
+    const size_t row = (t.kv_row(b, pos, seq) * G + g) * HD;
     if (warp_id() == 0) {
       float* buf = reinterpret_cast<float*>(smem);
       norm_rope_head<HD, KNORM, A>(src + QPK * HD, op.arg<const bf16>(S::k_norm), op.f[S::eps],

@@ -82,6 +82,7 @@ struct MpkParams {
   unsigned long long* trace;           // null, or [num_steps][num_tasks][3]: %globaltimer at wait, run, done
   unsigned long long* const* peer_counters;  // [tp_size]: every rank's counters (this rank's too)
   long long* const* peer_ctl;                // [tp_size]: every rank's ctl
+  const int* kv_blocks;          // null (contiguous KV rows), or the block table [batch][kv_blocks_per_seq] (mpk.paging)
   long long first_step;          // absolute position of the launch's first step
   long long num_steps;
   long long num_sms;
@@ -90,6 +91,8 @@ struct MpkParams {
   long long batch;
   long long rank;  // this GPU's tensor-parallel rank
   long long tp_size;
+  long long kv_block_rows;     // with kv_blocks: KV rows per block
+  long long kv_blocks_per_seq;
 };
 
 // Dynamic shared memory the kernel needs: the most any variant uses.
@@ -110,6 +113,14 @@ struct TaskCtx {
 
   // Sequence b's position this step (its RoPE row and KV row): sequences join a batch at any step.
   __device__ long long position(int b) const { return step - p->pos_offset[b]; }
+
+  // Where row r of sequence b sits in a KV cache of `seq` rows per sequence, in rows of the cache
+  // tensor: b * seq + r, or with a paged cache the row of its block in the pool.
+  __device__ __forceinline__ size_t kv_row(int b, long long r, int seq) const {
+    if (p->kv_blocks == nullptr) return static_cast<size_t>(b) * seq + r;
+    const long long rows = p->kv_block_rows;
+    return static_cast<size_t>(p->kv_blocks[b * p->kv_blocks_per_seq + r / rows]) * rows + r % rows;
+  }
 };
 
 __device__ __forceinline__ unsigned long long global_timer() {

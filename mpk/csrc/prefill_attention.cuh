@@ -50,11 +50,14 @@ template <class S, int QPK, int HD, int R, bool NORM, class A, class KT> struct 
     size_t ld;       // between qkv rows
     const float* rope;
     const bf16* k_norm;
-    KT* k_col;       // cache row 0 of (b, g)
+    KT* k_col;       // column g of the cache: sequence b's row p at + at(p)
     KT* v_col;
     size_t kv_ld;    // between cache rows
+    const TaskCtx* t;
+    int b, seq;
     int start, r0, kend;  // kend: one past the last key, start + r1
     float eps;
+    __device__ __forceinline__ size_t at(long long p) const { return t->kv_row(b, p, seq) * kv_ld; }
   };
 
   // Keys [k0, k0 + KB) into ks / vs: the cached ones before the chunk, the chunk's computed from its QKV rows
@@ -65,7 +68,7 @@ template <class S, int QPK, int HD, int R, bool NORM, class A, class KT> struct 
     for (int i = threadIdx.x; i < KB * kKvChunks; i += kThreads) {
       const int r = i / kKvChunks, e = (i % kKvChunks) * 16 / static_cast<int>(sizeof(KT));
       if (r < n_past) {
-        const size_t at = (k0 + r) * c.kv_ld + e;
+        const size_t at = c.at(k0 + r) + e;
         stage16(c.k_col + at, ks + r * LD + e);
         stage16(c.v_col + at, vs + r * LD + e);
       } else if (r >= n_new) {
@@ -83,8 +86,8 @@ template <class S, int QPK, int HD, int R, bool NORM, class A, class KT> struct 
         ks[r * LD + d] = to_bf(k);
         vs[r * LD + d] = to_bf(v);
         if (own) {
-          act_store(c.k_col + p * c.kv_ld + d, k);
-          act_store(c.v_col + p * c.kv_ld + d, v);
+          act_store(c.k_col + c.at(p) + d, k);
+          act_store(c.v_col + c.at(p) + d, v);
         }
       }
       __syncwarp();
@@ -97,7 +100,7 @@ template <class S, int QPK, int HD, int R, bool NORM, class A, class KT> struct 
     const int n = max(0, min(KB, c.start - k0));
     for (int i = threadIdx.x; i < 2 * n * kLines; i += kThreads) {
       const int r = i / 2 / kLines, line = i / 2 % kLines;
-      prefetch_l2((i & 1 ? c.v_col : c.k_col) + (k0 + r) * c.kv_ld + line * kLineElems);
+      prefetch_l2((i & 1 ? c.v_col : c.k_col) + c.at(k0 + r) + line * kLineElems);
     }
   }
 
@@ -180,9 +183,9 @@ template <class S, int QPK, int HD, int R, bool NORM, class A, class KT> struct 
     c.rope = op.arg<const float>(S::rope);
     c.k_norm = op.arg<const bf16>(S::k_norm);
     c.kv_ld = static_cast<size_t>(G) * HD;
-    const size_t col = static_cast<size_t>(b) * seq * c.kv_ld + static_cast<size_t>(g) * HD;
-    c.k_col = op.arg<KT>(S::k_cache) + col;
-    c.v_col = op.arg<KT>(S::v_cache) + col;
+    c.t = &t, c.b = b, c.seq = seq;
+    c.k_col = op.arg<KT>(S::k_cache) + static_cast<size_t>(g) * HD;
+    c.v_col = op.arg<KT>(S::v_cache) + static_cast<size_t>(g) * HD;
     c.eps = op.f[S::eps];
 
     const int warp = warp_id(), lane = lane_id();

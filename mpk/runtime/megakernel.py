@@ -25,6 +25,7 @@ from mpk.codegen import check_supported, render_source, variants_signature
 from mpk.dtypes import torch_dtype
 from mpk.errors import MpkError
 from mpk.execution import Executor, RunResult, allocate, check_steps, per_sequence_limits
+from mpk.paging import KvPages, pool_shape
 from mpk.runtime.abi import Abi, Mapped, Params, check, load_library
 from mpk.runtime.build import arch_for_capability, build
 from mpk.runtime.tables import KernelTables, build_rank_tables, op_table, prefetch_table, rank_pointer_count
@@ -109,9 +110,9 @@ class Megakernel(Executor):
 
     def __init__(self, tg: TaskGraph, so_path: str | Path | None = None, device=None, *,
                  devices=None, weights: dict | None = None, meta: dict | None = None, buffers: dict | None = None,
-                 arch: str | None = None, debug: bool | None = None):
+                 arch: str | None = None, debug: bool | None = None, kv_pages: KvPages | None = None):
         check_supported(tg)
-        self.tg = tg
+        self.tg, self.kv_pages = tg, kv_pages
         if tg.tp_size > 1:
             os.environ.update(NO_MULTICAST)
         self.devices = rank_devices(tg.tp_size, device, devices)
@@ -204,7 +205,7 @@ class Megakernel(Executor):
 
     def load(self, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
         """Copy weights and meta to the GPUs; allocate (poisoned) activations and state."""
-        self.set_buffers(allocate(self.tg, weights, meta, self.devices))
+        self.set_buffers(allocate(self.tg, weights, meta, self.devices, self.kv_pages))
 
     def set_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         for name, spec in self.tg.tensors.items():
@@ -212,9 +213,12 @@ class Megakernel(Executor):
             if buf is None:
                 raise MpkError(f"no buffer for tensor {name!r}")
             want, where = torch_dtype(spec.dtype), self.devices[spec.rank]
-            if tuple(buf.shape) != spec.shape or buf.dtype != want or buf.device != where or not buf.is_contiguous():
+            shape = spec.shape
+            if spec.kind == "state" and self.kv_pages is not None:
+                shape = pool_shape(spec.shape, self.kv_pages.num_blocks, self.kv_pages.block_rows)
+            if tuple(buf.shape) != shape or buf.dtype != want or buf.device != where or not buf.is_contiguous():
                 raise MpkError(f"buffer {name!r} is {tuple(buf.shape)} {buf.dtype} on {buf.device}; the kernel needs a "
-                               f"contiguous {spec.shape} {want} on {where}")
+                               f"contiguous {shape} {want} on {where}")
         self.buffers = dict(buffers)
         address = lambda n: self.buffers[n].data_ptr()  # noqa: E731
         heads = prefetch_table(self.tg, address, head_limit=self.lib.mpk_head_bytes())
@@ -243,6 +247,7 @@ class Megakernel(Executor):
         tg, B, abi = self.tg, self.tg.batch, self.abi
         if self._ops is None:
             raise MpkError("load weights and meta (Megakernel.load) before run()")
+        self.check_kv_table()
         offsets = check_steps(tg, first_step, num_steps, position_offsets)
         limits = per_sequence_limits(B, max_new_tokens)
         eos = list(tg.model.get("eos_token_ids", ()) if eos_token_ids is None else eos_token_ids)
@@ -312,7 +317,16 @@ class Megakernel(Executor):
         p.first_step, p.num_steps, p.num_sms = first_step, num_steps, self.tg.num_sms
         p.n_eos, p.n_sample, p.batch = self._n_eos, rs.tables.n_sample, self.tg.batch
         p.rank, p.tp_size = rs.rank, self.tg.tp_size
+        if self.kv_pages is not None:
+            p.kv_blocks = rs.address("kv_blocks")
+            p.kv_block_rows = self.kv_pages.block_rows
+            p.kv_blocks_per_seq = self.kv_pages.table_shape(self.tg)[1]
         return p
+
+    def set_kv_table(self, table: torch.Tensor) -> None:
+        super().set_kv_table(table)
+        for rs in self.ranks:  # every rank's shard of the cache has the same blocks
+            rs.dev["kv_blocks"] = self.kv_table.to(rs.device)
 
     def _launch(self, first_step: int, num_steps: int, deliver) -> None:
         """Launch every rank's kernel, stream tokens while they run, and watch for a stall."""

@@ -24,12 +24,18 @@ class Metrics:
         waiting.set_function(lambda: worker.waiting)
         running = Gauge("mpk_requests_running", "requests the engine is generating", registry=r)
         running.set_function(lambda: worker.running)
-        # The KV cache is one block of max_seq_len rows per batch slot; rows in use are the running
-        # requests' positions.
-        slots = Gauge("mpk_kv_slots", "sequence slots of the batch, each with its KV cache rows", registry=r)
+        # Unpaged, the KV cache is max_seq_len rows per batch slot and the rows in use are the running
+        # requests' positions; paged (--kv-block-rows), it is blocks the requests take as they grow.
+        slots = Gauge("mpk_kv_slots", "sequence slots of the batch", registry=r)
         slots.set_function(lambda: len(worker.batcher.slots))
         rows = Gauge("mpk_kv_rows_in_use", "KV cache rows the running requests hold", registry=r)
         rows.set_function(lambda: worker.batcher.kv_rows_in_use())
+        pool = worker.batcher.pool
+        if pool is not None:
+            blocks = Gauge("mpk_kv_blocks", "blocks of the paged KV cache (one is scratch)", registry=r)
+            blocks.set(pool.num_blocks)
+            in_use = Gauge("mpk_kv_blocks_in_use", "KV cache blocks the running requests hold", registry=r)
+            in_use.set_function(lambda: worker.batcher.kv_blocks_in_use())
 
     def observe_generation(self, arrived: float, prompt_tokens: int, token_times: list[float]) -> None:
         self.prompt_tokens.inc(prompt_tokens)
