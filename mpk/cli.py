@@ -23,7 +23,8 @@ DEFAULT_TOKEN_IDS = "1,2,3,4"
 # Integer options and their (lowest, highest) values, checked before anything runs or prints.
 RANGES = {"batch": (1, MAX_BATCH), "num_sms": (1, MAX_NUM_SMS), "tp": (1, None), "max_seq_len": (1, None),
           "max_new_tokens": (1, None), "steps": (1, None), "port": (0, 65535), "max_waiting": (1, None), "max_batch": (1, MAX_BATCH),
-          "clients": (1, None), "requests": (1, None), "prompt_len": (1, None), "output_len": (1, None)}
+          "clients": (1, None), "requests": (1, None), "prompt_len": (1, None), "output_len": (1, None),
+          "kv_block_rows": (0, None)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +200,13 @@ def _add_run_flags(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
                      help="with float32 activations, round the input of every matrix product to bfloat16 "
                           "(float32 sums)")
+    cmd.add_argument("--kv-block-rows", type=int, default=0,
+                     help="page the KV cache in blocks of this many rows, handed to sequences as they grow "
+                          "(0: each sequence slot owns max-seq-len rows)")
+    cmd.add_argument("--gpu-memory-utilization", type=float, default=None,
+                     help="with --kv-block-rows: the share of the device's memory the run may take; the KV "
+                          "cache gets what the weights and workspace leave (default: as many blocks as "
+                          "max-batch full-length sequences need)")
     cmd.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
     cmd.add_argument("--tp", type=int, default=1,
@@ -506,8 +514,8 @@ def _load_llm(args, source, backend: str, device, max_batch: int, max_seq_len: i
     with progress.phase(what, total=total, unit="B", unit_scale=True) as loading:
         return LLM(args.model, max_batch=max_batch, max_seq_len=max_seq_len, backend=backend, dtype=args.dtype,
                    device=device, tp_size=args.tp, num_sms=args.num_sms, activations=args.activations,
-                   kv_cache=args.kv_cache, matmul_inputs=args.matmul_inputs, seed=args.seed,
-                   load_progress=loading.update)
+                   kv_cache=args.kv_cache, matmul_inputs=args.matmul_inputs, kv_block_rows=args.kv_block_rows,
+                   kv_blocks=getattr(args, "kv_blocks", None), seed=args.seed, load_progress=loading.update)
 
 
 def _describe_run(args, source, backend: str, stored: set[str]) -> None:
@@ -598,15 +606,38 @@ def _stored_dtypes(source) -> set[str]:
 
 
 def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) -> None:
-    """Refuse, before loading anything, a run whose weights, KV cache and workspace do not fit."""
+    """Refuse, before loading anything, a run whose weights, KV cache and workspace do not fit. A
+    paged cache sized by --gpu-memory-utilization gets its blocks here (`args.kv_blocks`)."""
+    from dataclasses import replace
+
     from mpk import memory
     from mpk.dtypes import dtype
+    from mpk.util import cdiv
 
     weight_bytes = dtype(args.dtype).bytes
+    kv_bytes = 4 if args.kv_cache == "float32" else weight_bytes
     need = memory.estimate(source.cfg, batch=batch, max_seq_len=seq_len, tp_size=args.tp, weight_bytes=weight_bytes,
-                           activation_bytes=4 if args.activations == "float32" else weight_bytes,
-                           kv_bytes=4 if args.kv_cache == "float32" else weight_bytes,
+                           activation_bytes=4 if args.activations == "float32" else weight_bytes, kv_bytes=kv_bytes,
                            device="GPU memory" if backend == "cuda" else "CPU RAM")
+    args.kv_blocks = None
+    if args.gpu_memory_utilization is not None and not args.kv_block_rows:
+        raise MpkError("--gpu-memory-utilization sizes a paged KV cache; add --kv-block-rows (64, say)")
+    if args.gpu_memory_utilization is not None and backend != "cuda":
+        raise MpkError("--gpu-memory-utilization sizes the KV cache from a GPU's memory; the CPU executor takes "
+                       "--kv-block-rows alone")
+    if args.kv_block_rows and args.gpu_memory_utilization is not None:
+        import torch
+
+        block = memory.kv_block_bytes(source.cfg, args.kv_block_rows, kv_bytes)
+        capacity = torch.cuda.get_device_properties(device or 0).total_memory * args.tp
+        blocks = memory.kv_blocks_within(need, capacity, args.gpu_memory_utilization, block)
+        one = cdiv(seq_len, args.kv_block_rows) + 1  # a request of max_seq_len tokens, and the scratch block
+        if blocks < one:
+            raise MpkError(f"--gpu-memory-utilization {args.gpu_memory_utilization:g} leaves room for {blocks} KV blocks "
+                           f"of {args.kv_block_rows} rows and one {seq_len}-token request needs {one}; raise it, or "
+                           "lower --max-seq-len")
+        args.kv_blocks = blocks
+        need = replace(need, kv_cache=blocks * block)
     if backend == "cuda" and args.tp > 1:
         import torch
 

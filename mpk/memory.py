@@ -76,6 +76,19 @@ def estimate(cfg: ModelConfig, *, batch: int, max_seq_len: int, tp_size: int = 1
     return MemoryNeed(device, cfg.num_params() * weight_bytes, L * copied * weight_bytes, kv_cache, workspace)
 
 
+def kv_block_bytes(cfg: ModelConfig, block_rows: int, kv_bytes: int = 2) -> int:
+    """Bytes of one block of a paged KV cache (`mpk.paging`): K and V of every layer, all GPUs together."""
+    return 2 * cfg.num_layers * block_rows * cfg.num_kv_heads * cfg.head_dim * kv_bytes
+
+
+def kv_blocks_within(need: MemoryNeed, capacity: int, utilization: float, block_bytes: int) -> int:
+    """Blocks a paged KV cache gets from `utilization` of a device's `capacity` bytes, once the
+    weights and the workspace of `need` have their share (vLLM's --gpu-memory-utilization)."""
+    if not 0 < utilization <= 1:
+        raise MpkError(f"--gpu-memory-utilization must be in (0, 1], not {utilization}")
+    return max(0, int(utilization * capacity) - (need.total - need.kv_cache)) // block_bytes
+
+
 def check_fits(need: MemoryNeed, available: int, what: str) -> None:
     """Raise a one-line MpkError when `need` exceeds `available` bytes (unless MPK_NO_MEMORY_CHECK=1)."""
     if need.total <= available or os.environ.get(SKIP_ENV, "") not in ("", "0"):

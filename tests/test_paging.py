@@ -153,3 +153,68 @@ def test_the_batcher_over_few_blocks_makes_requests_wait_for_them(path, contiguo
     assert peak <= 11 and most < 3 and batcher.kv_blocks_in_use() == 0
     with pytest.raises(MpkError, match="needs 13 KV blocks of 4 rows and the cache has 11"):
         batcher.submit(Request([1, 2], SamplingParams(max_tokens=50)))
+
+
+def test_the_cli_pages_the_cache_and_refuses_what_cannot_be_sized(capsys):
+    from mpk.cli import main
+
+    argv = ["generate", "tiny", "--backend", "sim", "--token-ids", "1,2,3", "--max-new-tokens", "6", "--quiet"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    assert main(argv + ["--kv-block-rows", "4"]) == 0
+    assert capsys.readouterr().out == want
+    for extra, phrase in ((["--gpu-memory-utilization", "0.5"], "add --kv-block-rows"),
+                          (["--kv-block-rows", "4", "--gpu-memory-utilization", "0.5"], "the CPU executor takes"),
+                          (["--kv-block-rows", "-1"], "--kv-block-rows must be at least 0")):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and phrase in err, err
+
+
+def test_kv_blocks_come_from_what_the_weights_and_workspace_leave():
+    from mpk import memory
+    from mpk.models import resolve_model
+
+    cfg = resolve_model("qwen3-8b").cfg
+    need = memory.estimate(cfg, batch=8, max_seq_len=4096, device="GPU memory")
+    block = memory.kv_block_bytes(cfg, 64)
+    assert block == 2 * 36 * 64 * 8 * 128 * 2  # K and V, 36 layers, 8 KV heads of 128, bf16
+    capacity = 141 << 30
+    blocks = memory.kv_blocks_within(need, capacity, 0.9, block)
+    assert blocks * block <= 0.9 * capacity - (need.total - need.kv_cache) < (blocks + 1) * block
+    assert memory.kv_blocks_within(need, capacity, 0.05, block) == 0  # not even the weights fit
+    with pytest.raises(MpkError, match=r"must be in \(0, 1\]"):
+        memory.kv_blocks_within(need, capacity, 1.5, block)
+
+
+@pytest.mark.parametrize("how", ["ops", "graph"])
+def test_prefill_writes_through_the_block_table(make_checkpoint, how):
+    from mpk.prefill import compile_prefill, prefill_ops, run_prefill
+
+    cfg, hf = load_checkpoint(make_checkpoint("mistral", sliding_window=7))
+    steps = 30
+    tg = compile_model(cfg, batch=2, max_seq_len=steps, num_sms=4)
+    seqs = torch.randint(0, cfg.vocab_size, (2, steps), generator=torch.Generator().manual_seed(5)).tolist()
+    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), seqs)
+    prompts = [s[:21] for s in seqs]
+    pool = BlockPool(num_blocks=20, block_rows=4, slots=2, max_seq_len=steps)
+    for rows in range(4, steps + 4, 4):
+        pool.grow(1, rows)
+        pool.grow(0, rows)
+    results = []
+    for pages in (None, KvPages(20, 4)):
+        with CpuExecutor(tg, weights, meta, kv_pages=pages) as ex:
+            if pages is not None:
+                ex.set_kv_table(pool.table())
+            if how == "ops":
+                first = prefill_ops(ex, cfg, prompts, fast=False)
+            else:
+                graph = compile_prefill(tg, cfg, 20)
+                run_prefill(graph, ex.buffers, prompts, kv_table=ex.kv_table)
+                ex.set_tokens([p[20] for p in prompts])
+                first = 20
+            assert first == 20
+            results.append(ex.run(steps - first, first_step=first, eos_token_ids=[], collect_logits=True))
+    contiguous, paged = results
+    assert paged.tokens == contiguous.tokens
+    assert all(torch.equal(p, c) for p, c in zip(paged.logits, contiguous.logits))
