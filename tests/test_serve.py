@@ -341,3 +341,16 @@ def test_a_full_queue_answers_503(llm):
         free()
         r = httpx.post(f"{base}/v1/completions", json=GOOD, timeout=60)
         assert r.status_code == 200
+
+
+def test_a_paged_cache_serves_the_same_tokens_and_counts_its_blocks(make_checkpoint, llm):
+    path = make_checkpoint("llama", vocab_size=300)
+    tiny_tokenizers.save(tiny_tokenizers.byte_level(), path, chat_template=TEMPLATE)
+    paged = LLM(str(path), backend="sim", dtype="float32", max_batch=4, max_seq_len=MAX_SEQ_LEN, kv_block_rows=8)
+    plain = LLM(str(path), backend="sim", dtype="float32", max_batch=4, max_seq_len=MAX_SEQ_LEN)
+    with serving(create_app(paged, MODEL, max_waiting=4)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        got = client.completions.create(model=MODEL, prompt="the cat", max_tokens=6, temperature=0)
+        assert got.choices[0].text == expected(plain, "the cat", max_tokens=6, temperature=0).text
+        assert metric(base, "mpk_kv_blocks ") == 4 * MAX_SEQ_LEN // 8 + 1
+        assert metric(base, "mpk_kv_blocks_in_use") == 0  # the finished request gave its blocks back
