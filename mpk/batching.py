@@ -147,8 +147,11 @@ class Batcher:
             if request is None:
                 return
             ids, sp = request.prompt_ids, request.params
+            cached = 0  # prompt rows a paged cache holds already (a shared prefix)
             if self.pool is not None:
+                cached = self.pool.share(b, ids) if llm.prefill else 0
                 if not self.pool.reserve(b, len(ids) + sp.max_tokens):  # it waits for blocks to come back
+                    self.pool.release(b)
                     with self._lock:
                         self._queue.appendleft(request)
                     return
@@ -157,8 +160,10 @@ class Batcher:
             seq = _Sequence(ids, sp, llm._decode, llm._eos(sp))
             seed = sp.run_seed()
             try:
-                done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
-                                    fast=llm.backend == "cuda") if llm.prefill else 0
+                done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills, fast=llm.backend == "cuda",
+                                    cached=cached) if llm.prefill else 0
+                if self.pool is not None:
+                    self.pool.publish(b, ids, done)
             except Exception as e:
                 self._release(b)
                 if request.on_error is not None:

@@ -42,7 +42,14 @@ class KvPages:
 @dataclass
 class BlockPool:
     """Blocks of `block_rows` KV rows, `num_blocks` in all (block 0 is scratch), for `slots` sequences
-    of up to `max_seq_len` rows. A slot's blocks back its rows [0, len(blocks) * block_rows)."""
+    of up to `max_seq_len` rows. A slot's blocks back its rows [0, len(blocks) * block_rows).
+
+    Prefix sharing: a block whose rows a prompt's prefill wrote is published under that prompt's
+    tokens up to the block's end (`publish`); a later prompt with the same tokens there takes the
+    block instead of a new one (`share`) and prefills only after it. Rows depend only on the tokens
+    before them, so the shared rows are the ones it would have written, and no sharer writes them
+    again (a sequence writes from its prompt's last position on). A published block nobody holds
+    stays cached until a new block is needed (least recently released first)."""
 
     num_blocks: int
     block_rows: int
@@ -51,6 +58,10 @@ class BlockPool:
     owned: list[list[int]] = field(init=False)
     free: list[int] = field(init=False)
     reserved: list[int] = field(init=False)  # blocks each slot may still grow to (`reserve`)
+    refs: dict[int, int] = field(init=False)  # holders of each block in use
+    cached: dict[tuple[int, ...], int] = field(init=False)  # prompt prefix -> the block holding its last rows
+    prefix_of: dict[int, tuple[int, ...]] = field(init=False)
+    idle: dict[int, None] = field(init=False)  # cached blocks nobody holds, oldest first
 
     def __post_init__(self):
         if self.block_rows < 1:
@@ -60,6 +71,7 @@ class BlockPool:
         self.owned = [[] for _ in range(self.slots)]
         self.reserved = [0] * self.slots
         self.free = list(range(self.num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out the lowest first
+        self.refs, self.cached, self.prefix_of, self.idle = {}, {}, {}, {}
 
     @property
     def blocks_per_seq(self) -> int:
@@ -67,7 +79,13 @@ class BlockPool:
 
     @property
     def in_use(self) -> int:
-        return sum(len(b) for b in self.owned)
+        """Blocks some sequence holds (a shared one once)."""
+        return len(self.refs)
+
+    @property
+    def available(self) -> int:
+        """Blocks a sequence can take: free ones, and cached ones nobody holds."""
+        return len(self.free) + len(self.idle)
 
     def blocks_for(self, rows: int) -> int:
         return cdiv(max(0, rows), self.block_rows)
@@ -75,10 +93,10 @@ class BlockPool:
     @property
     def unpromised(self) -> int:
         """Free blocks no slot's reservation counts on."""
-        return len(self.free) - sum(max(0, r - len(o)) for r, o in zip(self.reserved, self.owned))
+        return self.available - sum(max(0, r - len(o)) for r, o in zip(self.reserved, self.owned))
 
     def can_grow(self, slot: int, rows: int) -> bool:
-        return self.blocks_for(rows) - len(self.owned[slot]) <= len(self.free)
+        return self.blocks_for(rows) - len(self.owned[slot]) <= self.available
 
     def reserve(self, slot: int, rows: int) -> bool:
         """Promise `slot` the blocks of `rows` rows (its prompt and every token it may make), so that
@@ -94,15 +112,55 @@ class BlockPool:
         """Back rows [0, rows) of `slot` (rows past max_seq_len are never used and never backed)."""
         want = self.blocks_for(min(rows, self.max_seq_len))
         need = want - len(self.owned[slot])
-        if need > len(self.free):
-            raise MpkError(f"the KV cache has {len(self.free)} free blocks of {self.block_rows} rows and sequence "
+        if need > self.available:
+            raise MpkError(f"the KV cache has {self.available} free blocks of {self.block_rows} rows and sequence "
                            f"slot {slot} needs {need} more; fewer requests at once, or more GPU memory for the cache")
         for _ in range(max(0, need)):
-            self.owned[slot].append(self.free.pop())
+            self.owned[slot].append(self._take())
+
+    def _take(self) -> int:
+        """A block for new rows: a free one, else the cached block released longest ago (forgotten)."""
+        if self.free:
+            block = self.free.pop()
+        else:
+            block = next(iter(self.idle))
+            del self.idle[block], self.cached[self.prefix_of.pop(block)]
+        self.refs[block] = 1
+        return block
+
+    def share(self, slot: int, tokens: list[int]) -> int:
+        """Give an empty `slot` the cached blocks of `tokens`' longest published prefix that stays
+        before its last token; return the rows they hold (the prefill starts there)."""
+        if self.owned[slot]:
+            raise MpkError(f"KV slot {slot} already holds blocks; share a prefix into an empty slot")
+        for end in range(self.block_rows, len(tokens), self.block_rows):  # end <= len(tokens) - 1
+            block = self.cached.get(tuple(tokens[:end]))
+            if block is None:
+                break
+            self.idle.pop(block, None)
+            self.refs[block] = self.refs.get(block, 0) + 1
+            self.owned[slot].append(block)
+        return len(self.owned[slot]) * self.block_rows
+
+    def publish(self, slot: int, tokens: list[int], rows: int) -> None:
+        """`slot`'s rows [0, rows) now hold `tokens`' K and V: offer its whole blocks among them to
+        later prompts with the same tokens."""
+        for i in range(min(rows, len(tokens)) // self.block_rows):
+            prefix = tuple(tokens[:(i + 1) * self.block_rows])
+            block = self.owned[slot][i]
+            if prefix not in self.cached and block not in self.prefix_of:
+                self.cached[prefix], self.prefix_of[block] = block, prefix
 
     def release(self, slot: int) -> None:
-        """Give back every block of `slot`, and its reservation."""
-        self.free.extend(reversed(self.owned[slot]))
+        """Give back every block of `slot`, and its reservation: a published block stays cached."""
+        for block in reversed(self.owned[slot]):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                del self.refs[block]
+                if block in self.prefix_of:
+                    self.idle[block] = None
+                else:
+                    self.free.append(block)
         self.owned[slot] = []
         self.reserved[slot] = 0
 

@@ -272,15 +272,19 @@ def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chun
     return done
 
 
-def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fast: bool = True) -> int:
+def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fast: bool = True,
+                 cached: int = 0) -> int:
     """Prefill one prompt into one sequence slot of a running batch (`mpk.batching`): the positions
     before its last token, into that slot's rows of the KV cache, leaving the other slots alone.
     On the GPU op by op in PyTorch (`run_prefill_ops`); on the CPU executor as the verified task
     graphs `LLM.generate` runs for one prompt, so a request gets the same tokens either way.
-    `programs` caches the programs or graphs by (start, rows). Returns the positions filled."""
+    `programs` caches the programs or graphs by (start, rows). The first `cached` rows are in the
+    cache already (a shared prefix, `mpk.paging`). Returns the positions filled."""
     positions = len(prompt) - 1
     if positions < 1:
         return 0
+    if not 0 <= cached <= positions:
+        raise MpkError(f"{cached} cached rows of a {len(prompt)}-token prompt; at most {positions} can be")
     tg = executor.tg
     paged = executor.kv_table is not None
     # The slot alone: its rows of the KV cache (of a paged cache: its row of the block table).
@@ -288,7 +292,8 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
     views = {name: buf[slot:slot + 1] if tg.tensors[name].kind == "state" and not paged else buf
              for name, buf in executor.buffers.items()}
     on_gpu = views[tensor_name(0, tg.tp_size, EMBED)].device.type == "cuda"
-    for start, rows in op_chunks(positions, 1) if on_gpu else chunks(positions):
+    pieces = op_chunks(positions - cached, 1) if on_gpu else chunks(positions - cached)
+    for start, rows in [(cached + s, r) for s, r in pieces]:
         if (start, rows) not in programs:
             if len(programs) >= PROGRAMS_KEPT:
                 del programs[next(iter(programs))]

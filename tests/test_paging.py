@@ -218,3 +218,53 @@ def test_prefill_writes_through_the_block_table(make_checkpoint, how):
     contiguous, paged = results
     assert paged.tokens == contiguous.tokens
     assert all(torch.equal(p, c) for p, c in zip(paged.logits, contiguous.logits))
+
+
+def test_published_prefix_blocks_are_shared_and_stay_cached_until_needed():
+    pool = BlockPool(num_blocks=7, block_rows=4, slots=3, max_seq_len=16)  # 6 usable blocks
+    a = list(range(100, 111))  # 11 tokens: rows 0..9 are prefilled, blocks 0 and 1 whole
+    pool.grow(0, len(a))
+    pool.publish(0, a, len(a) - 1)
+    b = a[:9] + [7, 8]  # shares rows 0..7 (blocks 0, 1)
+    assert pool.share(1, b) == 8 and pool.owned[1] == pool.owned[0][:2]
+    assert pool.in_use == 3  # a's three blocks, two of them shared with b
+    assert pool.share(2, a[:8]) == 4  # rows before the last token only: block 1 would hold row 7
+    pool.release(2)
+    pool.release(0)
+    assert pool.in_use == 2 and pool.available == 4  # a's last block is free again; its shared ones are b's
+    pool.release(1)
+    assert pool.in_use == 0 and len(pool.idle) == 2 and pool.available == 6
+    assert pool.share(0, a) == 8  # cached, nobody holding them: taken back
+    pool.release(0)
+    pool.grow(1, 16)  # four new blocks: the free ones first
+    assert len(pool.idle) == 2
+    pool.grow(2, 8)  # then the cached ones, least recently released first, forgotten
+    assert len(pool.idle) == 0 and pool.share(0, a) == 0
+    with pytest.raises(MpkError, match="already holds blocks"):
+        pool.share(1, a)
+
+
+def test_a_request_with_a_cached_prefix_prefills_only_after_it(path, contiguous, monkeypatch):
+    import mpk.prefill
+    from mpk import SamplingParams
+    from mpk.batching import Batcher, Request
+
+    system = list(range(40, 70))  # 30 shared tokens: 7 whole blocks of 4 rows
+    requests = [(system + [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+                (system + [9, 9], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))]
+    want = [outputs(contiguous.generate([p], sp))[0] for p, sp in requests]
+    prefill_slot, cached = mpk.prefill.prefill_slot, []
+
+    def recorded(executor, cfg, prompt, slot, programs, fast=True, cached_rows=0):
+        cached.append(cached_rows)
+        return prefill_slot(executor, cfg, prompt, slot, programs, fast, cached_rows)
+
+    monkeypatch.setattr(mpk.prefill, "prefill_slot", lambda *a, cached=0, **kw: recorded(*a, cached_rows=cached, **kw))
+    batcher = Batcher(paged(path), window=4)
+    got = [None, None]
+    for i, (p, sp) in enumerate(requests):  # one after the other: the second finds the first's blocks
+        batcher.submit(Request(p, sp, on_done=lambda out, i=i: got.__setitem__(i, outputs([out])[0])))
+        while batcher.run_window():
+            pass
+    assert cached == [0, 28]
+    assert got == want

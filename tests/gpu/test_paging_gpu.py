@@ -96,3 +96,20 @@ def test_generate_and_the_batcher_over_a_paged_cache(path):
     assert all(o[0] == a[0] for o, a in zip(outs, alone))
     assert sum(o == a for o, a in zip(outs, alone)) >= len(PROMPTS) - 1, (outs, alone)
     assert batcher.kv_blocks_in_use() == 0
+
+
+def test_a_shared_prefix_on_the_gpu(path):
+    plain = LLM(path, backend="cuda", max_batch=2, max_seq_len=128)
+    paged = LLM(path, backend="cuda", max_batch=2, max_seq_len=128, kv_block_rows=16)
+    system = list(range(100, 150))  # 50 tokens: 3 whole blocks of 16 rows
+    prompts = [system + [5, 6, 7], system + [9]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    batcher = Batcher(paged, window=3)
+    outs = [None, None]
+    for i, p in enumerate(prompts):  # one after the other: the second takes the first's blocks
+        batcher.submit(Request(p, params, on_done=lambda out, i=i: outs.__setitem__(i, out.outputs[0].token_ids)))
+        while batcher.run_window():
+            pass
+        assert batcher.pool.in_use == 0 and len(batcher.pool.idle) == 3
+    alone = [plain.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert outs[0] == alone[0] and outs[1][0] == alone[1][0]  # the prefill from row 48 may round differently
