@@ -289,11 +289,11 @@ class LLM:
         t0 = time.perf_counter()
         executor.set_meta(meta)
         pool = self._block_pools.get(tg.batch)
-        if pool is not None:  # every row the run may write, for each of its sequences
-            for slot in range(tg.batch):
-                pool.grow(slot, steps)
-            executor.set_kv_table(pool.table())
         try:
+            if pool is not None:  # every row the run may write, for each of its sequences
+                for slot in range(tg.batch):
+                    pool.grow(slot, steps)
+                executor.set_kv_table(pool.table())
             first = self._prefill(tg, executor, ids)
             result = executor.run(steps - first, max_new_tokens=[sp.max_tokens for sp in params], on_step=on_step,
                                   first_step=first, eos_token_ids=sorted(set.intersection(*(seq.eos for seq in seqs))))

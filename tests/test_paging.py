@@ -268,3 +268,14 @@ def test_a_request_with_a_cached_prefix_prefills_only_after_it(path, contiguous,
             pass
     assert cached == [0, 28]
     assert got == want
+
+
+def test_generate_over_too_few_blocks_is_one_error_and_gives_them_back(path):
+    from mpk import SamplingParams
+
+    llm = paged(path, blocks=6)  # 5 usable blocks of 4 rows
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with pytest.raises(MpkError, match="has 1 free blocks of 4 rows and sequence slot 1 needs 4 more"):
+        llm.generate([[1, 2, 3], [4, 5, 6]], params)  # 14 rows each: 4 blocks each
+    assert llm._block_pools[2].in_use == 0
+    assert len(llm.generate([[1, 2, 3]], params)[0].outputs[0].token_ids) == 12
