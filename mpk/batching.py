@@ -15,6 +15,13 @@ prompt from position 0.
 Windows end only where no running request continues past them (their natural end, or every
 request done), so the tokens the host has are all the kernel made, and a request's next window
 picks up from its last token. Results match `LLM.generate` for the same prompt and seed.
+
+With a paged KV cache (`mpk.paging`) a new prompt is prefilled in chunks instead, at most
+`prefill_rows` prompt rows per window across the slots still prefilling, so a long prompt does
+not stall the running requests' decode for its whole prefill: each window first runs its chunks,
+then the decode steps of the slots whose prompts are in. A slot still prefilling sits in the
+decode batch as an idle slot whose block-table row is the scratch block, so the dummy steps never
+touch its rows.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Callable
 from mpk.errors import MpkError
 
 DEFAULT_WINDOW = 16  # steps per window: how long a new request may wait for a slot to free up
+DEFAULT_PREFILL_ROWS = 512  # prompt rows prefilled per window with a paged cache (a few decode steps' time)
 
 
 @dataclass
@@ -49,18 +57,26 @@ class _Slot:
     request: Request
     seq: object  # mpk.api._Sequence
     seed: int
-    offset: int  # the slot's position is step - offset
+    offset: int  # the slot's position is step - offset (once its prompt is prefilled)
     next_token: int  # what the slot feeds the next step
+    prefilled: int = 0  # prompt rows in the KV cache
+    ready: bool = True  # the prompt is prefilled: the slot decodes
+
+    def finished(self) -> bool:
+        return self.seq.finish_reason is not None or self.request.cancel.is_set()
 
 
 class Batcher:
     """Runs the requests given to `submit` in the slots of one executor of `llm`, window by window
     (`run_window`), on the caller's thread."""
 
-    def __init__(self, llm, slots: int | None = None, window: int = DEFAULT_WINDOW):
+    def __init__(self, llm, slots: int | None = None, window: int = DEFAULT_WINDOW,
+                 prefill_rows: int = DEFAULT_PREFILL_ROWS):
         if window < 1:
             raise MpkError(f"a batching window needs at least one step, not {window}")
-        self.llm, self.window = llm, window
+        if prefill_rows < 1:
+            raise MpkError(f"a window prefills at least one prompt row, not {prefill_rows}")
+        self.llm, self.window, self.prefill_rows = llm, window, prefill_rows
         self.tg, self.executor = llm._executor(slots or llm.max_batch)  # the home of the weights and the KV cache
         self.pool = llm._block_pool(self.tg.batch)  # a paged cache's blocks, or None
         self.slots: list[_Slot | None] = [None] * self.tg.batch
@@ -156,20 +172,50 @@ class Batcher:
                         self._queue.appendleft(request)
                     return
                 self.pool.grow(b, len(ids))
-                self.executor.set_kv_table(self.pool.table())
             seq = _Sequence(ids, sp, llm._decode, llm._eos(sp))
-            seed = sp.run_seed()
-            try:
-                done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills, fast=llm.backend == "cuda",
-                                    cached=cached) if llm.prefill else 0
-                if self.pool is not None:
-                    self.pool.publish(b, ids, done)
-            except Exception as e:
-                self._release(b)
-                if request.on_error is not None:
-                    request.on_error(e)
+            slot = _Slot(request, seq, sp.run_seed(), self.step, ids[0], prefilled=cached, ready=False)
+            if self.pool is None or not llm.prefill:  # the whole prompt now (or none of it: decode steps)
+                try:
+                    done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
+                                        fast=llm.backend == "cuda") if llm.prefill else 0
+                except Exception as e:
+                    self._release(b)
+                    if request.on_error is not None:
+                        request.on_error(e)
+                    continue
+                slot.prefilled = done
+                self._ready(slot)
+            self.slots[b] = slot
+
+    def _ready(self, slot: _Slot) -> None:
+        """The slot's prompt rows are in: it decodes from its prompt's next position in the next window."""
+        slot.ready, slot.offset = True, self.step - slot.prefilled
+        slot.next_token = slot.request.prompt_ids[slot.prefilled]
+
+    def _prefill_chunks(self) -> None:
+        """Up to `prefill_rows` rows of the prompts still prefilling, lowest slot first (paged cache)."""
+        from mpk.prefill import prefill_slot
+
+        budget, llm = self.prefill_rows, self.llm
+        for b, slot in enumerate(self.slots):
+            if slot is None or slot.ready or budget == 0:
                 continue
-            self.slots[b] = _Slot(request, seq, seed, self.step - done, ids[done])
+            ids = slot.request.prompt_ids
+            self.executor.set_kv_table(self.pool.table())
+            before = slot.prefilled
+            try:
+                slot.prefilled = max(before, prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
+                                                          fast=llm.backend == "cuda", cached=before, limit=budget))
+            except Exception as e:
+                self.slots[b] = None
+                self._release(b)
+                if slot.request.on_error is not None:
+                    slot.request.on_error(e)
+                continue
+            budget -= slot.prefilled - before
+            self.pool.publish(b, ids, slot.prefilled)
+            if slot.prefilled >= len(ids) - 1:
+                self._ready(slot)
 
     def _next_request(self) -> Request | None:
         while True:
@@ -208,13 +254,20 @@ class Batcher:
         from mpk.inputs import program_meta
 
         self._compact()
+        if self.pool is not None:
+            self._prefill_chunks()
         llm, S, first = self.llm, self.tg.max_seq_len, self.step
-        active = [s for s in self.slots if s is not None]
-        batch = next(k for k in self.sizes if k >= len(active))
+        occupied = [s for s in self.slots if s is not None]
+        active = [s for s in occupied if s.ready]
+        if not active:  # every prompt here is still prefilling: this window was its chunks
+            return
+        batch = next(k for k in self.sizes if k >= len(occupied))
         tg, executor = llm._slots_executor(self.tg.batch, batch)
         self.last_batch = batch
-        slots = self.slots[:batch]
-        # Idle slots start a dummy sequence at position 0 and are done after one token.
+        prefilling = [s is not None and not s.ready for s in self.slots[:batch]]
+        slots = [None if busy else s for s, busy in zip(self.slots[:batch], prefilling)]
+        # Idle slots (and slots still prefilling) start a dummy sequence at position 0 and are done
+        # after one token.
         offsets = [s.offset if s is not None else first for s in slots]
         steps = min([self.window, S] + [S - (first - s.offset) for s in active])
         prompts = [s.request.prompt_ids if s is not None else [0] for s in slots]
@@ -227,7 +280,11 @@ class Batcher:
                 if slot is not None:  # within its reservation; a finished request's later rows go to scratch
                     request = slot.request
                     self.pool.grow(b, min(first - slot.offset + steps, len(request.prompt_ids) + request.params.max_tokens))
-            executor.set_kv_table(self.pool.table(batch))
+            from mpk.paging import SCRATCH_BLOCK
+
+            table = self.pool.table(batch)
+            table[prefilling] = SCRATCH_BLOCK  # their dummy steps must not touch the rows prefilled so far
+            executor.set_kv_table(table)
         eos = sorted(set.intersection(*(s.seq.eos for s in active)))
 
         def on_step(step: int, tokens: list[int]) -> bool:

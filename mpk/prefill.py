@@ -273,18 +273,19 @@ def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chun
 
 
 def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fast: bool = True,
-                 cached: int = 0) -> int:
+                 cached: int = 0, limit: int | None = None) -> int:
     """Prefill one prompt into one sequence slot of a running batch (`mpk.batching`): the positions
     before its last token, into that slot's rows of the KV cache, leaving the other slots alone.
     On the GPU op by op in PyTorch (`run_prefill_ops`); on the CPU executor as the verified task
     graphs `LLM.generate` runs for one prompt, so a request gets the same tokens either way.
     `programs` caches the programs or graphs by (start, rows). The first `cached` rows are in the
-    cache already (a shared prefix, `mpk.paging`). Returns the positions filled."""
-    positions = len(prompt) - 1
-    if positions < 1:
+    cache already (a shared prefix, or earlier chunks: `mpk.batching`); at most `limit` more are
+    filled. Returns the positions filled, `cached` included."""
+    if len(prompt) < 2:
         return 0
-    if not 0 <= cached <= positions:
-        raise MpkError(f"{cached} cached rows of a {len(prompt)}-token prompt; at most {positions} can be")
+    if not 0 <= cached <= len(prompt) - 1:
+        raise MpkError(f"{cached} cached rows of a {len(prompt)}-token prompt; at most {len(prompt) - 1} can be")
+    positions = len(prompt) - 1 if limit is None else min(len(prompt) - 1, cached + limit)
     tg = executor.tg
     paged = executor.kv_table is not None
     # The slot alone: its rows of the KV cache (of a paged cache: its row of the block table).

@@ -253,20 +253,20 @@ def test_a_request_with_a_cached_prefix_prefills_only_after_it(path, contiguous,
     requests = [(system + [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
                 (system + [9, 9], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))]
     want = [outputs(contiguous.generate([p], sp))[0] for p, sp in requests]
-    prefill_slot, cached = mpk.prefill.prefill_slot, []
+    prefill_slot, starts = mpk.prefill.prefill_slot, []
 
-    def recorded(executor, cfg, prompt, slot, programs, fast=True, cached_rows=0):
-        cached.append(cached_rows)
-        return prefill_slot(executor, cfg, prompt, slot, programs, fast, cached_rows)
+    def recorded(*args, cached=0, **kw):
+        starts.append(cached)
+        return prefill_slot(*args, cached=cached, **kw)
 
-    monkeypatch.setattr(mpk.prefill, "prefill_slot", lambda *a, cached=0, **kw: recorded(*a, cached_rows=cached, **kw))
+    monkeypatch.setattr(mpk.prefill, "prefill_slot", recorded)
     batcher = Batcher(paged(path), window=4)
     got = [None, None]
     for i, (p, sp) in enumerate(requests):  # one after the other: the second finds the first's blocks
         batcher.submit(Request(p, sp, on_done=lambda out, i=i: got.__setitem__(i, outputs([out])[0])))
         while batcher.run_window():
             pass
-    assert cached == [0, 28]
+    assert starts == [0, 28]
     assert got == want
 
 
@@ -279,3 +279,32 @@ def test_generate_over_too_few_blocks_is_one_error_and_gives_them_back(path):
         llm.generate([[1, 2, 3], [4, 5, 6]], params)  # 14 rows each: 4 blocks each
     assert llm._block_pools[2].in_use == 0
     assert len(llm.generate([[1, 2, 3]], params)[0].outputs[0].token_ids) == 12
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_window_while_the_others_decode(path, contiguous, monkeypatch):
+    import mpk.prefill
+    from mpk import SamplingParams
+    from mpk.batching import Batcher, Request
+
+    short = ([7, 8, 9], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    long = (list(range(100, 140)), SamplingParams(temperature=0.7, top_k=30, max_tokens=5, seed=9, ignore_eos=True))
+    want = [outputs(contiguous.generate([p], sp))[0] for p, sp in (short, long)]
+    prefill_slot, chunks = mpk.prefill.prefill_slot, []
+    got, tokens = [None, None], []
+
+    def recorded(*args, cached=0, limit=None, **kw):
+        chunks.append((cached, limit, len(tokens)))  # where each chunk starts, and the short request's progress
+        return prefill_slot(*args, cached=cached, limit=limit, **kw)
+
+    monkeypatch.setattr(mpk.prefill, "prefill_slot", recorded)
+    batcher = Batcher(paged(path), window=2, prefill_rows=8)
+    batcher.submit(Request(short[0], short[1], on_token=tokens.append,
+                           on_done=lambda out: got.__setitem__(0, outputs([out])[0])))
+    assert batcher.run_window() and len(tokens) > 0
+    batcher.submit(Request(long[0], long[1], on_done=lambda out: got.__setitem__(1, outputs([out])[0])))
+    while batcher.run_window():
+        pass
+    # The short prompt in one chunk, then the long one's 39 rows in five windows.
+    assert [(start, limit) for start, limit, _ in chunks] == [(0, 8), (0, 8), (8, 8), (16, 8), (24, 8), (32, 8)]
+    assert chunks[-1][2] > chunks[1][2]  # the short request made tokens between the long one's chunks
+    assert got == want

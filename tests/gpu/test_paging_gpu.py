@@ -85,7 +85,8 @@ def test_generate_and_the_batcher_over_a_paged_cache(path):
     paged = LLM(path, backend="cuda", max_batch=2, max_seq_len=128, kv_block_rows=16, kv_blocks=12)
     want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS[:2], PARAMS[:2])]
     assert [o.outputs[0].token_ids for o in paged.generate(PROMPTS[:2], PARAMS[:2])] == want
-    batcher = Batcher(paged, window=3)  # 11 blocks of 16 rows: the 80-row request waits for blocks
+    # 11 blocks of 16 rows: the 80-row request waits for blocks, then prefills 32 rows a window.
+    batcher = Batcher(paged, window=3, prefill_rows=32)
     outs = [None] * len(PROMPTS)
     for i, (p, sp) in enumerate(zip(PROMPTS, PARAMS)):
         batcher.submit(Request(p, sp, on_done=lambda out, i=i: outs.__setitem__(i, out.outputs[0].token_ids)))
