@@ -101,7 +101,7 @@ class Batcher:
         request.prompt_ids = ids[0]
         llm._check_fits(ids, [request.params])
         if self.pool is not None:
-            need = self.pool.blocks_for(min(len(ids[0]) + request.params.max_tokens, self.pool.max_seq_len))
+            need = self.pool.blocks_for(min(_rows(request), self.pool.max_seq_len))
             if need > self.pool.num_blocks - 1:
                 raise MpkError(f"the request needs {need} KV blocks of {self.pool.block_rows} rows and the cache has "
                                f"{self.pool.num_blocks - 1}; ask for fewer tokens, or give the cache more blocks")
@@ -141,10 +141,7 @@ class Batcher:
         except BaseException as e:  # every request of the window gets the error; the batcher carries on
             for b, slot in enumerate(self.slots):
                 if slot is not None:
-                    self.slots[b] = None
-                    self._release(b)
-                    if slot.request.on_error is not None:
-                        slot.request.on_error(e)
+                    self._fail(b, slot.request, e)
             if not isinstance(e, Exception):
                 raise
             return True
@@ -166,7 +163,7 @@ class Batcher:
             cached = 0  # prompt rows a paged cache holds already (a shared prefix)
             if self.pool is not None:
                 cached = self.pool.share(b, ids) if llm.prefill else 0
-                if not self.pool.reserve(b, len(ids) + sp.max_tokens):  # it waits for blocks to come back
+                if not self.pool.reserve(b, _rows(request)):  # it waits for blocks to come back
                     self.pool.release(b)
                     with self._lock:
                         self._queue.appendleft(request)
@@ -179,9 +176,7 @@ class Batcher:
                     done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
                                         fast=llm.backend == "cuda") if llm.prefill else 0
                 except Exception as e:
-                    self._release(b)
-                    if request.on_error is not None:
-                        request.on_error(e)
+                    self._fail(b, request, e)
                     continue
                 slot.prefilled = done
                 self._ready(slot)
@@ -204,13 +199,10 @@ class Batcher:
             self.executor.set_kv_table(self.pool.table())
             before = slot.prefilled
             try:
-                slot.prefilled = max(before, prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
-                                                          fast=llm.backend == "cuda", cached=before, limit=budget))
+                slot.prefilled = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills, fast=llm.backend == "cuda",
+                                              cached=before, limit=budget)
             except Exception as e:
-                self.slots[b] = None
-                self._release(b)
-                if slot.request.on_error is not None:
-                    slot.request.on_error(e)
+                self._fail(b, slot.request, e)
                 continue
             budget -= slot.prefilled - before
             self.pool.publish(b, ids, slot.prefilled)
@@ -250,6 +242,13 @@ class Batcher:
         if self.pool is not None:
             self.pool.release(b)
 
+    def _fail(self, b: int, request: Request, e: BaseException) -> None:
+        """Slot b's request ends with error `e`; the slot and its blocks are free again."""
+        self.slots[b] = None
+        self._release(b)
+        if request.on_error is not None:
+            request.on_error(e)
+
     def _run(self) -> None:
         from mpk.inputs import program_meta
 
@@ -278,8 +277,7 @@ class Batcher:
         if self.pool is not None:  # the rows this window writes; idle slots use the scratch block
             for b, slot in enumerate(slots):
                 if slot is not None:  # within its reservation; a finished request's later rows go to scratch
-                    request = slot.request
-                    self.pool.grow(b, min(first - slot.offset + steps, len(request.prompt_ids) + request.params.max_tokens))
+                    self.pool.grow(b, min(first - slot.offset + steps, _rows(slot.request)))
             from mpk.paging import SCRATCH_BLOCK
 
             table = self.pool.table(batch)
@@ -296,7 +294,7 @@ class Batcher:
                 if seq.finish_reason is None and step - slot.offset >= len(request.prompt_ids) - 1:
                     seq.take(tokens[b], request.on_token, request.on_text)
             # Stop early only when no request continues past this step (see the module's docstring).
-            return all(s.seq.finish_reason is not None or s.request.cancel.is_set() for s in active)
+            return all(s.finished() for s in active)
 
         result = executor.run(steps, max_new_tokens=limits, on_step=on_step, first_step=first,
                               eos_token_ids=eos, position_offsets=offsets)
@@ -304,13 +302,18 @@ class Batcher:
 
     def _retire(self) -> None:
         for b, slot in enumerate(self.slots):
-            if slot is None or (slot.seq.finish_reason is None and not slot.request.cancel.is_set()):
+            if slot is None or not slot.finished():
                 continue
             self.slots[b] = None
             self._release(b)
             _finish(slot.request, slot.seq.token_ids, slot.seq.text, slot.seq.finish_reason)
         if not any(self.slots):
             self.step = 0  # nothing continues: start positions afresh
+
+
+def _rows(request: Request) -> int:
+    """KV rows a request may fill: its prompt and every token it may make."""
+    return len(request.prompt_ids) + request.params.max_tokens
 
 
 def _finish(request: Request, token_ids: list[int], text: str, finish_reason: str | None) -> None:

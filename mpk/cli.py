@@ -355,12 +355,13 @@ def cmd_generate(args) -> int:
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
     backend, device = _prepare_backend(args)
-    _check_memory(source, args, backend, len(prompts), seq_len, device)
+    kv_blocks = _check_memory(source, args, backend, len(prompts), seq_len, device)
 
     _describe_run(args, source, backend, stored)
     if not args.prompt and not args.token_ids:
         _note(args, f"prompt: token ids {DEFAULT_TOKEN_IDS}, the default (choose with --prompt TEXT or --token-ids)")
-    with _load_llm(args, source, backend, device, max_batch=len(prompts), max_seq_len=seq_len) as llm:
+    with _load_llm(args, source, backend, device, max_batch=len(prompts), max_seq_len=seq_len,
+                   kv_blocks=kv_blocks) as llm:
         outs = _generate(args, llm, source.name, prompts, params)
         _print_result(args, source.name, backend, outs, llm.last_run, text=tokenizer is not None)
     return 0
@@ -379,9 +380,9 @@ def cmd_chat(args) -> int:
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
     backend, device = _prepare_backend(args)
-    _check_memory(source, args, backend, 1, seq_len, device)
+    kv_blocks = _check_memory(source, args, backend, 1, seq_len, device)
     _describe_run(args, source, backend, stored)
-    with _load_llm(args, source, backend, device, max_batch=1, max_seq_len=seq_len) as llm:
+    with _load_llm(args, source, backend, device, max_batch=1, max_seq_len=seq_len, kv_blocks=kv_blocks) as llm:
         _chat_loop(llm, params, sys.stdin, interactive=sys.stdin.isatty())
     return 0
 
@@ -402,7 +403,7 @@ def cmd_serve(args) -> int:
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
     backend, device = _prepare_backend(args)
-    _check_memory(source, args, backend, args.max_batch, seq_len, device)
+    kv_blocks = _check_memory(source, args, backend, args.max_batch, seq_len, device)
     # Bind before loading weights, so a taken port is one line at once rather than after the load.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -412,7 +413,8 @@ def cmd_serve(args) -> int:
         sock.close()
         raise MpkError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     _describe_run(args, source, backend, stored)
-    with _load_llm(args, source, backend, device, max_batch=args.max_batch, max_seq_len=seq_len) as llm:
+    with _load_llm(args, source, backend, device, max_batch=args.max_batch, max_seq_len=seq_len,
+                   kv_blocks=kv_blocks) as llm:
         app = create_app(llm, args.served_model_name or args.model, max_waiting=args.max_waiting)
         host, port = sock.getsockname()[:2]
         _note(args, f"serving {args.served_model_name or args.model} on http://{host}:{port}/v1 "
@@ -504,7 +506,7 @@ def _prepare_backend(args) -> tuple[str, object]:
     return backend, device
 
 
-def _load_llm(args, source, backend: str, device, max_batch: int, max_seq_len: int):
+def _load_llm(args, source, backend: str, device, max_batch: int, max_seq_len: int, kv_blocks: int | None = None):
     from mpk.api import LLM
     from mpk.dtypes import torch_dtype
     from mpk.models.checkpoint import expected_shapes
@@ -515,7 +517,7 @@ def _load_llm(args, source, backend: str, device, max_batch: int, max_seq_len: i
         return LLM(args.model, max_batch=max_batch, max_seq_len=max_seq_len, backend=backend, dtype=args.dtype,
                    device=device, tp_size=args.tp, num_sms=args.num_sms, activations=args.activations,
                    kv_cache=args.kv_cache, matmul_inputs=args.matmul_inputs, kv_block_rows=args.kv_block_rows,
-                   kv_blocks=getattr(args, "kv_blocks", None), seed=args.seed, load_progress=loading.update)
+                   kv_blocks=kv_blocks, seed=args.seed, load_progress=loading.update)
 
 
 def _describe_run(args, source, backend: str, stored: set[str]) -> None:
@@ -605,9 +607,9 @@ def _stored_dtypes(source) -> set[str]:
     return stored_dtypes(source.path, source.cfg)
 
 
-def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) -> None:
-    """Refuse, before loading anything, a run whose weights, KV cache and workspace do not fit. A
-    paged cache sized by --gpu-memory-utilization gets its blocks here (`args.kv_blocks`)."""
+def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) -> int | None:
+    """Refuse, before loading anything, a run whose weights, KV cache and workspace do not fit.
+    Returns the blocks of a paged cache sized by --gpu-memory-utilization (None: the default size)."""
     from dataclasses import replace
 
     from mpk import memory
@@ -619,7 +621,7 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
     need = memory.estimate(source.cfg, batch=batch, max_seq_len=seq_len, tp_size=args.tp, weight_bytes=weight_bytes,
                            activation_bytes=4 if args.activations == "float32" else weight_bytes, kv_bytes=kv_bytes,
                            device="GPU memory" if backend == "cuda" else "CPU RAM")
-    args.kv_blocks = None
+    blocks = None
     if args.gpu_memory_utilization is not None and not args.kv_block_rows:
         raise MpkError("--gpu-memory-utilization sizes a paged KV cache; add --kv-block-rows (64, say)")
     if args.gpu_memory_utilization is not None and backend != "cuda":
@@ -636,7 +638,6 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
             raise MpkError(f"--gpu-memory-utilization {args.gpu_memory_utilization:g} leaves room for {blocks} KV blocks "
                            f"of {args.kv_block_rows} rows and one {seq_len}-token request needs {one}; raise it, or "
                            "lower --max-seq-len")
-        args.kv_blocks = blocks
         need = replace(need, kv_cache=blocks * block)
     if backend == "cuda" and args.tp > 1:
         import torch
@@ -648,6 +649,7 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
         memory.check_fits(need, memory.available_gpu_bytes(device), f"{source.name} on the GPU")
     else:
         memory.check_fits(need, memory.available_cpu_bytes(), f"{source.name} on the CPU executor")
+    return blocks
 
 
 def _backend(choice: str) -> str:

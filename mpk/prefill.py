@@ -173,7 +173,7 @@ def _graph_buffers(tg: TaskGraph, decode_buffers: dict[str, torch.Tensor], token
     """Buffers for a prefill graph: the decode buffers' weights and KV cache, and activations and
     the chunk's tokens of its own, each on its rank's device."""
     shared = _shared(tg, decode_buffers, paged)
-    devices = [decode_buffers[tensor_name(r, tg.tp_size, EMBED)].device for r in range(tg.tp_size)]
+    devices = _devices(tg, decode_buffers)
     meta = {tensor_name(r, tg.tp_size, PREFILL_TOKENS): tokens for r in range(tg.tp_size)}
     own = {name: spec for name, spec in tg.tensors.items() if name not in shared}
     bufs = allocate(replace(tg, tensors=own), {}, meta, devices)
@@ -193,15 +193,14 @@ def prefill_graphs(executor, cfg, prompts: list[list[int]], kernels: dict, chunk
     done = 0
     for start, rows in op_chunks(prefill_rows(prompts), executor.tg.batch, chunk_rows):
         tokens = _chunk_tokens(prompts, start, rows)
-        if (start, rows) not in kernels:
-            while len(kernels) >= KERNELS_KEPT:
-                kernels.pop(next(iter(kernels))).close()
+
+        def make():
             tg = compile_prefill(executor.tg, cfg, rows, start=start)
             _check_activations_fit(tg, executor.devices)
-            paged = executor.kv_pages is not None
-            kernels[start, rows] = Megakernel(tg, devices=executor.devices, kv_pages=executor.kv_pages,
-                                              buffers=_graph_buffers(tg, executor.buffers, tokens, paged))
-        mk = kernels[start, rows]
+            return Megakernel(tg, devices=executor.devices, kv_pages=executor.kv_pages,
+                              buffers=_graph_buffers(tg, executor.buffers, tokens, executor.kv_pages is not None))
+
+        mk = _kept(kernels, (start, rows), make, KERNELS_KEPT, on_drop=lambda old: old.close())
         if mk.kv_pages is not None:
             mk.set_kv_table(executor.kv_table)
         for r in range(mk.tg.tp_size):
@@ -225,13 +224,17 @@ def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.T
     start, rows = chunk_of(prog)
     tokens = _chunk_tokens(prompts, start, rows)
     bufs = _shared(prog, decode_buffers, paged=kv_table is not None)
-    pools = {}
+    def rows_of(name: str, r0: int, r1: int):
+        """The logical box of rows [r0, r1) of every sequence of a cache tensor."""
+        _, _, groups, hd = prog.tensors[name].shape
+        return (0, prog.batch), (r0, r1), (0, groups), (0, hd)
+
+    pools = {}  # a paged cache tensor's pool; the ops get the rows [0, start + rows) gathered
     if kv_table is not None:
-        pools = {name: buf for name, buf in bufs.items() if prog.tensors[name].kind == "state"}
-        for name, pool in pools.items():
-            _, _, groups, hd = prog.tensors[name].shape
-            bufs[name] = gather(pool, kv_table, ((0, prog.batch), (0, start + rows), (0, groups), (0, hd)))
-    devices = [decode_buffers[tensor_name(r, prog.tp_size, EMBED)].device for r in range(prog.tp_size)]
+        for name in [n for n in bufs if prog.tensors[n].kind == "state"]:
+            pools[name] = bufs[name]
+            bufs[name] = gather(pools[name], kv_table, rows_of(name, 0, start + rows))
+    devices = _devices(prog, decode_buffers)
     for r in range(prog.tp_size):
         bufs[tensor_name(r, prog.tp_size, PREFILL_TOKENS)] = tokens.to(devices[r])
     last_use = {name: i for i, op in enumerate(prog.ops) for name in _bound(op).values()}
@@ -246,9 +249,7 @@ def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.T
                 if last_use[name] == i and prog.tensors[name].kind == "activation":
                     del bufs[name]
         for name, pool in pools.items():
-            _, _, groups, hd = prog.tensors[name].shape
-            scatter(pool, kv_table, ((0, prog.batch), (start, start + rows), (0, groups), (0, hd)),
-                    bufs[name][:, start:start + rows])
+            scatter(pool, kv_table, rows_of(name, start, start + rows), bufs[name][:, start:start + rows])
 
 
 def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chunk_rows: int = OP_CHUNK_ROWS,
@@ -260,11 +261,8 @@ def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chun
     programs = {} if programs is None else programs
     done = 0
     for start, rows in op_chunks(prefill_rows(prompts), executor.tg.batch, chunk_rows):
-        if (start, rows) not in programs:
-            if len(programs) >= PROGRAMS_KEPT:
-                del programs[next(iter(programs))]
-            programs[start, rows] = prefill_program(executor.tg, cfg, rows, start)
-        run_prefill_ops(programs[start, rows], executor.buffers, prompts, fast, executor.kv_table)
+        prog = _kept(programs, (start, rows), partial(prefill_program, executor.tg, cfg, rows, start), PROGRAMS_KEPT)
+        run_prefill_ops(prog, executor.buffers, prompts, fast, executor.kv_table)
         done = start + rows
     if done:
         executor.set_tokens([p[done] for p in prompts])
@@ -295,17 +293,27 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
     on_gpu = views[tensor_name(0, tg.tp_size, EMBED)].device.type == "cuda"
     pieces = op_chunks(positions - cached, 1) if on_gpu else chunks(positions - cached)
     for start, rows in [(cached + s, r) for s, r in pieces]:
-        if (start, rows) not in programs:
-            if len(programs) >= PROGRAMS_KEPT:
-                del programs[next(iter(programs))]
-            programs[start, rows] = (prefill_program(tg, cfg, rows, start, batch=1) if on_gpu
-                                     else compile_prefill(tg, cfg, rows, start=start, batch=1))
+        make = partial(prefill_program, tg, cfg, rows, start, batch=1) if on_gpu else \
+            partial(compile_prefill, tg, cfg, rows, start=start, batch=1)
+        graph = _kept(programs, (start, rows), make, PROGRAMS_KEPT)
         if on_gpu:
-            run_prefill_ops(programs[start, rows], views, [prompt], fast, table)
+            run_prefill_ops(graph, views, [prompt], fast, table)
         else:
-            run_prefill(programs[start, rows], views, [prompt], kv_table=table)
+            run_prefill(graph, views, [prompt], kv_table=table)
     _wait_for(executor)
     return positions
+
+
+def _kept(store: dict, key, make, kept: int, on_drop=None):
+    """store[key], made by `make()` on first use; the oldest entries go (to `on_drop`) so that at
+    most `kept` stay."""
+    if key not in store:
+        while len(store) >= kept:
+            old = store.pop(next(iter(store)))
+            if on_drop is not None:
+                on_drop(old)
+        store[key] = make()
+    return store[key]
 
 
 def _check_activations_fit(tg: TaskGraph, devices) -> None:
@@ -326,10 +334,14 @@ def _check_activations_fit(tg: TaskGraph, devices) -> None:
 def _wait_for(executor) -> None:
     """Let the GPUs finish the prefill: the megakernel's watchdog counts from its launch, and prefill
     ops still queued ahead of it on the stream would look like a stall."""
-    for r in range(executor.tg.tp_size):
-        device = executor.buffers[tensor_name(r, executor.tg.tp_size, EMBED)].device
+    for device in _devices(executor.tg, executor.buffers):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+
+def _devices(prog: Program | TaskGraph, buffers: dict[str, torch.Tensor]) -> list[torch.device]:
+    """Each rank's device, where `buffers` hold its weights."""
+    return [buffers[tensor_name(r, prog.tp_size, EMBED)].device for r in range(prog.tp_size)]
 
 
 def op_chunks(positions: int, batch: int, chunk_rows: int = OP_CHUNK_ROWS) -> list[tuple[int, int]]:

@@ -129,8 +129,6 @@ class PrefillAttention(OpKind):
         return Cuda(args, ints, {"scale": op.params["scale"], "eps": op.params["eps"]})
 
 
-
-
 def causal_mask(q0: int, q1: int, window: int | None, device) -> torch.Tensor:
     """[q1 - q0, q1] bool: which keys each of positions [q0, q1) attends to (True)."""
     query = torch.arange(q0, q1, device=device)[:, None]
