@@ -127,8 +127,9 @@ ACTIVATIONS = ("float32", "model")
 DEFAULT_ACTIVATIONS = "float32"  # docs/decisions.md: bf16 activations drift 4-5e-2 from float32 on 8B models
 KV_CACHES = ("model", "float32")
 DEFAULT_KV_CACHE = "model"  # docs/decisions.md: a bf16 cache halves KV traffic within the accuracy bound
-MATMUL_INPUTS = ("float32", "bfloat16")
-DEFAULT_MATMUL_INPUTS = "float32"  # docs/perf.md: bf16 inputs measured 17% faster at batch 4, not yet the default
+MATMUL_INPUTS = ("auto", "float32", "bfloat16")
+DEFAULT_MATMUL_INPUTS = "auto"  # matmul_inputs_for: float32 where the GEMV templates run, bf16 for GEMM tiles
+GEMV_MAX_BATCH = 8  # the largest decode batch of the GEMV templates; larger ones run GEMM tiles (Gemv.tile_as_gemm)
 
 
 def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACHE,
@@ -138,7 +139,8 @@ def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACH
     weights' dtype, rounding every op's output as transformers does. `kv_cache`, chosen on its own:
     "model" stores K and V in the weights' dtype, "float32" in float32. `matmul_inputs`
     "bfloat16" rounds the input of every decode matrix product to bf16 (float32 accumulation,
-    float32 residual stream): what tensor cores multiply in one pass instead of two."""
+    float32 residual stream): what tensor cores multiply in one pass instead of two; "auto" (here)
+    means float32 (`matmul_inputs_for` resolves it by batch)."""
     if weights not in WEIGHT_DTYPES:
         raise MpkError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, not {weights!r}")
     if activations not in ACTIVATIONS:
@@ -149,8 +151,21 @@ def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACH
         raise MpkError(f"matrix-product inputs must be one of {', '.join(MATMUL_INPUTS)}, not {matmul_inputs!r}")
     act = "float32" if activations == "float32" else weights
     kv = "float32" if kv_cache == "float32" else weights
+    matmul_inputs = "float32" if matmul_inputs == "auto" else matmul_inputs
     mm = "bfloat16" if matmul_inputs == "bfloat16" and act == "float32" else act
     return Precision(weights=weights, activations=act, kv_cache=kv, matmul_inputs=mm)
+
+
+def matmul_inputs_for(matmul_inputs: str, activations: str, batch: int) -> str:
+    """The matrix-product inputs of a decode batch: "auto" is float32 up to GEMV_MAX_BATCH and bf16
+    above, where the products are GEMM tiles, which multiply bf16 (docs/decisions.md, "Batches
+    beyond 8")."""
+    if batch <= GEMV_MAX_BATCH:
+        return "float32" if matmul_inputs == "auto" else matmul_inputs
+    if matmul_inputs == "float32" and activations == "float32":
+        raise MpkError(f"float32 matrix-product inputs run up to batch {GEMV_MAX_BATCH}; a batch of {batch} "
+                       "multiplies bf16 inputs on tensor cores (use --matmul-inputs auto or bfloat16)")
+    return "bfloat16"
 
 
 def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1,
@@ -159,10 +174,11 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
                          matmul_inputs: str = DEFAULT_MATMUL_INPUTS) -> Program:
     """The decode step of `cfg` for `batch` sequences of up to `max_seq_len` tokens on tp_size GPUs,
     with weights stored as `weights`, activations, the KV cache and matrix-product inputs as
-    `precision_of` says."""
-    precision = precision_of(weights, activations, kv_cache, matmul_inputs)
+    `precision_of` says, matrix-product inputs as `matmul_inputs_for`. Batches of more than
+    GEMV_MAX_BATCH run their matrix products as GEMM tiles."""
     if not 1 <= batch <= MAX_BATCH:
         raise MpkError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
+    precision = precision_of(weights, activations, kv_cache, matmul_inputs_for(matmul_inputs, activations, batch))
     if not 1 <= num_sms <= MAX_NUM_SMS:
         raise MpkError(f"--num-sms must be between 1 and {MAX_NUM_SMS}, not {num_sms}")
     if tp_size < 1:
@@ -186,7 +202,7 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
         _attention_block(prog, layer, shards)
         mlp_block(prog, layer, shards)
     x_final = f"x.{2 * cfg.num_layers}"
-    lm_tile = [choose_tile(s.vocab, num_sms) for s in shards]
+    lm_tile = [lm_head_tile(prog, s) for s in shards]
     for r in range(tp_size):
         prog.add_op(r, "rmsnorm_lm_head_argmax", "lm_head", None,
                     {"x": rank_name(prog, r, x_final), "norm": rank_name(prog, r, "final_norm"), "weight": rank_name(prog, r, "lm_head")},
@@ -201,14 +217,36 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
             inputs[f"cand_idx{k}"] = rank_name(prog, k, "cand_idx")
             inputs[f"logits{k}"] = rank_name(prog, k, LOGITS)
         prog.add_op(r, "sample", "sample", None, inputs, {"tokens": rank_name(prog, r, TOKENS)}, ranks=tp_size)
-    if precision.matmul_inputs != precision.activations:
-        from mpk.ops import OP_KINDS
-        from mpk.ops.linear import Gemv
+    from mpk.ops import OP_KINDS
+    from mpk.ops.linear import Gemv
 
-        for op in prog.ops:  # each matrix product says so itself: its CPU reference and its template follow it
-            if isinstance(OP_KINDS[op.kind], Gemv):
+    for op in prog.ops:  # each matrix product says so itself: its CPU reference and its template follow it
+        kind = OP_KINDS[op.kind]
+        if isinstance(kind, Gemv):
+            if precision.matmul_inputs != precision.activations:
                 op.params["bf16_inputs"] = True
+            if batch > GEMV_MAX_BATCH:
+                kind.tile_as_gemm(op, gemm_weight_rows(prog, op))
     return prog
+
+
+def gemm_weight_rows(prog: Program, op) -> int:
+    """A decode GEMM's weight rows per task (of `op`'s weight)."""
+    return _gemm_block(prog, prog.tensors[op.inputs["weight"]].shape[0])
+
+
+def _gemm_block(prog: Program, weight_rows: int) -> int:
+    """Weight rows per GEMM task: the larger block when it still gives every SM a task."""
+    from mpk.ops.linear import GEMM_ROWS, GEMM_WEIGHT_ROWS
+
+    small, large = min(GEMM_WEIGHT_ROWS), max(GEMM_WEIGHT_ROWS)
+    return large if cdiv(weight_rows, large) * cdiv(prog.batch, GEMM_ROWS) >= prog.num_sms else small
+
+
+def lm_head_tile(prog: Program, sh: Shard) -> int:
+    """Vocabulary rows per LM-head task: a GEMM block beyond GEMV_MAX_BATCH (the candidates' count
+    follows from it)."""
+    return _gemm_block(prog, sh.vocab) if prog.batch > GEMV_MAX_BATCH else choose_tile(sh.vocab, prog.num_sms)
 
 
 def rank_name(prog: Program, rank: int, name: str) -> str:
@@ -237,7 +275,7 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
         add(r, p + "attn_lse", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv), "float32")
     add(r, "final_norm", "weight", (H,), wt)
     add(r, "lm_head", "weight", (sh.vocab, H), wt)
-    n_lm_tiles = cdiv(sh.vocab, choose_tile(sh.vocab, prog.num_sms))
+    n_lm_tiles = cdiv(sh.vocab, lm_head_tile(prog, sh))
     add(r, LOGITS, "activation", (B, sh.vocab), "float32")
     add(r, "cand_val", "activation", (B, n_lm_tiles), "float32")
     add(r, "cand_idx", "activation", (B, n_lm_tiles), "int64")

@@ -90,8 +90,53 @@ def test_matmul_inputs_round_only_over_float32_activations():
     assert precision_of("bfloat16", "float32").matmul_inputs == "float32"  # the default: exact products
     assert precision_of("bfloat16", "float32", matmul_inputs="bfloat16").matmul_inputs == "bfloat16"
     assert precision_of("bfloat16", "model", matmul_inputs="float32").matmul_inputs == "bfloat16"  # x is bf16 already
-    with pytest.raises(MpkError, match="matrix-product inputs must be one of float32, bfloat16"):
+    with pytest.raises(MpkError, match="matrix-product inputs must be one of auto, float32, bfloat16"):
         precision_of("bfloat16", "float32", matmul_inputs="float16")
+
+
+def test_a_batch_beyond_the_gemv_templates_runs_gemm_tiles_on_bf16_inputs():
+    from mpk.codegen import graph_variants
+    from mpk.compiler import compile_model
+    from mpk.errors import MpkError
+    from mpk.graph import GEMV_MAX_BATCH
+    from mpk.ops import OP_KINDS
+    from mpk.ops.linear import GEMM_WEIGHT_ROWS, Gemv
+
+    cfg = resolve_model("tiny").cfg
+    small = compile_model(cfg, batch=GEMV_MAX_BATCH, max_seq_len=16, num_sms=8, verify=False)
+    assert small.precision.matmul_inputs == "float32" and not any(op.params.get("gemm") for op in small.ops)
+    tg = compile_model(cfg, batch=GEMV_MAX_BATCH + 1, max_seq_len=16, num_sms=8)  # verified
+    assert tg.precision.matmul_inputs == "bfloat16"
+    products = [op for op in tg.ops if isinstance(OP_KINDS[op.kind], Gemv)]
+    assert {op.kind for op in products} >= {"rmsnorm_linear", "linear_residual", "rmsnorm_gate_up_silu",
+                                            "rmsnorm_lm_head_argmax"}
+    for op in products:
+        rows = op.params["tile"] * OP_KINDS[op.kind].rows_per_col
+        assert op.params["gemm"] and op.params["bf16_inputs"] and rows in GEMM_WEIGHT_ROWS
+    head = next(op for op in products if op.kind == "rmsnorm_lm_head_argmax")
+    assert tg.tensors[head.outputs["cand_val"]].shape == (GEMV_MAX_BATCH + 1, -(-cfg.vocab_size // head.params["tile"]))
+    for v in graph_variants(tg)[0]:
+        if v.template in ("RmsnormLinear", "RmsnormGateUpSilu", "LinearResidual", "RmsnormLmHeadArgmax"):
+            assert int(v.args[-1]) < 0, v  # COLS = -(weight rows per task): the GEMM strategy
+    with pytest.raises(MpkError, match="float32 matrix-product inputs run up to batch 8"):
+        compile_model(cfg, batch=GEMV_MAX_BATCH + 1, max_seq_len=16, num_sms=8, matmul_inputs="float32")
+
+
+def test_a_batch_of_gemm_tiles_stays_inside_the_bound(make_checkpoint):
+    """12 sequences at once (GEMM tiles, bf16 inputs) against the float32 reference, per sequence."""
+    path = make_checkpoint("qwen3")
+    source = resolve_model(str(path))
+    cfg, hf16 = source.cfg, source.load_weights(torch.bfloat16)
+    seqs = torch.randint(0, cfg.vocab_size, (12, STEPS), generator=torch.Generator().manual_seed(3))
+    logits = generate(cfg, hf16, seqs.tolist(), 1, dtype="bfloat16", num_sms=8, stop_at_eos=False,
+                      collect_logits=True).logits
+    ref = ReferenceModel(cfg, hf16, torch.float32)
+    ref.reset(12, STEPS)
+    want = ref.forward(seqs, 0).float()
+    bf16_error = max(l2_rel(transformers_bf16(path, seqs[b:b + 1])[s], want[b, s]) for b in range(12)
+                     for s in range(STEPS))
+    errors = [l2_rel(logits[s][b], want[b, s]) for b in range(12) for s in range(STEPS)]
+    assert SAME_BF16_CACHE < max(errors) < max(2e-2, 1.25 * bf16_error)
 
 
 def test_a_bf16_input_product_is_the_float32_product_of_rounded_inputs():

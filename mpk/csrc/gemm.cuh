@@ -1,9 +1,12 @@
-// Matrix products over many rows (a prefill chunk) on tensor cores: a task owns a BM x BN block of
-// the output, rows [r0, r1) x weight rows [n0, n1), and runs the whole K loop over it.
+// Matrix products over many rows on tensor cores (a prefill chunk, or a decode batch of more than 8
+// sequences): a task owns a BM x BN block of the output, rows [r0, r1) x weight rows [n0, n1), and
+// runs the whole K loop over it.
 //
 // mma.sync m16n8k16 (bf16 in, fp32 accumulate) with x as A ([rows][k]) and the weight as B (its rows
 // are B's columns, k-contiguous, as mma's "col" layout wants). Eight warps tile the block 2 x 4, a
-// warp 64 rows x 32 weight rows: 4 x 4 mmas per 16 k, fragments through ldmatrix.
+// warp BM / 2 rows x BN / 4 weight rows: MT x NT mmas per 16 k, fragments through ldmatrix. BM is the
+// op's rows up to 128 (32 or 64 for a decode batch), BN 64 or 128 (the compiler's choice: enough
+// tasks for every SM).
 //
 // The K loop streams BK-wide slices of x (as stored: float or bf16) and of the weight through a ring
 // of kStages slots with cp.async, so kStages - 1 slices are in flight while the tensor cores work on
@@ -26,14 +29,16 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
-template <int RPC, int M, int K, bool NORM, class A> struct MmaGemm {
+template <int RPC, int M, int K, bool NORM, class A, int BN = 128> struct MmaGemm {
   using T = typename A::T;
-  static constexpr int BM = 128, BN = 128;  // BN: weight rows (RPC of them per output column)
+  static constexpr int BM = M <= 32 ? 32 : M <= 64 ? 64 : 128;
+  static_assert(BN == 64 || BN == 128, "a GEMM task's weight rows: 64 or 128");
+  static constexpr int MT = BM / 32, NT = BN / 32;  // a warp's m-tiles (16 rows) and n-tiles (8 weight rows)
   static constexpr int kColumns = BN / RPC;  // output columns of a task
-  // Slice width and ring depth: the deepest ring of 64-wide slices that fits, else 32-wide ones.
+  // Slice width and ring depth: the deepest ring (up to 4) of 64-wide slices that fits, else 32-wide ones.
   static constexpr int stage_bytes(int bk) { return BM * bk * static_cast<int>(sizeof(T)) + BN * (bk + 8) * 2; }
   static constexpr int fixed_bytes(int bk) { return BM * (bk + 8) * 2 + BM * 4; }
-  static constexpr int stages_for(int bk) { return cmin(3, (kXBudget - fixed_bytes(bk)) / stage_bytes(bk)); }
+  static constexpr int stages_for(int bk) { return cmin(4, (kXBudget - fixed_bytes(bk)) / stage_bytes(bk)); }
   static constexpr int BK = stages_for(64) >= 2 ? 64 : 32;
   static constexpr int kStages = stages_for(BK);
   static_assert(kStages >= 2, "a GEMM ring needs two slices of shared memory");
@@ -113,23 +118,23 @@ template <int RPC, int M, int K, bool NORM, class A> struct MmaGemm {
   }
 
   // One warp's mmas over the x tile and a slot's weight slice: acc[m-tile][n-tile][fragment].
-  __device__ static void mma_slice(const unsigned char* tile, const unsigned char* slot, float (&acc)[4][4][4]) {
+  __device__ static void mma_slice(const unsigned char* tile, const unsigned char* slot, float (&acc)[MT][NT][4]) {
     const int lane = lane_id(), wm = warp_id() >> 2, wn = warp_id() & 3;
-    const bf16* xs = reinterpret_cast<const bf16*>(tile) + (wm * 64) * LD;
-    const bf16* ws = reinterpret_cast<const bf16*>(slot + kRawBytes) + (wn * 32) * LD;
+    const bf16* xs = reinterpret_cast<const bf16*>(tile) + (wm * BM / 2) * LD;
+    const bf16* ws = reinterpret_cast<const bf16*>(slot + kRawBytes) + (wn * BN / 4) * LD;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      unsigned a[4][4], b[2][4];
+      unsigned a[MT][4], b[NT / 2][4];
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt) ldsm_x4(a[mt], xs + (mt * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
+      for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt], xs + (mt * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
       // b[p]: n-tiles 2p and 2p + 1, k halves 0 and 8 of each.
 #pragma unroll
-      for (int p = 0; p < 2; ++p)
+      for (int p = 0; p < NT / 2; ++p)
         ldsm_x4(b[p], ws + (p * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
           const unsigned* bb = b[nt >> 1] + (nt & 1) * 2;
           mma_16816(acc[mt][nt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], bb[0], bb[1]);
         }
@@ -146,7 +151,7 @@ template <int RPC, int M, int K, bool NORM, class A> struct MmaGemm {
     x += static_cast<size_t>(r0) * K;
     w += static_cast<size_t>(c0) * RPC * K;
     unsigned char* tile = smem + kTileOffset;
-    float acc[4][4][4] = {};
+    float acc[MT][NT][4] = {};
     float ss[kPasses] = {};
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -182,15 +187,15 @@ template <int RPC, int M, int K, bool NORM, class A> struct MmaGemm {
     }
     const int lane = lane_id(), g = lane >> 2, q = lane & 3, wm = warp_id() >> 2, wn = warp_id() & 3;
 #pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // fragment rows g and g + 8
-        const int row = wm * 64 + mt * 16 + g + h * 8;
+        const int row = wm * BM / 2 + mt * 16 + g + h * 8;
         if (row >= rows) continue;
         const float scale = NORM ? inv[row] : 1.f;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const int n = wn * 32 + nt * 8 + 2 * q;  // weight rows n, n + 1 of the block
+        for (int nt = 0; nt < NT; ++nt) {
+          const int n = wn * BN / 4 + nt * 8 + 2 * q;  // weight rows n, n + 1 of the block
           const float v0 = acc[mt][nt][2 * h] * scale, v1 = acc[mt][nt][2 * h + 1] * scale;
           if constexpr (RPC == 2) {  // one output column: its two rows are the fragment's pair
             if (n / 2 < c1 - c0) epilogue(r0 + row, c0 + n / 2, {v0, v1});

@@ -4,9 +4,10 @@
 // (gemv_mma.cuh), CUDA cores otherwise (gemv_simt.cuh). Both end in the op's epilogue, called per
 // column on every lane of a warp with that column's sums acc[RPC][B].
 //
-// The same ops over many rows (a prefill chunk) are tiled by rows too and run as GEMMs on tensor
-// cores (gemm.cuh); codegen says so with COLS = 0. The ops below write each output element in one
-// place, `out(b, c, v[RPC])`, that both paths call (`product`).
+// The same ops over many rows (a prefill chunk, a decode batch of more than 8) are tiled by rows too
+// and run as GEMMs on tensor cores (gemm.cuh); codegen says so with COLS = -BN, the task's weight
+// rows. The ops below write each output element in one place, `out(b, c, v[RPC])`, that both paths
+// call (`product`).
 #pragma once
 
 #include <type_traits>
@@ -24,7 +25,7 @@ constexpr bool kGemvMma = false;
 constexpr bool kGemvMma = true;
 #endif
 
-// COLS: the most columns one warp owns in the op's tiles (ceil(tile / kWarps)).
+// COLS > 0: the most columns one warp owns in the op's tiles (ceil(tile / kWarps)).
 template <int RPC, int B, int K, bool NORM, class A, int COLS>
 using Gemv = std::conditional_t<kGemvMma && MmaGemv<RPC, B, K, NORM, A>::kUsable, MmaGemv<RPC, B, K, NORM, A>,
                                 SimtGemv<RPC, B, K, NORM, A, COLS>>;
@@ -39,26 +40,27 @@ __device__ __forceinline__ void tile_span(const TaskCtx& t, long long n, long lo
   tile_span(t.tile[0], n, tile, c0, c1);
 }
 
-// The strategy of a product: COLS = 0 is a row-tiled GEMM (never instantiating a GEMV over its rows).
-template <int RPC, int B, int K, bool NORM, class A, int COLS> struct StrategyOf {
+// The strategy of a product: COLS < 0 is a row-tiled GEMM of -COLS weight rows per task (never
+// instantiating a GEMV over its rows).
+template <int RPC, int B, int K, bool NORM, class A, int COLS, bool GEMM = (COLS < 0)> struct StrategyOf {
   using type = Gemv<RPC, B, K, NORM, A, COLS>;
 };
-template <int RPC, int B, int K, bool NORM, class A> struct StrategyOf<RPC, B, K, NORM, A, 0> {
-  using type = MmaGemm<RPC, B, K, NORM, A>;
+template <int RPC, int B, int K, bool NORM, class A, int COLS> struct StrategyOf<RPC, B, K, NORM, A, COLS, true> {
+  using type = MmaGemm<RPC, B, K, NORM, A, -COLS>;
 };
 template <int RPC, int B, int K, bool NORM, class A, int COLS>
 using Strategy = typename StrategyOf<RPC, B, K, NORM, A, COLS>::type;
 
 // All threads: this task's share of x (B x K, RMS-normalised if NORM) @ W^T, calling
 // out(b, c, v[RPC]) once per output element (row b, column c of n). A GEMV task owns column tile
-// t.tile[0] of every row; a GEMM task (COLS = 0) rows tile t.tile[0] x column tile t.tile[1].
+// t.tile[0] of every row; a GEMM task (COLS < 0) rows tile t.tile[0] x column tile t.tile[1].
 template <int RPC, int B, int K, bool NORM, class A, int COLS, class Out>
 __device__ __forceinline__ void product(const TaskCtx& t, const OpDesc& op, const typename A::T* x, const bf16* norm,
                                         const bf16* w, long long n, long long tile, float eps, unsigned char* smem,
                                         Out&& out) {
   int c0, c1;
-  if constexpr (COLS == 0) {
-    using G = MmaGemm<RPC, B, K, NORM, A>;
+  if constexpr (COLS < 0) {
+    using G = MmaGemm<RPC, B, K, NORM, A, -COLS>;
     tile_span(t.tile[1], n, tile, c0, c1);
     const int r0 = t.tile[0] * G::BM;
     G::run(x, norm, w, r0, min(B, r0 + G::BM), c0, c1, eps, smem, out);
@@ -142,18 +144,36 @@ template <class S, int B, int K, class A, int COLS> struct Linear {
 
 // rmsnorm_lm_head_argmax: logits[:, v0:v1] and the tile's argmax candidate per sequence.
 template <class S, int B, int K, class A, int COLS> struct RmsnormLmHeadArgmax {
-  using G = Gemv<1, B, K, true, A, COLS>;
-  static constexpr int kBestOffset = G::SMEM;
+  static constexpr int kBestOffset = Strategy<1, B, K, true, A, COLS>::SMEM;
   static constexpr int SMEM = kBestOffset + align16(kWarps * B * 4) + align16(kWarps * B * 4);
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     float* logits = op.arg<float>(S::logits);
-    float* cand_val = op.arg<float>(S::cand_val);
-    long long* cand_idx = op.arg<long long>(S::cand_idx);
-    const int vocab = static_cast<int>(op.i[S::vocab]), n_tiles = static_cast<int>(op.i[S::n_tiles]);
-    const long long vocab_start = op.i[S::vocab_start];
+    const int vocab = static_cast<int>(op.i[S::vocab]);
+    if constexpr (COLS < 0) {  // a GEMM: its rows tile x vocab tile, then each row's candidate from the logits
+      product<1, B, K, true, A, COLS>(t, op, op.arg<const typename A::T>(S::x), op.arg<const bf16>(S::norm),
+                                      op.arg<const bf16>(S::weight), vocab, op.i[S::tile], op.f[S::eps], smem,
+                                      [&](int b, int c, const float (&v)[1]) {
+        logits[static_cast<size_t>(b) * vocab + c] = A::round(v[0]);
+      });
+      __syncthreads();  // the block's logits are visible to the whole CTA
+      int c0, c1;
+      tile_span(t.tile[1], vocab, op.i[S::tile], c0, c1);
+      const int r0 = t.tile[0] * Strategy<1, B, K, true, A, COLS>::BM;
+      for (int b = r0 + warp_id(); b < min(B, r0 + Strategy<1, B, K, true, A, COLS>::BM); b += kWarps) {
+        float best = kNegInf;
+        long long at = c0;
+        for (int c = c0 + lane_id(); c < c1; c += 32) {
+          const float y = logits[static_cast<size_t>(b) * vocab + c];
+          if (y > best) best = y, at = c;  // a lane's columns ascend: its first maximum stays
+        }
+        warp_argmax(best, at);
+        if (lane_id() == 0) emit_candidate(t, op, b, t.tile[1], best, at);
+      }
+      return;
+    }
+    using G = Gemv<1, B, K, true, A, COLS>;
     int c0, c1;
     tile_span(t, vocab, op.i[S::tile], c0, c1);
-    MPK_ASSERT(t.tile[0] < n_tiles);
     float best[B];
     int best_at[B];
 #pragma unroll
@@ -182,9 +202,16 @@ template <class S, int B, int K, class A, int COLS> struct RmsnormLmHeadArgmax {
         const int oat = s_at[k * B + b];
         if (ov > v || (ov == v && oat < at)) v = ov, at = oat;
       }
-      cand_val[b * n_tiles + t.tile[0]] = v;
-      cand_idx[b * n_tiles + t.tile[0]] = vocab_start + at;
+      emit_candidate(t, op, b, t.tile[0], v, at);
     }
+  }
+
+  // Sequence b's candidate of vocab tile i: its largest logit and that logit's (first) column.
+  __device__ static void emit_candidate(const TaskCtx& t, const OpDesc& op, int b, int i, float v, long long at) {
+    const int n_tiles = static_cast<int>(op.i[S::n_tiles]);
+    MPK_ASSERT(i < n_tiles);
+    op.arg<float>(S::cand_val)[b * n_tiles + i] = v;
+    op.arg<long long>(S::cand_idx)[b * n_tiles + i] = op.i[S::vocab_start] + at;
   }
 };
 

@@ -29,11 +29,14 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   static constexpr int kRedOffset = kInvOffset + align16(B * 4);
   static constexpr int kPartOffset = kRedOffset + align16(kWarps * B * 4);
   // A task of fewer 16-row blocks than this splits K between warps so that all 8 work; partial
-  // sums meet in shared memory. Larger tasks give each warp whole blocks.
+  // sums meet in shared memory, added in a fixed order so that a run repeats bit for bit. Larger
+  // tasks give each warp whole blocks.
   static constexpr int kSplitBelow = 24;
-  static constexpr int SMEM = kPartOffset + cmax(kSplitBelow, kWarps) * 16 * 8 * 4;
+  static constexpr int kBlockFloats = 16 * 8;  // a block's sums, [row][8]
+  static constexpr int kRoundOffset = kPartOffset + cmax(kSplitBelow, kWarps) * kBlockFloats * 4;
+  static constexpr int SMEM = kRoundOffset + kWarps * kBlockFloats * 4;
   static constexpr int U = 8;  // k-steps of weight loads in flight per lane (2 rows x 16 B each)
-  static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && kInvOffset <= kXBudget;
+  static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap;
 
   // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
   __device__ static void store(unsigned char* s, int b, int v, const float (&f)[8]) {
@@ -129,9 +132,10 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     const int split = nblocks >= kSplitBelow ? 1 : kWarps / gcd_int(nblocks, kWarps);
     float* part = reinterpret_cast<float*>(smem + kPartOffset);
     if (split > 1)
-      for (int i = threadIdx.x; i < nblocks * 128; i += kThreads) part[i] = 0.f;
+      for (int i = threadIdx.x; i < nblocks * kBlockFloats; i += kThreads) part[i] = 0.f;
     stage(x, norm, eps, smem);  // its barrier also orders the zeroing
     const int g = lane_id() >> 2, q = lane_id() & 3;
+    // With split > 1 there are lcm(nblocks, 8) items: every warp runs the same number of rounds.
     for (int item = warp_id(); item < nblocks * split; item += kWarps) {
       const int blk = item / split, slice = item - blk * split;
       const int row = r0 + 16 * blk;
@@ -145,24 +149,36 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
         const bf16* wb = w + static_cast<size_t>(min(row + g + 8, r1 - 1)) * K;
         block_dots<false>(smem, wa, wb, s0, s1, acc);
       }
-      if (split == 1) {  // this warp has the whole block: its own scratch, its own epilogues
-        float* sc = part + warp_id() * 128;
-        sc[g * 8 + 2 * q] = acc[0], sc[g * 8 + 2 * q + 1] = acc[1];
-        sc[(g + 8) * 8 + 2 * q] = acc[2], sc[(g + 8) * 8 + 2 * q + 1] = acc[3];
+      float* sc = reinterpret_cast<float*>(smem + (split == 1 ? kPartOffset : kRoundOffset)) + warp_id() * kBlockFloats;
+      sc[g * 8 + 2 * q] = acc[0], sc[g * 8 + 2 * q + 1] = acc[1];
+      sc[(g + 8) * 8 + 2 * q] = acc[2], sc[(g + 8) * 8 + 2 * q + 1] = acc[3];
+      if (split == 1) {  // this warp has the whole block: its own epilogues
         __syncwarp();
         const int cb = c0 + 16 / RPC * blk;
         for (int c = cb; c < min(c1, cb + 16 / RPC); ++c) emit(sc + RPC * (c - cb) * 8, c, epilogue);
         __syncwarp();
       } else {
-        float* p = part + blk * 128;
-        if (2 * q < B) atomicAdd(p + g * 8 + 2 * q, acc[0]), atomicAdd(p + (g + 8) * 8 + 2 * q, acc[2]);
-        if (2 * q + 1 < B) atomicAdd(p + g * 8 + 2 * q + 1, acc[1]), atomicAdd(p + (g + 8) * 8 + 2 * q + 1, acc[3]);
+        add_round(part, reinterpret_cast<const float*>(smem + kRoundOffset), item - warp_id(), split);
       }
     }
     if (split > 1) {
       __syncthreads();
       for (int c = c0 + warp_id(); c < c1; c += kWarps) emit(part + RPC * (c - c0) * 8, c, epilogue);
     }
+  }
+
+  // All threads: add the round of items [first, first + kWarps) (warp w's sums in round[w]) to their
+  // blocks' sums, slice after slice, so the order of the additions never depends on timing.
+  __device__ static void add_round(float* part, const float* round, int first, int split) {
+    __syncthreads();  // every warp's sums are in
+    const int blk0 = first / split, nblk = (first + kWarps - 1) / split - blk0 + 1;
+    for (int i = threadIdx.x; i < nblk * kBlockFloats; i += kThreads) {
+      const int blk = blk0 + i / kBlockFloats, e = i % kBlockFloats;
+      float s = part[blk * kBlockFloats + e];
+      for (int w = max(0, blk * split - first); w < min(kWarps, (blk + 1) * split - first); ++w) s += round[w * kBlockFloats + e];
+      part[blk * kBlockFloats + e] = s;
+    }
+    __syncthreads();  // the round's scratch is free again
   }
 };
 

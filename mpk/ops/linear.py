@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 from mpk.errors import MpkError
 from mpk.models.functional import rms_norm
-from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, matmul, \
-    nbytes, shape, spans, whole
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, linear_bf16, \
+    matmul, nbytes, shape, spans, whole
 from mpk.util import cdiv
 
 CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
-# A GEMM task's block (MmaGemm in mpk/csrc/gemm.cuh): rows x weight rows.
-GEMM_ROWS, GEMM_WEIGHT_ROWS = 128, 128
+# A GEMM task's block (MmaGemm in mpk/csrc/gemm.cuh): up to GEMM_ROWS rows x one of GEMM_WEIGHT_ROWS.
+GEMM_ROWS, GEMM_WEIGHT_ROWS = 128, (64, 128)
 
 
 def product(op, fast: bool = False):
@@ -31,9 +31,22 @@ def policy(op, tg) -> str:
     return "ActF32Bf16Inputs" if op.params.get("bf16_inputs", False) else activation_policy(tg)
 
 
+def normed_product(op, t, mm, bias=None) -> torch.Tensor:
+    """rmsnorm(x) @ W^T (+ bias) with the views of `t`, `mm` the product. A GEMM tile (mpk/csrc/
+    gemm.cuh) multiplies x * norm rounded to bf16 and scales the sums by 1/rms after; where the graph
+    says its products round (a decode batch's GEMMs), so does this. A prefill graph's GEMMs are
+    exact here: a reference for the GPU's, which stays inside the accuracy bound."""
+    x, norm, eps = t["x"], t["norm"], op.params["eps"]
+    if not (is_gemm(op) and op.params.get("bf16_inputs", False)):
+        return mm(rms_norm(x, norm, eps), t["weight"], bias)
+    x32 = x.float()
+    y = linear_bf16(x32 * norm.float(), t["weight"]) * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
 def is_gemm(op) -> bool:
     """Whether a matrix-product op is tiled by rows as well as columns and runs as a GEMM on tensor
-    cores: the prefill program's, over a chunk's many rows (`Gemv.tile_as_gemm`)."""
+    cores: over a prefill chunk's many rows, or a decode batch of more than 8 (`Gemv.tile_as_gemm`)."""
     return op.params.get("gemm", False)
 
 
@@ -62,11 +75,14 @@ class Gemv(OpKind):
                                       2 * (r1 - r0) * (c1 - c0) * self.rows_per_col * k))
         return tasks
 
-    def tile_as_gemm(self, op) -> None:
-        """Tile `op` by blocks of GEMM_ROWS rows x GEMM_WEIGHT_ROWS weight rows: a GEMM on tensor
-        cores, for many rows (the GPU template rounds x to bf16, as the fast whole-op mode does)."""
+    def tile_as_gemm(self, op, weight_rows: int = max(GEMM_WEIGHT_ROWS)) -> None:
+        """Tile `op` by blocks of GEMM_ROWS rows x `weight_rows` (one of GEMM_WEIGHT_ROWS): a GEMM
+        on tensor cores, for many rows. Its template rounds x to bf16, and so does `product`."""
+        if weight_rows not in GEMM_WEIGHT_ROWS:
+            raise MpkError(f"{op.name}: a GEMM task takes {' or '.join(map(str, GEMM_WEIGHT_ROWS))} weight rows, "
+                           f"not {weight_rows}")
         op.params["gemm"] = True
-        op.params["tile"] = GEMM_WEIGHT_ROWS // self.rows_per_col
+        op.params["tile"] = weight_rows // self.rows_per_col
 
     def run(self, op, tile, t, step):
         self.compute(op, t, product(op))
@@ -86,13 +102,13 @@ class Gemv(OpKind):
     def tile_writes(self, op, prog, i, r0, r1, c0, c1):
         return [box(op, self.out_role, (r0, r1), (c0, c1))]
 
-    @staticmethod
-    def columns_per_warp(op) -> int:
+    def columns_per_warp(self, op) -> int:
         """The most output columns one of the CTA's warps owns in a tile, up to the CTA's warp count
         (a template argument: the CUDA-core GEMV loads up to that many columns' rows together when K
-        is short; more never pays). 0 for a GEMM (`is_gemm`): the template then tiles rows too."""
+        is short; more never pays). For a GEMM (`is_gemm`) minus its weight rows per task: the
+        template then tiles rows too."""
         if is_gemm(op):
-            return 0
+            return -op.params["tile"] * self.rows_per_col
         return min(CTA_WARPS, cdiv(op.params["tile"], CTA_WARPS))
 
     def gemv_shape(self, op, tg) -> tuple[int, int, int]:
@@ -119,7 +135,7 @@ class RmsnormLinear(Gemv):
         return [whole(op, prog, "norm")] + ([box(op, "bias", (c0, c1))] if "bias" in op.inputs else [])
 
     def compute(self, op, t, mm):
-        t["out"].copy_(mm(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"], t.get("bias")))
+        t["out"].copy_(normed_product(op, t, mm, t.get("bias")))
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
@@ -140,7 +156,7 @@ class RmsnormGateUpSilu(Gemv):
         return [whole(op, prog, "norm")]
 
     def compute(self, op, t, mm):
-        y = mm(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"])
+        y = normed_product(op, t, mm)
         gate_up = y.unflatten(-1, (-1, 2))
         t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])
 
@@ -235,19 +251,16 @@ class RmsnormLmHeadArgmax(Gemv):
     def extra_reads(self, op, prog, r0, r1, c0, c1):
         return [whole(op, prog, "norm")]
 
-    def tile_as_gemm(self, op) -> None:
-        raise MpkError(f"{op.name}: the LM head runs for one new token per sequence, never as a GEMM")
-
     def tile_writes(self, op, prog, i, r0, r1, c0, c1):
         return [box(op, "logits", (r0, r1), (c0, c1)),
                 box(op, "cand_val", (r0, r1), (i, i + 1)), box(op, "cand_idx", (r0, r1), (i, i + 1))]
 
     def run(self, op, tile, t, step):
-        y = product(op)(rms_norm(t["x"], t["norm"], op.params["eps"]), t["weight"]).float()
+        y = normed_product(op, t, product(op)).float()
         t["logits"].copy_(y)
         best = torch.argmax(y, dim=-1, keepdim=True)  # first index among equal maxima
         t["cand_val"].copy_(torch.gather(y, -1, best))
-        t["cand_idx"].copy_(best + op.params["vocab_start"] + tile[0] * op.params["tile"])
+        t["cand_idx"].copy_(best + op.params["vocab_start"] + tile[-1] * op.params["tile"])  # the vocab tile
 
     def cuda(self, op, tg):
         b, k, v = self.gemv_shape(op, tg)

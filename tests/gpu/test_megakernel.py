@@ -42,7 +42,7 @@ from mpk.sim import CpuExecutor  # noqa: E402
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.engine import check_prompts  # noqa: E402
 from mpk.inputs import program_inputs  # noqa: E402
-from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE  # noqa: E402
+from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS  # noqa: E402
 from mpk.models.checkpoint import load_checkpoint  # noqa: E402
 from mpk.inputs import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
@@ -59,6 +59,9 @@ F32_TOL = 2e-3  # float32 activations: 10x inside the issue's 2e-2, far above su
 # entry), and deep models with random weights amplify the flips: 2.1-3.5e-3 measured on presets
 # and long contexts (H200). Still 4x inside the accuracy bound, and far below a real error.
 SAME_BF16_KV_TOL = 5e-3
+# Matrix products on inputs rounded to bf16, in the kernel and in the sim: the same flips of an input's
+# rounding, at every product instead of only at the cache: 2.7-5.6e-3 measured at batch 1 and 4 (H200).
+BF16_INPUTS_TOL = 1e-2
 F32_TIE = 1e-3  # a float32-reference top-2 gap (of the largest |logit|) the kernel's ~1e-5 error cannot flip
 NEAR_TIE = 2e-2
 
@@ -90,7 +93,8 @@ CASES = {
 # Graph precisions of the teacher-forced test: (activations, KV cache). A float32 cache only changes
 # attention, so it runs on the cases that vary attention's shapes (each precision is its own build).
 # name: (activations, KV cache, matrix-product inputs)
-PRECISIONS = {"bf16-acts": ("model", "model", "float32"), "default": (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, "float32"),
+PRECISIONS = {"bf16-acts": ("model", "model", "float32"),
+              "default": (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS),
               "fp32-kv": ("float32", "float32", "float32"), "bf16-inputs": ("float32", DEFAULT_KV_CACHE, "bfloat16")}
 ATTENTION_CASES = ("mistral-window", "llama-wide", "llama-gqa1-hd64", "qwen3-gqa8-hd128")
 FORCED = [(case, p) for case in CASES for p in PRECISIONS if p != "fp32-kv" or case in ATTENTION_CASES]
@@ -133,7 +137,8 @@ def num_sms(case: str) -> int:
 
 
 def megakernel(cfg, hf, prompts, max_seq_len, sms, tg: TaskGraph | None = None,
-               activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE, matmul_inputs: str = "float32"):
+               activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
+               matmul_inputs: str = DEFAULT_MATMUL_INPUTS):
     tg = tg or compile_model(cfg, batch=len(prompts), max_seq_len=max_seq_len, num_sms=sms, activations=activations,
                              kv_cache=kv_cache, matmul_inputs=matmul_inputs)
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
@@ -167,8 +172,9 @@ def l2_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.linalg.vector_norm((a - b).float()) / torch.linalg.vector_norm(b.float())).item()
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("case, precision", FORCED)
+# Batches of 12 and 40 run GEMM tiles of 32 and 64 rows (mpk.graph.GEMV_MAX_BATCH).
+@pytest.mark.parametrize("case, precision, batch", [(c, p, b) for c, p in FORCED for b in (1, 4)]
+                         + [(c, "default", b) for c in CASES for b in (12, 40)])
 def test_teacher_forced_logits(checkpoint, case, precision, batch):
     activations, kv_cache, matmul_inputs = PRECISIONS[precision]
     cfg, hf = checkpoint(case)
@@ -197,10 +203,12 @@ def test_teacher_forced_logits(checkpoint, case, precision, batch):
     worst_sim = f"step {sim_errs.index(max(sim_errs))}: {max(sim_errs):.3g} from the sim"
     assert max(sim_errs) < SIM_TOL, worst_sim
     if activations == "float32":  # bf16 activations cost up to ~4e-2 here, in the sim too (docs/decisions.md)
-        assert max(sim_errs) < F32_TOL, worst_sim
-        if matmul_inputs == "float32":  # float32 products: the float32 reference's computation
-            assert max(kv_errs) < F32_TOL, f"step {kv_errs.index(max(kv_errs))}: {max(kv_errs):.3g} from float32"
         assert max(ref_errs) < bound(ref16_err), f"{max(ref_errs):.3g} from float32 (bf16 reference: {ref16_err:.3g})"
+        if mk.tg.precision.matmul_inputs == "float32":  # float32 products: the float32 reference's computation
+            assert max(sim_errs) < F32_TOL, worst_sim
+            assert max(kv_errs) < F32_TOL, f"step {kv_errs.index(max(kv_errs))}: {max(kv_errs):.3g} from float32"
+        else:
+            assert max(sim_errs) < BF16_INPUTS_TOL, worst_sim
     # Inside the prompt the sample task forwards the prompt's next token.
     for s in range(T - 1):
         assert res.tokens[s] == seqs[:, s + 1].tolist()

@@ -68,7 +68,9 @@ def test_the_megakernel_over_a_paged_cache_computes_what_it_computes_without(che
             results.append(res)
     contiguous, paged = results
     assert paged.tokens == contiguous.tokens
-    assert all(torch.equal(p, c) for p, c in zip(paged.logits, contiguous.logits))
+    differ = [(s, (p - c).abs().max().item()) for s, (p, c) in enumerate(zip(paged.logits, contiguous.logits))
+              if not torch.equal(p, c)]
+    assert not differ, f"{len(differ)} steps differ, first (step, largest difference): {differ[0]}"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def test_generate_and_the_batcher_over_a_paged_cache(path):
 def test_a_shared_prefix_on_the_gpu(path):
     plain = LLM(path, backend="cuda", max_batch=2, max_seq_len=128)
     paged = LLM(path, backend="cuda", max_batch=2, max_seq_len=128, kv_block_rows=16)
-    system = list(range(100, 150))  # 50 tokens: 3 whole blocks of 16 rows
+    system = list(range(60, 110))  # 50 tokens: 3 whole blocks of 16 rows
     prompts = [system + [5, 6, 7], system + [9]]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     batcher = Batcher(paged, window=3)
