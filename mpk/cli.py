@@ -103,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
                      help="mpk's KV cache precision: model (the weights' dtype) or float32")
     ben.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
-                     help="with float32 activations, round the input of every matrix product to bfloat16 "
-                          "(float32 sums; one tensor-core pass at batch 2-8 instead of two)")
+                     help="with float32 activations: bfloat16 rounds the input of every matrix product "
+                          "(float32 sums; one tensor-core pass at batch 2-8 instead of two); auto: float32 up to "
+                          "batch 8, bfloat16 beyond (GEMM tiles)")
     ben.add_argument("--context", type=int, default=0,
                      help="position of the first timed step, the cache filled up to it")
     ben.add_argument("--tp", type=int, default=1,
@@ -155,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
                      help="tokens a request's prompt and reply may hold together (clipped to the model's context)")
     srv.add_argument("--max-batch", type=int, default=8,
-                     help="requests generated together (continuous batching: each joins when a slot frees up)")
+                     help="requests generated together (continuous batching: each joins when a slot frees up; "
+                          "beyond 8 the matrix products run as GEMM tiles on tensor cores)")
     srv.add_argument("--max-waiting", type=int, default=64,
                      help="requests that may wait for a slot; more are answered 503")
     _add_run_flags(srv)
@@ -198,8 +200,8 @@ def _add_run_flags(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
                      help="KV cache precision: model (the weights' dtype) or float32")
     cmd.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
-                     help="with float32 activations, round the input of every matrix product to bfloat16 "
-                          "(float32 sums)")
+                     help="with float32 activations: bfloat16 rounds the input of every matrix product "
+                          "(float32 sums); auto: float32 up to batch 8, bfloat16 beyond (GEMM tiles)")
     cmd.add_argument("--kv-block-rows", type=int, default=0,
                      help="page the KV cache in blocks of this many rows, handed to sequences as they grow "
                           "(0: each sequence slot owns max-seq-len rows)")

@@ -86,7 +86,7 @@ run_prefill() {
 run_serve() {
   [ -d .deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.deps"
   local port=8123 model="${SERVE_MODEL:-qwen3-8b}" status=0
-  python3 -m mpk.cli serve "$model" --max-batch "${MAX_BATCH:-8}" --max-seq-len 1024 --port $port > "$out/serve.log" 2>&1 &
+  python3 -m mpk.cli serve "$model" --max-batch "${MAX_BATCH:-8}" --max-seq-len 2048 --port $port > "$out/serve.log" 2>&1 &
   local server=$!
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
   python3 -m mpk.cli bench-serve "http://127.0.0.1:$port" --clients 1 --requests 4 --prompt-len 512 --output-len 256 \
