@@ -27,6 +27,7 @@ touch its rows.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,6 +51,19 @@ class Request:
     on_done: Callable[[object], None] | None = None
     on_error: Callable[[BaseException], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class EngineTime:
+    """Where the batcher's windows spent their time (seconds, summed), and the decode steps they ran:
+    `window` - `prefill` - `decode` is the host's own work between and around them."""
+
+    window: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    steps: int = 0  # decode steps
+    slot_steps: int = 0  # decode steps x the batch each ran (idle slots included)
+    busy_slot_steps: int = 0  # decode steps x the requests their windows held
 
 
 @dataclass
@@ -82,6 +96,7 @@ class Batcher:
         self.slots: list[_Slot | None] = [None] * self.tg.batch
         self.sizes = sorted({min(self.tg.batch, 1 << i) for i in range(self.tg.batch.bit_length() + 1)})
         self.last_batch = 0  # the batch size the last window ran
+        self.time = EngineTime()
         self.step = 0  # the kernel's next step; positions are relative to it
         self._queue: deque[Request] = deque()
         self._lock = threading.Lock()
@@ -133,6 +148,7 @@ class Batcher:
 
     def run_window(self) -> bool:
         """Admit what fits, run one window, hand back what finished; False when there was nothing to run."""
+        t0 = time.perf_counter()
         self._admit()
         if not any(self.slots):
             return False
@@ -145,12 +161,24 @@ class Batcher:
             if not isinstance(e, Exception):
                 raise
             return True
+        finally:
+            self.time.window += time.perf_counter() - t0
         self._retire()
         return True
 
+    def _prefill(self, *args, **kwargs) -> int:
+        """`mpk.prefill.prefill_slot` on this batcher's executor, timed."""
+        from mpk.prefill import prefill_slot
+
+        t0 = time.perf_counter()
+        try:
+            return prefill_slot(self.executor, self.llm.cfg, *args, programs=self._prefills,
+                                fast=self.llm.backend == "cuda", **kwargs)
+        finally:
+            self.time.prefill += time.perf_counter() - t0
+
     def _admit(self) -> None:
         from mpk.api import _Sequence
-        from mpk.prefill import prefill_slot
 
         llm = self.llm
         for b in range(len(self.slots)):
@@ -173,8 +201,7 @@ class Batcher:
             slot = _Slot(request, seq, sp.run_seed(), self.step, ids[0], prefilled=cached, ready=False)
             if self.pool is None or not llm.prefill:  # the whole prompt now (or none of it: decode steps)
                 try:
-                    done = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills,
-                                        fast=llm.backend == "cuda") if llm.prefill else 0
+                    done = self._prefill(ids, b) if llm.prefill else 0
                 except Exception as e:
                     self._fail(b, request, e)
                     continue
@@ -189,9 +216,7 @@ class Batcher:
 
     def _prefill_chunks(self) -> None:
         """Up to `prefill_rows` rows of the prompts still prefilling, lowest slot first (paged cache)."""
-        from mpk.prefill import prefill_slot
-
-        budget, llm = self.prefill_rows, self.llm
+        budget = self.prefill_rows
         for b, slot in enumerate(self.slots):
             if slot is None or slot.ready or budget == 0:
                 continue
@@ -199,8 +224,7 @@ class Batcher:
             self.executor.set_kv_table(self.pool.table())
             before = slot.prefilled
             try:
-                slot.prefilled = prefill_slot(self.executor, llm.cfg, ids, b, self._prefills, fast=llm.backend == "cuda",
-                                              cached=before, limit=budget)
+                slot.prefilled = self._prefill(ids, b, cached=before, limit=budget)
             except Exception as e:
                 self._fail(b, slot.request, e)
                 continue
@@ -296,8 +320,13 @@ class Batcher:
             # Stop early only when no request continues past this step (see the module's docstring).
             return all(s.finished() for s in active)
 
+        t0 = time.perf_counter()
         result = executor.run(steps, max_new_tokens=limits, on_step=on_step, first_step=first,
                               eos_token_ids=eos, position_offsets=offsets)
+        self.time.decode += time.perf_counter() - t0
+        self.time.steps += result.steps
+        self.time.slot_steps += result.steps * batch
+        self.time.busy_slot_steps += result.steps * len(active)
         self.step = first + result.steps
 
     def _retire(self) -> None:

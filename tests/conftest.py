@@ -19,6 +19,17 @@ TINY = dict(
     initializer_range=0.1,  # large enough that logits are not a sea of near-ties
 )
 
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker takes its share of the CPU's threads: N workers each running
+    torch with a thread per core spin against each other, and small CPU ops slow down many times."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 WORDS = ("the a an of to in and is was it that he she they we you I on for with as at by this be not "
          "cat dog bird fish tree sun moon star sky rain snow wind fire water stone light dark red blue "
          "green one two three four five big small old new good bad hot cold fast slow up down").split()

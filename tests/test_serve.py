@@ -283,6 +283,10 @@ def test_metrics_count_requests_and_tokens(url, client):
     for name in ("mpk_prompt_tokens_total", "mpk_time_to_first_token_seconds_count",
                  "mpk_time_per_output_token_seconds_count", "mpk_requests_waiting", "mpk_requests_running"):
         assert name in text
+    steps = metric(url, "mpk_decode_steps")
+    assert steps >= 4 and metric(url, 'mpk_decode_slot_steps{slot="all"}') >= metric(url, 'mpk_decode_slot_steps{slot="busy"}') >= steps
+    window, decode = metric(url, 'mpk_engine_seconds{phase="window"}'), metric(url, 'mpk_engine_seconds{phase="decode"}')
+    assert window >= decode + metric(url, 'mpk_engine_seconds{phase="prefill"}') and decode > 0
 
 
 def test_a_client_that_disconnects_stops_its_generation(url, app):

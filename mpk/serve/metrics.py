@@ -30,6 +30,19 @@ class Metrics:
         slots.set_function(lambda: len(worker.batcher.slots))
         rows = Gauge("mpk_kv_rows_in_use", "KV cache rows the running requests hold", registry=r)
         rows.set_function(lambda: worker.batcher.kv_rows_in_use())
+        # Where the engine's time goes: prompts, decode steps, and the host's work around them.
+        engine = Gauge("mpk_engine_seconds", "seconds of the engine's windows, by what they did", ["phase"],
+                       registry=r)
+        spent = worker.batcher.time
+        engine.labels("window").set_function(lambda: spent.window)
+        engine.labels("prefill").set_function(lambda: spent.prefill)
+        engine.labels("decode").set_function(lambda: spent.decode)
+        steps = Gauge("mpk_decode_steps", "decode steps the kernel ran", registry=r)
+        steps.set_function(lambda: spent.steps)
+        slot_steps = Gauge("mpk_decode_slot_steps", "decode steps x the batch each ran, by whether a request "
+                           "held the slot", ["slot"], registry=r)
+        slot_steps.labels("busy").set_function(lambda: spent.busy_slot_steps)
+        slot_steps.labels("all").set_function(lambda: spent.slot_steps)
         pool = worker.batcher.pool
         if pool is not None:
             blocks = Gauge("mpk_kv_blocks", "blocks of the paged KV cache (one is scratch)", registry=r)
