@@ -93,6 +93,7 @@ run_serve() {
     || status=1
   python3 -m mpk.cli bench-serve "http://127.0.0.1:$port" --clients "${CLIENTS:-64}" --duration "${DURATION:-300}" \
     --prompt-len 512 --output-len 256 || status=1
+  curl -s "http://127.0.0.1:$port/metrics" | grep -E "^mpk_(engine_seconds|decode_|generation_tokens_total)"
   kill $server; wait $server 2> /dev/null
   python3 -m mpk.cli bench "$model" --steps 64 --backends mpk || status=1
   python3 -m mpk.cli bench "$model" --batch "${CLIENTS:-64}" --context 640 --steps 16 --backends eager || status=1
