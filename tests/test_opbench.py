@@ -317,7 +317,7 @@ def test_prefill_variants_bench_as_gemms_on_the_cpu_executor(cpu_gpu):
                           kinds=["rmsnorm_linear", "rmsnorm_gate_up_silu", "linear_residual"])
     got = result["rows"]
     assert [r["kind"] for r in got] == ["rmsnorm_linear", "linear_residual", "rmsnorm_gate_up_silu", "linear_residual"]
-    assert all(r["variant"].endswith(", 0>") for r in got)  # COLS = 0: the GEMM strategy
+    assert all(r["variant"].endswith(", -128>") for r in got)  # COLS = -(weight rows per task): a GEMM
     assert all(r["ok"] and r["bound"] == BOUNDS["bfloat16"] and r["tflops_all"] > 0 for r in got)
     gate_up = got[2]
     assert gate_up["variant"].startswith(f"RmsnormGateUpSilu<{2 * rows}, ")
