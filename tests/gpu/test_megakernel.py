@@ -274,12 +274,13 @@ def reference_rows(cfg, hf, dtype, prompts, new_tokens, kv: torch.dtype | None =
 
 
 def greedy_mismatches(cfg, hf, prompts, new_tokens, rows32: list[torch.Tensor] | None = None,
-                      kv: torch.dtype | None = None):
+                      kv: torch.dtype | None = None, f32_tie: float | None = None):
     """Tokens against bf16 and float32 references, each teacher-forced along the kernel's own
     tokens (so one near-tie cannot cascade). Returns (mismatches with the bf16 reference, near-ties
-    accepted, tokens that are not the float32 reference's argmax by more than F32_TIE). The float32
-    reference keeps its KV cache in `kv` (the graph's cache dtype); `rows32`: its `forced_rows`, when
-    the caller already has that model."""
+    accepted, tokens that are not the float32 reference's argmax by more than `f32_tie`, default
+    F32_TIE). The float32 reference keeps its KV cache in `kv` (the graph's cache dtype); `rows32`:
+    its `forced_rows`, when the caller already has that model."""
+    f32_tie = F32_TIE if f32_tie is None else f32_tie
     rows16 = reference_rows(cfg, hf, torch.bfloat16, prompts, new_tokens)
     if rows32 is None:
         rows32 = reference_rows(cfg, hf, torch.float32, prompts, new_tokens, kv)
@@ -292,10 +293,10 @@ def greedy_mismatches(cfg, hf, prompts, new_tokens, rows32: list[torch.Tensor] |
             ties += verdict == "tie"
             if verdict == "mismatch":
                 bad.append((b, i, tok, int(row16.argmax()), round((row16.max() - row16[tok]).item(), 4)))
-            # Float32 activations compute what the float32 reference with the graph's KV cache
-            # computes: its argmax, bar a gap below what summation order can move.
+            # Float32 activations and products compute what the float32 reference with the graph's
+            # KV cache computes: its argmax, bar a gap below what summation order can move.
             gap32 = (row32.max() - row32[tok]).item()
-            if gap32 > F32_TIE * row32.abs().max().item():
+            if gap32 > f32_tie * row32.abs().max().item():
                 off32.append((b, i, tok, int(row32.argmax()), round(gap32, 5)))
     return bad, ties, off32
 

@@ -7,6 +7,9 @@
 - Greedy tokens (one launch) equal to a bf16 reference teacher-forced along the kernel's own
   tokens, except near-ties as `test_megakernel.judge_token` states them, and to the float32
   reference's (bf16 cache) argmax except gaps below F32_TIE.
+- With bf16 matrix-product inputs (`--matmul-inputs bfloat16`, a candidate default at batch 2-8),
+  another computation than float32's: logits within the issue's bound (max(2e-2, 1.25 x the bf16
+  reference's own error)), tokens the float32 reference's argmax except gaps below NEAR_TIE.
 Run by scripts/gpu_check.sh; skipped without CUDA.
 """
 
@@ -20,7 +23,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from test_megakernel import SAME_BF16_KV_TOL, forced_rows, greedy_mismatches, kv_dtype, l2_rel_err, rel_err, report  # noqa: E402
+from test_megakernel import (NEAR_TIE, SAME_BF16_KV_TOL, bound, forced_rows, greedy_mismatches, kv_dtype,  # noqa: E402
+                             l2_rel_err, rel_err, report)
 
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.inputs import program_inputs  # noqa: E402
@@ -51,10 +55,10 @@ def weights():
     held.clear()
 
 
-def run_kernel(cfg, hf, prompts, steps, max_new=None, collect_logits=False):
+def run_kernel(cfg, hf, prompts, steps, max_new=None, collect_logits=False, matmul_inputs="auto"):
     """(the run's result, the graph's KV cache dtype)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=sms)
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=sms, matmul_inputs=matmul_inputs)
     w, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
     mk = Megakernel(tg, weights=w, meta=meta)
     res = mk.run(steps, max_new_tokens=max_new, eos_token_ids=[], collect_logits=collect_logits)
@@ -64,18 +68,20 @@ def run_kernel(cfg, hf, prompts, steps, max_new=None, collect_logits=False):
     return res, kv_dtype(tg)
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("name", PRESETS)
-def test_preset_logits_and_tokens(weights, name, batch):
+@pytest.mark.parametrize("name, batch, matmul_inputs", [(n, b, "auto") for n in PRESETS for b in (1, 4)]
+                         + [(n, 4, "bfloat16") for n in ("llama-3.2-1b", "qwen3-8b")])
+def test_preset_logits_and_tokens(weights, name, batch, matmul_inputs):
     cfg, hf = weights(name)
     g = torch.Generator().manual_seed(batch)
     seqs = torch.randint(0, cfg.vocab_size, (batch, STEPS), generator=g)
-    forced, kv = run_kernel(cfg, hf, seqs.tolist(), STEPS, collect_logits=True)
+    forced, kv = run_kernel(cfg, hf, seqs.tolist(), STEPS, collect_logits=True, matmul_inputs=matmul_inputs)
     ours = torch.stack(forced.logits, 1)  # [B, T, V]
+    exact = matmul_inputs == "auto" and batch <= 8  # float32 products: the float32 reference's computation
 
     prompts = [seqs[b, : 2 + b].tolist() for b in range(batch)]
     max_new = STEPS
-    free, _ = run_kernel(cfg, hf, prompts, max(len(p) for p in prompts) + max_new - 1, max_new=max_new)
+    free, _ = run_kernel(cfg, hf, prompts, max(len(p) for p in prompts) + max_new - 1, max_new=max_new,
+                         matmul_inputs=matmul_inputs)
     new = [[free.tokens[s][b] for s in range(len(p) - 1, len(p) - 1 + max_new)] for b, p in enumerate(prompts)]
 
     ref = ReferenceModel(cfg, hf, torch.float32, "cuda")  # one 8B float32 model is 33 GB: build it once
@@ -86,14 +92,23 @@ def test_preset_logits_and_tokens(weights, name, batch):
     rows32 = forced_rows(ref, prompts, new, kv)
     del ref
     torch.cuda.empty_cache()
+    ref16 = ReferenceModel(cfg, hf, torch.bfloat16, "cuda")
+    ref16.reset(batch, STEPS)
+    ref16_err = max(l2_rel_err(ref16.forward(seqs.cuda(), 0).float().cpu()[:, s], want[:, s]) for s in range(STEPS))
+    del ref16
+    torch.cuda.empty_cache()
     errs = [l2_rel_err(ours[:, s], want[:, s]) for s in range(STEPS)]
     kv_errs = [l2_rel_err(ours[:, s], want_kv[:, s]) for s in range(STEPS)]
     worst = max(rel_err(ours[:, s], want[:, s]) for s in range(STEPS))
-    bad, ties, off32 = greedy_mismatches(cfg, hf, prompts, new, rows32)
+    bad, ties, off32 = greedy_mismatches(cfg, hf, prompts, new, rows32, f32_tie=None if exact else NEAR_TIE)
 
-    report(check="preset", case=name, batch=batch, vs_fp32=max(errs), vs_fp32_max=worst, tokens=batch * max_new,
-           mismatches=len(bad), near_ties=ties, vs_fp32_same_kv=max(kv_errs))
-    assert max(kv_errs) < SAME_BF16_KV_TOL, f"step {kv_errs.index(max(kv_errs))}: {max(kv_errs):.3g} from float32 ({kv} cache)"
-    assert max(errs) < 2e-2, f"step {errs.index(max(errs))}: {max(errs):.3g} from float32"
+    report(check="preset", case=f"{name}/{matmul_inputs}", batch=batch, vs_fp32=max(errs), vs_fp32_max=worst,
+           tokens=batch * max_new, mismatches=len(bad), near_ties=ties, vs_fp32_same_kv=max(kv_errs),
+           bf16_ref_vs_fp32=ref16_err)
+    if exact:
+        assert max(kv_errs) < SAME_BF16_KV_TOL, \
+            f"step {kv_errs.index(max(kv_errs))}: {max(kv_errs):.3g} from float32 ({kv} cache)"
+        assert max(errs) < 2e-2, f"step {errs.index(max(errs))}: {max(errs):.3g} from float32"
+    assert max(errs) < bound(ref16_err), f"{max(errs):.3g} from float32 (bf16 reference: {ref16_err:.3g})"
     assert not bad, f"tokens differ from the bf16 reference (seq, index, got, want, gap): {bad[:5]}"
     assert not off32, f"tokens are not the float32 reference's argmax (seq, index, got, want, gap): {off32[:5]}"
