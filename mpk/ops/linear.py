@@ -34,10 +34,11 @@ def policy(op, tg) -> str:
 def normed_product(op, t, mm, bias=None) -> torch.Tensor:
     """rmsnorm(x) @ W^T (+ bias) with the views of `t`, `mm` the product. A GEMM tile (mpk/csrc/
     gemm.cuh) multiplies x * norm rounded to bf16 and scales the sums by 1/rms after; where the graph
-    says its products round (a decode batch's GEMMs), so does this. A prefill graph's GEMMs are
-    exact here: a reference for the GPU's, which stays inside the accuracy bound."""
+    says its products round (a decode batch's GEMMs, or any over bf16 activations), so does this. A
+    prefill graph's GEMMs over float32 activations are exact here: a reference for the GPU's, which
+    stays inside the accuracy bound."""
     x, norm, eps = t["x"], t["norm"], op.params["eps"]
-    if not (is_gemm(op) and op.params.get("bf16_inputs", False)):
+    if not (is_gemm(op) and (op.params.get("bf16_inputs", False) or x.dtype == torch.bfloat16)):
         return mm(rms_norm(x, norm, eps), t["weight"], bias)
     x32 = x.float()
     y = linear_bf16(x32 * norm.float(), t["weight"]) * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
