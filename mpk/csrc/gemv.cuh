@@ -144,41 +144,54 @@ template <class S, int B, int K, class A, int COLS> struct Linear {
 
 // rmsnorm_lm_head_argmax: logits[:, v0:v1] and the tile's argmax candidate per sequence.
 template <class S, int B, int K, class A, int COLS> struct RmsnormLmHeadArgmax {
-  static constexpr int kBestOffset = Strategy<1, B, K, true, A, COLS>::SMEM;
-  static constexpr int SMEM = kBestOffset + align16(kWarps * B * 4) + align16(kWarps * B * 4);
+  using P = Strategy<1, B, K, true, A, COLS>;
+  static constexpr int kBestOffset = P::SMEM;
+  // A GEMV task keeps each warp's best column per sequence after the strategy's shared memory.
+  static constexpr int SMEM = COLS < 0 ? P::SMEM : kBestOffset + align16(kWarps * B * 4) + align16(kWarps * B * 4);
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    if constexpr (COLS < 0) {
+      run_gemm(t, op, smem);
+    } else {
+      run_gemv(t, op, smem);
+    }
+  }
+
+  // A GEMM task: its block of rows x vocab columns, then each row's candidate from the logits it wrote.
+  __device__ static void run_gemm(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     float* logits = op.arg<float>(S::logits);
     const int vocab = static_cast<int>(op.i[S::vocab]);
-    if constexpr (COLS < 0) {  // a GEMM: its rows tile x vocab tile, then each row's candidate from the logits
-      product<1, B, K, true, A, COLS>(t, op, op.arg<const typename A::T>(S::x), op.arg<const bf16>(S::norm),
-                                      op.arg<const bf16>(S::weight), vocab, op.i[S::tile], op.f[S::eps], smem,
-                                      [&](int b, int c, const float (&v)[1]) {
-        logits[static_cast<size_t>(b) * vocab + c] = A::round(v[0]);
-      });
-      __syncthreads();  // the block's logits are visible to the whole CTA
-      int c0, c1;
-      tile_span(t.tile[1], vocab, op.i[S::tile], c0, c1);
-      const int r0 = t.tile[0] * Strategy<1, B, K, true, A, COLS>::BM;
-      for (int b = r0 + warp_id(); b < min(B, r0 + Strategy<1, B, K, true, A, COLS>::BM); b += kWarps) {
-        float best = kNegInf;
-        long long at = c0;
-        for (int c = c0 + lane_id(); c < c1; c += 32) {
-          const float y = logits[static_cast<size_t>(b) * vocab + c];
-          if (y > best) best = y, at = c;  // a lane's columns ascend: its first maximum stays
-        }
-        warp_argmax(best, at);
-        if (lane_id() == 0) emit_candidate(t, op, b, t.tile[1], best, at);
+    product<1, B, K, true, A, COLS>(t, op, op.arg<const typename A::T>(S::x), op.arg<const bf16>(S::norm),
+                                    op.arg<const bf16>(S::weight), vocab, op.i[S::tile], op.f[S::eps], smem,
+                                    [&](int b, int c, const float (&v)[1]) {
+      logits[static_cast<size_t>(b) * vocab + c] = A::round(v[0]);
+    });
+    __syncthreads();  // the block's logits are visible to the whole CTA
+    int c0, c1;
+    tile_span(t.tile[1], vocab, op.i[S::tile], c0, c1);
+    const int r0 = t.tile[0] * P::BM;
+    for (int b = r0 + warp_id(); b < min(B, r0 + P::BM); b += kWarps) {
+      float best = kNegInf;
+      long long at = c0;
+      for (int c = c0 + lane_id(); c < c1; c += 32) {
+        const float y = logits[static_cast<size_t>(b) * vocab + c];
+        if (y > best) best = y, at = c;  // a lane's columns ascend: its first maximum stays
       }
-      return;
+      warp_argmax(best, at);
+      if (lane_id() == 0) emit_candidate(op, b, t.tile[1], best, at);
     }
-    using G = Gemv<1, B, K, true, A, COLS>;
+  }
+
+  // A GEMV task: vocab columns of every sequence, each warp keeping its best column per sequence.
+  __device__ static void run_gemv(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    float* logits = op.arg<float>(S::logits);
+    const int vocab = static_cast<int>(op.i[S::vocab]);
     int c0, c1;
     tile_span(t, vocab, op.i[S::tile], c0, c1);
     float best[B];
     int best_at[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) best[b] = kNegInf, best_at[b] = c0;
-    G::run(op.arg<const typename A::T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1,
+    P::run(op.arg<const typename A::T>(S::x), op.arg<const bf16>(S::norm), op.arg<const bf16>(S::weight), c0, c1,
            op.f[S::eps], smem, t,
            [&](int c, const float (&acc)[1][B]) {
 #pragma unroll
@@ -202,12 +215,12 @@ template <class S, int B, int K, class A, int COLS> struct RmsnormLmHeadArgmax {
         const int oat = s_at[k * B + b];
         if (ov > v || (ov == v && oat < at)) v = ov, at = oat;
       }
-      emit_candidate(t, op, b, t.tile[0], v, at);
+      emit_candidate(op, b, t.tile[0], v, at);
     }
   }
 
   // Sequence b's candidate of vocab tile i: its largest logit and that logit's (first) column.
-  __device__ static void emit_candidate(const TaskCtx& t, const OpDesc& op, int b, int i, float v, long long at) {
+  __device__ static void emit_candidate(const OpDesc& op, int b, int i, float v, long long at) {
     const int n_tiles = static_cast<int>(op.i[S::n_tiles]);
     MPK_ASSERT(i < n_tiles);
     op.arg<float>(S::cand_val)[b * n_tiles + i] = v;
