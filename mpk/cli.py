@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="SMs of the target GPU: tile widths shape the kernel")
     bld.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (one library serves every rank)")
     bld.add_argument("--debug", action="store_true", help="with device asserts (MPK_DEBUG)")
+    _add_precision_flags(bld)
     bld.set_defaults(func=cmd_build)
 
     ben = command("bench", "time mpk against a streaming-read ceiling and PyTorch (needs a GPU)")
@@ -98,14 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--backends", default="stream,mpk,eager,compile",
                      help="comma-separated subset of stream,mpk,eager,compile")
     ben.add_argument("--profile", metavar="TRACE_JSON", help="also write per-SM task spans of mpk for Perfetto")
-    ben.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
-                     help="mpk's activation precision (the torch baselines run in bfloat16)")
-    ben.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
-                     help="mpk's KV cache precision: model (the weights' dtype) or float32")
-    ben.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
-                     help="with float32 activations: bfloat16 rounds the input of every matrix product "
-                          "(float32 sums; one tensor-core pass at batch 2-8 instead of two); auto: float32 up to "
-                          "batch 8, bfloat16 beyond (GEMM tiles)")
+    _add_precision_flags(ben, "mpk's ", "; the torch baselines run in bfloat16")
     ben.add_argument("--context", type=int, default=0,
                      help="position of the first timed step, the cache filled up to it")
     ben.add_argument("--tp", type=int, default=1,
@@ -188,20 +182,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_precision_flags(cmd: argparse.ArgumentParser, whose: str = "", note: str = "") -> None:
+    """The graph's precisions (`mpk.graph.precision_of`); `whose` and `note` frame the activations' help."""
+    cmd.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
+                     help=f"{whose}activation precision: float32 (a float32 computation on the stored weights) "
+                          f"or model (the weights' dtype, rounding as transformers does){note}")
+    cmd.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
+                     help=f"{whose}KV cache precision: model (the weights' dtype) or float32")
+    cmd.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
+                     help="with float32 activations: bfloat16 rounds the input of every matrix product "
+                          "(float32 sums; one tensor-core pass at batch 2-8 instead of two); auto: float32 up to "
+                          "batch 8, bfloat16 beyond (GEMM tiles)")
+
+
 def _add_run_flags(cmd: argparse.ArgumentParser) -> None:
     """Where and at what precision a model runs: the flags of generate and chat."""
     cmd.add_argument("--backend", choices=["auto", "cuda", "sim"], default="auto",
                      help="cuda: the GPU megakernel; sim: the CPU executor; auto: cuda when a GPU is present")
     cmd.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                      help="weight dtype: bfloat16 (the only one of the GPU backend) or float32 (CPU executor)")
-    cmd.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
-                     help="activation precision: float32 (a float32 computation on the stored weights) or model "
-                          "(the weights' dtype, rounding as transformers does)")
-    cmd.add_argument("--kv-cache", choices=KV_CACHES, default=DEFAULT_KV_CACHE,
-                     help="KV cache precision: model (the weights' dtype) or float32")
-    cmd.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
-                     help="with float32 activations: bfloat16 rounds the input of every matrix product "
-                          "(float32 sums); auto: float32 up to batch 8, bfloat16 beyond (GEMM tiles)")
+    _add_precision_flags(cmd)
     cmd.add_argument("--kv-block-rows", type=int, default=0,
                      help="page the KV cache in blocks of this many rows, handed to sequences as they grow "
                           "(0: each sequence slot owns max-seq-len rows)")
@@ -261,7 +261,8 @@ def cmd_build(args) -> int:
     # context length, so a short context stands for every one of this model, batch and GPU.
     with progress.phase("compiling the task graph"):
         tg = compile_model(source.cfg, batch=args.batch, max_seq_len=min(64, source.cfg.max_position_embeddings),
-                           num_sms=args.num_sms, tp_size=args.tp, verify=False)
+                           num_sms=args.num_sms, tp_size=args.tp, verify=False, activations=args.activations,
+                           kv_cache=args.kv_cache, matmul_inputs=args.matmul_inputs)
     t0 = time.perf_counter()
     path = build(generate_source(tg), args.arch, debug=args.debug or None)
     tp = f" tp {args.tp}" if args.tp > 1 else ""

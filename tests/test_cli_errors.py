@@ -48,6 +48,7 @@ def test_nan_or_infinite_weights(capsys, make_checkpoint, value, bad, which):
     (("bench", "tiny", "--temperature", "1", "--top-p", "0"), "top_p must be in (0, 1]"),
     (("build", "tiny", "--tp", "3"), "does not divide over tensor-parallel size 3"),
     (("build", "tiny", "--batch", "0"), "--batch must be between 1"),
+    (("build", "tiny", "--batch", "16", "--matmul-inputs", "float32"), "float32 matrix-product inputs run up to batch 8"),
     (("generate", "tiny", "--token-ids", "1,,2"), "empty entry"),
     (("generate", "tiny", "--token-ids", "1,2,"), "empty entry"),
     (("generate", "tiny", "--token-ids", ""), "at least one token id"),
