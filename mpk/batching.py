@@ -103,9 +103,17 @@ class Batcher:
         self._prefills: dict = {}
 
     def prepare(self) -> None:
-        """Build and open the executor of every batch size now, not when a window first needs it."""
+        """Build and open the executor of every batch size now, not when a window first needs it; on
+        the GPU also run one short prefill, so the first request does not pay for the prefill path's
+        first use (cuBLAS and attention kernels loading, workspaces)."""
+        from mpk.prefill import prefill_slot
+
         for batch in self.sizes:
             self.llm._slots_executor(self.tg.batch, batch)
+        if self.llm.backend == "cuda" and self.llm.prefill and self.tg.max_seq_len > 2:
+            if self.pool is not None:  # no slot holds blocks yet: every row goes to the scratch block
+                self.executor.set_kv_table(self.pool.table())
+            prefill_slot(self.executor, self.llm.cfg, [0, 0, 0], 0, {}, fast=True)  # slot 0 holds no request
 
     # --- the queue (any thread) ----------------------------------------------------------------
 

@@ -177,3 +177,26 @@ def test_prefilling_one_slot_leaves_the_others_alone(llm):
         assert bool((buf[0] == 7.0).all()) and bool((buf[2] == 7.0).all())
         assert torch.equal(buf[1], alone.buffers[name][0])
         assert not bool((buf[1, : len(prompt) - 1] == 7.0).any()) and bool((buf[1, len(prompt) - 1:] == 7.0).all())
+
+
+@pytest.mark.parametrize("kv_block_rows", [0, 8])
+def test_the_gpu_warm_up_prefill_leaves_requests_alone(make_checkpoint, monkeypatch, kv_block_rows):
+    """`prepare` on the GPU prefills a dummy prompt into slot 0 (a paged cache: its scratch block);
+    here the CPU executor stands in for the GPU, and requests afterwards get what they get without it."""
+    path = make_checkpoint("qwen3", vocab_size=300)
+    outputs = []
+    for warm in (False, True):
+        llm = LLM(str(path), backend="sim", dtype="float32", max_batch=2, max_seq_len=MAX_SEQ_LEN,
+                  kv_block_rows=kv_block_rows)
+        batcher = Batcher(llm, window=3)
+        batcher.prepare()
+        if warm:  # the executors exist now: the second prepare only warms up
+            monkeypatch.setattr(llm, "backend", "cuda")
+            batcher.prepare()
+            monkeypatch.setattr(llm, "backend", "sim")
+        got = [Collected(p, sp) for p, sp in REQUESTS[:2]]
+        for c in got:
+            batcher.submit(c.request)
+        drain(batcher)
+        outputs.append([c.tokens for c in got])
+    assert outputs[0] == outputs[1] and all(outputs[0])
