@@ -156,11 +156,11 @@ def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACH
     return Precision(weights=weights, activations=act, kv_cache=kv, matmul_inputs=mm)
 
 
-def matmul_inputs_for(matmul_inputs: str, activations: str, batch: int) -> str:
+def matmul_inputs_for(matmul_inputs: str, activations: str, batch: int, weights: str = "bfloat16") -> str:
     """The matrix-product inputs of a decode batch: "auto" is float32 up to GEMV_MAX_BATCH and bf16
     above, where the products are GEMM tiles, which multiply bf16 (docs/decisions.md, "Batches
-    beyond 8")."""
-    if batch <= GEMV_MAX_BATCH:
+    beyond 8"). Float32 weights run on the CPU executor alone, which has no such tile: float32."""
+    if batch <= GEMV_MAX_BATCH or weights == "float32":
         return "float32" if matmul_inputs == "auto" else matmul_inputs
     if matmul_inputs == "float32" and activations == "float32":
         raise MpkError(f"float32 matrix-product inputs run up to batch {GEMV_MAX_BATCH}; a batch of {batch} "
@@ -178,7 +178,8 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
     GEMV_MAX_BATCH run their matrix products as GEMM tiles."""
     if not 1 <= batch <= MAX_BATCH:
         raise MpkError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
-    precision = precision_of(weights, activations, kv_cache, matmul_inputs_for(matmul_inputs, activations, batch))
+    precision = precision_of(weights, activations, kv_cache,
+                             matmul_inputs_for(matmul_inputs, activations, batch, weights))
     if not 1 <= num_sms <= MAX_NUM_SMS:
         raise MpkError(f"--num-sms must be between 1 and {MAX_NUM_SMS}, not {num_sms}")
     if tp_size < 1:

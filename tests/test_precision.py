@@ -120,6 +120,9 @@ def test_a_batch_beyond_the_gemv_templates_runs_gemm_tiles_on_bf16_inputs():
             assert int(v.args[-1]) < 0, v  # COLS = -(weight rows per task): the GEMM strategy
     with pytest.raises(MpkError, match="float32 matrix-product inputs run up to batch 8"):
         compile_model(cfg, batch=GEMV_MAX_BATCH + 1, max_seq_len=16, num_sms=8, matmul_inputs="float32")
+    # Float32 weights run on the CPU executor alone: exact products at any batch.
+    cpu = compile_model(cfg, batch=GEMV_MAX_BATCH + 1, max_seq_len=16, num_sms=8, verify=False, weights="float32")
+    assert cpu.precision.matmul_inputs == "float32" and not any(op.params.get("bf16_inputs") for op in cpu.ops)
 
 
 @pytest.mark.parametrize("activations", ["float32", "model"])
