@@ -298,8 +298,9 @@ class LLM:
             result = executor.run(steps - first, max_new_tokens=[sp.max_tokens for sp in params], on_step=on_step,
                                   first_step=first, eos_token_ids=sorted(set.intersection(*(seq.eos for seq in seqs))))
         finally:
-            for slot in range(tg.batch if pool is not None else 0):
-                pool.release(slot)
+            if pool is not None:
+                for slot in range(tg.batch):
+                    pool.release(slot)
         self.last_run = RunStats(result.steps, time.perf_counter() - t0, len(tg.tasks), first)
 
     def _prefill(self, tg, executor, ids: list[list[int]]) -> int:
@@ -371,9 +372,9 @@ class LLM:
             from mpk.execution import slot_buffers
 
             tg = self._compile(batch)
-            paged = home.kv_pages is not None
             self._executors[key] = open_executor(self.backend, tg, {}, {}, device=self.device, seed=self.seed,
-                                                 buffers=slot_buffers(tg, home.buffers, paged), kv_pages=home.kv_pages)
+                                                 buffers=slot_buffers(tg, home.buffers, home.kv_pages),
+                                                 kv_pages=home.kv_pages)
         executor = self._executors[key]
         return executor.tg, executor
 

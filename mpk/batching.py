@@ -225,11 +225,12 @@ class Batcher:
     def _prefill_chunks(self) -> None:
         """Up to `prefill_rows` rows of the prompts still prefilling, lowest slot first (paged cache)."""
         budget = self.prefill_rows
+        if any(slot is not None and not slot.ready for slot in self.slots):  # their blocks are taken: one table
+            self.executor.set_kv_table(self.pool.table())
         for b, slot in enumerate(self.slots):
             if slot is None or slot.ready or budget == 0:
                 continue
             ids = slot.request.prompt_ids
-            self.executor.set_kv_table(self.pool.table())
             before = slot.prefilled
             try:
                 slot.prefilled = self._prefill(ids, b, cached=before, limit=budget)

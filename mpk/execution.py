@@ -15,7 +15,7 @@ import torch
 from mpk.dtypes import torch_dtype
 from mpk.errors import MpkError
 from mpk.graph import LOGITS, PROMPT, PROMPT_LEN, TOKENS, tensor_name
-from mpk.paging import SCRATCH_BLOCK, KvPages, pool_shape
+from mpk.paging import SCRATCH_BLOCK, KvPages, storage_shape
 from mpk.taskgraph import TaskGraph
 
 INT_POISON = -(2**62)
@@ -46,8 +46,7 @@ def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, to
         device_of_rank = device[spec.rank] if isinstance(device, (list, tuple)) else device
         want = torch_dtype(spec.dtype)
         if spec.kind == "state" and kv_pages is not None:
-            shape = pool_shape(spec.shape, kv_pages.num_blocks, kv_pages.block_rows)
-            bufs[name] = torch.full(shape, float("nan"), dtype=want, device=device_of_rank)
+            bufs[name] = torch.full(storage_shape(spec, kv_pages), float("nan"), dtype=want, device=device_of_rank)
             # The scratch block takes what sequences write past their blocks and gives it back to
             # them: garbage that must at least be finite.
             bufs[name][SCRATCH_BLOCK].zero_()
@@ -66,7 +65,7 @@ def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, to
     return bufs
 
 
-def slot_buffers(tg: TaskGraph, home: dict[str, torch.Tensor], paged: bool = False) -> dict[str, torch.Tensor]:
+def slot_buffers(tg: TaskGraph, home: dict[str, torch.Tensor], kv_pages: KvPages | None = None) -> dict[str, torch.Tensor]:
     """Buffers for `tg` (of `tg.batch` sequences) inside a larger graph's `home` buffers: the same
     weights, the first tg.batch sequences of its state (the KV cache: views, so both see one cache;
     a paged cache's pools whole, the block table saying whose rows are where), and meta (zeros) and
@@ -76,15 +75,15 @@ def slot_buffers(tg: TaskGraph, home: dict[str, torch.Tensor], paged: bool = Fal
         if spec.kind == "weight":
             shared[name] = home[name]
         elif spec.kind == "state":
-            shared[name] = home[name] if paged else home[name][: tg.batch]
+            shared[name] = home[name] if kv_pages is not None else home[name][: tg.batch]
         else:
             own[name] = spec
             if spec.kind == "meta":
                 meta[name] = torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype))
     for name, buf in shared.items():
-        if tuple(buf.shape) != tg.tensors[name].shape and not (paged and tg.tensors[name].kind == "state"):
-            raise MpkError(f"{name} is {tuple(buf.shape)} in the larger batch's buffers; {tg.tensors[name].shape} "
-                           "is needed")
+        want = storage_shape(tg.tensors[name], kv_pages)
+        if tuple(buf.shape) != want:
+            raise MpkError(f"{name} is {tuple(buf.shape)} in the larger batch's buffers; {want} is needed")
     devices = {spec.rank: home[name].device for name, spec in tg.tensors.items() if name in shared}
     bufs = allocate(replace(tg, tensors=own), {}, meta, [devices[r] for r in range(tg.tp_size)])
     bufs.update(shared)

@@ -183,9 +183,12 @@ class BlockPool:
         return out
 
 
-def pool_shape(spec_shape: tuple[int, ...], num_blocks: int, block_rows: int) -> tuple[int, ...]:
-    """The pool holding a logical cache tensor [batch, max_seq_len, groups, head_dim]."""
-    return (num_blocks, block_rows, *spec_shape[2:])
+def storage_shape(spec, kv_pages: KvPages | None) -> tuple[int, ...]:
+    """The shape of a tensor's buffer: the tensor's own, or for a cache tensor [batch, max_seq_len,
+    groups, head_dim] of a paged executor, its pool [num_blocks, block_rows, groups, head_dim]."""
+    if kv_pages is None or spec.kind != "state":
+        return spec.shape
+    return (kv_pages.num_blocks, kv_pages.block_rows, *spec.shape[2:])
 
 
 def physical_rows(table: torch.Tensor, block_rows: int, seqs: range, rows: range, device=None) -> torch.Tensor:

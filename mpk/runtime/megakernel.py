@@ -25,7 +25,7 @@ from mpk.codegen import check_supported, render_source, variants_signature
 from mpk.dtypes import torch_dtype
 from mpk.errors import MpkError
 from mpk.execution import Executor, RunResult, allocate, check_steps, per_sequence_limits
-from mpk.paging import KvPages, pool_shape
+from mpk.paging import KvPages, storage_shape
 from mpk.runtime.abi import Abi, Mapped, Params, check, load_library
 from mpk.runtime.build import arch_for_capability, build
 from mpk.runtime.tables import KernelTables, build_rank_tables, op_table, prefetch_table, rank_pointer_count
@@ -213,9 +213,7 @@ class Megakernel(Executor):
             if buf is None:
                 raise MpkError(f"no buffer for tensor {name!r}")
             want, where = torch_dtype(spec.dtype), self.devices[spec.rank]
-            shape = spec.shape
-            if spec.kind == "state" and self.kv_pages is not None:
-                shape = pool_shape(spec.shape, self.kv_pages.num_blocks, self.kv_pages.block_rows)
+            shape = storage_shape(spec, self.kv_pages)
             if tuple(buf.shape) != shape or buf.dtype != want or buf.device != where or not buf.is_contiguous():
                 raise MpkError(f"buffer {name!r} is {tuple(buf.shape)} {buf.dtype} on {buf.device}; the kernel needs a "
                                f"contiguous {shape} {want} on {where}")
