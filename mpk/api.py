@@ -109,7 +109,7 @@ class LLM:
 
         from mpk.dtypes import torch_dtype
         from mpk.engine import SUPPORTED_DTYPES
-        from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, MAX_BATCH
+        from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, MAX_BATCH, matmul_inputs_for
         from mpk.inputs import fuse_weights
         from mpk.models import resolve_model
 
@@ -134,7 +134,10 @@ class LLM:
         self.max_batch, self.max_seq_len = max_batch, min(max_seq_len, self.cfg.max_position_embeddings)
         self.tp_size, self.seed = tp_size, seed
         self.activations, self.kv_cache = activations or DEFAULT_ACTIVATIONS, kv_cache or DEFAULT_KV_CACHE
-        self.matmul_inputs = matmul_inputs or DEFAULT_MATMUL_INPUTS
+        # Resolved at max_batch, so that every executor of 1, 2, 4, ... slots computes alike: a request's
+        # tokens do not depend on how many others run beside it.
+        self.matmul_inputs = matmul_inputs_for(matmul_inputs or DEFAULT_MATMUL_INPUTS, self.activations, max_batch,
+                                               self.dtype)
         self.kv_block_rows, self.kv_blocks = kv_block_rows, kv_blocks
         self.device = None
         if self.backend == "cuda":

@@ -191,8 +191,8 @@ def _add_precision_flags(cmd: argparse.ArgumentParser, whose: str = "", note: st
                      help=f"{whose}KV cache precision: model (the weights' dtype) or float32")
     cmd.add_argument("--matmul-inputs", choices=MATMUL_INPUTS, default=DEFAULT_MATMUL_INPUTS,
                      help="with float32 activations: bfloat16 rounds the input of every matrix product "
-                          "(float32 sums; one tensor-core pass at batch 2-8 instead of two); auto: float32 up to "
-                          "batch 8, bfloat16 beyond (GEMM tiles)")
+                          "(float32 sums; one tensor-core pass at batch 2-8 instead of two); auto: float32 at "
+                          "batch 1, bfloat16 from batch 2")
 
 
 def _add_run_flags(cmd: argparse.ArgumentParser) -> None:

@@ -128,7 +128,7 @@ DEFAULT_ACTIVATIONS = "float32"  # docs/decisions.md: bf16 activations drift 4-5
 KV_CACHES = ("model", "float32")
 DEFAULT_KV_CACHE = "model"  # docs/decisions.md: a bf16 cache halves KV traffic within the accuracy bound
 MATMUL_INPUTS = ("auto", "float32", "bfloat16")
-DEFAULT_MATMUL_INPUTS = "auto"  # matmul_inputs_for: float32 where the GEMV templates run, bf16 for GEMM tiles
+DEFAULT_MATMUL_INPUTS = "auto"  # matmul_inputs_for: float32 at batch 1, bf16 from batch 2
 GEMV_MAX_BATCH = 8  # the largest decode batch of the GEMV templates; larger ones run GEMM tiles (Gemv.tile_as_gemm)
 
 
@@ -157,11 +157,14 @@ def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACH
 
 
 def matmul_inputs_for(matmul_inputs: str, activations: str, batch: int, weights: str = "bfloat16") -> str:
-    """The matrix-product inputs of a decode batch: "auto" is float32 up to GEMV_MAX_BATCH and bf16
-    above, where the products are GEMM tiles, which multiply bf16 (docs/decisions.md, "Batches
-    beyond 8"). Float32 weights run on the CPU executor alone, which has no such tile: float32."""
-    if batch <= GEMV_MAX_BATCH or weights == "float32":
+    """The matrix-product inputs of a decode batch. "auto" is float32 at batch 1, where bf16 gains
+    nothing, and bf16 from batch 2, where the tensor-core GEMV then needs one pass instead of two
+    (docs/decisions.md, "Activation precision") and GEMM tiles beyond GEMV_MAX_BATCH multiply bf16
+    alone ("Batches beyond 8"). Float32 weights run on the CPU executor alone, with no tile: float32."""
+    if weights == "float32":
         return "float32" if matmul_inputs == "auto" else matmul_inputs
+    if batch <= GEMV_MAX_BATCH:
+        return ("float32" if batch == 1 else "bfloat16") if matmul_inputs == "auto" else matmul_inputs
     if matmul_inputs == "float32" and activations == "float32":
         raise MpkError(f"float32 matrix-product inputs run up to batch {GEMV_MAX_BATCH}; a batch of {batch} "
                        "multiplies bf16 inputs on tensor cores (use --matmul-inputs auto or bfloat16)")

@@ -61,8 +61,8 @@ def test_source_has_one_case_per_variant(tg):
     assert {v.template for v in variants} == {
         "Embed", "RmsnormLinear", "AttentionSplit", "AttentionMerge", "LinearResidual",
         "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
-    assert {"LinearResidual<2, 64, ActF32, 2>", "LinearResidual<2, 98, ActF32, 2>"} <= names(variants)
-    assert {"RmsnormLinear<2, 60, false, ActF32, 2>", "AttentionSplit<2, 16, true, ActF32, bf16>",
+    assert {"LinearResidual<2, 64, ActF32Bf16Inputs, 2>", "LinearResidual<2, 98, ActF32Bf16Inputs, 2>"} <= names(variants)
+    assert {"RmsnormLinear<2, 60, false, ActF32Bf16Inputs, 2>", "AttentionSplit<2, 16, true, ActF32, bf16>",
             "AttentionMerge<2, 16, true, ActF32, bf16>"} <= names(variants)
 
 
@@ -96,7 +96,7 @@ def test_layers_share_variants_and_source_ignores_run_time_sizes():
 
 def test_flags_pick_variants():
     variants, _, _ = graph_variants(graph(tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)))
-    assert {"RmsnormLinear<2, 60, true, ActF32, 2>", "AttentionSplit<2, 16, false, ActF32, bf16>"} <= names(variants)
+    assert {"RmsnormLinear<2, 60, true, ActF32Bf16Inputs, 2>", "AttentionSplit<2, 16, false, ActF32, bf16>"} <= names(variants)
 
 
 def test_tables_mirror_the_graph(tg):

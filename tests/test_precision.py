@@ -104,7 +104,9 @@ def test_a_batch_beyond_the_gemv_templates_runs_gemm_tiles_on_bf16_inputs():
 
     cfg = resolve_model("tiny").cfg
     small = compile_model(cfg, batch=GEMV_MAX_BATCH, max_seq_len=16, num_sms=8, verify=False)
-    assert small.precision.matmul_inputs == "float32" and not any(op.params.get("gemm") for op in small.ops)
+    assert small.precision.matmul_inputs == "bfloat16" and not any(op.params.get("gemm") for op in small.ops)
+    one = compile_model(cfg, batch=1, max_seq_len=16, num_sms=8, verify=False)
+    assert one.precision.matmul_inputs == "float32"  # batch 1: bf16 inputs would gain nothing
     tg = compile_model(cfg, batch=GEMV_MAX_BATCH + 1, max_seq_len=16, num_sms=8)  # verified
     assert tg.precision.matmul_inputs == "bfloat16"
     products = [op for op in tg.ops if isinstance(OP_KINDS[op.kind], Gemv)]

@@ -59,7 +59,7 @@ def decode_logits(cfg, hf, prompts, steps, tp, kv_cache, prefill: bool, weights=
     """Per-step logits and tokens of decode from position 0, or after a prefill of the prompts' first
     positions (in chunks of at most `chunk`)."""
     tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=4, tp_size=tp, kv_cache=kv_cache,
-                       weights=weights)
+                       weights=weights, matmul_inputs="float32")  # exact products: only summation order differs
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.float32), prompts)
     with CpuExecutor(tg, weights, meta) as ex:
         first = 0
@@ -225,7 +225,8 @@ def after_prefill(cfg, hf, prompts, tp, prefill, new_tokens=3, kv_cache="model")
     """The KV cache rows a prefill filled, then per decode step until every prompt has `new_tokens`
     new tokens: the logits, and the tokens each sequence was fed."""
     steps = max(len(p) for p in prompts) + new_tokens - 1
-    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=4, tp_size=tp, kv_cache=kv_cache)
+    tg = compile_model(cfg, batch=len(prompts), max_seq_len=steps, num_sms=4, tp_size=tp, kv_cache=kv_cache,
+                       matmul_inputs="float32")  # exact products, as the op-by-op prefill's
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.float32), prompts)
     with CpuExecutor(tg, weights, meta) as ex:
         first = prefill(tg, ex)
