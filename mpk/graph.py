@@ -336,7 +336,8 @@ def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: 
         add(r, p + "o_partial", "activation", (rows, H), "float32")
         add(r, p + "down_partial", "activation", (rows, H), "float32")
     for weight, k in (("o", sh.q_heads * hd), ("down", sh.intermediate)):
-        for s in range(k_splits(prog, k)):
+        splits = k_splits(prog, k)
+        for s in range(splits if splits > 1 else 0):  # the K slices' partial products
             add(r, p + f"{weight}_part{s}", "activation", (rows, H), "float32")
 
 
