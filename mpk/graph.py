@@ -130,6 +130,7 @@ DEFAULT_KV_CACHE = "model"  # docs/decisions.md: a bf16 cache halves KV traffic 
 MATMUL_INPUTS = ("auto", "float32", "bfloat16")
 DEFAULT_MATMUL_INPUTS = "auto"  # matmul_inputs_for: float32 at batch 1, bf16 from batch 2
 GEMV_MAX_BATCH = 8  # the largest decode batch of the GEMV templates; larger ones run GEMM tiles (Gemv.tile_as_gemm)
+MAX_K_SPLITS = 4  # K slices of a decode GEMM of few tasks (k_splits)
 
 
 def precision_of(weights: str, activations: str, kv_cache: str = DEFAULT_KV_CACHE,
@@ -247,6 +248,25 @@ def _gemm_block(prog: Program, weight_rows: int) -> int:
     return large if cdiv(weight_rows, large) * cdiv(prog.batch, GEMM_ROWS) >= prog.num_sms else small
 
 
+def k_splits(prog: Program, k: int) -> int:
+    """K slices of a decode batch's O or down projection: a GEMM of fewer tasks than half the SMs is
+    split into as many slices as make one wave (up to MAX_K_SPLITS; slices of whole 32-wide k-steps).
+    On one GPU with float32 activations only, where the slices' float32 sums add up to the product
+    that linear_residual rounds once."""
+    from mpk.ops.linear import GEMM_ROWS
+
+    if prog.one_step or prog.batch <= GEMV_MAX_BATCH or prog.tp_size > 1 or prog.precision.activations != "float32":
+        return 1  # a prefill program's GEMMs have row blocks enough
+    H = prog.cfg.hidden_size
+    tasks = cdiv(H, _gemm_block(prog, H)) * cdiv(prog.batch, GEMM_ROWS)
+    if 2 * tasks > prog.num_sms:
+        return 1
+    splits = min(MAX_K_SPLITS, prog.num_sms // tasks)
+    while splits > 1 and k % (32 * splits):
+        splits -= 1
+    return splits
+
+
 def lm_head_tile(prog: Program, sh: Shard) -> int:
     """Vocabulary rows per LM-head task: a GEMM block beyond GEMV_MAX_BATCH (the candidates' count
     follows from it)."""
@@ -318,6 +338,10 @@ def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: 
     if prog.tp_size > 1:
         add(r, p + "o_partial", "activation", (rows, H), "float32")
         add(r, p + "down_partial", "activation", (rows, H), "float32")
+    for weight, k in (("o", sh.q_heads * hd), ("down", sh.intermediate)):
+        splits = k_splits(prog, k)
+        for s in range(splits if splits > 1 else 0):  # the K slices' partial products
+            add(r, p + f"{weight}_part{s}", "activation", (rows, H), "float32")
 
 
 def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
@@ -362,11 +386,22 @@ def mlp_block(prog: Program, layer: int, shards: list[Shard]) -> None:
 
 
 def row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual: str, out: str) -> None:
-    """out = residual + x @ W^T; with TP each rank's partial product is summed by an allreduce op."""
+    """out = residual + x @ W^T; with TP each rank's partial product is summed by an allreduce op,
+    and a decode batch's GEMM of few tasks is split along K, its slices summed the same way."""
     p = f"layers.{layer}."
     H, N = prog.cfg.hidden_size, prog.tp_size
     tile = choose_tile(H, prog.num_sms)
     name = p + ("o" if weight == "o" else "down")
+    k = prog.tensors[rank_name(prog, 0, p + weight)].shape[1]
+    splits = k_splits(prog, k)
+    if splits > 1:
+        for s in range(splits):
+            prog.add_op(0, "linear", f"{name}.k{s}", layer, {"x": x, "weight": p + weight},
+                        {"out": p + f"{weight}_part{s}"}, tile=tile, k_range=(s * k // splits, (s + 1) * k // splits))
+        inputs = {f"partial{s}": p + f"{weight}_part{s}" for s in range(splits)}
+        prog.add_op(0, "allreduce_residual", name + "_sum", layer, {**inputs, "residual": residual}, {"out": out},
+                    tile=tile, ranks=splits)
+        return
     for r in range(N):
         n = partial(rank_name, prog, r)
         if N == 1:

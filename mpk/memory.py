@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mpk import defaults
 from mpk.errors import MpkError
+from mpk.graph import GEMV_MAX_BATCH, MAX_K_SPLITS
 from mpk.models.config import ModelConfig
 
 GIB = 1 << 30
@@ -69,6 +70,8 @@ def estimate(cfg: ModelConfig, *, batch: int, max_seq_len: int, tp_size: int = 1
     per_layer += batch * cfg.num_heads * splits * (cfg.head_dim + 1) * 4  # float32 attention partials and LSEs
     if tp_size > 1:
         per_layer += 2 * batch * H * 4 * tp_size  # float32 partial sums of o and down, every rank
+    elif batch > GEMV_MAX_BATCH:
+        per_layer += 2 * batch * H * 4 * MAX_K_SPLITS  # at most: the K slices of o and down (graph.k_splits)
     workspace = (L * per_layer + batch * V * 4 + max_seq_len * cfg.head_dim * 4 + PROCESS_ALLOWANCE[device])
     if device == "GPU memory":
         rows = min(batch * max_seq_len, defaults.PREFILL_CHUNK_ROWS)

@@ -347,6 +347,20 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
     assert seen_head and seen_tail
 
 
+def test_prefetch_table_gives_a_k_slice_no_head():
+    """A decode GEMM split along K streams part of each weight row: no one byte range, so no head."""
+    from mpk.runtime.tables import prefetch_table
+
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=1000, hidden_size=512, intermediate_size=1408, num_layers=1,
+                      num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+    tg = compile_model(cfg, batch=12, max_seq_len=64, num_sms=132, verify=False)
+    base = {name: (i + 1) << 32 for i, name in enumerate(tg.tensors)}
+    table = prefetch_table(tg, base.__getitem__, head_limit=40 * 1024)
+    sliced = [t for t in tg.tasks if tg.ops[t.op].params.get("k_range")]
+    assert sliced, "the batch-12 graph splits its O and down projections along K"
+    assert all(not table[t.id].any() for t in sliced)
+
+
 @needs_nvcc
 def test_a_template_reading_an_undeclared_slot_does_not_build(tg, tmp_path):
     """Slots are names the op kind declares: drop one and the template that reads it fails to compile."""

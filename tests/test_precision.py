@@ -127,6 +127,39 @@ def test_a_batch_beyond_the_gemv_templates_runs_gemm_tiles_on_bf16_inputs():
     assert cpu.precision.matmul_inputs == "float32" and not any(op.params.get("bf16_inputs") for op in cpu.ops)
 
 
+def test_a_decode_gemm_of_few_tasks_is_split_along_k():
+    """tiny's O projection at batch 9 is 2 GEMM tasks for 8 SMs: 4 K slices of `linear` partials, summed
+    with the residual by one op, which together compute what the unsplit op computes."""
+    from mpk.compiler import compile_model
+    from mpk.ops import OP_KINDS
+
+    cfg = resolve_model("tiny").cfg
+    tg = compile_model(cfg, batch=9, max_seq_len=8, num_sms=8)  # verified
+    slices = [op for op in tg.ops if op.kind == "linear" and op.name.startswith("layers.0.o.")]
+    k = cfg.num_heads * cfg.head_dim
+    assert [op.params["k_range"] for op in slices] == [(0, k // 4), (k // 4, k // 2), (k // 2, 3 * k // 4), (3 * k // 4, k)]
+    total = next(op for op in tg.ops if op.name == "layers.0.o_sum")
+    assert total.kind == "allreduce_residual" and total.params["ranks"] == 4
+    assert not any(op.name == "layers.0.o" for op in tg.ops)
+    whole = compile_model(cfg, batch=9, max_seq_len=8, num_sms=3, verify=False)  # tasks enough for 3 SMs
+    unsplit = next(op for op in whole.ops if op.name == "layers.0.o")
+    assert unsplit.kind == "linear_residual" and not any(op.kind == "linear" for op in whole.ops)
+
+    g = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(9, k, generator=g), torch.randn(9, cfg.hidden_size, generator=g)
+    weight = torch.randn(cfg.hidden_size, k, generator=g).bfloat16()
+    want = torch.empty(9, cfg.hidden_size)
+    OP_KINDS["linear_residual"].run_whole(unsplit, {"x": x, "weight": weight, "residual": residual, "out": want}, 0)
+    parts = {}
+    for s, op in enumerate(slices):
+        k0, k1 = op.params["k_range"]
+        parts[f"partial{s}"] = torch.empty(9, cfg.hidden_size)
+        OP_KINDS["linear"].run_whole(op, {"x": x[:, k0:k1], "weight": weight[:, k0:k1], "out": parts[f"partial{s}"]}, 0)
+    got = torch.empty(9, cfg.hidden_size)
+    OP_KINDS["allreduce_residual"].run_whole(total, {**parts, "residual": residual, "out": got}, 0)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("activations", ["float32", "model"])
 def test_a_batch_of_gemm_tiles_stays_inside_the_bound(make_checkpoint, activations):
     """12 sequences at once (GEMM tiles, bf16 inputs) against the float32 reference, per sequence."""

@@ -1,15 +1,16 @@
 // The tensor-parallel allreduce (mpk/ops/linear.py, allreduce_residual): one task sums a column
 // tile of every rank's partial projection and adds the residual. Partials stay on the GPU that
 // made them; a rank reads its peers' through their addresses over NVLink, after the event's
-// system-scope acquire (mpk_runtime.cuh).
+// system-scope acquire (mpk_runtime.cuh). On one GPU the same op sums the K slices of a decode
+// GEMM split along K (mpk.graph.k_splits), all of them local.
 #pragma once
 
 #include "mpk_runtime.cuh"
 
 namespace mpk {
 
-// out[:, c0:c1] = residual + (partial_0 + ... + partial_{RANKS-1}), summed in rank order in float32
-// so every rank computes the same bits.
+// out[:, c0:c1] = residual + (partial_0 + ... + partial_{RANKS-1}), summed in order in float32 so
+// every rank computes the same bits.
 template <class S, int B, int RANKS, class A> struct AllreduceResidual {
   static_assert(1 <= RANKS && RANKS <= kMaxRanks, "tensor parallelism spans 1 to kMaxRanks GPUs");
   using T = typename A::T;

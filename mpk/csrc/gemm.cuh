@@ -29,8 +29,10 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
-template <int RPC, int M, int K, bool NORM, class A, int BN = 128> struct MmaGemm {
+// K columns of rows LDK long: a slice of a product split along K (x and w then point at its first column).
+template <int RPC, int M, int K, bool NORM, class A, int BN = 128, int LDK = K> struct MmaGemm {
   using T = typename A::T;
+  static_assert(!NORM || LDK == K, "an RMSNorm needs its rows whole");
   static constexpr int BM = M <= 32 ? 32 : M <= 64 ? 64 : 128;
   static_assert(BN == 64 || BN == 128, "a GEMM task's weight rows: 64 or 128");
   static constexpr int MT = BM / 32, NT = BN / 32;  // a warp's m-tiles (16 rows) and n-tiles (8 weight rows)
@@ -49,7 +51,7 @@ template <int RPC, int M, int K, bool NORM, class A, int BN = 128> struct MmaGem
   static constexpr int kInvOffset = kTileOffset + BM * LD * 2;
   static constexpr int SMEM = kInvOffset + BM * 4;
   static constexpr int kSlices = (K + BK - 1) / BK;
-  static constexpr bool kAsync = K % 8 == 0;  // 16-byte pieces of every row stay aligned (else element loads)
+  static constexpr bool kAsync = K % 8 == 0 && LDK % 8 == 0;  // 16-byte pieces stay aligned (else element loads)
   // A 16-byte piece of x holds E values; a row of a slice is CPR pieces; a thread converts the same
   // piece column of kPasses rows of every slice (consecutive threads: consecutive pieces).
   static constexpr int E = 16 / sizeof(T), CPR = BK / E, kRowsPerPass = kThreads / CPR, kPasses = BM / kRowsPerPass;
@@ -65,10 +67,10 @@ template <int RPC, int M, int K, bool NORM, class A, int BN = 128> struct MmaGem
       T* dst = xr + row * BK + (i % CPR) * E;
       if constexpr (kAsync) {
         const bool in = row < rows && k < K;
-        cp_async16(dst, in ? x + static_cast<size_t>(row) * K + k : x, in);
+        cp_async16(dst, in ? x + static_cast<size_t>(row) * LDK + k : x, in);
       } else {
 #pragma unroll
-        for (int e = 0; e < E; ++e) dst[e] = row < rows && k + e < K ? x[static_cast<size_t>(row) * K + k + e] : T(0.f);
+        for (int e = 0; e < E; ++e) dst[e] = row < rows && k + e < K ? x[static_cast<size_t>(row) * LDK + k + e] : T(0.f);
       }
     }
     for (int i = threadIdx.x; i < BN * BK / 8; i += kThreads) {
@@ -76,10 +78,10 @@ template <int RPC, int M, int K, bool NORM, class A, int BN = 128> struct MmaGem
       bf16* dst = wr + row * LD + (i % (BK / 8)) * 8;
       if constexpr (kAsync) {
         const bool in = row < wrows && k < K;
-        cp_async16(dst, in ? w + static_cast<size_t>(row) * K + k : w, in);
+        cp_async16(dst, in ? w + static_cast<size_t>(row) * LDK + k : w, in);
       } else {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dst[e] = row < wrows && k + e < K ? w[static_cast<size_t>(row) * K + k + e] : to_bf(0.f);
+        for (int e = 0; e < 8; ++e) dst[e] = row < wrows && k + e < K ? w[static_cast<size_t>(row) * LDK + k + e] : to_bf(0.f);
       }
     }
     cp_async_commit();  // an empty group when nothing was issued: the wait counts stay in step
@@ -148,8 +150,8 @@ template <int RPC, int M, int K, bool NORM, class A, int BN = 128> struct MmaGem
                              unsigned char* smem, Epilogue&& epilogue) {
     MPK_ASSERT(r1 - r0 <= BM && c1 - c0 <= kColumns);
     const int rows = r1 - r0, wrows = (c1 - c0) * RPC;
-    x += static_cast<size_t>(r0) * K;
-    w += static_cast<size_t>(c0) * RPC * K;
+    x += static_cast<size_t>(r0) * LDK;
+    w += static_cast<size_t>(c0) * RPC * LDK;
     unsigned char* tile = smem + kTileOffset;
     float acc[MT][NT][4] = {};
     float ss[kPasses] = {};

@@ -41,26 +41,30 @@ __device__ __forceinline__ void tile_span(const TaskCtx& t, long long n, long lo
 }
 
 // The strategy of a product: COLS < 0 is a row-tiled GEMM of -COLS weight rows per task (never
-// instantiating a GEMV over its rows).
-template <int RPC, int B, int K, bool NORM, class A, int COLS, bool GEMM = (COLS < 0)> struct StrategyOf {
+// instantiating a GEMV over its rows). LDK: the row length of x and the weight, of which a GEMM
+// multiplies K columns (a slice of a product split along K); a GEMV takes whole rows.
+template <int RPC, int B, int K, bool NORM, class A, int COLS, int LDK, bool GEMM = (COLS < 0)> struct StrategyOf {
+  static_assert(LDK == K, "a GEMV multiplies whole rows");
   using type = Gemv<RPC, B, K, NORM, A, COLS>;
 };
-template <int RPC, int B, int K, bool NORM, class A, int COLS> struct StrategyOf<RPC, B, K, NORM, A, COLS, true> {
-  using type = MmaGemm<RPC, B, K, NORM, A, -COLS>;
+template <int RPC, int B, int K, bool NORM, class A, int COLS, int LDK>
+struct StrategyOf<RPC, B, K, NORM, A, COLS, LDK, true> {
+  using type = MmaGemm<RPC, B, K, NORM, A, -COLS, LDK>;
 };
-template <int RPC, int B, int K, bool NORM, class A, int COLS>
-using Strategy = typename StrategyOf<RPC, B, K, NORM, A, COLS>::type;
+template <int RPC, int B, int K, bool NORM, class A, int COLS, int LDK = K>
+using Strategy = typename StrategyOf<RPC, B, K, NORM, A, COLS, LDK>::type;
 
 // All threads: this task's share of x (B x K, RMS-normalised if NORM) @ W^T, calling
 // out(b, c, v[RPC]) once per output element (row b, column c of n). A GEMV task owns column tile
-// t.tile[0] of every row; a GEMM task (COLS < 0) rows tile t.tile[0] x column tile t.tile[1].
-template <int RPC, int B, int K, bool NORM, class A, int COLS, class Out>
+// t.tile[0] of every row; a GEMM task (COLS < 0) rows tile t.tile[0] x column tile t.tile[1], over
+// K columns of rows LDK long (x and w point at the first).
+template <int RPC, int B, int K, bool NORM, class A, int COLS, int LDK = K, class Out>
 __device__ __forceinline__ void product(const TaskCtx& t, const OpDesc& op, const typename A::T* x, const bf16* norm,
                                         const bf16* w, long long n, long long tile, float eps, unsigned char* smem,
                                         Out&& out) {
   int c0, c1;
   if constexpr (COLS < 0) {
-    using G = MmaGemm<RPC, B, K, NORM, A, -COLS>;
+    using G = MmaGemm<RPC, B, K, NORM, A, -COLS, LDK>;
     tile_span(t.tile[1], n, tile, c0, c1);
     const int r0 = t.tile[0] * G::BM;
     G::run(x, norm, w, r0, min(B, r0 + G::BM), c0, c1, eps, smem, out);
@@ -127,16 +131,17 @@ template <class S, int B, int K, class A, int COLS> struct LinearResidual {
   }
 };
 
-// linear: out[:, c0:c1] = x @ W[c0:c1]^T in float32, one rank's partial sum of a row-parallel
-// projection (rounded to the activation precision first, as the reference's matmul is).
-template <class S, int B, int K, class A, int COLS> struct Linear {
+// linear: out[:, c0:c1] = x[:, k0:k0+K] @ W[c0:c1, k0:k0+K]^T in float32 (rows LDK long), one rank's
+// partial sum of a row-parallel projection, or one K slice's (rounded to the activation precision
+// first, as the reference's matmul is).
+template <class S, int B, int K, class A, int COLS, int LDK> struct Linear {
   using T = typename A::T;
-  static constexpr int SMEM = Strategy<1, B, K, false, A, COLS>::SMEM;
+  static constexpr int SMEM = Strategy<1, B, K, false, A, COLS, LDK>::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     float* out = op.arg<float>(S::out);
-    const long long n = op.i[S::n];
-    product<1, B, K, false, A, COLS>(t, op, op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), n,
-                                     op.i[S::tile], 0.f, smem, [&](int b, int c, const float (&v)[1]) {
+    const long long n = op.i[S::n], k0 = op.i[S::k0];
+    product<1, B, K, false, A, COLS, LDK>(t, op, op.arg<const T>(S::x) + k0, nullptr, op.arg<const bf16>(S::weight) + k0,
+                                          n, op.i[S::tile], 0.f, smem, [&](int b, int c, const float (&v)[1]) {
       out[b * n + c] = A::round(v[0]);
     });
   }

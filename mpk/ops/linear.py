@@ -45,6 +45,12 @@ def normed_product(op, t, mm, bias=None) -> torch.Tensor:
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
+def k_range(op, k: int) -> tuple[int, int]:
+    """The columns [k0, k1) of x and the weight that `op` multiplies: all K, or a slice of a product
+    split along K (`mpk.graph.k_splits`; the `linear` kind only)."""
+    return tuple(op.params.get("k_range", (0, k)))
+
+
 def is_gemm(op) -> bool:
     """Whether a matrix-product op is tiled by rows as well as columns and runs as a GEMM on tensor
     cores: over a prefill chunk's many rows, or a decode batch of more than 8 (`Gemv.tile_as_gemm`)."""
@@ -63,17 +69,17 @@ class Gemv(OpKind):
 
     def tiles(self, op, prog):
         batch, n_out = shape(op, prog, self.out_role)
-        k = shape(op, prog, "weight")[1]
+        k0, k1 = k_range(op, shape(op, prog, "weight")[1])
         gemm = is_gemm(op)
         tasks = []
         for ri, (r0, r1) in enumerate(spans(batch, GEMM_ROWS) if gemm else [(0, batch)]):
             for i, (c0, c1) in enumerate(spans(n_out, op.params["tile"])):
-                reads = [box(op, "x", (r0, r1), (0, k)), *self.extra_reads(op, prog, r0, r1, c0, c1),
-                         box(op, "weight", (c0 * self.rows_per_col, c1 * self.rows_per_col), (0, k))]
+                reads = [box(op, "x", (r0, r1), (k0, k1)), *self.extra_reads(op, prog, r0, r1, c0, c1),
+                         box(op, "weight", (c0 * self.rows_per_col, c1 * self.rows_per_col), (k0, k1))]
                 writes = self.tile_writes(op, prog, i, r0, r1, c0, c1)
                 nb = sum(nbytes(prog, r) for r in reads + writes)
                 tasks.append(TileTask((ri, i) if gemm else (i,), reads, writes, nb,
-                                      2 * (r1 - r0) * (c1 - c0) * self.rows_per_col * k))
+                                      2 * (r1 - r0) * (c1 - c0) * self.rows_per_col * (k1 - k0)))
         return tasks
 
     def tile_as_gemm(self, op, weight_rows: int = max(GEMM_WEIGHT_ROWS)) -> None:
@@ -187,7 +193,8 @@ class LinearResidual(Gemv):
 
 
 class Linear(Gemv):
-    """out[:, c0:c1] = x @ W[c0:c1]^T in float32: one rank's partial sum of a row-parallel projection."""
+    """out[:, c0:c1] = x @ W[c0:c1]^T in float32: one rank's partial sum of a row-parallel projection,
+    or one K slice's (`k_range`) of a projection split along K; `allreduce_residual` adds them up."""
 
     kind = "linear"
     template = "Linear"
@@ -200,11 +207,15 @@ class Linear(Gemv):
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
         expect(tg.tensors[op.outputs["out"]].dtype == "float32", op, "partial sums are float32")
-        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
+        k0, k1 = k_range(op, k)
+        expect((k0, k1) == (0, k) or (is_gemm(op) and k0 % 8 == 0 and 0 <= k0 < k1 <= k), op,
+               f"columns {k0}..{k1} of K = {k}: a slice of K runs as a GEMM, from a multiple of 8")
+        return Cuda((b, k1 - k0, policy(op, tg), self.columns_per_warp(op), k), {"n": n, "tile": op.params["tile"], "k0": k0})
 
 
 class AllreduceResidual(OpKind):
-    """out[:, c0:c1] = residual + sum over ranks of their partials, read from every GPU's memory."""
+    """out[:, c0:c1] = residual + sum over ranks of their partials, read from every GPU's memory; on one
+    GPU, the sum of a product's K slices (`mpk.graph.k_splits`), `ranks` of them."""
 
     kind = "allreduce_residual"
     header = "allreduce.cuh"

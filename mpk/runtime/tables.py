@@ -137,8 +137,8 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
     """[num_tasks, 4] u64 per task: the weight head (address, bytes) for shared memory and the range
     (address, bytes) after it to prefetch into L2.
 
-    The op kind names the streamed operand (`OpKind.streamed`). Its tile covers whole rows of a
-    row-major matrix, so it is one contiguous byte range. The head is the longest prefix of whole
+    The op kind names the streamed operand (`OpKind.streamed`). A tile of whole rows of a row-major
+    matrix is one contiguous byte range; a tile of part of each row (a K slice) gets no head. The head is the longest prefix of whole
     row blocks (`head_rows_align`) within `head_limit` bytes (none when a row is not a multiple of 16 bytes, which bulk
     copies need); the L2 range is the next `l2_limit` bytes, in whole 16-byte units.
     """
@@ -151,7 +151,7 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
             continue
         spec = tg.tensors[tile.tensor]
         if any((a, b) != (0, n) for (a, b), n in zip(tile.box[1:], spec.shape[1:])):
-            raise MpkError(f"{tg.describe_task(t.id)} streams {tile}, which is not whole rows")
+            continue  # a slice of K (mpk.graph.k_splits) is not one byte range: it streams without a head
         row_bytes = dtype(spec.dtype).bytes * int(np.prod(spec.shape[1:]))
         r0, r1 = tile.box[0]
         first, stop = pointer_of(tile.tensor) + r0 * row_bytes, pointer_of(tile.tensor) + r1 * row_bytes
