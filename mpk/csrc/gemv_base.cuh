@@ -52,6 +52,37 @@ template <int B, int K, class T> __device__ void row_inv_rms(const T* x, float e
   inv_rms_from_parts<B, K>(part, eps, inv, red);
 }
 
+// All threads: fn(b, v, f) for each vector v (VEC values, as floats) of each row b of x [B, K],
+// RMS-normalised as the op references do when NORM (inv[b] and the norm weights). Each thread loads
+// kBatch vectors before handing any to fn: fn's stores to shared memory go through generic pointers
+// that could alias x, so a plain loop would wait out one L2 round trip per vector.
+template <int B, int K, int VEC, bool NORM, class A, class T, class Fn>
+__device__ void for_each_x_vec(const T* x, const bf16* norm, const float* inv, Fn&& fn) {
+  constexpr int NV = K / VEC, N = B * NV, kBatch = 4;
+  for (int i0 = threadIdx.x; i0 < N; i0 += kBatch * kThreads) {
+    float f[kBatch][VEC];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i >= N) break;
+      load_vec<VEC>(x + (i / NV) * K + (i % NV) * VEC, f[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i >= N) break;
+      const int b = i / NV, v = i - b * NV;
+      if constexpr (NORM) {
+        float nw[VEC];  // read-only loads: free to move ahead of fn's stores
+        unpack<VEC>(ld_weight<VEC>(norm + v * VEC), nw);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) f[j][e] = rms_normed<A>(f[j][e], inv[b], nw[e]);
+      }
+      fn(b, v, f[j]);
+    }
+  }
+}
+
 // The input vectors one thread handles in a GEMV prologue, held in registers: vectors
 // i = threadIdx.x + j * kThreads of x's B x (K / VEC) vectors. When they are few (kFits), the
 // prologue reads x once: the RMS statistics and the staging both use these registers, one L2 pass

@@ -57,7 +57,6 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // x (RMS-normalised if NORM) as bf16 planes: row (b, plane p) at s + (b * kPlanes + p) * kStride.
   __device__ static void stage(const T* x, const bf16* norm, float eps, unsigned char* s) {
     float* inv = reinterpret_cast<float*>(s + kInvOffset);
-    constexpr int NV = K / 8;
     using X = XRegs<B, K, 8>;
     if constexpr (NORM && X::kFits) {  // one pass over x
       X::template stage_normed<A>(x, norm, eps, inv, reinterpret_cast<float*>(s + kRedOffset),
@@ -65,18 +64,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       return;
     }
     if constexpr (NORM) row_inv_rms<B, K>(x, eps, inv, reinterpret_cast<float*>(s + kRedOffset));
-    for (int i = threadIdx.x; i < B * NV; i += kThreads) {
-      const int b = i / NV, v = i - b * NV;
-      float f[8];
-      load_vec<8>(x + b * K + v * 8, f);
-      if constexpr (NORM) {
-        float nw[8];
-        unpack<8>(ld_weight<8>(norm + v * 8), nw);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] = rms_normed<A>(f[e], inv[b], nw[e]);
-      }
-      store(s, b, v, f);
-    }
+    for_each_x_vec<B, K, 8, NORM, A>(x, norm, inv, [&](int b, int v, const float (&f)[8]) { store(s, b, v, f); });
     __syncthreads();
   }
 
