@@ -27,6 +27,7 @@ import torch
 from mpk.dtypes import dtype
 from mpk.errors import MpkError
 from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, EMBED, ROPE
+from mpk.util import cdiv
 
 STREAM_SOURCE = Path(__file__).resolve().parent / "csrc" / "stream_read.cu"
 
@@ -160,14 +161,31 @@ def fill_kv_cache(kernel, seed: int = 0) -> None:
             buf.copy_(torch.randn(buf.shape, generator=gen, device=buf.device))
 
 
+def interleaved_kv_pages(tg, block_rows: int):
+    """A paged cache for `tg` and its block table, each sequence's blocks interleaved with the others'
+    as sequences that grow together get them: block i of sequence b is 1 + i * batch + b (block 0 is
+    the scratch block)."""
+    from mpk.paging import KvPages
+
+    pages = KvPages(1 + tg.batch * cdiv(tg.max_seq_len, block_rows), block_rows)
+    batch, per_seq = pages.table_shape(tg)
+    table = 1 + torch.arange(per_seq, dtype=torch.int32)[None, :] * batch + torch.arange(batch, dtype=torch.int32)[:, None]
+    return pages, table
+
+
 def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | None = None,
-             context: int = 0) -> tuple[float, dict | None]:
+             context: int = 0, kv_block_rows: int = 0) -> tuple[float, dict | None]:
     """Seconds per decode step of the megakernel (all `steps` steps in one launch, starting at position
-    `context` over a filled cache), and with `profile` the summary of a second, traced run whose per-SM
-    task spans are written there (the timed run is untraced)."""
+    `context` over a filled cache, paged in blocks of `kv_block_rows` rows if not 0), and with
+    `profile` the summary of a second, traced run whose per-SM task spans are written there (the timed
+    run is untraced)."""
     from mpk.runtime import Megakernel
 
-    with Megakernel(tg, device=device if tg.tp_size == 1 else None, weights=fused, meta=meta) as kernel:
+    pages, table = interleaved_kv_pages(tg, kv_block_rows) if kv_block_rows else (None, None)
+    with Megakernel(tg, device=device if tg.tp_size == 1 else None, weights=fused, meta=meta,
+                    kv_pages=pages) as kernel:
+        if pages is not None:
+            kernel.set_kv_table(table)
         fill_kv_cache(kernel)
         kernel.run(min(steps, 8), max_new_tokens=None, first_step=context)  # warm-up: module load, first touch
         kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
@@ -192,9 +210,10 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
               profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
               context: int = 0, tp: int = 1, sampling: tuple[float, int, float] | None = None,
-              matmul_inputs: str = DEFAULT_MATMUL_INPUTS) -> dict:
+              matmul_inputs: str = DEFAULT_MATMUL_INPUTS, kv_block_rows: int = 0) -> dict:
     """`sampling` (temperature, top_k, top_p) makes the mpk rows sample every token in the kernel
-    (seeded per sequence) instead of taking the greedy one; the torch baselines stay greedy."""
+    (seeded per sequence) instead of taking the greedy one; the torch baselines stay greedy.
+    `kv_block_rows` pages the mpk rows' KV cache (`interleaved_kv_pages`)."""
     from mpk import memory
     from mpk.compiler import compile_model
     from mpk.models import resolve_model
@@ -238,13 +257,14 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
         skipped["mpk"] = f"needs about {memory.gib(need.total)} of GPU memory, more than one GPU has free"
     elif "mpk" in backends:
         weights, meta = _mpk_inputs(cfg, tg, hf, [device], sampling)
-        mpk_seconds, traced = time_mpk(tg, weights, meta, steps, device, profile if tp == 1 else None, context)
+        mpk_seconds, traced = time_mpk(tg, weights, meta, steps, device, profile if tp == 1 else None, context,
+                                       kv_block_rows)
         seconds["mpk"] = mpk_seconds, nbytes
         del weights
     if "mpk" in backends and tp > 1:
         tg_tp = graph(tp)
         weights, meta = _mpk_inputs(cfg, tg_tp, hf, devices, sampling)
-        mpk_seconds, traced = time_mpk(tg_tp, weights, meta, steps, None, profile, context)
+        mpk_seconds, traced = time_mpk(tg_tp, weights, meta, steps, None, profile, context, kv_block_rows)
         seconds[f"mpk-tp{tp}"] = mpk_seconds, rank_bytes_per_step(tg_tp, nbytes)
         del weights
     if hf is not None and ("eager" in backends or "compile" in backends):
@@ -261,7 +281,7 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
         "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch, "tp": tp,
         **({"sampling": dict(zip(("temperature", "top_k", "top_p"), sampling))} if sampling else {}),
         "activations": activations, "kv_cache": tg.precision.kv_cache, "matmul_inputs": tg.precision.matmul_inputs,
-        "context": context,
+        "context": context, **({"kv_block_rows": kv_block_rows} if kv_block_rows else {}),
         "steps": steps, "bytes_per_step": nbytes, "kv_bytes_per_step": nbytes - weight_bytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
         **({"skipped": skipped} if skipped else {}),
@@ -388,6 +408,8 @@ def _sampled(result: dict) -> str:
 def format_bench(result: dict) -> str:
     kv = result.get("kv_bytes_per_step", 0)
     cache = f", {result['kv_cache']} KV cache" if "kv_cache" in result else ""  # runs before it was its own choice
+    if result.get("kv_block_rows"):
+        cache += f" in blocks of {result['kv_block_rows']} rows"
     if result.get("activations", DEFAULT_ACTIVATIONS) == "float32" and result.get("matmul_inputs") == "bfloat16":
         cache += ", bfloat16 matrix-product inputs"
     lines = [

@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="position of the first timed step, the cache filled up to it")
     ben.add_argument("--tp", type=int, default=1,
                      help="also time mpk over this many GPUs (tensor parallel), beside mpk on one")
+    ben.add_argument("--kv-block-rows", type=int, default=0,
+                     help="mpk reads a paged KV cache in blocks of this many rows, each sequence's blocks "
+                          "interleaved with the others' as in a served batch (0: one contiguous cache)")
     ben.add_argument("--temperature", type=float, default=0.0,
                      help="above 0, mpk samples every token in the kernel (with --top-k, --top-p) instead of greedily")
     ben.add_argument("--top-k", type=int, default=0, help="with --temperature: sample among the k likeliest (0: all)")
@@ -282,6 +285,9 @@ def cmd_bench(args) -> int:
         raise MpkError("the mpk-graph backend times prefill on the persistent runtime; use it with --prompt-len")
     if args.profile and "mpk" not in backends:
         raise MpkError("--profile traces the mpk backend; include mpk in --backends")
+    if args.kv_block_rows and args.prompt_len is not None:
+        raise MpkError("--kv-block-rows pages the decode bench's cache; time to first token (--prompt-len) "
+                       "runs with a contiguous one")
     from mpk.api import SamplingParams
 
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates them
@@ -294,7 +300,7 @@ def cmd_bench(args) -> int:
         return 0
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
                        activations=args.activations, kv_cache=args.kv_cache, matmul_inputs=args.matmul_inputs,
-                       context=args.context, tp=args.tp, sampling=sampling)
+                       context=args.context, tp=args.tp, sampling=sampling, kv_block_rows=args.kv_block_rows)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 

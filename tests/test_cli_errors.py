@@ -44,6 +44,8 @@ def test_nan_or_infinite_weights(capsys, make_checkpoint, value, bad, which):
     (("bench", "tiny", "--prompt-len", "-3"), "--prompt-len must be at least 1, not -3"),
     (("bench", "tiny", "--temperature", "-1"), "temperature must be 0 (greedy) or more"),
     (("bench", "tiny", "--backends", "mpk-graph"), "use it with --prompt-len"),
+    (("bench", "tiny", "--kv-block-rows", "-1"), "--kv-block-rows must be at least 0, not -1"),
+    (("bench", "tiny", "--kv-block-rows", "16", "--prompt-len", "8"), "runs with a contiguous one"),
     (("bench-op", "tiny", "--prefill", "-2"), "--prefill must be 0 (the decode graph) or a chunk of 1 or more positions, not -2"),
     (("bench", "tiny", "--temperature", "1", "--top-p", "0"), "top_p must be in (0, 1]"),
     (("build", "tiny", "--tp", "3"), "does not divide over tensor-parallel size 3"),

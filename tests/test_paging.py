@@ -72,6 +72,24 @@ def test_a_paged_cache_gives_what_a_contiguous_cache_gives(make_checkpoint, fami
     assert all(torch.equal(g, w) for g, w in zip(got.logits, want.logits))
 
 
+def test_the_bench_pages_interleave_every_sequence_over_its_own_blocks(make_checkpoint):
+    """`mpk bench --kv-block-rows`: each sequence's blocks alternate with the others' in the pool, no
+    block is shared or scratch, and the CPU executor over them gives what it gives contiguous."""
+    from mpk.bench import interleaved_kv_pages
+
+    cfg, hf = load_checkpoint(make_checkpoint("qwen3"))
+    steps = 18
+    tg = compile_model(cfg, batch=3, max_seq_len=steps, num_sms=4)
+    pages, table = interleaved_kv_pages(tg, 4)
+    assert table.shape == pages.table_shape(tg) == (3, 5) and pages.block_rows == 4
+    assert sorted(table.flatten().tolist()) == list(range(1, pages.num_blocks))
+    assert table[:, 1].tolist() == [b + 3 for b in table[:, 0].tolist()]  # block i of each, then block i + 1
+    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), [[3, 4, 5], [9], [7, 7]])
+    want, got = run(tg, weights, meta, steps), run(tg, weights, meta, steps, pages, table)
+    assert got.tokens == want.tokens
+    assert all(torch.equal(g, w) for g, w in zip(got.logits, want.logits))
+
+
 def test_a_paged_executor_needs_its_table(make_checkpoint):
     cfg, hf = load_checkpoint(make_checkpoint("llama"))
     tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4)
