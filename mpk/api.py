@@ -381,6 +381,19 @@ class LLM:
         executor = self._executors[key]
         return executor.tg, executor
 
+    def _build_kernels(self, sizes) -> None:
+        """On the GPU: build the megakernels of executors of these batch sizes now, side by side, so
+        that opening them later finds them built."""
+        if self.backend != "cuda":
+            return
+        import torch
+
+        from mpk.codegen import generate_source
+        from mpk.runtime.build import arch_for_capability, build_all
+
+        props = torch.cuda.get_device_properties(self.device if self.device is not None else 0)
+        build_all([generate_source(self._compile(b)) for b in sizes], arch_for_capability(props.major, props.minor))
+
     def _compile(self, batch: int):
         from mpk import defaults
         from mpk.compiler import compile_model

@@ -315,6 +315,19 @@ def test_float32_activation_kernel_builds_with_asserts(tmp_path):
 
 
 @needs_nvcc
+def test_kernels_built_side_by_side_are_the_ones_build_finds(tmp_path, monkeypatch):
+    """A server's kernels of 1, 2 and 4 slots built at once (`build_all`): one .so each, and `build`
+    of the same source then finds it in the cache instead of compiling again."""
+    from mpk.runtime.build import build_all
+
+    sources = [generate_source(graph(batch=b)) for b in (1, 2, 4)]
+    built = build_all(sources, "sm_90a", debug=False, cache=tmp_path)
+    assert len(set(built)) == 3 and all(p.is_file() for p in built)
+    monkeypatch.setattr(build_mod, "_compile", lambda *a: pytest.fail("compiled a kernel the cache holds"))
+    assert [build(src, "sm_90a", debug=False, cache=tmp_path) for src in sources] == built
+
+
+@needs_nvcc
 def test_build_failure_names_the_error_and_the_log(tmp_path):
     with pytest.raises(MpkError, match=r"nvcc failed to build the megakernel: .*error.*full log: .*\.log"):
         build('#include "mpk_host.cuh"\nthis is not C++;\n', "sm_90a", debug=False, cache=tmp_path)

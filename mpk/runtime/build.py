@@ -129,10 +129,11 @@ def _headers_digest() -> str:
     return h.hexdigest()
 
 
-def build(source: str, arch: str = defaults.ARCH, debug: bool | None = None, cache: Path | None = None) -> Path:
+def build(source: str, arch: str = defaults.ARCH, debug: bool | None = None, cache: Path | None = None,
+          announce: bool = True) -> Path:
     """Compile `source` (from mpk.codegen) into a .so for `arch`; return its path (cached).
 
-    `debug` None reads MPK_DEBUG from the environment.
+    `debug` None reads MPK_DEBUG from the environment; `announce` False builds without a progress phase.
     """
     if debug is None:
         debug = os.environ.get("MPK_DEBUG", "") not in ("", "0")
@@ -148,10 +149,25 @@ def build(source: str, arch: str = defaults.ARCH, debug: bool | None = None, cac
             fcntl.flock(lock, fcntl.LOCK_EX)
             if so.exists():  # another process built it while we waited
                 return so
+            if not announce:
+                return _compile(nvcc, flags, source, so)
             with phase(f"building the megakernel for {arch} with nvcc (cached for later runs)"):
                 return _compile(nvcc, flags, source, so)
     except OSError as e:  # a full disk, or permissions that os.access did not foresee
         raise _cache_error(cache, e.strerror or type(e).__name__) from None
+
+
+def build_all(sources: list[str], arch: str = defaults.ARCH, debug: bool | None = None,
+              cache: Path | None = None) -> list[Path]:
+    """`build` for several kernels at once, one nvcc process each, side by side (a server's kernels of
+    1, 2, 4, ... slots); cached ones cost nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not sources:
+        return []
+    with phase(f"building {len(sources)} megakernels for {arch} with nvcc (cached for later runs)"):
+        with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1)) as pool:
+            return list(pool.map(lambda src: build(src, arch, debug, cache, announce=False), sources))
 
 
 def _compile(nvcc: str, flags: list[str], source: str, so: Path) -> Path:
