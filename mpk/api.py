@@ -381,10 +381,11 @@ class LLM:
         executor = self._executors[key]
         return executor.tg, executor
 
-    def _build_kernels(self, sizes) -> None:
-        """On the GPU: build the megakernels of executors of these batch sizes now, side by side, so
-        that opening them later finds them built."""
-        if self.backend != "cuda":
+    def _build_kernels(self, slots: int, sizes) -> None:
+        """On the GPU: build the megakernels of the executors of `_slots_executor(slots, b)` for the
+        sizes b not open yet, side by side, so that opening them finds them built."""
+        missing = [b for b in sizes if b != slots and ("slots", slots, b, self.max_seq_len) not in self._executors]
+        if self.backend != "cuda" or not missing:
             return
         import torch
 
@@ -392,7 +393,7 @@ class LLM:
         from mpk.runtime.build import arch_for_capability, build_all
 
         props = torch.cuda.get_device_properties(self.device if self.device is not None else 0)
-        build_all([generate_source(self._compile(b)) for b in sizes], arch_for_capability(props.major, props.minor))
+        build_all([generate_source(self._compile(b)) for b in missing], arch_for_capability(props.major, props.minor))
 
     def _compile(self, batch: int):
         from mpk import defaults

@@ -108,7 +108,7 @@ class Batcher:
         first use (cuBLAS and attention kernels loading, workspaces)."""
         from mpk.prefill import prefill_slot
 
-        self.llm._build_kernels(self.sizes)
+        self.llm._build_kernels(self.tg.batch, self.sizes)
         for batch in self.sizes:
             self.llm._slots_executor(self.tg.batch, batch)
         if self.llm.backend == "cuda" and self.llm.prefill and self.tg.max_seq_len > 2:

@@ -200,3 +200,34 @@ def test_the_gpu_warm_up_prefill_leaves_requests_alone(make_checkpoint, monkeypa
         drain(batcher)
         outputs.append([c.tokens for c in got])
     assert outputs[0] == outputs[1] and all(outputs[0])
+
+
+def test_the_gpu_builds_the_kernels_of_the_slot_counts_not_open_yet_at_once(make_checkpoint, monkeypatch):
+    """`prepare` on the GPU builds every slot count's kernel in one `build_all` (nvcc runs side by
+    side), for the executors not open yet; here the build is recorded, not run."""
+    import types
+
+    import torch
+
+    import mpk.runtime.build as build_mod
+    from mpk.codegen import generate_source
+
+    llm = LLM(str(make_checkpoint("qwen3", vocab_size=300)), backend="sim", dtype="bfloat16", max_batch=4,
+              max_seq_len=MAX_SEQ_LEN)  # the GPU's weights: their graphs generate CUDA
+    llm._executor(4)
+    calls = []
+    monkeypatch.setattr(build_mod, "build_all", lambda sources, arch: calls.append((sources, arch)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=9, minor=0))
+    monkeypatch.setattr(llm, "backend", "cuda")
+    llm._build_kernels(4, [1, 2, 4])
+    assert calls == [([generate_source(llm._compile(b)) for b in (1, 2)], "sm_90a")]
+    monkeypatch.setattr(llm, "backend", "sim")
+    llm._slots_executor(4, 1)
+    monkeypatch.setattr(llm, "backend", "cuda")
+    llm._build_kernels(4, [1, 2, 4])
+    assert calls[1] == ([generate_source(llm._compile(2))], "sm_90a")
+    monkeypatch.setattr(llm, "backend", "sim")
+    llm._slots_executor(4, 2)
+    monkeypatch.setattr(llm, "backend", "cuda")
+    llm._build_kernels(4, [1, 2, 4])  # every size is open now: nothing to build
+    assert len(calls) == 2
