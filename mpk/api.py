@@ -352,10 +352,10 @@ class LLM:
         if not self.kv_block_rows:
             return None
         from mpk.paging import KvPages
-        from mpk.util import cdiv
 
-        blocks = self.kv_blocks or slots * cdiv(self.max_seq_len, self.kv_block_rows) + 1  # + the scratch block
-        return KvPages(blocks, self.kv_block_rows)
+        if self.kv_blocks:
+            return KvPages(self.kv_blocks, self.kv_block_rows)
+        return KvPages.full(slots, self.max_seq_len, self.kv_block_rows)
 
     def _block_pool(self, slots: int):
         """The BlockPool of `_executor(slots)`'s paged KV cache, or None."""

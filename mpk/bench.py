@@ -27,7 +27,6 @@ import torch
 from mpk.dtypes import dtype
 from mpk.errors import MpkError
 from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, EMBED, ROPE
-from mpk.util import cdiv
 
 STREAM_SOURCE = Path(__file__).resolve().parent / "csrc" / "stream_read.cu"
 
@@ -167,7 +166,7 @@ def interleaved_kv_pages(tg, block_rows: int):
     the scratch block)."""
     from mpk.paging import KvPages
 
-    pages = KvPages(1 + tg.batch * cdiv(tg.max_seq_len, block_rows), block_rows)
+    pages = KvPages.full(tg.batch, tg.max_seq_len, block_rows)
     batch, per_seq = pages.table_shape(tg)
     table = 1 + torch.arange(per_seq, dtype=torch.int32)[None, :] * batch + torch.arange(batch, dtype=torch.int32)[:, None]
     return pages, table

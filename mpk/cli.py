@@ -623,7 +623,7 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
 
     from mpk import memory
     from mpk.dtypes import dtype
-    from mpk.util import cdiv
+    from mpk.paging import KvPages
 
     weight_bytes = dtype(args.dtype).bytes
     kv_bytes = 4 if args.kv_cache == "float32" else weight_bytes
@@ -642,7 +642,7 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
         block = memory.kv_block_bytes(source.cfg, args.kv_block_rows, kv_bytes)
         capacity = torch.cuda.get_device_properties(device or 0).total_memory * args.tp
         blocks = memory.kv_blocks_within(need, capacity, args.gpu_memory_utilization, block)
-        one = cdiv(seq_len, args.kv_block_rows) + 1  # a request of max_seq_len tokens, and the scratch block
+        one = KvPages.full(1, seq_len, args.kv_block_rows).num_blocks  # a request of max_seq_len tokens
         if blocks < one:
             raise MpkError(f"--gpu-memory-utilization {args.gpu_memory_utilization:g} leaves room for {blocks} KV blocks "
                            f"of {args.kv_block_rows} rows and one {seq_len}-token request needs {one}; raise it, or "

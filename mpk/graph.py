@@ -162,14 +162,12 @@ def matmul_inputs_for(matmul_inputs: str, activations: str, batch: int, weights:
     nothing, and bf16 from batch 2, where the tensor-core GEMV then needs one pass instead of two
     (docs/decisions.md, "Activation precision") and GEMM tiles beyond GEMV_MAX_BATCH multiply bf16
     alone ("Batches beyond 8"). Float32 weights run on the CPU executor alone, with no tile: float32."""
-    if weights == "float32":
-        return "float32" if matmul_inputs == "auto" else matmul_inputs
-    if batch <= GEMV_MAX_BATCH:
-        return ("float32" if batch == 1 else "bfloat16") if matmul_inputs == "auto" else matmul_inputs
-    if matmul_inputs == "float32" and activations == "float32":
+    if matmul_inputs == "auto":
+        return "float32" if batch == 1 or weights == "float32" else "bfloat16"
+    if matmul_inputs == "float32" and activations == "float32" and weights != "float32" and batch > GEMV_MAX_BATCH:
         raise MpkError(f"float32 matrix-product inputs run up to batch {GEMV_MAX_BATCH}; a batch of {batch} "
                        "multiplies bf16 inputs on tensor cores (use --matmul-inputs auto or bfloat16)")
-    return "bfloat16"
+    return matmul_inputs
 
 
 def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size: int = 1,

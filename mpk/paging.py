@@ -34,6 +34,11 @@ class KvPages:
     num_blocks: int
     block_rows: int = DEFAULT_BLOCK_ROWS
 
+    @classmethod
+    def full(cls, slots: int, max_seq_len: int, block_rows: int) -> "KvPages":
+        """As many blocks as `slots` sequences of `max_seq_len` rows fill, and the scratch block."""
+        return cls(1 + slots * cdiv(max_seq_len, block_rows), block_rows)
+
     def table_shape(self, tg) -> tuple[int, int]:
         """The block table a graph's executor takes: one row of blocks per sequence."""
         return tg.batch, cdiv(tg.max_seq_len, self.block_rows)

@@ -138,9 +138,10 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
     (address, bytes) after it to prefetch into L2.
 
     The op kind names the streamed operand (`OpKind.streamed`). A tile of whole rows of a row-major
-    matrix is one contiguous byte range; a tile of part of each row (a K slice) gets no head. The head is the longest prefix of whole
-    row blocks (`head_rows_align`) within `head_limit` bytes (none when a row is not a multiple of 16 bytes, which bulk
-    copies need); the L2 range is the next `l2_limit` bytes, in whole 16-byte units.
+    matrix is one contiguous byte range; a tile of part of each row (a K slice) gets no head. The
+    head is the longest prefix of whole row blocks (`head_rows_align`) within `head_limit` bytes
+    (none when a row is not a multiple of 16 bytes, which bulk copies need); the L2 range is the
+    next `l2_limit` bytes, in whole 16-byte units.
     """
     table = np.zeros((len(tg.tasks), 4), dtype=np.uint64)
     align = head_rows_align(tg.batch)
