@@ -152,12 +152,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
     srv.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
                      help="tokens a request's prompt and reply may hold together (clipped to the model's context)")
-    srv.add_argument("--max-batch", type=int, default=8,
+    srv.add_argument("--max-batch", type=int, default=defaults.SERVE_MAX_BATCH,
                      help="requests generated together (continuous batching: each joins when a slot frees up; "
                           "beyond 8 the matrix products run as GEMM tiles on tensor cores)")
     srv.add_argument("--max-waiting", type=int, default=64,
                      help="requests that may wait for a slot; more are answered 503")
-    _add_run_flags(srv)
+    _add_run_flags(srv, serving=True)
     srv.set_defaults(func=cmd_serve)
 
     bsv = command("bench-serve", "load an OpenAI-compatible server (mpk serve, vLLM) with concurrent streaming "
@@ -198,20 +198,22 @@ def _add_precision_flags(cmd: argparse.ArgumentParser, whose: str = "", note: st
                           "batch 1, bfloat16 from batch 2")
 
 
-def _add_run_flags(cmd: argparse.ArgumentParser) -> None:
-    """Where and at what precision a model runs: the flags of generate and chat."""
+def _add_run_flags(cmd: argparse.ArgumentParser, serving: bool = False) -> None:
+    """Where and at what precision a model runs: the flags of generate, chat and serve. A server pages
+    its KV cache by default and sizes it from the GPU's memory (docs/decisions.md, "Serving defaults")."""
     cmd.add_argument("--backend", choices=["auto", "cuda", "sim"], default="auto",
                      help="cuda: the GPU megakernel; sim: the CPU executor; auto: cuda when a GPU is present")
     cmd.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                      help="weight dtype: bfloat16 (the only one of the GPU backend) or float32 (CPU executor)")
     _add_precision_flags(cmd)
-    cmd.add_argument("--kv-block-rows", type=int, default=0,
+    cmd.add_argument("--kv-block-rows", type=int, default=defaults.KV_BLOCK_ROWS if serving else 0,
                      help="page the KV cache in blocks of this many rows, handed to sequences as they grow "
                           "(0: each sequence slot owns max-seq-len rows)")
+    sized = (f"{defaults.SERVE_GPU_MEMORY_UTILIZATION:g} on a GPU, else as many blocks as max-batch full-length "
+             "sequences need" if serving else "as many blocks as max-batch full-length sequences need")
     cmd.add_argument("--gpu-memory-utilization", type=float, default=None,
                      help="with --kv-block-rows: the share of the device's memory the run may take; the KV "
-                          "cache gets what the weights and workspace leave (default: as many blocks as "
-                          "max-batch full-length sequences need)")
+                          f"cache gets what the weights and workspace leave (default: {sized})")
     cmd.add_argument("--num-sms", type=int, default=None,
                      help=f"SMs to schedule for (default: the GPU's, or {defaults.SIM_NUM_SMS} on the CPU executor)")
     cmd.add_argument("--tp", type=int, default=1,
@@ -412,6 +414,8 @@ def cmd_serve(args) -> int:
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
     backend, device = _prepare_backend(args)
+    if backend == "cuda" and args.kv_block_rows and args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = defaults.SERVE_GPU_MEMORY_UTILIZATION
     kv_blocks = _check_memory(source, args, backend, args.max_batch, seq_len, device)
     # Bind before loading weights, so a taken port is one line at once rather than after the load.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mpk.defaults import KV_BLOCK_ROWS
 from mpk.errors import MpkError
 from mpk.util import cdiv
 
 SCRATCH_BLOCK = 0
-DEFAULT_BLOCK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class KvPages:
     """How an executor stores its KV cache: `num_blocks` blocks of `block_rows` rows per cache tensor."""
 
     num_blocks: int
-    block_rows: int = DEFAULT_BLOCK_ROWS
+    block_rows: int = KV_BLOCK_ROWS
 
     @classmethod
     def full(cls, slots: int, max_seq_len: int, block_rows: int) -> "KvPages":

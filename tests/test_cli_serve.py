@@ -50,6 +50,21 @@ def test_serve_answers_on_the_port_it_names(make_checkpoint):
         assert [m["id"] for m in r.json()["data"]] == ["m"]
         r = httpx.post(f"{base}/completions", json={"model": "m", "prompt": "the", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        # Paged by default: 64 slots of one 64-row block each (max-seq-len 32), plus the scratch block.
+        metrics = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=30).text
+        blocks = next(line for line in metrics.splitlines() if line.startswith("mpk_kv_blocks "))
+        assert float(blocks.split()[1]) == 64 + 1
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_serve_pages_its_cache_by_default_and_generate_does_not():
+    from mpk import defaults
+    from mpk.cli import _parser
+
+    serve = _parser().parse_args(["serve", "tiny"])
+    assert (serve.kv_block_rows, serve.max_batch) == (defaults.KV_BLOCK_ROWS, defaults.SERVE_MAX_BATCH)
+    assert serve.gpu_memory_utilization is None  # filled in on a GPU only: the CPU executor has no device memory
+    assert _parser().parse_args(["generate", "tiny"]).kv_block_rows == 0
+    assert _parser().parse_args(["serve", "tiny", "--kv-block-rows", "0"]).kv_block_rows == 0
