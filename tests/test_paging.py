@@ -55,13 +55,14 @@ def run(tg, weights, meta, steps, kv_pages=None, table=None):
         return ex.run(steps, eos_token_ids=[], collect_logits=True)
 
 
-@pytest.mark.parametrize("family, overrides", [("qwen3", {}), ("mistral", {"sliding_window": 7})])
-def test_a_paged_cache_gives_what_a_contiguous_cache_gives(make_checkpoint, family, overrides):
+@pytest.mark.parametrize("family, overrides, tp", [("qwen3", {}, 1), ("mistral", {"sliding_window": 7}, 1),
+                                                   ("llama", {}, 2)])
+def test_a_paged_cache_gives_what_a_contiguous_cache_gives(make_checkpoint, family, overrides, tp):
     cfg, hf = load_checkpoint(make_checkpoint(family, **overrides))
     steps = 30
-    tg = compile_model(cfg, batch=2, max_seq_len=steps, num_sms=4)
+    tg = compile_model(cfg, batch=2, max_seq_len=steps, num_sms=4, tp_size=tp)
     prompts = [[3, 4, 5, 6, 7], [9, 8]]
-    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
+    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.bfloat16), prompts)
     want = run(tg, weights, meta, steps)
     pool = BlockPool(num_blocks=20, block_rows=4, slots=2, max_seq_len=steps)
     for rows in range(4, steps + 4, 4):  # the two sequences' blocks interleave in the pool

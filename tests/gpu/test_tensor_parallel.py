@@ -5,6 +5,7 @@ peer's memory, against one GPU and the PyTorch reference.
   to TP=1's own (only the order of the float32 sums differs).
 - Greedy tokens at TP=2 equal TP=1's and the float32 reference's argmax, on tiny checkpoints of
   every family (those whose KV heads and MLP split over two ranks) and on 8B presets.
+- A paged KV cache at TP=2 gives the contiguous cache's logits bit for bit.
 - Run control across ranks: a stop at EOS or on request ends both kernels at the same step, a hang on
   one rank is named by rank and SM and stops both, an interrupt leaves both GPUs usable.
 Skipped without two CUDA GPUs.
@@ -240,3 +241,27 @@ def test_trace_at_tp2_records_every_task_of_both_ranks(checkpoint):
     kinds = {row["kind"]: row for row in summarize_trace(mk.tg, spans)["kinds"]}
     assert kinds["allreduce_residual"]["tasks_per_step"] == sum(
         1 for t in mk.tg.tasks if mk.tg.ops[t.op].kind == "allreduce_residual")
+
+
+def test_a_paged_cache_at_tp2_computes_what_a_contiguous_one_does(checkpoint):
+    """Each rank holds its shard of every block; one table, copied to both GPUs, names the blocks."""
+    from mpk.paging import BlockPool, KvPages
+
+    cfg, hf = checkpoint("llama")
+    steps, rows = 24, 4
+    seqs = torch.randint(0, cfg.vocab_size, (2, steps), generator=torch.Generator().manual_seed(5)).tolist()
+    tg = compile_model(cfg, batch=2, max_seq_len=steps, tp_size=TP, num_sms=16)
+    inputs, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, TP, torch.bfloat16), seqs)
+    pool = BlockPool(2 * steps // rows + 3, rows, 2, steps)
+    for end in range(rows, steps + rows, rows):  # the two sequences' blocks interleave in the pool
+        pool.grow(1, end)
+        pool.grow(0, end)
+    results = []
+    for pages in (None, KvPages(pool.num_blocks, rows)):
+        with Megakernel(tg, weights=inputs, meta=meta, kv_pages=pages) as mk:
+            if pages is not None:
+                mk.set_kv_table(pool.table())
+            results.append(mk.run(steps, collect_logits=True, eos_token_ids=[]))
+    contiguous, paged = results
+    assert paged.tokens == contiguous.tokens
+    assert all(torch.equal(p, c) for p, c in zip(paged.logits, contiguous.logits))
