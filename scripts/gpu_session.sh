@@ -86,14 +86,14 @@ run_prefill() {
 run_serve() {
   [ -d .deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.deps"
   local port=8123 model="${SERVE_MODEL:-qwen3-8b}" status=0
-  python3 -m mpk.cli serve "$model" --max-batch "${MAX_BATCH:-8}" --max-seq-len 2048 --port $port > "$out/serve.log" 2>&1 &
+  python3 -m mpk.cli serve "$model" --max-batch "${MAX_BATCH:-64}" --max-seq-len 2048 --port $port > "$out/serve.log" 2>&1 &
   local server=$!
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
   python3 -m mpk.cli bench-serve "http://127.0.0.1:$port" --clients 1 --requests 4 --prompt-len 512 --output-len 256 \
     || status=1
   python3 -m mpk.cli bench-serve "http://127.0.0.1:$port" --clients "${CLIENTS:-64}" --duration "${DURATION:-300}" \
     --prompt-len 512 --output-len 256 || status=1
-  curl -s "http://127.0.0.1:$port/metrics" | grep -E "^mpk_(engine_seconds|decode_|generation_tokens_total)"
+  curl -s "http://127.0.0.1:$port/metrics" | grep -E "^mpk_(engine_seconds|decode_|generation_tokens_total|kv_blocks)"
   kill $server; wait $server 2> /dev/null
   python3 -m mpk.cli bench "$model" --steps 64 --backends mpk || status=1
   python3 -m mpk.cli bench "$model" --batch "${CLIENTS:-64}" --context 640 --steps 16 --backends eager || status=1
