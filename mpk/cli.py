@@ -152,9 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
     srv.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
                      help="tokens a request's prompt and reply may hold together (clipped to the model's context)")
-    srv.add_argument("--max-batch", type=int, default=defaults.SERVE_MAX_BATCH,
+    srv.add_argument("--max-batch", type=int, default=None,
                      help="requests generated together (continuous batching: each joins when a slot frees up; "
-                          "beyond 8 the matrix products run as GEMM tiles on tensor cores)")
+                          "beyond 8 the matrix products run as GEMM tiles on tensor cores) (default: "
+                          f"{defaults.SERVE_MAX_BATCH} on a GPU, {defaults.SERVE_MAX_BATCH_SIM} on the CPU executor)")
     srv.add_argument("--max-waiting", type=int, default=64,
                      help="requests that may wait for a slot; more are answered 503")
     _add_run_flags(srv, serving=True)
@@ -414,6 +415,8 @@ def cmd_serve(args) -> int:
     _check_tp(source, args.tp)
     stored = _stored_dtypes(source)
     backend, device = _prepare_backend(args)
+    if args.max_batch is None:
+        args.max_batch = defaults.SERVE_MAX_BATCH if backend == "cuda" else defaults.SERVE_MAX_BATCH_SIM
     if backend == "cuda" and args.kv_block_rows and args.gpu_memory_utilization is None:
         args.gpu_memory_utilization = defaults.SERVE_GPU_MEMORY_UTILIZATION
     kv_blocks = _check_memory(source, args, backend, args.max_batch, seq_len, device)

@@ -50,10 +50,11 @@ def test_serve_answers_on_the_port_it_names(make_checkpoint):
         assert [m["id"] for m in r.json()["data"]] == ["m"]
         r = httpx.post(f"{base}/completions", json={"model": "m", "prompt": "the", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        # Paged by default: 64 slots of one 64-row block each (max-seq-len 32), plus the scratch block.
+        # Paged by default: on the CPU executor 8 slots of one 64-row block each (max-seq-len 32), and
+        # the scratch block.
         metrics = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=30).text
         blocks = next(line for line in metrics.splitlines() if line.startswith("mpk_kv_blocks "))
-        assert float(blocks.split()[1]) == 64 + 1
+        assert float(blocks.split()[1]) == 8 + 1
     finally:
         proc.terminate()
         proc.wait(30)
@@ -64,7 +65,26 @@ def test_serve_pages_its_cache_by_default_and_generate_does_not():
     from mpk.cli import _parser
 
     serve = _parser().parse_args(["serve", "tiny"])
-    assert (serve.kv_block_rows, serve.max_batch) == (defaults.KV_BLOCK_ROWS, defaults.SERVE_MAX_BATCH)
-    assert serve.gpu_memory_utilization is None  # filled in on a GPU only: the CPU executor has no device memory
+    assert serve.kv_block_rows == defaults.KV_BLOCK_ROWS
+    # Both filled in once the backend is known: 64 slots and a cache sized from memory on a GPU.
+    assert serve.max_batch is None and serve.gpu_memory_utilization is None
     assert _parser().parse_args(["generate", "tiny"]).kv_block_rows == 0
     assert _parser().parse_args(["serve", "tiny", "--kv-block-rows", "0"]).kv_block_rows == 0
+
+
+@pytest.mark.parametrize("backend, batch, utilization", [("cuda", 64, 0.9), ("sim", 8, None)])
+def test_serve_fills_in_its_defaults_for_the_backend(capsys, monkeypatch, backend, batch, utilization):
+    import mpk.cli
+    from mpk.errors import MpkError
+
+    seen = {}
+
+    def check_memory(source, args, *rest):
+        seen.update(batch=args.max_batch, utilization=args.gpu_memory_utilization)
+        raise MpkError("sized")
+
+    monkeypatch.setattr(mpk.cli, "_prepare_backend", lambda args: (backend, None))
+    monkeypatch.setattr(mpk.cli, "_check_memory", check_memory)
+    code, _, err = run_cli(capsys, "serve", "tiny")
+    assert_one_line_error(code, err, "sized")
+    assert seen == {"batch": batch, "utilization": utilization}
