@@ -103,7 +103,7 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
   }
 };
 
-// N weights from global memory (read-only path), or from a weight head in shared memory.
+// N weights streamed from global memory (ld_stream), or from a weight head in shared memory.
 template <int N, bool kShared> __device__ __forceinline__ packed_t<N> ld_w(const bf16* p) {
   if constexpr (kShared && N == 8) return ld_shared16(p);
   else return ld_stream<N>(p);
