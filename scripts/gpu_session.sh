@@ -2,7 +2,9 @@
 # One GPU-machine session: the GPU tests, `mpk bench` and `mpk bench-op` for the models the perf log tracks.
 #   scripts/gpu_session.sh           # all three (~14 min on an H100): logs, then the three tables last
 #   scripts/gpu_session.sh tests     # tests/gpu + codegen builds, table last (~5 min)
-#   scripts/gpu_session.sh bench     # mpk bench: qwen3-8b and llama-3.2-1b, batch 1 and 4 (~6 min)
+#   scripts/gpu_session.sh bench     # mpk bench over BENCH_ROWS (model:batch:context; default the decode table of
+#                                    # docs/perf.md: qwen3-8b and llama-3.2-1b at 1 and 4, qwen3-0.6b at 1, qwen3-8b at
+#                                    # 1 and 4 over 4096 cached tokens; ~12 min with torch.compile, so split the rows)
 #   scripts/gpu_session.sh ops       # mpk bench-op: every task template alone, OPS_MODELS at batch 1 and 4 (~4 min)
 #   scripts/gpu_session.sh tp        # 2+ GPUs: mpk bench --tp 2 of TP_MODELS beside one GPU, the first profiled (~3 min)
 #   scripts/gpu_session.sh ttft      # time to first token, 1 x PROMPT_LEN (2048) and 8 x 512 prompts: mpk vs batched PyTorch
@@ -11,7 +13,7 @@
 #   scripts/gpu_session.sh serve     # mpk serve SERVE_MODEL (qwen3-8b) under bench-serve: 1 client, then CLIENTS (64)
 #                                    # for DURATION (300) s; PyTorch eager at batch CLIENTS beside it. A machine
 #                                    # without fastapi/uvicorn can take them from ./.deps (pip install --target .deps).
-# Bench knobs: STEPS (64), BACKENDS (all four), ACTIVATIONS (the CLI's default, float32), MPK_GEMV.
+# Bench knobs: BENCH_ROWS, STEPS (64), BACKENDS (all four), ACTIVATIONS (the CLI's default, float32), MPK_GEMV.
 # bench-op knobs: OPS_MODELS (qwen3-8b llama-3.2-1b qwen3-0.6b), OPS (--op kinds, comma-separated), CONTEXT (4096),
 # ACTIVATIONS.
 # Logs and JSON go to $OUT when set (the device tool brings that folder back).
@@ -25,14 +27,17 @@ run_tests() {
   scripts/gpu_check.sh > "$out/gpu_tests.log" 2>&1
 }
 
+# The rows of the decode table the project is judged by: model, batch, context (tokens already cached).
+BENCH_ROWS=${BENCH_ROWS:-"qwen3-8b:1:0 qwen3-8b:4:0 llama-3.2-1b:1:0 llama-3.2-1b:4:0 qwen3-0.6b:1:0 qwen3-8b:1:4096 qwen3-8b:4:4096"}
+
 run_bench() {
-  local status=0
-  for model in qwen3-8b llama-3.2-1b; do
-    for batch in 1 4; do
-      python3 -m mpk.cli bench "$model" --batch "$batch" --steps "${STEPS:-64}" --backends "${BACKENDS:-stream,mpk,eager,compile}" \
-        ${ACTIVATIONS:+--activations "$ACTIVATIONS"} --json \
-        > "$out/bench-$model-b$batch.json" 2> "$out/bench-$model-b$batch.err" || { status=1; tail -3 "$out/bench-$model-b$batch.err"; }
-    done
+  local status=0 row model batch context name
+  for row in $BENCH_ROWS; do
+    IFS=: read -r model batch context <<< "$row"
+    name="bench-$model-b$batch-c$context"
+    python3 -m mpk.cli bench "$model" --batch "$batch" --context "$context" --steps "${STEPS:-64}" \
+      --backends "${BACKENDS:-stream,mpk,eager,compile}" ${ACTIVATIONS:+--activations "$ACTIVATIONS"} --json \
+      > "$out/$name.json" 2> "$out/$name.err" || { status=1; tail -3 "$out/$name.err"; }
   done
   return $status
 }
