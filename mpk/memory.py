@@ -92,13 +92,14 @@ def kv_blocks_within(need: MemoryNeed, capacity: int, utilization: float, block_
     return max(0, int(utilization * capacity) - (need.total - need.kv_cache)) // block_bytes
 
 
-def check_fits(need: MemoryNeed, available: int, what: str) -> None:
+def check_fits(need: MemoryNeed, available: int, what: str,
+               advice: str = "use a smaller model or a bigger machine") -> None:
     """Raise a one-line MpkError when `need` exceeds `available` bytes (unless MPK_NO_MEMORY_CHECK=1)."""
     if need.total <= available or os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return
     raise MpkError(
         f"{what} needs about {gib(need.total)} of {need.device} ({need.describe()}) but {gib(available)} is "
-        f"available; use a smaller model or a bigger machine ({SKIP_ENV}=1 runs anyway)"
+        f"available; {advice} ({SKIP_ENV}=1 runs anyway)"
     )
 
 

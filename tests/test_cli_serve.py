@@ -88,3 +88,23 @@ def test_serve_fills_in_its_defaults_for_the_backend(capsys, monkeypatch, backen
     code, _, err = run_cli(capsys, "serve", "tiny")
     assert_one_line_error(code, err, "sized")
     assert seen == {"batch": batch, "utilization": utilization}
+
+
+def test_a_cache_sized_from_a_busy_gpu_names_the_utilization(capsys, monkeypatch):
+    """The pool takes 90% of the device; when others hold part of it, the way out is a lower share."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import mpk.cli
+    from mpk import memory
+
+    monkeypatch.setattr(mpk.cli, "_prepare_backend", lambda args: ("cuda", None))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * memory.GIB))
+    monkeypatch.setattr(memory, "available_gpu_bytes", lambda device: 10 * memory.GIB)
+    code, _, err = run_cli(capsys, "serve", "tiny")
+    assert_one_line_error(code, err, "but 10.0 GiB is available", "lower --gpu-memory-utilization (now 0.9)")
+    monkeypatch.setattr(memory, "available_gpu_bytes", lambda device: 1024)
+    code, _, err = run_cli(capsys, "serve", "tiny", "--kv-block-rows", "0")  # no pool sized from the device
+    assert_one_line_error(code, err, "use a smaller model or a bigger machine")
+    assert "utilization" not in err
