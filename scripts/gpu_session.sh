@@ -6,7 +6,10 @@
 #                                    # docs/perf.md: qwen3-8b and llama-3.2-1b at 1 and 4, qwen3-0.6b at 1, qwen3-8b at
 #                                    # 1 and 4 over 4096 cached tokens; ~12 min with torch.compile, so split the rows)
 #   scripts/gpu_session.sh ops       # mpk bench-op: every task template alone, OPS_MODELS at batch 1 and 4 (~4 min)
-#   scripts/gpu_session.sh tp        # 2+ GPUs: mpk bench --tp 2 of TP_MODELS beside one GPU, the first profiled (~3 min)
+#   scripts/gpu_session.sh tp        # 2+ GPUs: mpk bench --tp N (TP_SIZES, 2) of TP_MODELS at TP_BATCHES (1) beside one
+#                                    # GPU, each profiled (~3 min at TP=2). On 4 or 8 GPUs: TP_SIZES="4 8"
+#                                    # TP_MODELS="qwen3-8b qwen3-32b llama-3.1-70b" TP_BATCHES="1 8", and
+#                                    # pytest tests/gpu/test_tensor_parallel_wide.py
 #   scripts/gpu_session.sh ttft      # time to first token, 1 x PROMPT_LEN (2048) and 8 x 512 prompts: mpk vs batched PyTorch
 #   scripts/gpu_session.sh prefill   # the persistent runtime's prefill: its templates alone (bench-op --prefill
 #                                    # PROMPT_LEN), then time to first token of 1 x PROMPT_LEN, op by op vs task graphs (~4 min)
@@ -55,14 +58,18 @@ run_ops() {
 }
 
 run_tp() {
-  local status=0 first=1
-  for model in ${TP_MODELS:-qwen3-8b llama-3.1-8b}; do
-    local profile=()
-    if [ $first = 1 ]; then profile=(--profile "$out/trace-tp2.json"); first=0; fi
-    python3 -m mpk.cli bench "$model" --tp 2 --steps "${STEPS:-64}" --backends stream,mpk "${profile[@]}" --json \
-      > "$out/bench-tp2-$model.json" 2> "$out/bench-tp2-$model.err" || { status=1; tail -3 "$out/bench-tp2-$model.err"; }
+  local status=0 model tp batch name
+  for tp in ${TP_SIZES:-2}; do
+    for model in ${TP_MODELS:-qwen3-8b llama-3.1-8b}; do
+      for batch in ${TP_BATCHES:-1}; do
+        name="bench-tp$tp-$model-b$batch"
+        python3 -m mpk.cli bench "$model" --tp "$tp" --batch "$batch" --steps "${STEPS:-64}" --backends stream,mpk \
+          --profile "$out/trace.json" --json > "$out/$name.json" 2> "$out/$name.err" \
+          || { status=1; tail -3 "$out/$name.err"; }
+        rm -f "$out/trace.json"  # the profile's summary (the allreduce's share) is in the JSON; the trace is large
+      done
+    done
   done
-  rm -f "$out/trace-tp2.json"  # the summary is in the JSON; the trace itself is large
   return $status
 }
 
