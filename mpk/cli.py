@@ -655,16 +655,16 @@ def _check_memory(source, args, backend: str, batch: int, seq_len: int, device) 
                            f"of {args.kv_block_rows} rows and one {seq_len}-token request needs {one}; raise it, or "
                            "lower --max-seq-len")
         need = replace(need, kv_cache=blocks * block)
-    advice = {} if blocks is None else {  # the cache was sized from the whole device, part of which is taken
-        "advice": f"lower --gpu-memory-utilization (now {args.gpu_memory_utilization:g}) or free the GPU's memory"}
+    advice = memory.TOO_BIG if blocks is None else (  # the cache was sized from the whole device, part of it taken
+        f"lower --gpu-memory-utilization (now {args.gpu_memory_utilization:g}) or free the GPU's memory")
     if backend == "cuda" and args.tp > 1:
         import torch
 
         for rank in range(args.tp):
             memory.check_fits(need.per_rank(args.tp), memory.available_gpu_bytes(torch.device("cuda", rank)),
-                              f"rank {rank} of {source.name} on cuda:{rank}", **advice)
+                              f"rank {rank} of {source.name} on cuda:{rank}", advice)
     elif backend == "cuda":
-        memory.check_fits(need, memory.available_gpu_bytes(device), f"{source.name} on the GPU", **advice)
+        memory.check_fits(need, memory.available_gpu_bytes(device), f"{source.name} on the GPU", advice)
     else:
         memory.check_fits(need, memory.available_cpu_bytes(), f"{source.name} on the CPU executor")
     return blocks

@@ -92,8 +92,10 @@ def kv_blocks_within(need: MemoryNeed, capacity: int, utilization: float, block_
     return max(0, int(utilization * capacity) - (need.total - need.kv_cache)) // block_bytes
 
 
-def check_fits(need: MemoryNeed, available: int, what: str,
-               advice: str = "use a smaller model or a bigger machine") -> None:
+TOO_BIG = "use a smaller model or a bigger machine"
+
+
+def check_fits(need: MemoryNeed, available: int, what: str, advice: str = TOO_BIG) -> None:
     """Raise a one-line MpkError when `need` exceeds `available` bytes (unless MPK_NO_MEMORY_CHECK=1)."""
     if need.total <= available or os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -149,9 +150,8 @@ def build(source: str, arch: str = defaults.ARCH, debug: bool | None = None, cac
             fcntl.flock(lock, fcntl.LOCK_EX)
             if so.exists():  # another process built it while we waited
                 return so
-            if not announce:
-                return _compile(nvcc, flags, source, so)
-            with phase(f"building the megakernel for {arch} with nvcc (cached for later runs)"):
+            announced = phase(f"building the megakernel for {arch} with nvcc (cached for later runs)")
+            with announced if announce else nullcontext():
                 return _compile(nvcc, flags, source, so)
     except OSError as e:  # a full disk, or permissions that os.access did not foresee
         raise _cache_error(cache, e.strerror or type(e).__name__) from None

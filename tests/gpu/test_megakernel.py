@@ -296,13 +296,12 @@ def f32_tie_of(tg) -> float:
 
 
 def greedy_mismatches(cfg, hf, prompts, new_tokens, rows32: list[torch.Tensor] | None = None,
-                      kv: torch.dtype | None = None, f32_tie: float | None = None):
+                      kv: torch.dtype | None = None, f32_tie: float = F32_TIE):
     """Tokens against bf16 and float32 references, each teacher-forced along the kernel's own
     tokens (so one near-tie cannot cascade). Returns (mismatches with the bf16 reference, near-ties
-    accepted, tokens that are not the float32 reference's argmax by more than `f32_tie`, default
-    F32_TIE). The float32 reference keeps its KV cache in `kv` (the graph's cache dtype); `rows32`:
-    its `forced_rows`, when the caller already has that model."""
-    f32_tie = F32_TIE if f32_tie is None else f32_tie
+    accepted, tokens that are not the float32 reference's argmax by more than `f32_tie`). The float32
+    reference keeps its KV cache in `kv` (the graph's cache dtype); `rows32`: its `forced_rows`, when
+    the caller already has that model."""
     rows16 = reference_rows(cfg, hf, torch.bfloat16, prompts, new_tokens)
     if rows32 is None:
         rows32 = reference_rows(cfg, hf, torch.float32, prompts, new_tokens, kv)

@@ -23,7 +23,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from test_megakernel import (NEAR_TIE, SAME_BF16_KV_TOL, bound, forced_rows, greedy_mismatches, kv_dtype,  # noqa: E402
+from test_megakernel import (F32_TIE, NEAR_TIE, SAME_BF16_KV_TOL, bound, forced_rows, greedy_mismatches, kv_dtype,  # noqa: E402
                              l2_rel_err, rel_err, report)
 
 from mpk.compiler import compile_model  # noqa: E402
@@ -101,7 +101,7 @@ def test_preset_logits_and_tokens(weights, name, batch, matmul_inputs):
     errs = [l2_rel_err(ours[:, s], want[:, s]) for s in range(STEPS)]
     kv_errs = [l2_rel_err(ours[:, s], want_kv[:, s]) for s in range(STEPS)]
     worst = max(rel_err(ours[:, s], want[:, s]) for s in range(STEPS))
-    bad, ties, off32 = greedy_mismatches(cfg, hf, prompts, new, rows32, f32_tie=None if exact else NEAR_TIE)
+    bad, ties, off32 = greedy_mismatches(cfg, hf, prompts, new, rows32, f32_tie=F32_TIE if exact else NEAR_TIE)
 
     report(check="preset", case=f"{name}/{matmul_inputs}", batch=batch, vs_fp32=max(errs), vs_fp32_max=worst,
            tokens=batch * max_new, mismatches=len(bad), near_ties=ties, vs_fp32_same_kv=max(kv_errs),

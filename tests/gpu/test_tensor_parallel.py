@@ -72,6 +72,47 @@ def diverging_at_ties(cfg, hf, prompts, one, two, kv, tie: float = F32_TIE) -> l
     return bad
 
 
+def greedy_against_tp1(cfg, hf, prompts, num_sms, tp, max_new: int = 12):
+    """Greedy tokens of `prompts` at TP=tp and at TP=1, each run to `max_new` new tokens, judged as
+    the GPU tests judge them. Returns (the TP=tp run, its positions, the bf16 mismatches, near-ties,
+    tokens off the float32 argmax, tokens leaving TP=1's away from a near-tie, how many sequences
+    differ from TP=1)."""
+    seq_len = check_prompts(cfg, prompts, max_new)
+    wide = kernel(cfg, hf, prompts, seq_len + 6, num_sms, tp)
+    res = wide.run(seq_len + 6, max_new_tokens=max_new, eos_token_ids=[])
+    res1 = kernel(cfg, hf, prompts, seq_len + 6, num_sms, 1).run(seq_len + 6, max_new_tokens=max_new, eos_token_ids=[])
+    new, new1 = new_tokens(res, prompts, max_new), new_tokens(res1, prompts, max_new)
+    kv, tie = kv_dtype(wide.tg), f32_tie_of(wide.tg)
+    bad, ties, off32 = greedy_mismatches(cfg, hf, prompts, new, kv=kv, f32_tie=tie)
+    split = diverging_at_ties(cfg, hf, prompts, new1, new, kv, tie)
+    return res, seq_len, bad, ties, off32, split, sum(a != b for a, b in zip(new1, new))
+
+
+def preset_against_tp1(cfg, hf, tp, max_new: int = 16):
+    """A preset at TP=tp: (the largest error of 8 teacher-forced steps' logits from float32, tokens
+    leaving TP=1's greedy ones away from a near-tie, whether the `max_new` tokens differ from TP=1's)."""
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    seqs = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
+    forced = kernel(cfg, hf, seqs.tolist(), 8, sm, tp).run(8, collect_logits=True, eos_token_ids=[])
+    ours = torch.stack(forced.logits, 1)
+    prompts = [seqs[0, :3].tolist()]
+    res = kernel(cfg, hf, prompts, 3 + max_new, sm, tp).run(3 + max_new, max_new_tokens=max_new, eos_token_ids=[])
+    gc.collect()
+    torch.cuda.empty_cache()
+    res1 = kernel(cfg, hf, prompts, 3 + max_new, sm, 1).run(3 + max_new, max_new_tokens=max_new, eos_token_ids=[])
+    gc.collect()
+    torch.cuda.empty_cache()
+    new, new1 = new_tokens(res, prompts, max_new), new_tokens(res1, prompts, max_new)
+    ref = ReferenceModel(cfg, hf, torch.float32, "cuda")
+    ref.reset(1, 8)
+    want = ref.forward(seqs.cuda(), 0).cpu()
+    del ref
+    gc.collect()
+    torch.cuda.empty_cache()
+    err = max(l2_rel_err(ours[:, s], want[:, s]) for s in range(8))
+    return err, diverging_at_ties(cfg, hf, prompts, new1, new, torch.bfloat16), int(new1 != new)
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("case", TP_CASES)
 def test_teacher_forced_logits_at_tp2(checkpoint, case, batch):
@@ -110,18 +151,10 @@ def test_greedy_tokens_at_tp2_equal_tp1(checkpoint, case, batch):
     cfg, hf = checkpoint(case)
     g = torch.Generator().manual_seed(100 + batch)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 3, 9, 1)[:batch]]
-    max_new = 12
-    seq_len = check_prompts(cfg, prompts, max_new)
-    two = kernel(cfg, hf, prompts, seq_len + 6, sms(case), TP)
-    res2 = two.run(seq_len + 6, max_new_tokens=max_new, eos_token_ids=[])
-    res1 = kernel(cfg, hf, prompts, seq_len + 6, sms(case), 1).run(seq_len + 6, max_new_tokens=max_new,
-                                                                    eos_token_ids=[])
+    res2, seq_len, bad, ties, off32, split, differ = greedy_against_tp1(cfg, hf, prompts, sms(case), TP)
     assert res2.steps == seq_len and res2.stopped  # both ranks stopped by themselves at the token limit
-    new2, new1 = new_tokens(res2, prompts, max_new), new_tokens(res1, prompts, max_new)
-    bad, ties, off32 = greedy_mismatches(cfg, hf, prompts, new2, kv=kv_dtype(two.tg), f32_tie=f32_tie_of(two.tg))
-    split = diverging_at_ties(cfg, hf, prompts, new1, new2, kv_dtype(two.tg), f32_tie_of(two.tg))
-    report(check="tp2-greedy", case=case, batch=batch, tokens=batch * max_new, mismatches=len(bad), near_ties=ties,
-           differs_from_tp1=sum(a != b for a, b in zip(new1, new2)))
+    report(check="tp2-greedy", case=case, batch=batch, tokens=batch * 12, mismatches=len(bad), near_ties=ties,
+           differs_from_tp1=differ)
     assert not bad, f"tokens differ from the reference (seq, index, got, want, gap): {bad[:5]}"
     assert not off32, f"tokens are not the float32 reference's argmax: {off32[:5]}"
     assert not split, f"TP=2 tokens leave TP=1's away from a near-tie (seq, index, tp1, tp2): {split}"
@@ -131,30 +164,9 @@ def test_greedy_tokens_at_tp2_equal_tp1(checkpoint, case, batch):
 def test_presets_at_tp2(weights, name):
     """8B shapes on both GPUs: TP=2's greedy tokens are TP=1's bar near-ties, its logits in the bound."""
     cfg, hf = weights(name)
-    sm = torch.cuda.get_device_properties(0).multi_processor_count
-    g = torch.Generator().manual_seed(3)
-    seqs = torch.randint(0, cfg.vocab_size, (1, 8), generator=g)
-    forced = kernel(cfg, hf, seqs.tolist(), 8, sm, TP).run(8, collect_logits=True, eos_token_ids=[])
-    ours = torch.stack(forced.logits, 1)
-    prompts, max_new = [seqs[0, :3].tolist()], 16
-    res2 = kernel(cfg, hf, prompts, 3 + max_new, sm, TP).run(3 + max_new, max_new_tokens=max_new, eos_token_ids=[])
-    gc.collect()
-    torch.cuda.empty_cache()
-    res1 = kernel(cfg, hf, prompts, 3 + max_new, sm, 1).run(3 + max_new, max_new_tokens=max_new, eos_token_ids=[])
-    gc.collect()
-    torch.cuda.empty_cache()
-    new2, new1 = new_tokens(res2, prompts, max_new), new_tokens(res1, prompts, max_new)
-    ref = ReferenceModel(cfg, hf, torch.float32, "cuda")
-    ref.reset(1, 8)
-    want = ref.forward(seqs.cuda(), 0).cpu()
-    del ref
-    gc.collect()
-    torch.cuda.empty_cache()
-    errs = [l2_rel_err(ours[:, s], want[:, s]) for s in range(8)]
-    split = diverging_at_ties(cfg, hf, prompts, new1, new2, torch.bfloat16)
-    report(check="tp2-preset", case=name, batch=1, vs_fp32=max(errs), tokens=max_new,
-           differs_from_tp1=int(new1 != new2))
-    assert max(errs) < 2e-2, f"{max(errs):.3g} from float32"
+    err, split, differ = preset_against_tp1(cfg, hf, TP)
+    report(check="tp2-preset", case=name, batch=1, vs_fp32=err, tokens=16, differs_from_tp1=differ)
+    assert err < 2e-2, f"{err:.3g} from float32"
     assert not split, f"TP=2 tokens leave TP=1's away from a near-tie (seq, index, tp1, tp2): {split}"
 
 
@@ -178,21 +190,27 @@ def test_both_ranks_stop_together_at_eos_and_on_request(checkpoint):
     assert again.tokens == free.tokens
 
 
-def test_a_hang_on_one_rank_stops_both_and_names_the_rank(checkpoint, monkeypatch):
-    cfg, hf = checkpoint("llama")
-    tg = compile_model(cfg, batch=1, max_seq_len=8, tp_size=TP, num_sms=8)
-    stuck = next(t.id for t in tg.tasks if tg.ops[t.op].kind == "linear" and t.queue >= tg.num_sms)  # on rank 1
+def hang_on_the_last_rank(cfg, hf, tp, monkeypatch) -> int:
+    """Hang a task of the last rank inside itself: the watchdog names that rank and task, every
+    kernel leaves, and every GPU runs again. Returns the task."""
+    tg = compile_model(cfg, batch=1, max_seq_len=8, tp_size=tp, num_sms=8)
+    last = tg.num_sms * (tp - 1)  # the first queue of the last rank
+    stuck = next(t.id for t in tg.tasks if tg.ops[t.op].kind == "linear" and t.queue >= last)
     monkeypatch.setenv("MPK_INJECT", f"hang:{stuck}")
-    inputs, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, TP, torch.bfloat16), [[1, 2]])
+    inputs, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.bfloat16), [[1, 2]])
     mk = Megakernel(tg, weights=inputs, meta=meta)
-    with pytest.raises(MpkError, match=rf"no progress for 1\.5 s: rank 1 SM \d+ was stuck inside task {stuck} \("):
+    with pytest.raises(MpkError, match=rf"no progress for 1\.5 s: rank {tp - 1} SM \d+ was stuck inside task {stuck} \("):
         mk.run(4, watchdog_seconds=1.5)
-    for d in mk.devices:  # both kernels left: both GPUs are usable
+    for d in mk.devices:  # every kernel left: every GPU is usable
         torch.cuda.synchronize(d)
     monkeypatch.delenv("MPK_INJECT")
-    ok = Megakernel(tg, weights=inputs, meta=meta).run(4, eos_token_ids=[])
-    assert ok.steps == 4
-    report(check="tp2-hang", case="llama", batch=1, task=stuck)
+    assert Megakernel(tg, weights=inputs, meta=meta).run(4, eos_token_ids=[]).steps == 4
+    return stuck
+
+
+def test_a_hang_on_one_rank_stops_both_and_names_the_rank(checkpoint, monkeypatch):
+    cfg, hf = checkpoint("llama")
+    report(check="tp2-hang", case="llama", batch=1, task=hang_on_the_last_rank(cfg, hf, TP, monkeypatch))
 
 
 def test_an_interrupt_stops_both_ranks(checkpoint):
