@@ -138,6 +138,10 @@ class LLM:
         # tokens do not depend on how many others run beside it.
         self.matmul_inputs = matmul_inputs_for(matmul_inputs or DEFAULT_MATMUL_INPUTS, self.activations, max_batch,
                                                self.dtype)
+        if kv_block_rows:
+            from mpk.paging import check_block_rows
+
+            check_block_rows(kv_block_rows)
         self.kv_block_rows, self.kv_blocks = kv_block_rows, kv_blocks
         self.device = None
         if self.backend == "cuda":

@@ -27,12 +27,21 @@ from mpk.util import cdiv
 SCRATCH_BLOCK = 0
 
 
+def check_block_rows(rows: int) -> None:
+    """Blocks hold a power of two rows: the GPU's row lookup is then a shift and a mask (TaskCtx::kv_row)."""
+    if rows < 1 or rows & (rows - 1):
+        raise MpkError(f"a KV block holds a power of two rows (16, 64, ...), not {rows}")
+
+
 @dataclass(frozen=True)
 class KvPages:
     """How an executor stores its KV cache: `num_blocks` blocks of `block_rows` rows per cache tensor."""
 
     num_blocks: int
     block_rows: int = KV_BLOCK_ROWS
+
+    def __post_init__(self):
+        check_block_rows(self.block_rows)
 
     @classmethod
     def full(cls, slots: int, max_seq_len: int, block_rows: int) -> "KvPages":
@@ -69,8 +78,7 @@ class BlockPool:
     idle: dict[int, None] = field(init=False)  # cached blocks nobody holds, oldest first
 
     def __post_init__(self):
-        if self.block_rows < 1:
-            raise MpkError(f"a KV block holds at least one row, not {self.block_rows}")
+        check_block_rows(self.block_rows)
         if self.num_blocks < 2:
             raise MpkError(f"a KV pool needs at least 2 blocks (one is scratch), not {self.num_blocks}")
         self.owned = [[] for _ in range(self.slots)]

@@ -35,6 +35,11 @@ def test_blocks_are_handed_out_as_sequences_grow_and_come_back():
         pool.move(1, 0)
     with pytest.raises(MpkError, match="at least 2 blocks"):
         BlockPool(num_blocks=1, block_rows=4, slots=1, max_seq_len=8)
+    for rows in (0, 3, 12):  # the GPU looks rows up by shift and mask
+        with pytest.raises(MpkError, match=f"a power of two rows .*not {rows}"):
+            BlockPool(num_blocks=4, block_rows=rows, slots=1, max_seq_len=8)
+        with pytest.raises(MpkError, match="a power of two rows"):
+            KvPages(4, rows)
 
 
 def test_gather_and_scatter_address_rows_through_the_table():
@@ -184,7 +189,8 @@ def test_the_cli_pages_the_cache_and_refuses_what_cannot_be_sized(capsys):
     assert capsys.readouterr().out == want
     for extra, phrase in ((["--gpu-memory-utilization", "0.5"], "add --kv-block-rows"),
                           (["--kv-block-rows", "4", "--gpu-memory-utilization", "0.5"], "the CPU executor takes"),
-                          (["--kv-block-rows", "-1"], "--kv-block-rows must be at least 0")):
+                          (["--kv-block-rows", "-1"], "--kv-block-rows must be at least 0"),
+                          (["--kv-block-rows", "12"], "a KV block holds a power of two rows")):
         assert main(argv + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and phrase in err, err

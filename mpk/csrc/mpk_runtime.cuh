@@ -115,11 +115,17 @@ struct TaskCtx {
   __device__ long long position(int b) const { return step - p->pos_offset[b]; }
 
   // Where row r of sequence b sits in a KV cache of `seq` rows per sequence, in rows of the cache
-  // tensor: b * seq + r, or with a paged cache the row of its block in the pool.
+  // tensor: b * seq + r, or with a paged cache the row of its block in the pool. Blocks hold a power
+  // of two rows (mpk.paging), so the lookup is a predicated load, a shift and selects: no branch and
+  // no division, and a warp's row loads in the attention loop issue back to back.
   __device__ __forceinline__ size_t kv_row(int b, long long r, int seq) const {
-    if (p->kv_blocks == nullptr) return static_cast<size_t>(b) * seq + r;
-    const long long rows = p->kv_block_rows;
-    return static_cast<size_t>(p->kv_blocks[b * p->kv_blocks_per_seq + r / rows]) * rows + r % rows;
+    const int* table = p->kv_blocks;
+    const bool paged = table != nullptr;
+    const unsigned row = static_cast<unsigned>(r);
+    const unsigned shift = paged ? static_cast<unsigned>(__ffsll(p->kv_block_rows) - 1) : 0u;
+    const int block = paged ? table[b * p->kv_blocks_per_seq + (row >> shift)] : 0;
+    const size_t in_pool = (static_cast<size_t>(block) << shift) | (row & ((1u << shift) - 1u));
+    return paged ? in_pool : static_cast<size_t>(b) * seq + row;
   }
 };
 
