@@ -341,7 +341,7 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
     tg = compile_model(cfg, batch=1, max_seq_len=64, num_sms=4, verify=False)
     base = {name: (i + 1) << 32 for i, name in enumerate(tg.tensors)}
     head_limit = 40 * 1024
-    table = prefetch_table(tg, base.__getitem__, head_limit=head_limit, l2_limit=PREFETCH_MAX_BYTES)
+    table = prefetch_table(tg, base.__getitem__, head_limit=head_limit, l2_limit=PREFETCH_MAX_BYTES, l2_min_tile=0)
     seen_head = seen_tail = False
     for t in tg.tasks:
         op = tg.ops[t.op]
@@ -358,6 +358,28 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
         seen_head |= head > 0
         seen_tail |= l2 > 0
     assert seen_head and seen_tail
+
+
+def test_prefetch_table_leaves_short_tiles_out_of_l2():
+    """Tiles shorter than l2_min_tile get no L2 range; longer ones get one."""
+    from mpk.runtime.tables import prefetch_table
+
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=1000, hidden_size=512, intermediate_size=1408, num_layers=1,
+                      num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+    tg = compile_model(cfg, batch=1, max_seq_len=64, num_sms=4, verify=False)
+    base = {name: (i + 1) << 32 for i, name in enumerate(tg.tensors)}
+    tile_bytes = {}
+    for t in tg.tasks:
+        if tg.ops[t.op].kind in ("embed", "sample", "attention_split", "attention_merge"):
+            continue
+        read = next(r for r in t.reads if r.role == "weight")
+        (r0, r1), k = read.box[0], tg.tensors[read.tensor].shape[1]
+        tile_bytes[t.id] = (r1 - r0) * k * 2
+    cut = sorted(tile_bytes.values())[len(tile_bytes) // 2]
+    table = prefetch_table(tg, base.__getitem__, head_limit=1024, l2_limit=4096, l2_min_tile=cut)
+    assert {int(table[i][3]) > 0 for i in tile_bytes} == {True, False}
+    for i, n in tile_bytes.items():
+        assert (int(table[i][3]) > 0) == (n >= cut)
 
 
 def test_prefetch_table_gives_a_k_slice_no_head():

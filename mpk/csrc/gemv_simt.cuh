@@ -103,10 +103,12 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
   }
 };
 
-// N weights streamed from global memory (ld_stream), or from a weight head in shared memory.
-template <int N, bool kShared> __device__ __forceinline__ packed_t<N> ld_w(const bf16* p) {
+// N weights from a weight head in shared memory, else from global memory: streamed past L1
+// (ld_stream), or with kStream false through the read-only path (ld_weight).
+template <int N, bool kShared, bool kStream = true> __device__ __forceinline__ packed_t<N> ld_w(const bf16* p) {
   if constexpr (kShared && N == 8) return ld_shared16(p);
-  else return ld_stream<N>(p);
+  else if constexpr (kStream) return ld_stream<N>(p);
+  else return ld_weight<N>(p);
 }
 
 // One warp: acc[r][b] = dot(W row r, x[b]) for R weight rows; every lane gets the sums.

@@ -17,7 +17,11 @@ from mpk.ops import OP_KINDS
 from mpk.runtime.abi import OP_DTYPE, TASK_DTYPE
 from mpk.taskgraph import TaskGraph
 
-PREFETCH_MAX_BYTES = 128 * 1024  # per task: about what HBM delivers to one SM during an event wait
+# The L2 prefetch of a task's weights past its head, issued before the task waits. It pays only on
+# long tiles: on an H200 it made tiles of 256 KB and more (qwen3-8b) 1-2% faster with 32-64 KB, and
+# any amount on tiles of 64-128 KB (qwen3-0.6b) 5-7% slower (docs/perf.md).
+PREFETCH_MAX_BYTES = 64 * 1024
+PREFETCH_MIN_TILE_BYTES = 256 * 1024
 
 
 @dataclass
@@ -133,7 +137,8 @@ def head_rows_align(batch: int) -> int:
     return 16 if batch >= 2 else 2
 
 
-def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = PREFETCH_MAX_BYTES) -> np.ndarray:
+def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = PREFETCH_MAX_BYTES,
+                   l2_min_tile: int = PREFETCH_MIN_TILE_BYTES) -> np.ndarray:
     """[num_tasks, 4] u64 per task: the weight head (address, bytes) for shared memory and the range
     (address, bytes) after it to prefetch into L2.
 
@@ -141,7 +146,7 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
     matrix is one contiguous byte range; a tile of part of each row (a K slice) gets no head. The
     head is the longest prefix of whole row blocks (`head_rows_align`) within `head_limit` bytes
     (none when a row is not a multiple of 16 bytes, which bulk copies need); the L2 range is the
-    next `l2_limit` bytes, in whole 16-byte units.
+    next `l2_limit` bytes, in whole 16-byte units, for tiles of at least `l2_min_tile` bytes.
     """
     table = np.zeros((len(tg.tasks), 4), dtype=np.uint64)
     align = head_rows_align(tg.batch)
@@ -161,6 +166,6 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
             head_rows = min(r1 - r0, head_limit // row_bytes) // align * align
         head = head_rows * row_bytes
         l2_start = (first + head) // 16 * 16
-        l2_stop = min(stop, l2_start + l2_limit)
+        l2_stop = min(stop, l2_start + (l2_limit if stop - first >= l2_min_tile else 0))
         table[t.id] = (first, head, l2_start, max(0, l2_stop - l2_start) // 16 * 16)  # never past the tile's end
     return table
