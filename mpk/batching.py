@@ -36,6 +36,7 @@ from mpk.errors import MpkError
 
 DEFAULT_WINDOW = 16  # steps per window: how long a new request may wait for a slot to free up
 DEFAULT_PREFILL_ROWS = 512  # prompt rows prefilled per window with a paged cache (a few decode steps' time)
+WARM_UP_ROWS = 512  # the GPU's warm-up prefill: a prompt's worth of rows, so its GEMM shapes load before a request
 
 
 @dataclass
@@ -61,6 +62,7 @@ class EngineTime:
     window: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
+    prefill_rows: int = 0  # prompt rows prefilled
     steps: int = 0  # decode steps
     slot_steps: int = 0  # decode steps x the batch each ran (idle slots included)
     busy_slot_steps: int = 0  # decode steps x the requests their windows held
@@ -104,8 +106,8 @@ class Batcher:
 
     def prepare(self) -> None:
         """Build and open the executor of every batch size now, not when a window first needs it; on
-        the GPU also run one short prefill, so the first request does not pay for the prefill path's
-        first use (cuBLAS and attention kernels loading, workspaces)."""
+        the GPU also run a short and a prompt-sized prefill, so the first request does not pay for the
+        prefill path's first use (cuBLAS and attention kernels loading, workspaces)."""
         from mpk.prefill import prefill_slot
 
         self.llm._build_kernels(self.tg.batch, self.sizes)
@@ -114,7 +116,8 @@ class Batcher:
         if self.llm.backend == "cuda" and self.llm.prefill and self.tg.max_seq_len > 2:
             if self.pool is not None:  # no slot holds blocks yet: every row goes to the scratch block
                 self.executor.set_kv_table(self.pool.table())
-            prefill_slot(self.executor, self.llm.cfg, [0, 0, 0], 0, {}, fast=True)  # slot 0 holds no request
+            for rows in sorted({2, min(WARM_UP_ROWS, self.tg.max_seq_len - 1)}):  # slot 0 holds no request
+                prefill_slot(self.executor, self.llm.cfg, [0] * (rows + 1), 0, {}, fast=True)
 
     # --- the queue (any thread) ----------------------------------------------------------------
 
@@ -181,10 +184,12 @@ class Batcher:
 
         t0 = time.perf_counter()
         try:
-            return prefill_slot(self.executor, self.llm.cfg, *args, programs=self._prefills,
+            done = prefill_slot(self.executor, self.llm.cfg, *args, programs=self._prefills,
                                 fast=self.llm.backend == "cuda", **kwargs)
         finally:
             self.time.prefill += time.perf_counter() - t0
+        self.time.prefill_rows += done - kwargs.get("cached", 0)
+        return done
 
     def _admit(self) -> None:
         from mpk.api import _Sequence

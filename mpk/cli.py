@@ -13,6 +13,7 @@ import sys
 import time
 
 from mpk import __version__, defaults, progress
+from mpk.batching import DEFAULT_PREFILL_ROWS
 from mpk.errors import MpkError
 from mpk.graph import (ACTIVATIONS, DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, KV_CACHES,
                        MATMUL_INPUTS, MAX_BATCH, MAX_NUM_SMS)
@@ -24,7 +25,7 @@ DEFAULT_TOKEN_IDS = "1,2,3,4"
 RANGES = {"batch": (1, MAX_BATCH), "num_sms": (1, MAX_NUM_SMS), "tp": (1, None), "max_seq_len": (1, None),
           "max_new_tokens": (1, None), "steps": (1, None), "port": (0, 65535), "max_waiting": (1, None), "max_batch": (1, MAX_BATCH),
           "clients": (1, None), "requests": (1, None), "prompt_len": (1, None), "output_len": (1, None),
-          "kv_block_rows": (0, None)}
+          "kv_block_rows": (0, None), "prefill_rows": (1, None)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                           f"{defaults.SERVE_MAX_BATCH} on a GPU, {defaults.SERVE_MAX_BATCH_SIM} on the CPU executor)")
     srv.add_argument("--max-waiting", type=int, default=64,
                      help="requests that may wait for a slot; more are answered 503")
+    srv.add_argument("--prefill-rows", type=int, default=DEFAULT_PREFILL_ROWS,
+                     help="with a paged cache, prompt rows prefilled between two windows of decode steps: more admits "
+                          "a burst of requests sooner, fewer keeps the running requests' tokens steadier")
     _add_run_flags(srv, serving=True)
     srv.set_defaults(func=cmd_serve)
 
@@ -431,7 +435,8 @@ def cmd_serve(args) -> int:
     _describe_run(args, source, backend, stored)
     with _load_llm(args, source, backend, device, max_batch=args.max_batch, max_seq_len=seq_len,
                    kv_blocks=kv_blocks) as llm:
-        app = create_app(llm, args.served_model_name or args.model, max_waiting=args.max_waiting)
+        app = create_app(llm, args.served_model_name or args.model, max_waiting=args.max_waiting,
+                         prefill_rows=args.prefill_rows)
         host, port = sock.getsockname()[:2]
         _note(args, f"serving {args.served_model_name or args.model} on http://{host}:{port}/v1 "
                     f"({backend}; up to {args.max_batch} requests at once, {args.max_waiting} waiting)")

@@ -60,6 +60,15 @@ def test_serve_answers_on_the_port_it_names(make_checkpoint):
         proc.wait(30)
 
 
+def test_serve_takes_a_prefill_budget_of_at_least_one_row(capsys):
+    from mpk.batching import DEFAULT_PREFILL_ROWS
+    from mpk.cli import _parser
+
+    assert _parser().parse_args(["serve", "tiny"]).prefill_rows == DEFAULT_PREFILL_ROWS
+    code, _, err = run_cli(capsys, "serve", "tiny", "--prefill-rows", "0")
+    assert_one_line_error(code, err, "--prefill-rows must be at least 1, not 0")
+
+
 def test_serve_pages_its_cache_by_default_and_generate_does_not():
     from mpk import defaults
     from mpk.cli import _parser

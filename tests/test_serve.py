@@ -352,9 +352,10 @@ def test_a_paged_cache_serves_the_same_tokens_and_counts_its_blocks(make_checkpo
     tiny_tokenizers.save(tiny_tokenizers.byte_level(), path, chat_template=TEMPLATE)
     paged = LLM(str(path), backend="sim", dtype="float32", max_batch=4, max_seq_len=MAX_SEQ_LEN, kv_block_rows=8)
     plain = LLM(str(path), backend="sim", dtype="float32", max_batch=4, max_seq_len=MAX_SEQ_LEN)
-    with serving(create_app(paged, MODEL, max_waiting=4)) as base:
+    with serving(create_app(paged, MODEL, max_waiting=4, prefill_rows=3)) as base:  # the prompt over windows
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
         got = client.completions.create(model=MODEL, prompt="the cat", max_tokens=6, temperature=0)
         assert got.choices[0].text == expected(plain, "the cat", max_tokens=6, temperature=0).text
+        assert got.usage.prompt_tokens > 4 and metric(base, "mpk_prefill_rows") == got.usage.prompt_tokens - 1
         assert metric(base, "mpk_kv_blocks ") == 4 * MAX_SEQ_LEN // 8 + 1
         assert metric(base, "mpk_kv_blocks_in_use") == 0  # the finished request gave its blocks back

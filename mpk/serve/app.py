@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mpk.api import LLM, SamplingParams
+from mpk.batching import DEFAULT_PREFILL_ROWS
 from mpk.errors import MpkError
 from mpk.serve.errors import ApiError, from_validation, invalid
 from mpk.serve.metrics import Metrics
@@ -28,9 +29,10 @@ GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
-def create_app(llm: LLM, model_name: str, max_waiting: int = 64) -> FastAPI:
-    """An app serving `llm` under `model_name`; at most `max_waiting` requests wait for the engine."""
-    worker = EngineWorker(llm, max_waiting)
+def create_app(llm: LLM, model_name: str, max_waiting: int = 64, prefill_rows: int = DEFAULT_PREFILL_ROWS) -> FastAPI:
+    """An app serving `llm` under `model_name`; at most `max_waiting` requests wait for the engine, and
+    with a paged cache each window prefills at most `prefill_rows` prompt rows (`mpk.batching`)."""
+    worker = EngineWorker(llm, max_waiting, prefill_rows=prefill_rows)
 
     @asynccontextmanager
     async def lifespan(_):

@@ -37,6 +37,9 @@ class Metrics:
         engine.labels("window").set_function(lambda: spent.window)
         engine.labels("prefill").set_function(lambda: spent.prefill)
         engine.labels("decode").set_function(lambda: spent.decode)
+        prefilled = Gauge("mpk_prefill_rows", "prompt rows prefilled (rows a shared prefix held are not counted)",
+                          registry=r)
+        prefilled.set_function(lambda: spent.prefill_rows)
         steps = Gauge("mpk_decode_steps", "decode steps the kernel ran", registry=r)
         steps.set_function(lambda: spent.steps)
         slot_steps = Gauge("mpk_decode_slot_steps", "decode steps x the batch each ran, by whether a request "

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from mpk.api import LLM, RequestOutput, SamplingParams
-from mpk.batching import Batcher, Request
+from mpk.batching import DEFAULT_PREFILL_ROWS, Batcher, Request
 
 
 class QueueFull(Exception):
@@ -66,10 +66,11 @@ class EngineWorker:
     """Runs submitted jobs on `llm`, up to `slots` (default: llm.max_batch) at once, on one daemon
     thread; at most `max_waiting` wait for a slot."""
 
-    def __init__(self, llm: LLM, max_waiting: int, slots: int | None = None):
+    def __init__(self, llm: LLM, max_waiting: int, slots: int | None = None,
+                 prefill_rows: int = DEFAULT_PREFILL_ROWS):
         self.llm = llm
         self.max_waiting = max(1, max_waiting)
-        self.batcher = Batcher(llm, slots)
+        self.batcher = Batcher(llm, slots, prefill_rows=prefill_rows)
         self.batcher.prepare()  # every batch size's kernel before the first request, not during it
         self._wake = threading.Event()
         self._stopping = False
