@@ -17,11 +17,12 @@ request done), so the tokens the host has are all the kernel made, and a request
 picks up from its last token. Results match `LLM.generate` for the same prompt and seed.
 
 With a paged KV cache (`mpk.paging`) a new prompt is prefilled in chunks instead, at most
-`prefill_rows` prompt rows per window across the slots still prefilling, so a long prompt does
-not stall the running requests' decode for its whole prefill: each window first runs its chunks,
-then the decode steps of the slots whose prompts are in. A slot still prefilling sits in the
-decode batch as an idle slot whose block-table row is the scratch block, so the dummy steps never
-touch its rows.
+`prefill_rows` prompt rows per window across the slots still prefilling (in the order they were
+admitted), so a long prompt does not stall the running requests' decode for its whole prefill:
+each window first runs its chunks, then the decode steps of the slots whose prompts are in. Slots
+still prefilling are moved after those, so the window's batch holds only the decoding ones; one
+that falls inside it (the batch rounds up to a power of two) is an idle slot whose block-table row
+is the scratch block, so the dummy steps never touch its rows.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class _Slot:
     next_token: int  # what the slot feeds the next step
     prefilled: int = 0  # prompt rows in the KV cache
     ready: bool = True  # the prompt is prefilled: the slot decodes
+    admitted: int = 0  # the order requests took slots in: prompts prefill in this order
 
     def finished(self) -> bool:
         return self.seq.finish_reason is not None or self.request.cancel.is_set()
@@ -102,6 +104,7 @@ class Batcher:
         self.step = 0  # the kernel's next step; positions are relative to it
         self._queue: deque[Request] = deque()
         self._lock = threading.Lock()
+        self._admitted = 0  # slots handed out so far
         self._prefills: dict = {}
 
     def prepare(self) -> None:
@@ -212,7 +215,9 @@ class Batcher:
                     return
                 self.pool.grow(b, len(ids))
             seq = _Sequence(ids, sp, llm._decode, llm._eos(sp))
-            slot = _Slot(request, seq, sp.run_seed(), self.step, ids[0], prefilled=cached, ready=False)
+            slot = _Slot(request, seq, sp.run_seed(), self.step, ids[0], prefilled=cached, ready=False,
+                         admitted=self._admitted)
+            self._admitted += 1
             if self.pool is None or not llm.prefill:  # the whole prompt now (or none of it: decode steps)
                 try:
                     done = self._prefill(ids, b) if llm.prefill else 0
@@ -229,13 +234,17 @@ class Batcher:
         slot.next_token = slot.request.prompt_ids[slot.prefilled]
 
     def _prefill_chunks(self) -> None:
-        """Up to `prefill_rows` rows of the prompts still prefilling, lowest slot first (paged cache)."""
+        """Up to `prefill_rows` rows of the prompts still prefilling, in the order they were admitted
+        (paged cache)."""
         budget = self.prefill_rows
-        if any(slot is not None and not slot.ready for slot in self.slots):  # their blocks are taken: one table
+        waiting = sorted((b for b, s in enumerate(self.slots) if s is not None and not s.ready),
+                         key=lambda b: self.slots[b].admitted)
+        if waiting:  # their blocks are taken: one table
             self.executor.set_kv_table(self.pool.table())
-        for b, slot in enumerate(self.slots):
-            if slot is None or slot.ready or budget == 0:
-                continue
+        for b in waiting:
+            slot = self.slots[b]
+            if budget == 0:
+                break
             ids = slot.request.prompt_ids
             before = slot.prefilled
             try:
@@ -259,23 +268,25 @@ class Batcher:
             _finish(request, [], "", None)  # its caller left while it waited
 
     def _compact(self) -> None:
-        """Move requests into the lowest slots, each with its KV rows (a paged cache's blocks change
-        hands), so the smallest batch holds them."""
-        free = 0
-        for b, slot in enumerate(self.slots):
-            if slot is None:
-                continue
-            if b != free:
-                if self.pool is not None:
-                    self.pool.move(b, free)
-                else:
-                    rows = self.step - slot.offset  # the rows it has written
-                    for name, spec in self.tg.tensors.items():
-                        if spec.kind == "state":
-                            buf = self.executor.buffers[name]
-                            buf[free, :rows].copy_(buf[b, :rows])
-                self.slots[free], self.slots[b] = slot, None
-            free += 1
+        """Move requests into the lowest slots, each with its KV rows, so the smallest batch holds the
+        ones that decode: those first, then prompts still prefilling (a paged cache's, in admission
+        order), which the window's batch need not cover. A paged cache's blocks change hands; a
+        contiguous cache's rows are copied (its slots all decode, so they only move down)."""
+        order = [b for b, s in enumerate(self.slots) if s is not None and s.ready]
+        order += sorted((b for b, s in enumerate(self.slots) if s is not None and not s.ready),
+                        key=lambda b: self.slots[b].admitted)
+        if order == list(range(len(order))):
+            return
+        if self.pool is not None:
+            self.pool.arrange(order)
+        else:
+            for free, b in enumerate(order):
+                rows = self.step - self.slots[b].offset  # the rows it has written
+                for name, spec in self.tg.tensors.items():
+                    if spec.kind == "state" and b != free:
+                        buf = self.executor.buffers[name]
+                        buf[free, :rows].copy_(buf[b, :rows])
+        self.slots = [self.slots[b] for b in order] + [None] * (len(self.slots) - len(order))
 
     def _release(self, b: int) -> None:
         if self.pool is not None:
@@ -291,15 +302,14 @@ class Batcher:
     def _run(self) -> None:
         from mpk.inputs import program_meta
 
-        self._compact()
         if self.pool is not None:
             self._prefill_chunks()
+        self._compact()
         llm, S, first = self.llm, self.tg.max_seq_len, self.step
-        occupied = [s for s in self.slots if s is not None]
-        active = [s for s in occupied if s.ready]
+        active = [s for s in self.slots if s is not None and s.ready]  # slots [0, len(active))
         if not active:  # every prompt here is still prefilling: this window was its chunks
             return
-        batch = next(k for k in self.sizes if k >= len(occupied))
+        batch = next(k for k in self.sizes if k >= len(active))
         tg, executor = llm._slots_executor(self.tg.batch, batch)
         self.last_batch = batch
         prefilling = [s is not None and not s.ready for s in self.slots[:batch]]

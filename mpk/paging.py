@@ -177,12 +177,15 @@ class BlockPool:
         self.owned[slot] = []
         self.reserved[slot] = 0
 
-    def move(self, src: int, dst: int) -> None:
-        """Slot `src`'s rows become slot `dst`'s (an empty slot): its blocks change hands, no row moves."""
-        if self.owned[dst] or self.reserved[dst]:
-            raise MpkError(f"KV slot {dst} still holds blocks; release it before moving slot {src} there")
-        self.owned[dst], self.owned[src] = self.owned[src], []
-        self.reserved[dst], self.reserved[src] = self.reserved[src], 0
+    def arrange(self, order: list[int]) -> None:
+        """Slot i takes what slot order[i] held (blocks and reservation) and the slots after them are
+        empty; `order` lists every slot that holds blocks or a reservation. No row moves."""
+        kept = set(order)
+        if len(kept) != len(order) or any(self.owned[s] or self.reserved[s] for s in range(self.slots) if s not in kept):
+            raise MpkError(f"arranging KV slots as {order} would drop or repeat a slot's blocks")
+        owned, reserved = [self.owned[s] for s in order], [self.reserved[s] for s in order]
+        empty = self.slots - len(order)
+        self.owned, self.reserved = owned + [[] for _ in range(empty)], reserved + [0] * empty
 
     def table(self, batch: int | None = None) -> torch.Tensor:
         """The block table of the first `batch` slots (all by default): int32 [batch, blocks_per_seq],

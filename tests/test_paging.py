@@ -29,10 +29,13 @@ def test_blocks_are_handed_out_as_sequences_grow_and_come_back():
         pool.grow(1, 10)
     pool.release(0)
     assert pool.in_use == 4 and pool.can_grow(1, 10)
-    pool.move(2, 0)
-    assert pool.owned[2] == [] and len(pool.owned[0]) == 3
-    with pytest.raises(MpkError, match="still holds blocks"):
-        pool.move(1, 0)
+    pool.reserve(1, 8)
+    held = [pool.owned[2], pool.owned[1]]
+    pool.arrange([2, 1])  # slot 2's blocks to slot 0, slot 1's stay
+    assert pool.owned == [held[0], held[1], []] and pool.reserved == [0, 2, 0] and pool.in_use == 4
+    for order in ([0], [0, 1, 1]):  # one would drop slot 1's blocks, one repeats them
+        with pytest.raises(MpkError, match="would drop or repeat a slot's blocks"):
+            pool.arrange(order)
     with pytest.raises(MpkError, match="at least 2 blocks"):
         BlockPool(num_blocks=1, block_rows=4, slots=1, max_seq_len=8)
     for rows in (0, 3, 12):  # the GPU looks rows up by shift and mask
@@ -332,4 +335,34 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_window_while_the_others_decode(p
     # The short prompt in one chunk, then the long one's 39 rows in five windows.
     assert [(start, limit) for start, limit, _ in chunks] == [(0, 8), (0, 8), (8, 8), (16, 8), (24, 8), (32, 8)]
     assert chunks[-1][2] > chunks[1][2]  # the short request made tokens between the long one's chunks
+    assert got == want
+
+
+def test_a_window_decodes_without_the_prompts_still_prefilling(path, contiguous):
+    """A prompt admitted into a lower slot than a decoding request moves after it, so the window's
+    batch holds the decoding request alone while the prompt's chunks go in."""
+    from mpk import SamplingParams
+    from mpk.batching import Batcher, Request
+
+    first = ([7, 8, 9], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    running = ([10, 11], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    long = (list(range(100, 140)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    want = [outputs(contiguous.generate([p], sp))[0] for p, sp in (first, running, long)]
+    got = [None] * 3
+    batcher = Batcher(paged(path), window=2, prefill_rows=8)
+
+    def submit(i, request):
+        batcher.submit(Request(*request, on_done=lambda out: got.__setitem__(i, outputs([out])[0])))
+
+    submit(0, first)
+    submit(1, running)
+    while got[0] is None:
+        assert batcher.run_window()
+    assert batcher.slots[0] is None and batcher.slots[1] is not None  # the first request's slot is free
+    submit(2, long)  # it takes slot 0
+    batches = []
+    while batcher.run_window():
+        if any(s is not None and not s.ready for s in batcher.slots):
+            batches.append(batcher.last_batch)
+    assert len(batches) >= 4 and set(batches) == {1}  # 39 prompt rows over 8-row chunks, beside one decoding slot
     assert got == want
