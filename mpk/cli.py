@@ -159,9 +159,10 @@ def _parser() -> argparse.ArgumentParser:
                           f"{defaults.SERVE_MAX_BATCH} on a GPU, {defaults.SERVE_MAX_BATCH_SIM} on the CPU executor)")
     srv.add_argument("--max-waiting", type=int, default=64,
                      help="requests that may wait for a slot; more are answered 503")
-    srv.add_argument("--prefill-rows", type=int, default=DEFAULT_PREFILL_ROWS,
+    srv.add_argument("--prefill-rows", type=int, default=None,
                      help="with a paged cache, prompt rows prefilled between two windows of decode steps: more admits "
-                          "a burst of requests sooner, fewer keeps the running requests' tokens steadier")
+                          "a burst of requests sooner, fewer keeps the running requests' tokens steadier "
+                          f"(default: {DEFAULT_PREFILL_ROWS})")
     _add_run_flags(srv, serving=True)
     srv.set_defaults(func=cmd_serve)
 
@@ -414,6 +415,10 @@ def cmd_serve(args) -> int:
         from mpk.serve import create_app
     except ImportError as e:
         raise MpkError(f"mpk serve needs fastapi and uvicorn ({e}); pip install 'mpk[serve]'") from None
+    if args.prefill_rows is not None and not args.kv_block_rows:
+        raise MpkError("--prefill-rows budgets the chunked prefill of a paged KV cache; without paging "
+                       "(--kv-block-rows 0) a prompt is prefilled whole when it joins: drop one of the two")
+    args.prefill_rows = args.prefill_rows or DEFAULT_PREFILL_ROWS
     source = resolve_model(args.model)
     seq_len = min(args.max_seq_len, source.cfg.max_position_embeddings)
     _check_tp(source, args.tp)

@@ -60,13 +60,27 @@ def test_serve_answers_on_the_port_it_names(make_checkpoint):
         proc.wait(30)
 
 
-def test_serve_takes_a_prefill_budget_of_at_least_one_row(capsys):
+def test_serve_takes_a_prefill_budget_of_at_least_one_row_for_a_paged_cache(capsys, monkeypatch):
+    import mpk.cli
     from mpk.batching import DEFAULT_PREFILL_ROWS
-    from mpk.cli import _parser
+    from mpk.errors import MpkError
 
-    assert _parser().parse_args(["serve", "tiny"]).prefill_rows == DEFAULT_PREFILL_ROWS
     code, _, err = run_cli(capsys, "serve", "tiny", "--prefill-rows", "0")
     assert_one_line_error(code, err, "--prefill-rows must be at least 1, not 0")
+    code, _, err = run_cli(capsys, "serve", "tiny", "--prefill-rows", "256", "--kv-block-rows", "0")
+    assert_one_line_error(code, err, "--prefill-rows budgets the chunked prefill of a paged KV cache")
+    seen = []
+
+    def check_memory(source, args, *rest):
+        seen.append(args.prefill_rows)
+        raise MpkError("sized")
+
+    monkeypatch.setattr(mpk.cli, "_prepare_backend", lambda args: ("sim", None))
+    monkeypatch.setattr(mpk.cli, "_check_memory", check_memory)
+    for flags, want in (([], DEFAULT_PREFILL_ROWS), (["--prefill-rows", "2048"], 2048)):
+        code, _, err = run_cli(capsys, "serve", "tiny", *flags)
+        assert_one_line_error(code, err, "sized")
+    assert seen == [DEFAULT_PREFILL_ROWS, 2048]
 
 
 def test_serve_pages_its_cache_by_default_and_generate_does_not():
