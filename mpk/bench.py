@@ -209,10 +209,12 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),
               profile: str | None = None, activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
               context: int = 0, tp: int = 1, sampling: tuple[float, int, float] | None = None,
-              matmul_inputs: str = DEFAULT_MATMUL_INPUTS, kv_block_rows: int = 0) -> dict:
+              matmul_inputs: str = DEFAULT_MATMUL_INPUTS, kv_block_rows: int = 0, max_seq_len: int | None = None) -> dict:
     """`sampling` (temperature, top_k, top_p) makes the mpk rows sample every token in the kernel
     (seeded per sequence) instead of taking the greedy one; the torch baselines stay greedy.
-    `kv_block_rows` pages the mpk rows' KV cache (`interleaved_kv_pages`)."""
+    `kv_block_rows` pages the mpk rows' KV cache (`interleaved_kv_pages`). `max_seq_len` sizes the
+    mpk graph's context as a run of that length does (its attention splits); by default it is
+    what the timed steps reach."""
     from mpk import memory
     from mpk.compiler import compile_model
     from mpk.models import resolve_model
@@ -225,9 +227,10 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
     cfg = source.cfg
     if context < 0:
         raise MpkError(f"--context must be at least 0, not {context}")
+    seq_len = bench_seq_len(context, steps, max_seq_len)
 
     def graph(tp_size: int):
-        return compile_model(cfg, batch=batch, max_seq_len=context + steps + 8, tp_size=tp_size,
+        return compile_model(cfg, batch=batch, max_seq_len=seq_len, tp_size=tp_size,
                              num_sms=props.multi_processor_count, activations=activations, kv_cache=kv_cache,
                              matmul_inputs=matmul_inputs)
 
@@ -280,12 +283,23 @@ def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", 
         "model": source.name, "gpu": props.name, "num_sms": props.multi_processor_count, "batch": batch, "tp": tp,
         **({"sampling": dict(zip(("temperature", "top_k", "top_p"), sampling))} if sampling else {}),
         "activations": activations, "kv_cache": tg.precision.kv_cache, "matmul_inputs": tg.precision.matmul_inputs,
-        "context": context, **({"kv_block_rows": kv_block_rows} if kv_block_rows else {}),
+        "context": context, "max_seq_len": seq_len, **({"kv_block_rows": kv_block_rows} if kv_block_rows else {}),
         "steps": steps, "bytes_per_step": nbytes, "kv_bytes_per_step": nbytes - weight_bytes, "stream_read_gbps": gbps,
         "rows": [r.as_dict() for r in rows],
         **({"skipped": skipped} if skipped else {}),
         **({"profile": traced} if traced else {}),
     }
+
+
+def bench_seq_len(context: int, steps: int, max_seq_len: int | None) -> int:
+    """The context length of the bench's graph: `max_seq_len`, or what the timed steps reach."""
+    need = context + steps + 8
+    if max_seq_len is None:
+        return need
+    if max_seq_len < need:
+        raise MpkError(f"--max-seq-len {max_seq_len} is shorter than the bench's {need} positions (--context "
+                       f"{context} + --steps {steps} + 8); raise it or time fewer steps")
+    return max_seq_len
 
 
 def _mpk_inputs(cfg, tg, hf: dict | None, devices: list, sampling=None) -> tuple[dict, dict]:
@@ -404,6 +418,12 @@ def _sampled(result: dict) -> str:
     return f", mpk sampling (temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g})" if s else ""
 
 
+def _graph_length(result: dict) -> str:
+    """ ' in a graph of N positions' when the bench was sized longer than its steps reach."""
+    n = result.get("max_seq_len")
+    return f" in a graph of {n} positions" if n and n > result.get("context", 0) + result["steps"] + 8 else ""
+
+
 def format_bench(result: dict) -> str:
     kv = result.get("kv_bytes_per_step", 0)
     cache = f", {result['kv_cache']} KV cache" if "kv_cache" in result else ""  # runs before it was its own choice
@@ -413,7 +433,7 @@ def format_bench(result: dict) -> str:
         cache += ", bfloat16 matrix-product inputs"
     lines = [
         f"{result['model']} batch {result['batch']} on {result['gpu']} ({result['num_sms']} SMs), "
-        f"{result['steps']} steps from position {result.get('context', 0)}, "
+        f"{result['steps']} steps from position {result.get('context', 0)}{_graph_length(result)}, "
         f"{result['bytes_per_step'] / 1e9:.2f} GB per step ({kv / 1e9:.2f} GB of KV), "
         f"{result.get('activations', DEFAULT_ACTIVATIONS)} activations{cache}{_sampled(result)}",
         f"  {'backend':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'% floor':>8}",

@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_precision_flags(ben, "mpk's ", "; the torch baselines run in bfloat16")
     ben.add_argument("--context", type=int, default=0,
                      help="position of the first timed step, the cache filled up to it")
+    ben.add_argument("--max-seq-len", type=int, default=None,
+                     help="positions the mpk graph is compiled for, as a generate or serve run of that length is "
+                          "(more attention splits); default: what the timed steps reach")
     ben.add_argument("--tp", type=int, default=1,
                      help="also time mpk over this many GPUs (tensor parallel), beside mpk on one")
     ben.add_argument("--kv-block-rows", type=int, default=0,
@@ -296,6 +299,12 @@ def cmd_bench(args) -> int:
     if args.kv_block_rows and args.prompt_len is not None:
         raise MpkError("--kv-block-rows pages the decode bench's cache; time to first token (--prompt-len) "
                        "runs with a contiguous one")
+    if args.max_seq_len is not None and args.prompt_len is not None:
+        raise MpkError("--max-seq-len sizes the decode bench's graph; time to first token (--prompt-len) sizes "
+                       "its own from the prompt")
+    from mpk.bench import bench_seq_len
+
+    bench_seq_len(args.context, args.steps, args.max_seq_len)  # a graph too short is refused before the GPU
     from mpk.api import SamplingParams
 
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # validates them
@@ -308,7 +317,8 @@ def cmd_bench(args) -> int:
         return 0
     result = run_bench(args.model, batch=args.batch, steps=args.steps, backends=backends, profile=args.profile,
                        activations=args.activations, kv_cache=args.kv_cache, matmul_inputs=args.matmul_inputs,
-                       context=args.context, tp=args.tp, sampling=sampling, kv_block_rows=args.kv_block_rows)
+                       context=args.context, tp=args.tp, sampling=sampling, kv_block_rows=args.kv_block_rows,
+                       max_seq_len=args.max_seq_len)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 

@@ -141,3 +141,27 @@ def test_a_run_without_the_stream_read_row_shows_no_floor_share():
     result["rows"] = [r | {"pct_of_floor": float("nan")} for r in result["rows"] if r["name"] == "mpk"]
     mpk_line = next(line for line in format_bench(result).splitlines() if line.split()[:1] == ["mpk"])
     assert mpk_line.split()[-1] == "-" and "nan" not in mpk_line
+
+
+def test_the_graph_is_as_long_as_the_steps_reach_or_as_asked():
+    import pytest
+
+    from mpk.bench import bench_seq_len
+    from mpk.errors import MpkError
+
+    assert bench_seq_len(0, 64, None) == 72 and bench_seq_len(4096, 64, None) == 4168
+    assert bench_seq_len(0, 64, 4096) == 4096
+    with pytest.raises(MpkError, match="--max-seq-len 100 is shorter than the bench's 136 positions"):
+        bench_seq_len(64, 64, 100)
+    result = json.loads(RECORDED.read_text())
+    assert " in a graph of" not in format_bench({**result, "max_seq_len": 72}).splitlines()[0]
+    assert "64 steps from position 0 in a graph of 4096 positions" in format_bench({**result, "max_seq_len": 4096})
+
+
+def test_bench_refuses_a_graph_too_short_before_it_needs_a_gpu(capsys):
+    from test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "bench", "tiny", "--steps", "64", "--context", "64", "--max-seq-len", "100")
+    assert_one_line_error(code, err, "--max-seq-len 100 is shorter than the bench's 136 positions")
+    code, _, err = run_cli(capsys, "bench", "tiny", "--prompt-len", "64", "--max-seq-len", "4096")
+    assert_one_line_error(code, err, "--max-seq-len sizes the decode bench's graph")
