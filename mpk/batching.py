@@ -37,7 +37,6 @@ from mpk.errors import MpkError
 
 DEFAULT_WINDOW = 16  # steps per window: how long a new request may wait for a slot to free up
 DEFAULT_PREFILL_ROWS = 512  # prompt rows prefilled per window with a paged cache (a few decode steps' time)
-WARM_UP_ROWS = 512  # the GPU's warm-up prefill: a prompt's worth of rows, so its GEMM shapes load before a request
 
 
 @dataclass
@@ -109,8 +108,8 @@ class Batcher:
 
     def prepare(self) -> None:
         """Build and open the executor of every batch size now, not when a window first needs it; on
-        the GPU also run a short and a prompt-sized prefill, so the first request does not pay for the
-        prefill path's first use (cuBLAS and attention kernels loading, workspaces)."""
+        the GPU also run a short prefill and one of a window's `prefill_rows`, so the first request does
+        not pay for the prefill path's first use (cuBLAS and attention kernels loading, workspaces)."""
         from mpk.prefill import prefill_slot
 
         self.llm._build_kernels(self.tg.batch, self.sizes)
@@ -119,7 +118,7 @@ class Batcher:
         if self.llm.backend == "cuda" and self.llm.prefill and self.tg.max_seq_len > 2:
             if self.pool is not None:  # no slot holds blocks yet: every row goes to the scratch block
                 self.executor.set_kv_table(self.pool.table())
-            for rows in sorted({2, min(WARM_UP_ROWS, self.tg.max_seq_len - 1)}):  # slot 0 holds no request
+            for rows in sorted({2, min(self.prefill_rows, self.tg.max_seq_len - 1)}):  # slot 0 holds no request
                 prefill_slot(self.executor, self.llm.cfg, [0] * (rows + 1), 0, {}, fast=True)
 
     # --- the queue (any thread) ----------------------------------------------------------------
@@ -237,8 +236,7 @@ class Batcher:
         """Up to `prefill_rows` rows of the prompts still prefilling, in the order they were admitted
         (paged cache)."""
         budget = self.prefill_rows
-        waiting = sorted((b for b, s in enumerate(self.slots) if s is not None and not s.ready),
-                         key=lambda b: self.slots[b].admitted)
+        waiting = self._prefilling()
         if waiting:  # their blocks are taken: one table
             self.executor.set_kv_table(self.pool.table())
         for b in waiting:
@@ -267,23 +265,28 @@ class Batcher:
                 return request
             _finish(request, [], "", None)  # its caller left while it waited
 
+    def _prefilling(self) -> list[int]:
+        """The slots whose prompts are still prefilling (a paged cache's), in admission order."""
+        return sorted((b for b, s in enumerate(self.slots) if s is not None and not s.ready),
+                      key=lambda b: self.slots[b].admitted)
+
     def _compact(self) -> None:
         """Move requests into the lowest slots, each with its KV rows, so the smallest batch holds the
         ones that decode: those first, then prompts still prefilling (a paged cache's, in admission
         order), which the window's batch need not cover. A paged cache's blocks change hands; a
         contiguous cache's rows are copied (its slots all decode, so they only move down)."""
-        order = [b for b, s in enumerate(self.slots) if s is not None and s.ready]
-        order += sorted((b for b, s in enumerate(self.slots) if s is not None and not s.ready),
-                        key=lambda b: self.slots[b].admitted)
+        order = [b for b, s in enumerate(self.slots) if s is not None and s.ready] + self._prefilling()
         if order == list(range(len(order))):
             return
         if self.pool is not None:
             self.pool.arrange(order)
         else:
             for free, b in enumerate(order):
+                if b == free:
+                    continue
                 rows = self.step - self.slots[b].offset  # the rows it has written
                 for name, spec in self.tg.tensors.items():
-                    if spec.kind == "state" and b != free:
+                    if spec.kind == "state":
                         buf = self.executor.buffers[name]
                         buf[free, :rows].copy_(buf[b, :rows])
         self.slots = [self.slots[b] for b in order] + [None] * (len(self.slots) - len(order))

@@ -421,7 +421,7 @@ def _sampled(result: dict) -> str:
 def _graph_length(result: dict) -> str:
     """ ' in a graph of N positions' when the bench was sized longer than its steps reach."""
     n = result.get("max_seq_len")
-    return f" in a graph of {n} positions" if n and n > result.get("context", 0) + result["steps"] + 8 else ""
+    return f" in a graph of {n} positions" if n and n > bench_seq_len(result.get("context", 0), result["steps"], None) else ""
 
 
 def format_bench(result: dict) -> str:

@@ -150,8 +150,8 @@ def build(source: str, arch: str = defaults.ARCH, debug: bool | None = None, cac
             fcntl.flock(lock, fcntl.LOCK_EX)
             if so.exists():  # another process built it while we waited
                 return so
-            announced = phase(f"building the megakernel for {arch} with nvcc (cached for later runs)")
-            with announced if announce else nullcontext():
+            with phase(f"building the megakernel for {arch} with nvcc (cached for later runs)") if announce \
+                    else nullcontext():
                 return _compile(nvcc, flags, source, so)
     except OSError as e:  # a full disk, or permissions that os.access did not foresee
         raise _cache_error(cache, e.strerror or type(e).__name__) from None
