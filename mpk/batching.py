@@ -236,17 +236,23 @@ class Batcher:
         """Up to `prefill_rows` rows of the prompts still prefilling, in the order they were admitted
         (paged cache)."""
         budget = self.prefill_rows
+        # A chunk that stops short of its prompt's end stops on a multiple of `granule` rows: no pass of
+        # a few rows (each pass costs about as much as a full one), and chunk shapes repeat.
+        granule = min(self.pool.block_rows, self.prefill_rows)
         waiting = self._prefilling()
         if waiting:  # their blocks are taken: one table
             self.executor.set_kv_table(self.pool.table())
         for b in waiting:
             slot = self.slots[b]
-            if budget == 0:
-                break
             ids = slot.request.prompt_ids
             before = slot.prefilled
+            rows = len(ids) - 1 - before
+            if rows > budget:
+                rows = (before + budget) // granule * granule - before
+                if rows <= 0:
+                    break
             try:
-                slot.prefilled = self._prefill(ids, b, cached=before, limit=budget)
+                slot.prefilled = self._prefill(ids, b, cached=before, limit=rows)
             except Exception as e:
                 self._fail(b, slot.request, e)
                 continue

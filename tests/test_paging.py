@@ -333,8 +333,36 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_window_while_the_others_decode(p
     while batcher.run_window():
         pass
     # The short prompt in one chunk, then the long one's 39 rows in five windows.
-    assert [(start, limit) for start, limit, _ in chunks] == [(0, 8), (0, 8), (8, 8), (16, 8), (24, 8), (32, 8)]
+    assert [(start, limit) for start, limit, _ in chunks] == [(0, 2), (0, 8), (8, 8), (16, 8), (24, 8), (32, 7)]
     assert chunks[-1][2] > chunks[1][2]  # the short request made tokens between the long one's chunks
+    assert got == want
+
+
+def test_a_chunk_short_of_its_prompt_stops_on_a_block_boundary(path, contiguous, monkeypatch):
+    """A window's rows left after one prompt do not start a few-row pass of the next: a chunk that does
+    not finish its prompt ends on a multiple of the block rows, and the next window goes on from there."""
+    import mpk.prefill
+    from mpk import SamplingParams
+    from mpk.batching import Batcher, Request
+
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    prompts = [list(range(20, 26)), list(range(40, 60))]  # 5 and 19 prompt rows
+    want = [outputs(contiguous.generate([p], params))[0] for p in prompts]
+    prefill_slot, chunks = mpk.prefill.prefill_slot, []
+
+    def recorded(*args, cached=0, limit=None, **kw):
+        chunks.append((cached, limit))
+        return prefill_slot(*args, cached=cached, limit=limit, **kw)
+
+    monkeypatch.setattr(mpk.prefill, "prefill_slot", recorded)
+    batcher = Batcher(paged(path), window=2, prefill_rows=10)  # blocks of 4 rows
+    got = [None, None]
+    for i, p in enumerate(prompts):
+        batcher.submit(Request(p, params, on_done=lambda out, i=i: got.__setitem__(i, outputs([out])[0])))
+    while batcher.run_window():
+        pass
+    # 5 rows, then 5 left: 4 of the long prompt; 10 rows would end at 14, so 12; then its last 3.
+    assert chunks == [(0, 5), (0, 4), (4, 8), (12, 7)]
     assert got == want
 
 
