@@ -36,7 +36,7 @@ from typing import Callable
 from mpk.errors import MpkError
 
 DEFAULT_WINDOW = 16  # steps per window: how long a new request may wait for a slot to free up
-DEFAULT_PREFILL_ROWS = 512  # prompt rows prefilled per window with a paged cache (a few decode steps' time)
+DEFAULT_PREFILL_ROWS = 2048  # prompt rows prefilled per window with a paged cache (docs/decisions.md, chunked prefill)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from mpk.graph import (DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, EMBED, ROPE, Progr
                        precision_of, qkv_tile, rank_name, row_parallel_linear, shard_of, tensor_name)
 from mpk.ops import OP_KINDS
 from mpk.ops.linear import Gemv
-from mpk.paging import gather, scatter
+from mpk.paging import gather, physical_rows, scatter
 from mpk.taskgraph import TaskGraph, TensorSpec
 from mpk.util import cdiv
 
@@ -230,10 +230,14 @@ def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.T
         return (0, prog.batch), (r0, r1), (0, groups), (0, hd)
 
     pools = {}  # a paged cache tensor's pool; the ops get the rows [0, start + rows) gathered
+    index = {}  # (device, block rows): the pool rows of those, one table lookup for every cache tensor
     if kv_table is not None:
         for name in [n for n in bufs if prog.tensors[n].kind == "state"]:
-            pools[name] = bufs[name]
-            bufs[name] = gather(pools[name], kv_table, rows_of(name, 0, start + rows))
+            pool = pools[name] = bufs[name]
+            key = (pool.device, pool.shape[1])
+            if key not in index:
+                index[key] = physical_rows(kv_table, pool.shape[1], range(prog.batch), range(start + rows), pool.device)
+            bufs[name] = gather(pool, kv_table, rows_of(name, 0, start + rows), index[key])
     devices = _devices(prog, decode_buffers)
     for r in range(prog.tp_size):
         bufs[tensor_name(r, prog.tp_size, PREFILL_TOKENS)] = tokens.to(devices[r])
@@ -249,7 +253,8 @@ def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.T
                 if last_use[name] == i and prog.tensors[name].kind == "activation":
                     del bufs[name]
         for name, pool in pools.items():
-            scatter(pool, kv_table, rows_of(name, start, start + rows), bufs[name][:, start:start + rows])
+            scatter(pool, kv_table, rows_of(name, start, start + rows), bufs[name][:, start:start + rows],
+                    index[pool.device, pool.shape[1]][:, start:])
 
 
 def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chunk_rows: int = OP_CHUNK_ROWS,
