@@ -225,7 +225,8 @@ def gather(pool: torch.Tensor, table: torch.Tensor, box, idx: torch.Tensor | Non
     return flat[idx][(slice(None), slice(None), *(slice(a, b) for a, b in rest))]
 
 
-def scatter(pool: torch.Tensor, table: torch.Tensor, box, values: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+def scatter(pool: torch.Tensor, table: torch.Tensor, box, values: torch.Tensor,
+            idx: torch.Tensor | None = None) -> None:
     """Write `values` (the shape of logical box (seqs, rows, groups, dims)) into a paged cache
     (`idx` as for `gather`)."""
     (b0, b1), (r0, r1), *rest = box
