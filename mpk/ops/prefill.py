@@ -162,8 +162,8 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.einsum("bgqrs,bsgd->brgqd", probs, v.float()).reshape(batch, rows, heads, hd)
 
 
-# PyTorch's attention backends but cuDNN's, which plans each new shape first (1.3 s measured on an
-# H200 for a masked chunk of a new (start, rows)): a server's chunks are new shapes all the time.
+# PyTorch's attention backends other than cuDNN's, which plans each new shape first (1.3 s measured
+# on an H200 for a masked chunk of a new (start, rows)): a server's chunks are new shapes all the time.
 FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
