@@ -92,8 +92,22 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
     rows.sort(key=lambda r: -r["run_share"])
     run_share = float(run_ns.sum()) / sm_ns
     wait_share = float(wait_ns.sum()) / sm_ns
-    return {"steps": steps, "step_us": float(step_ns.mean()) / 1e3, "run_share": run_share,
-            "wait_share": wait_share, "other_share": 1.0 - run_share - wait_share, "kinds": rows}
+    summary = {"steps": steps, "step_us": float(step_ns.mean()) / 1e3, "run_share": run_share,
+               "wait_share": wait_share, "other_share": 1.0 - run_share - wait_share, "kinds": rows}
+    if tg.tp_size > 1:  # what tensor parallelism costs in waits: tasks whose event another GPU's tasks signal
+        cross = _waits_on_peers(tg)
+        woke = wake[:, cross]
+        woke = woke[woke >= 0]
+        summary["peer_wait_share"] = float(wait_ns[:, cross].sum()) / sm_ns
+        summary["peer_wake_us"] = float(woke.double().median()) / 1e3 if woke.numel() else 0.0
+    return summary
+
+
+def _waits_on_peers(tg: TaskGraph) -> torch.Tensor:
+    """[tasks] bool: the task's event has producers on another rank (GPU)."""
+    rank = [t.queue // tg.num_sms for t in tg.tasks]
+    return torch.tensor([t.wait >= 0 and any(rank[p] != rank[t.id] for p in tg.events[t.wait].producers)
+                         for t in tg.tasks], dtype=torch.bool)
 
 
 def _wake_ns(tg: TaskGraph, wait: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -131,4 +145,7 @@ def format_trace_summary(summary: dict) -> str:
         lines.append(f"  {r['kind']:<24} {r['tasks_per_step']:>6} {r['run_us_per_task']:>8.2f} "
                      f"{r['run_share']:>8.1%} {r['wait_share']:>8.1%} {r['run_gbps'] / 1e9:>13.0f} "
                      f"{r.get('wake_us', 0.0):>8.2f} {r.get('op_span_us', 0.0):>10.2f}")
+    if "peer_wait_share" in summary:
+        lines.append(f"waits on other GPUs' tasks: {summary['peer_wait_share']:.1%} of SM time, wake "
+                     f"{summary['peer_wake_us']:.2f} us (median)")
     return "\n".join(lines)

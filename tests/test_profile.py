@@ -98,3 +98,32 @@ def test_wake_latency_is_from_the_last_producer_end_to_the_consumer_start():
             by_op.setdefault(t.op, []).append(t.id)
         spans_us = [((max(ids) - min(ids)) * 1000 + 600) / 1e3 for ids in by_op.values()]
         assert r["op_span_us"] == pytest.approx(float(torch.tensor(spans_us, dtype=torch.float64).median()))
+
+
+def test_a_tensor_parallel_summary_reports_the_waits_on_other_gpus():
+    """At TP=2 the summary adds the SM time spent waiting for events another GPU's tasks signal."""
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                      num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, tp_size=2, verify=False)
+    rank = [t.queue // tg.num_sms for t in tg.tasks]
+    peer = [t.wait >= 0 and any(rank[p] != rank[t.id] for p in tg.events[t.wait].producers) for t in tg.tasks]
+    assert any(peer) and not all(peer)
+    steps, slot = 3, 1000
+
+    def recorded(tg, waited):  # every task a 1000 ns slot on its SM: it waits `waited(task)` ns, then runs
+        longest = max(len(q) for q in tg.queues)
+        spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
+        for s in range(steps):
+            for queue in tg.queues:
+                for i, tid in enumerate(queue):
+                    clock = 1_000_000 + (s * longest + i) * slot
+                    spans[s, tid] = torch.tensor([clock, clock + waited(tid), clock + 900])
+        return spans, (longest * slot - 100) * tg.num_queues
+
+    spans, sm_ns = recorded(tg, lambda tid: 300 if peer[tid] else 100)
+    summary = summarize_trace(tg, spans)
+    assert summary["peer_wait_share"] == pytest.approx(sum(peer) * 300 / sm_ns)
+    assert "waits on other GPUs' tasks" in format_trace_summary(summary)
+    one_gpu = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
+    summary = summarize_trace(one_gpu, recorded(one_gpu, lambda tid: 100)[0])
+    assert "peer_wait_share" not in summary and "other GPUs" not in format_trace_summary(summary)
