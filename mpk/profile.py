@@ -105,9 +105,10 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
 
 def _waits_on_peers(tg: TaskGraph) -> torch.Tensor:
     """[tasks] bool: the task's event has producers on another rank (GPU)."""
-    rank = [t.queue // tg.num_sms for t in tg.tasks]
-    return torch.tensor([t.wait >= 0 and any(rank[p] != rank[t.id] for p in tg.events[t.wait].producers)
-                         for t in tg.tasks], dtype=torch.bool)
+    rank = [tg.ops[t.op].rank for t in tg.tasks]
+    producer_ranks = [{rank[p] for p in ev.producers} for ev in tg.events]  # once per event, not per consumer
+    return torch.tensor([t.wait >= 0 and bool(producer_ranks[t.wait] - {rank[t.id]}) for t in tg.tasks],
+                        dtype=torch.bool)
 
 
 def _wake_ns(tg: TaskGraph, wait: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
