@@ -142,6 +142,19 @@ def paged(path, blocks=None):
                kv_blocks=blocks)
 
 
+def record_prefills(monkeypatch, record) -> None:
+    """Call `record(cached, limit)` at each `prefill_slot` call the batcher makes, then prefill."""
+    import mpk.prefill
+
+    prefill_slot = mpk.prefill.prefill_slot
+
+    def recorded(*args, cached=0, limit=None, **kw):
+        record(cached, limit)
+        return prefill_slot(*args, cached=cached, limit=limit, **kw)
+
+    monkeypatch.setattr(mpk.prefill, "prefill_slot", recorded)
+
+
 def outputs(outs):
     return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
 
@@ -273,7 +286,6 @@ def test_published_prefix_blocks_are_shared_and_stay_cached_until_needed():
 
 
 def test_a_request_with_a_cached_prefix_prefills_only_after_it(path, contiguous, monkeypatch):
-    import mpk.prefill
     from mpk import SamplingParams
     from mpk.batching import Batcher, Request
 
@@ -281,13 +293,8 @@ def test_a_request_with_a_cached_prefix_prefills_only_after_it(path, contiguous,
     requests = [(system + [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
                 (system + [9, 9], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))]
     want = [outputs(contiguous.generate([p], sp))[0] for p, sp in requests]
-    prefill_slot, starts = mpk.prefill.prefill_slot, []
-
-    def recorded(*args, cached=0, **kw):
-        starts.append(cached)
-        return prefill_slot(*args, cached=cached, **kw)
-
-    monkeypatch.setattr(mpk.prefill, "prefill_slot", recorded)
+    starts = []
+    record_prefills(monkeypatch, lambda cached, limit: starts.append(cached))
     batcher = Batcher(paged(path), window=4)
     got = [None, None]
     for i, (p, sp) in enumerate(requests):  # one after the other: the second finds the first's blocks
@@ -310,21 +317,15 @@ def test_generate_over_too_few_blocks_is_one_error_and_gives_them_back(path):
 
 
 def test_a_long_prompt_is_prefilled_a_chunk_per_window_while_the_others_decode(path, contiguous, monkeypatch):
-    import mpk.prefill
     from mpk import SamplingParams
     from mpk.batching import Batcher, Request
 
     short = ([7, 8, 9], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     long = (list(range(100, 140)), SamplingParams(temperature=0.7, top_k=30, max_tokens=5, seed=9, ignore_eos=True))
     want = [outputs(contiguous.generate([p], sp))[0] for p, sp in (short, long)]
-    prefill_slot, chunks = mpk.prefill.prefill_slot, []
-    got, tokens = [None, None], []
-
-    def recorded(*args, cached=0, limit=None, **kw):
-        chunks.append((cached, limit, len(tokens)))  # where each chunk starts, and the short request's progress
-        return prefill_slot(*args, cached=cached, limit=limit, **kw)
-
-    monkeypatch.setattr(mpk.prefill, "prefill_slot", recorded)
+    chunks, got, tokens = [], [None, None], []
+    # Where each chunk starts, its rows, and the short request's progress then.
+    record_prefills(monkeypatch, lambda cached, limit: chunks.append((cached, limit, len(tokens))))
     batcher = Batcher(paged(path), window=2, prefill_rows=8)
     batcher.submit(Request(short[0], short[1], on_token=tokens.append,
                            on_done=lambda out: got.__setitem__(0, outputs([out])[0])))
@@ -341,20 +342,14 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_window_while_the_others_decode(p
 def test_a_chunk_short_of_its_prompt_stops_on_a_block_boundary(path, contiguous, monkeypatch):
     """A window's rows left after one prompt do not start a few-row pass of the next: a chunk that does
     not finish its prompt ends on a multiple of the block rows, and the next window goes on from there."""
-    import mpk.prefill
     from mpk import SamplingParams
     from mpk.batching import Batcher, Request
 
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     prompts = [list(range(20, 26)), list(range(40, 60))]  # 5 and 19 prompt rows
     want = [outputs(contiguous.generate([p], params))[0] for p in prompts]
-    prefill_slot, chunks = mpk.prefill.prefill_slot, []
-
-    def recorded(*args, cached=0, limit=None, **kw):
-        chunks.append((cached, limit))
-        return prefill_slot(*args, cached=cached, limit=limit, **kw)
-
-    monkeypatch.setattr(mpk.prefill, "prefill_slot", recorded)
+    chunks = []
+    record_prefills(monkeypatch, lambda cached, limit: chunks.append((cached, limit)))
     batcher = Batcher(paged(path), window=2, prefill_rows=10)  # blocks of 4 rows
     got = [None, None]
     for i, p in enumerate(prompts):
