@@ -33,8 +33,14 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // tasks give each warp whole blocks.
   static constexpr int kSplitBelow = 24;
   static constexpr int kBlockFloats = 16 * 8;  // a block's sums, [row][8]
-  static constexpr int kRoundOffset = kPartOffset + cmax(kSplitBelow, kWarps) * kBlockFloats * 4;
-  static constexpr int SMEM = kRoundOffset + kWarps * kBlockFloats * 4;
+  // Each item (a block's K slice) leaves its sums in a slot of its own, so warps stream item after
+  // item with no barrier between; the slices meet once, at the end. A task of more items than
+  // there are slots (what shared memory leaves, up to kMaxSlots) goes in rounds of kWarps items
+  // instead, the slots of a round reused by the next.
+  static constexpr int kMaxSlots = 48;
+  static constexpr int kSlotOffset = kPartOffset + cmax(kSplitBelow, kWarps) * kBlockFloats * 4;
+  static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kSlotOffset) / (kBlockFloats * 4)));
+  static constexpr int SMEM = kSlotOffset + kSlots * kBlockFloats * 4;
   static constexpr int U = 8;  // k-steps of weight loads in flight per lane (2 rows x 16 B each)
   // Weights stream past L1 up to batch 4; beyond, through L1. On an H200 streaming made qwen3-8b's
   // batch-4 step 2.5% faster and its batch-8 step 5.5% slower (docs/perf.md).
@@ -122,7 +128,9 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     const int nblocks = (r1 - r0 + 15) / 16;
     const int split = nblocks >= kSplitBelow ? 1 : kWarps / gcd_int(nblocks, kWarps);
     float* part = reinterpret_cast<float*>(smem + kPartOffset);
-    if (split > 1)
+    float* slots = reinterpret_cast<float*>(smem + kSlotOffset);
+    const bool rounds = split > 1 && nblocks * split > kSlots;
+    if (rounds)
       for (int i = threadIdx.x; i < nblocks * kBlockFloats; i += kThreads) part[i] = 0.f;
     stage(x, norm, eps, smem);  // its barrier also orders the zeroing
     const int g = lane_id() >> 2, q = lane_id() & 3;
@@ -140,7 +148,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
         const bf16* wb = w + static_cast<size_t>(min(row + g + 8, r1 - 1)) * K;
         block_dots<false>(smem, wa, wb, s0, s1, acc);
       }
-      float* sc = reinterpret_cast<float*>(smem + (split == 1 ? kPartOffset : kRoundOffset)) + warp_id() * kBlockFloats;
+      float* sc = split == 1 ? part + warp_id() * kBlockFloats : slots + (rounds ? warp_id() : item) * kBlockFloats;
       sc[g * 8 + 2 * q] = acc[0], sc[g * 8 + 2 * q + 1] = acc[1];
       sc[(g + 8) * 8 + 2 * q] = acc[2], sc[(g + 8) * 8 + 2 * q + 1] = acc[3];
       if (split == 1) {  // this warp has the whole block: its own epilogues
@@ -148,12 +156,21 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
         const int cb = c0 + 16 / RPC * blk;
         for (int c = cb; c < min(c1, cb + 16 / RPC); ++c) emit(sc + RPC * (c - cb) * 8, c, epilogue);
         __syncwarp();
-      } else {
-        add_round(part, reinterpret_cast<const float*>(smem + kRoundOffset), item - warp_id(), split);
+      } else if (rounds) {
+        add_round(part, slots, item - warp_id(), split);
       }
     }
     if (split > 1) {
       __syncthreads();
+      if (!rounds) {  // each block's slices in slice order, as the rounds add them: the same bits
+        for (int i = threadIdx.x; i < nblocks * kBlockFloats; i += kThreads) {
+          const int blk = i / kBlockFloats, e = i % kBlockFloats;
+          float sum = 0.f;
+          for (int slice = 0; slice < split; ++slice) sum += slots[(blk * split + slice) * kBlockFloats + e];
+          part[i] = sum;
+        }
+        __syncthreads();
+      }
       for (int c = c0 + warp_id(); c < c1; c += kWarps) emit(part + RPC * (c - c0) * 8, c, epilogue);
     }
   }
