@@ -22,6 +22,8 @@ constexpr int kThreads = 256;  // one CTA of 8 warps per SM
 #define MPK_SMEM_CAP (99 * 1024)
 #endif
 constexpr int kSmemCap = MPK_SMEM_CAP;
+// The runtime's static shared memory (queues, barriers) comes on top of a kernel's dynamic bytes.
+constexpr int kStaticSmem = 2048;
 // Bulk asynchronous copies into shared memory (sm_90 and newer; the build says).
 #ifndef MPK_BULK_COPY
 #define MPK_BULK_COPY 0
@@ -184,9 +186,9 @@ __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 
 __host__ __device__ constexpr int align_up(int bytes, int to) { return (bytes + to - 1) / to * to; }
 
 // Bytes of each of the two weight-head buffers of a kernel whose variants need `scratch` bytes:
-// what shared memory has left (less 2 KB for the static part), halved, in whole 4 KB; none below 16 KB.
+// what shared memory has left (less kStaticSmem), halved, in whole 4 KB; none below 16 KB.
 __host__ __device__ constexpr int head_buffer_bytes(int scratch) {
-  const int fit = (kSmemCap - scratch - 2048) / 2 / 4096 * 4096;
+  const int fit = (kSmemCap - scratch - kStaticSmem) / 2 / 4096 * 4096;
   const int capped = MPK_HEAD_KB >= 0 && fit > MPK_HEAD_KB * 1024 ? MPK_HEAD_KB * 1024 / 4096 * 4096 : fit;
   return kBulkCopy && capped >= 16 * 1024 ? capped : 0;
 }

@@ -39,13 +39,13 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // instead, the slots of a round reused by the next.
   static constexpr int kMaxSlots = 48;
   static constexpr int kSlotOffset = kPartOffset + cmax(kSplitBelow, kWarps) * kBlockFloats * 4;
-  static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kSlotOffset) / (kBlockFloats * 4)));
+  static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
   static constexpr int SMEM = kSlotOffset + kSlots * kBlockFloats * 4;
   static constexpr int U = 8;  // k-steps of weight loads in flight per lane (2 rows x 16 B each)
   // Weights stream past L1 up to batch 4; beyond, through L1. On an H200 streaming made qwen3-8b's
   // batch-4 step 2.5% faster and its batch-8 step 5.5% slower (docs/perf.md).
   static constexpr bool kStreamLoads = B <= 4;
-  static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap;
+  static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap - kStaticSmem;
 
   // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
   __device__ static void store(unsigned char* s, int b, int v, const float (&f)[8]) {
