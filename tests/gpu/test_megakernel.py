@@ -218,13 +218,15 @@ def test_teacher_forced_logits(checkpoint, case, precision, batch):
     assert res.tokens[T - 1] == res.logits[T - 1].argmax(-1).tolist()
 
 
-def test_split_k_gemv_tasks_in_slots_and_in_rounds_match_the_sim(checkpoint):
-    """At batch 4 on 4 SMs the tensor-core GEMV splits K: gate/up's 24 items (12 blocks x 2) and the LM
-    head's 40 sum in slots of their own, QKV's 72 and O/down's 56 in rounds of 8 (more than the slots)."""
+@pytest.mark.parametrize("batch", [4, 8])
+def test_split_k_gemv_tasks_in_slots_and_in_rounds_match_the_sim(checkpoint, batch):
+    """At batches 4 and 8 on 4 SMs the tensor-core GEMV splits K: gate/up's 24 items (12 blocks x 2) and
+    the LM head's 40 sum in slots of their own, QKV's 72 and O/down's 56 in rounds of 8 (more than the
+    slots)."""
     cfg, hf = checkpoint("llama-split-k", "llama", {"hidden_size": 448, "intermediate_size": 384,
                                                     "num_attention_heads": 7, "num_key_value_heads": 1,
                                                     "head_dim": 64, "vocab_size": 300})
-    T, batch = 12, 4
+    T = 12
     seqs = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(5)).tolist()
     mk = megakernel(cfg, hf, seqs, T, 4)
     res = mk.run(T, collect_logits=True, eos_token_ids=[])
