@@ -223,24 +223,47 @@ def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.T
     chunk's rows go back to their blocks at the end."""
     start, rows = chunk_of(prog)
     tokens = _chunk_tokens(prompts, start, rows)
-    bufs = _shared(prog, decode_buffers, paged=kv_table is not None)
+    devices = _devices(prog, decode_buffers)
+    index = pool_rows(prog, decode_buffers, kv_table) if kv_table is not None else None
+    run_ops(prog, decode_buffers, [tokens.to(d) for d in devices], fast, index)
+
+
+def pool_rows(prog: Program | TaskGraph, decode_buffers: dict[str, torch.Tensor],
+              kv_table: torch.Tensor) -> dict[tuple, torch.Tensor]:
+    """The flat pool rows (`physical_rows`) of the rows [0, start + rows) of every sequence of a
+    prefill chunk, by (device, block rows) of the pools holding them: one table lookup serves every
+    cache tensor."""
+    start, rows = chunk_of(prog)
+    index = {}
+    for name, buf in decode_buffers.items():
+        if name in prog.tensors and prog.tensors[name].kind == "state":
+            key = (buf.device, buf.shape[1])
+            if key not in index:
+                index[key] = physical_rows(kv_table, buf.shape[1], range(prog.batch), range(start + rows), buf.device)
+    return index
+
+
+def run_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.Tensor], tokens: list[torch.Tensor],
+            fast: bool, index: dict[tuple, torch.Tensor] | None) -> None:
+    """The device work of `run_prefill_ops`, with no host work between its kernels (so a CUDA graph
+    can capture it): each rank's chunk tokens on its device, and with a paged cache the `pool_rows`
+    of the chunk."""
+    start, rows = chunk_of(prog)
+    bufs = _shared(prog, decode_buffers, paged=index is not None)
+
     def rows_of(name: str, r0: int, r1: int):
         """The logical box of rows [r0, r1) of every sequence of a cache tensor."""
         _, _, groups, hd = prog.tensors[name].shape
         return (0, prog.batch), (r0, r1), (0, groups), (0, hd)
 
     pools = {}  # a paged cache tensor's pool; the ops get the rows [0, start + rows) gathered
-    index = {}  # (device, block rows): the pool rows of those, one table lookup for every cache tensor
-    if kv_table is not None:
+    if index is not None:
         for name in [n for n in bufs if prog.tensors[n].kind == "state"]:
             pool = pools[name] = bufs[name]
-            key = (pool.device, pool.shape[1])
-            if key not in index:
-                index[key] = physical_rows(kv_table, pool.shape[1], range(prog.batch), range(start + rows), pool.device)
-            bufs[name] = gather(pool, kv_table, rows_of(name, 0, start + rows), index[key])
+            bufs[name] = gather(pool, None, rows_of(name, 0, start + rows), index[pool.device, pool.shape[1]])
     devices = _devices(prog, decode_buffers)
     for r in range(prog.tp_size):
-        bufs[tensor_name(r, prog.tp_size, PREFILL_TOKENS)] = tokens.to(devices[r])
+        bufs[tensor_name(r, prog.tp_size, PREFILL_TOKENS)] = tokens[r]
     last_use = {name: i for i, op in enumerate(prog.ops) for name in _bound(op).values()}
     with torch.no_grad():
         for i, op in enumerate(prog.ops):
@@ -253,7 +276,7 @@ def run_prefill_ops(prog: Program | TaskGraph, decode_buffers: dict[str, torch.T
                 if last_use[name] == i and prog.tensors[name].kind == "activation":
                     del bufs[name]
         for name, pool in pools.items():
-            scatter(pool, kv_table, rows_of(name, start, start + rows), bufs[name][:, start:start + rows],
+            scatter(pool, None, rows_of(name, start, start + rows), bufs[name][:, start:start + rows],
                     index[pool.device, pool.shape[1]][:, start:])
 
 
@@ -276,14 +299,15 @@ def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chun
 
 
 def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fast: bool = True,
-                 cached: int = 0, limit: int | None = None) -> int:
+                 cached: int = 0, limit: int | None = None, replays=None) -> int:
     """Prefill one prompt into one sequence slot of a running batch (`mpk.batching`): the positions
     before its last token, into that slot's rows of the KV cache, leaving the other slots alone.
     On the GPU op by op in PyTorch (`run_prefill_ops`); on the CPU executor as the verified task
     graphs `LLM.generate` runs for one prompt, so a request gets the same tokens either way.
     `programs` caches the programs or graphs by (start, rows). The first `cached` rows are in the
     cache already (a shared prefix, or earlier chunks: `mpk.batching`); at most `limit` more are
-    filled. Returns the positions filled, `cached` included."""
+    filled. With `replays` (`mpk.prefill_replay.PrefillReplays`) a fast prefill into a paged cache on
+    one GPU replays each chunk as a CUDA graph. Returns the positions filled, `cached` included."""
     if len(prompt) < 2:
         return 0
     if not 0 <= cached <= len(prompt) - 1:
@@ -297,6 +321,14 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
              for name, buf in executor.buffers.items()}
     on_gpu = views[tensor_name(0, tg.tp_size, EMBED)].device.type == "cuda"
     pieces = op_chunks(positions - cached, 1) if on_gpu else chunks(positions - cached)
+    if replays is not None and fast and on_gpu:
+        from mpk.prefill_replay import replayable
+
+        if replayable(executor):
+            for start, rows in [(cached + s, r) for s, r in pieces]:
+                replays.run(executor, cfg, prompt, start, rows, table)
+            _wait_for(executor)
+            return positions
     for start, rows in [(cached + s, r) for s, r in pieces]:
         make = partial(prefill_program, tg, cfg, rows, start, batch=1) if on_gpu else \
             partial(compile_prefill, tg, cfg, rows, start=start, batch=1)

@@ -116,3 +116,36 @@ def test_a_shared_prefix_on_the_gpu(path):
         assert batcher.pool.in_use == 0 and len(batcher.pool.idle) == 3
     alone = [plain.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     assert outs[0] == alone[0] and outs[1][0] == alone[1][0]  # the prefill from row 48 may round differently
+
+
+def test_prefill_chunks_replayed_as_cuda_graphs_write_what_eager_passes_write(path):
+    """Two prompts of different lengths prefilled into slots through one replayed shape (both pad to 64
+    rows), then a chunk after a prefix: their K/V rows are the eager passes' up to bf16 rounding."""
+    from mpk.prefill import prefill_slot
+    from mpk.prefill_replay import REPLAY_ROWS, PrefillReplays
+
+    llm = LLM(path, backend="cuda", max_batch=2, max_seq_len=128, kv_block_rows=16, kv_blocks=16)
+    tg, ex = llm._executor(2)
+    pool = llm._block_pool(2)
+    prompts = [list(range(40, 77)), list(range(100, 150))]  # 36 and 49 prompt rows
+    for slot, p in enumerate(prompts):
+        pool.grow(slot, len(p) + 8)
+    ex.set_kv_table(pool.table())
+    caches = {n: b for n, b in ex.buffers.items() if tg.tensors[n].kind == "state"}
+
+    def prefilled(replays) -> dict[str, torch.Tensor]:
+        for buf in caches.values():
+            buf.zero_()
+        for slot, p in enumerate(prompts):
+            prefill_slot(ex, llm.cfg, p, slot, {}, fast=True, limit=16, replays=replays)  # rows 0..15
+            prefill_slot(ex, llm.cfg, p, slot, {}, fast=True, cached=16, replays=replays)  # the rest
+        return {n: b.clone() for n, b in caches.items()}
+
+    eager, replays = prefilled(None), PrefillReplays()
+    replayed = prefilled(replays)
+    assert set(replays.graphs) == {(0, REPLAY_ROWS), (16, REPLAY_ROWS)}  # shapes shared by both prompts
+    for slot, p in enumerate(prompts):
+        rows = [pool.owned[slot][r // 16] * 16 + r % 16 for r in range(len(p) - 1)]
+        for name in caches:
+            want, got = eager[name].flatten(0, 1)[rows].float(), replayed[name].flatten(0, 1)[rows].float()
+            assert (got - want).abs().max() <= 1e-2 * want.abs().max(), (slot, name)

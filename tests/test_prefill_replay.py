@@ -1,0 +1,67 @@
+"""Prefill chunks padded to a replayed shape (mpk.prefill_replay). The CUDA graphs themselves need a GPU
+(tests/gpu/test_paging_gpu.py); here the padded pass runs eagerly on the CPU: it writes the prompt's K/V rows
+as the unpadded pass does, and nothing outside the slot's own blocks and the scratch block."""
+
+import pytest
+import torch
+
+from mpk.paging import SCRATCH_BLOCK
+from mpk.prefill import pool_rows, prefill_program, run_ops
+from mpk.prefill_replay import REPLAY_ROWS, replay_rows
+
+
+def test_replay_rows_pad_to_a_multiple_within_the_context():
+    assert [replay_rows(0, r, 4096) for r in (1, REPLAY_ROWS, REPLAY_ROWS + 1)] == [REPLAY_ROWS, REPLAY_ROWS,
+                                                                                   2 * REPLAY_ROWS]
+    assert replay_rows(100, 50, 160) == 59  # ends before the context's last position, which decode writes
+    assert replay_rows(0, 10, 11) == 10
+
+
+@pytest.mark.parametrize("start", [0, 16])
+def test_a_padded_chunk_writes_the_prompts_rows_and_only_its_own_blocks(make_checkpoint, start):
+    from mpk import LLM
+
+    llm = LLM(str(make_checkpoint("qwen3", vocab_size=300)), backend="sim", dtype="float32", max_batch=2,
+              max_seq_len=160, kv_block_rows=16, kv_blocks=12)
+    tg, ex = llm._executor(2)
+    pool = llm._block_pool(2)
+    pool.grow(0, 30)  # another request's rows
+    pool.grow(1, 40)  # the prompt's: 3 blocks of 16, its 36 prompt rows and room for decode
+    table = pool.table()
+    ex.set_kv_table(table)
+    caches = {n: b for n, b in ex.buffers.items() if tg.tensors[n].kind == "state"}
+    gen = torch.Generator().manual_seed(0)
+    for buf in caches.values():
+        buf.copy_(torch.randn(buf.shape, generator=gen))
+    before = {n: b.clone() for n, b in caches.items()}
+    tokens = torch.randint(1, 300, (36,), generator=gen)
+    rows = 36 - start
+
+    def prefill(padded: int) -> dict[str, torch.Tensor]:
+        for name, buf in caches.items():
+            buf.copy_(before[name])
+        prog = prefill_program(tg, llm.cfg, padded, start, batch=1)
+        chunk = torch.cat([tokens[start:], torch.zeros(padded - rows, dtype=torch.int64)])
+        run_ops(prog, ex.buffers, [chunk], True, pool_rows(prog, ex.buffers, table[1:2]))
+        return {n: b.clone() for n, b in caches.items()}
+
+    plain, padded = prefill(rows), prefill(replay_rows(start, rows, tg.max_seq_len))
+    assert replay_rows(start, rows, tg.max_seq_len) == REPLAY_ROWS > rows
+    own = pool.owned[1]
+    for name in caches:
+        flat_plain, flat_padded = plain[name].flatten(0, 1), padded[name].flatten(0, 1)
+        prompt_rows = [own[p // 16] * 16 + p % 16 for p in range(start, 36)]
+        # Equal up to the fast mode's bf16 rounding: attention over the padded chunk's longer (masked) key
+        # range sums in another order, and a last-bit difference can round a bf16 input the other way.
+        diff = (flat_padded[prompt_rows] - flat_plain[prompt_rows]).abs().max() / flat_plain[prompt_rows].abs().max()
+        assert diff < 1e-2, (name, float(diff))
+        assert not torch.equal(flat_plain[prompt_rows], before[name].flatten(0, 1)[prompt_rows])  # it wrote them
+        # Beyond the prompt: the rest of its own last block, then the scratch block; nothing else moved.
+        touched = set(own) | {SCRATCH_BLOCK}
+        for block in range(padded[name].shape[0]):
+            if block not in touched:
+                assert torch.equal(padded[name][block], before[name][block]), (name, block)
+        for p in range(36):  # the rows before the prompt's chunk and of its positions: as the plain pass left them
+            row = own[p // 16] * 16 + p % 16
+            if p < start:
+                assert torch.equal(flat_padded[row], before[name].flatten(0, 1)[row])
