@@ -3,8 +3,8 @@
 A GPU prefill pass (`mpk.prefill.run_ops`) is about 2,000 PyTorch kernels, and launching them one by
 one from Python takes longer than they run: on an H200, 55 ms of host time for a 1-row chunk of
 qwen3-8b, against 22 ms of GPU time for 511 rows (docs/perf.md). A server prefills one slot at a
-time (`mpk.prefill.prefill_slot`), so here each chunk shape is captured once as a CUDA graph over the
-decode buffers and then replayed: one launch per chunk.
+time (`mpk.prefill.prefill_slot`), so here a chunk shape met twice is captured as a CUDA graph over
+the decode buffers and then replayed: one launch per chunk.
 
 Shapes repeat because a chunk is padded to a multiple of REPLAY_ROWS rows (within the context). The
 padding positions follow the prompt: their K/V rows land after its last prefilled row, in the slot's
@@ -69,21 +69,34 @@ class ChunkGraph:
 
 class PrefillReplays:
     """The chunk graphs of one executor (at most REPLAYS_KEPT, the oldest dropped first) and the
-    memory pool they share."""
+    memory pool they share. A shape is captured the second time it comes: a capture costs about
+    three eager passes, so a shape seen once (a long prompt's odd tail) stays eager."""
 
     def __init__(self):
         self.graphs: dict[tuple[int, int], ChunkGraph] = {}
+        self.seen: dict[tuple[int, int], None] = {}  # shapes met once, oldest first
         self.pool = None
 
-    def run(self, executor, cfg, prompt: list[int], start: int, rows: int, kv_table: torch.Tensor) -> None:
+    def run(self, executor, cfg, prompt: list[int], start: int, rows: int, kv_table: torch.Tensor) -> bool:
         """Prefill positions [start, start + rows) of `prompt` into the slot whose block-table row is
-        `kv_table`, replaying the chunk's padded shape (captured on first use)."""
+        `kv_table` by replaying the chunk's padded shape, captured now if it comes the second time.
+        False, with nothing run, when the shape is new: the caller runs the chunk eagerly."""
         padded = replay_rows(start, rows, executor.tg.max_seq_len)
         key = (start, padded)
         if key not in self.graphs:
-            while len(self.graphs) >= REPLAYS_KEPT:
-                self.graphs.pop(next(iter(self.graphs)))
+            if key not in self.seen:
+                _remember(self.seen, key, None)
+                return False
+            del self.seen[key]
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            self.graphs[key] = ChunkGraph(executor, cfg, start, padded, self.pool)
+            _remember(self.graphs, key, ChunkGraph(executor, cfg, start, padded, self.pool))
         self.graphs[key].run(prompt[start:start + rows] + [0] * (padded - rows), kv_table)
+        return True
+
+
+def _remember(store: dict, key, value) -> None:
+    """store[key] = value, the oldest entries dropped to keep at most REPLAYS_KEPT."""
+    while len(store) >= REPLAYS_KEPT:
+        store.pop(next(iter(store)))
+    store[key] = value

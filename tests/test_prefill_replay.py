@@ -65,3 +65,35 @@ def test_a_padded_chunk_writes_the_prompts_rows_and_only_its_own_blocks(make_che
             row = own[p // 16] * 16 + p % 16
             if p < start:
                 assert torch.equal(flat_padded[row], before[name].flatten(0, 1)[row])
+
+
+def test_a_shape_is_captured_the_second_time_it_comes_and_kept_among_the_latest(monkeypatch):
+    """The first chunk of a shape runs eagerly (run says False), the second captures it, later ones
+    replay that capture; the oldest of more than REPLAYS_KEPT shapes goes."""
+    from types import SimpleNamespace
+
+    import mpk.prefill_replay as pr
+
+    captured, replayed = [], []
+
+    class FakeGraph:  # records captures and replays; the real capture needs a GPU
+        def __init__(self, executor, cfg, start, rows, pool):
+            captured.append((start, rows))
+            self.key = (start, rows)
+
+        def run(self, tokens, kv_table):
+            replayed.append((self.key, len(tokens)))
+
+    monkeypatch.setattr(pr, "ChunkGraph", FakeGraph)
+    monkeypatch.setattr(pr.torch.cuda, "graph_pool_handle", lambda: "pool")
+    executor = SimpleNamespace(tg=SimpleNamespace(max_seq_len=4096))
+    replays = pr.PrefillReplays()
+    prompt = list(range(300))
+    runs = [replays.run(executor, None, prompt, 0, 100, None) for _ in range(3)]
+    assert runs == [False, True, True]
+    assert captured == [(0, 2 * REPLAY_ROWS)]
+    assert replayed == [((0, 2 * REPLAY_ROWS), 2 * REPLAY_ROWS)] * 2
+    for start in range(1, pr.REPLAYS_KEPT + 1):  # as many new shapes, each met twice
+        assert [replays.run(executor, None, prompt, start, 10, None) for _ in range(2)] == [False, True]
+    assert len(replays.graphs) == pr.REPLAYS_KEPT and (0, 2 * REPLAY_ROWS) not in replays.graphs
+    assert replays.run(executor, None, prompt, 0, 100, None) is False  # dropped: met anew
