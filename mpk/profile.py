@@ -71,6 +71,7 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
     }
     wake = _wake_ns(tg, wait, start, end)
     span = _op_span_ns(tg, start, end)
+    tail = _op_tail_ns(tg, end)
     rows = []
     for i, kind in enumerate(names):
         tasks, run, waited = per_kind["tasks"][i], per_kind["run_ns"][i], per_kind["wait_ns"][i]
@@ -88,6 +89,7 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
             "run_gbps": per_kind["bytes"][i] * steps / (run * 1e-9) * tg.num_queues if run else 0.0,  # bytes/s
             "wake_us": float(woke.double().median()) / 1e3 if woke.numel() else 0.0,
             "op_span_us": float(span[:, ops].double().median()) / 1e3,
+            "tail_us": float(tail[:, ops].double().median()) / 1e3,
         })
     rows.sort(key=lambda r: -r["run_share"])
     run_share = float(run_ns.sum()) / sm_ns
@@ -134,18 +136,31 @@ def _op_span_ns(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> torch.
     return last - first
 
 
+def _op_tail_ns(tg: TaskGraph, end: torch.Tensor) -> torch.Tensor:
+    """[steps, ops]: from the median end of an op's tasks to its last task's end: how long the op's
+    stragglers hold up its consumers once most of its tasks are done."""
+    by_op: dict[int, list[int]] = {}
+    for t in tg.tasks:
+        by_op.setdefault(t.op, []).append(t.id)
+    tail = torch.zeros((end.shape[0], len(tg.ops)), dtype=torch.int64)
+    for op, ids in by_op.items():
+        ends = end[:, ids]
+        tail[:, op] = ends.max(1).values - ends.median(1).values
+    return tail
+
+
 def format_trace_summary(summary: dict) -> str:
     lines = [
         f"traced: {summary['step_us']:.1f} us per step over {summary['steps']} steps; SM time "
         f"{summary['run_share']:.1%} running, {summary['wait_share']:.1%} waiting, "
         f"{summary['other_share']:.1%} between tasks",
         f"  {'op kind':<24} {'tasks':>6} {'us/task':>8} {'running':>8} {'waiting':>8} {'GB/s in task':>13} "
-        f"{'wake us':>8} {'op span us':>10}",
+        f"{'wake us':>8} {'op span us':>10} {'tail us':>8}",
     ]
     for r in summary["kinds"]:
         lines.append(f"  {r['kind']:<24} {r['tasks_per_step']:>6} {r['run_us_per_task']:>8.2f} "
                      f"{r['run_share']:>8.1%} {r['wait_share']:>8.1%} {r['run_gbps'] / 1e9:>13.0f} "
-                     f"{r.get('wake_us', 0.0):>8.2f} {r.get('op_span_us', 0.0):>10.2f}")
+                     f"{r.get('wake_us', 0.0):>8.2f} {r.get('op_span_us', 0.0):>10.2f} {r.get('tail_us', 0.0):>8.2f}")
     if "peer_wait_share" in summary:
         lines.append(f"waits on other GPUs' tasks: {summary['peer_wait_share']:.1%} of SM time, wake "
                      f"{summary['peer_wake_us']:.2f} us (median)")

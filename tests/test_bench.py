@@ -35,10 +35,10 @@ def test_table_ends_with_the_trace_summary_when_profiled():
     result["profile"] = {"steps": 63, "step_us": 6400.0, "run_share": 0.8, "wait_share": 0.15, "other_share": 0.05,
                          "kinds": [{"kind": "rmsnorm_linear", "tasks_per_step": 132, "run_us_per_task": 30.0,
                                     "run_share": 0.5, "wait_share": 0.1, "run_gbps": 3.0e12, "wake_us": 1.5,
-                                    "op_span_us": 42.0}]}
+                                    "op_span_us": 42.0, "tail_us": 3.0}]}
     last = format_bench(result).splitlines()
     assert "80.0% running, 15.0% waiting, 5.0% between tasks" in last[-3]
-    assert last[-1].split() == ["rmsnorm_linear", "132", "30.00", "50.0%", "10.0%", "3000", "1.50", "42.00"]
+    assert last[-1].split() == ["rmsnorm_linear", "132", "30.00", "50.0%", "10.0%", "3000", "1.50", "42.00", "3.00"]
 
 
 def test_kv_bytes_count_the_rows_each_step_reads_and_appends():

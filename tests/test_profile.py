@@ -98,6 +98,10 @@ def test_wake_latency_is_from_the_last_producer_end_to_the_consumer_start():
             by_op.setdefault(t.op, []).append(t.id)
         spans_us = [((max(ids) - min(ids)) * 1000 + 600) / 1e3 for ids in by_op.values()]
         assert r["op_span_us"] == pytest.approx(float(torch.tensor(spans_us, dtype=torch.float64).median()))
+        # The tail: from the op's median task end (the lower middle one) to its last.
+        tails_us = [(max(ids) - sorted(ids)[(len(ids) - 1) // 2]) for ids in by_op.values()]
+        assert r["tail_us"] == pytest.approx(float(torch.tensor(tails_us, dtype=torch.float64).median()))
+        assert any(t > 0 for t in tails_us) or r["tail_us"] == 0
 
 
 def test_a_tensor_parallel_summary_reports_the_waits_on_other_gpus():
