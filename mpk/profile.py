@@ -3,6 +3,8 @@
 Input: the TaskGraph and `RunResult.trace` of a traced megakernel run: for each step and task,
 the %globaltimer nanoseconds at which its SM began waiting for its event, started it, and finished.
 Each SM is a thread of the trace; a task is a span named after its op, preceded by its wait.
+Under tensor parallelism each GPU stamps its own timer, and GPUs' timers differ by some offset:
+`align_rank_clocks` estimates the offsets from the cross-GPU waits and puts every rank on rank 0's.
 """
 
 from __future__ import annotations
@@ -14,9 +16,49 @@ import torch
 from mpk.taskgraph import TaskGraph
 
 
+def align_rank_clocks(tg: TaskGraph, spans: torch.Tensor) -> torch.Tensor:
+    """The spans with every rank's times moved onto rank 0's timer.
+
+    Rank b's timer reads rank a's plus some offset. A task on b that waits for tasks on a starts at
+    least a wake latency after the last of them ends, so the least gap d(a, b) between such an end
+    and start, in the two timers, is the shortest wake plus the offset, and d(b, a) the shortest wake
+    minus it: the offset is (d(a, b) - d(b, a)) / 2, exact when the shortest wakes either way are
+    equal. A rank with no waits in both directions with rank 0 keeps its own timer."""
+    times = spans.to(torch.int64).clone()
+    if tg.tp_size == 1 or times.shape[0] == 0:
+        return times
+    tp, big = tg.tp_size, 2**62
+    rank = torch.tensor([tg.ops[t.op].rank for t in tg.tasks])
+    recorded = times[..., 2] > 0
+    # done[:, ev * tp + a]: when the last of event ev's producers on rank a ended (big if one is unrecorded).
+    same_step = [i for i, ev in enumerate(tg.events) if not ev.lag]
+    ev_of = torch.tensor([i for i in same_step for _ in tg.events[i].producers], dtype=torch.int64)
+    producer = torch.tensor([p for i in same_step for p in tg.events[i].producers], dtype=torch.int64)
+    key = (ev_of * tp + rank[producer]).expand(times.shape[0], -1)
+    ends = torch.where(recorded[:, producer], times[:, producer, 2], big)
+    done = torch.full((times.shape[0], len(tg.events) * tp), -1, dtype=torch.int64).scatter_reduce(1, key, ends, "amax")
+    waiting = torch.tensor([t.id for t in tg.tasks if t.wait >= 0 and not tg.events[t.wait].lag], dtype=torch.int64)
+    wait_of = torch.tensor([tg.tasks[c].wait for c in waiting.tolist()], dtype=torch.int64)
+    start = torch.where(recorded[:, waiting], times[:, waiting, 1], -big)
+    least = {}  # (producer rank, consumer rank): the least end-to-start gap seen
+    for a in range(tp):
+        last = done[:, wait_of * tp + a]
+        gap = torch.where((last >= 0) & (last < big) & (start > -big), start - last, big)
+        for b in range(tp):
+            of_b = rank[waiting] == b
+            if b != a and bool(of_b.any()) and int(gap[:, of_b].min()) < big:
+                least[a, b] = int(gap[:, of_b].min())
+    for r in range(1, tg.tp_size):
+        if (0, r) in least and (r, 0) in least:
+            offset = (least[0, r] - least[r, 0]) // 2
+            times[:, rank == r] -= torch.where(recorded[:, rank == r, None], offset, 0)
+    return times
+
+
 def trace_events(tg: TaskGraph, spans: torch.Tensor, first_step: int = 0) -> list[dict]:
-    """Trace events (microseconds from the first wait) for every recorded task instance."""
-    times = spans.to(torch.int64)
+    """Trace events (microseconds from the first wait) for every recorded task instance, every
+    rank's on rank 0's timer."""
+    times = align_rank_clocks(tg, spans)
     recorded = times[..., 2] > 0
     origin = int(times[..., 0][recorded].min()) if bool(recorded.any()) else 0
     events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"mpk {tg.model.get('name', '')}"}}]
@@ -51,7 +93,7 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
     is a kind's bytes over its tasks' running time, times the SM count: the bandwidth the whole
     GPU would see if every SM ran that kind's tasks back to back.
     """
-    times = spans.to(torch.int64)[1:]  # step 0 includes the launch
+    times = align_rank_clocks(tg, spans)[1:]  # step 0 includes the launch
     if times.shape[0] == 0 or not bool((times[..., 2] > 0).all()):
         raise ValueError("summarize_trace needs at least two fully recorded steps")
     steps = times.shape[0]

@@ -131,3 +131,34 @@ def test_a_tensor_parallel_summary_reports_the_waits_on_other_gpus():
     one_gpu = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
     summary = summarize_trace(one_gpu, recorded(one_gpu, lambda tid: 100)[0])
     assert "peer_wait_share" not in summary and "other GPUs" not in format_trace_summary(summary)
+
+
+def test_tensor_parallel_spans_are_put_on_one_timer_before_they_are_summed_up():
+    """Each GPU stamps its own timer. A TP=2 run simulated in true time (every task starts 700 ns
+    after its last producer ends) and recorded with rank 1's timer 5 us ahead reads, once aligned,
+    as the true run: the same times, the same step and the same 700 ns cross-GPU wake."""
+    import dataclasses
+
+    from mpk.profile import align_rank_clocks
+
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, tp_size=2, verify=False)
+    steps, wake, period = 3, 700, 10**7
+    true = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
+    for s in range(steps):
+        base = 10**9 + s * period
+        for t in tg.tasks:  # ids are a topological order
+            ev = tg.events[t.wait] if t.wait >= 0 else None
+            start = base + 100 if ev is None or ev.lag else max(int(true[s, p, 2]) for p in ev.producers) + wake
+            true[s, t.id] = torch.tensor([base + 50, start, start + 300 + 90 * (t.id % 7)])
+    rank = torch.tensor([tg.ops[t.op].rank for t in tg.tasks])
+    shifted = true.clone()
+    shifted[:, rank == 1] += 5000
+    assert torch.equal(align_rank_clocks(tg, shifted), true)
+    got, want = summarize_trace(tg, shifted), summarize_trace(tg, true)
+    assert got["peer_wake_us"] == pytest.approx(wake / 1e3) == pytest.approx(want["peer_wake_us"])
+    assert got["step_us"] == pytest.approx(want["step_us"])
+    assert summarize_trace(tg, shifted)["kinds"] == want["kinds"]
+    naive = summarize_trace(dataclasses.replace(tg, tp_size=1), shifted)  # no alignment: a skewed view
+    assert naive["step_us"] > want["step_us"] + 4.0
