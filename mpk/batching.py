@@ -83,6 +83,23 @@ class _Slot:
         return self.seq.finish_reason is not None or self.request.cancel.is_set()
 
 
+def chunk_granule(prefill_rows: int, block_rows: int) -> int:
+    """The rows a served prompt's chunk that stops short of its end stops on a multiple of: a quarter
+    of a window's budget, in whole KV blocks. No pass of a few rows (each costs about as much as a full
+    one), and few chunk shapes (each new one costs a CUDA graph capture: mpk.prefill_replay)."""
+    return min(max(block_rows, prefill_rows // 4 // block_rows * block_rows), prefill_rows)
+
+
+def chunk_rows(before: int, left: int, budget: int, granule: int) -> int | None:
+    """Rows of a prompt's next chunk, `before` rows prefilled and `left` to go, within a window's
+    remaining `budget`: all that are left when they fit, else up to the last multiple of `granule`
+    inside the budget; None when that is none (the prompt waits for the next window)."""
+    if left <= budget:
+        return left
+    rows = (before + budget) // granule * granule - before
+    return rows if rows > 0 else None
+
+
 class Batcher:
     """Runs the requests given to `submit` in the slots of one executor of `llm`, window by window
     (`run_window`), on the caller's thread."""
@@ -239,9 +256,7 @@ class Batcher:
         """Up to `prefill_rows` rows of the prompts still prefilling, in the order they were admitted
         (paged cache)."""
         budget = self.prefill_rows
-        # A chunk that stops short of its prompt's end stops on a multiple of `granule` rows: no pass of
-        # a few rows (each pass costs about as much as a full one), and chunk shapes repeat.
-        granule = min(self.pool.block_rows, self.prefill_rows)
+        granule = chunk_granule(self.prefill_rows, self.pool.block_rows)
         waiting = self._prefilling()
         if waiting:  # their blocks are taken: one table
             self.executor.set_kv_table(self.pool.table())
@@ -249,11 +264,9 @@ class Batcher:
             slot = self.slots[b]
             ids = slot.request.prompt_ids
             before = slot.prefilled
-            rows = len(ids) - 1 - before
-            if rows > budget:
-                rows = (before + budget) // granule * granule - before
-                if rows <= 0:
-                    break
+            rows = chunk_rows(before, len(ids) - 1 - before, budget, granule)
+            if rows is None:
+                break
             try:
                 slot.prefilled = self._prefill(ids, b, cached=before, limit=rows)
             except Exception as e:

@@ -361,6 +361,39 @@ def test_a_chunk_short_of_its_prompt_stops_on_a_block_boundary(path, contiguous,
     assert got == want
 
 
+def test_a_chunk_granule_is_a_quarter_of_the_budget_in_whole_blocks():
+    from mpk.batching import chunk_granule, chunk_rows
+
+    assert chunk_granule(2048, 64) == 512 and chunk_granule(32, 4) == 8
+    assert chunk_granule(10, 4) == 4 and chunk_granule(2, 4) == 2  # never below a block, never above the budget
+    assert chunk_granule(100, 16) == 16  # a quarter (25) in whole blocks
+    assert chunk_rows(0, 30, 40, 8) == 30  # it fits: all of it
+    assert chunk_rows(0, 30, 23, 8) == 16 and chunk_rows(5, 30, 23, 8) == 19  # to a multiple of 8 from row 0
+    assert chunk_rows(0, 30, 7, 8) is None  # no whole granule left: wait for the next window
+    assert chunk_rows(3, 0, 0, 8) == 0  # a prompt with nothing to prefill still goes through
+
+
+def test_a_chunk_short_of_its_prompt_stops_on_a_quarter_of_the_budget(path, contiguous, monkeypatch):
+    """With a 32-row budget and blocks of 4 a chunk that does not finish its prompt ends on a multiple of
+    8 rows: after a 9-row prompt, 16 of the next one's 30 rows (not the 20 that whole blocks allow)."""
+    from mpk import SamplingParams
+    from mpk.batching import Batcher, Request
+
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    prompts = [list(range(20, 30)), list(range(40, 71))]  # 9 and 30 prompt rows
+    want = [outputs(contiguous.generate([p], params))[0] for p in prompts]
+    chunks = []
+    record_prefills(monkeypatch, lambda cached, limit: chunks.append((cached, limit)))
+    batcher = Batcher(paged(path), window=2, prefill_rows=32)
+    got = [None, None]
+    for i, p in enumerate(prompts):
+        batcher.submit(Request(p, params, on_done=lambda out, i=i: got.__setitem__(i, outputs([out])[0])))
+    while batcher.run_window():
+        pass
+    assert chunks == [(0, 9), (0, 16), (16, 14)]
+    assert got == want
+
+
 def test_a_window_decodes_without_the_prompts_still_prefilling(path, contiguous):
     """A prompt admitted into a lower slot than a decoding request moves after it, so the window's
     batch holds the decoding request alone while the prompt's chunks go in."""

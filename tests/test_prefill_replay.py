@@ -97,3 +97,18 @@ def test_a_shape_is_captured_the_second_time_it_comes_and_kept_among_the_latest(
         assert [replays.run(executor, None, prompt, start, 10, None) for _ in range(2)] == [False, True]
     assert len(replays.graphs) == pr.REPLAYS_KEPT and (0, 2 * REPLAY_ROWS) not in replays.graphs
     assert replays.run(executor, None, prompt, 0, 100, None) is False  # dropped: met anew
+
+
+def test_the_shape_count_script_chunks_as_the_batcher_does():
+    """scripts/prefill_shapes.py replays the batcher's chunking: a 9-row prompt, then 16 of a 30-row one's
+    rows in the same 32-row window and its last 14 in the next (as tests/test_paging.py sees the batcher
+    do), each padded to a replayed shape."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prefill_shapes.py"
+    spec = importlib.util.spec_from_file_location("prefill_shapes", script)
+    shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shapes)
+    assert shapes.chunk_shapes([10, 31], 32, 8, 4096) == [(0, REPLAY_ROWS), (0, REPLAY_ROWS), (16, REPLAY_ROWS)]
+    assert shapes.chunk_shapes([10, 31], 32, 8, 40) == [(0, 39), (0, 39), (16, 23)]  # within the context
