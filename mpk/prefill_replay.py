@@ -17,6 +17,8 @@ at the same time, and nothing they allocate outlives a replay.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from mpk.prefill import pool_rows, prefill_program, run_ops
@@ -76,11 +78,14 @@ class PrefillReplays:
         self.graphs: dict[tuple[int, int], ChunkGraph] = {}
         self.seen: dict[tuple[int, int], None] = {}  # shapes met once, oldest first
         self.pool = None
+        self.failed: str | None = None  # why a capture failed: every chunk runs eagerly from then on
 
     def run(self, executor, cfg, prompt: list[int], start: int, rows: int, kv_table: torch.Tensor) -> bool:
         """Prefill positions [start, start + rows) of `prompt` into the slot whose block-table row is
         `kv_table` by replaying the chunk's padded shape, captured now if it comes the second time.
         False, with nothing run, when the shape is new: the caller runs the chunk eagerly."""
+        if self.failed is not None:
+            return False
         padded = replay_rows(start, rows, executor.tg.max_seq_len)
         key = (start, padded)
         if key not in self.graphs:
@@ -90,7 +95,14 @@ class PrefillReplays:
             del self.seen[key]
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            _remember(self.graphs, key, ChunkGraph(executor, cfg, start, padded, self.pool))
+            try:
+                graph = ChunkGraph(executor, cfg, start, padded, self.pool)
+            except RuntimeError as e:  # the eager path still serves, only slower: say so once
+                self.failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+                print(f"mpk: capturing a prefill chunk as a CUDA graph failed ({self.failed}); prefill chunks "
+                      "run op by op from now on", file=sys.stderr, flush=True)
+                return False
+            _remember(self.graphs, key, graph)
         self.graphs[key].run(prompt[start:start + rows] + [0] * (padded - rows), kv_table)
         return True
 

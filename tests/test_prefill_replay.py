@@ -112,3 +112,27 @@ def test_the_shape_count_script_chunks_as_the_batcher_does():
     spec.loader.exec_module(shapes)
     assert shapes.chunk_shapes([10, 31], 32, 8, 4096) == [(0, REPLAY_ROWS), (0, REPLAY_ROWS), (16, REPLAY_ROWS)]
     assert shapes.chunk_shapes([10, 31], 32, 8, 40) == [(0, 39), (0, 39), (16, 23)]  # within the context
+
+
+def test_a_failed_capture_leaves_every_chunk_to_the_eager_path_and_says_so_once(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import mpk.prefill_replay as pr
+
+    attempts = []
+
+    class FailingGraph:
+        def __init__(self, *args):
+            attempts.append(args[2:4])
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(pr, "ChunkGraph", FailingGraph)
+    monkeypatch.setattr(pr.torch.cuda, "graph_pool_handle", lambda: "pool")
+    executor = SimpleNamespace(tg=SimpleNamespace(max_seq_len=4096))
+    replays = pr.PrefillReplays()
+    prompt = list(range(300))
+    assert [replays.run(executor, None, prompt, 0, 100, None) for _ in range(4)] == [False] * 4
+    assert attempts == [(0, 2 * REPLAY_ROWS)]  # one capture tried, at the shape's second coming; none after
+    assert replays.failed == "operation not permitted when stream is capturing"
+    err = capsys.readouterr().err
+    assert err.count("mpk: capturing a prefill chunk as a CUDA graph failed") == 1 and "op by op" in err

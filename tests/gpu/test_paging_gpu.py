@@ -118,14 +118,17 @@ def test_a_shared_prefix_on_the_gpu(path):
     assert outs[0] == alone[0] and outs[1][0] == alone[1][0]  # the prefill from row 48 may round differently
 
 
-def test_prefill_chunks_replayed_as_cuda_graphs_write_what_eager_passes_write(path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_chunks_replayed_as_cuda_graphs_write_what_eager_passes_write(make_checkpoint, case):
     """Two prompts of different lengths prefilled into slots through one replayed shape (both pad to 64
     rows), then a chunk after a prefix: their K/V rows are the eager passes' up to bf16 rounding. A shape
     is captured when it comes the second time, so the prompts go through twice: all replays the second."""
     from mpk.prefill import prefill_slot
     from mpk.prefill_replay import REPLAY_ROWS, PrefillReplays
 
-    llm = LLM(path, backend="cuda", max_batch=2, max_seq_len=128, kv_block_rows=16, kv_blocks=16)
+    family, overrides = CASES[case]
+    llm = LLM(str(make_checkpoint(family, **overrides)), backend="cuda", max_batch=2, max_seq_len=128,
+              kv_block_rows=16, kv_blocks=16)
     tg, ex = llm._executor(2)
     pool = llm._block_pool(2)
     prompts = [list(range(40, 77)), list(range(70, 120))]  # 36 and 49 prompt rows (the vocabulary has 128)
@@ -146,6 +149,7 @@ def test_prefill_chunks_replayed_as_cuda_graphs_write_what_eager_passes_write(pa
     prefilled(replays)
     replayed = prefilled(replays)
     assert set(replays.graphs) == {(0, REPLAY_ROWS), (16, REPLAY_ROWS)}  # shapes shared by both prompts
+    assert replays.failed is None
     for slot, p in enumerate(prompts):
         rows = [pool.owned[slot][r // 16] * 16 + r % 16 for r in range(len(p) - 1)]
         for name in caches:
