@@ -25,7 +25,11 @@ from mpk.prefill import pool_rows, prefill_program, run_ops
 from mpk.util import cdiv
 
 REPLAY_ROWS = 64  # a replayed chunk's rows are a multiple of this (its last row within the context)
-REPLAYS_KEPT = 16  # captured chunk shapes an executor keeps (the oldest goes first)
+# Captured chunk shapes an executor keeps, the least recently replayed going first: more than the
+# whole-prompt shapes of a 2048-row budget (32) with room for continuations. A graph costs little
+# beside the pool all of them share.
+REPLAYS_KEPT = 64
+SEEN_KEPT = 4 * REPLAYS_KEPT  # shapes met once, remembered until their second coming
 
 
 def replay_rows(start: int, rows: int, max_seq_len: int) -> int:
@@ -70,8 +74,8 @@ class ChunkGraph:
 
 
 class PrefillReplays:
-    """The chunk graphs of one executor (at most REPLAYS_KEPT, the oldest dropped first) and the
-    memory pool they share. A shape is captured the second time it comes: a capture costs about
+    """The chunk graphs of one executor (at most REPLAYS_KEPT, the least recently replayed dropped
+    first) and the memory pool they share. A shape is captured the second time it comes: a capture costs about
     three eager passes, so a shape seen once (a long prompt's odd tail) stays eager."""
 
     def __init__(self):
@@ -90,7 +94,7 @@ class PrefillReplays:
         key = (start, padded)
         if key not in self.graphs:
             if key not in self.seen:
-                _remember(self.seen, key, None)
+                _remember(self.seen, key, None, SEEN_KEPT)
                 return False
             del self.seen[key]
             if self.pool is None:
@@ -102,13 +106,15 @@ class PrefillReplays:
                 print(f"mpk: capturing a prefill chunk as a CUDA graph failed ({self.failed}); prefill chunks "
                       "run op by op from now on", file=sys.stderr, flush=True)
                 return False
-            _remember(self.graphs, key, graph)
+            _remember(self.graphs, key, graph, REPLAYS_KEPT)
+        else:
+            self.graphs[key] = self.graphs.pop(key)  # the most recently replayed, last
         self.graphs[key].run(prompt[start:start + rows] + [0] * (padded - rows), kv_table)
         return True
 
 
-def _remember(store: dict, key, value) -> None:
-    """store[key] = value, the oldest entries dropped to keep at most REPLAYS_KEPT."""
-    while len(store) >= REPLAYS_KEPT:
+def _remember(store: dict, key, value, kept: int) -> None:
+    """store[key] = value, the first entries dropped to keep at most `kept`."""
+    while len(store) >= kept:
         store.pop(next(iter(store)))
     store[key] = value

@@ -67,9 +67,9 @@ def test_a_padded_chunk_writes_the_prompts_rows_and_only_its_own_blocks(make_che
                 assert torch.equal(flat_padded[row], before[name].flatten(0, 1)[row])
 
 
-def test_a_shape_is_captured_the_second_time_it_comes_and_kept_among_the_latest(monkeypatch):
+def test_a_shape_is_captured_the_second_time_it_comes_and_kept_while_it_is_replayed(monkeypatch):
     """The first chunk of a shape runs eagerly (run says False), the second captures it, later ones
-    replay that capture; the oldest of more than REPLAYS_KEPT shapes goes."""
+    replay that capture; past REPLAYS_KEPT shapes the least recently replayed goes."""
     from types import SimpleNamespace
 
     import mpk.prefill_replay as pr
@@ -93,10 +93,13 @@ def test_a_shape_is_captured_the_second_time_it_comes_and_kept_among_the_latest(
     assert runs == [False, True, True]
     assert captured == [(0, 2 * REPLAY_ROWS)]
     assert replayed == [((0, 2 * REPLAY_ROWS), 2 * REPLAY_ROWS)] * 2
-    for start in range(1, pr.REPLAYS_KEPT + 1):  # as many new shapes, each met twice
+    for start in range(1, pr.REPLAYS_KEPT):  # as many new shapes as fill the store, each met twice
         assert [replays.run(executor, None, prompt, start, 10, None) for _ in range(2)] == [False, True]
-    assert len(replays.graphs) == pr.REPLAYS_KEPT and (0, 2 * REPLAY_ROWS) not in replays.graphs
-    assert replays.run(executor, None, prompt, 0, 100, None) is False  # dropped: met anew
+    assert replays.run(executor, None, prompt, 0, 100, None) is True  # the first shape, replayed again: now the latest
+    assert [replays.run(executor, None, prompt, 999, 10, None) for _ in range(2)] == [False, True]  # one more
+    assert len(replays.graphs) == pr.REPLAYS_KEPT and (0, 2 * REPLAY_ROWS) in replays.graphs
+    assert (1, REPLAY_ROWS) not in replays.graphs  # the least recently replayed went
+    assert replays.run(executor, None, prompt, 1, 10, None) is False  # dropped: met anew
 
 
 def test_the_shape_count_script_chunks_as_the_batcher_does():
