@@ -124,7 +124,7 @@ class Batcher:
         self._prefills: dict = {}
         from mpk.prefill_replay import PrefillReplays
 
-        self._replays = PrefillReplays()  # a paged GPU cache's prefill chunks as CUDA graphs
+        self.replays = PrefillReplays()  # a paged GPU cache's prefill chunks as CUDA graphs; chunk counts
 
     def prepare(self) -> None:
         """Build and open the executor of every batch size now, not when a window first needs it; on
@@ -139,7 +139,7 @@ class Batcher:
             if self.pool is not None:  # no slot holds blocks yet: every row goes to the scratch block
                 self.executor.set_kv_table(self.pool.table())
             for rows in sorted({2, min(self.prefill_rows, self.tg.max_seq_len - 1)}):  # slot 0 holds no request
-                prefill_slot(self.executor, self.llm.cfg, [0] * (rows + 1), 0, {}, fast=True, replays=self._replays)
+                prefill_slot(self.executor, self.llm.cfg, [0] * (rows + 1), 0, {}, fast=True)
 
     # --- the queue (any thread) ----------------------------------------------------------------
 
@@ -207,7 +207,7 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             done = prefill_slot(self.executor, self.llm.cfg, *args, programs=self._prefills,
-                                fast=self.llm.backend == "cuda", replays=self._replays, **kwargs)
+                                fast=self.llm.backend == "cuda", replays=self.replays, **kwargs)
         finally:
             self.time.prefill += time.perf_counter() - t0
         self.time.prefill_rows += done - kwargs.get("cached", 0)

@@ -321,13 +321,16 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
              for name, buf in executor.buffers.items()}
     on_gpu = views[tensor_name(0, tg.tp_size, EMBED)].device.type == "cuda"
     pieces = op_chunks(positions - cached, 1) if on_gpu else chunks(positions - cached)
+    replay = None
     if replays is not None:
         from mpk.prefill_replay import replayable
 
-        replays = replays if fast and on_gpu and replayable(executor) else None
+        replay = replays if fast and on_gpu and replayable(executor) else None
     for start, rows in [(cached + s, r) for s, r in pieces]:
-        if replays is not None and replays.run(executor, cfg, prompt, start, rows, table):
+        if replay is not None and replay.run(executor, cfg, prompt, start, rows, table):
             continue
+        if replays is not None:
+            replays.eager += 1
         make = partial(prefill_program, tg, cfg, rows, start, batch=1) if on_gpu else \
             partial(compile_prefill, tg, cfg, rows, start=start, batch=1)
         graph = _kept(programs, (start, rows), make, PROGRAMS_KEPT)

@@ -83,6 +83,9 @@ class PrefillReplays:
         self.seen: dict[tuple[int, int], None] = {}  # shapes met once, oldest first
         self.pool = None
         self.failed: str | None = None  # why a capture failed: every chunk runs eagerly from then on
+        # Prefill passes so far: replayed (a capture's first replay included), captured, and run
+        # eagerly (`mpk.prefill.prefill_slot` counts those, replayable or not).
+        self.replayed = self.captured = self.eager = 0
 
     def run(self, executor, cfg, prompt: list[int], start: int, rows: int, kv_table: torch.Tensor) -> bool:
         """Prefill positions [start, start + rows) of `prompt` into the slot whose block-table row is
@@ -107,9 +110,11 @@ class PrefillReplays:
                       "run op by op from now on", file=sys.stderr, flush=True)
                 return False
             _remember(self.graphs, key, graph, REPLAYS_KEPT)
+            self.captured += 1
         else:
             self.graphs[key] = self.graphs.pop(key)  # the most recently replayed, last
         self.graphs[key].run(prompt[start:start + rows] + [0] * (padded - rows), kv_table)
+        self.replayed += 1
         return True
 
 

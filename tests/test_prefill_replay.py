@@ -92,6 +92,7 @@ def test_a_shape_is_captured_the_second_time_it_comes_and_kept_while_it_is_repla
     runs = [replays.run(executor, None, prompt, 0, 100, None) for _ in range(3)]
     assert runs == [False, True, True]
     assert captured == [(0, 2 * REPLAY_ROWS)]
+    assert (replays.captured, replays.replayed, replays.eager) == (1, 2, 0)  # prefill_slot counts the eager ones
     assert replayed == [((0, 2 * REPLAY_ROWS), 2 * REPLAY_ROWS)] * 2
     for start in range(1, pr.REPLAYS_KEPT):  # as many new shapes as fill the store, each met twice
         assert [replays.run(executor, None, prompt, start, 10, None) for _ in range(2)] == [False, True]

@@ -22,6 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 import tiny_tokenizers  # noqa: E402
 from mpk import LLM, SamplingParams  # noqa: E402
 from mpk.batching import Request  # noqa: E402
+from mpk.prefill import chunks  # noqa: E402
 from mpk.serve import create_app  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -357,5 +358,9 @@ def test_a_paged_cache_serves_the_same_tokens_and_counts_its_blocks(make_checkpo
         got = client.completions.create(model=MODEL, prompt="the cat", max_tokens=6, temperature=0)
         assert got.choices[0].text == expected(plain, "the cat", max_tokens=6, temperature=0).text
         assert got.usage.prompt_tokens > 4 and metric(base, "mpk_prefill_rows") == got.usage.prompt_tokens - 1
+        # Two 3-row chunks, each in passes of 2 and 1 rows on the CPU executor, which replays no CUDA graphs.
+        assert got.usage.prompt_tokens == 7 and len(chunks(3)) == 2
+        assert metric(base, 'mpk_prefill_passes{how="eager"}') == 4
+        assert metric(base, 'mpk_prefill_passes{how="replayed"}') == metric(base, 'mpk_prefill_passes{how="captured"}') == 0
         assert metric(base, "mpk_kv_blocks ") == 4 * MAX_SEQ_LEN // 8 + 1
         assert metric(base, "mpk_kv_blocks_in_use") == 0  # the finished request gave its blocks back

@@ -40,6 +40,12 @@ class Metrics:
         prefilled = Gauge("mpk_prefill_rows", "prompt rows prefilled (rows a shared prefix held are not counted)",
                           registry=r)
         prefilled.set_function(lambda: spent.prefill_rows)
+        passes = Gauge("mpk_prefill_passes", "prefill passes over prompt chunks, by how: replayed as a CUDA "
+                       "graph (captured: those that first captured their shape) or run op by op", ["how"], registry=r)
+        replays = worker.batcher.replays
+        passes.labels("replayed").set_function(lambda: replays.replayed)
+        passes.labels("captured").set_function(lambda: replays.captured)
+        passes.labels("eager").set_function(lambda: replays.eager)
         steps = Gauge("mpk_decode_steps", "decode steps the kernel ran", registry=r)
         steps.set_function(lambda: spent.steps)
         slot_steps = Gauge("mpk_decode_slot_steps", "decode steps x the batch each ran, by whether a request "
