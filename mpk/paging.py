@@ -218,21 +218,25 @@ def physical_rows(table: torch.Tensor, block_rows: int, seqs: range, rows: range
 def gather(pool: torch.Tensor, table: torch.Tensor, box, idx: torch.Tensor | None = None) -> torch.Tensor:
     """A copy of logical box (seqs, rows, groups, dims) of a paged cache. `idx`: the box's
     `physical_rows`, when the caller has them already (pools of one table share them)."""
-    (b0, b1), (r0, r1), *rest = box
-    flat = pool.reshape(-1, *pool.shape[2:])
-    if idx is None:
-        idx = physical_rows(table, pool.shape[1], range(b0, b1), range(r0, r1), pool.device)
-    return flat[idx][(slice(None), slice(None), *(slice(a, b) for a, b in rest))]
+    idx, inner = _box_rows(pool, table, box, idx)
+    return pool.reshape(-1, *pool.shape[2:])[idx][inner]
 
 
 def scatter(pool: torch.Tensor, table: torch.Tensor, box, values: torch.Tensor,
             idx: torch.Tensor | None = None) -> None:
     """Write `values` (the shape of logical box (seqs, rows, groups, dims)) into a paged cache
     (`idx` as for `gather`)."""
-    (b0, b1), (r0, r1), *rest = box
+    idx, inner = _box_rows(pool, table, box, idx)
     flat = pool.view(-1, *pool.shape[2:])
+    rows = flat[idx]
+    rows[inner] = values
+    flat[idx] = rows
+
+
+def _box_rows(pool: torch.Tensor, table: torch.Tensor, box, idx: torch.Tensor | None):
+    """A paged box's flat pool rows [seqs, rows] (`idx` when given) and the index of its
+    (groups, dims) part within those rows."""
+    (b0, b1), (r0, r1), *rest = box
     if idx is None:
         idx = physical_rows(table, pool.shape[1], range(b0, b1), range(r0, r1), pool.device)
-    rows = flat[idx]
-    rows[(slice(None), slice(None), *(slice(a, b) for a, b in rest))] = values
-    flat[idx] = rows
+    return idx, (slice(None), slice(None), *(slice(a, b) for a, b in rest))

@@ -200,7 +200,7 @@ def prefill_graphs(executor, cfg, prompts: list[list[int]], kernels: dict, chunk
             return Megakernel(tg, devices=executor.devices, kv_pages=executor.kv_pages,
                               buffers=_graph_buffers(tg, executor.buffers, tokens, executor.kv_pages is not None))
 
-        mk = _kept(kernels, (start, rows), make, KERNELS_KEPT, on_drop=lambda old: old.close())
+        mk = keep(kernels, (start, rows), make, KERNELS_KEPT, on_drop=lambda old: old.close())
         if mk.kv_pages is not None:
             mk.set_kv_table(executor.kv_table)
         for r in range(mk.tg.tp_size):
@@ -289,7 +289,7 @@ def prefill_ops(executor, cfg, prompts: list[list[int]], fast: bool = True, chun
     programs = {} if programs is None else programs
     done = 0
     for start, rows in op_chunks(prefill_rows(prompts), executor.tg.batch, chunk_rows):
-        prog = _kept(programs, (start, rows), partial(prefill_program, executor.tg, cfg, rows, start), PROGRAMS_KEPT)
+        prog = keep(programs, (start, rows), partial(prefill_program, executor.tg, cfg, rows, start), PROGRAMS_KEPT)
         run_prefill_ops(prog, executor.buffers, prompts, fast, executor.kv_table)
         done = start + rows
     if done:
@@ -321,19 +321,19 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
              for name, buf in executor.buffers.items()}
     on_gpu = views[tensor_name(0, tg.tp_size, EMBED)].device.type == "cuda"
     pieces = op_chunks(positions - cached, 1) if on_gpu else chunks(positions - cached)
-    replay = None
+    replay = False
     if replays is not None:
         from mpk.prefill_replay import replayable
 
-        replay = replays if fast and on_gpu and replayable(executor) else None
+        replay = fast and on_gpu and replayable(executor)
     for start, rows in [(cached + s, r) for s, r in pieces]:
-        if replay is not None and replay.run(executor, cfg, prompt, start, rows, table):
+        if replay and replays.run(executor, cfg, prompt, start, rows, table):
             continue
         if replays is not None:
             replays.eager += 1
         make = partial(prefill_program, tg, cfg, rows, start, batch=1) if on_gpu else \
             partial(compile_prefill, tg, cfg, rows, start=start, batch=1)
-        graph = _kept(programs, (start, rows), make, PROGRAMS_KEPT)
+        graph = keep(programs, (start, rows), make, PROGRAMS_KEPT)
         if on_gpu:
             run_prefill_ops(graph, views, [prompt], fast, table)
         else:
@@ -342,11 +342,11 @@ def prefill_slot(executor, cfg, prompt: list[int], slot: int, programs: dict, fa
     return positions
 
 
-def _kept(store: dict, key, make, kept: int, on_drop=None):
-    """store[key], made by `make()` on first use; the oldest entries go (to `on_drop`) so that at
-    most `kept` stay."""
+def keep(store: dict, key, make, limit: int, on_drop=None):
+    """store[key], made by `make()` on first use; the first entries go (to `on_drop`) so that at
+    most `limit` stay."""
     if key not in store:
-        while len(store) >= kept:
+        while len(store) >= limit:
             old = store.pop(next(iter(store)))
             if on_drop is not None:
                 on_drop(old)

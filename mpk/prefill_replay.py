@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from mpk.prefill import pool_rows, prefill_program, run_ops
+from mpk.prefill import keep, pool_rows, prefill_program, run_ops
 from mpk.util import cdiv
 
 REPLAY_ROWS = 64  # a replayed chunk's rows are a multiple of this (its last row within the context)
@@ -97,19 +97,18 @@ class PrefillReplays:
         key = (start, padded)
         if key not in self.graphs:
             if key not in self.seen:
-                _remember(self.seen, key, None, SEEN_KEPT)
+                keep(self.seen, key, lambda: None, SEEN_KEPT)
                 return False
             del self.seen[key]
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             try:
-                graph = ChunkGraph(executor, cfg, start, padded, self.pool)
+                keep(self.graphs, key, lambda: ChunkGraph(executor, cfg, start, padded, self.pool), REPLAYS_KEPT)
             except RuntimeError as e:  # the eager path still serves, only slower: say so once
                 self.failed = str(e).splitlines()[0] if str(e) else type(e).__name__
                 print(f"mpk: capturing a prefill chunk as a CUDA graph failed ({self.failed}); prefill chunks "
                       "run op by op from now on", file=sys.stderr, flush=True)
                 return False
-            _remember(self.graphs, key, graph, REPLAYS_KEPT)
             self.captured += 1
         else:
             self.graphs[key] = self.graphs.pop(key)  # the most recently replayed, last
@@ -117,9 +116,3 @@ class PrefillReplays:
         self.replayed += 1
         return True
 
-
-def _remember(store: dict, key, value, kept: int) -> None:
-    """store[key] = value, the first entries dropped to keep at most `kept`."""
-    while len(store) >= kept:
-        store.pop(next(iter(store)))
-    store[key] = value
