@@ -83,6 +83,57 @@ __device__ void for_each_x_vec(const T* x, const bf16* norm, const float* inv, F
   }
 }
 
+// All threads: x [B, K] RMS-normalised (inv[b] and the norm weights, as the op references do) and
+// handed to store(b, v, f) vector by vector, from one L2 pass over x: the pass keeps each vector
+// in shared memory as float32 (`raw`, B * K floats) while it sums the squares, and the normalising
+// pass reads it back from there. For an x too large to hold in registers (XRegs), where
+// row_inv_rms + for_each_x_vec would read it from L2 twice. `raw` holds quarter q of vector i at
+// raw + (q * N + i) * 4, so a warp's 16-byte accesses are contiguous. Ends with a barrier.
+template <int B, int K, int VEC, class A, class T, class Store>
+__device__ void stage_normed_via_smem(const T* x, const bf16* norm, float eps, float* inv, float* red, float* raw,
+                                      Store&& store) {
+  constexpr int NV = K / VEC, N = B * NV, kBatch = 4;
+  static_assert(VEC % 4 == 0, "float4 quarters");
+  float4* quarters = reinterpret_cast<float4*>(raw);
+  float part[B];
+#pragma unroll
+  for (int b = 0; b < B; ++b) part[b] = 0.f;
+  for (int i0 = threadIdx.x; i0 < N; i0 += kBatch * kThreads) {
+    float f[kBatch][VEC];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      if (i0 + j * kThreads < N) load_vec<VEC>(x + (i0 + j * kThreads) * VEC, f[j]);  // rows are contiguous
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i >= N) break;
+      float ss = 0.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) ss = fmaf(f[j][e], f[j][e], ss);
+#pragma unroll
+      for (int q = 0; q < VEC / 4; ++q)
+        quarters[q * N + i] = make_float4(f[j][4 * q], f[j][4 * q + 1], f[j][4 * q + 2], f[j][4 * q + 3]);
+#pragma unroll
+      for (int b = 0; b < B; ++b) part[b] += i / NV == b ? ss : 0.f;
+    }
+  }
+  inv_rms_from_parts<B, K>(part, eps, inv, red);  // its barriers also publish `raw`
+  for (int i = threadIdx.x; i < N; i += kThreads) {
+    const int b = i / NV, v = i - b * NV;
+    float f[VEC], w[VEC];
+    unpack<VEC>(ld_weight<VEC>(norm + v * VEC), w);
+#pragma unroll
+    for (int q = 0; q < VEC / 4; ++q) {
+      const float4 r = quarters[q * N + i];
+      f[4 * q] = r.x, f[4 * q + 1] = r.y, f[4 * q + 2] = r.z, f[4 * q + 3] = r.w;
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) f[e] = rms_normed<A>(f[e], inv[b], w[e]);
+    store(b, v, f);
+  }
+  __syncthreads();
+}
+
 // The input vectors one thread handles in a GEMV prologue, held in registers: vectors
 // i = threadIdx.x + j * kThreads of x's B x (K / VEC) vectors. When they are few (kFits), the
 // prologue reads x once: the RMS statistics and the staging both use these registers, one L2 pass

@@ -40,7 +40,10 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   static constexpr int kMaxSlots = 48;
   static constexpr int kSlotOffset = kPartOffset + cmax(kSplitBelow, kWarps) * kBlockFloats * 4;
   static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
-  static constexpr int SMEM = kSlotOffset + kSlots * kBlockFloats * 4;
+  // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
+  // instead of two: stage_normed_via_smem), over the partial sums, which are not in use yet.
+  static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
+  static constexpr int SMEM = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
   static constexpr int U = 8;  // k-steps of weight loads in flight per lane (2 rows x 16 B each)
   // Weights stream past L1 up to batch 4; beyond, through L1. On an H200 streaming made qwen3-8b's
   // batch-4 step 2.5% faster and its batch-8 step 5.5% slower (docs/perf.md).
@@ -70,6 +73,12 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     if constexpr (NORM && X::kFits) {  // one pass over x
       X::template stage_normed<A>(x, norm, eps, inv, reinterpret_cast<float*>(s + kRedOffset),
                                   [&](int b, int v, const float (&f)[8]) { store(s, b, v, f); });
+      return;
+    }
+    if constexpr (kRawStage) {
+      stage_normed_via_smem<B, K, 8, A>(x, norm, eps, inv, reinterpret_cast<float*>(s + kRedOffset),
+                                        reinterpret_cast<float*>(s + kPartOffset),
+                                        [&](int b, int v, const float (&f)[8]) { store(s, b, v, f); });
       return;
     }
     if constexpr (NORM) row_inv_rms<B, K>(x, eps, inv, reinterpret_cast<float*>(s + kRedOffset));
@@ -130,9 +139,9 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     float* part = reinterpret_cast<float*>(smem + kPartOffset);
     float* slots = reinterpret_cast<float*>(smem + kSlotOffset);
     const bool rounds = split > 1 && nblocks * split > kSlots;
-    if (rounds)
+    stage(x, norm, eps, smem);  // first: a float32 x may be staged over `part`
+    if (rounds)  // add_round's first barrier orders the zeroing before any sum
       for (int i = threadIdx.x; i < nblocks * kBlockFloats; i += kThreads) part[i] = 0.f;
-    stage(x, norm, eps, smem);  // its barrier also orders the zeroing
     const int g = lane_id() >> 2, q = lane_id() & 3;
     // With split > 1 there are lcm(nblocks, 8) items: every warp runs the same number of rounds.
     for (int item = warp_id(); item < nblocks * split; item += kWarps) {
