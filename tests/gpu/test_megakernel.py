@@ -237,11 +237,11 @@ def test_split_k_gemv_tasks_in_slots_and_in_rounds_match_the_sim(checkpoint, bat
 
 @pytest.mark.parametrize("batch, matmul_inputs", [(2, "bfloat16"), (4, "bfloat16"), (8, "bfloat16"), (4, "float32")])
 def test_a_wide_normed_input_staged_through_shared_memory_matches_the_sim(checkpoint, batch, matmul_inputs):
-    """At hidden 2048 the normed GEMVs' x (batch x 2048 floats) is too large for registers from batch 2
+    """At hidden 4096 the normed GEMVs' x (batch x 4096 floats) is too large for registers from batch 2
     on: it is read once into shared memory as float32 with its sums of squares, then normalised from
-    there (stage_normed_via_smem). Every batch of the tensor-core GEMV, and both input precisions."""
-    cfg, hf = checkpoint("llama-wide-x", "llama", {"hidden_size": 2048, "intermediate_size": 256,
-                                                   "num_attention_heads": 16, "num_key_value_heads": 2,
+    there (stage_normed_via_smem). Batches 2, 4 and 8 of the tensor-core GEMV, and both input precisions."""
+    cfg, hf = checkpoint("llama-wide-x", "llama", {"hidden_size": 4096, "intermediate_size": 256,
+                                                   "num_attention_heads": 32, "num_key_value_heads": 4,
                                                    "head_dim": 128, "vocab_size": 300, "num_hidden_layers": 1})
     T = 8
     seqs = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(7)).tolist()
