@@ -239,13 +239,15 @@ def test_split_k_gemv_tasks_in_slots_and_in_rounds_match_the_sim(checkpoint, bat
 def test_a_wide_normed_input_staged_through_shared_memory_matches_the_sim(checkpoint, batch, matmul_inputs):
     """At hidden 4096 the normed GEMVs' x (batch x 4096 floats) is too large for registers from batch 2
     on: it is read once into shared memory as float32 with its sums of squares, then normalised from
-    there (stage_normed_via_smem). Batches 2, 4 and 8 of the tensor-core GEMV, and both input precisions."""
+    there (stage_normed_via_smem). Batches 2, 4 and 8 of the tensor-core GEMV, and both input precisions;
+    float32 inputs over a float32 cache, where nothing but summation order separates kernel and sim."""
     cfg, hf = checkpoint("llama-wide-x", "llama", {"hidden_size": 4096, "intermediate_size": 256,
                                                    "num_attention_heads": 32, "num_key_value_heads": 4,
                                                    "head_dim": 128, "vocab_size": 300, "num_hidden_layers": 1})
     T = 8
     seqs = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(7)).tolist()
-    mk = megakernel(cfg, hf, seqs, T, 8, matmul_inputs=matmul_inputs)
+    kv_cache = "float32" if matmul_inputs == "float32" else DEFAULT_KV_CACHE
+    mk = megakernel(cfg, hf, seqs, T, 8, kv_cache=kv_cache, matmul_inputs=matmul_inputs)
     res = mk.run(T, collect_logits=True, eos_token_ids=[])
     same = sim_logits(cfg, hf, mk.tg, seqs, T)
     errs = [rel_err(res.logits[s], same[s]) for s in range(T)]
