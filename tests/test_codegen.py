@@ -101,7 +101,7 @@ def test_flags_pick_variants():
 
 def test_tables_mirror_the_graph(tg):
     t = build_tables(tg)
-    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 34 * 8
+    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 35 * 8
     _, op_variant, _ = graph_variants(tg)
     assert len(t.tasks) == len(tg.tasks)
     for i, task in enumerate(tg.tasks):
@@ -358,6 +358,36 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
         seen_head |= head > 0
         seen_tail |= l2 > 0
     assert seen_head and seen_tail
+
+
+def test_queue_entries_carry_each_position_task_op_event_and_the_next_l2_range():
+    """Per rank, position j of the entries is queue_tasks[j]'s task and op rows by value, its wait event's
+    target, lag and scope, and the L2 range of the next task of the same queue, the first after the last."""
+    from mpk.runtime.abi import ENTRY_DTYPE
+    from mpk.runtime.tables import queue_entries
+
+    tg = graph(tiny_cfg(), tp_size=2)
+    assert ENTRY_DTYPE.itemsize == 208 and ENTRY_DTYPE.fields["next_l2"][1] == 192
+    rng = np.random.default_rng(0)
+    prefetch = rng.integers(1, 1 << 40, size=(len(tg.tasks), 4)).astype(np.uint64)
+    crossing = 0
+    for rank in range(2):
+        t = build_tables(tg, rank)
+        ops, _ = op_table(t.op_args, lambda name: 4096 * (1 + sorted(tg.tensors).index(name)), 1 << 40)
+        entries = queue_entries(t, ops, prefetch)
+        assert len(entries) == len(t.queue_tasks)
+        for q in range(tg.num_sms):
+            queue = t.queue_tasks[t.queue_off[q]: t.queue_off[q + 1]].tolist()
+            for k, tid in enumerate(queue):
+                e = entries[t.queue_off[q] + k]
+                assert e["id"] == tid and e["task"].tobytes() == t.tasks[tid].tobytes()
+                assert e["op"].tobytes() == ops[t.tasks[tid]["op"]].tobytes()
+                ev = int(t.tasks[tid]["wait"])
+                want = (t.ev_target[ev], t.ev_lag[ev], t.ev_sys[ev]) if ev >= 0 else (0, 0, 0)
+                assert (e["ev_target"], e["ev_lag"], e["ev_sys"]) == tuple(want), tg.describe_task(tid)
+                crossing += int(e["ev_sys"])
+                assert e["next_l2"].tolist() == prefetch[queue[(k + 1) % len(queue)], 2:4].tolist()
+    assert crossing  # the allreduces wait across ranks
 
 
 def test_prefetch_table_leaves_short_tiles_out_of_l2():

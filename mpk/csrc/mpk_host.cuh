@@ -55,6 +55,7 @@ long long mpk_abi_value(int i) { return mpk::kAbiConstants[i].value; }
 int mpk_params_size() { return sizeof(mpk::MpkParams); }
 int mpk_task_desc_size() { return sizeof(mpk::TaskDesc); }
 int mpk_op_desc_size() { return sizeof(mpk::OpDesc); }
+int mpk_queue_entry_size() { return sizeof(mpk::QueueEntry); }
 int mpk_num_threads() { return mpk::kThreads; }
 const char* mpk_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
 

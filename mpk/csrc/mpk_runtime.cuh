@@ -47,6 +47,20 @@ struct OpDesc {
 };
 static_assert(sizeof(OpDesc) == 144, "OpDesc is mirrored by mpk/runtime/abi.py");
 
+// One queue position by value: every table entry thread 0 reads before a task's wait (the task, its
+// op, its event's target and lag, the next position's L2 range), so the whole record comes with
+// asynchronous copies issued one task ahead and the wake path holds no dependent loads.
+struct QueueEntry {
+  TaskDesc task;
+  OpDesc op;
+  int id;         // the task's id (progress words, traces)
+  int ev_target;  // the wait event's producers per step (0 without an event)
+  int ev_lag;
+  int ev_sys;     // 1: producers on another rank (system-scope acquire)
+  unsigned long long next_l2[2];  // (address, bytes): the next queue position's weights to prefetch into L2
+};
+static_assert(sizeof(QueueEntry) == 208 && sizeof(QueueEntry) % 16 == 0, "QueueEntry is mirrored by mpk/runtime/abi.py");
+
 // ctl: small device-side state of one run, zeroed/initialised by the host before a launch.
 enum : int { kCtlSampled = 0, kCtlStopStep = 1, kCtlWords = 4 };
 // host_flags: host-mapped words the host writes while the kernel runs.
@@ -68,6 +82,7 @@ struct MpkParams {
   const int* ev_lag;
   const int* ev_sys;       // 1: the event has producers on another rank (system-scope acquire)
   const OpDesc* ops;
+  const QueueEntry* entries;  // queue by queue, as queue_tasks
   unsigned long long* counters;  // one per event, zeroed before each launch
   long long* ctl;                // kCtlWords
   int* seq_done;                 // [batch]: sequence hit EOS or its token limit
@@ -184,19 +199,20 @@ __device__ __forceinline__ void stop_all_ranks(const MpkParams& p, long long ste
 // a task on no event, or on a lag-1 event (the previous step's sampled token), can. Every other
 // task's producers are of its own step, so they ran only if the step was not stopped; such a task
 // skips the stop check on its wake path (one L2 round trip) and meets a stop in its poll loop.
-__device__ __forceinline__ bool starts_a_step(const MpkParams& p, int ev) { return ev < 0 || p.ev_lag[ev] > 0; }
+__device__ __forceinline__ bool starts_a_step(const QueueEntry& e) { return e.task.wait < 0 || e.ev_lag > 0; }
 
 // Thread 0 only. True when the task may run; false when the kernel must exit (the run stopped
 // before this step, or the host asked to abort). The first polls spin; the SM's progress words
 // (host-mapped, a PCIe write) are published only once the wait has lasted, so a short wait costs
 // one acquire load per poll and nothing else.
-__device__ bool wait_event(const MpkParams& p, int sm, int seq, int task, int ev, long long step, long long rel) {
-  if (starts_a_step(p, ev) && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
+__device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry& e, long long step, long long rel) {
+  const int task = e.id, ev = e.task.wait;
+  if (starts_a_step(e) && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
   if (ev < 0) return true;
-  MPK_ASSERT(p.ev_lag[ev] == 0 || p.ev_lag[ev] == 1);
-  const long long need = static_cast<long long>(p.ev_target[ev]) * (rel + 1 - p.ev_lag[ev]);
+  MPK_ASSERT(e.ev_lag == 0 || e.ev_lag == 1);
+  const long long need = static_cast<long long>(e.ev_target) * (rel + 1 - e.ev_lag);
   const unsigned long long* ctr = p.counters + ev;
-  const bool sys = p.ev_sys[ev];
+  const bool sys = e.ev_sys;
   constexpr unsigned kQuietPolls = 512;  // ~ tens of microseconds before the host hears of the wait
   for (unsigned spin = 0;; ++spin) {
     if (static_cast<long long>(sys ? ld_acquire_sys(ctr) : ld_acquire(ctr)) >= need) return true;
@@ -271,9 +287,8 @@ constexpr int kPrefetchWords = 4;
 
 // Thread 0 only: pull the L2 range of a task's weight tile. Weights depend on nothing, so this runs
 // before the task's event fires and keeps HBM busy across operator boundaries.
-__device__ __forceinline__ void prefetch_l2(const MpkParams& p, int task) {
+__device__ __forceinline__ void prefetch_l2(unsigned long long addr, unsigned long long bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const unsigned long long addr = p.prefetch[kPrefetchWords * task + 2], bytes = p.prefetch[kPrefetchWords * task + 3];
   constexpr unsigned kChunk = 32 * 1024;
   for (unsigned long long off = 0; off < bytes; off += kChunk) {
     const unsigned n = static_cast<unsigned>(bytes - off < kChunk ? bytes - off : kChunk);
@@ -347,16 +362,27 @@ __device__ __forceinline__ void inject_faults(const MpkParams& p, int task, vola
 #endif
 }
 
+// Thread 0: queue entry `e` copied into shared memory `to` by asynchronous copies (cp.async, no
+// registers held while they land); fetch_entry_wait makes every copy thread 0 issued visible to it.
+__device__ __forceinline__ void fetch_entry(QueueEntry* to, const QueueEntry* e) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(to));
+#pragma unroll
+  for (int k = 0; k < static_cast<int>(sizeof(QueueEntry)) / 16; ++k)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + 16 * k), "l"(reinterpret_cast<const char*>(e) + 16 * k)
+                 : "memory");
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void fetch_entry_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // Each CTA walks queue blockIdx.x for steps [first_step, first_step + num_steps): issue the next
-// task's weight head, wait for this task's event, run it, signal. The task and op descriptors are in
-// shared memory before the wait ends.
+// task's weight head, wait for this task's event, run it, signal. A task's queue entry (its task and
+// op descriptors, its event's target) was copied into shared memory while the task before it ran.
 template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persistent_loop(const MpkParams& p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ __align__(8) unsigned long long s_bar[2];
-  __shared__ TaskDesc s_task;
-  __shared__ OpDesc s_op;
+  __shared__ __align__(16) QueueEntry s_entry[2];  // entry n of the walk in s_entry[n % 2]
   __shared__ unsigned s_head_bytes;
-  __shared__ int s_id, s_go;
+  __shared__ int s_go;
   __shared__ int s_abort;  // raised by a wait inside a task (wait_or_abort) when the host aborts
   const int sm = blockIdx.x;
   const int q0 = p.queue_off[sm], qn = p.queue_off[sm + 1] - q0;
@@ -368,6 +394,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     if (total > 0) heads.issue(p, p.queue_tasks[q0], 0);
   }
+  if (threadIdx.x == 0 && total > 0) fetch_entry(&s_entry[0], p.entries + q0);
   __syncthreads();
   int seq = 0;
   for (long long n = 0; n < total; ++n) {
@@ -375,40 +402,39 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     const int i = static_cast<int>(n - rel * qn), b = static_cast<int>(n & 1);
     // Profiling: one record per task and step, indexed by queue position (unique across SMs).
     unsigned long long* rec = p.trace ? p.trace + (rel * p.queue_off[p.num_sms] + q0 + i) * 3 : nullptr;
+    const QueueEntry& e = s_entry[b];
     if (threadIdx.x == 0) {
       if (rec) rec[0] = global_timer();
-      const int id = p.queue_tasks[q0 + i];
-      if (n + 1 < total) {  // the next task's weights stream while this one waits and runs
-        const int next = p.queue_tasks[q0 + (i + 1) % qn];
-        if (kHeadBytes) heads.issue(p, next, b ^ 1);
-        prefetch_l2(p, next);
+      fetch_entry_wait();
+      if (n + 1 < total) {  // the next task's entry, and its weights, stream while this one waits and runs
+        const int next = (i + 1) % qn;
+        fetch_entry(&s_entry[b ^ 1], p.entries + q0 + next);
+        if (kHeadBytes) heads.issue(p, p.queue_tasks[q0 + next], b ^ 1);
+        prefetch_l2(e.next_l2[0], e.next_l2[1]);
       }
-      s_id = id;
-      s_task = p.tasks[id];
-      s_op = p.ops[s_task.op];
-      s_head_bytes = heads.head_bytes(p, id);
-      bool go = wait_event(p, sm, ++seq, id, s_task.wait, step, rel);
+      s_head_bytes = heads.head_bytes(p, e.id);
+      bool go = wait_event(p, sm, ++seq, e, step, rel);
       // A stop decided by the step this task depends on is visible after the acquire.
-      if (go && starts_a_step(p, s_task.wait) && stopped_before(p, step))
-        go = false, publish(p, sm, seq, id, step, s_task.wait, kStateStopped);
+      if (go && starts_a_step(e) && stopped_before(p, step))
+        go = false, publish(p, sm, seq, e.id, step, e.task.wait, kStateStopped);
       s_go = go;
-      if (!go) heads.drain(p);
+      if (!go) heads.drain(p), fetch_entry_wait();  // nothing lands in shared memory after the CTA leaves
     }
     __syncthreads();
     if (!s_go) return;
     if (rec && threadIdx.x == 0) rec[1] = global_timer();
     const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
-    const TaskCtx ctx{{s_task.tile[0], s_task.tile[1], s_task.tile[2]}, step, rel, &p, head, s_head_bytes};
-    inject_faults(p, s_id, &s_abort);
-    if (!s_abort) Dispatch::run(s_task.variant, ctx, s_op, smem);
+    const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes};
+    inject_faults(p, e.id, &s_abort);
+    if (!s_abort) Dispatch::run(e.task.variant, ctx, e.op, smem);
     __syncthreads();
     if (s_abort) {  // the host gave up on a wait inside this task: leave it unfinished, unsignalled
-      if (threadIdx.x == 0) publish(p, sm, ++seq, s_id, step, -1, kStateAborted), heads.drain(p);
+      if (threadIdx.x == 0) publish(p, sm, ++seq, e.id, step, -1, kStateAborted), heads.drain(p), fetch_entry_wait();
       return;
     }
     if (threadIdx.x == 0) {
       if (rec) rec[2] = global_timer();  // before the signal: a consumer never starts before this
-      signal_events(p, s_task);
+      signal_events(p, e.task);
     }
   }
   if (threadIdx.x == 0) publish(p, sm, ++seq, -1, p.first_step + p.num_steps, -1, kStateDone);

@@ -18,9 +18,11 @@ from mpk.errors import MpkError
 TASK_DTYPE = np.dtype([("variant", "<i4"), ("op", "<i4"), ("tile", "<i4", (3,)), ("wait", "<i4"),
                        ("sig_off", "<i4"), ("sig_cnt", "<i4")])
 OP_DTYPE = np.dtype([("ptr", "<u8", (8,)), ("i", "<i8", (8,)), ("f", "<f4", (4,))])
+ENTRY_DTYPE = np.dtype([("task", TASK_DTYPE), ("op", OP_DTYPE), ("id", "<i4"), ("ev_target", "<i4"), ("ev_lag", "<i4"),
+                        ("ev_sys", "<i4"), ("next_l2", "<u8", (2,))])
 
 _PTR_FIELDS = ("tasks", "signals", "signal_rank", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ev_sys", "ops",
-               "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "out_tokens", "steps_done", "progress", "host_flags",
+               "entries", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "out_tokens", "steps_done", "progress", "host_flags",
                "prefetch", "trace", "peer_counters", "peer_ctl", "kv_blocks")
 _INT_FIELDS = ("first_step", "num_steps", "num_sms", "n_eos", "n_sample", "batch", "rank", "tp_size", "kv_block_rows",
                "kv_blocks_per_seq")
@@ -58,7 +60,7 @@ def load_library(path: Path):
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise MpkError(f"cannot load the megakernel library {path}: {e}") from None
-    for name in ("mpk_params_size", "mpk_task_desc_size", "mpk_op_desc_size", "mpk_num_threads", "mpk_smem_bytes",
+    for name in ("mpk_params_size", "mpk_task_desc_size", "mpk_op_desc_size", "mpk_queue_entry_size", "mpk_num_threads", "mpk_smem_bytes",
                  "mpk_num_variants", "mpk_set_device", "mpk_abi_count", "mpk_head_bytes"):
         getattr(lib, name).restype = ctypes.c_int
     lib.mpk_error_string.restype = ctypes.c_char_p
@@ -75,7 +77,7 @@ def load_library(path: Path):
     lib.mpk_host_alloc.argtypes = [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
     lib.mpk_host_free.argtypes = [ctypes.c_void_p]
     for fn, want in ((lib.mpk_params_size, ctypes.sizeof(Params)), (lib.mpk_task_desc_size, TASK_DTYPE.itemsize),
-                     (lib.mpk_op_desc_size, OP_DTYPE.itemsize)):
+                     (lib.mpk_op_desc_size, OP_DTYPE.itemsize), (lib.mpk_queue_entry_size, ENTRY_DTYPE.itemsize)):
         if fn() != want:
             raise MpkError(f"{path} was built from other headers than this mpk ({fn.__name__} {fn()} != {want}); "
                            "clear MPK_CACHE_DIR and rebuild")

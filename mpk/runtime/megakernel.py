@@ -28,7 +28,7 @@ from mpk.execution import Executor, RunResult, allocate, check_steps, per_sequen
 from mpk.paging import KvPages, storage_shape
 from mpk.runtime.abi import Abi, Mapped, Params, check, load_library
 from mpk.runtime.build import arch_for_capability, build
-from mpk.runtime.tables import KernelTables, build_rank_tables, op_table, prefetch_table, rank_pointer_count
+from mpk.runtime.tables import KernelTables, build_rank_tables, op_table, prefetch_table, queue_entries, rank_pointer_count
 from mpk.runtime.watchdog import stall_report
 from mpk.taskgraph import TaskGraph
 
@@ -227,6 +227,8 @@ class Megakernel(Executor):
             rs.dev["rank_lists"] = lists
             rs.dev["ops"] = torch.from_numpy(table.view(np.uint8)).to(rs.device)
             rs.dev["prefetch"] = torch.from_numpy(heads.view(np.int64)).to(rs.device)
+            entries = queue_entries(rs.tables, table, heads)
+            rs.dev["entries"] = torch.from_numpy(entries.view(np.uint8)).to(rs.device)
         self._ops = True
 
     # --- running -------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ class Megakernel(Executor):
     def _params(self, rs: RankState, first_step: int, num_steps: int) -> Params:
         p = Params()
         for name in ("tasks", "signals", "signal_rank", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ev_sys",
-                     "ops", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "prefetch", "peer_counters",
+                     "ops", "entries", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "prefetch", "peer_counters",
                      "peer_ctl"):
             setattr(p, name, rs.address(name))
         for name, mapped in rs.mapped.items():

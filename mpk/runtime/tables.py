@@ -14,7 +14,7 @@ from mpk.codegen import OpArgs, Variant, graph_variants
 from mpk.dtypes import dtype
 from mpk.errors import MpkError
 from mpk.ops import OP_KINDS
-from mpk.runtime.abi import OP_DTYPE, TASK_DTYPE
+from mpk.runtime.abi import ENTRY_DTYPE, OP_DTYPE, TASK_DTYPE
 from mpk.taskgraph import TaskGraph
 
 # The L2 prefetch of a task's weights past its head, issued before the task waits. It pays only on
@@ -129,6 +129,30 @@ def op_table(op_args: list[OpArgs], pointer_of, lists_at: int = 0) -> tuple[np.n
         table[i]["i"][: len(a.ints)] = a.ints
         table[i]["f"][: len(a.floats)] = a.floats
     return table, np.array(lists or [0], dtype=np.uint64)
+
+
+def queue_entries(t: KernelTables, ops: np.ndarray, prefetch: np.ndarray) -> np.ndarray:
+    """ENTRY_DTYPE per queue position of `t` (queue by queue, as queue_tasks): the task's descriptor and
+    its op's row of `ops` by value, its wait event's target, lag and scope, and the L2 range of the
+    task at the next position of the same queue (the kernel walks each queue round and round)."""
+    ids = t.queue_tasks.astype(np.int64)
+    entries = np.zeros(len(ids), dtype=ENTRY_DTYPE)
+    if not len(ids):
+        return entries
+    tasks = t.tasks[ids]
+    entries["task"] = tasks
+    entries["op"] = ops[tasks["op"]]
+    entries["id"] = ids
+    wait = tasks["wait"].astype(np.int64)
+    has = wait >= 0
+    for field, table in (("ev_target", t.ev_target), ("ev_lag", t.ev_lag), ("ev_sys", t.ev_sys)):
+        entries[field][has] = table[wait[has]]
+    pos = np.arange(len(ids))
+    queue = np.searchsorted(t.queue_off, pos, side="right") - 1
+    start, length = t.queue_off[queue], np.diff(t.queue_off)[queue]
+    following = ids[start + (pos - start + 1) % length]
+    entries["next_l2"] = prefetch[following][:, 2:4]
+    return entries
 
 
 def head_rows_align(batch: int) -> int:
