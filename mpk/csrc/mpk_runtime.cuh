@@ -73,15 +73,10 @@ constexpr int kMaxRanks = 8;  // tensor-parallel GPUs one graph may span
 // Kernel parameters. Every field is 8 bytes, so the ctypes mirror in mpk/runtime/abi.py has no
 // padding questions; mpk_params_size() lets the host check.
 struct MpkParams {
-  const TaskDesc* tasks;
   const int* signals;      // event ids
   const int* signal_rank;  // per entry of signals: the rank whose counter it increments
   const int* queue_off;    // [num_sms + 1]
   const int* queue_tasks;  // task ids, queue by queue
-  const int* ev_target;
-  const int* ev_lag;
-  const int* ev_sys;       // 1: the event has producers on another rank (system-scope acquire)
-  const OpDesc* ops;
   const QueueEntry* entries;  // queue by queue, as queue_tasks
   unsigned long long* counters;  // one per event, zeroed before each launch
   long long* ctl;                // kCtlWords

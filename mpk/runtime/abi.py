@@ -21,8 +21,7 @@ OP_DTYPE = np.dtype([("ptr", "<u8", (8,)), ("i", "<i8", (8,)), ("f", "<f4", (4,)
 ENTRY_DTYPE = np.dtype([("task", TASK_DTYPE), ("op", OP_DTYPE), ("id", "<i4"), ("ev_target", "<i4"), ("ev_lag", "<i4"),
                         ("ev_sys", "<i4"), ("next_l2", "<u8", (2,))])
 
-_PTR_FIELDS = ("tasks", "signals", "signal_rank", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ev_sys", "ops",
-               "entries", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "out_tokens", "steps_done", "progress", "host_flags",
+_PTR_FIELDS = ("signals", "signal_rank", "queue_off", "queue_tasks", "entries", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "out_tokens", "steps_done", "progress", "host_flags",
                "prefetch", "trace", "peer_counters", "peer_ctl", "kv_blocks")
 _INT_FIELDS = ("first_step", "num_steps", "num_sms", "n_eos", "n_sample", "batch", "rank", "tp_size", "kv_block_rows",
                "kv_blocks_per_seq")

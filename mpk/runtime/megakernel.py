@@ -176,10 +176,8 @@ class Megakernel(Executor):
     def _upload_tables(self, rs: RankState) -> None:
         dev, t, abi, tg = rs.device, rs.tables, self.abi, self.tg
         as_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-        rs.dev.update(tasks=as_dev(t.tasks.view(np.uint8)), signals=as_dev(t.signals),
-                      signal_rank=as_dev(t.signal_rank), queue_off=as_dev(t.queue_off),
-                      queue_tasks=as_dev(t.queue_tasks), ev_target=as_dev(t.ev_target), ev_lag=as_dev(t.ev_lag),
-                      ev_sys=as_dev(t.ev_sys))
+        rs.dev.update(signals=as_dev(t.signals), signal_rank=as_dev(t.signal_rank), queue_off=as_dev(t.queue_off),
+                      queue_tasks=as_dev(t.queue_tasks))
         rs.dev["counters"] = torch.zeros(len(t.ev_target), dtype=torch.int64, device=dev)  # read as u64 on the GPU
         rs.dev["ctl"] = torch.zeros(abi.kCtlWords, dtype=torch.int64, device=dev)
         rs.dev["seq_done"] = torch.zeros(tg.batch, dtype=torch.int32, device=dev)
@@ -225,10 +223,8 @@ class Megakernel(Executor):
             table, addresses = op_table(rs.tables.op_args, address, lists.data_ptr())
             lists.copy_(torch.from_numpy(addresses.view(np.int64)))
             rs.dev["rank_lists"] = lists
-            rs.dev["ops"] = torch.from_numpy(table.view(np.uint8)).to(rs.device)
             rs.dev["prefetch"] = torch.from_numpy(heads.view(np.int64)).to(rs.device)
-            entries = queue_entries(rs.tables, table, heads)
-            rs.dev["entries"] = torch.from_numpy(entries.view(np.uint8)).to(rs.device)
+            rs.dev["entries"] = torch.from_numpy(queue_entries(rs.tables, table, heads).view(np.uint8)).to(rs.device)
         self._ops = True
 
     # --- running -------------------------------------------------------------------------------
@@ -307,9 +303,8 @@ class Megakernel(Executor):
 
     def _params(self, rs: RankState, first_step: int, num_steps: int) -> Params:
         p = Params()
-        for name in ("tasks", "signals", "signal_rank", "queue_off", "queue_tasks", "ev_target", "ev_lag", "ev_sys",
-                     "ops", "entries", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "prefetch", "peer_counters",
-                     "peer_ctl"):
+        for name in ("signals", "signal_rank", "queue_off", "queue_tasks", "entries", "counters", "ctl", "seq_done", "eos",
+                     "max_new", "pos_offset", "prefetch", "peer_counters", "peer_ctl"):
             setattr(p, name, rs.address(name))
         for name, mapped in rs.mapped.items():
             setattr(p, name, mapped.dev)

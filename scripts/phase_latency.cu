@@ -1,0 +1,162 @@
+// What one dependent phase costs with no weights at all: every CTA of a persistent grid reads the
+// whole vector the previous phase wrote (each CTA a slice of it), then writes its own slice, phase
+// after phase. Two ways of saying "the slice is ready":
+//   counter: the megakernel's way. Write the slice, __syncthreads, thread 0 red.release.gpu on the
+//            phase's counter; a reader's thread 0 polls it with ld.acquire.gpu, __syncthreads, then
+//            every thread loads the vector.
+//   tagged:  each value travels with its phase in one 8-byte word (value bits | phase << 32, one
+//            single-copy-atomic store); readers load the words directly and reload any whose tag is
+//            not yet the phase. No fence, no counter, no second round trip.
+// Prints microseconds per phase for each, for a few slice widths (floats per CTA).
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/phase_latency scripts/phase_latency.cu && /tmp/phase_latency
+#include <cstdio>
+#include <cstdlib>
+#include <cuda_runtime.h>
+
+constexpr int kThreads = 256;
+constexpr int kBatch = 8;  // loads in flight per thread
+
+#define CHECK(x)                                                                              \
+  do {                                                                                        \
+    cudaError_t e = (x);                                                                      \
+    if (e != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "phase_latency: %s: %s\n", #x, cudaGetErrorString(e));            \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+__device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_release(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// vec: two buffers of n floats; phase p reads buffer (p - 1) % 2 and writes buffer p % 2. sink keeps
+// the sums live. Phase 0's input is written by the host.
+__global__ void counter_phases(float* vec, unsigned long long* counters, int n, int slice, int phases, float* sink) {
+  __shared__ float red[kThreads / 32];
+  float acc = 0.f;
+  for (int p = 1; p <= phases; ++p) {
+    if (threadIdx.x == 0 && p > 1)
+      while (ld_acquire(counters + p - 1) < gridDim.x) {
+      }
+    __syncthreads();
+    const float* in = vec + ((p - 1) & 1) * n;
+    float s = 0.f;
+    for (int i0 = threadIdx.x; i0 < n; i0 += kThreads * kBatch) {
+      float v[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) v[j] = i0 + j * kThreads < n ? in[i0 + j * kThreads] : 0.f;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) s += v[j];
+    }
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) total += red[w];
+    float* out = vec + (p & 1) * n + blockIdx.x * slice;
+    for (int i = threadIdx.x; i < slice; i += kThreads) out[i] = total * 1e-9f + i;
+    acc += total;
+    __syncthreads();
+    if (threadIdx.x == 0) red_release(counters + p, 1ull);
+  }
+  if (threadIdx.x == 0) sink[blockIdx.x] = acc;
+}
+
+__global__ void tagged_phases(unsigned long long* vec, int n, int slice, int phases, float* sink) {
+  __shared__ float red[kThreads / 32];
+  float acc = 0.f;
+  for (int p = 1; p <= phases; ++p) {
+    const unsigned long long* in = vec + ((p - 1) & 1) * n;
+    const unsigned want = static_cast<unsigned>(p - 1);
+    float s = 0.f;
+    for (int i0 = threadIdx.x; i0 < n; i0 += kThreads * kBatch) {
+      unsigned long long w[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j)
+        w[j] = i0 + j * kThreads < n ? ld_relaxed(in + i0 + j * kThreads) : static_cast<unsigned long long>(want) << 32;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        while (static_cast<unsigned>(w[j] >> 32) != want) w[j] = ld_relaxed(in + i0 + j * kThreads);
+        s += __uint_as_float(static_cast<unsigned>(w[j]));
+      }
+    }
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) total += red[w];
+    // Buffer p % 2 was read in phase p - 1. This CTA has seen every CTA's phase p - 1 slice, and
+    // each CTA wrote that slice after its phase p - 1 reads: no CTA still reads what is overwritten.
+    unsigned long long* out = vec + (p & 1) * n + blockIdx.x * slice;
+    for (int i = threadIdx.x; i < slice; i += kThreads)
+      st_relaxed(out + i, (static_cast<unsigned long long>(p) << 32) | __float_as_uint(total * 1e-9f + i));
+    acc += total;
+    __syncthreads();  // red[] is reused next phase
+  }
+  if (threadIdx.x == 0) sink[blockIdx.x] = acc;
+}
+
+int main() {
+  int dev = 0, sms = 0;
+  CHECK(cudaGetDevice(&dev));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, dev));
+  const int phases = 4000;
+  std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases\n", prop.name, sms, kThreads, phases);
+  std::printf("%-8s %-10s %14s %14s\n", "slice", "vector", "counter us", "tagged us");
+  float* sink;
+  CHECK(cudaMalloc(&sink, sms * sizeof(float)));
+  for (int slice : {8, 32, 128}) {
+    const int n = slice * sms;
+    float* vec;
+    unsigned long long *counters, *tagged;
+    CHECK(cudaMalloc(&vec, 2 * n * sizeof(float)));
+    CHECK(cudaMalloc(&counters, (phases + 1) * sizeof(unsigned long long)));
+    CHECK(cudaMalloc(&tagged, 2 * n * sizeof(unsigned long long)));
+    cudaEvent_t a, b;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&b));
+    float ms[2] = {0.f, 0.f};
+    for (int rep = 0; rep < 3; ++rep) {  // the first repetition warms up; the best of the rest counts
+      CHECK(cudaMemset(vec, 0, 2 * n * sizeof(float)));
+      CHECK(cudaMemset(counters, 0, (phases + 1) * sizeof(unsigned long long)));
+      CHECK(cudaMemset(tagged, 0, 2 * n * sizeof(unsigned long long)));  // phase 0's input: tag 0
+      CHECK(cudaEventRecord(a));
+      counter_phases<<<sms, kThreads>>>(vec, counters, n, slice, phases, sink);
+      CHECK(cudaEventRecord(b));
+      CHECK(cudaEventSynchronize(b));
+      float t0;
+      CHECK(cudaEventElapsedTime(&t0, a, b));
+      CHECK(cudaEventRecord(a));
+      tagged_phases<<<sms, kThreads>>>(tagged, n, slice, phases, sink);
+      CHECK(cudaEventRecord(b));
+      CHECK(cudaEventSynchronize(b));
+      float t1;
+      CHECK(cudaEventElapsedTime(&t1, a, b));
+      CHECK(cudaGetLastError());
+      if (rep == 1 || (rep > 1 && t0 < ms[0])) ms[0] = t0;
+      if (rep == 1 || (rep > 1 && t1 < ms[1])) ms[1] = t1;
+    }
+    std::printf("%-8d %-10d %14.3f %14.3f\n", slice, n, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases);
+    CHECK(cudaFree(vec));
+    CHECK(cudaFree(counters));
+    CHECK(cudaFree(tagged));
+  }
+  CHECK(cudaFree(sink));
+  return 0;
+}
