@@ -21,8 +21,9 @@ OP_DTYPE = np.dtype([("ptr", "<u8", (8,)), ("i", "<i8", (8,)), ("f", "<f4", (4,)
 ENTRY_DTYPE = np.dtype([("task", TASK_DTYPE), ("op", OP_DTYPE), ("id", "<i4"), ("ev_target", "<i4"), ("ev_lag", "<i4"),
                         ("ev_sys", "<i4"), ("next_l2", "<u8", (2,))])
 
-_PTR_FIELDS = ("signals", "signal_rank", "queue_off", "queue_tasks", "entries", "counters", "ctl", "seq_done", "eos", "max_new", "pos_offset", "out_tokens", "steps_done", "progress", "host_flags",
-               "prefetch", "trace", "peer_counters", "peer_ctl", "kv_blocks")
+_PTR_FIELDS = ("signals", "signal_rank", "queue_off", "queue_tasks", "entries", "counters", "ctl", "seq_done", "eos",
+               "max_new", "pos_offset", "out_tokens", "steps_done", "progress", "host_flags", "prefetch", "trace",
+               "peer_counters", "peer_ctl", "kv_blocks")
 _INT_FIELDS = ("first_step", "num_steps", "num_sms", "n_eos", "n_sample", "batch", "rank", "tp_size", "kv_block_rows",
                "kv_blocks_per_seq")
 
@@ -59,8 +60,8 @@ def load_library(path: Path):
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise MpkError(f"cannot load the megakernel library {path}: {e}") from None
-    for name in ("mpk_params_size", "mpk_task_desc_size", "mpk_op_desc_size", "mpk_queue_entry_size", "mpk_num_threads", "mpk_smem_bytes",
-                 "mpk_num_variants", "mpk_set_device", "mpk_abi_count", "mpk_head_bytes"):
+    for name in ("mpk_params_size", "mpk_task_desc_size", "mpk_op_desc_size", "mpk_queue_entry_size", "mpk_num_threads",
+                 "mpk_smem_bytes", "mpk_num_variants", "mpk_set_device", "mpk_abi_count", "mpk_head_bytes"):
         getattr(lib, name).restype = ctypes.c_int
     lib.mpk_error_string.restype = ctypes.c_char_p
     lib.mpk_variants.restype = ctypes.c_char_p

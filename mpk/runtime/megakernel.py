@@ -28,7 +28,8 @@ from mpk.execution import Executor, RunResult, allocate, check_steps, per_sequen
 from mpk.paging import KvPages, storage_shape
 from mpk.runtime.abi import Abi, Mapped, Params, check, load_library
 from mpk.runtime.build import arch_for_capability, build
-from mpk.runtime.tables import KernelTables, build_rank_tables, op_table, prefetch_table, queue_entries, rank_pointer_count
+from mpk.runtime.tables import (KernelTables, build_rank_tables, op_table, prefetch_table, queue_entries,
+                                rank_pointer_count)
 from mpk.runtime.watchdog import stall_report
 from mpk.taskgraph import TaskGraph
 
