@@ -9,39 +9,15 @@
 //            not yet the phase. No fence, no counter, no second round trip.
 // Prints microseconds per phase for each, for a few slice widths (floats per CTA).
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/phase_latency scripts/phase_latency.cu && /tmp/phase_latency
-#include <cstdio>
-#include <cstdlib>
-#include <cuda_runtime.h>
+//   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -o /tmp/phase_latency scripts/phase_latency.cu && /tmp/phase_latency
+#include "microbench.cuh"
 
+using mpk::ld_acquire;
+using mpk::red_release;
+
+constexpr const char* kProgram = "phase_latency";
 constexpr int kThreads = 256;
 constexpr int kBatch = 8;  // loads in flight per thread
-
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e = (x);                                                                      \
-    if (e != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "phase_latency: %s: %s\n", #x, cudaGetErrorString(e));            \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
-
-__device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void red_release(unsigned long long* p, unsigned long long v) {
-  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_relaxed(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 
 // vec: two buffers of n floats; phase p reads buffer (p - 1) % 2 and writes buffer p % 2. sink keeps
 // the sums live. Phase 0's input is written by the host.
@@ -87,10 +63,10 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int pha
       unsigned long long w[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j)
-        w[j] = i0 + j * kThreads < n ? ld_relaxed(in + i0 + j * kThreads) : static_cast<unsigned long long>(want) << 32;
+        w[j] = i0 + j * kThreads < n ? ld_relaxed_gpu(in + i0 + j * kThreads) : static_cast<unsigned long long>(want) << 32;
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        while (static_cast<unsigned>(w[j] >> 32) != want) w[j] = ld_relaxed(in + i0 + j * kThreads);
+        while (static_cast<unsigned>(w[j] >> 32) != want) w[j] = ld_relaxed_gpu(in + i0 + j * kThreads);
         s += __uint_as_float(static_cast<unsigned>(w[j]));
       }
     }
@@ -103,7 +79,7 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int pha
     // each CTA wrote that slice after its phase p - 1 reads: no CTA still reads what is overwritten.
     unsigned long long* out = vec + (p & 1) * n + blockIdx.x * slice;
     for (int i = threadIdx.x; i < slice; i += kThreads)
-      st_relaxed(out + i, (static_cast<unsigned long long>(p) << 32) | __float_as_uint(total * 1e-9f + i));
+      st_relaxed_gpu(out + i, (static_cast<unsigned long long>(p) << 32) | __float_as_uint(total * 1e-9f + i));
     acc += total;
     __syncthreads();  // red[] is reused next phase
   }

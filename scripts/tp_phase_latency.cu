@@ -13,43 +13,14 @@
 // Unlike scripts/phase_latency.cu, a CTA reads only its own slice (as an allreduce task does), so
 // few words are polled. Prints microseconds per phase for each, for a few slice widths.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tp_phase_latency scripts/tp_phase_latency.cu && /tmp/tp_phase_latency
-#include <cstdio>
-#include <cstdlib>
-#include <cuda_runtime.h>
+//   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -o /tmp/tp_phase_latency scripts/tp_phase_latency.cu && /tmp/tp_phase_latency
+#include "microbench.cuh"
 
+using mpk::ld_acquire_sys;
+using mpk::red_release_sys;
+
+constexpr const char* kProgram = "tp_phase_latency";
 constexpr int kThreads = 128;
-
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e = (x);                                                                      \
-    if (e != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "tp_phase_latency: %s: %s\n", #x, cudaGetErrorString(e));         \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
-
-__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void red_release_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ unsigned long long ld_relaxed_sys(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_relaxed_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ float ld_relaxed_sys(const float* p) {
-  float v;
-  asm volatile("ld.relaxed.sys.global.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
-  return v;
-}
 
 // One GPU's view. vec[r][p % 2]: GPU r's vector of phase p (n floats), in this GPU's memory for the
 // push and tagged modes; peer_vec: the same buffers in the peer's memory. counters: this GPU's, one
