@@ -362,19 +362,21 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
 
 def test_queue_entries_carry_each_position_task_op_event_and_the_next_l2_range():
     """Per rank, position j of the entries is queue_tasks[j]'s task and op rows by value, its wait event's
-    target, lag and scope, and the L2 range of the next task of the same queue, the first after the last."""
+    target, lag and scope, the counters it signals on their ranks (a peer's flagged for a system-scope
+    release), and the L2 range of the next task of the same queue, the first after the last."""
     from mpk.runtime.abi import ENTRY_DTYPE
     from mpk.runtime.tables import queue_entries
 
     tg = graph(tiny_cfg(), tp_size=2)
-    assert ENTRY_DTYPE.itemsize == 208 and ENTRY_DTYPE.fields["next_l2"][1] == 192
+    assert ENTRY_DTYPE.itemsize == 256 and ENTRY_DTYPE.fields["next_l2"][1] == 192 and ENTRY_DTYPE.fields["sig"][1] == 208
     rng = np.random.default_rng(0)
     prefetch = rng.integers(1, 1 << 40, size=(len(tg.tasks), 4)).astype(np.uint64)
-    crossing = 0
+    crossing = peer_signals = 0
+    counters = [1 << 44, 3 << 44]
     for rank in range(2):
         t = build_tables(tg, rank)
         ops, _ = op_table(t.op_args, lambda name: 4096 * (1 + sorted(tg.tensors).index(name)), 1 << 40)
-        entries = queue_entries(t, ops, prefetch)
+        entries = queue_entries(t, ops, prefetch, counters, rank)
         assert len(entries) == len(t.queue_tasks)
         for q in range(tg.num_sms):
             queue = t.queue_tasks[t.queue_off[q]: t.queue_off[q + 1]].tolist()
@@ -387,7 +389,12 @@ def test_queue_entries_carry_each_position_task_op_event_and_the_next_l2_range()
                 assert (e["ev_target"], e["ev_lag"], e["ev_sys"]) == tuple(want), tg.describe_task(tid)
                 crossing += int(e["ev_sys"])
                 assert e["next_l2"].tolist() == prefetch[queue[(k + 1) % len(queue)], 2:4].tolist()
-    assert crossing  # the allreduces wait across ranks
+                row = t.tasks[tid]
+                sent = range(row["sig_off"], row["sig_off"] + row["sig_cnt"])
+                assert e["sig"][: len(sent)].tolist() == [counters[int(t.signal_rank[i])] + 8 * int(t.signals[i]) for i in sent]
+                assert e["sig_sys"] == sum(int(t.signal_rank[i] != rank) << n for n, i in enumerate(sent))
+                peer_signals += bin(int(e["sig_sys"])).count("1")
+    assert crossing and peer_signals  # the allreduces wait across ranks, and their producers signal peers
 
 
 def test_prefetch_table_leaves_short_tiles_out_of_l2():

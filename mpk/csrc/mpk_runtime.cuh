@@ -47,9 +47,11 @@ struct OpDesc {
 };
 static_assert(sizeof(OpDesc) == 144, "OpDesc is mirrored by mpk/runtime/abi.py");
 
-// One queue position by value: every table entry thread 0 reads before a task's wait (the task, its
-// op, its event's target and lag, the next position's L2 range), so the whole record comes with
-// asynchronous copies issued one task ahead and the wake path holds no dependent loads.
+// One queue position by value: every table entry thread 0 reads around a task (the task, its op,
+// its event's target and lag, the counters it signals, the next position's L2 range), so the whole
+// record comes with asynchronous copies issued one task ahead, and neither the wake path nor the
+// signal holds a dependent load.
+constexpr int kEntrySignals = 4;  // counters an entry names; a task's further signals read the tables
 struct QueueEntry {
   TaskDesc task;
   OpDesc op;
@@ -58,8 +60,11 @@ struct QueueEntry {
   int ev_lag;
   int ev_sys;     // 1: producers on another rank (system-scope acquire)
   unsigned long long next_l2[2];  // (address, bytes): the next queue position's weights to prefetch into L2
+  unsigned long long* sig[kEntrySignals];  // the first counters the task increments, on their own GPUs
+  int sig_sys;                             // bit k: sig[k] is a peer's (system-scope release)
+  int pad[3];
 };
-static_assert(sizeof(QueueEntry) == 208 && sizeof(QueueEntry) % 16 == 0, "QueueEntry is mirrored by mpk/runtime/abi.py");
+static_assert(sizeof(QueueEntry) == 256 && sizeof(QueueEntry) % 16 == 0, "QueueEntry is mirrored by mpk/runtime/abi.py");
 
 // ctl: small device-side state of one run, zeroed/initialised by the host before a launch.
 enum : int { kCtlSampled = 0, kCtlStopStep = 1, kCtlWords = 4 };
@@ -338,11 +343,19 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
 // Thread 0 only, after the CTA's barrier: count the task done. The barrier orders every thread's
 // writes before thread 0's release, and release is cumulative, so one red.release publishes them
 // (at system scope when the counter is a peer's).
-__device__ __forceinline__ void signal_events(const MpkParams& p, const TaskDesc& t) {
-  for (int k = t.sig_off; k < t.sig_off + t.sig_cnt; ++k) {
-    const int r = p.signal_rank[k];
-    if (r == p.rank) red_release(p.counters + p.signals[k], 1ull);
-    else red_release_sys(p.peer_counters[r] + p.signals[k], 1ull);
+__device__ __forceinline__ void signal_events(const MpkParams& p, const QueueEntry& e) {
+  for (int k = 0; k < e.task.sig_cnt; ++k) {
+    unsigned long long* counter;
+    bool sys;
+    if (k < kEntrySignals) {
+      counter = e.sig[k], sys = e.sig_sys >> k & 1;
+    } else {
+      const int at = e.task.sig_off + k, r = p.signal_rank[at];
+      sys = r != p.rank;
+      counter = (sys ? p.peer_counters[r] : p.counters) + p.signals[at];
+    }
+    if (sys) red_release_sys(counter, 1ull);
+    else red_release(counter, 1ull);
   }
 }
 
@@ -429,7 +442,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     }
     if (threadIdx.x == 0) {
       if (rec) rec[2] = global_timer();  // before the signal: a consumer never starts before this
-      signal_events(p, e.task);
+      signal_events(p, e);
     }
   }
   if (threadIdx.x == 0) publish(p, sm, ++seq, -1, p.first_step + p.num_steps, -1, kStateDone);

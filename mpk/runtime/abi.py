@@ -18,8 +18,10 @@ from mpk.errors import MpkError
 TASK_DTYPE = np.dtype([("variant", "<i4"), ("op", "<i4"), ("tile", "<i4", (3,)), ("wait", "<i4"),
                        ("sig_off", "<i4"), ("sig_cnt", "<i4")])
 OP_DTYPE = np.dtype([("ptr", "<u8", (8,)), ("i", "<i8", (8,)), ("f", "<f4", (4,))])
+ENTRY_SIGNALS = 4  # kEntrySignals
 ENTRY_DTYPE = np.dtype([("task", TASK_DTYPE), ("op", OP_DTYPE), ("id", "<i4"), ("ev_target", "<i4"), ("ev_lag", "<i4"),
-                        ("ev_sys", "<i4"), ("next_l2", "<u8", (2,))])
+                        ("ev_sys", "<i4"), ("next_l2", "<u8", (2,)), ("sig", "<u8", (ENTRY_SIGNALS,)), ("sig_sys", "<i4"),
+                        ("pad", "<i4", (3,))])
 
 _PTR_FIELDS = ("signals", "signal_rank", "queue_off", "queue_tasks", "entries", "counters", "ctl", "seq_done", "eos",
                "max_new", "pos_offset", "out_tokens", "steps_done", "progress", "host_flags", "prefetch", "trace",

@@ -219,13 +219,15 @@ class Megakernel(Executor):
         self.buffers = dict(buffers)
         address = lambda n: self.buffers[n].data_ptr()  # noqa: E731
         heads = prefetch_table(self.tg, address, head_limit=self.lib.mpk_head_bytes())
+        counters = [rs.address("counters") for rs in self.ranks]
         for rs in self.ranks:
             lists = torch.zeros(max(1, rank_pointer_count(rs.tables.op_args)), dtype=torch.int64, device=rs.device)
             table, addresses = op_table(rs.tables.op_args, address, lists.data_ptr())
             lists.copy_(torch.from_numpy(addresses.view(np.int64)))
             rs.dev["rank_lists"] = lists
             rs.dev["prefetch"] = torch.from_numpy(heads.view(np.int64)).to(rs.device)
-            rs.dev["entries"] = torch.from_numpy(queue_entries(rs.tables, table, heads).view(np.uint8)).to(rs.device)
+            entries = queue_entries(rs.tables, table, heads, counters, rs.rank)
+            rs.dev["entries"] = torch.from_numpy(entries.view(np.uint8)).to(rs.device)
         self._ops = True
 
     # --- running -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from mpk.codegen import OpArgs, Variant, graph_variants
 from mpk.dtypes import dtype
 from mpk.errors import MpkError
 from mpk.ops import OP_KINDS
-from mpk.runtime.abi import ENTRY_DTYPE, OP_DTYPE, TASK_DTYPE
+from mpk.runtime.abi import ENTRY_DTYPE, ENTRY_SIGNALS, OP_DTYPE, TASK_DTYPE
 from mpk.taskgraph import TaskGraph
 
 # The L2 prefetch of a task's weights past its head, issued before the task waits. It pays only on
@@ -131,10 +131,12 @@ def op_table(op_args: list[OpArgs], pointer_of, lists_at: int = 0) -> tuple[np.n
     return table, np.array(lists or [0], dtype=np.uint64)
 
 
-def queue_entries(t: KernelTables, ops: np.ndarray, prefetch: np.ndarray) -> np.ndarray:
-    """ENTRY_DTYPE per queue position of `t` (queue by queue, as queue_tasks): the task's descriptor and
-    its op's row of `ops` by value, its wait event's target, lag and scope, and the L2 range of the
-    task at the next position of the same queue (the kernel walks each queue round and round)."""
+def queue_entries(t: KernelTables, ops: np.ndarray, prefetch: np.ndarray, counters: list[int], rank: int) -> np.ndarray:
+    """ENTRY_DTYPE per queue position of rank `rank`'s tables `t` (queue by queue, as queue_tasks): the
+    task's descriptor and its op's row of `ops` by value, its wait event's target, lag and scope, the
+    addresses of the first ENTRY_SIGNALS counters it increments (`counters[r]`: rank r's counter
+    array; a peer's is flagged in sig_sys), and the L2 range of the task at the next position of the
+    same queue (the kernel walks each queue round and round)."""
     ids = t.queue_tasks.astype(np.int64)
     entries = np.zeros(len(ids), dtype=ENTRY_DTYPE)
     if not len(ids):
@@ -152,6 +154,11 @@ def queue_entries(t: KernelTables, ops: np.ndarray, prefetch: np.ndarray) -> np.
     start, length = t.queue_off[queue], np.diff(t.queue_off)[queue]
     following = ids[start + (pos - start + 1) % length]
     entries["next_l2"] = prefetch[following][:, 2:4]
+    for j, task in enumerate(tasks):
+        first = slice(int(task["sig_off"]), int(task["sig_off"]) + min(int(task["sig_cnt"]), ENTRY_SIGNALS))
+        for k, (ev, r) in enumerate(zip(t.signals[first].tolist(), t.signal_rank[first].tolist())):
+            entries[j]["sig"][k] = counters[r] + 8 * ev
+            entries[j]["sig_sys"] |= int(r != rank) << k
     return entries
 
 
