@@ -154,11 +154,13 @@ def queue_entries(t: KernelTables, ops: np.ndarray, prefetch: np.ndarray, counte
     start, length = t.queue_off[queue], np.diff(t.queue_off)[queue]
     following = ids[start + (pos - start + 1) % length]
     entries["next_l2"] = prefetch[following][:, 2:4]
-    for j, task in enumerate(tasks):
-        first = slice(int(task["sig_off"]), int(task["sig_off"]) + min(int(task["sig_cnt"]), ENTRY_SIGNALS))
-        for k, (ev, r) in enumerate(zip(t.signals[first].tolist(), t.signal_rank[first].tolist())):
-            entries[j]["sig"][k] = counters[r] + 8 * ev
-            entries[j]["sig_sys"] |= int(r != rank) << k
+    counter_base = np.array(counters, dtype=np.uint64)
+    for k in range(ENTRY_SIGNALS):
+        has_k = tasks["sig_cnt"] > k
+        at = tasks["sig_off"][has_k].astype(np.int64) + k
+        ev, r = t.signals[at].astype(np.uint64), t.signal_rank[at]
+        entries["sig"][has_k, k] = counter_base[r] + np.uint64(8) * ev
+        entries["sig_sys"][has_k] |= (r != rank).astype(np.int32) << k
     return entries
 
 
