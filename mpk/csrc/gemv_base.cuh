@@ -83,6 +83,34 @@ __device__ void for_each_x_vec(const T* x, const bf16* norm, const float* inv, F
   }
 }
 
+// The RMSNorm weight vectors a thread will scale with, loaded beside x so that they are in
+// registers when the statistics' barriers end, not an L2 round trip after them. A prologue loop
+// visits i = threadIdx.x + k * kThreads, vector v = i % NV of a row: when NV is a multiple of
+// kThreads that is one of M = NV / kThreads vectors, number k % M; when NV divides kThreads it is
+// always the same one. Callers pass k as an unrolled loop's constant, so w never leaves registers.
+// Other shapes load at use.
+template <int NV, int VEC> struct NormRegs {
+  static constexpr bool kHeld = NV % kThreads == 0 || kThreads % NV == 0;
+  static constexpr int M = kHeld ? cmax(1, NV / kThreads) : 1;  // a prologue loop unrolls by M
+  packed_t<VEC> w[M];
+
+  __device__ __forceinline__ void load(const bf16* norm) {
+    if constexpr (kHeld) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) w[m] = ld_weight<VEC>(norm + ((threadIdx.x + m * kThreads) % NV) * VEC);
+    }
+  }
+
+  // Vector v = (threadIdx.x + k * kThreads) % NV's weights as floats.
+  __device__ __forceinline__ void get(const bf16* norm, int k, int v, float (&f)[VEC]) const {
+    if constexpr (kHeld) {
+      unpack<VEC>(w[k % M], f);
+    } else {
+      unpack<VEC>(ld_weight<VEC>(norm + v * VEC), f);
+    }
+  }
+};
+
 // All threads: x [B, K] RMS-normalised (inv[b] and the norm weights, as the op references do) and
 // handed to store(b, v, f) vector by vector, from one L2 pass over x: the pass keeps each vector
 // in shared memory as float32 (`raw`, B * K floats) while it sums the squares, and the normalising
@@ -95,6 +123,8 @@ __device__ void stage_normed_via_smem(const T* x, const bf16* norm, float eps, f
   constexpr int NV = K / VEC, N = B * NV, kBatch = 4;
   static_assert(VEC % 4 == 0, "float4 quarters");
   float4* quarters = reinterpret_cast<float4*>(raw);
+  NormRegs<NV, VEC> nw;
+  nw.load(norm);
   float part[B];
 #pragma unroll
   for (int b = 0; b < B; ++b) part[b] = 0.f;
@@ -118,18 +148,24 @@ __device__ void stage_normed_via_smem(const T* x, const bf16* norm, float eps, f
     }
   }
   inv_rms_from_parts<B, K>(part, eps, inv, red);  // its barriers also publish `raw`
-  for (int i = threadIdx.x; i < N; i += kThreads) {
-    const int b = i / NV, v = i - b * NV;
-    float f[VEC], w[VEC];
-    unpack<VEC>(ld_weight<VEC>(norm + v * VEC), w);
+  constexpr int M = NormRegs<NV, VEC>::M;
+  for (int i0 = threadIdx.x; i0 < N; i0 += M * kThreads) {
 #pragma unroll
-    for (int q = 0; q < VEC / 4; ++q) {
-      const float4 r = quarters[q * N + i];
-      f[4 * q] = r.x, f[4 * q + 1] = r.y, f[4 * q + 2] = r.z, f[4 * q + 3] = r.w;
+    for (int k = 0; k < M; ++k) {
+      const int i = i0 + k * kThreads;
+      if (i >= N) break;
+      const int b = i / NV, v = i - b * NV;
+      float f[VEC], w[VEC];
+      nw.get(norm, k, v, w);
+#pragma unroll
+      for (int q = 0; q < VEC / 4; ++q) {
+        const float4 r = quarters[q * N + i];
+        f[4 * q] = r.x, f[4 * q + 1] = r.y, f[4 * q + 2] = r.z, f[4 * q + 3] = r.w;
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) f[e] = rms_normed<A>(f[e], inv[b], w[e]);
+      store(b, v, f);
     }
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) f[e] = rms_normed<A>(f[e], inv[b], w[e]);
-    store(b, v, f);
   }
   __syncthreads();
 }
@@ -175,10 +211,10 @@ template <int B, int K, int VEC> struct XRegs {
   }
 
   // Vector j normalised as the op references do (see rms_normed), in place.
-  template <class A> __device__ void normalize(int j, const float* inv, const bf16* norm) {
+  template <class A> __device__ void normalize(int j, const float* inv, const bf16* norm, const NormRegs<NV, VEC>& nw) {
     const int i = index(j);
     float w[VEC];
-    unpack<VEC>(ld_weight<VEC>(norm + (i % NV) * VEC), w);
+    nw.get(norm, j, i % NV, w);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) f[j][e] = rms_normed<A>(f[j][e], inv[i / NV], w[e]);
   }
@@ -189,12 +225,14 @@ template <int B, int K, int VEC> struct XRegs {
   __device__ static void stage_normed(const T* x, const bf16* norm, float eps, float* inv, float* red, Store&& store) {
     XRegs r;
     r.load(x);
+    NormRegs<NV, VEC> nw;
+    nw.load(norm);
     r.inv_rms(eps, inv, red);
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
       const int i = index(j);
       if (i >= B * NV) break;
-      r.template normalize<A>(j, inv, norm);
+      r.template normalize<A>(j, inv, norm, nw);
       store(i / NV, i % NV, r.f[j]);
     }
     __syncthreads();
