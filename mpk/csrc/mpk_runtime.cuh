@@ -117,11 +117,11 @@ template <class... V> constexpr int max_smem() {
   return m;
 }
 
-// What a task's code sees besides its OpDesc.
 // Sequences whose position offsets a CTA copies into shared memory at launch (the GEMV batches):
 // an attention task's first loads then wait for no L2 round trip to learn the position.
 constexpr int kPosCached = 8;
 
+// What a task's code sees besides its OpDesc.
 struct TaskCtx {
   int tile[3];
   long long step;  // the kernel's step (steps count on across launches)
