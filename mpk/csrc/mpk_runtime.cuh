@@ -117,10 +117,6 @@ template <class... V> constexpr int max_smem() {
   return m;
 }
 
-// Sequences whose position offsets a CTA copies into shared memory at launch (the GEMV batches):
-// an attention task's first loads then wait for no L2 round trip to learn the position.
-constexpr int kPosCached = 8;
-
 // What a task's code sees besides its OpDesc.
 struct TaskCtx {
   int tile[3];
@@ -129,11 +125,9 @@ struct TaskCtx {
   const MpkParams* p;
   const unsigned char* head;  // shared memory: the first head_bytes of the task's weight tile, or null
   unsigned head_bytes;
-  const long long* pos_cached;  // shared memory: pos_offset of sequences [0, kPosCached)
 
-  // Sequence b's position this step (its RoPE row and KV row): sequences join a batch at any step
-  // (between launches: pos_offset is fixed while a launch runs).
-  __device__ long long position(int b) const { return step - (b < kPosCached ? pos_cached[b] : p->pos_offset[b]); }
+  // Sequence b's position this step (its RoPE row and KV row): sequences join a batch at any step.
+  __device__ long long position(int b) const { return step - p->pos_offset[b]; }
 
   // Where row r of sequence b sits in a KV cache of `seq` rows per sequence, in rows of the cache
   // tensor: b * seq + r, or with a paged cache the row of its block in the pool. Blocks hold a power
@@ -398,7 +392,6 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
   __shared__ unsigned s_head_bytes;
   __shared__ int s_go;
   __shared__ int s_abort;  // raised by a wait inside a task (wait_or_abort) when the host aborts
-  __shared__ long long s_pos[kPosCached];
   const int sm = blockIdx.x;
   const int q0 = p.queue_off[sm], qn = p.queue_off[sm + 1] - q0;
   const long long total = p.num_steps * qn;  // tasks this CTA runs, counted across steps
@@ -410,7 +403,6 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     if (total > 0) heads.issue(p, p.queue_tasks[q0], 0);
   }
   if (threadIdx.x == 0 && total > 0) fetch_entry(&s_entry[0], p.entries + q0);
-  if (threadIdx.x < kPosCached && threadIdx.x < p.batch) s_pos[threadIdx.x] = p.pos_offset[threadIdx.x];
   __syncthreads();
   int seq = 0;
   for (long long n = 0; n < total; ++n) {
@@ -440,7 +432,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     if (!s_go) return;
     if (rec && threadIdx.x == 0) rec[1] = global_timer();
     const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
-    const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes, s_pos};
+    const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes};
     inject_faults(p, e.id, &s_abort);
     if (!s_abort) Dispatch::run(e.task.variant, ctx, e.op, smem);
     __syncthreads();
