@@ -32,11 +32,21 @@ __device__ __forceinline__ void split_rows(long long step, long long window, int
 }
 
 // One warp: buf[0, HD) = rope(norm(x)) of one head as the sim computes it in the activation precision (norm
-// output, cos/sin and each product rounded). `rope` is the position's table row: cos, then sin.
+// output, cos/sin and each product rounded). `rope` is the position's table row: cos, then sin. The norm
+// weights and the RoPE row depend on nothing the step computes, so they load with x: one round trip
+// before the head's arithmetic, not three in a row.
 template <int HD, bool NORM, class A>
 __device__ void norm_rope_head(const typename A::T* x, const bf16* w, float eps, const float* rope, float* buf) {
   constexpr int H2 = HD / 2, E = (HD + 31) / 32;
   const int lane = lane_id();
+  float wn[E], c[E], s[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int d = lane + 32 * e, j = d < H2 ? d : d - H2;
+    wn[e] = NORM && d < HD ? to_f(__ldg(w + d)) : 0.f;
+    c[e] = d < HD ? A::round(__ldg(rope + j)) : 0.f;
+    s[e] = d < HD ? A::round(__ldg(rope + H2 + j)) : 0.f;
+  }
   float ss = 0.f;
   for (int d = lane; d < HD; d += 32) {
     const float v = act_f(x[d]);
@@ -45,7 +55,11 @@ __device__ void norm_rope_head(const typename A::T* x, const bf16* w, float eps,
   }
   if constexpr (NORM) {
     const float inv = rsqrtf(warp_sum(ss) / HD + eps);
-    for (int d = lane; d < HD; d += 32) buf[d] = A::round(to_f(__ldg(w + d)) * A::round(buf[d] * inv));
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int d = lane + 32 * e;
+      if (d < HD) buf[d] = A::round(wn[e] * A::round(buf[d] * inv));
+    }
   }
   __syncwarp();
   float out[E];
@@ -53,10 +67,8 @@ __device__ void norm_rope_head(const typename A::T* x, const bf16* w, float eps,
   for (int e = 0; e < E; ++e) {
     const int d = lane + 32 * e;
     if (d < HD) {
-      const int j = d < H2 ? d : d - H2;
-      const float c = A::round(__ldg(rope + j)), s = A::round(__ldg(rope + H2 + j));
       const float rot = d < H2 ? -buf[d + H2] : buf[d - H2];
-      out[e] = A::round(A::round(buf[d] * c) + A::round(rot * s));
+      out[e] = A::round(A::round(buf[d] * c[e]) + A::round(rot * s[e]));
     }
   }
   __syncwarp();
