@@ -367,14 +367,28 @@ template <class S, int QPK, int HD, bool KNORM, class A, class KT> struct Attent
     const float* part = op.arg<const float>(S::part) + bg * splits * QPK * HD;
     const float* lse = op.arg<const float>(S::lse) + bg * splits * QPK;
     T* out = op.arg<T>(S::out) + bg * QPK * HD;
+    // The first kHeld splits' parts load with their lse, not after the max over them: an empty split
+    // wrote zeros, so every part may be read.
+    constexpr int kHeld = 8;
     for (int i = threadIdx.x; i < QPK * HD; i += kThreads) {
       const int h = i / HD;
+      float held[kHeld];
+#pragma unroll
+      for (int s = 0; s < kHeld; ++s) held[s] = s < splits ? part[s * QPK * HD + i] : 0.f;
       float mx = kNegInf;
       for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse[s * QPK + h]);
       float den = 0.f, num = 0.f;
-      for (int s = 0; s < splits; ++s) {
-        const float ls = lse[s * QPK + h];
+#pragma unroll
+      for (int s = 0; s < kHeld; ++s) {
+        const float ls = s < splits ? lse[s * QPK + h] : kNegInf;
         if (ls == kNegInf) continue;  // empty split
+        const float w = expf(ls - mx);
+        den += w;
+        num += w * held[s];
+      }
+      for (int s = kHeld; s < splits; ++s) {
+        const float ls = lse[s * QPK + h];
+        if (ls == kNegInf) continue;
         const float w = expf(ls - mx);
         den += w;
         num += w * part[s * QPK * HD + i];
