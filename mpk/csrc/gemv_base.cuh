@@ -120,7 +120,7 @@ template <int NV, int VEC> struct NormRegs {
 template <int B, int K, int VEC, class A, class T, class Store>
 __device__ void stage_normed_via_smem(const T* x, const bf16* norm, float eps, float* inv, float* red, float* raw,
                                       Store&& store) {
-  constexpr int NV = K / VEC, N = B * NV, kBatch = 4;
+  constexpr int NV = K / VEC, N = B * NV;
   static_assert(VEC % 4 == 0, "float4 quarters");
   float4* quarters = reinterpret_cast<float4*>(raw);
   NormRegs<NV, VEC> nw;
@@ -128,25 +128,16 @@ __device__ void stage_normed_via_smem(const T* x, const bf16* norm, float eps, f
   float part[B];
 #pragma unroll
   for (int b = 0; b < B; ++b) part[b] = 0.f;
-  for (int i0 = threadIdx.x; i0 < N; i0 += kBatch * kThreads) {
-    float f[kBatch][VEC];
+  for_each_x_vec<B, K, VEC, false, A>(x, nullptr, nullptr, [&](int b, int v, const float (&f)[VEC]) {
+    const int i = b * NV + v;
+    float ss = 0.f;
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j)
-      if (i0 + j * kThreads < N) load_vec<VEC>(x + (i0 + j * kThreads) * VEC, f[j]);  // rows are contiguous
+    for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = i0 + j * kThreads;
-      if (i >= N) break;
-      float ss = 0.f;
+    for (int q = 0; q < VEC / 4; ++q) quarters[q * N + i] = make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) ss = fmaf(f[j][e], f[j][e], ss);
-#pragma unroll
-      for (int q = 0; q < VEC / 4; ++q)
-        quarters[q * N + i] = make_float4(f[j][4 * q], f[j][4 * q + 1], f[j][4 * q + 2], f[j][4 * q + 3]);
-#pragma unroll
-      for (int b = 0; b < B; ++b) part[b] += i / NV == b ? ss : 0.f;
-    }
-  }
+    for (int r = 0; r < B; ++r) part[r] += r == b ? ss : 0.f;
+  });
   inv_rms_from_parts<B, K>(part, eps, inv, red);  // its barriers also publish `raw`
   constexpr int M = NormRegs<NV, VEC>::M;
   for (int i0 = threadIdx.x; i0 < N; i0 += M * kThreads) {
