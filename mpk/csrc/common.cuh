@@ -75,9 +75,6 @@ template <> struct Packed<4> { using T = uint2; };
 template <> struct Packed<8> { using T = uint4; };
 template <int N> using packed_t = typename Packed<N>::T;
 
-// Pull the 128-byte line holding p into this SM's L1 (no registers, no wait).
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
-
 // Loads of constant data (weights): read-only path.
 template <int N> __device__ __forceinline__ packed_t<N> ld_weight(const bf16* p) {
   return __ldg(reinterpret_cast<const packed_t<N>*>(p));

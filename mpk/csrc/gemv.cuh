@@ -124,16 +124,6 @@ template <class S, int B, int K, class A, int COLS> struct LinearResidual {
     const T* res = op.arg<const T>(S::residual);
     T* out = op.arg<T>(S::out);
     const long long n = op.i[S::n];
-    if constexpr (COLS >= 0) {
-      // The residual tile moves into L1 while the product streams, so the epilogue's read of it is
-      // not an L2 round trip after the last weight byte.
-      int c0, c1;
-      tile_span(t, n, op.i[S::tile], c0, c1);
-      constexpr int kLine = 128 / static_cast<int>(sizeof(T));
-      const int lines = (c1 - c0 + kLine - 1) / kLine + 1;  // + 1: a tile that straddles one more line
-      for (int i = threadIdx.x; i < B * lines; i += kThreads)
-        prefetch_l1(res + (i / lines) * n + min(c1 - 1, c0 + (i % lines) * kLine));
-    }
     product<1, B, K, false, A, COLS>(t, op, op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), n,
                                      op.i[S::tile], 0.f, smem, [&](int b, int c, const float (&v)[1]) {
       act_store(out + b * n + c, act_f(res[b * n + c]) + A::round(v[0]));
