@@ -58,6 +58,8 @@ def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, to
             if tuple(given.shape) != spec.shape:
                 raise MpkError(f"{spec.kind} tensor {name!r} has shape {tuple(given.shape)}, the graph needs {spec.shape}")
             bufs[name] = given.to(device=device_of_rank, dtype=want).contiguous()
+        elif spec.kind == "mailbox":
+            bufs[name] = torch.zeros(spec.shape, dtype=want, device=device_of_rank)
         elif want == torch.int64:
             bufs[name] = torch.full(spec.shape, INT_POISON, dtype=want, device=device_of_rank)
         else:

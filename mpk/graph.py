@@ -3,7 +3,9 @@
 Activations are single-assignment within a step (each residual stream `x.{i}` is its own tensor),
 so every read has exactly one producing op; the KV cache is *state*, the token ids *meta*.
 With tensor parallelism the program holds every rank's ops side by side; tensor names carry a
-`rank{r}/` prefix and the allreduce ops read the partial sums of all ranks.
+`rank{r}/` prefix and the allreduce ops sum the partials of all ranks: in a decode graph of GEMV
+batches each rank's producers push them into every rank as tagged words (`exchanges_words`), else
+the allreduce reads them from the rank that made them.
 
 Tile shapes are decided here (they fix tensor shapes such as the argmax candidates); the op
 kinds in `mpk.ops` turn each op into tasks with read/write regions. The tensors the engine and
@@ -333,7 +335,11 @@ def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: 
     add(r, p + "h", "activation", (rows, sh.intermediate), act)
     add(r, f"x.{2 * layer + 1}", "activation", (rows, H), act)
     add(r, f"x.{2 * layer + 2}", "activation", (rows, H), act)
-    if prog.tp_size > 1:
+    if exchanges_words(prog):
+        for weight in ("o", "down"):  # float32 pairs: (value, step tag) words (`mpk.ops.linear.LinearTagged`)
+            add(r, p + f"{weight}_inbox", "mailbox", (prog.tp_size, rows, 2 * H), "float32")
+            add(r, p + f"{weight}_residual_words", "mailbox", (rows, 2 * H), "float32")
+    elif prog.tp_size > 1:
         add(r, p + "o_partial", "activation", (rows, H), "float32")
         add(r, p + "down_partial", "activation", (rows, H), "float32")
     for weight, k in (("o", sh.q_heads * hd), ("down", sh.intermediate)):
@@ -400,6 +406,18 @@ def row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual
         prog.add_op(0, "allreduce_residual", name + "_sum", layer, {**inputs, "residual": residual}, {"out": out},
                     tile=tile, ranks=splits)
         return
+    if exchanges_words(prog):
+        for r in range(N):
+            n = partial(rank_name, prog, r)
+            inboxes = {f"inbox{k}": rank_name(prog, k, p + f"{weight}_inbox") for k in range(N)}
+            prog.add_op(r, "linear_tagged", name, layer, {"x": n(x), "weight": n(p + weight), "residual": n(residual)},
+                        {**inboxes, "residual_words": n(p + f"{weight}_residual_words")}, tile=tile, ranks=N, slot=r)
+        for r in range(N):
+            n = partial(rank_name, prog, r)
+            prog.add_op(r, "allreduce_tagged", name + "_allreduce", layer,
+                        {"inbox": n(p + f"{weight}_inbox"), "residual_words": n(p + f"{weight}_residual_words")},
+                        {"out": n(out)}, tile=tile, ranks=N)
+        return
     for r in range(N):
         n = partial(rank_name, prog, r)
         if N == 1:
@@ -415,6 +433,14 @@ def row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual
         inputs["residual"] = rank_name(prog, r, residual)
         prog.add_op(r, "allreduce_residual", name + "_allreduce", layer, inputs, {"out": rank_name(prog, r, out)},
                     tile=tile, ranks=N)
+
+
+def exchanges_words(prog: Program) -> bool:
+    """Whether the row-parallel projections push their partials into every rank as tagged words that
+    the allreduce polls, with no event counter between them (docs/decisions.md, "Tensor parallelism"):
+    decode graphs of GEMV batches on several GPUs. GEMM tiles keep partials that the allreduce reads
+    from the rank that made them, after a counter."""
+    return prog.tp_size > 1 and not prog.one_step and prog.batch <= GEMV_MAX_BATCH
 
 
 def qkv_tile(cfg: ModelConfig, sh: Shard, num_sms: int) -> int:

@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass, field
 
 Box = tuple[tuple[int, int], ...]
 
-TENSOR_KINDS = ("weight", "activation", "state", "meta")
+# mailbox: an activation whose elements travel with the step that wrote them (tagged words, written by
+# a rank's producers into every rank's memory, polled by their consumers: mpk.ops.linear.LinearTagged).
+# It is zeroed once, never poisoned: a zero tag is no step's.
+TENSOR_KINDS = ("weight", "activation", "mailbox", "state", "meta")
 
 
 @dataclass(frozen=True)

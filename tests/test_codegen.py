@@ -101,7 +101,7 @@ def test_flags_pick_variants():
 
 def test_tables_mirror_the_graph(tg):
     t = build_tables(tg)
-    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 30 * 8
+    assert TASK_DTYPE.itemsize == 32 and OP_DTYPE.itemsize == 144 and ctypes.sizeof(Params) == 31 * 8
     _, op_variant, _ = graph_variants(tg)
     assert len(t.tasks) == len(tg.tasks)
     for i, task in enumerate(tg.tasks):
@@ -150,9 +150,11 @@ def test_op_table_fills_pointer_slots_by_role(tg):
     assert scalars("attention_merge")[0] == {"groups": 2, "seq": 40, "splits": 2}
 
 
-def test_tensor_parallel_tables_split_queues_by_rank_and_signal_every_consumer_rank():
-    tg = graph(tiny_cfg(), tp_size=2)
+@pytest.mark.parametrize("batch", [1, 9])  # partials as tagged words; GEMM tiles' partials read by their allreduce
+def test_tensor_parallel_tables_split_queues_by_rank_and_signal_every_consumer_rank(batch):
+    tg = graph(tiny_cfg(), tp_size=2, batch=batch)
     rank_of = lambda tid: tg.tasks[tid].queue // tg.num_sms  # noqa: E731
+    tagged = batch <= 8
     per_rank = [build_tables(tg, r) for r in range(2)]
     for r, t in enumerate(per_rank):
         assert sorted(t.queue_tasks.tolist()) == [x.id for x in tg.tasks if rank_of(x.id) == r]
@@ -165,16 +167,23 @@ def test_tensor_parallel_tables_split_queues_by_rank_and_signal_every_consumer_r
         row = t.tasks[task.id]
         sent = list(zip(t.signals[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].tolist(),
                         t.signal_rank[row["sig_off"]: row["sig_off"] + row["sig_cnt"]].tolist()))
-        # One signal per (event, rank with consumers of it), and exactly those.
-        want = {(ev, rank_of(c)) for ev in task.signals
+        # One signal per (event, rank with consumers of it), and exactly those; none for an event whose
+        # consumers poll tagged words.
+        want = {(ev, rank_of(c)) for ev in task.signals if not t.ev_polled[ev]
                 for c in range(tg.events[ev].first_task, tg.events[ev].stop_task)}
         assert sorted(sent) == sorted(want), tg.describe_task(task.id)
         crossing |= {ev for ev, r in sent if r != rank_of(task.id)}
     kinds = {tg.ops[tg.tasks[tg.events[ev].first_task].op].kind for ev in crossing}
-    assert kinds == {"allreduce_residual", "sample"}  # only the allreduces and the sampler read peers
-    assert {ev for ev in range(len(tg.events)) if t.ev_sys[ev]} == crossing
+    # Only the sampler, and the allreduces that read peers' partials, wait on a peer's signal.
+    assert kinds == ({"sample"} if tagged else {"allreduce_residual", "sample"})
+    assert {ev for ev in crossing if t.ev_sys[ev]} == crossing
+    polled = {ev for ev in range(len(tg.events)) if t.ev_polled[ev]}
+    assert {tg.ops[tg.tasks[tg.events[ev].first_task].op].kind for ev in polled} == ({"allreduce_tagged"} if tagged else set())
     src = generate_source(tg)
-    assert "AllreduceResidual<S" in src and "Linear<S" in src and "Sample<S" in src
+    if tagged:
+        assert "AllreduceTagged<S" in src and "LinearTagged<S" in src and "Sample<S" in src
+    else:
+        assert "AllreduceResidual<S" in src and "Linear<S" in src and "Sample<S" in src
 
 
 def test_graphs_beyond_eight_ranks_are_rejected():
@@ -286,7 +295,7 @@ def test_tensor_parallel_kernel_builds(tmp_path):
     allreduce over the peers and the sampler over every rank's candidates."""
     tg = compile_program(build_decode_program(QWEN3_8B, 1, 256, 2, 132))
     src = generate_source(tg)
-    assert "AllreduceResidual<S" in src and "Sample<S" in src
+    assert "AllreduceTagged<S" in src and "LinearTagged<S" in src and "Sample<S" in src
     assert build(src, "sm_90a", debug=False, cache=tmp_path).is_file()
 
 
@@ -371,7 +380,7 @@ def test_queue_entries_carry_each_position_task_op_event_and_the_next_l2_range()
     assert ENTRY_DTYPE.itemsize == 256 and ENTRY_DTYPE.fields["next_l2"][1] == 192 and ENTRY_DTYPE.fields["sig"][1] == 208
     rng = np.random.default_rng(0)
     prefetch = rng.integers(1, 1 << 40, size=(len(tg.tasks), 4)).astype(np.uint64)
-    crossing = peer_signals = 0
+    crossing = peer_signals = polled = 0
     counters = [1 << 44, 3 << 44]
     for rank in range(2):
         t = build_tables(tg, rank)
@@ -385,8 +394,9 @@ def test_queue_entries_carry_each_position_task_op_event_and_the_next_l2_range()
                 assert e["id"] == tid and e["task"].tobytes() == t.tasks[tid].tobytes()
                 assert e["op"].tobytes() == ops[t.tasks[tid]["op"]].tobytes()
                 ev = int(t.tasks[tid]["wait"])
-                want = (t.ev_target[ev], t.ev_lag[ev], t.ev_sys[ev]) if ev >= 0 else (0, 0, 0)
-                assert (e["ev_target"], e["ev_lag"], e["ev_sys"]) == tuple(want), tg.describe_task(tid)
+                want = (t.ev_target[ev], t.ev_lag[ev], t.ev_sys[ev], t.ev_polled[ev]) if ev >= 0 else (0, 0, 0, 0)
+                assert (e["ev_target"], e["ev_lag"], e["ev_sys"], e["ev_polled"]) == tuple(want), tg.describe_task(tid)
+                polled += int(e["ev_polled"])
                 crossing += int(e["ev_sys"])
                 assert e["next_l2"].tolist() == prefetch[queue[(k + 1) % len(queue)], 2:4].tolist()
                 row = t.tasks[tid]
@@ -394,7 +404,8 @@ def test_queue_entries_carry_each_position_task_op_event_and_the_next_l2_range()
                 assert e["sig"][: len(sent)].tolist() == [counters[int(t.signal_rank[i])] + 8 * int(t.signals[i]) for i in sent]
                 assert e["sig_sys"] == sum(int(t.signal_rank[i] != rank) << n for n, i in enumerate(sent))
                 peer_signals += bin(int(e["sig_sys"])).count("1")
-    assert crossing and peer_signals  # the allreduces wait across ranks, and their producers signal peers
+    assert crossing and peer_signals  # the sampler waits across ranks, and its producers signal peers
+    assert polled  # the allreduces poll their partials' words
 
 
 def test_prefetch_table_leaves_short_tiles_out_of_l2():

@@ -123,15 +123,23 @@ def test_token_feedback_is_a_previous_step_event(tg):
         assert {tg.ops[tg.tasks[p].op].kind for p in ev.producers} == {"sample"}
 
 
-def test_tensor_parallel_ranks_live_on_their_own_sms():
-    tg = compile_model(tiny_cfg(), batch=1, max_seq_len=64, tp_size=2, num_sms=4)
+@pytest.mark.parametrize("batch, allreduce", [(1, "allreduce_tagged"), (9, "allreduce_residual")])
+def test_tensor_parallel_ranks_live_on_their_own_sms(batch, allreduce):
+    tg = compile_model(tiny_cfg(), batch=batch, max_seq_len=64, tp_size=2, num_sms=4)
     assert tg.num_queues == 8
     for t in tg.tasks:
         assert t.queue // tg.num_sms == tg.ops[t.op].rank
-    # allreduce tiles of rank 0 read partial sums written on rank 1
-    ar = next(t for t in tg.tasks if tg.ops[t.op].kind == "allreduce_residual" and tg.ops[t.op].rank == 0)
+    # allreduce tiles of rank 0 wait for partial sums made on both ranks
+    ar = next(t for t in tg.tasks if tg.ops[t.op].kind == allreduce and tg.ops[t.op].rank == 0)
     producer_ranks = {tg.ops[tg.tasks[p].op].rank for p in tg.events[ar.wait].producers}
     assert producer_ranks == {0, 1}
+    # Tagged words: every producer writes into rank 0's inbox, and the allreduce reads only its own rank.
+    # Otherwise each producer writes on its own rank, and the allreduce reads both.
+    tagged = allreduce == "allreduce_tagged"
+    for p in tg.events[ar.wait].producers:
+        written = {tg.tensors[r.tensor].rank for r in tg.tasks[p].writes}
+        assert 0 in written if tagged else written == {tg.ops[tg.tasks[p].op].rank}
+    assert {tg.tensors[r.tensor].rank for r in ar.reads} == ({0} if tagged else {0, 1})
 
 
 def test_qwen3_8b_schedule_is_balanced():

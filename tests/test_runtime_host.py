@@ -47,20 +47,23 @@ def test_an_sm_stuck_inside_a_task_is_the_cause(tg):
     assert stall_report(tg, ABI, [words({})], 4, None, 0) == "no SM reported a wait"
 
 
-def test_with_tensor_parallelism_the_report_names_the_rank_and_its_counter():
+@pytest.mark.parametrize("batch, allreduce", [(1, "allreduce_tagged"), (9, "allreduce_residual")])
+def test_with_tensor_parallelism_the_report_names_the_rank_and_its_counter(batch, allreduce):
     cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                       num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
-    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, tp_size=2)
+    tg = compile_model(cfg, batch=batch, max_seq_len=8, num_sms=4, tp_size=2)
     # Rank 1 waits on an allreduce whose rank-0 partial never came; rank 0 is stuck inside a task.
-    reduce = next(t for t in tg.tasks if tg.ops[t.op].kind == "allreduce_residual" and t.queue >= tg.num_sms)
-    inside = next(t for t in tg.tasks if t.queue < tg.num_sms and tg.ops[t.op].kind == "linear")
+    reduce = next(t for t in tg.tasks if tg.ops[t.op].kind == allreduce and t.queue >= tg.num_sms)
+    inside = next(t for t in tg.tasks if t.queue < tg.num_sms and tg.ops[t.op].kind in ("linear", "linear_tagged"))
     counters = [[0] * len(tg.events), [0] * len(tg.events)]
     counters[1][reduce.wait] = 1
     text = stall_report(tg, ABI, [words({2: (inside.id, 0, -1, 4)}), words({1: (reduce.id, 0, reduce.wait, 4)})], 4,
                         counters, 0)
     need = tg.events[reduce.wait].target
     assert text.startswith(f"rank 0 SM 2 was stuck inside task {inside.id} ")
-    assert f"; rank 1 SM 1 waits in step 0 with task {reduce.id} " in text and f"(1/{need})" in text
+    assert f"; rank 1 SM 1 waits in step 0 with task {reduce.id} " in text
+    # a counter's count, or for tagged words (no counter) what is missing
+    assert (f"(1/{need})" if allreduce == "allreduce_residual" else "(its producers' tagged words of that step") in text
 
 
 def test_fault_injection_flags_for_tests(monkeypatch):

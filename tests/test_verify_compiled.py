@@ -97,7 +97,7 @@ def test_queue_out_of_order_is_a_deadlock(compiled):
 
 def test_wrong_event_target_is_caught(compiled):
     tg = fresh(compiled)
-    ev = tg.events[first_task(tg, "linear_residual" if tg.tp_size == 1 else "allreduce_residual").wait]
+    ev = tg.events[first_task(tg, "linear_residual" if tg.tp_size == 1 else "allreduce_tagged").wait]
     ev.target += 1
     with pytest.raises(VerificationError) as err:
         verify(tg)
@@ -108,16 +108,16 @@ def test_wrong_event_target_is_caught(compiled):
 @pytest.mark.parametrize("tp_size", [4, 8])
 def test_four_and_eight_rank_graphs_pass_and_a_dropped_peer_partial_races(tp_size):
     """The whole system of 4 or 8 GPUs at once: it verifies, and an allreduce tile that stops waiting
-    for one peer's partial is a race on that peer's tensor."""
+    for one peer's partial is a race on the inbox that peer writes."""
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=160, hidden_size=64, intermediate_size=96,
                       num_layers=2, num_heads=8, num_kv_heads=8, head_dim=16, max_position_embeddings=256)
     tg = compile_model(cfg, batch=2, max_seq_len=32, tp_size=tp_size, num_sms=4)
     assert verify(tg).as_dict()["verdict"] == "pass"
     bad = fresh(tg)
-    reduce = next(t for t in bad.tasks if bad.ops[t.op].kind == "allreduce_residual" and t.queue // bad.num_sms == 0)
+    reduce = next(t for t in bad.tasks if bad.ops[t.op].kind == "allreduce_tagged" and t.queue // bad.num_sms == 0)
     peer = next(p for p in bad.events[reduce.wait].producers if bad.tasks[p].queue // bad.num_sms == tp_size - 1)
     drop_producer(bad, reduce.wait, peer)
     with pytest.raises(VerificationError) as err:
         verify(bad)
     assert err.value.check in ("race", "coverage")
-    assert f"rank{tp_size - 1}/" in str(err.value) and bad.describe_task(peer) in str(err.value)
+    assert bad.describe_task(peer) in str(err.value)

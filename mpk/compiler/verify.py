@@ -518,7 +518,7 @@ def check_coverage(tg: TaskGraph, clocks: Clocks, accesses: dict[str, Accesses])
     op = np.array([t.op for t in tg.tasks], dtype=np.int64)
     proven = 0
     for name, acc in accesses.items():
-        if tg.tensors[name].kind != "activation":
+        if tg.tensors[name].kind not in ("activation", "mailbox"):
             continue  # weights are constant; state and meta start with the host's contents
         reads, writes = np.nonzero(~acc.writes)[0], np.nonzero(acc.writes)[0]
         if not len(reads):

@@ -62,7 +62,8 @@ struct QueueEntry {
   unsigned long long next_l2[2];  // (address, bytes): the next queue position's weights to prefetch into L2
   unsigned long long* sig[kEntrySignals];  // the first counters the task increments, on their own GPUs
   int sig_sys;                             // bit k: sig[k] is a peer's (system-scope release)
-  int pad[3];
+  int ev_polled;  // 1: the task polls its inputs' tagged words itself (poll_tagged); no counter to wait on
+  int pad[2];
 };
 static_assert(sizeof(QueueEntry) == 256 && sizeof(QueueEntry) % 16 == 0, "QueueEntry is mirrored by mpk/runtime/abi.py");
 
@@ -108,6 +109,7 @@ struct MpkParams {
   long long tp_size;
   long long kv_block_rows;     // with kv_blocks: KV rows per block
   long long kv_blocks_per_seq;
+  long long tag_base;  // step rel of this launch is tagged tag_base + rel + 1 in tagged words (step_tag)
 };
 
 // Dynamic shared memory the kernel needs: the most any variant uses.
@@ -125,6 +127,14 @@ struct TaskCtx {
   const MpkParams* p;
   const unsigned char* head;  // shared memory: the first head_bytes of the task's weight tile, or null
   unsigned head_bytes;
+  // For a wait inside the task (poll_tagged): the CTA's give-up word in shared memory, and what the
+  // progress words say of the wait (thread 0's values).
+  volatile int* give_up;
+  int sm, seq, id, event;
+
+  // The tag of this step's words in a mailbox: never 0 (a zeroed mailbox holds no step's words) and
+  // never repeated while the kernel is loaded (mpk.runtime.megakernel advances tag_base).
+  __device__ __forceinline__ unsigned step_tag() const { return static_cast<unsigned>(p->tag_base + rel + 1); }
 
   // Sequence b's position this step (its RoPE row and KV row): sequences join a batch at any step.
   __device__ long long position(int b) const { return step - p->pos_offset[b]; }
@@ -208,7 +218,7 @@ __device__ __forceinline__ bool starts_a_step(const QueueEntry& e) { return e.ta
 __device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry& e, long long step, long long rel) {
   const int task = e.id, ev = e.task.wait;
   if (starts_a_step(e) && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
-  if (ev < 0) return true;
+  if (ev < 0 || e.ev_polled) return true;
   MPK_ASSERT(e.ev_lag == 0 || e.ev_lag == 1);
   const long long need = static_cast<long long>(e.ev_target) * (rel + 1 - e.ev_lag);
   const unsigned long long* ctr = p.counters + ev;
@@ -254,6 +264,10 @@ __device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long
 #endif
 }
 
+// Why a task gave up inside itself (the CTA's give-up word): the host aborted, or the run stopped
+// before the task's step (a peer's producers will never write the words it polls).
+enum : int { kGiveUpAborted = 1, kGiveUpStopped = 2 };
+
 // All threads: spin until `ready()`. Thread 0 reads the host's abort flag now and then (a PCIe
 // round trip) and raises the CTA's `abort` word in shared memory; false when the CTA must give up.
 // Every wait inside a task goes through here, so a hang inside a task ends like a stalled event.
@@ -261,7 +275,42 @@ template <class Ready> __device__ __forceinline__ bool wait_or_abort(const MpkPa
   for (unsigned spin = 0;; ++spin) {
     if (ready()) return true;
     if (*abort) return false;
-    if (threadIdx.x == 0 && (spin & 0xfff) == 0xfff && ld_volatile(p.host_flags + kFlagAbort)) *abort = 1;
+    if (threadIdx.x == 0 && (spin & 0xfff) == 0xfff && ld_volatile(p.host_flags + kFlagAbort)) *abort = kGiveUpAborted;
+  }
+}
+
+// A mailbox word: a float32 value in the low half, its step's tag in the high half, written with one
+// 8-byte store so a reader sees both or neither.
+__device__ __forceinline__ unsigned long long tagged_word(float v, unsigned tag) {
+  return static_cast<unsigned long long>(tag) << 32 | __float_as_uint(v);
+}
+__device__ __forceinline__ unsigned word_tag(unsigned long long w) { return static_cast<unsigned>(w >> 32); }
+__device__ __forceinline__ float word_value(unsigned long long w) { return __uint_as_float(static_cast<unsigned>(w)); }
+__device__ __forceinline__ unsigned long long ld_word(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_word(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// All threads, uniformly: rounds of `ready()` (each thread checks its own words and reloads the
+// ones not yet of this step) until every thread's holds. Thread 0 watches as wait_event does: it
+// publishes the wait once it lasts (the event whose producers write the words), meets a stop of
+// the run and the host's abort. False when the task must give up (t.give_up says why).
+template <class Ready> __device__ bool poll_tagged(const TaskCtx& t, Ready&& ready) {
+  constexpr unsigned kQuietPolls = 512;
+  for (unsigned spin = 0;; ++spin) {
+    if (__syncthreads_and(ready())) return true;
+    if (threadIdx.x == 0) {
+      if (spin >= 64) __nanosleep(spin < 256 ? 32 : 128);
+      if (spin == kQuietPolls) publish(*t.p, t.sm, t.seq, t.id, t.step, t.event, kStateWaiting);
+      if ((spin & 63) == 63 && stopped_before(*t.p, t.step)) *t.give_up = kGiveUpStopped;
+      if ((spin & 1023) == 1023 && ld_volatile(t.p->host_flags + kFlagAbort)) *t.give_up = kGiveUpAborted;
+    }
+    __syncthreads();
+    if (*t.give_up) return false;
   }
 }
 
@@ -391,7 +440,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
   __shared__ __align__(16) QueueEntry s_entry[2];  // entry n of the walk in s_entry[n % 2]
   __shared__ unsigned s_head_bytes;
   __shared__ int s_go;
-  __shared__ int s_abort;  // raised by a wait inside a task (wait_or_abort) when the host aborts
+  __shared__ int s_abort;  // raised by a wait inside a task (wait_or_abort, poll_tagged): a kGiveUp reason
   const int sm = blockIdx.x;
   const int q0 = p.queue_off[sm], qn = p.queue_off[sm + 1] - q0;
   const long long total = p.num_steps * qn;  // tasks this CTA runs, counted across steps
@@ -432,12 +481,17 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     if (!s_go) return;
     if (rec && threadIdx.x == 0) rec[1] = global_timer();
     const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
-    const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes};
+    const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes,
+                      &s_abort, sm, seq, e.id, e.task.wait};
     inject_faults(p, e.id, &s_abort);
     if (!s_abort) Dispatch::run(e.task.variant, ctx, e.op, smem);
     __syncthreads();
-    if (s_abort) {  // the host gave up on a wait inside this task: leave it unfinished, unsignalled
-      if (threadIdx.x == 0) publish(p, sm, ++seq, e.id, step, -1, kStateAborted), heads.drain(p), fetch_entry_wait();
+    if (s_abort) {  // a wait inside this task gave up: leave it unfinished, unsignalled
+      if (threadIdx.x == 0) {
+        const bool stopped = s_abort == kGiveUpStopped;
+        publish(p, sm, ++seq, e.id, step, stopped ? e.task.wait : -1, stopped ? kStateStopped : kStateAborted);
+        heads.drain(p), fetch_entry_wait();
+      }
       return;
     }
     if (threadIdx.x == 0) {

@@ -73,6 +73,11 @@ class OpKind:
     # Each task serves one sequence, tile[0]; `run` then gets that sequence's position as `step`
     # (sequences join a batch at any step: mpk.execution.Executor.run's position_offsets).
     per_sequence: ClassVar[bool] = False
+    # Its tasks learn that their inputs are ready from the inputs themselves: words tagged with the
+    # step, written by kinds that `pushes_words` and polled by the template, so the runtime neither
+    # waits on their event's counter nor has the producers signal it (mpk.runtime.tables).
+    polls_inputs: ClassVar[bool] = False
+    pushes_words: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

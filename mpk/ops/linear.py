@@ -251,6 +251,89 @@ class AllreduceResidual(OpKind):
         return Cuda((batch, op.params["ranks"], activation_policy(tg)), {"n": n, "tile": op.params["tile"]})
 
 
+class LinearTagged(Gemv):
+    """One rank's partial x @ W[c0:c1]^T of a row-parallel projection, pushed into every rank's inbox
+    (`inbox{k}`: rank k's [ranks, B, 2n] words, slot `slot`: this rank's) as float32 values each paired with
+    its step's tag, plus the residual's tile into this rank's `residual_words` [B, 2n] the same way:
+    `allreduce_tagged` polls them in its own memory, with no counter between them
+    (`mpk.graph.exchanges_words`). Here a word is a (value, tag) pair of float32 elements; the tag
+    lives only on the GPU, whose template writes each pair as one 8-byte store."""
+
+    kind = "linear_tagged"
+    template = "LinearTagged"
+    inputs = (Operand("x"), Operand("weight"), Operand("residual"))
+    outputs = (Operand("inbox", per_rank=True), Operand("residual_words"))
+    out_role = "residual"  # the [B, n] shape of the columns the tasks cover
+    pushes_words = True
+
+    def extra_reads(self, op, prog, r0, r1, c0, c1):
+        return [box(op, "residual", (r0, r1), (c0, c1))]
+
+    def tile_writes(self, op, prog, i, r0, r1, c0, c1):
+        me = op.params["slot"]
+        return [*(box(op, f"inbox{k}", (me, me + 1), (r0, r1), (2 * c0, 2 * c1)) for k in range(op.params["ranks"])),
+                box(op, "residual_words", (r0, r1), (2 * c0, 2 * c1))]
+
+    def compute(self, op, t, mm):
+        y = mm(t["x"], t["weight"]).float()
+        for k in range(op.params["ranks"]):
+            t[f"inbox{k}"][0, :, 0::2] = y
+        t["residual_words"][:, 0::2] = t["residual"].float()
+
+    def run_whole(self, op, t, step, fast=False):
+        raise MpkError(f"op kind {self.kind!r} ({op.name}) runs tile by tile only: its tiles write one slot of "
+                       "every rank's inbox")
+
+    def cuda(self, op, tg):
+        b, k = tg.tensors[op.inputs["x"]].shape
+        n = tg.tensors[op.inputs["residual"]].shape[1]
+        ranks = op.params["ranks"]
+        expect(tg.tensors[op.inputs["weight"]].shape == (n, k), op, f"weight is not [{n}, {k}]")
+        for r in range(ranks):
+            expect(tg.tensors[op.outputs[f"inbox{r}"]].shape == (ranks, b, 2 * n), op, f"inbox{r} is not [{ranks}, {b}, {2 * n}]")
+        expect(tg.tensors[op.outputs["residual_words"]].shape == (b, 2 * n), op, f"residual_words is not [{b}, {2 * n}]")
+        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op), ranks),
+                    {"n": n, "tile": op.params["tile"], "slot": op.params["slot"]})
+
+
+class AllreduceTagged(OpKind):
+    """out[:, c0:c1] = residual + sum over ranks of their partials, all read from this rank's own
+    memory as the tagged words `linear_tagged` pushed: the template polls them until they carry the
+    step's tag, and waits on no counter. Sums in rank order in float32, as `allreduce_residual`."""
+
+    kind = "allreduce_tagged"
+    header = "allreduce.cuh"
+    template = "AllreduceTagged"
+    inputs = (Operand("inbox"), Operand("residual_words"))
+    outputs = (Operand("out"),)
+    polls_inputs = True
+
+    def tiles(self, op, prog):
+        batch, n = shape(op, prog, "out")
+        ranks = op.params["ranks"]
+        tasks = []
+        for i, (c0, c1) in enumerate(spans(n, op.params["tile"])):
+            reads = [box(op, "inbox", (0, ranks), (0, batch), (2 * c0, 2 * c1)),
+                     box(op, "residual_words", (0, batch), (2 * c0, 2 * c1))]
+            writes = [box(op, "out", (0, batch), (c0, c1))]
+            nb = sum(nbytes(prog, r) for r in reads + writes)
+            tasks.append(TileTask((i,), reads, writes, nb, batch * (c1 - c0) * ranks))
+        return tasks
+
+    def run(self, op, tile, t, step):
+        inbox, out = t["inbox"], t["out"]
+        total = inbox[0, :, 0::2].clone()
+        for k in range(1, op.params["ranks"]):
+            total += inbox[k, :, 0::2]
+        out.copy_(t["residual_words"][:, 0::2].to(out.dtype) + total.to(out.dtype))
+
+    def cuda(self, op, tg):
+        batch, n = tg.tensors[op.outputs["out"]].shape
+        ranks = op.params["ranks"]
+        expect(tg.tensors[op.inputs["inbox"]].shape == (ranks, batch, 2 * n), op, f"inbox is not [{ranks}, {batch}, {2 * n}]")
+        return Cuda((batch, ranks, activation_policy(tg)), {"n": n, "tile": op.params["tile"]})
+
+
 class RmsnormLmHeadArgmax(Gemv):
     """Final norm + LM head over vocab rows [v0, v1) + that tile's argmax candidate per sequence."""
 

@@ -21,13 +21,13 @@ OP_DTYPE = np.dtype([("ptr", "<u8", (8,)), ("i", "<i8", (8,)), ("f", "<f4", (4,)
 ENTRY_SIGNALS = 4  # kEntrySignals
 ENTRY_DTYPE = np.dtype([("task", TASK_DTYPE), ("op", OP_DTYPE), ("id", "<i4"), ("ev_target", "<i4"), ("ev_lag", "<i4"),
                         ("ev_sys", "<i4"), ("next_l2", "<u8", (2,)), ("sig", "<u8", (ENTRY_SIGNALS,)), ("sig_sys", "<i4"),
-                        ("pad", "<i4", (3,))])
+                        ("ev_polled", "<i4"), ("pad", "<i4", (2,))])
 
 _PTR_FIELDS = ("signals", "signal_rank", "queue_off", "queue_tasks", "entries", "counters", "ctl", "seq_done", "eos",
                "max_new", "pos_offset", "out_tokens", "steps_done", "progress", "host_flags", "prefetch", "trace",
                "peer_counters", "peer_ctl", "kv_blocks")
 _INT_FIELDS = ("first_step", "num_steps", "num_sms", "n_eos", "n_sample", "batch", "rank", "tp_size", "kv_block_rows",
-               "kv_blocks_per_seq")
+               "kv_blocks_per_seq", "tag_base")
 
 
 class Params(ctypes.Structure):

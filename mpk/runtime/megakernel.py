@@ -121,6 +121,7 @@ class Megakernel(Executor):
         self.ranks: list[RankState] = []
         self._ops = None
         self._broken = ""  # why this kernel may not launch again (a fault, a launch that would not stop)
+        self._tag_base = 0  # the next launch's first step writes mailbox words tagged _tag_base + 1
         self.buffers: dict[str, torch.Tensor] = {}
         props = [torch.cuda.get_device_properties(d) for d in self.devices]
         for d, pr in zip(self.devices, props):
@@ -314,7 +315,7 @@ class Megakernel(Executor):
         p.trace = rs.trace.data_ptr() if rs.trace is not None else 0
         p.first_step, p.num_steps, p.num_sms = first_step, num_steps, self.tg.num_sms
         p.n_eos, p.n_sample, p.batch = self._n_eos, rs.tables.n_sample, self.tg.batch
-        p.rank, p.tp_size = rs.rank, self.tg.tp_size
+        p.rank, p.tp_size, p.tag_base = rs.rank, self.tg.tp_size, self._tag_base
         if self.kv_pages is not None:
             p.kv_blocks = rs.address("kv_blocks")
             p.kv_block_rows = self.kv_pages.block_rows
@@ -331,6 +332,11 @@ class Megakernel(Executor):
         if self._broken:
             raise MpkError(f"this megakernel cannot run again: {self._broken}; restart the process")
         abi = self.abi
+        if self._tag_base + num_steps >= 1 << 32:  # tags are 32 bits: start over on zeroed mailboxes
+            for name, spec in self.tg.tensors.items():
+                if spec.kind == "mailbox":
+                    self.buffers[name].zero_()
+            self._tag_base = 0
         for rs in self.ranks:
             rs.dev["counters"].zero_()
             rs.dev["ctl"][abi.kCtlSampled] = 0
@@ -351,6 +357,7 @@ class Megakernel(Executor):
             check(self.lib, rc, f"launching the megakernel on {rs.device}")
             rs.done = torch.cuda.Event()
             rs.done.record(stream)
+        self._tag_base += num_steps  # a stopped or aborted launch's unused tags are never reused
         try:
             self._watch(deliver, first_step)
         except MpkError:

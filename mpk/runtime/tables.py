@@ -37,6 +37,7 @@ class KernelTables:
     ev_target: np.ndarray  # int32 [num_events]
     ev_lag: np.ndarray  # int32 [num_events]
     ev_sys: np.ndarray  # int32 [num_events]: 1 when producers and consumers are on different ranks
+    ev_polled: np.ndarray  # int32 [num_events]: 1 when its consumers poll their inputs' tags (no counter)
     op_args: list[OpArgs]  # per op of the graph
     n_sample: int  # this rank's sample tasks per step
 
@@ -60,7 +61,10 @@ def build_rank_tables(tg: TaskGraph) -> list[KernelTables]:
     per rank with consumers of the event.
     """
     variants, op_variant, op_args = graph_variants(tg)
-    consumer_ranks = [sorted({task_rank(tg, c) for c in range(e.first_task, e.stop_task)}) for e in tg.events]
+    polled = polled_events(tg)
+    # A polled event's counter is never read, so its producers signal nobody.
+    consumer_ranks = [[] if polled[e.id] else sorted({task_rank(tg, c) for c in range(e.first_task, e.stop_task)})
+                      for e in tg.events]
     tasks = np.zeros(len(tg.tasks), dtype=TASK_DTYPE)
     signals: list[int] = []
     signal_rank: list[int] = []
@@ -89,6 +93,7 @@ def build_rank_tables(tg: TaskGraph) -> list[KernelTables]:
         ev_target=np.array([e.target for e in tg.events] or [0], dtype=np.int32),
         ev_lag=np.array([e.lag for e in tg.events] or [0], dtype=np.int32),
         ev_sys=np.array(ev_sys or [0], dtype=np.int32),
+        ev_polled=np.array(polled or [0], dtype=np.int32),
         op_args=op_args,
     )
     out = []
@@ -131,6 +136,28 @@ def op_table(op_args: list[OpArgs], pointer_of, lists_at: int = 0) -> tuple[np.n
     return table, np.array(lists or [0], dtype=np.uint64)
 
 
+def polled_events(tg: TaskGraph) -> list[int]:
+    """Per event, 1 when its consumers poll their inputs (`OpKind.polls_inputs`): every consumer must,
+    and every producer must push tagged words (`OpKind.pushes_words`), since the consumer's template
+    reads readiness from the words and nothing else."""
+    from mpk.ops import OP_KINDS
+
+    kind = [OP_KINDS[op.kind] for op in tg.ops]
+    polled = []
+    for e in tg.events:
+        polls = {kind[tg.tasks[c].op].polls_inputs for c in range(e.first_task, e.stop_task)}
+        if polls == {True} and not all(kind[tg.tasks[p].op].pushes_words for p in e.producers):
+            raise MpkError(f"event {e.id}: its consumers poll tagged words, but a producer writes none "
+                           f"({tg.describe_task(next(p for p in e.producers if not kind[tg.tasks[p].op].pushes_words))})")
+        if len(polls) > 1:
+            raise MpkError(f"event {e.id} has consumers that poll tagged words and consumers that wait on its counter")
+        polled.append(int(polls == {True}))
+    for t in tg.tasks:
+        if kind[t.op].polls_inputs and t.wait < 0:
+            raise MpkError(f"{tg.describe_task(t.id)} polls tagged words but has no event naming their producers")
+    return polled
+
+
 def queue_entries(t: KernelTables, ops: np.ndarray, prefetch: np.ndarray, counters: list[int], rank: int) -> np.ndarray:
     """ENTRY_DTYPE per queue position of rank `rank`'s tables `t` (queue by queue, as queue_tasks): the
     task's descriptor and its op's row of `ops` by value, its wait event's target, lag and scope, the
@@ -147,7 +174,8 @@ def queue_entries(t: KernelTables, ops: np.ndarray, prefetch: np.ndarray, counte
     entries["id"] = ids
     wait = tasks["wait"].astype(np.int64)
     has = wait >= 0
-    for field, table in (("ev_target", t.ev_target), ("ev_lag", t.ev_lag), ("ev_sys", t.ev_sys)):
+    for field, table in (("ev_target", t.ev_target), ("ev_lag", t.ev_lag), ("ev_sys", t.ev_sys),
+                         ("ev_polled", t.ev_polled)):
         entries[field][has] = table[wait[has]]
     pos = np.arange(len(ids))
     queue = np.searchsorted(t.queue_off, pos, side="right") - 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpk.runtime.abi import Abi
+from mpk.runtime.tables import polled_events
 from mpk.taskgraph import TaskGraph
 
 
@@ -23,6 +24,7 @@ def stall_report(tg: TaskGraph, abi: Abi, words: list[np.ndarray], state: int, c
         w = w.reshape(tg.num_sms, abi.kProgressWords)
         stuck += [(rank, sm, w[sm]) for sm in range(tg.num_sms) if w[sm, abi.kPrState] == state]
     stuck.sort(key=lambda s: (int(s[2][abi.kPrEvent]) >= 0, int(s[2][abi.kPrStep]), int(s[2][abi.kPrTask])))
+    polled = polled_events(tg)
     parts = []
     for rank, sm, w in stuck[:4]:
         task, step, ev = (int(w[k]) for k in (abi.kPrTask, abi.kPrStep, abi.kPrEvent))
@@ -33,6 +35,8 @@ def stall_report(tg: TaskGraph, abi: Abi, words: list[np.ndarray], state: int, c
         e = tg.events[ev]
         need = e.target * (step - first_step + 1 - e.lag)
         have = f"{counters[rank][ev]}/{need}" if counters is not None else f"?/{need}"
+        if polled[ev]:
+            have = "its producers' tagged words of that step, not all there"
         parts.append(f"{where} waits in step {step} with {tg.describe_task(task)} on event {ev} ({have})")
     more = f" and {len(stuck) - 4} more SMs" if len(stuck) > 4 else ""
     return "; ".join(parts) + more if parts else "no SM reported a wait"

@@ -195,7 +195,7 @@ def hang_on_the_last_rank(cfg, hf, tp, monkeypatch) -> int:
     kernel leaves, and every GPU runs again. Returns the task."""
     tg = compile_model(cfg, batch=1, max_seq_len=8, tp_size=tp, num_sms=8)
     last = tg.num_sms * (tp - 1)  # the first queue of the last rank
-    stuck = next(t.id for t in tg.tasks if tg.ops[t.op].kind == "linear" and t.queue >= last)
+    stuck = next(t.id for t in tg.tasks if tg.ops[t.op].kind in ("linear", "linear_tagged") and t.queue >= last)
     monkeypatch.setenv("MPK_INJECT", f"hang:{stuck}")
     inputs, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, tp, torch.bfloat16), [[1, 2]])
     mk = Megakernel(tg, weights=inputs, meta=meta)
@@ -257,8 +257,27 @@ def test_trace_at_tp2_records_every_task_of_both_ranks(checkpoint):
     assert spans.shape == (6, len(mk.tg.tasks), 3) and bool((spans[..., 2] >= spans[..., 1]).all())
     assert bool((spans[..., 1] > 0).all())
     kinds = {row["kind"]: row for row in summarize_trace(mk.tg, spans)["kinds"]}
-    assert kinds["allreduce_residual"]["tasks_per_step"] == sum(
-        1 for t in mk.tg.tasks if mk.tg.ops[t.op].kind == "allreduce_residual")
+    assert kinds["allreduce_tagged"]["tasks_per_step"] == sum(
+        1 for t in mk.tg.tasks if mk.tg.ops[t.op].kind == "allreduce_tagged")
+
+
+def test_a_later_launch_reads_only_its_own_tagged_words(checkpoint):
+    """The partials travel as words tagged with their step, and the mailboxes keep the last launch's:
+    a launch over the same steps with another prompt, and one whose tags wrap (the mailboxes are
+    zeroed and the tags start over), must each compute what a fresh kernel does."""
+    cfg, hf = checkpoint("llama")
+    first, second = [[1, 2, 3]], [[9, 4, 7]]
+    mk = kernel(cfg, hf, first, 16, 16, TP)
+    assert any(op.kind == "allreduce_tagged" for op in mk.tg.ops)
+    want = kernel(cfg, hf, second, 16, 16, TP).run(12, eos_token_ids=[]).tokens
+    mk.run(12, eos_token_ids=[])  # the first prompt's words now sit in every mailbox
+    _, meta = program_inputs(cfg, mk.tg, fuse_weights(cfg, hf, TP, torch.bfloat16), second)
+    mk.set_meta(meta)
+    mk.restart_tokens()
+    assert mk.run(12, eos_token_ids=[]).tokens == want
+    mk.restart_tokens()
+    mk._tag_base = (1 << 32) - 5  # the next launch's tags would pass 2^32
+    assert mk.run(12, eos_token_ids=[]).tokens == want
 
 
 def test_a_paged_cache_at_tp2_computes_what_a_contiguous_one_does(checkpoint):
