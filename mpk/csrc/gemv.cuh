@@ -148,9 +148,10 @@ template <class S, int B, int K, class A, int COLS, int LDK> struct Linear {
 };
 
 // linear_tagged: one rank's partial x @ W[c0:c1]^T (rounded to the activation precision, as linear's)
-// pushed as tagged words into slot `slot` (this rank's) of every rank's inbox [RANKS, B, n], and the residual's tile
-// into this rank's residual words [B, n]: allreduce_tagged polls both in its own memory, with no
-// counter between them (mpk/ops/linear.py, LinearTagged). A peer's words cross NVLink as stores.
+// pushed as tagged words into slot `slot` (this rank's) of every rank's inbox [RANKS, B, n], and the
+// residual's tile into this rank's residual words [B, n]: allreduce_tagged polls both in its own
+// memory, with no counter between them (mpk/ops/linear.py, LinearTagged). A peer's words cross
+// NVLink as stores.
 template <class S, int B, int K, class A, int COLS, int RANKS> struct LinearTagged {
   using T = typename A::T;
   static constexpr int SMEM = Strategy<1, B, K, false, A, COLS>::SMEM;

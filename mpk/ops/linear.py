@@ -253,8 +253,8 @@ class AllreduceResidual(OpKind):
 
 class LinearTagged(Gemv):
     """One rank's partial x @ W[c0:c1]^T of a row-parallel projection, pushed into every rank's inbox
-    (`inbox{k}`: rank k's [ranks, B, 2n] words, slot `slot`: this rank's) as float32 values each paired with
-    its step's tag, plus the residual's tile into this rank's `residual_words` [B, 2n] the same way:
+    (`inbox{k}`: rank k's [ranks, B, 2n] words, at slot `slot`, this rank's) as float32 values each
+    paired with its step's tag, plus the residual's tile into this rank's `residual_words` [B, 2n]:
     `allreduce_tagged` polls them in its own memory, with no counter between them
     (`mpk.graph.exchanges_words`). Here a word is a (value, tag) pair of float32 elements; the tag
     lives only on the GPU, whose template writes each pair as one 8-byte store."""
