@@ -1,13 +1,14 @@
 // What one dependent phase costs with no weights at all: every CTA of a persistent grid reads the
-// whole vector the previous phase wrote (each CTA a slice of it), then writes its own slice, phase
-// after phase. Two ways of saying "the slice is ready":
-//   counter: the megakernel's way. Write the slice, __syncthreads, thread 0 red.release.gpu on the
-//            phase's counter; a reader's thread 0 polls it with ld.acquire.gpu, __syncthreads, then
-//            every thread loads the vector.
+// slices its group of `fan` CTAs wrote in the phase before (fan = all: the whole vector, as a norm
+// GEMV reads x; a few: as an attention merge reads its group's splits), then writes its own slice,
+// phase after phase. Two ways of saying "the slice is ready":
+//   counter: the megakernel's way. Write the slice, __syncthreads, thread 0 red.release.gpu on its
+//            group's counter of the phase; a reader's thread 0 polls it with ld.acquire.gpu,
+//            __syncthreads, then every thread loads the group's slices.
 //   tagged:  each value travels with its phase in one 8-byte word (value bits | phase << 32, one
 //            single-copy-atomic store); readers load the words directly and reload any whose tag is
 //            not yet the phase. No fence, no counter, no second round trip.
-// Prints microseconds per phase for each, for a few slice widths (floats per CTA).
+// Prints microseconds per phase for each, for a few slice widths (floats per CTA) and fans.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -o /tmp/phase_latency scripts/phase_latency.cu && /tmp/phase_latency
 #include "microbench.cuh"
@@ -19,17 +20,28 @@ constexpr const char* kProgram = "phase_latency";
 constexpr int kThreads = 256;
 constexpr int kBatch = 8;  // loads in flight per thread
 
-// vec: two buffers of n floats; phase p reads buffer (p - 1) % 2 and writes buffer p % 2. sink keeps
-// the sums live. Phase 0's input is written by the host.
-__global__ void counter_phases(float* vec, unsigned long long* counters, int n, int slice, int phases, float* sink) {
+// CTA c's group: CTAs [first, first + members) with first = c / fan * fan; its slices are the
+// vector's [first * slice, (first + members) * slice).
+struct Group {
+  int id, first, members;
+  __device__ Group(int fan) : id(blockIdx.x / fan), first(id * fan), members(min(fan, gridDim.x - id * fan)) {}
+};
+
+// vec: two buffers of n floats; phase p reads buffer (p - 1) % 2 and writes buffer p % 2. counters:
+// one per group and phase. sink keeps the sums live. Phase 0's input is written by the host.
+__global__ void counter_phases(float* vec, unsigned long long* counters, int n, int slice, int fan, int phases,
+                               float* sink) {
   __shared__ float red[kThreads / 32];
+  const Group g(fan);
+  const int groups = (gridDim.x + fan - 1) / fan, all = n;
+  n = g.members * slice;
   float acc = 0.f;
   for (int p = 1; p <= phases; ++p) {
     if (threadIdx.x == 0 && p > 1)
-      while (ld_acquire(counters + p - 1) < gridDim.x) {
+      while (ld_acquire(counters + (p - 1) * groups + g.id) < static_cast<unsigned long long>(g.members)) {
       }
     __syncthreads();
-    const float* in = vec + ((p - 1) & 1) * n;
+    const float* in = vec + ((p - 1) & 1) * all + g.first * slice;
     float s = 0.f;
     for (int i0 = threadIdx.x; i0 < n; i0 += kThreads * kBatch) {
       float v[kBatch];
@@ -43,20 +55,23 @@ __global__ void counter_phases(float* vec, unsigned long long* counters, int n, 
     __syncthreads();
     float total = 0.f;
     for (int w = 0; w < kThreads / 32; ++w) total += red[w];
-    float* out = vec + (p & 1) * n + blockIdx.x * slice;
+    float* out = vec + (p & 1) * all + blockIdx.x * slice;
     for (int i = threadIdx.x; i < slice; i += kThreads) out[i] = total * 1e-9f + i;
     acc += total;
     __syncthreads();
-    if (threadIdx.x == 0) red_release(counters + p, 1ull);
+    if (threadIdx.x == 0) red_release(counters + p * groups + g.id, 1ull);
   }
   if (threadIdx.x == 0) sink[blockIdx.x] = acc;
 }
 
-__global__ void tagged_phases(unsigned long long* vec, int n, int slice, int phases, float* sink) {
+__global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan, int phases, float* sink) {
   __shared__ float red[kThreads / 32];
+  const Group g(fan);
+  const int all = n;
+  n = g.members * slice;
   float acc = 0.f;
   for (int p = 1; p <= phases; ++p) {
-    const unsigned long long* in = vec + ((p - 1) & 1) * n;
+    const unsigned long long* in = vec + ((p - 1) & 1) * all + g.first * slice;
     const unsigned want = static_cast<unsigned>(p - 1);
     float s = 0.f;
     for (int i0 = threadIdx.x; i0 < n; i0 += kThreads * kBatch) {
@@ -75,9 +90,10 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int pha
     __syncthreads();
     float total = 0.f;
     for (int w = 0; w < kThreads / 32; ++w) total += red[w];
-    // Buffer p % 2 was read in phase p - 1. This CTA has seen every CTA's phase p - 1 slice, and
-    // each CTA wrote that slice after its phase p - 1 reads: no CTA still reads what is overwritten.
-    unsigned long long* out = vec + (p & 1) * n + blockIdx.x * slice;
+    // Buffer p % 2 was read in phase p - 1, only by this CTA's group. This CTA has seen every group
+    // member's phase p - 1 slice, and each wrote it after its phase p - 1 reads (the barrier above):
+    // no CTA still reads what is overwritten.
+    unsigned long long* out = vec + (p & 1) * all + blockIdx.x * slice;
     for (int i = threadIdx.x; i < slice; i += kThreads)
       st_relaxed_gpu(out + i, (static_cast<unsigned long long>(p) << 32) | __float_as_uint(total * 1e-9f + i));
     acc += total;
@@ -87,14 +103,15 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int pha
 }
 
 int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row as it is measured
   int dev = 0, sms = 0;
   CHECK(cudaGetDevice(&dev));
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, dev));
   const int phases = 4000;
-  std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases\n", prop.name, sms, kThreads, phases);
-  std::printf("%-8s %-10s %14s %14s\n", "slice", "vector", "counter us", "tagged us");
+  std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases; us per phase\n", prop.name, sms, kThreads, phases);
+  std::printf("%-6s %-6s %12s %12s\n", "slice", "fan", "counter", "tagged");
   float* sink;
   CHECK(cudaMalloc(&sink, sms * sizeof(float)));
   for (int slice : {8, 32, 128}) {
@@ -102,33 +119,35 @@ int main() {
     float* vec;
     unsigned long long *counters, *tagged;
     CHECK(cudaMalloc(&vec, 2 * n * sizeof(float)));
-    CHECK(cudaMalloc(&counters, (phases + 1) * sizeof(unsigned long long)));
+    CHECK(cudaMalloc(&counters, (phases + 1) * sms * sizeof(unsigned long long)));
     CHECK(cudaMalloc(&tagged, 2 * n * sizeof(unsigned long long)));
     cudaEvent_t a, b;
     CHECK(cudaEventCreate(&a));
     CHECK(cudaEventCreate(&b));
-    float ms[2] = {0.f, 0.f};
-    for (int rep = 0; rep < 3; ++rep) {  // the first repetition warms up; the best of the rest counts
-      CHECK(cudaMemset(vec, 0, 2 * n * sizeof(float)));
-      CHECK(cudaMemset(counters, 0, (phases + 1) * sizeof(unsigned long long)));
-      CHECK(cudaMemset(tagged, 0, 2 * n * sizeof(unsigned long long)));  // phase 0's input: tag 0
-      CHECK(cudaEventRecord(a));
-      counter_phases<<<sms, kThreads>>>(vec, counters, n, slice, phases, sink);
-      CHECK(cudaEventRecord(b));
-      CHECK(cudaEventSynchronize(b));
-      float t0;
-      CHECK(cudaEventElapsedTime(&t0, a, b));
-      CHECK(cudaEventRecord(a));
-      tagged_phases<<<sms, kThreads>>>(tagged, n, slice, phases, sink);
-      CHECK(cudaEventRecord(b));
-      CHECK(cudaEventSynchronize(b));
-      float t1;
-      CHECK(cudaEventElapsedTime(&t1, a, b));
-      CHECK(cudaGetLastError());
-      if (rep == 1 || (rep > 1 && t0 < ms[0])) ms[0] = t0;
-      if (rep == 1 || (rep > 1 && t1 < ms[1])) ms[1] = t1;
+    for (int fan : {3, 16, sms}) {
+      float ms[2] = {0.f, 0.f};
+      for (int rep = 0; rep < 3; ++rep) {  // the first repetition warms up; the best of the rest counts
+        CHECK(cudaMemset(vec, 0, 2 * n * sizeof(float)));
+        CHECK(cudaMemset(counters, 0, (phases + 1) * sms * sizeof(unsigned long long)));
+        CHECK(cudaMemset(tagged, 0, 2 * n * sizeof(unsigned long long)));  // phase 0's input: tag 0
+        CHECK(cudaEventRecord(a));
+        counter_phases<<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink);
+        CHECK(cudaEventRecord(b));
+        CHECK(cudaEventSynchronize(b));
+        float t0;
+        CHECK(cudaEventElapsedTime(&t0, a, b));
+        CHECK(cudaEventRecord(a));
+        tagged_phases<<<sms, kThreads>>>(tagged, n, slice, fan, phases, sink);
+        CHECK(cudaEventRecord(b));
+        CHECK(cudaEventSynchronize(b));
+        float t1;
+        CHECK(cudaEventElapsedTime(&t1, a, b));
+        CHECK(cudaGetLastError());
+        if (rep == 1 || (rep > 1 && t0 < ms[0])) ms[0] = t0;
+        if (rep == 1 || (rep > 1 && t1 < ms[1])) ms[1] = t1;
+      }
+      std::printf("%-6d %-6d %12.3f %12.3f\n", slice, fan, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases);
     }
-    std::printf("%-8d %-10d %14.3f %14.3f\n", slice, n, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases);
     CHECK(cudaFree(vec));
     CHECK(cudaFree(counters));
     CHECK(cudaFree(tagged));
