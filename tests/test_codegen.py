@@ -369,6 +369,32 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
     assert seen_head and seen_tail
 
 
+def test_a_polled_event_must_be_all_tagged_words():
+    """An allreduce that polls tagged words reads readiness from them alone: an event that also has a
+    producer writing none, or consumers that wait on its counter beside ones that poll, is refused
+    when the tables are built, not left to hang or race on the GPU."""
+    import copy
+
+    tg = graph(tiny_cfg(), tp_size=2, batch=1)
+    ar = next(t for t in tg.tasks if tg.ops[t.op].kind == "allreduce_tagged")
+    build_tables(tg)  # as compiled: every producer of the allreduce's event pushes words
+
+    silent = copy.deepcopy(tg)
+    qkv = next(t.id for t in silent.tasks if silent.ops[t.op].kind == "rmsnorm_linear")
+    silent.events[ar.wait].producers.append(qkv)
+    with pytest.raises(MpkError, match=rf"event {ar.wait}: its consumers poll tagged words, but a producer writes none"):
+        build_tables(silent)
+
+    mixed = copy.deepcopy(tg)
+    ev = mixed.events[ar.wait]
+    waiter = next(t for t in mixed.tasks if mixed.ops[t.op].kind == "rmsnorm_gate_up_silu" and t.id >= ev.stop_task)
+    waiter.wait, ev.stop_task = ev.id, waiter.id + 1  # a counter-waiting consumer in the event's range
+    for t in mixed.tasks[ev.first_task:ev.stop_task]:
+        t.wait = ev.id
+    with pytest.raises(MpkError, match=rf"event {ev.id} has consumers that poll tagged words and consumers that wait"):
+        build_tables(mixed)
+
+
 def test_queue_entries_carry_each_position_task_op_event_and_the_next_l2_range():
     """Per rank, position j of the entries is queue_tasks[j]'s task and op rows by value, its wait event's
     target, lag and scope, the counters it signals on their ranks (a peer's flagged for a system-scope
