@@ -305,7 +305,7 @@ class Megakernel(Executor):
                 spans[:, torch.from_numpy(rs.tables.queue_tasks).long()] = rs.trace[:steps].cpu()
         return RunResult(tokens, steps, seconds, steps < num_steps, logits[:steps], spans)
 
-    def _params(self, rs: RankState, first_step: int, num_steps: int) -> Params:
+    def _params(self, rs: RankState, first_step: int, num_steps: int, tag_base: int) -> Params:
         p = Params()
         for name in ("signals", "signal_rank", "queue_off", "queue_tasks", "entries", "counters", "ctl", "seq_done", "eos",
                      "max_new", "pos_offset", "prefetch", "peer_counters", "peer_ctl"):
@@ -315,7 +315,7 @@ class Megakernel(Executor):
         p.trace = rs.trace.data_ptr() if rs.trace is not None else 0
         p.first_step, p.num_steps, p.num_sms = first_step, num_steps, self.tg.num_sms
         p.n_eos, p.n_sample, p.batch = self._n_eos, rs.tables.n_sample, self.tg.batch
-        p.rank, p.tp_size, p.tag_base = rs.rank, self.tg.tp_size, self._tag_base
+        p.rank, p.tp_size, p.tag_base = rs.rank, self.tg.tp_size, tag_base
         if self.kv_pages is not None:
             p.kv_blocks = rs.address("kv_blocks")
             p.kv_block_rows = self.kv_pages.block_rows
@@ -337,6 +337,8 @@ class Megakernel(Executor):
                 if spec.kind == "mailbox":
                     self.buffers[name].zero_()
             self._tag_base = 0
+        # This launch's tags are never used again, even if it fails, stops or is aborted.
+        tag_base, self._tag_base = self._tag_base, self._tag_base + num_steps
         for rs in self.ranks:
             rs.dev["counters"].zero_()
             rs.dev["ctl"][abi.kCtlSampled] = 0
@@ -348,7 +350,7 @@ class Megakernel(Executor):
             rs.done = None
         for rs in self.ranks:
             stream = torch.cuda.current_stream(rs.device)
-            params = self._params(rs, first_step, num_steps)
+            params = self._params(rs, first_step, num_steps, tag_base)
             check(self.lib, self.lib.mpk_set_device(rs.device.index), "selecting the GPU")
             rc = self.lib.mpk_launch(ctypes.byref(params), ctypes.c_void_p(stream.cuda_stream))
             if rc != 0 and rs.rank > 0:  # the ranks already running would wait for this one forever
@@ -357,7 +359,6 @@ class Megakernel(Executor):
             check(self.lib, rc, f"launching the megakernel on {rs.device}")
             rs.done = torch.cuda.Event()
             rs.done.record(stream)
-        self._tag_base += num_steps  # a stopped or aborted launch's unused tags are never reused
         try:
             self._watch(deliver, first_step)
         except MpkError:

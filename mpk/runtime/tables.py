@@ -140,8 +140,6 @@ def polled_events(tg: TaskGraph) -> list[int]:
     """Per event, 1 when its consumers poll their inputs (`OpKind.polls_inputs`): every consumer must,
     and every producer must push tagged words (`OpKind.pushes_words`), since the consumer's template
     reads readiness from the words and nothing else."""
-    from mpk.ops import OP_KINDS
-
     kind = [OP_KINDS[op.kind] for op in tg.ops]
     polled = []
     for e in tg.events:
