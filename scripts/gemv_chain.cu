@@ -1,0 +1,214 @@
+// What an operator boundary costs when every phase streams weights: a chain of L square GEMVs
+// y_{l+1} = W_l y_l (K = N = 4096, bf16 weights, float32 vectors, batch 1), one persistent CTA per SM,
+// each CTA owning 32 rows of every W_l, as the megakernel's norm GEMVs do at qwen3-8b's width. Each
+// op needs all of the op before's output, so the chain is an all-to-all dependency per op. Three
+// ways to cross the boundary:
+//   static:   the megakernel's way today. Thread 0 waits for the op's counter (every CTA of the op
+//             before), then the CTA loads y and streams its rows.
+//   ahead:    the same wait, but each warp loads its first rows' weights into registers before it
+//             (weights depend on nothing): the wait overlaps one round of weight loads.
+//   chunked:  y arrives in C = 8 chunks of 512 values, each with its own counter (the 16 CTAs whose
+//             rows make it). A CTA keeps two chunks' weights in flight, waits for one chunk of y at
+//             a time and folds it into its row sums: it starts on the first chunks while the last
+//             ones' producers finish (split-K partial dependencies, an idea in docs/perf.md).
+// Prints microseconds per op and the weights' GB/s for each, beside a plain read of the same
+// weights (no dependencies at all): the floor the boundaries are measured against.
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -o /tmp/gemv_chain scripts/gemv_chain.cu && /tmp/gemv_chain
+#include <cuda_bf16.h>
+
+#include "microbench.cuh"
+
+using mpk::ld_acquire;
+using mpk::red_release;
+
+constexpr const char* kProgram = "gemv_chain";
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int K = 4096, N = 4096, kRows = 32;  // rows per CTA: N / kRows = 128 CTAs have rows
+constexpr int kChunks = 8, kChunk = K / kChunks;  // y in chunks of 512 values
+constexpr int kRowsPerWarp = kRows / kWarps;      // 4
+constexpr int kVecPerLaneRow = K / 8 / 32;        // uint4 (8 bf16) per lane for a whole row: 16
+constexpr int kVecPerLaneChunk = kChunk / 8 / 32; // per lane for one chunk of a row: 2
+
+enum Mode { kStatic, kAhead, kChunked, kModes };
+constexpr const char* kModeNames[kModes] = {"static", "ahead", "chunked"};
+
+__device__ __forceinline__ uint4 ld_weight(const __nv_bfloat16* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// The dot product of 8 bf16 weights with 8 floats of x.
+__device__ __forceinline__ float dot8(uint4 w, const float* x) {
+  const unsigned u[4] = {w.x, w.y, w.z, w.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    s = fmaf(__uint_as_float(u[i] << 16), x[2 * i], s);
+    s = fmaf(__uint_as_float(u[i] & 0xffff0000u), x[2 * i + 1], s);
+  }
+  return s;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Thread 0: spin until *c >= target; then the CTA may read what those producers wrote.
+__device__ __forceinline__ void wait_counter(const unsigned long long* c, unsigned long long target) {
+  if (threadIdx.x == 0)
+    while (ld_acquire(c) < target) {
+    }
+  __syncthreads();
+}
+
+// w: [L][N][K]; ys: [L + 1][N] (ys[0] written by the host); counters: [L + 1][kChunks] (chunked) or
+// [L + 1] (static, ahead); chunk_target[j]: CTAs whose rows fall in chunk j.
+template <Mode M>
+__global__ void chain(const __nv_bfloat16* w, float* ys, unsigned long long* counters, const int* chunk_target, int L) {
+  __shared__ float x[K];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = blockIdx.x * kRows;
+  if (row0 >= N) return;  // CTAs past the rows: idle, as the megakernel's SMs past an op's tiles
+  for (int l = 0; l < L; ++l) {
+    const float* y = ys + static_cast<size_t>(l) * N;
+    const __nv_bfloat16* wl = w + static_cast<size_t>(l) * N * K;
+    float acc[kRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) acc[i] = 0.f;
+    if constexpr (M == kChunked) {
+      // Two chunks' weights in flight: chunk j + 1's load while chunk j waits and folds.
+      uint4 wv[kRowsPerWarp][kVecPerLaneChunk], next[kRowsPerWarp][kVecPerLaneChunk];
+      auto load_chunk = [&](int j, uint4 (&to)[kRowsPerWarp][kVecPerLaneChunk]) {
+#pragma unroll
+        for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+          for (int v = 0; v < kVecPerLaneChunk; ++v)
+            to[i][v] = ld_weight(wl + static_cast<size_t>(row0 + warp + i * kWarps) * K + j * kChunk + (v * 32 + lane) * 8);
+      };
+      load_chunk(0, wv);
+#pragma unroll
+      for (int j = 0; j < kChunks; ++j) {
+        if (j + 1 < kChunks) load_chunk(j + 1, next);
+        if (l > 0) wait_counter(counters + l * kChunks + j, chunk_target[j]);
+        for (int i = threadIdx.x; i < kChunk; i += kThreads) x[j * kChunk + i] = y[j * kChunk + i];
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+          for (int v = 0; v < kVecPerLaneChunk; ++v) acc[i] += dot8(wv[i][v], x + j * kChunk + (v * 32 + lane) * 8);
+        if (j + 1 < kChunks)
+#pragma unroll
+          for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+            for (int v = 0; v < kVecPerLaneChunk; ++v) wv[i][v] = next[i][v];
+      }
+    } else {
+      uint4 first[kVecPerLaneRow];  // ahead: row 0's weights of this warp, loaded before the wait
+      if constexpr (M == kAhead)
+#pragma unroll
+        for (int v = 0; v < kVecPerLaneRow; ++v) first[v] = ld_weight(wl + static_cast<size_t>(row0 + warp) * K + (v * 32 + lane) * 8);
+      if (l > 0) wait_counter(counters + l, N / kRows);  // every CTA with rows
+      for (int i = threadIdx.x; i < K; i += kThreads) x[i] = y[i];
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        uint4 wv[kVecPerLaneRow];
+#pragma unroll
+        for (int v = 0; v < kVecPerLaneRow; ++v)
+          wv[v] = M == kAhead && i == 0 ? first[v]
+                                        : ld_weight(wl + static_cast<size_t>(row0 + warp + i * kWarps) * K + (v * 32 + lane) * 8);
+#pragma unroll
+        for (int v = 0; v < kVecPerLaneRow; ++v) acc[i] += dot8(wv[v], x + (v * 32 + lane) * 8);
+      }
+    }
+    float* out = ys + static_cast<size_t>(l + 1) * N;
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const float s = warp_sum(acc[i]);
+      if (lane == 0) out[row0 + warp + i * kWarps] = s * (1.f / 64.f);  // keeps the values bounded
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+      red_release(M == kChunked ? counters + (l + 1) * kChunks + row0 / kChunk : counters + l + 1, 1ull);
+  }
+}
+
+// The floor: every CTA streams its rows of every W_l with no dependency between ops.
+__global__ void stream_only(const __nv_bfloat16* w, float* sink, int L) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row0 = blockIdx.x * kRows;
+  if (row0 >= N) return;
+  float acc = 0.f;
+  for (int l = 0; l < L; ++l)
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const __nv_bfloat16* row = w + (static_cast<size_t>(l) * N + row0 + warp + i * kWarps) * K;
+      uint4 wv[kVecPerLaneRow];
+#pragma unroll
+      for (int v = 0; v < kVecPerLaneRow; ++v) wv[v] = ld_weight(row + (v * 32 + lane) * 8);
+#pragma unroll
+      for (int v = 0; v < kVecPerLaneRow; ++v) acc += __uint_as_float(wv[v].x << 16);
+    }
+  if (lane == 0) sink[blockIdx.x * kWarps + warp] = acc;
+}
+
+int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int L = 64;
+  const size_t wbytes = static_cast<size_t>(L) * N * K * sizeof(__nv_bfloat16);
+  __nv_bfloat16* w;
+  float *ys, *sink;
+  unsigned long long* counters;
+  int* chunk_target;
+  CHECK(cudaMalloc(&w, wbytes));
+  CHECK(cudaMemset(w, 0x3c, wbytes));  // every weight ~0.0117: finite sums
+  CHECK(cudaMalloc(&ys, static_cast<size_t>(L + 1) * N * sizeof(float)));
+  CHECK(cudaMalloc(&sink, sms * kWarps * sizeof(float)));
+  CHECK(cudaMalloc(&counters, (L + 1) * kChunks * sizeof(unsigned long long)));
+  CHECK(cudaMalloc(&chunk_target, kChunks * sizeof(int)));
+  int targets[kChunks];
+  for (int j = 0; j < kChunks; ++j) targets[j] = kChunk / kRows;  // rows of a chunk / rows per CTA
+  CHECK(cudaMemcpy(chunk_target, targets, sizeof targets, cudaMemcpyHostToDevice));
+  if (sms < N / kRows) {
+    std::fprintf(stderr, "gemv_chain: needs %d SMs for one CTA per 32 rows, the GPU has %d\n", N / kRows, sms);
+    return 1;
+  }
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  auto time_it = [&](auto launch) {
+    float best = 1e30f;
+    for (int rep = 0; rep < 4; ++rep) {  // the first warms up
+      CHECK(cudaMemset(counters, 0, (L + 1) * kChunks * sizeof(unsigned long long)));
+      CHECK(cudaMemset(ys, 0, static_cast<size_t>(L + 1) * N * sizeof(float)));
+      CHECK(cudaEventRecord(a));
+      launch();
+      CHECK(cudaEventRecord(b));
+      CHECK(cudaEventSynchronize(b));
+      CHECK(cudaGetLastError());
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, a, b));
+      if (rep > 0) best = ms < best ? ms : best;
+    }
+    return 1e3f * best / L;  // us per op
+  };
+  const double op_bytes = static_cast<double>(N) * K * sizeof(__nv_bfloat16);
+  std::printf("%s, %d SMs (%d with rows), %d ops of %dx%d bf16 (%.1f MB each), batch 1\n", prop.name, sms, N / kRows,
+              L, N, K, op_bytes / 1e6);
+  std::printf("%-10s %10s %10s\n", "mode", "us/op", "GB/s");
+  const float floor_us = time_it([&] { stream_only<<<sms, kThreads>>>(w, sink, L); });
+  std::printf("%-10s %10.3f %10.0f\n", "no deps", floor_us, op_bytes / floor_us / 1e3);
+  using Kernel = void (*)(const __nv_bfloat16*, float*, unsigned long long*, const int*, int);
+  const Kernel kernels[kModes] = {chain<kStatic>, chain<kAhead>, chain<kChunked>};
+  for (int m = 0; m < kModes; ++m) {
+    const float us = time_it([&] { kernels[m]<<<sms, kThreads>>>(w, ys, counters, chunk_target, L); });
+    std::printf("%-10s %10.3f %10.0f\n", kModeNames[m], us, op_bytes / us / 1e3);
+  }
+  return 0;
+}
