@@ -525,3 +525,15 @@ def test_prefill_attention_builds(tmp_path):
     variants = [prefill_attention(tiny_cfg(head_dim=64))[0],
                 prefill_attention(tiny_cfg(qk_norm=False, num_heads=16), activations="model", kv_cache="float32")[0]]
     assert build(render_source(variants), "sm_90a", debug=False, cache=tmp_path).is_file()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("script", ["phase_latency", "tp_phase_latency", "gemv_chain"])
+def test_microbenchmarks_build(tmp_path, script):
+    """The standalone microbenchmarks in scripts/ use the runtime's headers: they keep building with them."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([find_nvcc(), "-O3", "-std=c++17", "-arch=sm_90a", f"-I{root / 'mpk' / 'csrc'}", "-o",
+                           str(tmp_path / script), str(root / "scripts" / f"{script}.cu")], capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
