@@ -11,6 +11,9 @@
 //             rows make it). A CTA keeps two chunks' weights in flight, waits for one chunk of y at
 //             a time and folds it into its row sums: it starts on the first chunks while the last
 //             ones' producers finish (split-K partial dependencies, an idea in docs/perf.md).
+//   claimed:  the static wait, but rows are taken in blocks of 8 (one per warp) from a ticket per op
+//             (an atomic add, the next one claimed while the current block streams), so an SM that
+//             runs fast takes more blocks: how much of an op's tail dynamic claiming flattens.
 // Prints microseconds per op and the weights' GB/s for each, beside a plain read of the same
 // weights (no dependencies at all): the floor the boundaries are measured against.
 //
@@ -31,7 +34,8 @@ constexpr int kVecPerLaneRow = K / 8 / 32;        // uint4 (8 bf16) per lane for
 constexpr int kVecPerLaneChunk = kChunk / 8 / 32; // per lane for one chunk of a row: 2
 
 enum Mode { kStatic, kAhead, kChunked, kModes };
-constexpr const char* kModeNames[kModes] = {"static", "ahead", "chunked"};
+constexpr const char* kModeNames[kModes + 1] = {"static", "ahead", "chunked", "claimed"};
+constexpr int kBlocks = N / kWarps;  // claimed: blocks of one row per warp
 
 __device__ __forceinline__ uint4 ld_weight(const __nv_bfloat16* p) {
   uint4 v;
@@ -137,6 +141,42 @@ __global__ void chain(const __nv_bfloat16* w, float* ys, unsigned long long* cou
   }
 }
 
+// claimed: tickets[l] hands out op l's blocks; counters[l + 1] counts op l's finished blocks.
+__global__ void claimed_chain(const __nv_bfloat16* w, float* ys, unsigned long long* counters, unsigned* tickets,
+                              int L) {
+  __shared__ float x[K];
+  __shared__ unsigned s_block[2];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int l = 0; l < L; ++l) {
+    if (threadIdx.x == 0) s_block[0] = atomicAdd(tickets + l, 1u);  // depends on nothing: before the wait
+    if (l > 0) wait_counter(counters + l, kBlocks);
+    const float* y = ys + static_cast<size_t>(l) * N;
+    for (int i = threadIdx.x; i < K; i += kThreads) x[i] = y[i];
+    __syncthreads();
+    const __nv_bfloat16* wl = w + static_cast<size_t>(l) * N * K;
+    float* out = ys + static_cast<size_t>(l + 1) * N;
+    unsigned done = 0;
+    for (int b = 0;; b ^= 1) {
+      const unsigned block = s_block[b];
+      if (block >= kBlocks) break;
+      if (threadIdx.x == 0) s_block[b ^ 1] = atomicAdd(tickets + l, 1u);  // the next claim streams with this block
+      const int row = block * kWarps + warp;
+      uint4 wv[kVecPerLaneRow];
+#pragma unroll
+      for (int v = 0; v < kVecPerLaneRow; ++v) wv[v] = ld_weight(wl + static_cast<size_t>(row) * K + (v * 32 + lane) * 8);
+      float acc = 0.f;
+#pragma unroll
+      for (int v = 0; v < kVecPerLaneRow; ++v) acc += dot8(wv[v], x + (v * 32 + lane) * 8);
+      acc = warp_sum(acc);
+      if (lane == 0) out[row] = acc * (1.f / 64.f);
+      ++done;
+      __syncthreads();  // s_block[b ^ 1] is written; s_block[b] is free for the claim after
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && done) red_release(counters + l + 1, static_cast<unsigned long long>(done));
+  }
+}
+
 // The floor: every CTA streams its rows of every W_l with no dependency between ops.
 __global__ void stream_only(const __nv_bfloat16* w, float* sink, int L) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row0 = blockIdx.x * kRows;
@@ -165,6 +205,7 @@ int main() {
   __nv_bfloat16* w;
   float *ys, *sink;
   unsigned long long* counters;
+  unsigned* tickets;
   int* chunk_target;
   CHECK(cudaMalloc(&w, wbytes));
   CHECK(cudaMemset(w, 0x3c, wbytes));  // every weight ~0.0117: finite sums
@@ -172,6 +213,7 @@ int main() {
   CHECK(cudaMalloc(&sink, sms * kWarps * sizeof(float)));
   CHECK(cudaMalloc(&counters, (L + 1) * kChunks * sizeof(unsigned long long)));
   CHECK(cudaMalloc(&chunk_target, kChunks * sizeof(int)));
+  CHECK(cudaMalloc(&tickets, L * sizeof(unsigned)));
   int targets[kChunks];
   for (int j = 0; j < kChunks; ++j) targets[j] = kChunk / kRows;  // rows of a chunk / rows per CTA
   CHECK(cudaMemcpy(chunk_target, targets, sizeof targets, cudaMemcpyHostToDevice));
@@ -186,6 +228,7 @@ int main() {
     float best = 1e30f;
     for (int rep = 0; rep < 4; ++rep) {  // the first warms up
       CHECK(cudaMemset(counters, 0, (L + 1) * kChunks * sizeof(unsigned long long)));
+      CHECK(cudaMemset(tickets, 0, L * sizeof(unsigned)));
       CHECK(cudaMemset(ys, 0, static_cast<size_t>(L + 1) * N * sizeof(float)));
       CHECK(cudaEventRecord(a));
       launch();
@@ -210,5 +253,7 @@ int main() {
     const float us = time_it([&] { kernels[m]<<<sms, kThreads>>>(w, ys, counters, chunk_target, L); });
     std::printf("%-10s %10.3f %10.0f\n", kModeNames[m], us, op_bytes / us / 1e3);
   }
+  const float us = time_it([&] { claimed_chain<<<sms, kThreads>>>(w, ys, counters, tickets, L); });
+  std::printf("%-10s %10.3f %10.0f\n", kModeNames[kModes], us, op_bytes / us / 1e3);
   return 0;
 }
