@@ -23,7 +23,9 @@
 #include "microbench.cuh"
 
 using mpk::ld_acquire;
+using mpk::ld_stream;
 using mpk::red_release;
+using mpk::warp_sum;
 
 constexpr const char* kProgram = "gemv_chain";
 constexpr int kThreads = 256, kWarps = kThreads / 32;
@@ -37,13 +39,6 @@ enum Mode { kStatic, kAhead, kChunked, kModes };
 constexpr const char* kModeNames[kModes + 1] = {"static", "ahead", "chunked", "claimed"};
 constexpr int kBlocks = N / kWarps;  // claimed: blocks of one row per warp
 
-__device__ __forceinline__ uint4 ld_weight(const __nv_bfloat16* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 // The dot product of 8 bf16 weights with 8 floats of x.
 __device__ __forceinline__ float dot8(uint4 w, const float* x) {
   const unsigned u[4] = {w.x, w.y, w.z, w.w};
@@ -54,11 +49,6 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
     s = fmaf(__uint_as_float(u[i] & 0xffff0000u), x[2 * i + 1], s);
   }
   return s;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // Thread 0: spin until *c >= target; then the CTA may read what those producers wrote.
@@ -91,7 +81,7 @@ __global__ void chain(const __nv_bfloat16* w, float* ys, unsigned long long* cou
         for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
           for (int v = 0; v < kVecPerLaneChunk; ++v)
-            to[i][v] = ld_weight(wl + static_cast<size_t>(row0 + warp + i * kWarps) * K + j * kChunk + (v * 32 + lane) * 8);
+            to[i][v] = ld_stream<8>(wl + static_cast<size_t>(row0 + warp + i * kWarps) * K + j * kChunk + (v * 32 + lane) * 8);
       };
       load_chunk(0, wv);
 #pragma unroll
@@ -114,7 +104,7 @@ __global__ void chain(const __nv_bfloat16* w, float* ys, unsigned long long* cou
       uint4 first[kVecPerLaneRow];  // ahead: row 0's weights of this warp, loaded before the wait
       if constexpr (M == kAhead)
 #pragma unroll
-        for (int v = 0; v < kVecPerLaneRow; ++v) first[v] = ld_weight(wl + static_cast<size_t>(row0 + warp) * K + (v * 32 + lane) * 8);
+        for (int v = 0; v < kVecPerLaneRow; ++v) first[v] = ld_stream<8>(wl + static_cast<size_t>(row0 + warp) * K + (v * 32 + lane) * 8);
       if (l > 0) wait_counter(counters + l, N / kRows);  // every CTA with rows
       for (int i = threadIdx.x; i < K; i += kThreads) x[i] = y[i];
       __syncthreads();
@@ -124,7 +114,7 @@ __global__ void chain(const __nv_bfloat16* w, float* ys, unsigned long long* cou
 #pragma unroll
         for (int v = 0; v < kVecPerLaneRow; ++v)
           wv[v] = M == kAhead && i == 0 ? first[v]
-                                        : ld_weight(wl + static_cast<size_t>(row0 + warp + i * kWarps) * K + (v * 32 + lane) * 8);
+                                        : ld_stream<8>(wl + static_cast<size_t>(row0 + warp + i * kWarps) * K + (v * 32 + lane) * 8);
 #pragma unroll
         for (int v = 0; v < kVecPerLaneRow; ++v) acc[i] += dot8(wv[v], x + (v * 32 + lane) * 8);
       }
@@ -163,7 +153,7 @@ __global__ void claimed_chain(const __nv_bfloat16* w, float* ys, unsigned long l
       const int row = block * kWarps + warp;
       uint4 wv[kVecPerLaneRow];
 #pragma unroll
-      for (int v = 0; v < kVecPerLaneRow; ++v) wv[v] = ld_weight(wl + static_cast<size_t>(row) * K + (v * 32 + lane) * 8);
+      for (int v = 0; v < kVecPerLaneRow; ++v) wv[v] = ld_stream<8>(wl + static_cast<size_t>(row) * K + (v * 32 + lane) * 8);
       float acc = 0.f;
 #pragma unroll
       for (int v = 0; v < kVecPerLaneRow; ++v) acc += dot8(wv[v], x + (v * 32 + lane) * 8);
@@ -187,7 +177,7 @@ __global__ void stream_only(const __nv_bfloat16* w, float* sink, int L) {
       const __nv_bfloat16* row = w + (static_cast<size_t>(l) * N + row0 + warp + i * kWarps) * K;
       uint4 wv[kVecPerLaneRow];
 #pragma unroll
-      for (int v = 0; v < kVecPerLaneRow; ++v) wv[v] = ld_weight(row + (v * 32 + lane) * 8);
+      for (int v = 0; v < kVecPerLaneRow; ++v) wv[v] = ld_stream<8>(row + (v * 32 + lane) * 8);
 #pragma unroll
       for (int v = 0; v < kVecPerLaneRow; ++v) acc += __uint_as_float(wv[v].x << 16);
     }

@@ -56,17 +56,11 @@ __device__ __forceinline__ float value_of(unsigned long long w) { return __uint_
 __device__ int g_hung;
 constexpr unsigned long long kPatienceNs = 2000000000ull;
 
-__device__ __forceinline__ unsigned long long now_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
-
 // True once a poll that began at `since` has waited too long, or another has (checked every 256 polls).
 __device__ __forceinline__ bool given_up(unsigned& polls, unsigned long long since) {
   if (++polls % 256) return false;
   if (*static_cast<volatile int*>(&g_hung)) return true;
-  if (now_ns() - since < kPatienceNs) return false;
+  if (mpk::global_timer() - since < kPatienceNs) return false;
   atomicExch(&g_hung, 1);
   return true;
 }
@@ -75,7 +69,7 @@ __device__ __forceinline__ bool given_up(unsigned& polls, unsigned long long sin
 __device__ __forceinline__ float wait_word(const unsigned long long* p, unsigned want) {
   unsigned long long w = ld_relaxed_sys(p);
   unsigned polls = 0;
-  const unsigned long long since = now_ns();
+  const unsigned long long since = mpk::global_timer();
   while (tag_of(w) != want && !given_up(polls, since)) w = ld_relaxed_sys(p);
   return value_of(w);
 }
@@ -127,7 +121,7 @@ template <Mode M> __global__ void exchange(Side s, int slice, int phases, float*
       const unsigned long long target = M == kPull || M == kPush ? 2ull * gridDim.x : 2ull;
       if (threadIdx.x == 0 && p > 1) {
         unsigned polls = 0;
-        const unsigned long long since = now_ns();
+        const unsigned long long since = mpk::global_timer();
         while (ld_acquire_sys(ready) < target && !given_up(polls, since)) {
         }
       }
@@ -148,7 +142,7 @@ template <Mode M> __global__ void exchange(Side s, int slice, int phases, float*
       if (threadIdx.x == 0) {
         red_release(all, 1ull);
         unsigned polls = 0;
-        const unsigned long long since = now_ns();
+        const unsigned long long since = mpk::global_timer();
         while (ld_acquire(all) < gridDim.x && !given_up(polls, since)) {
         }
       }

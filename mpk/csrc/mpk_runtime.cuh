@@ -127,10 +127,11 @@ struct TaskCtx {
   const MpkParams* p;
   const unsigned char* head;  // shared memory: the first head_bytes of the task's weight tile, or null
   unsigned head_bytes;
-  // For a wait inside the task (poll_tagged): the CTA's give-up word in shared memory, and what the
-  // progress words say of the wait (thread 0's values).
+  // For a wait inside the task (poll_tagged): the CTA's give-up word in shared memory, the progress
+  // words' sequence number (thread 0's) and the task's queue entry (its id and event, in shared memory).
   volatile int* give_up;
-  int sm, seq, id, event;
+  int seq;
+  const QueueEntry* entry;
 
   // The tag of this step's words in a mailbox: never 0 (a zeroed mailbox holds no step's words) and
   // never repeated while the kernel is loaded (mpk.runtime.megakernel advances tag_base).
@@ -211,6 +212,24 @@ __device__ __forceinline__ void stop_all_ranks(const MpkParams& p, long long ste
 // skips the stop check on its wake path (one L2 round trip) and meets a stop in its poll loop.
 __device__ __forceinline__ bool starts_a_step(const QueueEntry& e) { return e.task.wait < 0 || e.ev_lag > 0; }
 
+// Why a wait gave up (for a wait inside a task, the CTA's give-up word): the host aborted, or the
+// run stopped before the task's step (its producers, a peer's included, will never come).
+enum : int { kGiveUpAborted = 1, kGiveUpStopped = 2 };
+
+// Thread 0, after poll `spin` of a wait that has not ended: back off, tell the host once the wait
+// has lasted (the SM's progress words), and meet a stop of the run or the host's abort. 0 to poll
+// again, else a kGiveUp reason.
+__device__ __forceinline__ int keep_waiting(const MpkParams& p, int sm, int seq, int task, long long step, int ev,
+                                            unsigned spin) {
+  constexpr unsigned kQuietPolls = 512;  // ~ tens of microseconds before the host hears of the wait
+  if (spin >= 64) __nanosleep(spin < 256 ? 32 : 128);
+  if (spin == kQuietPolls) publish(p, sm, seq, task, step, ev, kStateWaiting);
+  if ((spin & 63) == 63 && stopped_before(p, step)) return kGiveUpStopped;
+  // The abort flag lives in host memory: read it rarely (a PCIe round trip).
+  if ((spin & 1023) == 1023 && ld_volatile(p.host_flags + kFlagAbort)) return kGiveUpAborted;
+  return 0;
+}
+
 // Thread 0 only. True when the task may run; false when the kernel must exit (the run stopped
 // before this step, or the host asked to abort). The first polls spin; the SM's progress words
 // (host-mapped, a PCIe write) are published only once the wait has lasted, so a short wait costs
@@ -223,15 +242,10 @@ __device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry
   const long long need = static_cast<long long>(e.ev_target) * (rel + 1 - e.ev_lag);
   const unsigned long long* ctr = p.counters + ev;
   const bool sys = e.ev_sys;
-  constexpr unsigned kQuietPolls = 512;  // ~ tens of microseconds before the host hears of the wait
   for (unsigned spin = 0;; ++spin) {
     if (static_cast<long long>(sys ? ld_acquire_sys(ctr) : ld_acquire(ctr)) >= need) return true;
-    if (spin >= 64) __nanosleep(spin < 256 ? 32 : 128);
-    if (spin == kQuietPolls) publish(p, sm, seq, task, step, ev, kStateWaiting);
-    if ((spin & 63) == 63 && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
-    // The abort flag lives in host memory: read it rarely (a PCIe round trip).
-    if ((spin & 1023) == 1023 && ld_volatile(p.host_flags + kFlagAbort))
-      return publish(p, sm, seq, task, step, ev, kStateAborted), false;
+    if (const int why = keep_waiting(p, sm, seq, task, step, ev, spin))
+      return publish(p, sm, seq, task, step, ev, why == kGiveUpStopped ? kStateStopped : kStateAborted), false;
   }
 }
 
@@ -264,10 +278,6 @@ __device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long
 #endif
 }
 
-// Why a task gave up inside itself (the CTA's give-up word): the host aborted, or the run stopped
-// before the task's step (a peer's producers will never write the words it polls).
-enum : int { kGiveUpAborted = 1, kGiveUpStopped = 2 };
-
 // All threads: spin until `ready()`. Thread 0 reads the host's abort flag now and then (a PCIe
 // round trip) and raises the CTA's `abort` word in shared memory; false when the CTA must give up.
 // Every wait inside a task goes through here, so a hang inside a task ends like a stalled event.
@@ -296,19 +306,15 @@ __device__ __forceinline__ void st_word(unsigned long long* p, unsigned long lon
 }
 
 // All threads, uniformly: rounds of `ready()` (each thread checks its own words and reloads the
-// ones not yet of this step) until every thread's holds. Thread 0 watches as wait_event does: it
-// publishes the wait once it lasts (the event whose producers write the words), meets a stop of
-// the run and the host's abort. False when the task must give up (t.give_up says why).
+// ones not yet of this step) until every thread's holds. Thread 0 watches as wait_event does
+// (keep_waiting, naming the event whose producers write the words). False when the task must give
+// up (t.give_up says why).
 template <class Ready> __device__ bool poll_tagged(const TaskCtx& t, Ready&& ready) {
-  constexpr unsigned kQuietPolls = 512;
   for (unsigned spin = 0;; ++spin) {
     if (__syncthreads_and(ready())) return true;
-    if (threadIdx.x == 0) {
-      if (spin >= 64) __nanosleep(spin < 256 ? 32 : 128);
-      if (spin == kQuietPolls) publish(*t.p, t.sm, t.seq, t.id, t.step, t.event, kStateWaiting);
-      if ((spin & 63) == 63 && stopped_before(*t.p, t.step)) *t.give_up = kGiveUpStopped;
-      if ((spin & 1023) == 1023 && ld_volatile(t.p->host_flags + kFlagAbort)) *t.give_up = kGiveUpAborted;
-    }
+    if (threadIdx.x == 0)
+      if (const int why = keep_waiting(*t.p, blockIdx.x, t.seq, t.entry->id, t.step, t.entry->task.wait, spin))
+        *t.give_up = why;
     __syncthreads();
     if (*t.give_up) return false;
   }
@@ -482,7 +488,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     if (rec && threadIdx.x == 0) rec[1] = global_timer();
     const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
     const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes,
-                      &s_abort, sm, seq, e.id, e.task.wait};
+                      &s_abort, seq, &e};
     inject_faults(p, e.id, &s_abort);
     if (!s_abort) Dispatch::run(e.task.variant, ctx, e.op, smem);
     __syncthreads();
