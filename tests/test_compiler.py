@@ -140,6 +140,13 @@ def test_tensor_parallel_ranks_live_on_their_own_sms(batch, allreduce):
         written = {tg.tensors[r.tensor].rank for r in tg.tasks[p].writes}
         assert 0 in written if tagged else written == {tg.ops[tg.tasks[p].op].rank}
     assert {tg.tensors[r.tensor].rank for r in ar.reads} == ({0} if tagged else {0, 1})
+    if tagged:  # each allreduce tile runs right after its own rank's producer, on that producer's SM
+        place = {tid: (q, i) for q, queue in enumerate(tg.queues) for i, tid in enumerate(queue)}
+        for t in tg.tasks:
+            if tg.ops[t.op].kind == "allreduce_tagged":
+                mine = next(p for p in tg.events[t.wait].producers if tg.ops[tg.tasks[p].op].rank == tg.ops[t.op].rank)
+                q, i = place[mine]
+                assert place[t.id] == (q, i + 1)
 
 
 def test_qwen3_8b_schedule_is_balanced():

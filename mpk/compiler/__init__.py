@@ -20,7 +20,7 @@ def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
     keys = find_producers(prog, raw)
     tasks, events, event_stats = fuse_and_linearize(raw, keys)
     ranks = [prog.ops[t.op].rank for t in tasks]
-    queues, sched_stats = schedule(tasks, events, ranks, prog.tp_size, prog.num_sms, cost)
+    queues, sched_stats = schedule(tasks, events, ranks, prog.tp_size, prog.num_sms, cost, follows(prog, tasks, events))
     stats = {**event_stats, **sched_stats, "compile_seconds": time.perf_counter() - t0}
     return TaskGraph(
         model={"name": prog.cfg.name, **prog.cfg.to_dict()},
@@ -28,6 +28,23 @@ def compile_program(prog: Program, cost: CostModel = CostModel()) -> TaskGraph:
         tensors=prog.tensors, ops=prog.ops, tasks=tasks, events=events, queues=queues, stats=stats,
         precision=prog.precision, one_step=prog.one_step,
     )
+
+
+def follows(prog: Program, tasks, events) -> dict[int, int]:
+    """Tasks that poll tagged words (`OpKind.polls_inputs`) and the producer on their own rank whose SM
+    they take, right after it: the words that producer pushed are then this SM's own latest writes,
+    and the poll waits only for the other ranks' (which sit at the same place in their queues)."""
+    from mpk.ops import OP_KINDS
+
+    pinned = {}
+    for t in tasks:
+        op = prog.ops[t.op]
+        if not OP_KINDS[op.kind].polls_inputs or t.wait < 0:
+            continue
+        mine = [p for p in events[t.wait].producers if prog.ops[tasks[p].op].rank == op.rank]
+        if len(mine) == 1:
+            pinned[t.id] = mine[0]
+    return pinned
 
 
 def compile_model(cfg: ModelConfig, batch: int = 1, max_seq_len: int = defaults.MAX_SEQ_LEN, tp_size: int = 1,

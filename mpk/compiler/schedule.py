@@ -1,7 +1,8 @@
 """Static per-SM queues, balanced by a cost model, all in the one global topological order.
 
 List scheduling: walk tasks in global order; each goes to the SM of its rank that frees up
-first (ties to the least loaded), starting when both the SM and its event are ready. Because
+first (ties to the least loaded), or where `follows` says to the SM of a task before it,
+starting when both the SM and its event are ready. Because
 every queue follows the global order, the earliest unfinished task is always at the head of its
 queue with its producers done, so the schedule cannot deadlock.
 """
@@ -27,8 +28,10 @@ class CostModel:
 
 
 def schedule(tasks: list[Task], events: list[Event], task_rank: list[int], tp_size: int, num_sms: int,
-             cost: CostModel = CostModel()):
-    """Assign every task a queue on the SMs of its rank; return (queues, stats)."""
+             cost: CostModel = CostModel(), follows: dict[int, int] | None = None):
+    """Assign every task a queue on the SMs of its rank; return (queues, stats). `follows[t] = p`
+    puts task t on the SM of task p, an earlier task of the same rank."""
+    follows = follows or {}
     seconds = [cost.seconds(t, num_sms) for t in tasks]
     finish = [0.0] * len(tasks)
     event_ready: dict[int, float] = {}
@@ -48,7 +51,14 @@ def schedule(tasks: list[Task], events: list[Event], task_rank: list[int], tp_si
                 event_critical[e] = max(critical[p] for p in events[e].producers)
             ready, chain = event_ready[e], event_critical[e]
         heap = sm_heaps[task_rank[t.id]]
-        free, sm_load, q = heapq.heappop(heap)
+        if t.id in follows:
+            at = next(i for i, entry in enumerate(heap) if entry[2] == tasks[follows[t.id]].queue)
+            free, sm_load, q = heap[at]
+            heap[at] = heap[-1]
+            heap.pop()
+            heapq.heapify(heap)
+        else:
+            free, sm_load, q = heapq.heappop(heap)
         start = max(free, ready)
         finish[t.id] = start + seconds[t.id]
         critical[t.id] = chain + seconds[t.id]
