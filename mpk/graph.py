@@ -338,7 +338,6 @@ def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: 
     if exchanges_words(prog):
         for weight in ("o", "down"):  # float32 pairs: (value, step tag) words (`mpk.ops.linear.LinearTagged`)
             add(r, p + f"{weight}_inbox", "mailbox", (prog.tp_size, rows, 2 * H), "float32")
-            add(r, p + f"{weight}_residual_words", "mailbox", (rows, 2 * H), "float32")
     elif prog.tp_size > 1:
         add(r, p + "o_partial", "activation", (rows, H), "float32")
         add(r, p + "down_partial", "activation", (rows, H), "float32")
@@ -410,12 +409,12 @@ def row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual
         for r in range(N):
             n = partial(rank_name, prog, r)
             inboxes = {f"inbox{k}": rank_name(prog, k, p + f"{weight}_inbox") for k in range(N)}
-            prog.add_op(r, "linear_tagged", name, layer, {"x": n(x), "weight": n(p + weight), "residual": n(residual)},
-                        {**inboxes, "residual_words": n(p + f"{weight}_residual_words")}, tile=tile, ranks=N, slot=r)
+            prog.add_op(r, "linear_tagged", name, layer, {"x": n(x), "weight": n(p + weight)}, inboxes,
+                        tile=tile, ranks=N, slot=r)
         for r in range(N):
             n = partial(rank_name, prog, r)
             prog.add_op(r, "allreduce_tagged", name + "_allreduce", layer,
-                        {"inbox": n(p + f"{weight}_inbox"), "residual_words": n(p + f"{weight}_residual_words")},
+                        {"inbox": n(p + f"{weight}_inbox"), "residual": n(residual)},
                         {"out": n(out)}, tile=tile, ranks=N)
         return
     for r in range(N):

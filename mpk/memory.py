@@ -69,7 +69,7 @@ def estimate(cfg: ModelConfig, *, batch: int, max_seq_len: int, tp_size: int = 1
     splits = -(-max_seq_len // ATTN_SPLIT_ROWS)
     per_layer += batch * cfg.num_heads * splits * (cfg.head_dim + 1) * 4  # float32 attention partials and LSEs
     if tp_size > 1 and batch <= GEMV_MAX_BATCH:
-        per_layer += 2 * batch * H * 8 * (tp_size + 1)  # o's and down's inboxes and residual words (8-byte words)
+        per_layer += 2 * batch * H * 8 * tp_size  # o's and down's inboxes (8-byte words)
     elif tp_size > 1:
         per_layer += 2 * batch * H * 4 * tp_size  # float32 partial sums of o and down, every rank
     elif batch > GEMV_MAX_BATCH:

@@ -394,6 +394,16 @@ def test_a_polled_event_must_be_all_tagged_words():
     with pytest.raises(MpkError, match=rf"event {ev.id} has consumers that poll tagged words and consumers that wait"):
         build_tables(mixed)
 
+    # The allreduce reads its residual under its producer's acquire: on another SM it would not.
+    moved = copy.deepcopy(tg)
+    q = next(q for q, queue in enumerate(moved.queues) if ar.id in queue)
+    other = next(r for r in range(q // moved.num_sms * moved.num_sms, (q // moved.num_sms + 1) * moved.num_sms)
+                 if r != q and not any(p in moved.queues[r] for p in moved.events[ar.wait].producers))
+    moved.queues[q].remove(ar.id)
+    moved.queues[other].append(ar.id)
+    with pytest.raises(MpkError, match=r"polls tagged words but follows none of their producers on its SM"):
+        build_tables(moved)
+
 
 def test_queue_entries_carry_each_position_task_op_event_and_the_next_l2_range():
     """Per rank, position j of the entries is queue_tasks[j]'s task and op rows by value, its wait event's

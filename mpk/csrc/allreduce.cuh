@@ -36,16 +36,17 @@ template <class S, int B, int RANKS, class A> struct AllreduceResidual {
 };
 
 // allreduce_tagged: the same sum from this rank's own memory, where every rank's linear_tagged pushed
-// its partial (inbox [RANKS, B, n]) and this rank's the residual (residual words [B, n]) as tagged
-// words. No counter says they are ready: the task polls them until each carries the step's tag,
-// the whole CTA in rounds (poll_tagged), so a stop or an abort still ends the wait.
+// its partial (inbox [RANKS, B, n]) as tagged words. No counter says they are ready: the task polls
+// them until each carries the step's tag, the whole CTA in rounds (poll_tagged), so a stop or an
+// abort still ends the wait. The residual it reads as a plain tensor, loaded before the poll: the
+// task runs right after this rank's producer of its tile, on the same SM, whose wait acquired it.
 template <class S, int B, int RANKS, class A> struct AllreduceTagged {
   static_assert(2 <= RANKS && RANKS <= kMaxRanks, "tagged partials come from 2 to kMaxRanks GPUs");
   using T = typename A::T;
   static constexpr int SMEM = 0;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char*) {
     const unsigned long long* inbox = op.arg<const unsigned long long>(S::inbox);
-    const unsigned long long* res_words = op.arg<const unsigned long long>(S::residual_words);
+    const T* res = op.arg<const T>(S::residual);
     T* out = op.arg<T>(S::out);
     const int n = static_cast<int>(op.i[S::n]);
     const int c0 = t.tile[0] * static_cast<int>(op.i[S::tile]);
@@ -55,18 +56,18 @@ template <class S, int B, int RANKS, class A> struct AllreduceTagged {
       const int e = e0 + threadIdx.x;
       const bool mine = e < B * width;
       const int at = mine ? e / width * n + c0 + e % width : 0;
-      const unsigned long long* from[RANKS + 1];  // every rank's partial, then the residual
+      const float residual = mine ? act_f(res[at]) : 0.f;
+      const unsigned long long* from[RANKS];  // every rank's partial
 #pragma unroll
       for (int r = 0; r < RANKS; ++r) from[r] = inbox + static_cast<long long>(r) * B * n + at;
-      from[RANKS] = res_words + at;
-      unsigned long long w[RANKS + 1];
+      unsigned long long w[RANKS];
 #pragma unroll
-      for (int k = 0; k <= RANKS; ++k) w[k] = mine ? ld_word(from[k]) : tagged_word(0.f, tag);
+      for (int r = 0; r < RANKS; ++r) w[r] = mine ? ld_word(from[r]) : tagged_word(0.f, tag);
       const bool ready = poll_tagged(t, [&] {
         bool all = true;
 #pragma unroll
-        for (int k = 0; k <= RANKS; ++k)
-          if (word_tag(w[k]) != tag) all = false, w[k] = ld_word(from[k]);
+        for (int r = 0; r < RANKS; ++r)
+          if (word_tag(w[r]) != tag) all = false, w[r] = ld_word(from[r]);
         return all;
       });
       if (!ready) return;
@@ -74,7 +75,7 @@ template <class S, int B, int RANKS, class A> struct AllreduceTagged {
         float sum = word_value(w[0]);
 #pragma unroll
         for (int r = 1; r < RANKS; ++r) sum += word_value(w[r]);
-        act_store(out + at, word_value(w[RANKS]) + A::round(sum));
+        act_store(out + at, residual + A::round(sum));
       }
     }
   }

@@ -148,17 +148,14 @@ template <class S, int B, int K, class A, int COLS, int LDK> struct Linear {
 };
 
 // linear_tagged: one rank's partial x @ W[c0:c1]^T (rounded to the activation precision, as linear's)
-// pushed as tagged words into slot `slot` (this rank's) of every rank's inbox [RANKS, B, n], and the
-// residual's tile into this rank's residual words [B, n]: allreduce_tagged polls both in its own
-// memory, with no counter between them (mpk/ops/linear.py, LinearTagged). A peer's words cross
-// NVLink as stores.
+// pushed as tagged words into slot `slot` (this rank's) of every rank's inbox [RANKS, B, n]:
+// allreduce_tagged polls them in its own memory, with no counter between them (mpk/ops/linear.py,
+// LinearTagged). A peer's words cross NVLink as stores.
 template <class S, int B, int K, class A, int COLS, int RANKS> struct LinearTagged {
   using T = typename A::T;
   static constexpr int SMEM = Strategy<1, B, K, false, A, COLS>::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const T* res = op.arg<const T>(S::residual);
     unsigned long long* const* inbox = op.ranks<unsigned long long>(S::inbox);
-    unsigned long long* res_words = op.arg<unsigned long long>(S::residual_words);
     const long long n = op.i[S::n], slot = op.i[S::slot] * B * n;
     const unsigned tag = t.step_tag();
     unsigned long long* to[RANKS];
@@ -169,7 +166,6 @@ template <class S, int B, int K, class A, int COLS, int RANKS> struct LinearTagg
       const unsigned long long w = tagged_word(A::round(v[0]), tag);
 #pragma unroll
       for (int r = 0; r < RANKS; ++r) st_word(to[r] + b * n + c, w);
-      st_word(res_words + b * n + c, tagged_word(act_f(res[b * n + c]), tag));
     });
   }
 };

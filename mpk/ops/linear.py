@@ -67,8 +67,12 @@ class Gemv(OpKind):
     out_role = "out"
     rows_per_col = 1
 
+    def out_shape(self, op, prog) -> tuple[int, int]:
+        """(batch rows, output columns) of the columns the tasks cover."""
+        return shape(op, prog, self.out_role)
+
     def tiles(self, op, prog):
-        batch, n_out = shape(op, prog, self.out_role)
+        batch, n_out = self.out_shape(op, prog)
         k0, k1 = k_range(op, shape(op, prog, "weight")[1])
         gemm = is_gemm(op)
         tasks = []
@@ -254,31 +258,27 @@ class AllreduceResidual(OpKind):
 class LinearTagged(Gemv):
     """One rank's partial x @ W[c0:c1]^T of a row-parallel projection, pushed into every rank's inbox
     (`inbox{k}`: rank k's [ranks, B, 2n] words, at slot `slot`, this rank's) as float32 values each
-    paired with its step's tag, plus the residual's tile into this rank's `residual_words` [B, 2n]:
-    `allreduce_tagged` polls them in its own memory, with no counter between them
-    (`mpk.graph.exchanges_words`). Here a word is a (value, tag) pair of float32 elements; the tag
-    lives only on the GPU, whose template writes each pair as one 8-byte store."""
+    paired with its step's tag: `allreduce_tagged` polls them in its own memory, with no counter
+    between them (`mpk.graph.exchanges_words`). Here a word is a (value, tag) pair of float32
+    elements; the tag lives only on the GPU, whose template writes each pair as one 8-byte store."""
 
     kind = "linear_tagged"
     template = "LinearTagged"
-    inputs = (Operand("x"), Operand("weight"), Operand("residual"))
-    outputs = (Operand("inbox", per_rank=True), Operand("residual_words"))
-    out_role = "residual"  # the [B, n] shape of the columns the tasks cover
+    inputs = (Operand("x"), Operand("weight"))
+    outputs = (Operand("inbox", per_rank=True),)
     pushes_words = True
 
-    def extra_reads(self, op, prog, r0, r1, c0, c1):
-        return [box(op, "residual", (r0, r1), (c0, c1))]
+    def out_shape(self, op, prog) -> tuple[int, int]:
+        return shape(op, prog, "x")[0], shape(op, prog, "weight")[0]
 
     def tile_writes(self, op, prog, i, r0, r1, c0, c1):
         me = op.params["slot"]
-        return [*(box(op, f"inbox{k}", (me, me + 1), (r0, r1), (2 * c0, 2 * c1)) for k in range(op.params["ranks"])),
-                box(op, "residual_words", (r0, r1), (2 * c0, 2 * c1))]
+        return [box(op, f"inbox{k}", (me, me + 1), (r0, r1), (2 * c0, 2 * c1)) for k in range(op.params["ranks"])]
 
     def compute(self, op, t, mm):
         y = mm(t["x"], t["weight"]).float()
         for k in range(op.params["ranks"]):
             t[f"inbox{k}"][0, :, 0::2] = y
-        t["residual_words"][:, 0::2] = t["residual"].float()
 
     def run_whole(self, op, t, step, fast=False):
         raise MpkError(f"op kind {self.kind!r} ({op.name}) runs tile by tile only: its tiles write one slot of "
@@ -286,12 +286,10 @@ class LinearTagged(Gemv):
 
     def cuda(self, op, tg):
         b, k = tg.tensors[op.inputs["x"]].shape
-        n = tg.tensors[op.inputs["residual"]].shape[1]
+        n = tg.tensors[op.inputs["weight"]].shape[0]
         ranks = op.params["ranks"]
-        expect(tg.tensors[op.inputs["weight"]].shape == (n, k), op, f"weight is not [{n}, {k}]")
         for r in range(ranks):
             expect(tg.tensors[op.outputs[f"inbox{r}"]].shape == (ranks, b, 2 * n), op, f"inbox{r} is not [{ranks}, {b}, {2 * n}]")
-        expect(tg.tensors[op.outputs["residual_words"]].shape == (b, 2 * n), op, f"residual_words is not [{b}, {2 * n}]")
         return Cuda((b, k, policy(op, tg), self.columns_per_warp(op), ranks),
                     {"n": n, "tile": op.params["tile"], "slot": op.params["slot"]})
 
@@ -299,12 +297,14 @@ class LinearTagged(Gemv):
 class AllreduceTagged(OpKind):
     """out[:, c0:c1] = residual + sum over ranks of their partials, all read from this rank's own
     memory as the tagged words `linear_tagged` pushed: the template polls them until they carry the
-    step's tag, and waits on no counter. Sums in rank order in float32, as `allreduce_residual`."""
+    step's tag, and waits on no counter. Sums in rank order in float32, as `allreduce_residual`.
+    The residual is a plain tensor: each task runs right after its own rank's producer of the same
+    tile, on that SM (`mpk.compiler.follows`; the tables check it), whose wait acquired it."""
 
     kind = "allreduce_tagged"
     header = "allreduce.cuh"
     template = "AllreduceTagged"
-    inputs = (Operand("inbox"), Operand("residual_words"))
+    inputs = (Operand("inbox"), Operand("residual"))
     outputs = (Operand("out"),)
     polls_inputs = True
 
@@ -314,7 +314,7 @@ class AllreduceTagged(OpKind):
         tasks = []
         for i, (c0, c1) in enumerate(spans(n, op.params["tile"])):
             reads = [box(op, "inbox", (0, ranks), (0, batch), (2 * c0, 2 * c1)),
-                     box(op, "residual_words", (0, batch), (2 * c0, 2 * c1))]
+                     box(op, "residual", (0, batch), (c0, c1))]
             writes = [box(op, "out", (0, batch), (c0, c1))]
             nb = sum(nbytes(prog, r) for r in reads + writes)
             tasks.append(TileTask((i,), reads, writes, nb, batch * (c1 - c0) * ranks))
@@ -325,7 +325,7 @@ class AllreduceTagged(OpKind):
         total = inbox[0, :, 0::2].clone()
         for k in range(1, op.params["ranks"]):
             total += inbox[k, :, 0::2]
-        out.copy_(t["residual_words"][:, 0::2].to(out.dtype) + total.to(out.dtype))
+        out.copy_(t["residual"] + total.to(out.dtype))
 
     def cuda(self, op, tg):
         batch, n = tg.tensors[op.outputs["out"]].shape

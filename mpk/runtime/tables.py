@@ -139,7 +139,9 @@ def op_table(op_args: list[OpArgs], pointer_of, lists_at: int = 0) -> tuple[np.n
 def polled_events(tg: TaskGraph) -> list[int]:
     """Per event, 1 when its consumers poll their inputs (`OpKind.polls_inputs`): every consumer must,
     and every producer must push tagged words (`OpKind.pushes_words`), since the consumer's template
-    reads readiness from the words and nothing else."""
+    reads readiness from the words and nothing else. A polling task reads its other inputs as plain
+    tensors under the acquire of a producer on its own SM, so it must come after one in its queue
+    (`mpk.compiler.follows` puts it right after)."""
     kind = [OP_KINDS[op.kind] for op in tg.ops]
     polled = []
     for e in tg.events:
@@ -150,9 +152,16 @@ def polled_events(tg: TaskGraph) -> list[int]:
         if len(polls) > 1:
             raise MpkError(f"event {e.id} has consumers that poll tagged words and consumers that wait on its counter")
         polled.append(int(polls == {True}))
+    place = {tid: (q, i) for q, queue in enumerate(tg.queues) for i, tid in enumerate(queue)}
     for t in tg.tasks:
-        if kind[t.op].polls_inputs and t.wait < 0:
+        if not kind[t.op].polls_inputs:
+            continue
+        if t.wait < 0:
             raise MpkError(f"{tg.describe_task(t.id)} polls tagged words but has no event naming their producers")
+        q, i = place[t.id]
+        if not any(place[p][0] == q and place[p][1] < i for p in tg.events[t.wait].producers):
+            raise MpkError(f"{tg.describe_task(t.id)} polls tagged words but follows none of their producers on its SM, "
+                           "whose wait would have acquired its other inputs")
     return polled
 
 
