@@ -2,6 +2,7 @@
 
 Input: the TaskGraph and `RunResult.trace` of a traced megakernel run: for each step and task,
 the %globaltimer nanoseconds at which its SM began waiting for its event, started it, and finished.
+A task that polls its inputs' tagged words (`OpKind.polls_inputs`) starts when the last of them is in.
 Each SM is a thread of the trace; a task is a span named after its op, preceded by its wait.
 Under tensor parallelism each GPU stamps its own timer, and GPUs' timers differ by some offset:
 `align_rank_clocks` estimates the offsets from the cross-GPU waits and puts every rank on rank 0's.
@@ -23,7 +24,9 @@ def align_rank_clocks(tg: TaskGraph, spans: torch.Tensor) -> torch.Tensor:
     least a wake latency after the last of them ends, so the least gap d(a, b) between such an end
     and start, in the two timers, is the shortest wake plus the offset, and d(b, a) the shortest wake
     minus it: the offset is (d(a, b) - d(b, a)) / 2, exact when the shortest wakes either way are
-    equal. A rank with no waits in both directions with rank 0 keeps its own timer."""
+    equal. A rank with no waits in both directions with rank 0 keeps its own timer. A task that polls
+    tagged words is stamped as starting when the last of them is in, which may be just before its
+    producer stamps its end: a gap of either sign, the same either way, so it serves as well."""
     times = spans.to(torch.int64).clone()
     if tg.tp_size == 1 or times.shape[0] == 0:
         return times

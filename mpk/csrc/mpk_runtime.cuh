@@ -128,10 +128,12 @@ struct TaskCtx {
   const unsigned char* head;  // shared memory: the first head_bytes of the task's weight tile, or null
   unsigned head_bytes;
   // For a wait inside the task (poll_tagged): the CTA's give-up word in shared memory, the progress
-  // words' sequence number (thread 0's) and the task's queue entry (its id and event, in shared memory).
+  // words' sequence number (thread 0's), the task's queue entry (its id and event, in shared memory)
+  // and its trace record (or null), whose start the wait moves to its end.
   volatile int* give_up;
   int seq;
   const QueueEntry* entry;
+  unsigned long long* trace_rec;
 
   // The tag of this step's words in a mailbox: never 0 (a zeroed mailbox holds no step's words) and
   // never repeated while the kernel is loaded (mpk.runtime.megakernel advances tag_base).
@@ -311,7 +313,10 @@ __device__ __forceinline__ void st_word(unsigned long long* p, unsigned long lon
 // up (t.give_up says why).
 template <class Ready> __device__ bool poll_tagged(const TaskCtx& t, Ready&& ready) {
   for (unsigned spin = 0;; ++spin) {
-    if (__syncthreads_and(ready())) return true;
+    if (__syncthreads_and(ready())) {
+      if (threadIdx.x == 0 && t.trace_rec) t.trace_rec[1] = global_timer();  // the task starts once its words are in
+      return true;
+    }
     if (threadIdx.x == 0)
       if (const int why = keep_waiting(*t.p, blockIdx.x, t.seq, t.entry->id, t.step, t.entry->task.wait, spin))
         *t.give_up = why;
@@ -488,7 +493,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     if (rec && threadIdx.x == 0) rec[1] = global_timer();
     const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
     const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes,
-                      &s_abort, seq, &e};
+                      &s_abort, seq, &e, rec};
     inject_faults(p, e.id, &s_abort);
     if (!s_abort) Dispatch::run(e.task.variant, ctx, e.op, smem);
     __syncthreads();
