@@ -14,6 +14,12 @@
 //   claimed:  the static wait, but rows are taken in blocks of 8 (one per warp) from a ticket per op
 //             (an atomic add, the next one claimed while the current block streams), so an SM that
 //             runs fast takes more blocks: how much of an op's tail dynamic claiming flattens.
+//   ring S:   a ninth warp streams the CTA's rows of every op, in order, into a shared-memory ring of
+//             S row slots (8 KB each) with bulk copies completing on mbarriers, and never waits for
+//             a counter: weights depend on nothing. The eight compute warps wait for the op's
+//             counter, then read their rows from the ring. The ring fills while they wait, so HBM
+//             stays busy across the boundary as long as the wait is shorter than the ring.
+//             "free" is the same with no counter at all: the ring's own floor.
 // Prints microseconds per op and the weights' GB/s for each, beside a plain read of the same
 // weights (no dependencies at all): the floor the boundaries are measured against.
 //
@@ -167,6 +173,100 @@ __global__ void claimed_chain(const __nv_bfloat16* w, float* ys, unsigned long l
   }
 }
 
+// --- ring: a producer warp feeding row slots through bulk copies on mbarriers
+
+constexpr int kRowBytes = K * sizeof(__nv_bfloat16);  // one slot: 8 KB
+
+__device__ __forceinline__ void mbar_init_count(unsigned long long* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mpk::smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(mpk::smem_addr(bar))
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait_parity(unsigned long long* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n selp.u32 %0, 1, 0, q;\n}"
+                 : "=r"(done) : "r"(mpk::smem_addr(bar)), "r"(parity) : "memory");
+}
+// The eight compute warps only: the producer warp never joins their barriers.
+__device__ __forceinline__ void compute_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
+
+// S slots of R rows each; Deps: wait for each op's counter; Hint: copies marked L2 evict-first.
+template <int S, int R, bool Deps, bool Hint>
+__global__ void __launch_bounds__(kThreads + 32) ring_chain(const __nv_bfloat16* w, float* ys, unsigned long long* counters, int L) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int kSlotBytes = R * kRowBytes;
+  unsigned char* ring = smem;
+  float* x = reinterpret_cast<float*>(smem + S * kSlotBytes);
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(x + K);
+  unsigned long long* empty = full + S;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = blockIdx.x * kRows;
+  if (row0 >= N) return;
+  if (threadIdx.x == 0)
+    for (int i = 0; i < S; ++i) mbar_init_count(full + i, 1), mbar_init_count(empty + i, R);
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  __syncthreads();
+  const int slots = L * kRows / R;  // the CTA's rows of every op, in stream order: row s = l * kRows + r
+  if (warp == kWarps) {
+    if (lane == 0) {
+      unsigned long long policy;
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+      for (int c = 0; c < slots; ++c) {
+        const int slot = c % S, use = c / S, s = c * R;
+        if (use > 0) mbar_wait_parity(empty + slot, (use - 1) & 1);
+        const __nv_bfloat16* src = w + (static_cast<size_t>(s / kRows) * N + row0 + s % kRows) * K;
+        asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
+                     ::"r"(mpk::smem_addr(full + slot)), "r"(kSlotBytes) : "memory");
+        if constexpr (Hint)
+          asm volatile(
+              "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+              ::"r"(mpk::smem_addr(ring + slot * kSlotBytes)), "l"(src), "r"(kSlotBytes), "r"(mpk::smem_addr(full + slot)),
+              "l"(policy) : "memory");
+        else
+          asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                       ::"r"(mpk::smem_addr(ring + slot * kSlotBytes)), "l"(src), "r"(kSlotBytes),
+                       "r"(mpk::smem_addr(full + slot)) : "memory");
+      }
+    }
+    return;
+  }
+  for (int l = 0; l < L; ++l) {
+    if (Deps && l > 0 && threadIdx.x == 0)
+      while (ld_acquire(counters + l) < static_cast<unsigned long long>(N / kRows)) {
+      }
+    compute_sync();
+    const float* y = ys + static_cast<size_t>(l) * N;
+    for (int i = threadIdx.x; i < K; i += kThreads) x[i] = y[i];
+    compute_sync();
+    float acc[kRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int s = l * kRows + warp + i * kWarps, c = s / R, slot = c % S;
+      mbar_wait_parity(full + slot, (c / S) & 1);
+      const uint4* row = reinterpret_cast<const uint4*>(ring + slot * kSlotBytes + (s % R) * kRowBytes);
+      uint4 wv[kVecPerLaneRow];
+#pragma unroll
+      for (int v = 0; v < kVecPerLaneRow; ++v) wv[v] = row[v * 32 + lane];
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + slot);
+      acc[i] = 0.f;
+#pragma unroll
+      for (int v = 0; v < kVecPerLaneRow; ++v) acc[i] += dot8(wv[v], x + (v * 32 + lane) * 8);
+    }
+    float* out = ys + static_cast<size_t>(l + 1) * N;
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const float s = warp_sum(acc[i]);
+      if (lane == 0) out[row0 + warp + i * kWarps] = s * (1.f / 64.f);
+    }
+    compute_sync();
+    if (threadIdx.x == 0) red_release(counters + l + 1, 1ull);
+  }
+}
+
 // The floor: every CTA streams its rows of every W_l with no dependency between ops.
 __global__ void stream_only(const __nv_bfloat16* w, float* sink, int L) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row0 = blockIdx.x * kRows;
@@ -245,5 +345,23 @@ int main() {
   }
   const float us = time_it([&] { claimed_chain<<<sms, kThreads>>>(w, ys, counters, tickets, L); });
   std::printf("%-10s %10.3f %10.0f\n", kModeNames[kModes], us, op_bytes / us / 1e3);
+  auto ring = [&](auto kernel, int slots, int rows_per_slot, const char* what) {
+    const int bytes = slots * rows_per_slot * kRowBytes + K * sizeof(float) + 2 * slots * sizeof(unsigned long long);
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    const float ring_us = time_it([&] { kernel<<<sms, kThreads + 32, bytes>>>(w, ys, counters, L); });
+    char name[48];
+    std::snprintf(name, sizeof name, "ring %dx%dKB%s", slots, rows_per_slot * kRowBytes / 1024, what);
+    std::printf("%-22s %10.3f %10.0f\n", name, ring_us, op_bytes / ring_us / 1e3);
+  };
+  ring(ring_chain<8, 1, true, true>, 8, 1, "");
+  ring(ring_chain<16, 1, true, true>, 16, 1, "");
+  ring(ring_chain<24, 1, true, true>, 24, 1, "");
+  ring(ring_chain<24, 1, true, false>, 24, 1, " no hint");
+  ring(ring_chain<12, 2, true, true>, 12, 2, "");
+  ring(ring_chain<6, 4, true, true>, 6, 4, "");
+  ring(ring_chain<24, 1, false, true>, 24, 1, " free");
+  ring(ring_chain<24, 1, false, false>, 24, 1, " free no hint");
+  ring(ring_chain<12, 2, false, true>, 12, 2, " free");
+  ring(ring_chain<6, 4, false, true>, 6, 4, " free");
   return 0;
 }
