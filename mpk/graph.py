@@ -27,6 +27,9 @@ from mpk.util import cdiv
 
 TILE_ALIGN = 16  # output rows per task come in multiples of this (tensor-core friendly)
 MIN_ATTN_CHUNK = 32  # fewest KV rows one attention task covers
+# Contexts up to this many rows take one attention task per (sequence, KV group) and no merge phase:
+# reading them on one SM costs less than the merge's dependent phase (docs/decisions.md, attention).
+ONE_PASS_ATTN_ROWS = 128
 MAX_BATCH = 256  # decode batches beyond this belong to a prefill-style program, not this one
 MAX_NUM_SMS = 1024  # several times any GPU's SM count; graphs grow with it (4096 SMs take 4 GB to compile qwen3-8b)
 
@@ -120,7 +123,9 @@ def shard_of(cfg: ModelConfig, rank: int, tp_size: int) -> Shard:
 def attention_splits(batch: int, kv_groups: int, max_seq_len: int, num_sms: int) -> int:
     """Attention tasks per (sequence, KV group), so that they about fill the SMs. Each covers its
     share of the rows up to the current position (`mpk.ops.attention.split_rows`); at the longest
-    context a split still has MIN_ATTN_CHUNK rows or more."""
+    context a split still has MIN_ATTN_CHUNK rows or more. One means the one-pass `attention` op."""
+    if max_seq_len <= ONE_PASS_ATTN_ROWS:
+        return 1
     want = max(1, num_sms // max(1, batch * kv_groups))
     return max(1, min(want, cdiv(max_seq_len, MIN_ATTN_CHUNK)))
 
@@ -295,8 +300,9 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
         declare_layer(prog, r, sh, layer, B)
-        add(r, p + "attn_part", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv, hd), "float32")
-        add(r, p + "attn_lse", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv), "float32")
+        if splits > 1:
+            add(r, p + "attn_part", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv, hd), "float32")
+            add(r, p + "attn_lse", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv), "float32")
     add(r, "final_norm", "weight", (H,), wt)
     add(r, "lm_head", "weight", (sh.vocab, H), wt)
     n_lm_tiles = cdiv(sh.vocab, lm_head_tile(prog, sh))
@@ -349,7 +355,8 @@ def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: 
 
 def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
     """QKV projection, attention splits, merge, O projection. The splits norm and rope the group's
-    q and k themselves and the merge appends this step's K/V row (docs/decisions.md, attention)."""
+    q and k themselves and the merge appends this step's K/V row (docs/decisions.md, attention); with
+    one split, one `attention` task per (sequence, group) does all of it."""
     cfg = prog.cfg
     p = f"layers.{layer}."
     x_in, x_out = f"x.{2 * layer}", f"x.{2 * layer + 1}"
@@ -367,10 +374,16 @@ def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
         q_norm = {"q_norm": n(p + "q_norm")} if cfg.qk_norm else {}
         k_norm = {"k_norm": n(p + "k_norm")} if cfg.qk_norm else {}
         cache = {"k_cache": n(p + "k_cache"), "v_cache": n(p + "v_cache")}
+        splits = attention_splits(prog.batch, sh.kv_groups, prog.max_seq_len, prog.num_sms)
+        if splits == 1:
+            past = {"k_past": cache["k_cache"], "v_past": cache["v_cache"]}
+            prog.add_op(r, "attention", p + "attention", layer, {**current, **q_norm, **k_norm, **past},
+                        {"out": n(p + "attn"), **cache}, scale=cfg.head_dim ** -0.5, window=cfg.sliding_window,
+                        **heads)
+            continue
         prog.add_op(r, "attention_split", p + "attention", layer, {**current, **q_norm, **k_norm, **cache},
                     {"part": n(p + "attn_part"), "lse": n(p + "attn_lse")},
-                    splits=attention_splits(prog.batch, sh.kv_groups, prog.max_seq_len, prog.num_sms),
-                    scale=cfg.head_dim ** -0.5, window=cfg.sliding_window, **heads)
+                    splits=splits, scale=cfg.head_dim ** -0.5, window=cfg.sliding_window, **heads)
         prog.add_op(r, "attention_merge", p + "attn_merge", layer,
                     {**current, **k_norm, "part": n(p + "attn_part"), "lse": n(p + "attn_lse")},
                     {"out": n(p + "attn"), **cache}, **heads)

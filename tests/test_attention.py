@@ -1,4 +1,5 @@
-"""The attention op kinds' CPU references: run-time splits of the current position, the merge's append."""
+"""The attention op kinds' CPU references: run-time splits of the current position, the merge's append,
+and the one-pass attention of short contexts."""
 
 import pytest
 import torch
@@ -55,3 +56,29 @@ def test_splits_and_merge_compute_attention_and_append_the_row(step, window, spl
     keys, values = k_cache[0, lo:step + 1, 0], v_cache[0, lo:step + 1, 0]
     want = torch.softmax(heads[:qpk] @ keys.T * hd ** -0.5, -1) @ values
     torch.testing.assert_close(out.reshape(qpk, hd), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("step, window", [(0, None), (9, None), (30, None), (30, 8)])
+def test_one_pass_attention_equals_one_split_and_its_merge(step, window):
+    """`attention` computes what a single split and its merge compute, bit for bit, and appends the same row."""
+    qpk, hd, seq = 2, 16, 32
+    g = torch.Generator().manual_seed(100 + step)
+    qkv = torch.randn(1, (qpk + 2) * hd, generator=g)
+    rope = torch.randn(seq, hd, generator=g)
+    k_cache, v_cache = (torch.randn(1, seq, 1, hd, generator=g) for _ in range(2))
+    k_cache[0, step:], v_cache[0, step:] = float("nan"), float("nan")  # not written yet: must not be read
+    k_split, v_split = k_cache.clone(), v_cache.clone()
+    split, merge = attention_ops(qpk, hd, 1, window)
+    part, lse, want = torch.empty(1, 1, 1, qpk, hd), torch.empty(1, 1, 1, qpk), torch.empty(1, qpk * hd)
+    OP_KINDS["attention_split"].run(split, (0, 0, 0), {"qkv": qkv, "rope": rope, "k_cache": k_split, "v_cache": v_split,
+                                                      "part": part, "lse": lse}, step)
+    OP_KINDS["attention_merge"].run(merge, (0, 0), {"qkv": qkv[:, qpk * hd:], "rope": rope, "part": part, "lse": lse,
+                                                    "out": want, "k_cache": k_split, "v_cache": v_split}, step)
+    one = OpSpec("attention", "attention", 0, 0, {**split.params})
+    del one.params["splits"]
+    out = torch.empty(1, qpk * hd)
+    OP_KINDS["attention"].run(one, (0, 0), {"qkv": qkv, "rope": rope, "k_past": k_cache, "v_past": v_cache,
+                                            "out": out, "k_cache": k_cache, "v_cache": v_cache}, step)
+    assert not out.isnan().any() and torch.equal(out, want)
+    assert torch.equal(k_cache.nan_to_num(), k_split.nan_to_num()) and torch.equal(v_cache.nan_to_num(), v_split.nan_to_num())
+    assert not k_cache[0, step].isnan().any() and k_cache[0, step + 1:].isnan().all()  # exactly row `step` appended

@@ -57,28 +57,44 @@ def test_source_has_one_case_per_variant(tg):
         assert f"using V{i} = {v.template}<{', '.join((f'S{i}',) + v.args)}>;" in src
         assert f"case {i}: V{i}::run(t, op, smem); break;" in src
     assert src.count("case ") == len(variants)
-    # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct.
+    # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct. A
+    # 40-position graph attends in one pass per (sequence, group).
     assert {v.template for v in variants} == {
-        "Embed", "RmsnormLinear", "AttentionSplit", "AttentionMerge", "LinearResidual",
-        "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
+        "Embed", "RmsnormLinear", "Attention", "LinearResidual", "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
     assert {"LinearResidual<2, 64, ActF32Bf16Inputs, 2>", "LinearResidual<2, 98, ActF32Bf16Inputs, 2>"} <= names(variants)
-    assert {"RmsnormLinear<2, 60, false, ActF32Bf16Inputs, 2>", "AttentionSplit<2, 16, true, ActF32, bf16>",
-            "AttentionMerge<2, 16, true, ActF32, bf16>"} <= names(variants)
+    assert {"RmsnormLinear<2, 60, false, ActF32Bf16Inputs, 2>", "Attention<2, 16, true, ActF32, bf16>"} <= names(variants)
+
+
+def test_longer_contexts_split_attention_and_merge():
+    """Past ONE_PASS_ATTN_ROWS positions each (sequence, group) gets splits and a merge that appends the row."""
+    from mpk.graph import ONE_PASS_ATTN_ROWS
+
+    longer = graph(max_seq_len=ONE_PASS_ATTN_ROWS + 1)
+    kinds = [op.kind for op in longer.ops]
+    assert "attention" not in kinds and kinds.count("attention_split") == kinds.count("attention_merge") == 2
+    split = next(op for op in longer.ops if op.kind == "attention_split")
+    assert split.params["splits"] == 2  # 8 SMs over 2 sequences x 2 groups
+    assert {"AttentionSplit<2, 16, true, ActF32, bf16>", "AttentionMerge<2, 16, true, ActF32, bf16>"} <= names(
+        graph_variants(longer)[0])
 
 
 def test_slots_name_every_operand_and_scalar_of_the_op_kind(tg):
-    """The generated Slots struct of each variant is the op kind's roles in order, then its scalars."""
+    """The generated Slots struct of each variant is the op kind's roles in order (less the aliases a
+    kind reads through another role's pointer), then its scalars."""
     variants, op_variant, op_args = graph_variants(tg)
     src = generate_source(tg)
     for op, vi, args in zip(tg.ops, op_variant, op_args):
         v = variants[vi]
         kind = OP_KINDS[op.kind]
-        assert list(v.ptrs) == [o.role for o in kind.inputs + kind.outputs]
+        operands = {o.role: o for o in kind.inputs + kind.outputs}
+        roles = [role for role, _ in kind.slots(op)]
+        assert list(v.ptrs) == roles and set(roles) <= set(operands)
+        assert kind.kind != "attention" or roles == ["qkv", "rope", "q_norm", "k_norm", "out", "k_cache", "v_cache"]
         bound = {**op.inputs, **op.outputs}
-        for operand, tensor in zip(kind.inputs + kind.outputs, args.ptrs):
+        for role, tensor in zip(roles, args.ptrs):
             # A per-rank operand is one slot holding its tensors of every rank.
-            want = tuple(bound[f"{operand.role}{k}"] for k in range(op.params["ranks"])) if operand.per_rank \
-                else bound.get(operand.role)
+            want = tuple(bound[f"{role}{k}"] for k in range(op.params["ranks"])) if operands[role].per_rank \
+                else bound.get(role)
             assert tensor == want
         assert f"enum Ptr : int {{ {', '.join(v.ptrs)} }};" in src
         assert len(args.ints) == len(v.ints) and len(args.floats) == len(v.floats)
@@ -96,7 +112,11 @@ def test_layers_share_variants_and_source_ignores_run_time_sizes():
 
 def test_flags_pick_variants():
     variants, _, _ = graph_variants(graph(tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)))
-    assert {"RmsnormLinear<2, 60, true, ActF32Bf16Inputs, 2>", "AttentionSplit<2, 16, false, ActF32, bf16>"} <= names(variants)
+    assert {"RmsnormLinear<2, 60, true, ActF32Bf16Inputs, 2>", "Attention<2, 16, false, ActF32, bf16>"} <= names(variants)
+
+
+def floats_close(got: dict, want: dict) -> bool:
+    return got.keys() == want.keys() and all(np.isclose(got[k], want[k]) for k in want)
 
 
 def test_tables_mirror_the_graph(tg):
@@ -146,8 +166,8 @@ def test_op_table_fills_pointer_slots_by_role(tg):
     assert scalars("rmsnorm_linear")[2]["bias"] == 0  # no qkv bias in this model
     ints, floats, _ = scalars("rmsnorm_lm_head_argmax")
     assert ints == {"vocab": 128, "tile": 16, "n_tiles": 8, "vocab_start": 0} and np.isclose(floats["eps"], 1e-6)
-    assert scalars("attention_split")[0] == {"groups": 2, "seq": 40, "splits": 2, "window": 0}
-    assert scalars("attention_merge")[0] == {"groups": 2, "seq": 40, "splits": 2}
+    assert scalars("attention")[0] == {"groups": 2, "seq": 40, "window": 0}
+    assert floats_close(scalars("attention")[1], {"scale": 0.25, "eps": 1e-6})
 
 
 @pytest.mark.parametrize("batch", [1, 9])  # partials as tagged words; GEMM tiles' partials read by their allreduce
@@ -355,7 +375,7 @@ def test_prefetch_table_puts_whole_row_blocks_in_the_head_and_the_next_bytes_in_
     for t in tg.tasks:
         op = tg.ops[t.op]
         head_addr, head, l2_addr, l2 = (int(v) for v in table[t.id])
-        if op.kind in ("embed", "sample", "attention_split", "attention_merge"):
+        if not OP_KINDS[op.kind].streamed:
             assert head == l2 == 0
             continue
         weight = op.inputs["weight"]
@@ -454,7 +474,7 @@ def test_prefetch_table_leaves_short_tiles_out_of_l2():
     base = {name: (i + 1) << 32 for i, name in enumerate(tg.tensors)}
     tile_bytes = {}
     for t in tg.tasks:
-        if tg.ops[t.op].kind in ("embed", "sample", "attention_split", "attention_merge"):
+        if not OP_KINDS[tg.ops[t.op].kind].streamed:
             continue
         read = next(r for r in t.reads if r.role == "weight")
         (r0, r1), k = read.box[0], tg.tensors[read.tensor].shape[1]
@@ -496,17 +516,19 @@ def test_a_template_reading_an_undeclared_slot_does_not_build(tg, tmp_path):
 
 @needs_nvcc
 def test_attention_variants_build_without_register_spills(tmp_path):
-    """The attention templates over 1..8 query heads per KV head, head_dim 16..256, both activation
-    policies and both KV cache types, in one kernel: ptxas reports no spills and no stack frame."""
+    """The attention templates (one pass, and splits with their merge) over 1..8 query heads per KV
+    head, head_dim 16..256, both activation policies and both KV cache types, in one kernel: ptxas
+    reports no spills and no stack frame."""
     shapes = [(1, 16, "float32", "model"), (8, 16, "model", "float32"), (4, 64, "float32", "model"),
               (8, 64, "float32", "model"), (4, 128, "float32", "model"), (8, 128, "float32", "float32"),
               (2, 256, "model", "model")]
     variants = []
     for qpk, hd, activations, kv_cache in shapes:
         cfg = tiny_cfg(num_layers=1, num_heads=2 * qpk, head_dim=hd)
-        tg = compile_program(build_decode_program(cfg, 1, 64, 1, 8, activations, kv_cache=kv_cache))
-        variants += [v for v in graph_variants(tg)[0] if v.template.startswith("Attention") and v not in variants]
-    assert len(variants) == 2 * len(shapes)
+        for context in (64, 256):
+            tg = compile_program(build_decode_program(cfg, 1, context, 1, 8, activations, kv_cache=kv_cache))
+            variants += [v for v in graph_variants(tg)[0] if v.template.startswith("Attention") and v not in variants]
+    assert len(variants) == 3 * len(shapes)
     from mpk.codegen import render_source
     from mpk.runtime.build import nvcc_flags
 

@@ -22,7 +22,8 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def tg() -> TaskGraph:
-    return compile_model(tiny_cfg(), batch=2, max_seq_len=128, num_sms=8)
+    """A graph long enough (past mpk.graph.ONE_PASS_ATTN_ROWS) for attention splits and merges."""
+    return compile_model(tiny_cfg(), batch=2, max_seq_len=256, num_sms=8)
 
 
 def producers_by_op(tg, task):
@@ -48,6 +49,24 @@ def test_attention_waits_only_for_its_groups_qkv_tiles(tg):
             assert g * rows <= c0 and c1 <= (g + 1) * rows
         all_qkv_tiles = sum(tg.ops[x.op].name == "layers.0.qkv" for x in tg.tasks)
         assert len(deps["layers.0.qkv"]) < all_qkv_tiles
+
+
+def test_one_pass_attention_waits_for_its_groups_qkv_tiles_and_feeds_the_o_projection():
+    """A short graph's attention task of (b, g) waits for that group's QKV tiles alone, and each O
+    projection tile for the attention tasks (no merge in between)."""
+    short = compile_model(tiny_cfg(), batch=2, max_seq_len=64, num_sms=8)
+    tasks = [t for t in short.tasks if short.ops[t.op].name == "layers.0.attention"]
+    assert short.ops[tasks[0].op].kind == "attention" and sorted(t.tile for t in tasks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert not any(op.kind == "attention_merge" for op in short.ops)
+    rows = tiny_cfg().qkv_rows_per_group
+    for t in tasks:
+        deps = producers_by_op(short, t)
+        assert list(deps) == ["layers.0.qkv"] and short.events[t.wait].lag == 0
+        for p in deps["layers.0.qkv"]:
+            (c0, c1), = [r.box[1] for r in p.writes]
+            assert t.tile[1] * rows <= c0 and c1 <= (t.tile[1] + 1) * rows
+    o_tiles = [t for t in short.tasks if short.ops[t.op].name == "layers.0.o"]
+    assert o_tiles and all(set(producers_by_op(short, t)) == {"layers.0.attention"} for t in o_tiles)
 
 
 def test_merge_waits_for_the_splits_of_its_group_only(tg):

@@ -42,10 +42,17 @@ CASES = {
 }
 
 
-def prompts_for(batch: int, vocab: int, seed: int) -> list[list[int]]:
-    """Prompts of different lengths per sequence; one long enough to split attention over the KV length."""
+# Cases whose longest prompt makes a graph past mpk.graph.ONE_PASS_ATTN_ROWS: attention splits over the
+# KV length and a merge. The others attend in one pass per (sequence, KV group).
+SPLIT_CASES = {"llama-gqa8-rope-scaling", "mistral-sliding-window", "qwen3-tp2-tied"}
+LONG_PROMPT = {False: 40, True: 140}
+
+
+def prompts_for(batch: int, vocab: int, seed: int, split: bool = False) -> list[list[int]]:
+    """Prompts of different lengths per sequence; one long enough for several attention loop rounds."""
     g = torch.Generator().manual_seed(seed)
-    lengths = [5, 3, 40, 1][:batch] if batch > 1 else [40]
+    long = LONG_PROMPT[split]
+    lengths = [5, 3, long, 1][:batch] if batch > 1 else [long]
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
@@ -66,7 +73,7 @@ def test_sim_matches_transformers(case, make_checkpoint):
     source = resolve_model(str(path))
     weights = source.load_weights(torch.float32)
     hf = hf_model_from(path)
-    prompts = prompts_for(batch, source.cfg.vocab_size, seed=len(case))
+    prompts = prompts_for(batch, source.cfg.vocab_size, seed=len(case), split=case in SPLIT_CASES)
 
     out = generate(source.cfg, weights, prompts, NEW_TOKENS, dtype="float32", num_sms=8, tp_size=tp,
                    seed=7, stop_at_eos=False)
@@ -85,13 +92,16 @@ def test_sim_matches_transformers(case, make_checkpoint):
         assert rel_err(ours, ref) < LOGIT_RTOL
 
 
-def test_attention_is_split_over_the_kv_length_in_the_long_cases(make_checkpoint):
+@pytest.mark.parametrize("split", [False, True])
+def test_attention_is_split_over_the_kv_length_in_the_long_cases_only(make_checkpoint, split):
     from mpk.compiler import compile_model
 
-    path = make_checkpoint("llama")
-    tg = compile_model(resolve_model(str(path)).cfg, batch=1, max_seq_len=40 + NEW_TOKENS - 1, num_sms=8)
+    family, overrides, batch, tp = CASES["llama-gqa8-rope-scaling"]
+    cfg = resolve_model(str(make_checkpoint(family, **overrides))).cfg
+    tg = compile_model(cfg, batch=batch, max_seq_len=LONG_PROMPT[split] + NEW_TOKENS - 1, num_sms=8, tp_size=tp)
     splits = {t.tile[2] for t in tg.tasks if tg.ops[t.op].kind == "attention_split"}
-    assert len(splits) > 1
+    one_pass = [t for t in tg.tasks if tg.ops[t.op].kind == "attention"]
+    assert (len(splits) > 1 and not one_pass) if split else (one_pass and not splits)
 
 
 def test_different_task_orders_give_identical_tokens(make_checkpoint):

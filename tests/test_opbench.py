@@ -42,6 +42,13 @@ CFG = small_cfg()
 
 @pytest.fixture(scope="module")
 def decode():
+    """A graph long enough for attention splits and merges (mpk.graph.ONE_PASS_ATTN_ROWS)."""
+    return compile_model(CFG, batch=2, max_seq_len=160, num_sms=8, verify=False)
+
+
+@pytest.fixture(scope="module")
+def short():
+    """A 40-position graph: one attention task per (sequence, group), no merge."""
     return compile_model(CFG, batch=2, max_seq_len=40, num_sms=8, verify=False)
 
 
@@ -63,12 +70,13 @@ def test_one_op_per_variant_in_graph_order(decode):
 
 
 @pytest.mark.parametrize("name", ["embed", "layers.0.qkv", "layers.0.attention", "layers.0.attn_merge",
-                                  "layers.0.down", "lm_head", "sample"])
-def test_one_op_graphs_verify_and_hold_every_task_once(decode, name):
-    op = ops_by_name(decode)[name]
-    per_instance = len(OP_KINDS[op.kind].tiles(op, one_op_program(CFG, decode, op, 1)))
+                                  "layers.0.down", "lm_head", "sample", "short:layers.0.attention"])
+def test_one_op_graphs_verify_and_hold_every_task_once(decode, short, name):
+    graph = short if name.startswith("short:") else decode
+    op = ops_by_name(graph)[name.removeprefix("short:")]
+    per_instance = len(OP_KINDS[op.kind].tiles(op, one_op_program(CFG, graph, op, 1)))
     for num_sms in (1, 8):
-        tg = compile_one_op(CFG, decode, op, num_sms, replicas=3)
+        tg = compile_one_op(CFG, graph, op, num_sms, replicas=3)
         verify(tg)  # structure, deadlock, races (disjoint writes), coverage, counters
         assert tg.events == [] and all(t.wait == -1 and not t.signals for t in tg.tasks)
         assert len(tg.tasks) == 3 * per_instance and len(tg.queues) == num_sms
@@ -77,6 +85,17 @@ def test_one_op_graphs_verify_and_hold_every_task_once(decode, name):
             assert tg.queues[0] == list(range(len(tg.tasks)))
         else:
             assert sum(1 for q in tg.queues if q) == min(num_sms, len(tg.tasks))
+
+
+def test_one_pass_attention_is_one_op_that_counts_the_rows_it_reads_at_the_position(short):
+    assert [op.name for op in bench_ops(short)] == ["embed", "layers.0.qkv", "layers.0.attention", "layers.0.o",
+                                                    "layers.0.gate_up", "layers.0.down", "lm_head", "sample"]
+    op = ops_by_name(short)["layers.0.attention"]
+    assert op.kind == "attention"
+    one = compile_one_op(CFG, short, op, 4)
+    kv_row = CFG.head_dim * 2  # one bf16 row of one group's K (or V)
+    # Each extra position is one more K and V row read, for each of the 2 sequences x 2 groups.
+    assert op_bytes(one, 0, POS + 1) - op_bytes(one, 0, POS) == 2 * 2 * 2 * kv_row
 
 
 def test_replicas_own_their_weights_state_and_outputs(decode):
@@ -110,9 +129,10 @@ def test_replicas_stream_past_l2_on_an_8b_model():
 
 
 @pytest.mark.parametrize("name", ["embed", "layers.0.qkv", "layers.0.attention", "layers.0.attn_merge",
-                                  "layers.0.o", "layers.0.gate_up", "lm_head", "sample"])
-def test_cpu_executor_on_a_one_op_graph_matches_a_direct_call_of_the_reference(decode, name):
-    op = ops_by_name(decode)[name]
+                                  "layers.0.o", "layers.0.gate_up", "lm_head", "sample", "short:layers.0.attention"])
+def test_cpu_executor_on_a_one_op_graph_matches_a_direct_call_of_the_reference(decode, short, name):
+    decode = short if name.startswith("short:") else decode
+    op = ops_by_name(decode)[name.removeprefix("short:")]
     tg = compile_one_op(CFG, decode, op, 4, replicas=2)
     bufs = random_buffers(tg, CFG.vocab_size, "cpu", seed=1)
     direct = {n: b.clone() for n, b in bufs.items()}
@@ -294,9 +314,8 @@ def test_whole_bench_on_the_cpu_executor(cpu_gpu, capsys):
 
     result = run_op_bench("tiny", batch=2, context=POS, steps=3, repeats=2)
     rows = result["rows"]
-    assert [r["kind"] for r in rows] == ["embed", "rmsnorm_linear", "attention_split",
-                                         "attention_merge", "linear_residual", "rmsnorm_gate_up_silu",
-                                         "linear_residual", "rmsnorm_lm_head_argmax", "sample"]
+    assert [r["kind"] for r in rows] == ["embed", "rmsnorm_linear", "attention", "linear_residual",
+                                         "rmsnorm_gate_up_silu", "linear_residual", "rmsnorm_lm_head_argmax", "sample"]
     assert all(r["error"] == 0.0 and r["ok"] and r["bound"] == BOUNDS["float32"] for r in rows)
     for r in rows:
         # 1 ns per cost-model byte: a task's time is its bytes (attention: a half-full cache here).
@@ -304,9 +323,15 @@ def test_whole_bench_on_the_cpu_executor(cpu_gpu, capsys):
         assert r["gbps_per_sm"] == pytest.approx(r["bytes_per_task"] / r["task_us_1sm"] / 1e3)
     assert result["stream_read_gbps"] == 1.0 and result["num_sms"] == 4 and result["context"] == POS
 
-    assert main(["bench-op", "tiny", "--batch", "2", "--op", "attention_split,sample", "--context", str(POS),
+    assert main(["bench-op", "tiny", "--batch", "2", "--op", "attention,sample", "--context", str(POS),
                  "--steps", "3", "--json"]) == 0
-    assert [r["kind"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["attention_split", "sample"]
+    assert [r["kind"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["attention", "sample"]
+    # A longer context compiles attention as splits and a merge (at batch 1: 4 SMs over 2 KV groups), each
+    # checked and timed alone.
+    assert main(["bench-op", "tiny", "--batch", "1", "--op", "attention_split,attention_merge", "--context", "200",
+                 "--steps", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["kind"] for r in rows] == ["attention_split", "attention_merge"] and all(r["ok"] for r in rows)
 
 
 def test_prefill_variants_bench_as_gemms_on_the_cpu_executor(cpu_gpu):
@@ -364,7 +389,7 @@ def test_one_op_kernels_build_for_sm_90a(tmp_path, monkeypatch):
     monkeypatch.setenv("MPK_CACHE_DIR", str(tmp_path))
     cfg = resolve_model("qwen3-8b").cfg
     tg = compile_model(cfg, batch=4, max_seq_len=72, num_sms=132, verify=False)
-    graphs = [compile_one_op(cfg, tg, op, 132) for op in bench_ops(tg, ["embed", "attention_split", "sample"])]
+    graphs = [compile_one_op(cfg, tg, op, 132) for op in bench_ops(tg, ["embed", "attention", "sample"])]
     prebuild(graphs, "sm_90a")
     for g in graphs:
         source = generate_source(g)

@@ -304,7 +304,7 @@ def test_fast_ops_stay_within_the_bound(long_models, case, length):
 def test_an_op_without_a_whole_form_is_refused(models):
     cfg, _ = models("llama")
     tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4)
-    for kind in ("rmsnorm_lm_head_argmax", "sample", "attention_split"):
+    for kind in ("rmsnorm_lm_head_argmax", "sample", "attention"):
         op = next(op for op in tg.ops if op.kind == kind)
         with pytest.raises(MpkError, match=f"op kind '{kind}' .* cannot run as one whole op"):
             OP_KINDS[kind].run_whole(op, {}, 0)

@@ -151,7 +151,11 @@ def test_tensor_parallel_spans_are_put_on_one_timer_before_they_are_summed_up():
         for t in tg.tasks:  # ids are a topological order
             ev = tg.events[t.wait] if t.wait >= 0 else None
             start = base + 100 if ev is None or ev.lag else max(int(true[s, p, 2]) for p in ev.producers) + wake
-            true[s, t.id] = torch.tensor([base + 50, start, start + 300 + 90 * (t.id % 7)])
+            # Rank 1's tasks run longer in even layers, rank 0's in odd ones: some cross-GPU wait in each
+            # direction has its last producer on the other GPU, which the alignment needs to be exact.
+            op = tg.ops[t.op]
+            slow = 400 if op.layer is not None and op.rank == op.layer % 2 else 0
+            true[s, t.id] = torch.tensor([base + 50, start, start + 300 + slow + 90 * (t.id % 7)])
     rank = torch.tensor([tg.ops[t.op].rank for t in tg.tasks])
     shifted = true.clone()
     shifted[:, rank == 1] += 5000

@@ -13,6 +13,13 @@ CFG = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=200, hidden_size=6
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def compiled(request) -> TaskGraph:
+    """Long enough, on enough SMs, for attention splits and merges (mpk.graph.attention_splits)."""
+    return compile_model(CFG, batch=2, max_seq_len=160, tp_size=request.param, num_sms=12)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def short(request) -> TaskGraph:
+    """One attention task per (sequence, group) that appends its own K/V row."""
     return compile_model(CFG, batch=2, max_seq_len=96, tp_size=request.param, num_sms=6)
 
 
@@ -24,9 +31,10 @@ def first_task(tg, kind):
     return next(t for t in tg.tasks if tg.ops[t.op].kind == kind)
 
 
-def test_compiled_graphs_pass(compiled):
-    report = verify(compiled)
-    assert report.as_dict()["verdict"] == "pass"
+def test_compiled_graphs_pass(compiled, short):
+    for tg in (compiled, short):
+        assert verify(tg).as_dict()["verdict"] == "pass"
+    assert any(op.kind == "attention" for op in short.ops) and not any(op.kind == "attention" for op in compiled.ops)
 
 
 def drop_producer(tg: TaskGraph, ev_id: int, producer: int) -> None:
@@ -48,9 +56,32 @@ def test_dropped_dependency_is_a_race(compiled):
     assert tg.describe_task(dropped) in str(err.value)
 
 
+def test_a_one_pass_attention_task_that_does_not_wait_for_its_qkv_races(short):
+    tg = fresh(short)
+    attention = first_task(tg, "attention")
+    dropped = tg.events[attention.wait].producers[-1]
+    drop_producer(tg, attention.wait, dropped)
+    with pytest.raises(VerificationError) as err:
+        verify(tg)
+    assert err.value.check in ("race", "coverage") and "qkv_out" in str(err.value)
+    assert tg.describe_task(dropped) in str(err.value)
+
+
+def test_an_o_projection_that_does_not_wait_for_the_cache_appending_task_races(short):
+    """The one-pass task writes the attention output: an O tile that stops waiting for one races on it."""
+    tg = fresh(short)
+    o = next(t for t in tg.tasks if tg.ops[t.op].kind in ("linear_residual", "linear_tagged")
+             and any(tg.ops[tg.tasks[p].op].kind == "attention" for p in tg.events[t.wait].producers))
+    dropped = next(p for p in tg.events[o.wait].producers if tg.ops[tg.tasks[p].op].kind == "attention")
+    drop_producer(tg, o.wait, dropped)
+    with pytest.raises(VerificationError) as err:
+        verify(tg)
+    assert err.value.check in ("race", "coverage") and tg.describe_task(dropped) in str(err.value)
+
+
 def test_a_merge_that_does_not_wait_for_a_split_races_on_the_cache():
     """The merge appends this step's K/V row to the cache column the splits read: it must follow all of them."""
-    tg = compile_model(CFG, batch=1, max_seq_len=96, num_sms=8)
+    tg = compile_model(CFG, batch=1, max_seq_len=160, num_sms=6)
     merge = first_task(tg, "attention_merge")
     splits = tg.events[merge.wait].producers
     assert len(splits) == 3 and all(tg.ops[tg.tasks[p].op].kind == "attention_split" for p in splits)

@@ -56,7 +56,11 @@ def find_producers(prog: Program, tasks: list[Task]) -> list[DepKey | None]:
         for row in rows:
             sets.append([(frozenset(wr[j][0] for j in np.nonzero(row & (writer_lag == lag))[0]), lag) for lag in (0, 1)])
         for i, u in enumerate(which.reshape(-1)):
-            per_read[reads[i][0]].extend((found, lag) for found, lag in sets[u] if found)
+            tid = reads[i][0]
+            # A task reading what it wrote itself the step before needs no event: its queue runs it
+            # step after step (the one-pass attention task reads its cache column's earlier rows).
+            per_read[tid].extend((found, lag) for found, lag in ((f - {tid} if lag else f, lag) for f, lag in sets[u])
+                                 if found)
     return _reduce(prog, tasks, per_read)
 
 

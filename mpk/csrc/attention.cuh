@@ -1,5 +1,5 @@
 // Attention tasks (mpk/ops/attention.py): flash-decoding splits and their merge, with q/k-norm, RoPE and
-// the KV append folded in. A task covers one sequence b and one KV group g, whose QPK query heads share one
+// the KV append folded in, or for graphs of short contexts one pass per (b, g) that does both. A task covers one sequence b and one KV group g, whose QPK query heads share one
 // K/V head; the group's QKV rows are its q heads, then k, then v. The KV cache's element type KT (bf16 or
 // float) is chosen apart from the activation policy A.
 #pragma once
@@ -129,7 +129,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // (16-byte loads, lanes split across rows when HD is small) and the next rows streaming into L2, with an
 // online softmax in float32 (log2 domain) per row slot; slots, warps and the current row meet at the end.
 // Writes the split's normalised output and log-sum-exp; an empty split writes zeros and -inf.
-template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct AttentionSplit {
+// ONE_PASS: the only split of (b, g) (attention, no merge): writes the attention output itself and
+// appends this step's k and v at row `step` of the cache, which it does not read.
+template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PASS = false> struct AttentionSplit {
   using T = typename A::T;
   using L = KvLanes<HD, KT>;
   static constexpr int E = L::E;
@@ -159,16 +161,17 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
 
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
-    const int splits = static_cast<int>(op.i[S::splits]);
-    const int b = t.tile[0], g = t.tile[1], s = t.tile[2];
+    int splits = 1;
+    if constexpr (!ONE_PASS) splits = static_cast<int>(op.i[S::splits]);
+    const int b = t.tile[0], g = t.tile[1], s = ONE_PASS ? 0 : t.tile[2];
     const long long pos = t.position(b);
     MPK_ASSERT(g < G && s < splits && 0 <= pos && pos < seq);
     const size_t bgs = (static_cast<size_t>(b) * G + g) * splits + s;
-    float* part = op.arg<float>(S::part) + bgs * QPK * HD;
-    float* lse = op.arg<float>(S::lse) + bgs * QPK;
+    float *part = nullptr, *lse = nullptr;
+    if constexpr (!ONE_PASS) part = op.arg<float>(S::part) + bgs * QPK * HD, lse = op.arg<float>(S::lse) + bgs * QPK;
     long long r0, r1;
     split_rows(pos, op.i[S::window], s, splits, r0, r1);
-    if (r1 <= r0) {  // uniform over the CTA
+    if (!ONE_PASS && r1 <= r0) {  // uniform over the CTA (ONE_PASS always holds row `pos`)
       for (int i = threadIdx.x; i < QPK * HD; i += kThreads) part[i] = 0.f;
       for (int i = threadIdx.x; i < QPK; i += kThreads) lse[i] = kNegInf;
       return;
@@ -336,11 +339,27 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT> struct Atten
         den += s_l[w * QPK + h] * f;
         num += s_acc[(w * QPK + h) * HD + d] * f;
       }
-      part[i] = num / den;
-      if (d == 0) lse[h] = (mx + log2f(den)) * kLn2;
+      if constexpr (ONE_PASS) {
+        act_store(op.arg<T>(S::out) + (static_cast<size_t>(b) * G + g) * QPK * HD + i, num / den);
+      } else {
+        part[i] = num / den;
+        if (d == 0) lse[h] = (mx + log2f(den)) * kLn2;
+      }
+    }
+    if constexpr (ONE_PASS) {  // row `pos`: read by no task of this step, by the next step's after the event chain
+      const size_t row = (t.kv_row(b, pos, seq) * G + g) * HD;
+      for (int d = threadIdx.x; d < HD; d += kThreads) {
+        act_store(op.arg<KT>(S::k_cache) + row + d, heads[QPK * HD + d]);
+        act_store(op.arg<KT>(S::v_cache) + row + d, v_now[d]);
+      }
     }
   }
 };
+
+// attention: one task per (b, g) over all of [lo, step], for graphs whose context is short enough that
+// splitting the rows would cost more (a merge phase) than it saves (mpk.graph.attention_splits).
+template <class S, int QPK, int HD, bool QKNORM, class A, class KT>
+struct Attention : AttentionSplit<S, QPK, HD, QKNORM, A, KT, true> {};
 
 // attention_merge: out = sum over splits of softmax(lse) * part; and row `step` of the cache column gets this
 // step's k (normed, roped) and v. The merge follows every split of (b, g), the only readers of the column.

@@ -28,6 +28,13 @@ def written_tensors(tg: TaskGraph) -> list[str]:
     return list(dict.fromkeys(r.tensor for t in tg.tasks for r in t.writes))
 
 
+def updated_tensors(tg: TaskGraph) -> set[str]:
+    """Written tensors that some task also reads (a KV cache the one-pass attention reads and appends
+    to): they start random, not poisoned, and their rows that are not written must stay."""
+    read = {r.tensor for t in tg.tasks for r in t.reads}
+    return {name for name in written_tensors(tg) if name in read}
+
+
 def bound_for(tg: TaskGraph) -> float:
     if tg.precision.activations not in BOUNDS:
         raise MpkError(f"no reference bound for {tg.precision.activations} activations")
@@ -42,7 +49,7 @@ def poison(buf: torch.Tensor) -> None:
 
 
 def random_buffers(tg: TaskGraph, vocab: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A buffer for every tensor of `tg`: outputs poisoned, the rest random.
+    """A buffer for every tensor of `tg`: outputs poisoned (except `updated_tensors`), the rest random.
 
     Floats are standard normal (matrices scaled by 1/sqrt(columns), as trained weights roughly
     are, so the GEMV outputs stay O(1)); integers are token ids, except the prompt lengths, which
@@ -50,7 +57,7 @@ def random_buffers(tg: TaskGraph, vocab: int, device, seed: int = 0) -> dict[str
     parameters, which are zero: greedy, what the GPU's sample template computes.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    outputs = set(written_tensors(tg))
+    outputs = set(written_tensors(tg)) - updated_tensors(tg)
     bufs = {}
     for name, spec in tg.tensors.items():
         want = torch_dtype(spec.dtype)
@@ -78,7 +85,7 @@ def reference_outputs(ref: TaskGraph, bufs: dict[str, torch.Tensor], step: int) 
 
     outputs = written_tensors(ref)
     cpu = {name: bufs[name].detach().to("cpu", copy=True) for name in ref.tensors}
-    for name in outputs:
+    for name in set(outputs) - updated_tensors(ref):
         poison(cpu[name])
     run(ref, cpu, 1, first_step=step)
     return {name: cpu[name] for name in outputs}

@@ -96,6 +96,9 @@ def compile_one_op(cfg: ModelConfig, tg: TaskGraph, op: OpSpec, num_sms: int, re
     return one
 
 
+ATTENDING = ("attention_split", "attention")  # kinds whose static cache boxes cover the whole column
+
+
 def region_bytes(tg: TaskGraph, task, region, step: int) -> int:
     """Bytes of `region` that `task` touches at decode position `step`.
 
@@ -106,18 +109,24 @@ def region_bytes(tg: TaskGraph, task, region, step: int) -> int:
     for a, b in region.box:
         n *= b - a
     op = tg.ops[task.op]
-    if op.kind == "attention_split" and region.role in ("k_cache", "v_cache"):
+    if op.kind in ATTENDING and region.role in ("k_cache", "v_cache", "k_past", "v_past"):
         from mpk.ops.attention import split_rows
 
         c0, c1 = region.box[1]
-        a, z = split_rows(step, op.params.get("window"), task.tile[2], op.params["splits"])
+        if op.kind == "attention_split":
+            a, z = split_rows(step, op.params.get("window"), task.tile[2], op.params["splits"])
+        elif region.role in ("k_past", "v_past"):  # the one-pass task reads the rows before `step` ...
+            a, z = split_rows(step, op.params.get("window"), 0, 1)
+            z -= 1
+        else:  # ... and writes row `step`
+            a, z = step, step + 1
         n = n // (c1 - c0) * max(0, z - a)
     return n
 
 
 def run_bytes(tg: TaskGraph, task, step: int) -> int:
     """Bytes `task` moves at decode position `step`: its cost-model bytes, but exact for attention."""
-    if tg.ops[task.op].kind != "attention_split":
+    if tg.ops[task.op].kind not in ATTENDING:
         return task.bytes
     return sum(region_bytes(tg, task, r, step) for r in task.reads + task.writes)
 

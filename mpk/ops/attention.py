@@ -11,7 +11,10 @@ one task per (b, g) that waits for all its splits, computes k and v again and wr
 the next step's splits come after it through the event chain (docs/decisions.md, attention).
 
 Splits divide the rows [lo, step] that the current position attends to (lo from the sliding
-window) evenly at run time (`split_rows`), so every split has work at any position.
+window) evenly at run time (`split_rows`), so every split has work at any position. A graph for a
+short context (`mpk.graph.attention_splits` gives one split) runs `attention` instead: one task
+per (b, g) over all the rows, which writes the output and appends the K/V row itself, so the layer
+has no merge phase.
 CUDA templates: mpk/csrc/attention.cuh.
 """
 
@@ -60,6 +63,22 @@ def current_q(op, t, step: int) -> torch.Tensor:
     if "q_norm" in t:
         q = rms_norm(q, t["q_norm"], op.params["eps"])
     return _rotate(q, t["rope"][step])
+
+
+def attend_rows(op, t, k_cache, v_cache, step: int, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of the group's query heads over rows [r0, r1) of [lo, step], float32: the
+    normalized output [q_per_kv, head_dim] and its log-sum-exp [q_per_kv]. Rows below `step` come from
+    the cache column views [1, seq, 1, head_dim]; row `step`, when in range, is this step's k and v."""
+    cached = slice(r0, min(r1, step))  # this step's row is not in the cache yet
+    k, v = k_cache[0, cached, 0], v_cache[0, cached, 0]
+    if r1 == step + 1:
+        k_now, v_now = current_kv(op, t, step)
+        k, v = torch.cat([k, k_now[None]]), torch.cat([v, v_now[None]])
+    scores = (current_q(op, t, step).float() @ k.float().T) * op.params["scale"]  # [qpk, rows]
+    m = scores.max(-1, keepdim=True).values
+    p = torch.exp(scores - m)
+    denom = p.sum(-1, keepdim=True)
+    return (p @ v.float()) / denom, (m + torch.log(denom)).squeeze(-1)
 
 
 def _current_reads(op, prog, b: int, g: int, rows: slice) -> list:
@@ -144,17 +163,9 @@ class AttentionSplit(OpKind):
             part.zero_()
             lse.fill_(float("-inf"))
             return
-        cached = slice(r0, min(r1, step))  # this step's row is not in the cache yet
-        k, v = t["k_cache"][0, cached, 0], t["v_cache"][0, cached, 0]
-        if r1 == step + 1:
-            k_now, v_now = current_kv(op, t, step)
-            k, v = torch.cat([k, k_now[None]]), torch.cat([v, v_now[None]])
-        scores = (current_q(op, t, step).float() @ k.float().T) * op.params["scale"]  # [qpk, rows]
-        m = scores.max(-1, keepdim=True).values
-        p = torch.exp(scores - m)
-        denom = p.sum(-1, keepdim=True)
-        part[0, 0, 0].copy_((p @ v.float()) / denom)
-        lse[0, 0, 0].copy_((m + torch.log(denom)).squeeze(-1))
+        out, log_sum = attend_rows(op, t, t["k_cache"], t["v_cache"], step, r0, r1)
+        part[0, 0, 0].copy_(out)
+        lse[0, 0, 0].copy_(log_sum)
 
     def cuda(self, op, tg):
         args, ints = _cuda_shapes(op, tg, "q_norm")
@@ -204,3 +215,62 @@ class AttentionMerge(OpKind):
     def cuda(self, op, tg):
         args, ints = _cuda_shapes(op, tg, "k_norm")
         return Cuda(args, ints, {"eps": op.params["eps"]})
+
+
+class Attention(OpKind):
+    """Softmax attention of group g's query heads over all of [lo, step] in one task, for graphs of
+    short contexts: writes the output, then appends this step's k, v at row `step` of the cache.
+
+    The task reads the column's earlier rows through k_past / v_past (the cache tensors again) and
+    writes row `step`, which no task of this step reads; the next step's task of (b, g) reads it
+    after the event chain, as it would after a merge.
+    """
+
+    kind = "attention"
+    per_sequence = True
+    header = "attention.cuh"
+    template = "Attention"
+    inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
+              Operand("k_past"), Operand("v_past"))
+    outputs = (Operand("out"), Operand("k_cache"), Operand("v_cache"))
+    _ALIASES = ("k_past", "v_past")
+
+    def tiles(self, op, prog):
+        batch, seq, groups, hd = shape(op, prog, "k_cache")
+        qpk = op.params["q_per_kv"]
+        tasks = []
+        for b in range(batch):
+            for g in range(groups):
+                # Static boxes: the whole cache column; at run time rows [lo, step) read, row step written.
+                reads = _current_reads(op, prog, b, g, slice(None)) + [
+                    _cache_column(op, prog, "k_past", b, g), _cache_column(op, prog, "v_past", b, g)]
+                writes = [box(op, "out", (b, b + 1), (g * qpk * hd, (g + 1) * qpk * hd)),
+                          _cache_column(op, prog, "k_cache", b, g), _cache_column(op, prog, "v_cache", b, g)]
+                row_bytes = 2 * hd * dtype(prog.tensor(op.tensor("k_cache")).dtype).bytes
+                # Costed at half the longest context, as a split is.
+                kv_bytes = sum(nbytes(prog, r) for r in reads[-2:]) // 2
+                nb = nbytes(prog, reads[0]) + kv_bytes + nbytes(prog, writes[0]) + row_bytes
+                tasks.append(TileTask((b, g), reads, writes, nb, 4 * qpk * hd * seq // 2))
+        return tasks
+
+    def run(self, op, tile, t, step):
+        lo = max(0, step + 1 - op.params["window"]) if op.params["window"] else 0
+        out, _ = attend_rows(op, t, t["k_past"], t["v_past"], step, lo, step + 1)
+        t["out"].copy_(out.reshape(t["out"].shape))
+        k, v = current_kv(op, t, step)
+        t["k_cache"][0, step, 0].copy_(k)
+        t["v_cache"][0, step, 0].copy_(v)
+
+    def slots(self, op):
+        # The kernel reads the earlier rows through k_cache / v_cache, the tensors k_past / v_past name.
+        return [(role, tensor) for role, tensor in super().slots(op) if role not in self._ALIASES]
+
+    def cuda(self, op, tg):
+        for past, cache in zip(self._ALIASES, ("k_cache", "v_cache")):
+            expect(op.inputs[past] == op.outputs[cache], op, f"{past} is not {cache}")
+        _check_heads(op, tg)
+        _, s, g, _ = tg.tensors[op.tensor("k_cache")].shape
+        args = (op.params["q_per_kv"], op.params["head_dim"], cbool("q_norm" in op.inputs), activation_policy(tg),
+                _kv_type(op, tg))
+        return Cuda(args, {"groups": g, "seq": s, "window": op.params["window"] or 0},
+                    {"scale": op.params["scale"], "eps": op.params["eps"]})

@@ -218,6 +218,29 @@ def test_teacher_forced_logits(checkpoint, case, precision, batch):
     assert res.tokens[T - 1] == res.logits[T - 1].argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_one_pass_attention_matches_splits_and_merge(checkpoint, case, batch):
+    """The same 20 teacher-forced positions in a 20-position graph (one attention task per sequence
+    and group, no merge) and in a 160-position one (splits and a merge): the same logits within
+    float32 noise and the same tokens (float32 activations, cache and products). On every SM, so that
+    the longer graph has several splits at batch 4 too."""
+    cfg, hf = checkpoint(case)
+    T = 20
+    seqs = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(50 + batch)).tolist()
+    runs = {}
+    for max_seq_len in (T, 160):
+        mk = megakernel(cfg, hf, seqs, max_seq_len, num_sms("llama-wide"), kv_cache="float32", matmul_inputs="float32")
+        runs[max_seq_len] = mk.run(T, collect_logits=True, eos_token_ids=[])
+        kinds = {op.kind for op in mk.tg.ops}
+        assert ("attention" in kinds) == (max_seq_len == T) and ("attention_merge" in kinds) == (max_seq_len > T)
+    one, split = runs[T], runs[160]
+    errs = [rel_err(one.logits[s], split.logits[s]) for s in range(T)]
+    report(check="one-pass", case=case, batch=batch, vs_splits=max(errs))
+    assert max(errs) < F32_TOL, f"step {errs.index(max(errs))}: {max(errs):.3g} between one pass and splits"
+    assert one.tokens == split.tokens
+
+
 @pytest.mark.parametrize("batch", [4, 8])
 def test_split_k_gemv_tasks_in_slots_and_in_rounds_match_the_sim(checkpoint, batch):
     """At batches 4 and 8 on 4 SMs the tensor-core GEMV splits K: gate/up's 24 items (12 blocks x 2) and
@@ -276,7 +299,9 @@ def test_long_context_logits(checkpoint, case, kv_cache, batch):
     seqs = torch.randint(0, cfg.vocab_size, (batch, LONG_STEPS), generator=torch.Generator().manual_seed(7 + batch))
     # Float32 products at batch 4 too: the tolerances below are the cache's alone.
     mk = megakernel(cfg, hf, seqs.tolist(), LONG_STEPS, 8, kv_cache=kv_cache, matmul_inputs="float32")
-    split = next(op for op in mk.tg.ops if op.kind == "attention_split")
+    # At batch 4 the sequences x groups fill the 8 SMs: one pass per (sequence, group) over every row.
+    attention = next(op for op in mk.tg.ops if op.kind in ("attention_split", "attention"))
+    splits = attention.params.get("splits", 1)
     head = mk.run(LONG_STEPS - checked, eos_token_ids=[])
     assert head.steps == LONG_STEPS - checked and head.tokens[-1] == seqs[:, LONG_STEPS - checked].tolist()
     tail = mk.run(checked, first_step=LONG_STEPS - checked, collect_logits=True, eos_token_ids=[])
@@ -284,8 +309,8 @@ def test_long_context_logits(checkpoint, case, kv_cache, batch):
     ref.reset(batch, LONG_STEPS, kv_dtype(mk.tg))
     want = ref.forward(seqs.cuda(), 0)[:, LONG_STEPS - checked:].cpu()
     errs = [l2_rel_err(tail.logits[s], want[:, s]) for s in range(checked)]
-    report(check="long", case=f"{case}/{kv_cache}", batch=batch, splits=split.params["splits"],
-           rows_per_split=LONG_STEPS // split.params["splits"], vs_fp32_same_kv=max(errs))
+    report(check="long", case=f"{case}/{kv_cache}", batch=batch, splits=splits, rows_per_split=LONG_STEPS // splits,
+           vs_fp32_same_kv=max(errs))
     tol = F32_TOL if kv_cache == "float32" else SAME_BF16_KV_TOL
     assert max(errs) < tol, f"step {LONG_STEPS - checked + errs.index(max(errs))}: {max(errs):.3g} from float32"
 
