@@ -1,7 +1,8 @@
 // Attention tasks (mpk/ops/attention.py): flash-decoding splits and their merge, with q/k-norm, RoPE and
-// the KV append folded in, or for graphs of short contexts one pass per (b, g) that does both. A task covers one sequence b and one KV group g, whose QPK query heads share one
-// K/V head; the group's QKV rows are its q heads, then k, then v. The KV cache's element type KT (bf16 or
-// float) is chosen apart from the activation policy A.
+// the KV append folded in, or for graphs of short contexts one pass per (b, g) that does both. A task
+// covers one sequence b and one KV group g, whose QPK query heads share one K/V head; the group's QKV
+// rows are its q heads, then k, then v. The KV cache's element type KT (bf16 or float) is chosen apart
+// from the activation policy A.
 #pragma once
 
 #include <type_traits>

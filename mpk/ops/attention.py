@@ -254,8 +254,7 @@ class Attention(OpKind):
         return tasks
 
     def run(self, op, tile, t, step):
-        lo = max(0, step + 1 - op.params["window"]) if op.params["window"] else 0
-        out, _ = attend_rows(op, t, t["k_past"], t["v_past"], step, lo, step + 1)
+        out, _ = attend_rows(op, t, t["k_past"], t["v_past"], step, *split_rows(step, op.params["window"], 0, 1))
         t["out"].copy_(out.reshape(t["out"].shape))
         k, v = current_kv(op, t, step)
         t["k_cache"][0, step, 0].copy_(k)
