@@ -45,36 +45,15 @@ enum Mode { kStatic, kL2, kHead64, kHead128, kHead192, kHeadL2, kHeadNotA, kHead
 constexpr const char* kModeNames[kModes] = {"static",     "l2",           "head 64KB",      "head 128KB",
                                             "head 192KB", "head 192KB+l2", "head 192KB !A", "head 192KB w1",
                                             "paced 250ns",  "paced 500ns",   "paced 1000ns"};
-__host__ __device__ constexpr int pace_ns(Mode m) { return m == kPaced250 ? 250 : m == kPaced500 ? 500 : m == kPaced1000 ? 1000 : 0; }
-__host__ __device__ constexpr int head_kb(Mode m) { return m == kHead64 ? 64 : m == kHead128 ? 128 : m == kHead192 || m == kHeadL2 || m == kHeadNotA || m == kHeadWarp1 || pace_ns(m) ? 192 : 0; }
-
-__device__ __forceinline__ float dot8(uint4 w, const float* x) {
-  const unsigned u[4] = {w.x, w.y, w.z, w.w};
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    s = fmaf(__uint_as_float(u[i] << 16), x[2 * i], s);
-    s = fmaf(__uint_as_float(u[i] & 0xffff0000u), x[2 * i + 1], s);
-  }
-  return s;
+__host__ __device__ constexpr int pace_ns(Mode m) {
+  return m == kPaced250 ? 250 : m == kPaced500 ? 500 : m == kPaced1000 ? 1000 : 0;
 }
-
-__device__ __forceinline__ void wait_counter(const unsigned long long* c, unsigned long long target) {
-  if (threadIdx.x == 0)
-    while (ld_acquire(c) < target) {
-    }
-  __syncthreads();
+__host__ __device__ constexpr int head_kb(Mode m) {
+  return m == kHead64 ? 64 : m == kHead128 ? 128 : m == kStatic || m == kL2 ? 0 : 192;
 }
 
 // The CTA's 32 rows of `w` (rows [0, head_rows) from `head` in shared memory) against x; writes out.
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n selp.u32 %0, 1, 0, q;\n}"
-                 : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-
-// row_bars: with paced heads, row r's own mbarrier (phase parity `parity`), waited for before it is read.
+// row_bars (paced heads): row r's own mbarrier, whose phase of parity `parity` is waited for before it is read.
 __device__ __forceinline__ void gemv_tile(const __nv_bfloat16* w, const unsigned char* head, int head_rows,
                                           const float* x, float* out, unsigned long long* row_bars = nullptr,
                                           uint32_t parity = 0) {
@@ -83,7 +62,7 @@ __device__ __forceinline__ void gemv_tile(const __nv_bfloat16* w, const unsigned
 #pragma unroll
   for (int i = kRowsPerWarp - 1; i >= 0; --i) {  // the streamed rows (the last ones) are issued first
     const int r = warp + i * kWarps;
-    if (row_bars && r < head_rows) mbar_wait(row_bars + r, parity);
+    if (row_bars && r < head_rows) mbar_wait_parity(row_bars + r, parity);
 #pragma unroll
     for (int v = 0; v < kVecPerLane; ++v)
       wv[i][v] = r < head_rows ? reinterpret_cast<const uint4*>(head + r * kRowBytes)[v * 32 + lane]
@@ -117,8 +96,8 @@ __global__ void __launch_bounds__(kThreads, 1) layers(const __nv_bfloat16* wb, c
   if (cta >= kCtas) return;
   unsigned long long *ca = counters, *cb = counters + L, *cc = counters + 2 * L;
   if (has_head && threadIdx.x == issuer) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bar)) : "memory");
-    for (int r = 0; r < kRows; ++r) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(row_bars + r)) : "memory");
+    mbar_init_count(&bar, 1);
+    for (int r = 0; r < kRows; ++r) mbar_init_count(row_bars + r, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   for (int i = threadIdx.x; i < K; i += kThreads) x[i] = y[i];
@@ -173,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1) layers(const __nv_bfloat16* wb, c
         }
         if (st) {
           st[6] = global_timer();
-          for (int r = 0; r < head_rows; ++r) mbar_wait(row_bars + r, l & 1);
+          for (int r = 0; r < head_rows; ++r) mbar_wait_parity(row_bars + r, l & 1);
           st[7] = global_timer();
         }
       }

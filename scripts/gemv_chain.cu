@@ -45,26 +45,6 @@ enum Mode { kStatic, kAhead, kChunked, kModes };
 constexpr const char* kModeNames[kModes + 1] = {"static", "ahead", "chunked", "claimed"};
 constexpr int kBlocks = N / kWarps;  // claimed: blocks of one row per warp
 
-// The dot product of 8 bf16 weights with 8 floats of x.
-__device__ __forceinline__ float dot8(uint4 w, const float* x) {
-  const unsigned u[4] = {w.x, w.y, w.z, w.w};
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    s = fmaf(__uint_as_float(u[i] << 16), x[2 * i], s);
-    s = fmaf(__uint_as_float(u[i] & 0xffff0000u), x[2 * i + 1], s);
-  }
-  return s;
-}
-
-// Thread 0: spin until *c >= target; then the CTA may read what those producers wrote.
-__device__ __forceinline__ void wait_counter(const unsigned long long* c, unsigned long long target) {
-  if (threadIdx.x == 0)
-    while (ld_acquire(c) < target) {
-    }
-  __syncthreads();
-}
-
 // w: [L][N][K]; ys: [L + 1][N] (ys[0] written by the host); counters: [L + 1][kChunks] (chunked) or
 // [L + 1] (static, ahead); chunk_target[j]: CTAs whose rows fall in chunk j.
 template <Mode M>
@@ -177,19 +157,6 @@ __global__ void claimed_chain(const __nv_bfloat16* w, float* ys, unsigned long l
 
 constexpr int kRowBytes = K * sizeof(__nv_bfloat16);  // one slot: 8 KB
 
-__device__ __forceinline__ void mbar_init_count(unsigned long long* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mpk::smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(mpk::smem_addr(bar))
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait_parity(unsigned long long* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n selp.u32 %0, 1, 0, q;\n}"
-                 : "=r"(done) : "r"(mpk::smem_addr(bar)), "r"(parity) : "memory");
-}
 // The eight compute warps only: the producer warp never joins their barriers.
 __device__ __forceinline__ void compute_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
 
