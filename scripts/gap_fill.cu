@@ -29,7 +29,6 @@
 
 using mpk::global_timer;
 using mpk::ld_acquire;
-using mpk::ld_stream;
 using mpk::red_release;
 using mpk::smem_addr;
 using mpk::warp_sum;
@@ -52,6 +51,14 @@ __host__ __device__ constexpr int head_kb(Mode m) {
   return m == kHead64 ? 64 : m == kHead128 ? 128 : m == kStatic || m == kL2 ? 0 : 192;
 }
 
+// 16 bytes of weights past L1, as ld_stream, but volatile: issued exactly where the code says.
+__device__ __forceinline__ uint4 stream16(const __nv_bfloat16* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
 // The CTA's 32 rows of `w` (rows [0, head_rows) from `head` in shared memory) against x; writes out.
 // row_bars (paced heads): row r's own mbarrier, whose phase of parity `parity` is waited for before it is read.
 __device__ __forceinline__ void gemv_tile(const __nv_bfloat16* w, const unsigned char* head, int head_rows,
@@ -60,13 +67,18 @@ __device__ __forceinline__ void gemv_tile(const __nv_bfloat16* w, const unsigned
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint4 wv[kRowsPerWarp][kVecPerLane];
 #pragma unroll
-  for (int i = kRowsPerWarp - 1; i >= 0; --i) {  // the streamed rows (the last ones) are issued first
+  // The streamed rows (the last ones) are issued first. Each row takes one branch or the other: with a
+  // select, the compiler may issue the (side-effect free) streamed load for a head row too.
+  for (int i = kRowsPerWarp - 1; i >= 0; --i) {
     const int r = warp + i * kWarps;
-    if (row_bars && r < head_rows) mbar_wait_parity(row_bars + r, parity);
+    if (r < head_rows) {
+      if (row_bars) mbar_wait_parity(row_bars + r, parity);
 #pragma unroll
-    for (int v = 0; v < kVecPerLane; ++v)
-      wv[i][v] = r < head_rows ? reinterpret_cast<const uint4*>(head + r * kRowBytes)[v * 32 + lane]
-                               : ld_stream<8>(w + static_cast<size_t>(r) * K + (v * 32 + lane) * 8);
+      for (int v = 0; v < kVecPerLane; ++v) wv[i][v] = reinterpret_cast<const uint4*>(head + r * kRowBytes)[v * 32 + lane];
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVecPerLane; ++v) wv[i][v] = stream16(w + static_cast<size_t>(r) * K + (v * 32 + lane) * 8);
+    }
   }
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
