@@ -14,6 +14,7 @@
 //   head+l2:  head 192 KB and the rest prefetched into L2.
 //   !A:       head 192 KB on the SMs that do not run A only (A's SMs stream their whole tile).
 //   w1:       head 192 KB, issued by warp 1 instead of thread 0, the thread that releases counters.
+//   rows:     head 192 KB on the SMs that do not run A, each 8 KB row on its own mbarrier, all at once.
 //   paced P:  head 192 KB on the SMs that do not run A, one 8 KB row every P ns while the CTA waits
 //             for A (the rest at once when A is done), each row on its own mbarrier: the gap filled
 //             at a rate that leaves the memory system's latency alone (1 / P of 8 KB per SM).
@@ -40,10 +41,14 @@ constexpr int kRowsPerWarp = kRows / kWarps, kVecPerLane = K / 8 / 32;
 constexpr int kRowBytes = K * 2, kTileBytes = kRows * kRowBytes;  // 8 KB, 256 KB
 constexpr int kBusy = 16;                                         // CTAs of the attention phases
 
-enum Mode { kStatic, kL2, kHead64, kHead128, kHead192, kHeadL2, kHeadNotA, kHeadWarp1, kPaced250, kPaced500, kPaced1000, kModes };
-constexpr const char* kModeNames[kModes] = {"static",     "l2",           "head 64KB",      "head 128KB",
-                                            "head 192KB", "head 192KB+l2", "head 192KB !A", "head 192KB w1",
-                                            "paced 250ns",  "paced 500ns",   "paced 1000ns"};
+enum Mode {
+  kStatic, kL2, kHead64, kHead128, kHead192, kHeadL2, kHeadNotA, kHeadWarp1, kRowsAtOnce, kPaced250, kPaced500, kPaced1000, kModes
+};
+constexpr const char* kModeNames[kModes] = {"static",        "l2",          "head 64KB",    "head 128KB",
+                                            "head 192KB",    "head 192KB+l2", "head 192KB !A", "head 192KB w1",
+                                            "rows 192KB !A", "paced 250ns",  "paced 500ns",   "paced 1000ns"};
+// Row by row (a barrier per row, issued by warp 1, none on A's SMs): paced, or all at once (pace 0).
+__host__ __device__ constexpr bool rowwise(Mode m) { return m >= kRowsAtOnce; }
 __host__ __device__ constexpr int pace_ns(Mode m) {
   return m == kPaced250 ? 250 : m == kPaced500 ? 500 : m == kPaced1000 ? 1000 : 0;
 }
@@ -99,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1) layers(const __nv_bfloat16* wb, c
   __shared__ float x[K];
   __shared__ __align__(8) unsigned long long bar, row_bars[kRows];
   __shared__ volatile int a_seen;
-  constexpr bool kPaced = pace_ns(M) > 0;
+  constexpr bool kPaced = rowwise(M);  // rows on their own barriers, pace_ns(M) apart
   constexpr int kHeadBytes = head_kb(M) * 1024;
   const int cta = blockIdx.x;
   const bool has_head = kHeadBytes && !((M == kHeadNotA || kPaced) && cta < kBusy);
@@ -222,9 +227,9 @@ int main(int argc, char** argv) {
   CHECK(cudaEventCreate(&b));
   using Kernel = void (*)(const __nv_bfloat16*, const __nv_bfloat16*, const float*, float*, unsigned long long*, int, int,
                          unsigned long long*);
-  const Kernel kernels[kModes] = {layers<kStatic>,    layers<kL2>,        layers<kHead64>,    layers<kHead128>,
-                                  layers<kHead192>,   layers<kHeadL2>,    layers<kHeadNotA>,  layers<kHeadWarp1>,
-                                  layers<kPaced250>,  layers<kPaced500>,  layers<kPaced1000>};
+  const Kernel kernels[kModes] = {layers<kStatic>,    layers<kL2>,         layers<kHead64>,   layers<kHead128>,
+                                  layers<kHead192>,   layers<kHeadL2>,     layers<kHeadNotA>, layers<kHeadWarp1>,
+                                  layers<kRowsAtOnce>, layers<kPaced250>,  layers<kPaced500>, layers<kPaced1000>};
   unsigned long long* stamps;
   CHECK(cudaMalloc(&stamps, kCtas * 8 * sizeof(unsigned long long)));
   auto time_it = [&](int m, int gap_ns, bool stamp = false) {
@@ -252,7 +257,7 @@ int main(int argc, char** argv) {
   // One layer's timeline at gap 12 us, us from the earliest layer start: median and last CTA.
   std::printf("timeline at gap 12 us (median / last CTA): layer start, A done seen, head in, B done, C start, C done[, paced: issued, landed]\n");
   for (int m = 0; m < kModes; ++m) {
-    if (m != kStatic && m != kHead192 && !pace_ns(static_cast<Mode>(m))) continue;
+    if (m != kStatic && m != kHead192 && !rowwise(static_cast<Mode>(m))) continue;
     CHECK(cudaMemset(stamps, 0, kCtas * 8 * sizeof(unsigned long long)));
     time_it(m, 12000, true);
     unsigned long long h[kCtas * 8];
