@@ -15,7 +15,7 @@ TINY = dict(
     num_key_value_heads=2,
     head_dim=16,
     vocab_size=128,
-    max_position_embeddings=256,
+    max_position_embeddings=1024,
     initializer_range=0.1,  # large enough that logits are not a sea of near-ties
 )
 

@@ -14,7 +14,7 @@ from conftest import needs_nvcc
 from mpk.codegen import generate_source, graph_variants, lower_op, render_source
 from mpk.compiler import compile_model, compile_program
 from mpk.errors import MpkError
-from mpk.graph import build_decode_program
+from mpk.graph import ONE_PASS_ATTN_ROWS, build_decode_program
 from mpk.models.config import ModelConfig
 from mpk.models.presets import get_preset
 from mpk.ops import OP_KINDS
@@ -28,7 +28,7 @@ from mpk.runtime.tables import build_tables, op_table
 def tiny_cfg(**kw) -> ModelConfig:
     # Odd sizes on purpose: hidden 60 and intermediate 98 are not multiples of 8, o_proj is 60 x 64.
     base = dict(architecture="Qwen3ForCausalLM", vocab_size=128, hidden_size=60, intermediate_size=98, num_layers=2,
-                num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=256)
+                num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=1024)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -67,8 +67,6 @@ def test_source_has_one_case_per_variant(tg):
 
 def test_longer_contexts_split_attention_and_merge():
     """Past ONE_PASS_ATTN_ROWS positions each (sequence, group) gets splits and a merge that appends the row."""
-    from mpk.graph import ONE_PASS_ATTN_ROWS
-
     longer = graph(max_seq_len=ONE_PASS_ATTN_ROWS + 1)
     kinds = [op.kind for op in longer.ops]
     assert "attention" not in kinds and kinds.count("attention_split") == kinds.count("attention_merge") == 2
@@ -525,7 +523,7 @@ def test_attention_variants_build_without_register_spills(tmp_path):
     variants = []
     for qpk, hd, activations, kv_cache in shapes:
         cfg = tiny_cfg(num_layers=1, num_heads=2 * qpk, head_dim=hd)
-        for context in (64, 256):
+        for context in (64, 2 * ONE_PASS_ATTN_ROWS):
             tg = compile_program(build_decode_program(cfg, 1, context, 1, 8, activations, kv_cache=kv_cache))
             variants += [v for v in graph_variants(tg)[0] if v.template.startswith("Attention") and v not in variants]
     assert len(variants) == 3 * len(shapes)

@@ -8,14 +8,14 @@ import torch
 from mpk import sim
 from mpk.compiler import compile_model, compile_program
 from mpk.errors import MpkError
-from mpk.graph import build_decode_program
+from mpk.graph import ONE_PASS_ATTN_ROWS, build_decode_program
 from mpk.models.config import ModelConfig
 from mpk.taskgraph import TaskGraph
 
 
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(architecture="Qwen3ForCausalLM", vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2,
-                num_heads=8, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=512)
+                num_heads=8, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=1024)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -23,7 +23,7 @@ def tiny_cfg(**kw) -> ModelConfig:
 @pytest.fixture(scope="module")
 def tg() -> TaskGraph:
     """A graph long enough (past mpk.graph.ONE_PASS_ATTN_ROWS) for attention splits and merges."""
-    return compile_model(tiny_cfg(), batch=2, max_seq_len=256, num_sms=8)
+    return compile_model(tiny_cfg(), batch=2, max_seq_len=2 * ONE_PASS_ATTN_ROWS, num_sms=8)
 
 
 def producers_by_op(tg, task):

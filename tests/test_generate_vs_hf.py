@@ -12,6 +12,7 @@ import torch
 
 from conftest import hf_model_from
 from mpk.engine import generate
+from mpk.graph import ONE_PASS_ATTN_ROWS
 from mpk.models import resolve_model
 
 NEW_TOKENS = 16
@@ -45,7 +46,7 @@ CASES = {
 # Cases whose longest prompt makes a graph past mpk.graph.ONE_PASS_ATTN_ROWS: attention splits over the
 # KV length and a merge. The others attend in one pass per (sequence, KV group).
 SPLIT_CASES = {"llama-gqa8-rope-scaling", "mistral-sliding-window", "qwen3-tp2-tied"}
-LONG_PROMPT = {False: 40, True: 140}
+LONG_PROMPT = {False: 40, True: ONE_PASS_ATTN_ROWS + 12}
 
 
 def prompts_for(batch: int, vocab: int, seed: int, split: bool = False) -> list[list[int]]:

@@ -16,6 +16,7 @@ from mpk.codegen import generate_source, lower_op
 from mpk.compiler import compile_model
 from mpk.compiler.verify import verify
 from mpk.errors import MpkError
+from mpk.graph import ONE_PASS_ATTN_ROWS
 from mpk.execution import INT_POISON, RunResult
 from mpk.models.config import ModelConfig
 from mpk.ops import OP_KINDS
@@ -32,7 +33,7 @@ POS = 21  # decode position of the checks: the cache holds 21 rows before it
 def small_cfg(**kw) -> ModelConfig:
     # Qwen3 (q/k-norm) with odd sizes: o_proj is 60 x 64 and down 60 x 98, two linear_residual variants.
     base = dict(architecture="Qwen3ForCausalLM", vocab_size=128, hidden_size=60, intermediate_size=98, num_layers=2,
-                num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=256, name="small")
+                num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=1024, name="small")
     base.update(kw)
     return ModelConfig(**base)
 
@@ -43,7 +44,7 @@ CFG = small_cfg()
 @pytest.fixture(scope="module")
 def decode():
     """A graph long enough for attention splits and merges (mpk.graph.ONE_PASS_ATTN_ROWS)."""
-    return compile_model(CFG, batch=2, max_seq_len=160, num_sms=8, verify=False)
+    return compile_model(CFG, batch=2, max_seq_len=ONE_PASS_ATTN_ROWS + 32, num_sms=8, verify=False)
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +329,8 @@ def test_whole_bench_on_the_cpu_executor(cpu_gpu, capsys):
     assert [r["kind"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["attention", "sample"]
     # A longer context compiles attention as splits and a merge (at batch 1: 4 SMs over 2 KV groups), each
     # checked and timed alone.
-    assert main(["bench-op", "tiny", "--batch", "1", "--op", "attention_split,attention_merge", "--context", "200",
+    assert main(["bench-op", "tiny", "--batch", "1", "--op", "attention_split,attention_merge", "--context",
+                 str(ONE_PASS_ATTN_ROWS + 72),
                  "--steps", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["kind"] for r in rows] == ["attention_split", "attention_merge"] and all(r["ok"] for r in rows)

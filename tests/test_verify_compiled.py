@@ -4,17 +4,18 @@ import pytest
 
 from mpk.compiler import compile_model
 from mpk.compiler.verify import VerificationError, verify
+from mpk.graph import ONE_PASS_ATTN_ROWS
 from mpk.models.config import ModelConfig
 from mpk.taskgraph import Region, TaskGraph
 
 CFG = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=200, hidden_size=64, intermediate_size=96, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, max_position_embeddings=256)
+                  num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def compiled(request) -> TaskGraph:
     """Long enough, on enough SMs, for attention splits and merges (mpk.graph.attention_splits)."""
-    return compile_model(CFG, batch=2, max_seq_len=160, tp_size=request.param, num_sms=12)
+    return compile_model(CFG, batch=2, max_seq_len=ONE_PASS_ATTN_ROWS + 32, tp_size=request.param, num_sms=12)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
@@ -81,7 +82,7 @@ def test_an_o_projection_that_does_not_wait_for_the_cache_appending_task_races(s
 
 def test_a_merge_that_does_not_wait_for_a_split_races_on_the_cache():
     """The merge appends this step's K/V row to the cache column the splits read: it must follow all of them."""
-    tg = compile_model(CFG, batch=1, max_seq_len=160, num_sms=6)
+    tg = compile_model(CFG, batch=1, max_seq_len=ONE_PASS_ATTN_ROWS + 32, num_sms=6)
     merge = first_task(tg, "attention_merge")
     splits = tg.events[merge.wait].producers
     assert len(splits) == 3 and all(tg.ops[tg.tasks[p].op].kind == "attention_split" for p in splits)

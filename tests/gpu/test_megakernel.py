@@ -42,7 +42,7 @@ from mpk.sim import CpuExecutor  # noqa: E402
 from mpk.compiler import compile_model  # noqa: E402
 from mpk.engine import check_prompts  # noqa: E402
 from mpk.inputs import program_inputs  # noqa: E402
-from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS  # noqa: E402
+from mpk.graph import DEFAULT_ACTIVATIONS, DEFAULT_KV_CACHE, DEFAULT_MATMUL_INPUTS, ONE_PASS_ATTN_ROWS  # noqa: E402
 from mpk.models.checkpoint import load_checkpoint  # noqa: E402
 from mpk.inputs import fuse_weights  # noqa: E402
 from mpk.models.reference import ReferenceModel  # noqa: E402
@@ -222,19 +222,20 @@ def test_teacher_forced_logits(checkpoint, case, precision, batch):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_one_pass_attention_matches_splits_and_merge(checkpoint, case, batch):
     """The same 20 teacher-forced positions in a 20-position graph (one attention task per sequence
-    and group, no merge) and in a 160-position one (splits and a merge): the same logits within
+    and group, no merge) and in one past ONE_PASS_ATTN_ROWS (splits and a merge): the same logits within
     float32 noise and the same tokens (float32 activations, cache and products). On every SM, so that
     the longer graph has several splits at batch 4 too."""
     cfg, hf = checkpoint(case)
     T = 20
     seqs = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(50 + batch)).tolist()
     runs = {}
-    for max_seq_len in (T, 160):
+    longer = ONE_PASS_ATTN_ROWS + 32
+    for max_seq_len in (T, longer):
         mk = megakernel(cfg, hf, seqs, max_seq_len, num_sms("llama-wide"), kv_cache="float32", matmul_inputs="float32")
         runs[max_seq_len] = mk.run(T, collect_logits=True, eos_token_ids=[])
         kinds = {op.kind for op in mk.tg.ops}
         assert ("attention" in kinds) == (max_seq_len == T) and ("attention_merge" in kinds) == (max_seq_len > T)
-    one, split = runs[T], runs[160]
+    one, split = runs[T], runs[longer]
     errs = [rel_err(one.logits[s], split.logits[s]) for s in range(T)]
     report(check="one-pass", case=case, batch=batch, vs_splits=max(errs))
     assert max(errs) < F32_TOL, f"step {errs.index(max(errs))}: {max(errs):.3g} between one pass and splits"

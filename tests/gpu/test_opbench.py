@@ -11,6 +11,7 @@ from gpu_build import require_gpu_build
 require_gpu_build()
 
 from mpk.compiler import compile_model  # noqa: E402
+from mpk.graph import ONE_PASS_ATTN_ROWS  # noqa: E402
 from mpk.models import resolve_model  # noqa: E402
 from mpk.opbench.check import random_buffers  # noqa: E402
 from mpk.opbench.program import bench_ops, compile_one_op  # noqa: E402
@@ -18,12 +19,13 @@ from mpk.opbench.run import run_op_bench  # noqa: E402
 from mpk.runtime import Megakernel  # noqa: E402
 
 
-@pytest.mark.parametrize("batch, activations, context", [(1, "float32", 40), (4, "model", 40), (1, "float32", 300),
-                                                          (4, "model", 300)])
+@pytest.mark.parametrize("batch, activations, context", [(1, "float32", 40), (4, "model", 40),
+                                                          (1, "float32", 2 * ONE_PASS_ATTN_ROWS + 44),
+                                                          (4, "model", 2 * ONE_PASS_ATTN_ROWS + 44)])
 def test_every_template_alone_matches_its_reference(batch, activations, context):
     """At 40 positions attention is one pass per (sequence, group); at 300 splits and a merge."""
     result = run_op_bench("tiny", batch=batch, context=context, steps=3, repeats=1, activations=activations)
-    attention = ["layers.0.attention"] if context < 128 else ["layers.0.attention", "layers.0.attn_merge"]
+    attention = ["layers.0.attention"] if context < ONE_PASS_ATTN_ROWS else ["layers.0.attention", "layers.0.attn_merge"]
     assert [r["op"] for r in result["rows"]] == ["embed", "layers.0.qkv", *attention, "layers.0.o", "layers.0.gate_up",
                                                  "layers.0.down", "lm_head", "sample"]
     for r in result["rows"]:
