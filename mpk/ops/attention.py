@@ -94,6 +94,17 @@ def _cache_column(op, prog, role: str, b: int, g: int):
     return box(op, role, (b, b + 1), (0, seq), (g, g + 1), (0, hd))
 
 
+def _attending(op, prog, b: int, g: int, cache_roles: tuple[str, str], splits: int) -> tuple[list, int, int]:
+    """What a task attending over the cache column of (b, g) reads: the group's QKV rows, RoPE, the
+    norm weights and the whole column through `cache_roles` (static boxes; at run time the rows it
+    attends to), with its read bytes and flops costed at half the longest context, shared by `splits`
+    tasks."""
+    _, seq, _, hd = shape(op, prog, "k_cache")
+    reads = _current_reads(op, prog, b, g, slice(None)) + [_cache_column(op, prog, role, b, g) for role in cache_roles]
+    kv_bytes = sum(nbytes(prog, r) for r in reads[-2:]) // (2 * splits)
+    return reads, nbytes(prog, reads[0]) + kv_bytes, 4 * op.params["q_per_kv"] * hd * seq // (2 * splits)
+
+
 def _kv_type(op, tg) -> str:
     """The CUDA element type of the KV cache, which the templates take apart from the activations'."""
     k, v = (tg.tensors[op.tensor(role)].dtype for role in ("k_cache", "v_cache"))
@@ -138,21 +149,17 @@ class AttentionSplit(OpKind):
     outputs = (Operand("part"), Operand("lse"))
 
     def tiles(self, op, prog):
-        batch, seq, groups, hd = shape(op, prog, "k_cache")
+        batch, _, groups, hd = shape(op, prog, "k_cache")
         splits = op.params["splits"]
         tasks = []
         for b in range(batch):
             for g in range(groups):
-                # Static read box: the whole cache column; at run time the rows below `step` of this split.
-                reads = _current_reads(op, prog, b, g, slice(None)) + [
-                    _cache_column(op, prog, "k_cache", b, g), _cache_column(op, prog, "v_cache", b, g)]
+                # At run time a split reads the rows below `step` of its share.
+                reads, read_bytes, flops = _attending(op, prog, b, g, ("k_cache", "v_cache"), splits)
                 for s in range(splits):
                     writes = [box(op, "part", (b, b + 1), (g, g + 1), (s, s + 1), (0, op.params["q_per_kv"]), (0, hd)),
                               box(op, "lse", (b, b + 1), (g, g + 1), (s, s + 1), (0, op.params["q_per_kv"]))]
-                    # Costed at half the longest context, shared by the splits.
-                    kv_bytes = sum(nbytes(prog, r) for r in reads[-2:]) // (2 * splits)
-                    nb = nbytes(prog, reads[0]) + kv_bytes + sum(nbytes(prog, w) for w in writes)
-                    flops = 4 * op.params["q_per_kv"] * hd * seq // (2 * splits)
+                    nb = read_bytes + sum(nbytes(prog, w) for w in writes)
                     tasks.append(TileTask((b, g, s), list(reads), writes, nb, flops))
         return tasks
 
@@ -233,24 +240,20 @@ class Attention(OpKind):
     inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
               Operand("k_past"), Operand("v_past"))
     outputs = (Operand("out"), Operand("k_cache"), Operand("v_cache"))
-    _ALIASES = ("k_past", "v_past")
+    aliases = {"k_past": "k_cache", "v_past": "v_cache"}  # the earlier rows, read through the cache's pointer
 
     def tiles(self, op, prog):
-        batch, seq, groups, hd = shape(op, prog, "k_cache")
+        batch, _, groups, hd = shape(op, prog, "k_cache")
         qpk = op.params["q_per_kv"]
+        row_bytes = 2 * hd * dtype(prog.tensor(op.tensor("k_cache")).dtype).bytes
         tasks = []
         for b in range(batch):
             for g in range(groups):
-                # Static boxes: the whole cache column; at run time rows [lo, step) read, row step written.
-                reads = _current_reads(op, prog, b, g, slice(None)) + [
-                    _cache_column(op, prog, "k_past", b, g), _cache_column(op, prog, "v_past", b, g)]
+                # At run time rows [lo, step) are read and row `step` is written (static boxes: the column).
+                reads, read_bytes, flops = _attending(op, prog, b, g, ("k_past", "v_past"), 1)
                 writes = [box(op, "out", (b, b + 1), (g * qpk * hd, (g + 1) * qpk * hd)),
                           _cache_column(op, prog, "k_cache", b, g), _cache_column(op, prog, "v_cache", b, g)]
-                row_bytes = 2 * hd * dtype(prog.tensor(op.tensor("k_cache")).dtype).bytes
-                # Costed at half the longest context, as a split is.
-                kv_bytes = sum(nbytes(prog, r) for r in reads[-2:]) // 2
-                nb = nbytes(prog, reads[0]) + kv_bytes + nbytes(prog, writes[0]) + row_bytes
-                tasks.append(TileTask((b, g), reads, writes, nb, 4 * qpk * hd * seq // 2))
+                tasks.append(TileTask((b, g), reads, writes, read_bytes + nbytes(prog, writes[0]) + row_bytes, flops))
         return tasks
 
     def run(self, op, tile, t, step):
@@ -260,13 +263,7 @@ class Attention(OpKind):
         t["k_cache"][0, step, 0].copy_(k)
         t["v_cache"][0, step, 0].copy_(v)
 
-    def slots(self, op):
-        # The kernel reads the earlier rows through k_cache / v_cache, the tensors k_past / v_past name.
-        return [(role, tensor) for role, tensor in super().slots(op) if role not in self._ALIASES]
-
     def cuda(self, op, tg):
-        for past, cache in zip(self._ALIASES, ("k_cache", "v_cache")):
-            expect(op.inputs[past] == op.outputs[cache], op, f"{past} is not {cache}")
         _check_heads(op, tg)
         _, s, g, _ = tg.tensors[op.tensor("k_cache")].shape
         args = (op.params["q_per_kv"], op.params["head_dim"], cbool("q_norm" in op.inputs), activation_policy(tg),

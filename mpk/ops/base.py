@@ -78,6 +78,10 @@ class OpKind:
     # waits on their event's counter nor has the producers signal it (mpk.runtime.tables).
     polls_inputs: ClassVar[bool] = False
     pushes_words: ClassVar[bool] = False
+    # Input roles that name the tensor of an output role again (input -> output), so that each view
+    # holds exactly its region (prefill's k_past: the cache rows before the chunk). The kernel reads
+    # them through the output's pointer: they take no slot of their own.
+    aliases: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -104,7 +108,7 @@ class OpKind:
         array of their addresses); an unbound optional operand is None (a null pointer)."""
         bound = {**op.inputs, **op.outputs}
         return [(o.role, tuple(bound[f"{o.role}{k}"] for k in range(op.params["ranks"])) if o.per_rank
-                 else bound.get(o.role)) for o in self.inputs + self.outputs]
+                 else bound.get(o.role)) for o in self.inputs + self.outputs if o.role not in self.aliases]
 
     def check(self, op: OpSpec) -> None:
         """The builder bound every required role and nothing undeclared, on the right side."""
@@ -117,6 +121,9 @@ class OpKind:
         extra = (set(op.inputs) - declared_in) | (set(op.outputs) - (declared - declared_in))
         if extra:
             raise MpkError(f"op {op.name} ({self.kind}) binds undeclared operands {sorted(extra)}")
+        for alias, role in self.aliases.items():
+            if alias in op.inputs and op.inputs[alias] != op.outputs.get(role):
+                raise MpkError(f"op {op.name} ({self.kind}): {alias} is not {role}")
 
     # --- the contract ------------------------------------------------------------------------
 

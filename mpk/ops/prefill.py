@@ -59,7 +59,7 @@ class PrefillAttention(OpKind):
     inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
               Operand("k_past", optional=True), Operand("v_past", optional=True))
     outputs = (Operand("out"), Operand("k_cache"), Operand("v_cache"))
-    _ALIASES = ("k_past", "v_past")
+    aliases = {"k_past": "k_cache", "v_past": "v_cache"}  # read through the cache's pointer (no slot to spare)
 
     def tiles(self, op, prog):
         batch, _, groups, hd = shape(op, prog, "k_cache")
@@ -70,7 +70,7 @@ class PrefillAttention(OpKind):
         for b in range(batch):
             at = b * rows
             for g in range(groups):
-                past = [box(op, role, (b, b + 1), (0, start), (g, g + 1), (0, hd)) for role in self._ALIASES
+                past = [box(op, role, (b, b + 1), (0, start), (g, g + 1), (0, hd)) for role in self.aliases
                         if role in op.inputs]
                 shared = [whole(op, prog, "rope"), *past]
                 shared += [whole(op, prog, role) for role in ("q_norm", "k_norm") if role in op.inputs]
@@ -124,17 +124,10 @@ class PrefillAttention(OpKind):
             out = (fused_attention if fast else softmax_attention)(q, k, v, mask, scale)
         t["out"].copy_(out.reshape(t["out"].shape))
 
-    def slots(self, op):
-        # The kernel reads the rows before the chunk through k_cache / v_cache, the tensors k_past /
-        # v_past name: an OpDesc has no pointer slots to spare for them.
-        return [(role, tensor) for role, tensor in super().slots(op) if role not in self._ALIASES]
-
     def cuda(self, op, tg):
         _check_heads(op, tg)
         qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
         expect(hd % 16 == 0, op, f"prefill attention on the GPU needs head_dim a multiple of 16, not {hd}")
-        for past, cache in zip(self._ALIASES, ("k_cache", "v_cache")):
-            expect(op.inputs.get(past, op.outputs[cache]) == op.outputs[cache], op, f"{past} is not {cache}")
         _, seq, groups, _ = tg.tensors[op.tensor("k_cache")].shape
         args = (qpk, hd, query_rows(qpk), cbool("q_norm" in op.inputs), activation_policy(tg), _kv_type(op, tg))
         ints = {"rows": op.params["rows"], "start": op.params["start"], "window": op.params["window"] or 0,
