@@ -222,9 +222,6 @@ int main(int argc, char** argv) {
   CHECK(cudaMemset(y, 0, K * sizeof(float)));
   CHECK(cudaMalloc(&out, 2 * N * sizeof(float)));
   CHECK(cudaMalloc(&counters, 3 * L * sizeof(unsigned long long)));
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
   using Kernel = void (*)(const __nv_bfloat16*, const __nv_bfloat16*, const float*, float*, unsigned long long*, int, int,
                          unsigned long long*);
   const Kernel kernels[kModes] = {layers<kStatic>,    layers<kL2>,         layers<kHead64>,   layers<kHead128>,
@@ -235,19 +232,10 @@ int main(int argc, char** argv) {
   auto time_it = [&](int m, int gap_ns, bool stamp = false) {
     const int smem = head_kb(static_cast<Mode>(m)) * 1024;
     CHECK(cudaFuncSetAttribute(kernels[m], cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    float best = 1e30f;
-    for (int rep = 0; rep < 4; ++rep) {  // the first warms up
-      CHECK(cudaMemset(counters, 0, 3 * L * sizeof(unsigned long long)));
-      CHECK(cudaEventRecord(a));
-      kernels[m]<<<sms, kThreads, smem>>>(wb, wc, y, out, counters, L, gap_ns, stamp ? stamps : nullptr);
-      CHECK(cudaEventRecord(b));
-      CHECK(cudaEventSynchronize(b));
-      CHECK(cudaGetLastError());
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, a, b));
-      if (rep > 0) best = ms < best ? ms : best;
-    }
-    return 1e3f * best / L;  // us per layer
+    const float ms = best_ms(
+        kProgram, [&] { CHECK(cudaMemset(counters, 0, 3 * L * sizeof(unsigned long long))); },
+        [&] { kernels[m]<<<sms, kThreads, smem>>>(wb, wc, y, out, counters, L, gap_ns, stamp ? stamps : nullptr); });
+    return 1e3f * ms / L;  // us per layer
   };
   std::printf("%s, %d SMs (%d with rows), %d layers; B and C: 4096x4096 bf16 GEMVs (33.6 MB each); us per layer\n",
               prop.name, sms, kCtas, L);

@@ -45,6 +45,16 @@ enum Mode { kStatic, kAhead, kChunked, kModes };
 constexpr const char* kModeNames[kModes + 1] = {"static", "ahead", "chunked", "claimed"};
 constexpr int kBlocks = N / kWarps;  // claimed: blocks of one row per warp
 
+// The warp's rows warp + i * kWarps of a CTA's tile: their sums into out (scaled to keep the values bounded).
+__device__ __forceinline__ void store_rows(const float (&acc)[kRowsPerWarp], float* out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const float s = warp_sum(acc[i]);
+    if (lane == 0) out[warp + i * kWarps] = s * (1.f / 64.f);
+  }
+}
+
 // w: [L][N][K]; ys: [L + 1][N] (ys[0] written by the host); counters: [L + 1][kChunks] (chunked) or
 // [L + 1] (static, ahead); chunk_target[j]: CTAs whose rows fall in chunk j.
 template <Mode M>
@@ -105,12 +115,7 @@ __global__ void chain(const __nv_bfloat16* w, float* ys, unsigned long long* cou
         for (int v = 0; v < kVecPerLaneRow; ++v) acc[i] += dot8(wv[v], x + (v * 32 + lane) * 8);
       }
     }
-    float* out = ys + static_cast<size_t>(l + 1) * N;
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const float s = warp_sum(acc[i]);
-      if (lane == 0) out[row0 + warp + i * kWarps] = s * (1.f / 64.f);  // keeps the values bounded
-    }
+    store_rows(acc, ys + static_cast<size_t>(l + 1) * N + row0);
     __syncthreads();
     if (threadIdx.x == 0)
       red_release(M == kChunked ? counters + (l + 1) * kChunks + row0 / kChunk : counters + l + 1, 1ull);
@@ -223,12 +228,7 @@ __global__ void __launch_bounds__(kThreads + 32) ring_chain(const __nv_bfloat16*
 #pragma unroll
       for (int v = 0; v < kVecPerLaneRow; ++v) acc[i] += dot8(wv[v], x + (v * 32 + lane) * 8);
     }
-    float* out = ys + static_cast<size_t>(l + 1) * N;
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const float s = warp_sum(acc[i]);
-      if (lane == 0) out[row0 + warp + i * kWarps] = s * (1.f / 64.f);
-    }
+    store_rows(acc, ys + static_cast<size_t>(l + 1) * N + row0);
     compute_sync();
     if (threadIdx.x == 0) red_release(counters + l + 1, 1ull);
   }
@@ -278,25 +278,16 @@ int main() {
     std::fprintf(stderr, "gemv_chain: needs %d SMs for one CTA per 32 rows, the GPU has %d\n", N / kRows, sms);
     return 1;
   }
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
   auto time_it = [&](auto launch) {
-    float best = 1e30f;
-    for (int rep = 0; rep < 4; ++rep) {  // the first warms up
-      CHECK(cudaMemset(counters, 0, (L + 1) * kChunks * sizeof(unsigned long long)));
-      CHECK(cudaMemset(tickets, 0, L * sizeof(unsigned)));
-      CHECK(cudaMemset(ys, 0, static_cast<size_t>(L + 1) * N * sizeof(float)));
-      CHECK(cudaEventRecord(a));
-      launch();
-      CHECK(cudaEventRecord(b));
-      CHECK(cudaEventSynchronize(b));
-      CHECK(cudaGetLastError());
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, a, b));
-      if (rep > 0) best = ms < best ? ms : best;
-    }
-    return 1e3f * best / L;  // us per op
+    const float ms = best_ms(
+        kProgram,
+        [&] {
+          CHECK(cudaMemset(counters, 0, (L + 1) * kChunks * sizeof(unsigned long long)));
+          CHECK(cudaMemset(tickets, 0, L * sizeof(unsigned)));
+          CHECK(cudaMemset(ys, 0, static_cast<size_t>(L + 1) * N * sizeof(float)));
+        },
+        launch);
+    return 1e3f * ms / L;  // us per op
   };
   const double op_bytes = static_cast<double>(N) * K * sizeof(__nv_bfloat16);
   std::printf("%s, %d SMs (%d with rows), %d ops of %dx%d bf16 (%.1f MB each), batch 1\n", prop.name, sms, N / kRows,

@@ -1,6 +1,7 @@
 // What the standalone microbenchmarks in scripts/ share: a CUDA-call check that ends the program in one
-// line, and the relaxed 8-byte loads and stores of tagged words (the counters' acquire and release
-// are the megakernel's own, from mpk_runtime.cuh). Build with -Impk/csrc.
+// line, relaxed loads and stores within one GPU, a bf16 dot product, a counter wait, mbarrier helpers,
+// and a best-of timer. Counters' acquire and release and the tagged words are the megakernel's own
+// (mpk_runtime.cuh). Build with -Impk/csrc.
 #pragma once
 
 #include <cstdio>
@@ -17,24 +18,21 @@
     }                                                                                 \
   } while (0)
 
-// Scope: "gpu" for one GPU's SMs, "sys" across GPUs.
-#define MICROBENCH_RELAXED(scope)                                                                      \
-  __device__ __forceinline__ unsigned long long ld_relaxed_##scope(const unsigned long long* p) {      \
-    unsigned long long v;                                                                              \
-    asm volatile("ld.relaxed." #scope ".global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");          \
-    return v;                                                                                          \
-  }                                                                                                    \
-  __device__ __forceinline__ float ld_relaxed_##scope(const float* p) {                                \
-    float v;                                                                                           \
-    asm volatile("ld.relaxed." #scope ".global.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");          \
-    return v;                                                                                          \
-  }                                                                                                    \
-  __device__ __forceinline__ void st_relaxed_##scope(unsigned long long* p, unsigned long long v) {    \
-    asm volatile("st.relaxed." #scope ".global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");            \
-  }
-MICROBENCH_RELAXED(gpu)
-MICROBENCH_RELAXED(sys)
-#undef MICROBENCH_RELAXED
+// Relaxed loads and stores of tagged words within one GPU (mpk::ld_word / st_word are the
+// cross-GPU ones), and of a peer's floats across GPUs.
+__device__ __forceinline__ unsigned long long ld_relaxed_gpu(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed_gpu(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ float ld_relaxed_sys(const float* p) {
+  float v;
+  asm volatile("ld.relaxed.sys.global.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
 
 // The dot product of 8 bf16 weights (one 16-byte load) with 8 floats of x.
 __device__ __forceinline__ float dot8(uint4 w, const float* x) {
@@ -70,4 +68,27 @@ __device__ __forceinline__ void mbar_wait_parity(unsigned long long* bar, uint32
   while (!done)
     asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n selp.u32 %0, 1, 0, q;\n}"
                  : "=r"(done) : "r"(mpk::smem_addr(bar)), "r"(parity) : "memory");
+}
+
+// Milliseconds of `launch()` at its best over three timed runs after a warm-up, `reset()` before each.
+// (`kProgram` is the name CHECK prints.)
+template <class Reset, class Launch> float best_ms(const char* kProgram, Reset&& reset, Launch&& launch) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  float best = 1e30f;
+  for (int rep = 0; rep < 4; ++rep) {
+    reset();
+    CHECK(cudaEventRecord(a));
+    launch();
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    CHECK(cudaGetLastError());
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    if (rep > 0) best = ms < best ? ms : best;
+  }
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  return best;
 }

@@ -78,11 +78,11 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan
       unsigned long long w[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j)
-        w[j] = i0 + j * kThreads < n ? ld_relaxed_gpu(in + i0 + j * kThreads) : static_cast<unsigned long long>(want) << 32;
+        w[j] = i0 + j * kThreads < n ? ld_relaxed_gpu(in + i0 + j * kThreads) : mpk::tagged_word(0.f, want);
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        while (static_cast<unsigned>(w[j] >> 32) != want) w[j] = ld_relaxed_gpu(in + i0 + j * kThreads);
-        s += __uint_as_float(static_cast<unsigned>(w[j]));
+        while (mpk::word_tag(w[j]) != want) w[j] = ld_relaxed_gpu(in + i0 + j * kThreads);
+        s += mpk::word_value(w[j]);
       }
     }
     for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -95,7 +95,7 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan
     // no CTA still reads what is overwritten.
     unsigned long long* out = vec + (p & 1) * all + blockIdx.x * slice;
     for (int i = threadIdx.x; i < slice; i += kThreads)
-      st_relaxed_gpu(out + i, (static_cast<unsigned long long>(p) << 32) | __float_as_uint(total * 1e-9f + i));
+      st_relaxed_gpu(out + i, mpk::tagged_word(total * 1e-9f + i, p));
     acc += total;
     __syncthreads();  // red[] is reused next phase
   }

@@ -27,6 +27,11 @@ using mpk::ld_acquire;
 using mpk::ld_acquire_sys;
 using mpk::red_release;
 using mpk::red_release_sys;
+using mpk::ld_word;
+using mpk::st_word;
+using mpk::tagged_word;
+using mpk::word_tag;
+using mpk::word_value;
 
 constexpr const char* kProgram = "tp_phase_latency";
 constexpr int kThreads = 128;
@@ -49,9 +54,6 @@ struct Side {
 enum Mode { kPull, kPush, kPair, kTagged, kTaggedAll, kPairLocal, kTaggedLocal, kModes };
 constexpr const char* kModeNames[kModes] = {"pull", "push", "pair", "tagged", "tagged-all", "pair+local", "tagged+local"};
 
-__device__ __forceinline__ unsigned tag_of(unsigned long long w) { return static_cast<unsigned>(w >> 32); }
-__device__ __forceinline__ float value_of(unsigned long long w) { return __uint_as_float(static_cast<unsigned>(w)); }
-
 // Set when a poll outlasts kPatienceNs: the mode is reported as hung instead of holding the GPUs.
 __device__ int g_hung;
 constexpr unsigned long long kPatienceNs = 2000000000ull;
@@ -67,11 +69,11 @@ __device__ __forceinline__ bool given_up(unsigned& polls, unsigned long long sin
 
 // Polls one tagged word in local memory until it carries phase `want`.
 __device__ __forceinline__ float wait_word(const unsigned long long* p, unsigned want) {
-  unsigned long long w = ld_relaxed_sys(p);
+  unsigned long long w = ld_word(p);
   unsigned polls = 0;
   const unsigned long long since = mpk::global_timer();
-  while (tag_of(w) != want && !given_up(polls, since)) w = ld_relaxed_sys(p);
-  return value_of(w);
+  while (word_tag(w) != want && !given_up(polls, since)) w = ld_word(p);
+  return word_value(w);
 }
 
 // The sum of words [0, n) of two tagged vectors once all carry phase `want`, this thread's share:
@@ -84,14 +86,14 @@ __device__ float wait_all_words(const unsigned long long* a, const unsigned long
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int i = min(i0 + k * static_cast<int>(blockDim.x), n - 1);
-      w[0][k] = ld_relaxed_sys(a + i), w[1][k] = ld_relaxed_sys(b + i);
+      w[0][k] = ld_word(a + i), w[1][k] = ld_word(b + i);
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int i = i0 + k * static_cast<int>(blockDim.x);
       if (i >= n) break;
-      const float x = tag_of(w[0][k]) == want ? value_of(w[0][k]) : wait_word(a + i, want);
-      const float y = tag_of(w[1][k]) == want ? value_of(w[1][k]) : wait_word(b + i, want);
+      const float x = word_tag(w[0][k]) == want ? word_value(w[0][k]) : wait_word(a + i, want);
+      const float y = word_tag(w[1][k]) == want ? word_value(w[1][k]) : wait_word(b + i, want);
       v += x + y;
     }
   }
@@ -153,9 +155,9 @@ template <Mode M> __global__ void exchange(Side s, int slice, int phases, float*
     acc += v;
     if (threadIdx.x < slice) {
       if constexpr (kTag) {
-        const unsigned long long w = (static_cast<unsigned long long>(p) << 32) | __float_as_uint(next);
-        st_relaxed_sys(s.tagged[me][out] + c0 + threadIdx.x, w);
-        st_relaxed_sys(s.peer_tagged[me][out] + c0 + threadIdx.x, w);
+        const unsigned long long w = tagged_word(next, p);
+        st_word(s.tagged[me][out] + c0 + threadIdx.x, w);
+        st_word(s.peer_tagged[me][out] + c0 + threadIdx.x, w);
       } else {
         s.vec[me][out][c0 + threadIdx.x] = next;
         if (M == kPush) s.peer_vec[me][out][c0 + threadIdx.x] = next;
