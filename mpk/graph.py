@@ -29,7 +29,7 @@ TILE_ALIGN = 16  # output rows per task come in multiples of this (tensor-core f
 MIN_ATTN_CHUNK = 32  # fewest KV rows one attention task covers
 # Contexts up to this many rows take one attention task per (sequence, KV group) and no merge phase:
 # reading them on one SM costs less than the merge's dependent phase (docs/decisions.md, attention).
-ONE_PASS_ATTN_ROWS = 128
+ONE_PASS_ATTN_ROWS = 256
 MAX_BATCH = 256  # decode batches beyond this belong to a prefill-style program, not this one
 MAX_NUM_SMS = 1024  # several times any GPU's SM count; graphs grow with it (4096 SMs take 4 GB to compile qwen3-8b)
 
