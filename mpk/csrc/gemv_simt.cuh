@@ -155,12 +155,26 @@ __device__ __forceinline__ void warp_dots(const In& in, const bf16* const (&rows
     for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
 }
 
-// Columns a warp computes at once: with a short K one column's rows give a lane few loads, so the
-// warp loads several of its columns together to keep kLoadsPerLane loads in flight. COLS is the
-// most a warp owns in the op's tiles (codegen knows the tile), so none is loaded for nothing.
+// Load rounds (each a full memory latency) warp_dots takes for `cols` columns of RPC rows each.
+__host__ __device__ constexpr int load_rounds(int RPC, int K, int VEC, int cols) {
+  const int per_row = (K / VEC + 31) / 32;  // loads per lane per row
+  const int u = cmax(1, cmin(kLoadsPerLane / (RPC * cols), per_row));
+  return (per_row + u - 1) / u;
+}
+
+// Columns a warp computes at once. With a short K one column's rows give a lane few loads, so the
+// warp loads several of its columns together to keep kLoadsPerLane loads in flight. With a long K
+// a column takes more than one round, the last one part-full (K = 12288: 32 loads, then 16), so
+// the count with the fewest rounds per column wins (there two columns in three rounds of 2 x 16).
+// COLS is the most a warp owns in the op's tiles (codegen knows the tile), so none is loaded for
+// nothing.
 template <int RPC, int K, int VEC, int COLS> __host__ __device__ constexpr int columns_at_once() {
   constexpr int U = cmax(1, cmin(kLoadsPerLane / RPC, (K / VEC + 31) / 32));
-  return cmax(1, cmin(COLS, kLoadsPerLane / (RPC * U)));
+  int best = cmax(1, cmin(COLS, kLoadsPerLane / (RPC * U)));
+  if (load_rounds(RPC, K, VEC, 1) > 1)
+    for (int c = 2; c <= COLS && RPC * c <= kLoadsPerLane; ++c)
+      if (load_rounds(RPC, K, VEC, c) * best < load_rounds(RPC, K, VEC, best) * c) best = c;
+  return best;
 }
 
 // Warp w takes columns c0 + w, c0 + w + kWarps, ... of [c0, c1), CPW of them at a time: the dot
