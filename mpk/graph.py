@@ -86,6 +86,17 @@ def choose_tile(n: int, num_sms: int, align: int = TILE_ALIGN) -> int:
     return max(align, cdiv(cdiv(n, num_sms), align) * align) if n > align else n
 
 
+def gemv_align(prog: Program) -> int:
+    """Output columns per task of a decode matrix product come in multiples of this. At batch 1 the
+    CUDA-core GEMV gives each of a task's 8 warps whole columns, so 8 will do: a 1024-wide output
+    then spans 128 SMs, where 16s left half of them idle. Batches take 16-row tensor-core blocks."""
+    return 8 if prog.batch == 1 else TILE_ALIGN
+
+
+def gemv_tile(n: int, prog: Program) -> int:
+    return choose_tile(n, prog.num_sms, gemv_align(prog))
+
+
 @dataclass(frozen=True)
 class Shard:
     """What rank r of tp_size holds of one model."""
@@ -275,7 +286,7 @@ def k_splits(prog: Program, k: int) -> int:
 def lm_head_tile(prog: Program, sh: Shard) -> int:
     """Vocabulary rows per LM-head task: a GEMM block beyond GEMV_MAX_BATCH (the candidates' count
     follows from it)."""
-    return _gemm_block(prog, sh.vocab) if prog.batch > GEMV_MAX_BATCH else choose_tile(sh.vocab, prog.num_sms)
+    return _gemm_block(prog, sh.vocab) if prog.batch > GEMV_MAX_BATCH else gemv_tile(sh.vocab, prog)
 
 
 def rank_name(prog: Program, rank: int, name: str) -> str:
@@ -366,7 +377,7 @@ def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
         if cfg.qkv_bias:
             inputs["bias"] = n(p + "qkv_bias")
         prog.add_op(r, "rmsnorm_linear", p + "qkv", layer, inputs, {"out": n(p + "qkv_out")},
-                    tile=qkv_tile(cfg, sh, prog.num_sms), eps=cfg.rms_norm_eps)
+                    tile=qkv_tile(cfg, sh, prog.num_sms, gemv_align(prog)), eps=cfg.rms_norm_eps)
     heads = dict(q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps)
     for r, sh in enumerate(shards):
         n = partial(rank_name, prog, r)
@@ -397,7 +408,7 @@ def mlp_block(prog: Program, layer: int, shards: list[Shard]) -> None:
         n = partial(rank_name, prog, r)
         prog.add_op(r, "rmsnorm_gate_up_silu", p + "gate_up", layer,
                     {"x": n(x_in), "norm": n(p + "mlp_norm"), "weight": n(p + "gate_up")}, {"out": n(p + "h")},
-                    tile=choose_tile(sh.intermediate, prog.num_sms), eps=prog.cfg.rms_norm_eps)
+                    tile=gemv_tile(sh.intermediate, prog), eps=prog.cfg.rms_norm_eps)
     row_parallel_linear(prog, layer, "down", p + "h", x_in, x_out)
 
 
@@ -406,7 +417,7 @@ def row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual
     and a decode batch's GEMM of few tasks is split along K, its slices summed the same way."""
     p = f"layers.{layer}."
     H, N = prog.cfg.hidden_size, prog.tp_size
-    tile = choose_tile(H, prog.num_sms)
+    tile = gemv_tile(H, prog)
     name = p + ("o" if weight == "o" else "down")
     k = prog.tensors[rank_name(prog, 0, p + weight)].shape[1]
     splits = k_splits(prog, k)
@@ -455,12 +466,12 @@ def exchanges_words(prog: Program) -> bool:
     return prog.tp_size > 1 and not prog.one_step and prog.batch <= GEMV_MAX_BATCH
 
 
-def qkv_tile(cfg: ModelConfig, sh: Shard, num_sms: int) -> int:
+def qkv_tile(cfg: ModelConfig, sh: Shard, num_sms: int, align: int = TILE_ALIGN) -> int:
     """QKV tiles never straddle two KV groups, so the attention of group g waits only for group g's tiles."""
     rows = cfg.qkv_rows_per_group
-    tile = choose_tile(sh.kv_groups * rows, num_sms)
+    tile = choose_tile(sh.kv_groups * rows, num_sms, align)
     if tile >= rows:
         return rows
     while rows % tile:
-        tile -= TILE_ALIGN if tile > TILE_ALIGN and (rows % TILE_ALIGN == 0) else 1
+        tile -= align if tile > align and (rows % align == 0) else 1
     return tile
