@@ -141,6 +141,9 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
     wait_share = float(wait_ns.sum()) / sm_ns
     summary = {"steps": steps, "step_us": float(step_ns.mean()) / 1e3, "run_share": run_share,
                "wait_share": wait_share, "other_share": 1.0 - run_share - wait_share, "kinds": rows}
+    layer = _layer_timeline(tg, start, end)
+    if layer:
+        summary["layer"] = layer
     if tg.tp_size > 1:  # what tensor parallelism costs in waits: tasks whose event another GPU's tasks signal
         cross = _waits_on_peers(tg)
         woke = wake[:, cross]
@@ -148,6 +151,30 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
         summary["peer_wait_share"] = float(wait_ns[:, cross].sum()) / sm_ns
         summary["peer_wake_us"] = float(woke.double().median()) / 1e3 if woke.numel() else 0.0
     return summary
+
+
+def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> dict | None:
+    """The middle layer's ops on rank 0, in order: when each first starts and last ends, in us from
+    the layer's first task start, and its median task's running time (medians over the steps): where
+    a layer's time goes, phase by phase."""
+    layers = sorted({op.layer for op in tg.ops if op.layer is not None})
+    if not layers:
+        return None
+    middle = layers[len(layers) // 2]
+    ops = [o for o, op in enumerate(tg.ops) if op.layer == middle and op.rank == 0]
+    tasks = {o: [t.id for t in tg.tasks if t.op == o] for o in ops}
+    ops = [o for o in ops if tasks[o]]
+    t0 = torch.stack([start[:, tasks[o]].min(1).values for o in ops]).min(0).values
+    rows = []
+    for o in ops:
+        ids = tasks[o]
+        med = lambda v: float(v.double().median()) / 1e3  # noqa: E731
+        rows.append({"op": tg.ops[o].name, "kind": tg.ops[o].kind, "tasks": len(ids),
+                     "first_start_us": med(start[:, ids].min(1).values - t0),
+                     "last_end_us": med(end[:, ids].max(1).values - t0),
+                     "task_us": med((end[:, ids] - start[:, ids]).double().median(1).values)})
+    rows.sort(key=lambda r: r["first_start_us"])
+    return {"layer": middle, "ops": rows}
 
 
 def _waits_on_peers(tg: TaskGraph) -> torch.Tensor:
@@ -209,4 +236,10 @@ def format_trace_summary(summary: dict) -> str:
     if "peer_wait_share" in summary:
         lines.append(f"waits on other GPUs' tasks: {summary['peer_wait_share']:.1%} of SM time, wake "
                      f"{summary['peer_wake_us']:.2f} us (median)")
+    if "layer" in summary:
+        lines.append(f"layer {summary['layer']['layer']}, us from its first task's start (medians over the steps):")
+        lines.append(f"  {'op':<32} {'tasks':>6} {'first start':>12} {'last end':>9} {'us/task':>8}")
+        for r in summary["layer"]["ops"]:
+            lines.append(f"  {r['op']:<32} {r['tasks']:>6} {r['first_start_us']:>12.2f} {r['last_end_us']:>9.2f} "
+                         f"{r['task_us']:>8.2f}")
     return "\n".join(lines)

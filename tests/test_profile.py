@@ -104,6 +104,37 @@ def test_wake_latency_is_from_the_last_producer_end_to_the_consumer_start():
         assert any(t > 0 for t in tails_us) or r["tail_us"] == 0
 
 
+def test_the_summary_times_the_middle_layers_ops_from_the_layers_first_start():
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
+    steps = 3
+    # Tasks run in id order, 1000 ns apart and 600 ns long (task t's run takes 600 + t % 3 ns in step 1
+    # only, which the median over the steps leaves out).
+    spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
+    for s in range(steps):
+        for t in range(len(tg.tasks)):
+            clock = 10_000_000 + (s * len(tg.tasks) + t) * 1000
+            spans[s, t] = torch.tensor([clock - 100, clock, clock + 600 + (t % 3 if s == 1 else 0)])
+    layer = summarize_trace(tg, spans)["layer"]
+    assert layer["layer"] == 1
+    ops = [o for o, op in enumerate(tg.ops) if op.layer == 1]
+    first = min(t.id for t in tg.tasks if t.op in ops)
+    want = []
+    for o in ops:
+        ids = [t.id for t in tg.tasks if t.op == o]
+        want.append({"op": tg.ops[o].name, "tasks": len(ids), "first_start_us": (min(ids) - first) * 1000 / 1e3,
+                     "last_end_us": ((max(ids) - first) * 1000 + 600) / 1e3, "task_us": 0.6})
+    want.sort(key=lambda r: r["first_start_us"])
+    assert [r["op"] for r in layer["ops"]] == [w["op"] for w in want]
+    for got, w in zip(layer["ops"], want):
+        assert got["tasks"] == w["tasks"]
+        for key in ("first_start_us", "last_end_us", "task_us"):
+            assert got[key] == pytest.approx(w[key]), (got["op"], key)
+    text = format_trace_summary(summarize_trace(tg, spans))
+    assert "layer 1, us from its first task's start" in text and want[-1]["op"] in text
+
+
 def test_a_tensor_parallel_summary_reports_the_waits_on_other_gpus():
     """At TP=2 the summary adds the SM time spent waiting for events another GPU's tasks signal."""
     cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
