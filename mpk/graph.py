@@ -25,7 +25,7 @@ from mpk.models.config import ModelConfig
 from mpk.taskgraph import OpSpec, Precision, TensorSpec
 from mpk.util import cdiv
 
-TILE_ALIGN = 16  # output rows per task come in multiples of this (tensor-core friendly)
+TILE_ALIGN = 16  # output rows per task come in multiples of this (tensor-core blocks; batch 1: gemv_align)
 MIN_ATTN_CHUNK = 32  # fewest KV rows one attention task covers
 # Contexts up to this many rows take one attention task per (sequence, KV group) and no merge phase:
 # reading them on one SM costs less than the merge's dependent phase (docs/decisions.md, attention).
