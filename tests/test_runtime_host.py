@@ -75,6 +75,12 @@ def test_fault_injection_flags_for_tests(monkeypatch):
     with pytest.raises(MpkError, match="MPK_INJECT must be hang:TASK or fault:TASK"):
         nvcc_flags("sm_90a", False)
     monkeypatch.delenv("MPK_INJECT")
+    monkeypatch.setenv("MPK_MMA_RING", "yes")
+    with pytest.raises(MpkError, match="MPK_MMA_RING must be 0 or 1"):
+        nvcc_flags("sm_90a", False)
+    monkeypatch.setenv("MPK_MMA_RING", "1")
+    assert "-DMPK_MMA_RING=1" in nvcc_flags("sm_90a", False)
+    monkeypatch.delenv("MPK_MMA_RING")
     monkeypatch.setenv("MPK_HEAD_KB", "lots")
     with pytest.raises(MpkError, match="MPK_HEAD_KB must be a number of KB or max"):
         nvcc_flags("sm_90a", False)

@@ -34,6 +34,11 @@ constexpr bool kBulkCopy = MPK_BULK_COPY;
 #ifndef MPK_HEAD_KB
 #define MPK_HEAD_KB 0
 #endif
+// The tensor-core GEMV's weights through a shared-memory ring of cp.async copies (build-time knob,
+// off by default; gemv_mma.cuh).
+#ifndef MPK_MMA_RING
+#define MPK_MMA_RING 0
+#endif
 constexpr int kWarps = kThreads / 32;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -100,6 +105,17 @@ template <int N> __device__ __forceinline__ packed_t<N> ld_stream(const bf16* p)
     return ld_weight<N>(p);
   }
 }
+// 16 bytes global -> shared, asynchronously, cached in L2 only; `valid` false fills zeros (rows or k
+// past the end). One thread's copies complete, in commit groups, for that thread: cp_async_wait<N>
+// leaves at most N of its groups in flight.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
 // A 16-byte load from shared memory (a weight head), through an explicit shared-space address.
 __device__ __forceinline__ uint4 ld_shared16(const void* p) {
   uint4 v;

@@ -20,15 +20,6 @@
 
 namespace mpk {
 
-// 16 bytes global -> shared, asynchronously; `valid` false fills zeros (rows or k past the end).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))),
-               "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
 // K columns of rows LDK long: a slice of a product split along K (x and w then point at its first column).
 template <int RPC, int M, int K, bool NORM, class A, int BN = 128, int LDK = K> struct MmaGemm {
   using T = typename A::T;

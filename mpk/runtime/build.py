@@ -107,6 +107,11 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
         raise MpkError(f"MPK_GEMV must be auto or simt, not {gemv!r}")
     if gemv == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
+    ring = os.environ.get("MPK_MMA_RING", "")
+    if ring not in ("", "0", "1"):
+        raise MpkError(f"MPK_MMA_RING must be 0 or 1, not {ring!r}")
+    if ring == "1":
+        flags.append("-DMPK_MMA_RING=1")  # the tensor-core GEMV's weights through a shared-memory ring, for A/B runs
     head_kb = os.environ.get("MPK_HEAD_KB", "")
     if head_kb:
         if not (head_kb.isdigit() or head_kb == "max"):
