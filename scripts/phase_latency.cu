@@ -8,6 +8,9 @@
 //   tagged:  each value travels with its phase in one 8-byte word (value bits | phase << 32, one
 //            single-copy-atomic store); readers load the words directly and reload any whose tag is
 //            not yet the phase. No fence, no counter, no second round trip.
+//   pipe D:  the counter, polled with D relaxed loads in flight, one issued every kPollGapCycles
+//            (mpk::poll_counter, the runtime's MPK_POLL_PIPE): the wake waits for the next poll to
+//            return, not for one issued up to a round trip before the release landed.
 // Prints microseconds per phase for each, for a few slice widths (floats per CTA) and fans.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -o /tmp/phase_latency scripts/phase_latency.cu && /tmp/phase_latency
@@ -29,6 +32,7 @@ struct Group {
 
 // vec: two buffers of n floats; phase p reads buffer (p - 1) % 2 and writes buffer p % 2. counters:
 // one per group and phase. sink keeps the sums live. Phase 0's input is written by the host.
+template <int D>
 __global__ void counter_phases(float* vec, unsigned long long* counters, int n, int slice, int fan, int phases,
                                float* sink) {
   __shared__ float red[kThreads / 32];
@@ -38,8 +42,7 @@ __global__ void counter_phases(float* vec, unsigned long long* counters, int n, 
   float acc = 0.f;
   for (int p = 1; p <= phases; ++p) {
     if (threadIdx.x == 0 && p > 1)
-      while (ld_acquire(counters + (p - 1) * groups + g.id) < static_cast<unsigned long long>(g.members)) {
-      }
+      mpk::poll_counter<D, false>(counters + (p - 1) * groups + g.id, g.members, [](unsigned) { return 0; });
     __syncthreads();
     const float* in = vec + ((p - 1) & 1) * all + g.first * slice;
     float s = 0.f;
@@ -78,10 +81,10 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan
       unsigned long long w[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j)
-        w[j] = i0 + j * kThreads < n ? ld_relaxed_gpu(in + i0 + j * kThreads) : mpk::tagged_word(0.f, want);
+        w[j] = i0 + j * kThreads < n ? mpk::ld_relaxed(in + i0 + j * kThreads) : mpk::tagged_word(0.f, want);
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        while (mpk::word_tag(w[j]) != want) w[j] = ld_relaxed_gpu(in + i0 + j * kThreads);
+        while (mpk::word_tag(w[j]) != want) w[j] = mpk::ld_relaxed(in + i0 + j * kThreads);
         s += mpk::word_value(w[j]);
       }
     }
@@ -111,7 +114,7 @@ int main() {
   CHECK(cudaGetDeviceProperties(&prop, dev));
   const int phases = 4000;
   std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases; us per phase\n", prop.name, sms, kThreads, phases);
-  std::printf("%-6s %-6s %12s %12s\n", "slice", "fan", "counter", "tagged");
+  std::printf("%-6s %-6s %12s %12s %12s %12s\n", "slice", "fan", "counter", "tagged", "pipe 3", "pipe 6");
   float* sink;
   CHECK(cudaMalloc(&sink, sms * sizeof(float)));
   for (int slice : {8, 32, 128}) {
@@ -124,29 +127,37 @@ int main() {
     cudaEvent_t a, b;
     CHECK(cudaEventCreate(&a));
     CHECK(cudaEventCreate(&b));
+    auto timed = [&](auto&& launch) {
+      CHECK(cudaEventRecord(a));
+      launch();
+      CHECK(cudaEventRecord(b));
+      CHECK(cudaEventSynchronize(b));
+      CHECK(cudaGetLastError());
+      float t;
+      CHECK(cudaEventElapsedTime(&t, a, b));
+      return t;
+    };
     for (int fan : {3, 16, sms}) {
-      float ms[2] = {0.f, 0.f};
+      float ms[4] = {0.f, 0.f, 0.f, 0.f};
       for (int rep = 0; rep < 3; ++rep) {  // the first repetition warms up; the best of the rest counts
-        CHECK(cudaMemset(vec, 0, 2 * n * sizeof(float)));
-        CHECK(cudaMemset(counters, 0, (phases + 1) * sms * sizeof(unsigned long long)));
+        float t[4];
+        auto reset = [&] {
+          CHECK(cudaMemset(vec, 0, 2 * n * sizeof(float)));
+          CHECK(cudaMemset(counters, 0, (phases + 1) * sms * sizeof(unsigned long long)));
+        };
+        reset();
+        t[0] = timed([&] { counter_phases<0><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); });
         CHECK(cudaMemset(tagged, 0, 2 * n * sizeof(unsigned long long)));  // phase 0's input: tag 0
-        CHECK(cudaEventRecord(a));
-        counter_phases<<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink);
-        CHECK(cudaEventRecord(b));
-        CHECK(cudaEventSynchronize(b));
-        float t0;
-        CHECK(cudaEventElapsedTime(&t0, a, b));
-        CHECK(cudaEventRecord(a));
-        tagged_phases<<<sms, kThreads>>>(tagged, n, slice, fan, phases, sink);
-        CHECK(cudaEventRecord(b));
-        CHECK(cudaEventSynchronize(b));
-        float t1;
-        CHECK(cudaEventElapsedTime(&t1, a, b));
-        CHECK(cudaGetLastError());
-        if (rep == 1 || (rep > 1 && t0 < ms[0])) ms[0] = t0;
-        if (rep == 1 || (rep > 1 && t1 < ms[1])) ms[1] = t1;
+        t[1] = timed([&] { tagged_phases<<<sms, kThreads>>>(tagged, n, slice, fan, phases, sink); });
+        reset();
+        t[2] = timed([&] { counter_phases<3><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); });
+        reset();
+        t[3] = timed([&] { counter_phases<6><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); });
+        for (int k = 0; k < 4; ++k)
+          if (rep == 1 || (rep > 1 && t[k] < ms[k])) ms[k] = t[k];
       }
-      std::printf("%-6d %-6d %12.3f %12.3f\n", slice, fan, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases);
+      std::printf("%-6d %-6d %12.3f %12.3f %12.3f %12.3f\n", slice, fan, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases,
+                  1e3f * ms[2] / phases, 1e3f * ms[3] / phases);
     }
     CHECK(cudaFree(vec));
     CHECK(cudaFree(counters));

@@ -75,6 +75,12 @@ def test_fault_injection_flags_for_tests(monkeypatch):
     with pytest.raises(MpkError, match="MPK_INJECT must be hang:TASK or fault:TASK"):
         nvcc_flags("sm_90a", False)
     monkeypatch.delenv("MPK_INJECT")
+    monkeypatch.setenv("MPK_POLL_PIPE", "12")
+    with pytest.raises(MpkError, match="MPK_POLL_PIPE must be a number of polls from 0 to 8"):
+        nvcc_flags("sm_90a", False)
+    monkeypatch.setenv("MPK_POLL_PIPE", "4")
+    assert "-DMPK_POLL_PIPE=4" in nvcc_flags("sm_90a", False)
+    monkeypatch.delenv("MPK_POLL_PIPE")
     monkeypatch.setenv("MPK_MMA_RING", "yes")
     with pytest.raises(MpkError, match="MPK_MMA_RING must be 0 or 1"):
         nvcc_flags("sm_90a", False)

@@ -36,6 +36,11 @@ constexpr bool kBulkCopy = MPK_BULK_COPY;
 #endif
 // The tensor-core GEMV's weights through a shared-memory ring of cp.async copies (build-time knob,
 // off by default; gemv_mma.cuh).
+// Polls of an event counter kept in flight at once by a waiting SM (build-time knob; 0: one acquire
+// load at a time, the default; mpk_runtime.cuh, poll_counter).
+#ifndef MPK_POLL_PIPE
+#define MPK_POLL_PIPE 0
+#endif
 #ifndef MPK_MMA_RING
 #define MPK_MMA_RING 0
 #endif

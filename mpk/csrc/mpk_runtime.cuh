@@ -169,6 +169,18 @@ __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long lon
   return v;
 }
 
+__device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long ld_relaxed_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
@@ -232,6 +244,45 @@ __device__ __forceinline__ int keep_waiting(const MpkParams& p, int sm, int seq,
   return 0;
 }
 
+// Thread 0: poll *ctr until it reaches `need`; `still(poll)` after each poll that fell short returns
+// 0 to go on, else a reason to give up, which this returns (0 once the count is reached). kPipe = 0:
+// one acquire load at a time, so a release that lands just after a poll left waits for that poll's
+// round trip and then a whole new one. kPipe > 0: that many relaxed loads in flight, one issued every
+// kPollGapCycles, and an acquire fence after the one that saw the count (it synchronises with the
+// release it read): the release is seen within a gap of the round trip.
+constexpr long long kPollGapCycles = 300;  // ~150 ns at 2 GHz
+template <int kPipe, bool kSys, class Still>
+__device__ __forceinline__ int poll_counter(const unsigned long long* ctr, long long need, Still&& still) {
+  if constexpr (kPipe == 0) {
+    for (unsigned poll = 0;; ++poll) {
+      if (static_cast<long long>(kSys ? ld_acquire_sys(ctr) : ld_acquire(ctr)) >= need) return 0;
+      if (const int why = still(poll)) return why;
+    }
+  } else {
+    auto load = [&] { return kSys ? ld_relaxed_sys(ctr) : ld_relaxed(ctr); };
+    auto pause = [] {
+      const long long t = clock64();
+      while (clock64() - t < kPollGapCycles) {
+      }
+    };
+    unsigned long long seen[kPipe];
+#pragma unroll
+    for (int i = 0; i < kPipe; ++i) seen[i] = load(), pause();
+    for (unsigned poll = 0;; poll += kPipe) {
+#pragma unroll
+      for (int i = 0; i < kPipe; ++i) {
+        if (static_cast<long long>(seen[i]) >= need) {
+          if constexpr (kSys) asm volatile("fence.acq_rel.sys;" ::: "memory");
+          else asm volatile("fence.acq_rel.gpu;" ::: "memory");
+          return 0;
+        }
+        if (const int why = still(poll + i)) return why;
+        seen[i] = load(), pause();
+      }
+    }
+  }
+}
+
 // Thread 0 only. True when the task may run; false when the kernel must exit (the run stopped
 // before this step, or the host asked to abort). The first polls spin; the SM's progress words
 // (host-mapped, a PCIe write) are published only once the wait has lasted, so a short wait costs
@@ -243,12 +294,11 @@ __device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry
   MPK_ASSERT(e.ev_lag == 0 || e.ev_lag == 1);
   const long long need = static_cast<long long>(e.ev_target) * (rel + 1 - e.ev_lag);
   const unsigned long long* ctr = p.counters + ev;
-  const bool sys = e.ev_sys;
-  for (unsigned spin = 0;; ++spin) {
-    if (static_cast<long long>(sys ? ld_acquire_sys(ctr) : ld_acquire(ctr)) >= need) return true;
-    if (const int why = keep_waiting(p, sm, seq, task, step, ev, spin))
-      return publish(p, sm, seq, task, step, ev, why == kGiveUpStopped ? kStateStopped : kStateAborted), false;
-  }
+  auto still = [&](unsigned poll) { return keep_waiting(p, sm, seq, task, step, ev, poll); };
+  const int why = e.ev_sys ? poll_counter<MPK_POLL_PIPE, true>(ctr, need, still)
+                           : poll_counter<MPK_POLL_PIPE, false>(ctr, need, still);
+  if (why) publish(p, sm, seq, task, step, ev, why == kGiveUpStopped ? kStateStopped : kStateAborted);
+  return !why;
 }
 
 // --- weight heads: the first bytes of a task's weight tile, resident in shared memory before it runs
@@ -298,11 +348,7 @@ __device__ __forceinline__ unsigned long long tagged_word(float v, unsigned tag)
 }
 __device__ __forceinline__ unsigned word_tag(unsigned long long w) { return static_cast<unsigned>(w >> 32); }
 __device__ __forceinline__ float word_value(unsigned long long w) { return __uint_as_float(static_cast<unsigned>(w)); }
-__device__ __forceinline__ unsigned long long ld_word(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
+__device__ __forceinline__ unsigned long long ld_word(const unsigned long long* p) { return ld_relaxed_sys(p); }
 __device__ __forceinline__ void st_word(unsigned long long* p, unsigned long long v) {
   asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }

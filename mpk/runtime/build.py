@@ -107,6 +107,11 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
         raise MpkError(f"MPK_GEMV must be auto or simt, not {gemv!r}")
     if gemv == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
+    pipe = os.environ.get("MPK_POLL_PIPE", "")
+    if pipe and not (pipe.isdigit() and int(pipe) <= 8):
+        raise MpkError(f"MPK_POLL_PIPE must be a number of polls from 0 to 8, not {pipe!r}")
+    if pipe and int(pipe):
+        flags.append(f"-DMPK_POLL_PIPE={int(pipe)}")  # event polls kept in flight, for A/B runs
     ring = os.environ.get("MPK_MMA_RING", "")
     if ring not in ("", "0", "1"):
         raise MpkError(f"MPK_MMA_RING must be 0 or 1, not {ring!r}")
