@@ -249,7 +249,9 @@ __device__ __forceinline__ int keep_waiting(const MpkParams& p, int sm, int seq,
 // one acquire load at a time, so a release that lands just after a poll left waits for that poll's
 // round trip and then a whole new one. kPipe > 0: that many relaxed loads in flight, one issued every
 // kPollGapCycles, and an acquire fence after the one that saw the count (it synchronises with the
-// release it read): the release is seen within a gap of the round trip.
+// release it read): the release is seen within a gap of the round trip. The first answer is looked
+// at once kPipe loads are out, so kPipe gaps should not outlast a round trip (~0.5-0.7 us), or a
+// count reached before the wait is seen late.
 constexpr long long kPollGapCycles = 300;  // ~150 ns at 2 GHz
 template <int kPipe, bool kSys, class Still>
 __device__ __forceinline__ int poll_counter(const unsigned long long* ctr, long long need, Still&& still) {
