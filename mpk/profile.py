@@ -116,7 +116,8 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
     }
     wake = _wake_ns(tg, wait, start, end)
     span = _op_span_ns(tg, start, end)
-    tail = _op_tail_ns(tg, end)
+    by_op = _tasks_by_op(tg)
+    tail = _op_tail_ns(tg, end, by_op)
     rows = []
     for i, kind in enumerate(names):
         tasks, run, waited = per_kind["tasks"][i], per_kind["run_ns"][i], per_kind["wait_ns"][i]
@@ -141,7 +142,7 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
     wait_share = float(wait_ns.sum()) / sm_ns
     summary = {"steps": steps, "step_us": float(step_ns.mean()) / 1e3, "run_share": run_share,
                "wait_share": wait_share, "other_share": 1.0 - run_share - wait_share, "kinds": rows}
-    layer = _layer_timeline(tg, start, end)
+    layer = _layer_timeline(tg, start, end, by_op)
     if layer:
         summary["layer"] = layer
     if tg.tp_size > 1:  # what tensor parallelism costs in waits: tasks whose event another GPU's tasks signal
@@ -153,7 +154,16 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
     return summary
 
 
-def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> dict | None:
+def _tasks_by_op(tg: TaskGraph) -> dict[int, list[int]]:
+    """Each op's task ids (ops without tasks left out)."""
+    by_op: dict[int, list[int]] = {}
+    for t in tg.tasks:
+        by_op.setdefault(t.op, []).append(t.id)
+    return by_op
+
+
+def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor,
+                    by_op: dict[int, list[int]]) -> dict | None:
     """The middle layer's ops on rank 0, in order: when each first starts and last ends, in us from
     the layer's first task start, and its median task's running time (medians over the steps): where
     a layer's time goes, phase by phase."""
@@ -161,18 +171,18 @@ def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> di
     if not layers:
         return None
     middle = layers[len(layers) // 2]
-    ops = [o for o, op in enumerate(tg.ops) if op.layer == middle and op.rank == 0]
-    tasks = {o: [t.id for t in tg.tasks if t.op == o] for o in ops}
-    ops = [o for o in ops if tasks[o]]
-    t0 = torch.stack([start[:, tasks[o]].min(1).values for o in ops]).min(0).values
+    ops = [o for o, op in enumerate(tg.ops) if op.layer == middle and op.rank == 0 and o in by_op]
+    t0 = torch.stack([start[:, by_op[o]].min(1).values for o in ops]).min(0).values
+    def med_us(ns: torch.Tensor) -> float:  # the median over the steps
+        return float(ns.double().median()) / 1e3
+
     rows = []
     for o in ops:
-        ids = tasks[o]
-        med = lambda v: float(v.double().median()) / 1e3  # noqa: E731
+        ids = by_op[o]
         rows.append({"op": tg.ops[o].name, "kind": tg.ops[o].kind, "tasks": len(ids),
-                     "first_start_us": med(start[:, ids].min(1).values - t0),
-                     "last_end_us": med(end[:, ids].max(1).values - t0),
-                     "task_us": med((end[:, ids] - start[:, ids]).double().median(1).values)})
+                     "first_start_us": med_us(start[:, ids].min(1).values - t0),
+                     "last_end_us": med_us(end[:, ids].max(1).values - t0),
+                     "task_us": med_us((end[:, ids] - start[:, ids]).double().median(1).values)})
     rows.sort(key=lambda r: r["first_start_us"])
     return {"layer": middle, "ops": rows}
 
@@ -208,12 +218,9 @@ def _op_span_ns(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor) -> torch.
     return last - first
 
 
-def _op_tail_ns(tg: TaskGraph, end: torch.Tensor) -> torch.Tensor:
+def _op_tail_ns(tg: TaskGraph, end: torch.Tensor, by_op: dict[int, list[int]]) -> torch.Tensor:
     """[steps, ops]: from the median end of an op's tasks to its last task's end: how long the op's
     stragglers hold up its consumers once most of its tasks are done."""
-    by_op: dict[int, list[int]] = {}
-    for t in tg.tasks:
-        by_op.setdefault(t.op, []).append(t.id)
     tail = torch.zeros((end.shape[0], len(tg.ops)), dtype=torch.int64)
     for op, ids in by_op.items():
         ends = end[:, ids]

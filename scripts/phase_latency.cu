@@ -16,7 +16,6 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -o /tmp/phase_latency scripts/phase_latency.cu && /tmp/phase_latency
 #include "microbench.cuh"
 
-using mpk::ld_acquire;
 using mpk::red_release;
 
 constexpr const char* kProgram = "phase_latency";
@@ -124,38 +123,17 @@ int main() {
     CHECK(cudaMalloc(&vec, 2 * n * sizeof(float)));
     CHECK(cudaMalloc(&counters, (phases + 1) * sms * sizeof(unsigned long long)));
     CHECK(cudaMalloc(&tagged, 2 * n * sizeof(unsigned long long)));
-    cudaEvent_t a, b;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&b));
-    auto timed = [&](auto&& launch) {
-      CHECK(cudaEventRecord(a));
-      launch();
-      CHECK(cudaEventRecord(b));
-      CHECK(cudaEventSynchronize(b));
-      CHECK(cudaGetLastError());
-      float t;
-      CHECK(cudaEventElapsedTime(&t, a, b));
-      return t;
+    auto reset = [&] {
+      CHECK(cudaMemset(vec, 0, 2 * n * sizeof(float)));
+      CHECK(cudaMemset(counters, 0, (phases + 1) * sms * sizeof(unsigned long long)));
     };
+    auto reset_tagged = [&] { CHECK(cudaMemset(tagged, 0, 2 * n * sizeof(unsigned long long))); };  // phase 0: tag 0
     for (int fan : {3, 16, sms}) {
-      float ms[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int rep = 0; rep < 3; ++rep) {  // the first repetition warms up; the best of the rest counts
-        float t[4];
-        auto reset = [&] {
-          CHECK(cudaMemset(vec, 0, 2 * n * sizeof(float)));
-          CHECK(cudaMemset(counters, 0, (phases + 1) * sms * sizeof(unsigned long long)));
-        };
-        reset();
-        t[0] = timed([&] { counter_phases<0><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); });
-        CHECK(cudaMemset(tagged, 0, 2 * n * sizeof(unsigned long long)));  // phase 0's input: tag 0
-        t[1] = timed([&] { tagged_phases<<<sms, kThreads>>>(tagged, n, slice, fan, phases, sink); });
-        reset();
-        t[2] = timed([&] { counter_phases<3><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); });
-        reset();
-        t[3] = timed([&] { counter_phases<6><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); });
-        for (int k = 0; k < 4; ++k)
-          if (rep == 1 || (rep > 1 && t[k] < ms[k])) ms[k] = t[k];
-      }
+      const float ms[4] = {
+          best_ms(kProgram, reset, [&] { counter_phases<0><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); }),
+          best_ms(kProgram, reset_tagged, [&] { tagged_phases<<<sms, kThreads>>>(tagged, n, slice, fan, phases, sink); }),
+          best_ms(kProgram, reset, [&] { counter_phases<3><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); }),
+          best_ms(kProgram, reset, [&] { counter_phases<6><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); })};
       std::printf("%-6d %-6d %12.3f %12.3f %12.3f %12.3f\n", slice, fan, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases,
                   1e3f * ms[2] / phases, 1e3f * ms[3] / phases);
     }

@@ -71,18 +71,25 @@ def test_trace_summary_splits_sm_time_into_running_waiting_and_between():
         summarize_trace(tg, spans[:1])
 
 
+def in_id_order(tg, steps: int, waited_ns: int, run_ns) -> torch.Tensor:
+    """Spans of tasks that start in id order (a topological order), 1000 ns apart, each having waited
+    `waited_ns` and running `run_ns(step, task)` ns."""
+    spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
+    for s in range(steps):
+        for t in range(len(tg.tasks)):
+            clock = 10_000_000 + (s * len(tg.tasks) + t) * 1000
+            spans[s, t] = torch.tensor([clock - waited_ns, clock, clock + run_ns(s, t)])
+    return spans
+
+
 def test_wake_latency_is_from_the_last_producer_end_to_the_consumer_start():
     cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
     tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
     steps = 3
-    # Tasks run in id order (a topological order), 1000 ns apart and 600 ns long: a consumer starts
-    # (own id - last producer id) * 1000 - 600 ns after its last producer ended.
-    spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
-    for s in range(steps):
-        for t in range(len(tg.tasks)):
-            clock = 10_000_000 + (s * len(tg.tasks) + t) * 1000
-            spans[s, t] = torch.tensor([clock - 10**6, clock, clock + 600])  # every task is already waiting
+    # Tasks run in id order, 600 ns long: a consumer starts (own id - last producer id) * 1000 - 600 ns
+    # after its last producer ended. Every task is already waiting.
+    spans = in_id_order(tg, steps, 10**6, lambda s, t: 600)
     summary = summarize_trace(tg, spans)
     for r in summary["kinds"]:
         want = []
@@ -109,13 +116,9 @@ def test_the_summary_times_the_middle_layers_ops_from_the_layers_first_start():
                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
     tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
     steps = 3
-    # Tasks run in id order, 1000 ns apart and 600 ns long (task t's run takes 600 + t % 3 ns in step 1
-    # only, which the median over the steps leaves out).
-    spans = torch.zeros(steps, len(tg.tasks), 3, dtype=torch.int64)
-    for s in range(steps):
-        for t in range(len(tg.tasks)):
-            clock = 10_000_000 + (s * len(tg.tasks) + t) * 1000
-            spans[s, t] = torch.tensor([clock - 100, clock, clock + 600 + (t % 3 if s == 1 else 0)])
+    # Tasks run in id order, 600 ns long (task t's run takes 600 + t % 3 ns in step 1 only, which the
+    # median over the steps leaves out).
+    spans = in_id_order(tg, steps, 100, lambda s, t: 600 + (t % 3 if s == 1 else 0))
     layer = summarize_trace(tg, spans)["layer"]
     assert layer["layer"] == 1
     ops = [o for o, op in enumerate(tg.ops) if op.layer == 1]

@@ -100,6 +100,18 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     __syncthreads();
   }
 
+  // One k-step of a warp's block: the lane's 16 bytes a of row g and b of row g + 8 at k-chunk kc,
+  // against the staged x row g (zeros for the padding lanes g >= B).
+  __device__ __forceinline__ static void mma_step(const unsigned char* xrow, bool has_x, int kc, const uint4& a,
+                                                  const uint4& b, float (&acc)[4]) {
+#pragma unroll
+    for (int p = 0; p < kPlanes; ++p) {
+      const uint4 xv = has_x ? *reinterpret_cast<const uint4*>(xrow + p * kStride + kc * 16) : make_uint4(0, 0, 0, 0);
+      mma_16816(acc, a.x, b.x, a.y, b.y, xv.x, xv.y);
+      mma_16816(acc, a.z, b.z, a.w, b.w, xv.z, xv.w);
+    }
+  }
+
   // One warp: acc += W[rows ra, rb] . x over k-steps [t0, t1) (the lane's C fragment: rows g and
   // g + 8, sequences 2q and 2q + 1). kShared: the rows are in a weight head in shared memory.
   template <bool kShared>
@@ -121,13 +133,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (t + u >= t1) break;
-        const int kc = (t + u) * 4 + q;
-#pragma unroll
-        for (int p = 0; p < kPlanes; ++p) {
-          const uint4 xv = has_x ? *reinterpret_cast<const uint4*>(xrow + p * kStride + kc * 16) : make_uint4(0, 0, 0, 0);
-          mma_16816(acc, ra[u].x, rb[u].x, ra[u].y, rb[u].y, xv.x, xv.y);
-          mma_16816(acc, ra[u].z, rb[u].z, ra[u].w, rb[u].w, xv.z, xv.w);
-        }
+        mma_step(xrow, has_x, (t + u) * 4 + q, ra[u], rb[u], acc);
       }
     }
   }
@@ -141,6 +147,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     const bool has_x = g < B;
     const unsigned char* xrow = s + (has_x ? g : 0) * kPlanes * kStride;
     const int rounds = (t1 - t0 + kRingU - 1) / kRingU;
+    auto piece = [&](int u, int row) { return (2 * u + row) * 512 + lane * 16; };  // in a stage: [u][row a, b][lane]
     auto issue = [&](int r) {
       if (r < rounds) {
         unsigned char* stage = ring + (r % kRingStages) * kRoundBytes;
@@ -148,8 +155,8 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
         for (int u = 0; u < kRingU; ++u) {
           const int t = t0 + r * kRingU + u, kc = t * 4 + q;
           if (t < t1) {
-            cp_async16(stage + (2 * u) * 512 + lane * 16, wa + kc * 8, true);
-            cp_async16(stage + (2 * u + 1) * 512 + lane * 16, wb + kc * 8, true);
+            cp_async16(stage + piece(u, 0), wa + kc * 8, true);
+            cp_async16(stage + piece(u, 1), wb + kc * 8, true);
           }
         }
       }
@@ -164,16 +171,9 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       const unsigned char* stage = ring + (r % kRingStages) * kRoundBytes;
 #pragma unroll
       for (int u = 0; u < kRingU; ++u) {
-        const int t = t0 + r * kRingU + u, kc = t * 4 + q;
+        const int t = t0 + r * kRingU + u;
         if (t >= t1) break;
-        const uint4 a = ld_shared16(stage + (2 * u) * 512 + lane * 16);
-        const uint4 b = ld_shared16(stage + (2 * u + 1) * 512 + lane * 16);
-#pragma unroll
-        for (int p = 0; p < kPlanes; ++p) {
-          const uint4 xv = has_x ? *reinterpret_cast<const uint4*>(xrow + p * kStride + kc * 16) : make_uint4(0, 0, 0, 0);
-          mma_16816(acc, a.x, b.x, a.y, b.y, xv.x, xv.y);
-          mma_16816(acc, a.z, b.z, a.w, b.w, xv.z, xv.w);
-        }
+        mma_step(xrow, has_x, t * 4 + q, ld_shared16(stage + piece(u, 0)), ld_shared16(stage + piece(u, 1)), acc);
       }
     }
   }
