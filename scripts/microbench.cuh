@@ -43,7 +43,7 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
 
 // Thread 0 spins until *c >= target (acquire); then the CTA may read what those producers wrote.
 __device__ __forceinline__ void wait_counter(const unsigned long long* c, unsigned long long target) {
-  if (threadIdx.x == 0) mpk::poll_counter<0, false>(c, static_cast<long long>(target), [](unsigned) { return 0; });
+  if (threadIdx.x == 0) mpk::poll_counter<false>(c, static_cast<long long>(target), [](unsigned) { return 0; });
   __syncthreads();
 }
 

@@ -8,9 +8,6 @@
 //   tagged:  each value travels with its phase in one 8-byte word (value bits | phase << 32, one
 //            single-copy-atomic store); readers load the words directly and reload any whose tag is
 //            not yet the phase. No fence, no counter, no second round trip.
-//   pipe D:  the counter, polled with D relaxed loads in flight, one issued every kPollGapCycles
-//            (mpk::poll_counter, the runtime's MPK_POLL_PIPE): the wake waits for the next poll to
-//            return, not for one issued up to a round trip before the release landed.
 // Prints microseconds per phase for each, for a few slice widths (floats per CTA) and fans.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -o /tmp/phase_latency scripts/phase_latency.cu && /tmp/phase_latency
@@ -31,7 +28,6 @@ struct Group {
 
 // vec: two buffers of n floats; phase p reads buffer (p - 1) % 2 and writes buffer p % 2. counters:
 // one per group and phase. sink keeps the sums live. Phase 0's input is written by the host.
-template <int D>
 __global__ void counter_phases(float* vec, unsigned long long* counters, int n, int slice, int fan, int phases,
                                float* sink) {
   __shared__ float red[kThreads / 32];
@@ -41,7 +37,7 @@ __global__ void counter_phases(float* vec, unsigned long long* counters, int n, 
   float acc = 0.f;
   for (int p = 1; p <= phases; ++p) {
     if (threadIdx.x == 0 && p > 1)
-      mpk::poll_counter<D, false>(counters + (p - 1) * groups + g.id, g.members, [](unsigned) { return 0; });
+      mpk::poll_counter<false>(counters + (p - 1) * groups + g.id, g.members, [](unsigned) { return 0; });
     __syncthreads();
     const float* in = vec + ((p - 1) & 1) * all + g.first * slice;
     float s = 0.f;
@@ -113,7 +109,7 @@ int main() {
   CHECK(cudaGetDeviceProperties(&prop, dev));
   const int phases = 4000;
   std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases; us per phase\n", prop.name, sms, kThreads, phases);
-  std::printf("%-6s %-6s %12s %12s %12s %12s\n", "slice", "fan", "counter", "tagged", "pipe 3", "pipe 6");
+  std::printf("%-6s %-6s %12s %12s\n", "slice", "fan", "counter", "tagged");
   float* sink;
   CHECK(cudaMalloc(&sink, sms * sizeof(float)));
   for (int slice : {8, 32, 128}) {
@@ -129,13 +125,10 @@ int main() {
     };
     auto reset_tagged = [&] { CHECK(cudaMemset(tagged, 0, 2 * n * sizeof(unsigned long long))); };  // phase 0: tag 0
     for (int fan : {3, 16, sms}) {
-      const float ms[4] = {
-          best_ms(kProgram, reset, [&] { counter_phases<0><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); }),
-          best_ms(kProgram, reset_tagged, [&] { tagged_phases<<<sms, kThreads>>>(tagged, n, slice, fan, phases, sink); }),
-          best_ms(kProgram, reset, [&] { counter_phases<3><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); }),
-          best_ms(kProgram, reset, [&] { counter_phases<6><<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); })};
-      std::printf("%-6d %-6d %12.3f %12.3f %12.3f %12.3f\n", slice, fan, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases,
-                  1e3f * ms[2] / phases, 1e3f * ms[3] / phases);
+      const float ms[2] = {
+          best_ms(kProgram, reset, [&] { counter_phases<<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); }),
+          best_ms(kProgram, reset_tagged, [&] { tagged_phases<<<sms, kThreads>>>(tagged, n, slice, fan, phases, sink); })};
+      std::printf("%-6d %-6d %12.3f %12.3f\n", slice, fan, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases);
     }
     CHECK(cudaFree(vec));
     CHECK(cudaFree(counters));

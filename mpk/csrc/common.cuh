@@ -34,16 +34,6 @@ constexpr bool kBulkCopy = MPK_BULK_COPY;
 #ifndef MPK_HEAD_KB
 #define MPK_HEAD_KB 0
 #endif
-// The tensor-core GEMV's weights through a shared-memory ring of cp.async copies (build-time knob,
-// off by default; gemv_mma.cuh).
-// Polls of an event counter kept in flight at once by a waiting SM (build-time knob; 0: one acquire
-// load at a time, the default; mpk_runtime.cuh, poll_counter).
-#ifndef MPK_POLL_PIPE
-#define MPK_POLL_PIPE 0
-#endif
-#ifndef MPK_MMA_RING
-#define MPK_MMA_RING 0
-#endif
 constexpr int kWarps = kThreads / 32;
 constexpr float kNegInf = -__builtin_huge_valf();
 

@@ -43,25 +43,11 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // Weights stream past L1 up to batch 4; beyond, through L1. On an H200 streaming made qwen3-8b's
   // batch-4 step 2.5% faster and its batch-8 step 5.5% slower (docs/perf.md).
   static constexpr bool kStreamLoads = B <= 4;
-  // The weight ring (build knob MPK_MMA_RING, up to batch 4): each warp's weights come through
-  // shared memory by cp.async, kRingStages rounds of kRingU k-steps in flight, held in no register:
-  // 96-128 KB an SM where registers hold U = 8 k-steps (64 KB). Each lane reads back only the
-  // 16-byte pieces it copied, so no barrier orders the ring. It comes after the slots, which leave
-  // it room (a kWarps of them at least).
-  static constexpr int kRingU = 4;
-  static constexpr int kRoundBytes = kRingU * 2 * 32 * 16;  // a warp's round: k-steps x rows (a, b) x lanes x 16 B
-  static constexpr int kFree = kSmemCap - kStaticSmem - kSlotOffset - 128;  // for slots and ring (less alignment)
-  static constexpr int kRingStages = MPK_MMA_RING && kStreamLoads
-      ? cmin(4, (kFree - kWarps * kBlockFloats * 4) / (kWarps * kRoundBytes)) : 0;
-  static constexpr bool kRing = kRingStages >= 3;
-  static constexpr int kRingBytes = kRing ? kRingStages * kWarps * kRoundBytes : 0;
-  static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kFree - kRingBytes) / (kBlockFloats * 4)));
-  static constexpr int kRingOffset = align_up(kSlotOffset + kSlots * kBlockFloats * 4, 128);
+  static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
   // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
-  // instead of two: stage_normed_via_smem), over the partial sums, slots and ring, not in use yet.
+  // instead of two: stage_normed_via_smem), over the partial sums and slots, not in use yet.
   static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
-  static constexpr int SMEM = cmax(kRing ? kRingOffset + kRingBytes : kSlotOffset + kSlots * kBlockFloats * 4,
-                                   kRawStage ? kPartOffset + B * K * 4 : 0);
+  static constexpr int SMEM = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap - kStaticSmem;
 
   // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
@@ -138,46 +124,6 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     }
   }
 
-  // block_dots through the warp's ring (kRing): round r of [t0, t1) is copied into stage r % kRingStages
-  // while rounds r + 1 .. r + kRingStages - 1 are in flight. A commit group a round, empty past the
-  // end, so that cp_async_wait<kRingStages - 1> always means "round r has landed".
-  __device__ static void block_dots_ring(const unsigned char* s, unsigned char* ring, const bf16* wa, const bf16* wb,
-                                         int t0, int t1, float (&acc)[4]) {
-    const int lane = lane_id(), g = lane >> 2, q = lane & 3;
-    const bool has_x = g < B;
-    const unsigned char* xrow = s + (has_x ? g : 0) * kPlanes * kStride;
-    const int rounds = (t1 - t0 + kRingU - 1) / kRingU;
-    auto piece = [&](int u, int row) { return (2 * u + row) * 512 + lane * 16; };  // in a stage: [u][row a, b][lane]
-    auto issue = [&](int r) {
-      if (r < rounds) {
-        unsigned char* stage = ring + (r % kRingStages) * kRoundBytes;
-#pragma unroll
-        for (int u = 0; u < kRingU; ++u) {
-          const int t = t0 + r * kRingU + u, kc = t * 4 + q;
-          if (t < t1) {
-            cp_async16(stage + piece(u, 0), wa + kc * 8, true);
-            cp_async16(stage + piece(u, 1), wb + kc * 8, true);
-          }
-        }
-      }
-      cp_async_commit();
-    };
-#pragma unroll
-    for (int r = 0; r < kRingStages - 1; ++r) issue(r);
-#pragma unroll 1
-    for (int r = 0; r < rounds; ++r) {
-      issue(r + kRingStages - 1);  // into the stage round r - 1 used: this lane has read its pieces
-      cp_async_wait<kRingStages - 1>();
-      const unsigned char* stage = ring + (r % kRingStages) * kRoundBytes;
-#pragma unroll
-      for (int u = 0; u < kRingU; ++u) {
-        const int t = t0 + r * kRingU + u;
-        if (t >= t1) break;
-        mma_step(xrow, has_x, t * 4 + q, ld_shared16(stage + piece(u, 0)), ld_shared16(stage + piece(u, 1)), acc);
-      }
-    }
-  }
-
   // epilogue(c, acc[RPC][B]) on every lane, from sums laid out [row][8] with row 0 = column c's first.
   template <class Epilogue> __device__ static void emit(const float* rows, int c, Epilogue& epilogue) {
     float acc[RPC][B];
@@ -215,10 +161,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       } else {
         const bf16* wa = w + static_cast<size_t>(min(row + g, r1 - 1)) * K;  // past the end: a duplicate row, unused
         const bf16* wb = w + static_cast<size_t>(min(row + g + 8, r1 - 1)) * K;
-        if constexpr (kRing)
-          block_dots_ring(smem, smem + kRingOffset + warp_id() * kRingStages * kRoundBytes, wa, wb, s0, s1, acc);
-        else
-          block_dots<false>(smem, wa, wb, s0, s1, acc);
+        block_dots<false>(smem, wa, wb, s0, s1, acc);
       }
       float* sc = split == 1 ? part + warp_id() * kBlockFloats : slots + (rounds ? warp_id() : item) * kBlockFloats;
       sc[g * 8 + 2 * q] = acc[0], sc[g * 8 + 2 * q + 1] = acc[1];

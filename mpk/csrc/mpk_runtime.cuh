@@ -244,44 +244,15 @@ __device__ __forceinline__ int keep_waiting(const MpkParams& p, int sm, int seq,
   return 0;
 }
 
-// Thread 0: poll *ctr until it reaches `need`; `still(poll)` after each poll that fell short returns
-// 0 to go on, else a reason to give up, which this returns (0 once the count is reached). kPipe = 0:
-// one acquire load at a time, so a release that lands just after a poll left waits for that poll's
-// round trip and then a whole new one. kPipe > 0: that many relaxed loads in flight, one issued every
-// kPollGapCycles, and an acquire fence after the one that saw the count (it synchronises with the
-// release it read): the release is seen within a gap of the round trip. The first answer is looked
-// at once kPipe loads are out, so kPipe gaps should not outlast a round trip (~0.5-0.7 us), or a
-// count reached before the wait is seen late.
-constexpr long long kPollGapCycles = 300;  // ~150 ns at 2 GHz
-template <int kPipe, bool kSys, class Still>
+// Thread 0: poll *ctr with acquire loads until it reaches `need`; `still(poll)` after each poll that
+// fell short returns 0 to go on, else a reason to give up, which this returns (0 once the count is
+// reached). Relaxed polls kept in flight with a fence after the one that sees the count measured
+// slower (docs/perf.md).
+template <bool kSys, class Still>
 __device__ __forceinline__ int poll_counter(const unsigned long long* ctr, long long need, Still&& still) {
-  if constexpr (kPipe == 0) {
-    for (unsigned poll = 0;; ++poll) {
-      if (static_cast<long long>(kSys ? ld_acquire_sys(ctr) : ld_acquire(ctr)) >= need) return 0;
-      if (const int why = still(poll)) return why;
-    }
-  } else {
-    auto load = [&] { return kSys ? ld_relaxed_sys(ctr) : ld_relaxed(ctr); };
-    auto pause = [] {
-      const long long t = clock64();
-      while (clock64() - t < kPollGapCycles) {
-      }
-    };
-    unsigned long long seen[kPipe];
-#pragma unroll
-    for (int i = 0; i < kPipe; ++i) seen[i] = load(), pause();
-    for (unsigned poll = 0;; poll += kPipe) {
-#pragma unroll
-      for (int i = 0; i < kPipe; ++i) {
-        if (static_cast<long long>(seen[i]) >= need) {
-          if constexpr (kSys) asm volatile("fence.acq_rel.sys;" ::: "memory");
-          else asm volatile("fence.acq_rel.gpu;" ::: "memory");
-          return 0;
-        }
-        if (const int why = still(poll + i)) return why;
-        seen[i] = load(), pause();
-      }
-    }
+  for (unsigned poll = 0;; ++poll) {
+    if (static_cast<long long>(kSys ? ld_acquire_sys(ctr) : ld_acquire(ctr)) >= need) return 0;
+    if (const int why = still(poll)) return why;
   }
 }
 
@@ -297,8 +268,7 @@ __device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry
   const long long need = static_cast<long long>(e.ev_target) * (rel + 1 - e.ev_lag);
   const unsigned long long* ctr = p.counters + ev;
   auto still = [&](unsigned poll) { return keep_waiting(p, sm, seq, task, step, ev, poll); };
-  const int why = e.ev_sys ? poll_counter<MPK_POLL_PIPE, true>(ctr, need, still)
-                           : poll_counter<MPK_POLL_PIPE, false>(ctr, need, still);
+  const int why = e.ev_sys ? poll_counter<true>(ctr, need, still) : poll_counter<false>(ctr, need, still);
   if (why) publish(p, sm, seq, task, step, ev, why == kGiveUpStopped ? kStateStopped : kStateAborted);
   return !why;
 }

@@ -107,13 +107,6 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
         raise MpkError(f"MPK_GEMV must be auto or simt, not {gemv!r}")
     if gemv == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
-    # For A/B runs: event polls kept in flight; the tensor-core GEMV's weights through a shared-memory ring.
-    for name, most, meaning in (("MPK_POLL_PIPE", 8, "a number of polls from 0 to 8"), ("MPK_MMA_RING", 1, "0 or 1")):
-        value = os.environ.get(name, "") or "0"
-        if not (value.isdigit() and int(value) <= most):
-            raise MpkError(f"{name} must be {meaning}, not {value!r}")
-        if int(value):
-            flags.append(f"-D{name}={int(value)}")
     head_kb = os.environ.get("MPK_HEAD_KB", "")
     if head_kb:
         if not (head_kb.isdigit() or head_kb == "max"):

@@ -278,39 +278,6 @@ def test_a_wide_normed_input_staged_through_shared_memory_matches_the_sim(checkp
     assert max(errs) < (BF16_INPUTS_TOL if matmul_inputs == "bfloat16" else F32_TOL), errs
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_pipelined_event_polls_change_no_bit(checkpoint, monkeypatch, batch):
-    """MPK_POLL_PIPE=4 keeps four relaxed polls of an event counter in flight and fences after the one
-    that sees it: the same logits and tokens to the bit as one acquire poll at a time, on every SM."""
-    cfg, hf = checkpoint("llama-wide")
-    T = 8
-    seqs = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(19)).tolist()
-    runs = {}
-    for pipe in ("0", "4"):
-        monkeypatch.setenv("MPK_POLL_PIPE", pipe)
-        runs[pipe] = megakernel(cfg, hf, seqs, T, num_sms("llama-wide")).run(T, collect_logits=True, eos_token_ids=[])
-    assert all(torch.equal(a, b) for a, b in zip(runs["0"].logits, runs["4"].logits))
-    assert runs["0"].tokens == runs["4"].tokens
-
-
-@pytest.mark.parametrize("case, batch", [("llama-wide-x", 4), ("llama-wide", 2), ("llama-deep-mlp", 4)])
-def test_the_weight_ring_changes_no_bit(checkpoint, monkeypatch, case, batch):
-    """MPK_MMA_RING=1 moves the tensor-core GEMV's weights through shared memory (cp.async) instead of
-    registers, with the same sums in the same order: the same logits to the bit, on K slices of
-    blocks in slots (hidden 4096 on 8 SMs) and on a 12800-long K."""
-    overrides = {"hidden_size": 4096, "intermediate_size": 256, "num_attention_heads": 32, "num_key_value_heads": 4,
-                 "head_dim": 128, "vocab_size": 300, "num_hidden_layers": 1} if case == "llama-wide-x" else None
-    cfg, hf = checkpoint(case, "llama" if overrides else None, overrides)
-    T = 8
-    seqs = torch.randint(0, cfg.vocab_size, (batch, T), generator=torch.Generator().manual_seed(17)).tolist()
-    runs = {}
-    for ring in ("0", "1"):
-        monkeypatch.setenv("MPK_MMA_RING", ring)
-        runs[ring] = megakernel(cfg, hf, seqs, T, 8).run(T, collect_logits=True, eos_token_ids=[])
-    assert all(torch.equal(a, b) for a, b in zip(runs["0"].logits, runs["1"].logits))
-    assert runs["0"].tokens == runs["1"].tokens
-
-
 @pytest.mark.parametrize("batch", [4, 12])
 def test_a_run_repeats_bit_for_bit(checkpoint, batch):
     """The same inputs twice give the same logits to the bit: no reduction's order depends on timing

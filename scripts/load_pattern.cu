@@ -1,0 +1,98 @@
+// How the shape of a warp's weight loads sets the tensor-core GEMV's rate: the same bytes, the same
+// loads in flight per lane (U k-steps of two 16-byte loads) and the same mma.sync work, three layouts.
+//   rows:    the kernel's today. Lane (g, q) loads 16 bytes of weight rows g and g + 8 at k-chunk
+//            4t + q: one warp-wide load touches 8 rows x 64 bytes, 8 cache lines.
+//   blocked: the weights stored in mma order (a 16-row block's k-step t is 2 x 512 contiguous bytes,
+//            [row a or b][lane][8 bf16]): one warp-wide load is 512 contiguous bytes, 4 lines.
+//   simt:    the batch-1 GEMV's shape for comparison (a warp's load is 512 bytes of one row),
+//            with the same mma work on what it loads.
+// Each CTA streams its own 384 x 4096 bf16 tile (3 MB, a qwen3-8b gate/up task) against 4 staged bf16
+// x rows; GB/s on one SM and on all of them.
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -o /tmp/load_pattern scripts/load_pattern.cu && /tmp/load_pattern
+#include "microbench.cuh"
+#include "mma.cuh"
+
+using mpk::bf16;
+
+constexpr const char* kProgram = "load_pattern";
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int K = 4096, kRows = 384, kBlocks = kRows / 16;
+constexpr int kStride = K * 2 + 64;  // staged x rows, 64 mod 128 bytes apart
+
+enum Layout { kRowsLayout, kBlockedLayout, kSimtLayout };
+
+// The address of lane (g, q)'s 16 bytes of k-step t, row a (which 0) or b (which 1), in block blk.
+template <Layout L> __device__ __forceinline__ const bf16* piece(const bf16* w, int blk, int t, int which) {
+  const int lane = mpk::lane_id(), g = lane >> 2, q = lane & 3;
+  if constexpr (L == kRowsLayout)
+    return w + static_cast<size_t>(16 * blk + g + 8 * which) * K + (t * 4 + q) * 8;
+  else if constexpr (L == kBlockedLayout)
+    return w + static_cast<size_t>(blk) * 16 * K + ((t * 2 + which) * 32 + lane) * 8;
+  else  // rows 2 blk + which, 512 bytes of each a k-step
+    return w + static_cast<size_t>(2 * blk + which) * K + (t * 32 + lane) * 8;
+}
+
+template <Layout L, int U> __global__ void __launch_bounds__(kThreads) stream(const bf16* w, float* out, int k) {
+  extern __shared__ unsigned char x[];
+  for (int i = threadIdx.x; i < 4 * kStride / 4; i += kThreads) reinterpret_cast<unsigned*>(x)[i] = 0x3f803f80u * (i & 1);
+  __syncthreads();
+  const bf16* tile = w + static_cast<size_t>(blockIdx.x) * kRows * K;
+  const int lane = mpk::lane_id(), g = lane >> 2, q = lane & 3;
+  const unsigned char* xrow = x + (g & 3) * kStride;
+  const int blocks = L == kSimtLayout ? kRows / 2 : kBlocks;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int blk = mpk::warp_id(); blk < blocks; blk += kWarps) {
+    const int steps = L == kSimtLayout ? k / 256 : k / 32;  // at run time, as in the kernel
+#pragma unroll 1
+    for (int t = 0; t < steps; t += U) {
+      uint4 ra[U], rb[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const bool in = t + u < steps;  // as the kernel's loop: predicated loads, all issued before any use
+        ra[u] = in ? mpk::ld_stream<8>(piece<L>(tile, blk, t + u, 0)) : make_uint4(0, 0, 0, 0);
+        rb[u] = in ? mpk::ld_stream<8>(piece<L>(tile, blk, t + u, 1)) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (t + u >= steps) break;
+        const uint4 xv = *reinterpret_cast<const uint4*>(xrow + ((t + u) * 4 + q) % (K / 8) * 16);
+        mpk::mma_16816(acc, ra[u].x, rb[u].x, ra[u].y, rb[u].y, xv.x, xv.y);
+        mpk::mma_16816(acc, ra[u].z, rb[u].z, ra[u].w, rb[u].w, xv.z, xv.w);
+      }
+    }
+  }
+  out[blockIdx.x * kThreads + threadIdx.x] = acc[0] + acc[1] + acc[2] + acc[3];
+}
+
+template <Layout L, int U> float gbps(const bf16* w, float* out, int ctas) {
+  const int smem = 4 * kStride;
+  auto launch = [&] { stream<L, U><<<ctas, kThreads, smem>>>(w, out, K); };
+  const float ms = best_ms(kProgram, [] {}, launch);
+  return static_cast<double>(ctas) * kRows * K * 2 / (ms * 1e6);
+}
+
+int main() {
+  int sms;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const size_t bytes = static_cast<size_t>(sms) * kRows * K * 2;
+  bf16* w;
+  float* out;
+  CHECK(cudaMalloc(&w, bytes));
+  CHECK(cudaMalloc(&out, sms * kThreads * sizeof(float)));
+  CHECK(cudaMemset(w, 0x3c, bytes));
+  std::printf("%s, %d SMs; GB/s per SM streaming a 384 x 4096 bf16 tile per CTA (mma.sync, batch 4)\n", prop.name, sms);
+  std::printf("%-8s %3s %10s %10s %12s\n", "layout", "U", "1 SM", "all SMs", "all (TB/s)");
+  auto row = [&](const char* name, int u, float one, float all) {
+    std::printf("%-8s %3d %10.1f %10.1f %12.2f\n", name, u, one, all / sms, all / 1e3);
+  };
+  row("rows", 8, gbps<kRowsLayout, 8>(w, out, 1), gbps<kRowsLayout, 8>(w, out, sms));
+  row("blocked", 8, gbps<kBlockedLayout, 8>(w, out, 1), gbps<kBlockedLayout, 8>(w, out, sms));
+  row("simt", 8, gbps<kSimtLayout, 8>(w, out, 1), gbps<kSimtLayout, 8>(w, out, sms));
+  row("rows", 16, gbps<kRowsLayout, 16>(w, out, 1), gbps<kRowsLayout, 16>(w, out, sms));
+  row("blocked", 16, gbps<kBlockedLayout, 16>(w, out, 1), gbps<kBlockedLayout, 16>(w, out, sms));
+  row("simt", 16, gbps<kSimtLayout, 16>(w, out, 1), gbps<kSimtLayout, 16>(w, out, sms));
+  return 0;
+}
