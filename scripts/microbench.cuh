@@ -18,8 +18,13 @@
     }                                                                                 \
   } while (0)
 
-// Relaxed stores of tagged words within one GPU (mpk::ld_relaxed loads them; mpk::ld_word / st_word
-// are the cross-GPU ones), and loads of a peer's floats across GPUs.
+// Relaxed loads and stores of tagged words within one GPU (mpk::ld_word / st_word are the cross-GPU
+// ones), and loads of a peer's floats across GPUs.
+__device__ __forceinline__ unsigned long long ld_relaxed_gpu(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
 __device__ __forceinline__ void st_relaxed_gpu(unsigned long long* p, unsigned long long v) {
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }

@@ -76,10 +76,10 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan
       unsigned long long w[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j)
-        w[j] = i0 + j * kThreads < n ? mpk::ld_relaxed(in + i0 + j * kThreads) : mpk::tagged_word(0.f, want);
+        w[j] = i0 + j * kThreads < n ? ld_relaxed_gpu(in + i0 + j * kThreads) : mpk::tagged_word(0.f, want);
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        while (mpk::word_tag(w[j]) != want) w[j] = mpk::ld_relaxed(in + i0 + j * kThreads);
+        while (mpk::word_tag(w[j]) != want) w[j] = ld_relaxed_gpu(in + i0 + j * kThreads);
         s += mpk::word_value(w[j]);
       }
     }

@@ -71,12 +71,12 @@ def per_variant(source: str, flags: list[str]) -> int:
     if not shutil.which("cuobjdump"):
         print("--per-variant needs cuobjdump on the PATH", file=sys.stderr)
         return 1
-    cases = re.findall(r"^ +case (\d+): V\d+::run\(t, op, smem\); break;\n", source, re.M)
+    case = re.compile(r"^ +case (\d+): V\d+::run\(t, op, smem\); break;\n", re.M)  # a dispatch case
+    cases = case.findall(source)
     declared = dict(re.findall(r"^using V(\d+) = (.*);$", source, re.M))
 
     def only(keep: str | None) -> str:
-        return re.sub(r"^ +case (\d+): V\d+::run\(t, op, smem\); break;\n",
-                      lambda m: m.group(0) if m.group(1) == keep else "", source, flags=re.M)
+        return case.sub(lambda m: m.group(0) if m.group(1) == keep else "", source)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         sizes = list(pool.map(lambda keep: sum(build(only(keep), flags)[2].values()), [None, *cases]))

@@ -133,6 +133,11 @@ def _cuda_shapes(op, tg, norm_role: str) -> tuple[tuple, dict]:
     return args, {"groups": g, "seq": s, "splits": splits}
 
 
+# What every attention task reads first: its group's rows of the QKV output, the position's RoPE row
+# and, where the model has them, the q/k-norm weights.
+HEAD_INPUTS = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True))
+
+
 class AttentionSplit(OpKind):
     """Softmax attention of group g's query heads over split s's share of rows [lo, step] (flash decoding).
 
@@ -144,8 +149,7 @@ class AttentionSplit(OpKind):
     per_sequence = True
     header = "attention.cuh"
     template = "AttentionSplit"
-    inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
-              Operand("k_cache"), Operand("v_cache"))
+    inputs = (*HEAD_INPUTS, Operand("k_cache"), Operand("v_cache"))
     outputs = (Operand("part"), Operand("lse"))
 
     def tiles(self, op, prog):
@@ -237,8 +241,7 @@ class Attention(OpKind):
     per_sequence = True
     header = "attention.cuh"
     template = "Attention"
-    inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
-              Operand("k_past"), Operand("v_past"))
+    inputs = (*HEAD_INPUTS, Operand("k_past"), Operand("v_past"))
     outputs = (Operand("out"), Operand("k_cache"), Operand("v_cache"))
     aliases = {"k_past": "k_cache", "v_past": "v_cache"}  # the earlier rows, read through the cache's pointer
 

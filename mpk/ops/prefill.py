@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mpk.models.functional import rms_norm
-from mpk.ops.attention import _check_heads, _kv_type
+from mpk.ops.attention import HEAD_INPUTS, _check_heads, _kv_type
 from mpk.ops.base import (Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, nbytes, shape, spans,
                           whole)
 
@@ -56,8 +56,7 @@ class PrefillAttention(OpKind):
     header = "prefill_attention.cuh"
     template = "PrefillAttention"
     # k_past / v_past: the cache tensors again, for the positions before the chunk (chunks after the first).
-    inputs = (Operand("qkv"), Operand("rope"), Operand("q_norm", optional=True), Operand("k_norm", optional=True),
-              Operand("k_past", optional=True), Operand("v_past", optional=True))
+    inputs = (*HEAD_INPUTS, Operand("k_past", optional=True), Operand("v_past", optional=True))
     outputs = (Operand("out"), Operand("k_cache"), Operand("v_cache"))
     aliases = {"k_past": "k_cache", "v_past": "v_cache"}  # read through the cache's pointer (no slot to spare)
 
