@@ -186,15 +186,17 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
         if pages is not None:
             kernel.set_kv_table(table)
         fill_kv_cache(kernel)
-        kernel.run(min(steps, 8), max_new_tokens=None, first_step=context)  # warm-up: module load, first touch
+        # A timed run goes all its steps: a random model's greedy tokens may hit an end-of-sequence id.
+        kernel.run(min(steps, 8), max_new_tokens=None, first_step=context, eos_token_ids=[])  # warm-up
         kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
         for d in kernel.devices:
             torch.cuda.synchronize(d)
         t0 = time.perf_counter()
-        result = kernel.run(steps, max_new_tokens=None, first_step=context)
+        result = kernel.run(steps, max_new_tokens=None, first_step=context, eos_token_ids=[])
         seconds = time.perf_counter() - t0
         if result.steps != steps:
-            raise MpkError(f"the megakernel ran {result.steps} of {steps} steps")
+            raise MpkError(f"the megakernel ran {result.steps} of {steps} steps with nothing to stop it "
+                           f"({kernel.stop_state()}); please report this with the command that showed it")
         summary = None
         if profile:
             from mpk.profile import summarize_trace, write_trace

@@ -39,10 +39,14 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // instead, the slots of a round reused by the next.
   static constexpr int kMaxSlots = 48;
   static constexpr int kSlotOffset = kPartOffset + cmax(kSplitBelow, kWarps) * kBlockFloats * 4;
-  static constexpr int U = 8;  // k-steps of weight loads in flight per lane (2 rows x 16 B each)
   // Weights stream past L1 up to batch 4; beyond, through L1. On an H200 streaming made qwen3-8b's
   // batch-4 step 2.5% faster and its batch-8 step 5.5% slower (docs/perf.md).
   static constexpr bool kStreamLoads = B <= 4;
+  // k-steps of weight loads in flight per lane (2 rows x 16 B each). Through L1 (batches 5-8) the
+  // loads in flight must fit the L1 that shared memory leaves (28 KB beside qwen3-8b's 225 KB at
+  // batch 8): U = 8 is 64 KB an SM, U = 4 32 KB. On an H200, U = 4 made batch 8 0.4-7.4% faster and
+  // batch 4 4-7% slower; U = 2 and 6 were slower at batch 8 than both (docs/perf.md).
+  static constexpr int U = kStreamLoads ? 8 : 4;
   static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
   // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
   // instead of two: stage_normed_via_smem), over the partial sums and slots, not in use yet.

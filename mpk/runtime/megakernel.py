@@ -201,6 +201,18 @@ class Megakernel(Executor):
         for rs in self.ranks:
             rs.mapped["host_flags"].array[index] = value
 
+    def stop_state(self) -> str:
+        """The words that end a run, as the last run left them: for an error about a run that ended early."""
+        abi, words = self.abi, []
+        for rs in self.ranks:
+            stop = int(rs.dev["ctl"][abi.kCtlStopStep])
+            words.append(f"{f'rank {rs.rank}: ' if len(self.ranks) > 1 else ''}"
+                         f"stop step {'none' if stop == NO_STOP else stop}, "
+                         f"steps done {int(rs.mapped['steps_done'].array[0])}, "
+                         f"sequences finished {int(rs.dev['seq_done'].sum())} of {self.tg.batch}, "
+                         f"stop request {int(rs.mapped['host_flags'].array[abi.kFlagStopRequest])}")
+        return "; ".join(words)
+
     # --- tensors -------------------------------------------------------------------------------
 
     def load(self, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:

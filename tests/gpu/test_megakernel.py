@@ -423,6 +423,18 @@ def test_stops_at_eos_and_on_request(checkpoint):
     report(check="stop", case="llama", batch=1, eos_step=at_eos.steps - 1, request_step=6)
 
 
+def test_the_bench_times_every_step_whatever_the_tokens(checkpoint):
+    """A timed run ignores end-of-sequence ids: here every token is one, and the bench still runs its steps."""
+    from mpk.bench import time_mpk
+
+    cfg, hf = checkpoint("llama")
+    tg = compile_model(cfg, batch=2, max_seq_len=32, num_sms=8)
+    tg.model["eos_token_ids"] = list(range(cfg.vocab_size))
+    weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), [[1], [1]])
+    seconds, _ = time_mpk(tg, weights, meta, 16, torch.device("cuda"))
+    assert seconds > 0
+
+
 def test_watchdog_names_the_stalled_wait(checkpoint):
     cfg, hf = checkpoint("llama")
     tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=8)
