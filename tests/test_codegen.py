@@ -336,6 +336,18 @@ def test_gemv_strategy_switch(tmp_path, monkeypatch):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("matmul_inputs", ["bfloat16", "float32"])
+def test_staged_row_loads_build(tmp_path, monkeypatch, matmul_inputs):
+    """MPK_MMA_ROWS=1: the tensor-core GEMV's row loads staged through shared memory (an A/B knob)."""
+    src = generate_source(graph(tiny_cfg(hidden_size=256, intermediate_size=512), batch=4, matmul_inputs=matmul_inputs))
+    monkeypatch.setenv("MPK_MMA_ROWS", "1")
+    assert "-DMPK_MMA_ROWS" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    monkeypatch.setenv("MPK_MMA_ROWS", "yes")
+    with pytest.raises(MpkError, match="MPK_MMA_ROWS must be 0 or 1"):
+        build(src, "sm_90a", debug=False, cache=tmp_path)
+
+
+@needs_nvcc
 def test_float32_activation_kernel_builds_with_asserts(tmp_path):
     tg = compile_program(build_decode_program(tiny_cfg(), 4, 64, 1, 8, "float32"))
     assert build(generate_source(tg), "sm_90a", debug=True, cache=tmp_path).is_file()

@@ -47,11 +47,26 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // batch 8): U = 8 is 64 KB an SM, U = 4 32 KB. On an H200, U = 4 made batch 8 0.4-7.4% faster and
   // batch 4 4-7% slower; U = 2 and 6 were slower at batch 8 than both (docs/perf.md).
   static constexpr int U = kStreamLoads ? 8 : 4;
+  // MPK_MMA_ROWS=1 (build knob, for A/B): each warp load reads 512 contiguous bytes of one weight row
+  // (the batch-1 shape) into registers, stores them in a per-warp staging area of shared memory and
+  // reads fragments back, instead of loading fragments directly (8 rows x 64 B per warp load). The
+  // next round's loads are issued before this round's products. With U = 8 (a round is one warp load
+  // per row) and where the staging fits. Off by default: on an H200 it made llama-3.2-1b b4 and
+  // qwen3-8b b2 3% faster, qwen3-8b b4 1%, and qwen3-0.6b b4 4% slower (docs/perf.md).
+  static constexpr int kStageStride = U * 64 + 64;  // bytes per staged row: fragment reads of rows g, g + 1 differ by 16 banks
+  static constexpr int kStageBytes = 16 * kStageStride;
   static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
   // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
   // instead of two: stage_normed_via_smem), over the partial sums and slots, not in use yet.
   static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
-  static constexpr int SMEM = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
+  static constexpr int kBaseSmem = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
+  static constexpr int kStageOffset = align16(kBaseSmem);
+#ifdef MPK_MMA_ROWS
+  static constexpr bool kRowLoads = U * 4 == 32 && kStageOffset + kWarps * kStageBytes <= kSmemCap - kStaticSmem;
+#else
+  static constexpr bool kRowLoads = false;
+#endif
+  static constexpr int SMEM = kRowLoads ? kStageOffset + kWarps * kStageBytes : kBaseSmem;
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap - kStaticSmem;
 
   // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
@@ -128,6 +143,40 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     }
   }
 
+  // One warp, as block_dots<false> over rows row0 .. row0 + 15 (clamped to `last`), with row loads
+  // staged through `stage` (kRowLoads).
+  __device__ static void block_dots_rows(const unsigned char* s, const bf16* w, int row0, int last, int t0, int t1,
+                                         unsigned char* stage, float (&acc)[4]) {
+    const int lane = lane_id(), g = lane >> 2, q = lane & 3;
+    const bool has_x = g < B;
+    const unsigned char* xrow = s + (has_x ? g : 0) * kPlanes * kStride;
+    const bf16* lane_w = w + static_cast<size_t>(row0) * K + lane * 8;
+    const int rows = last - row0 + 1;  // rows past the end load zeros, their sums unused
+    uint4 v[16];
+    auto issue = [&](int t) {
+      const bool in = t + (lane >> 2) < t1;  // lane L loads k-chunk 4t + L: k-step t + L / 4
+#pragma unroll
+      for (int r = 0; r < 16; ++r)
+        v[r] = in && r < rows ? ld_w<8, false, kStreamLoads>(lane_w + r * K + t * 32) : make_uint4(0, 0, 0, 0);
+    };
+    if (t0 < t1) issue(t0);
+#pragma unroll 1
+    for (int t = t0; t < t1; t += U) {
+#pragma unroll
+      for (int r = 0; r < 16; ++r) *reinterpret_cast<uint4*>(stage + r * kStageStride + lane * 16) = v[r];
+      __syncwarp();
+      if (t + U < t1) issue(t + U);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (t + u >= t1) break;
+        const uint4 a = *reinterpret_cast<const uint4*>(stage + g * kStageStride + (u * 4 + q) * 16);
+        const uint4 b = *reinterpret_cast<const uint4*>(stage + (g + 8) * kStageStride + (u * 4 + q) * 16);
+        mma_step(xrow, has_x, (t + u) * 4 + q, a, b, acc);
+      }
+      __syncwarp();
+    }
+  }
+
   // epilogue(c, acc[RPC][B]) on every lane, from sums laid out [row][8] with row 0 = column c's first.
   template <class Epilogue> __device__ static void emit(const float* rows, int c, Epilogue& epilogue) {
     float acc[RPC][B];
@@ -162,6 +211,8 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       if (16 * blk + 16 <= head_rows) {
         block_dots<true>(smem, head + static_cast<size_t>(16 * blk + g) * K, head + static_cast<size_t>(16 * blk + g + 8) * K,
                          s0, s1, acc);
+      } else if constexpr (kRowLoads) {
+        block_dots_rows(smem, w, row, r1 - 1, s0, s1, smem + kStageOffset + warp_id() * kStageBytes, acc);
       } else {
         const bf16* wa = w + static_cast<size_t>(min(row + g, r1 - 1)) * K;  // past the end: a duplicate row, unused
         const bf16* wb = w + static_cast<size_t>(min(row + g + 8, r1 - 1)) * K;
