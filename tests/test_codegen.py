@@ -336,14 +336,14 @@ def test_gemv_strategy_switch(tmp_path, monkeypatch):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("matmul_inputs", ["bfloat16", "float32"])
-def test_staged_row_loads_build(tmp_path, monkeypatch, matmul_inputs):
-    """MPK_MMA_ROWS=1: the tensor-core GEMV's row loads staged through shared memory (an A/B knob)."""
+@pytest.mark.parametrize("matmul_inputs, rows", [("bfloat16", "1"), ("float32", "1"), ("bfloat16", "2")])
+def test_staged_row_loads_build(tmp_path, monkeypatch, matmul_inputs, rows):
+    """MPK_MMA_ROWS=1 or 2: the tensor-core GEMV's row loads staged through shared memory (an A/B knob)."""
     src = generate_source(graph(tiny_cfg(hidden_size=256, intermediate_size=512), batch=4, matmul_inputs=matmul_inputs))
-    monkeypatch.setenv("MPK_MMA_ROWS", "1")
-    assert "-DMPK_MMA_ROWS" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    monkeypatch.setenv("MPK_MMA_ROWS", rows)
+    assert f"-DMPK_MMA_ROWS={rows}" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
     monkeypatch.setenv("MPK_MMA_ROWS", "yes")
-    with pytest.raises(MpkError, match="MPK_MMA_ROWS must be 0 or 1"):
+    with pytest.raises(MpkError, match="MPK_MMA_ROWS must be 0, 1 or 2"):
         build(src, "sm_90a", debug=False, cache=tmp_path)
 
 

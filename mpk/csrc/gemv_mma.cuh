@@ -51,8 +51,9 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // (the batch-1 shape) into registers, stores them in a per-warp staging area of shared memory and
   // reads fragments back, instead of loading fragments directly (8 rows x 64 B per warp load). The
   // next round's loads are issued before this round's products. With U = 8 (a round is one warp load
-  // per row) and where the staging fits. Off by default: on an H200 it made llama-3.2-1b b4 and
-  // qwen3-8b b2 3% faster, qwen3-8b b4 1%, and qwen3-0.6b b4 4% slower (docs/perf.md).
+  // per row) and where the staging fits; MPK_MMA_ROWS=2: only for items of two rounds or more (one
+  // round has nothing to overlap the staging with). Off by default: on an H200, =1 made llama-3.2-1b
+  // b4 and qwen3-8b b2 3% faster, qwen3-8b b4 1%, and qwen3-0.6b b4 4% slower (docs/perf.md).
   static constexpr int kStageStride = U * 64 + 64;  // bytes per staged row: fragment reads of rows g, g + 1 differ by 16 banks
   static constexpr int kStageBytes = 16 * kStageStride;
   static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
@@ -63,8 +64,10 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   static constexpr int kStageOffset = align16(kBaseSmem);
 #ifdef MPK_MMA_ROWS
   static constexpr bool kRowLoads = U * 4 == 32 && kStageOffset + kWarps * kStageBytes <= kSmemCap - kStaticSmem;
+  static constexpr int kRowLoadsFrom = MPK_MMA_ROWS == 2 ? 2 * U : 0;  // the fewest k-steps an item takes them for
 #else
   static constexpr bool kRowLoads = false;
+  static constexpr int kRowLoadsFrom = 0;
 #endif
   static constexpr int SMEM = kRowLoads ? kStageOffset + kWarps * kStageBytes : kBaseSmem;
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap - kStaticSmem;
@@ -211,7 +214,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       if (16 * blk + 16 <= head_rows) {
         block_dots<true>(smem, head + static_cast<size_t>(16 * blk + g) * K, head + static_cast<size_t>(16 * blk + g + 8) * K,
                          s0, s1, acc);
-      } else if constexpr (kRowLoads) {
+      } else if (kRowLoads && s1 - s0 >= kRowLoadsFrom) {
         block_dots_rows(smem, w, row, r1 - 1, s0, s1, smem + kStageOffset + warp_id() * kStageBytes, acc);
       } else {
         const bf16* wa = w + static_cast<size_t>(min(row + g, r1 - 1)) * K;  // past the end: a duplicate row, unused

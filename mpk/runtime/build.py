@@ -108,10 +108,10 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
     if gemv == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
     mma_rows = os.environ.get("MPK_MMA_ROWS", "0")
-    if mma_rows not in ("0", "1"):
-        raise MpkError(f"MPK_MMA_ROWS must be 0 or 1, not {mma_rows!r}")
-    if mma_rows == "1":
-        flags.append("-DMPK_MMA_ROWS")  # tensor-core GEMV weights as row loads staged in shared memory, for A/B
+    if mma_rows not in ("0", "1", "2"):
+        raise MpkError(f"MPK_MMA_ROWS must be 0, 1 or 2, not {mma_rows!r}")
+    if mma_rows != "0":  # tensor-core GEMV weights as row loads staged in shared memory, for A/B
+        flags.append(f"-DMPK_MMA_ROWS={mma_rows}")
     head_kb = os.environ.get("MPK_HEAD_KB", "")
     if head_kb:
         if not (head_kb.isdigit() or head_kb == "max"):
