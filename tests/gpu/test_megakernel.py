@@ -418,6 +418,8 @@ def test_stops_at_eos_and_on_request(checkpoint):
     mk.set_meta(program_inputs(cfg, mk.tg, {}, prompts)[1])  # the same prompts again
     at_eos = mk.run(24, eos_token_ids=[eos])
     assert at_eos.stopped and at_eos.steps == 4 + first + 1 and at_eos.tokens == free.tokens[: at_eos.steps]
+    assert mk.stop_state() == (f"stop step {at_eos.steps - 1}, steps done {at_eos.steps}, sequences finished 1 of 1, "
+                               "stop request 0")
     asked = mk.run(24, eos_token_ids=[], on_step=lambda s, toks: s == 6)
     assert asked.stopped and asked.steps == 7 and asked.tokens == free.tokens[:7]
     report(check="stop", case="llama", batch=1, eos_step=at_eos.steps - 1, request_step=6)
