@@ -200,11 +200,8 @@ __global__ void __launch_bounds__(kThreads, 1) layers(const __nv_bfloat16* wb, c
 
 int main(int argc, char** argv) {
   const bool timeline_only = argc > 1 && std::string(argv[1]) == "timeline";
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);
-  int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const cudaDeviceProp prop = device_props(kProgram);
+  const int sms = prop.multiProcessorCount;
   if (sms < kCtas) {
     std::fprintf(stderr, "gap_fill: needs %d SMs, the GPU has %d\n", kCtas, sms);
     return 1;

@@ -252,11 +252,8 @@ __global__ void stream_only(const __nv_bfloat16* w, float* sink, int L) {
 }
 
 int main() {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);
-  int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const cudaDeviceProp prop = device_props(kProgram);
+  const int sms = prop.multiProcessorCount;
   const int L = 64;
   const size_t wbytes = static_cast<size_t>(L) * N * K * sizeof(__nv_bfloat16);
   __nv_bfloat16* w;

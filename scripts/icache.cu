@@ -55,10 +55,8 @@ template <int F> void row(int sms, float* sink) {
 }
 
 int main() {
-  int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const cudaDeviceProp prop = device_props(kProgram);
+  const int sms = prop.multiProcessorCount;
   float* sink;
   CHECK(cudaMalloc(&sink, sms * kThreads * sizeof(float)));
   std::printf("%s, %d SMs, one CTA of %d threads each, %d tasks\n", prop.name, sms, kThreads, kTasks);

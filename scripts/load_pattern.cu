@@ -73,10 +73,8 @@ template <Layout L, int U> float gbps(const bf16* w, float* out, int ctas) {
 }
 
 int main() {
-  int sms;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const cudaDeviceProp prop = device_props(kProgram);
+  const int sms = prop.multiProcessorCount;
   const size_t bytes = static_cast<size_t>(sms) * kRows * K * 2;
   bf16* w;
   float* out;

@@ -1,6 +1,6 @@
 // What the standalone microbenchmarks in scripts/ share: a CUDA-call check that ends the program in one
 // line, relaxed loads and stores within one GPU, a bf16 dot product, a counter wait, mbarrier helpers,
-// and a best-of timer. Counters' acquire and release and the tagged words are the megakernel's own
+// the GPU's properties, and a best-of timer. Counters' acquire and release and the tagged words are the megakernel's own
 // (mpk_runtime.cuh). Build with -Impk/csrc.
 #pragma once
 
@@ -66,6 +66,21 @@ __device__ __forceinline__ void mbar_wait_parity(unsigned long long* bar, uint32
   while (!done)
     asm volatile("{\n .reg .pred q;\n mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2;\n selp.u32 %0, 1, 0, q;\n}"
                  : "=r"(done) : "r"(mpk::smem_addr(bar)), "r"(parity) : "memory");
+}
+
+// The current GPU's properties (the header lines print its name and multiProcessorCount), with stdout
+// line-buffered so that each row shows as it is measured. Ends the program in one line without a GPU.
+inline cudaDeviceProp device_props(const char* program) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  int dev = 0;
+  cudaDeviceProp prop;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaGetDeviceProperties(&prop, dev);
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: no usable CUDA GPU: %s\n", program, cudaGetErrorString(e));
+    std::exit(1);
+  }
+  return prop;
 }
 
 // Milliseconds of `launch()` at its best over three timed runs after a warm-up, `reset()` before each.

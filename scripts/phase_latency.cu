@@ -101,12 +101,8 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan
 }
 
 int main() {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row as it is measured
-  int dev = 0, sms = 0;
-  CHECK(cudaGetDevice(&dev));
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, dev));
+  const cudaDeviceProp prop = device_props(kProgram);
+  const int sms = prop.multiProcessorCount;
   const int phases = 4000;
   std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases; us per phase\n", prop.name, sms, kThreads, phases);
   std::printf("%-6s %-6s %12s %12s\n", "slice", "fan", "counter", "tagged");

@@ -76,12 +76,8 @@ __global__ void phases_kernel(V* vec, unsigned long long* counters, int n, int p
 }
 
 int main() {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);
-  int dev = 0, sms = 0;
-  CHECK(cudaGetDevice(&dev));
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, dev));
+  const cudaDeviceProp prop = device_props(kProgram);
+  const int sms = prop.multiProcessorCount;
   const int phases = 4000;
   std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases; us per phase\n", prop.name, sms, kThreads, phases);
   std::printf("%-6s %10s %10s %10s %14s\n", "n", "slice", "fixed", "f32x4", "fixed - slice");

@@ -225,7 +225,6 @@ template <Mode M> float run(Gpu (&g)[2], int n, int slice, int phases, int sms) 
 }
 
 int main() {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row as it is measured
   int count = 0;
   CHECK(cudaGetDeviceCount(&count));
   if (count < 2) {
@@ -238,11 +237,8 @@ int main() {
     std::fprintf(stderr, "tp_phase_latency: GPUs 0 and 1 have no peer access\n");
     return 1;
   }
-  int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  sms = sms < 128 ? sms : 128;  // a TP=2 layer's tasks per op
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const cudaDeviceProp prop = device_props(kProgram);
+  const int sms = prop.multiProcessorCount < 128 ? prop.multiProcessorCount : 128;  // a TP=2 layer's tasks per op
   const int phases = 2000, max_slice = kThreads;
   const int n = max_slice * sms;
   Gpu g[2];
