@@ -439,11 +439,14 @@ def cmd_serve(args) -> int:
     if backend == "cuda" and args.kv_block_rows and args.gpu_memory_utilization is None:
         args.gpu_memory_utilization = defaults.SERVE_GPU_MEMORY_UTILIZATION
     kv_blocks = _check_memory(source, args, backend, args.max_batch, seq_len, device)
-    # Bind before loading weights, so a taken port is one line at once rather than after the load.
+    # Bind before loading weights, so a taken port is one line at once rather than after the load, and
+    # listen at once, so a client that connects as soon as the "serving" line shows waits in the
+    # backlog until the server accepts instead of being refused.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen()
     except OSError as e:
         sock.close()
         raise MpkError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None

@@ -33,6 +33,24 @@ def test_serve_on_a_taken_port_is_one_line(capsys):
     assert_one_line_error(code, err, "cannot listen on 127.0.0.1:" + port)
 
 
+def test_serve_listens_before_it_says_so(make_checkpoint, monkeypatch, capsys):
+    """A client that connects as soon as the "serving" line shows waits in the backlog, not refused."""
+    import uvicorn
+
+    path = make_checkpoint("llama", vocab_size=300)
+    tiny_tokenizers.save(tiny_tokenizers.byte_level(), path)
+    connected = []
+
+    def run_connecting(server, sockets):
+        with socket.create_connection(sockets[0].getsockname()[:2], timeout=5):
+            connected.append(True)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run_connecting)
+    code, _, err = run_cli(capsys, "serve", str(path), "--backend", "sim", "--dtype", "float32", "--port", "0",
+                           "--max-seq-len", "32")
+    assert code == 0 and "serving " in err and connected == [True]
+
+
 def test_serve_answers_on_the_port_it_names(make_checkpoint):
     path = make_checkpoint("llama", vocab_size=300)
     tiny_tokenizers.save(tiny_tokenizers.byte_level(), path)
