@@ -348,6 +348,18 @@ def test_staged_row_loads_build(tmp_path, monkeypatch, matmul_inputs, rows):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("batch", [1, 4, 8])  # streamed loads, tensor cores streamed and through L1
+def test_l2_fetch_hint_builds(tmp_path, monkeypatch, batch):
+    """MPK_L2_FETCH=256: the weight loads carry PTX's L2 prefetch-size hint (an A/B knob)."""
+    src = generate_source(graph(tiny_cfg(hidden_size=256, intermediate_size=512), batch=batch))
+    monkeypatch.setenv("MPK_L2_FETCH", "256")
+    assert "-DMPK_L2_FETCH=256" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    monkeypatch.setenv("MPK_L2_FETCH", "512")
+    with pytest.raises(MpkError, match="MPK_L2_FETCH must be 0, 64, 128 or 256 bytes"):
+        build(src, "sm_90a", debug=False, cache=tmp_path)
+
+
+@needs_nvcc
 def test_float32_activation_kernel_builds_with_asserts(tmp_path):
     tg = compile_program(build_decode_program(tiny_cfg(), 4, 64, 1, 8, "float32"))
     assert build(generate_source(tg), "sm_90a", debug=True, cache=tmp_path).is_file()

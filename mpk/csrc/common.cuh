@@ -75,9 +75,34 @@ template <> struct Packed<4> { using T = uint2; };
 template <> struct Packed<8> { using T = uint4; };
 template <int N> using packed_t = typename Packed<N>::T;
 
+// MPK_L2_FETCH=64/128/256 (build knob, for A/B): the 16-byte weight loads ask L2 to fetch that many
+// bytes around each request from memory (PTX's .L2::NB prefetch size), so a row's next chunks are on
+// their way before their own loads. 0 (default): no hint.
+#ifndef MPK_L2_FETCH
+#define MPK_L2_FETCH 0
+#endif
+#if MPK_L2_FETCH == 0
+#define MPK_L2_FETCH_HINT ""
+#elif MPK_L2_FETCH == 64
+#define MPK_L2_FETCH_HINT ".L2::64B"
+#elif MPK_L2_FETCH == 128
+#define MPK_L2_FETCH_HINT ".L2::128B"
+#elif MPK_L2_FETCH == 256
+#define MPK_L2_FETCH_HINT ".L2::256B"
+#else
+#error "MPK_L2_FETCH must be 0, 64, 128 or 256"
+#endif
+
 // Loads of constant data (weights): read-only path.
 template <int N> __device__ __forceinline__ packed_t<N> ld_weight(const bf16* p) {
-  return __ldg(reinterpret_cast<const packed_t<N>*>(p));
+  if constexpr (N == 8 && MPK_L2_FETCH != 0) {
+    uint4 v;
+    asm("ld.global.nc" MPK_L2_FETCH_HINT ".v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+  } else {
+    return __ldg(reinterpret_cast<const packed_t<N>*>(p));
+  }
 }
 // Loads of the weights a GEMV streams, each byte once a step: read-only path, and no L1 line taken,
 // so the stream does not evict what the task reads again (staged inputs, norm weights). On an H200
@@ -85,7 +110,7 @@ template <int N> __device__ __forceinline__ packed_t<N> ld_weight(const bf16* p)
 template <int N> __device__ __forceinline__ packed_t<N> ld_stream(const bf16* p) {
   if constexpr (N == 8) {
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm("ld.global.nc.L1::no_allocate" MPK_L2_FETCH_HINT ".v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
   } else if constexpr (N == 4) {

@@ -112,6 +112,11 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
         raise MpkError(f"MPK_MMA_ROWS must be 0, 1 or 2, not {mma_rows!r}")
     if mma_rows != "0":  # tensor-core GEMV weights as row loads staged in shared memory, for A/B
         flags.append(f"-DMPK_MMA_ROWS={mma_rows}")
+    l2_fetch = os.environ.get("MPK_L2_FETCH", "0")
+    if l2_fetch not in ("0", "64", "128", "256"):
+        raise MpkError(f"MPK_L2_FETCH must be 0, 64, 128 or 256 bytes, not {l2_fetch!r}")
+    if l2_fetch != "0":  # weight loads with an L2 prefetch-size hint, for A/B
+        flags.append(f"-DMPK_L2_FETCH={l2_fetch}")
     head_kb = os.environ.get("MPK_HEAD_KB", "")
     if head_kb:
         if not (head_kb.isdigit() or head_kb == "max"):
