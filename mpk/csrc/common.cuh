@@ -34,6 +34,14 @@ constexpr bool kBulkCopy = MPK_BULK_COPY;
 #ifndef MPK_HEAD_KB
 #define MPK_HEAD_KB 0
 #endif
+// MPK_HEAD_PACE_NS > 0 (with MPK_HEAD_KB): only a task that waits on a phase streaming no weights
+// (the O projection after attention) gets a head, copied while it waits, one kHeadPiece every that
+// many ns, the rest at once when its event fires; a build knob for A/B (docs/perf.md).
+#ifndef MPK_HEAD_PACE_NS
+#define MPK_HEAD_PACE_NS 0
+#endif
+constexpr int kHeadPaceNs = MPK_HEAD_PACE_NS;
+constexpr unsigned kHeadPiece = 8 * 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr float kNegInf = -__builtin_huge_valf();
 

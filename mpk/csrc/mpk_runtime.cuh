@@ -248,14 +248,19 @@ __device__ __forceinline__ int poll_counter(const unsigned long long* ctr, long 
 // before this step, or the host asked to abort). The first polls spin; the SM's progress words
 // (host-mapped, a PCIe write) are published only once the wait has lasted, so a short wait costs
 // one acquire load per poll and nothing else.
-__device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry& e, long long step, long long rel) {
+template <class Tick>
+__device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry& e, long long step, long long rel,
+                           Tick&& tick) {
   const int task = e.id, ev = e.task.wait;
   if (starts_a_step(e) && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
   if (ev < 0 || e.ev_polled) return true;
   MPK_ASSERT(e.ev_lag == 0 || e.ev_lag == 1);
   const long long need = static_cast<long long>(e.ev_target) * (rel + 1 - e.ev_lag);
   const unsigned long long* ctr = p.counters + ev;
-  auto still = [&](unsigned poll) { return keep_waiting(p, sm, seq, task, step, ev, poll); };
+  auto still = [&](unsigned poll) {
+    tick();
+    return keep_waiting(p, sm, seq, task, step, ev, poll);
+  };
   const int why = e.ev_sys ? poll_counter<true>(ctr, need, still) : poll_counter<false>(ctr, need, still);
   if (why) publish(p, sm, seq, task, step, ev, why == kGiveUpStopped ? kStateStopped : kStateAborted);
   return !why;
@@ -271,12 +276,18 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Thread 0: announce `bytes` of copies completing on `bar`, then issue them (16-byte multiples).
-__device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long src, uint32_t bytes,
-                                          unsigned long long* bar) {
+// Thread 0: announce `bytes` of copies that will complete on `bar` (its one arrival).
+__device__ __forceinline__ void expect_bytes(unsigned long long* bar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
                ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+
+// Thread 0: copy `bytes` (16-byte multiples) from global memory to shared memory, completing on `bar`.
+__device__ __forceinline__ void bulk_copy(unsigned char* dst, unsigned long long src, uint32_t bytes,
+                                          unsigned long long* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Evict-first: a weight is read once per step, so it should not push activations out of L2.
   unsigned long long policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -288,6 +299,13 @@ __device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long
         ::"r"(smem_addr(dst + off)), "l"(src + off), "r"(n), "r"(smem_addr(bar)), "l"(policy) : "memory");
   }
 #endif
+}
+
+// Thread 0: announce `bytes` of copies completing on `bar`, then issue them.
+__device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long src, uint32_t bytes,
+                                          unsigned long long* bar) {
+  expect_bytes(bar, bytes);
+  bulk_copy(dst, src, bytes, bar);
 }
 
 // All threads: spin until `ready()`. Thread 0 reads the host's abort flag now and then (a PCIe
@@ -393,6 +411,34 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
     in_flight |= 1u << b;
   }
 
+  // Paced heads (kHeadPaceNs): thread 0 starts task `task`'s own head into buffer b as the task
+  // begins to wait (`begin`), copies a piece each kHeadPaceNs while it waits (`tick`, from the poll
+  // loop) and the rest when the wait ends (`finish`, also when it gives up: every announced byte lands).
+  unsigned long long pace_src = 0, pace_next = 0;
+  uint32_t pace_done = 0, pace_bytes = 0;
+  int pace_buffer = 0;
+
+  __device__ void begin(const MpkParams& p, int task, int b) {
+    pace_bytes = head_bytes(p, task), pace_done = 0;
+    if (!pace_bytes) return;
+    MPK_ASSERT(pace_bytes <= kHeadBytes && !(in_flight >> b & 1));
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // earlier generic reads before the copy's writes
+    expect_bytes(bar + b, pace_bytes);
+    in_flight |= 1u << b;
+    pace_src = p.prefetch[kPrefetchWords * task], pace_buffer = b, pace_next = global_timer();
+  }
+  __device__ void tick() {
+    if (pace_done >= pace_bytes || global_timer() < pace_next) return;
+    const uint32_t n = pace_bytes - pace_done < kHeadPiece ? pace_bytes - pace_done : kHeadPiece;
+    bulk_copy(buffer(pace_buffer) + pace_done, pace_src + pace_done, n, bar + pace_buffer);
+    pace_done += n, pace_next += kHeadPaceNs;
+  }
+  __device__ void finish() {
+    if (pace_done < pace_bytes)
+      bulk_copy(buffer(pace_buffer) + pace_done, pace_src + pace_done, pace_bytes - pace_done, bar + pace_buffer);
+    pace_done = pace_bytes;
+  }
+
   // All threads, for a task with a head in buffer b: wait for it.
   __device__ const unsigned char* acquire(const MpkParams& p, volatile int* abort, int b) {
     if (!mbar_wait(p, abort, bar + b, phase >> b & 1)) return nullptr;  // aborted: still in flight
@@ -467,10 +513,11 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
   const long long total = p.num_steps * qn;  // tasks this CTA runs, counted across steps
   HeadRing<kScratch, kHeadBytes> heads{s_bar, smem};
   if (threadIdx.x == 0) s_abort = 0;
+  constexpr bool kPaced = kHeadBytes && kHeadPaceNs > 0;  // each task's head during its own wait
   if (threadIdx.x == 0 && kHeadBytes) {
     mbar_init(s_bar), mbar_init(s_bar + 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    if (total > 0) heads.issue(p, p.queue_tasks[q0], 0);
+    if (total > 0 && !kPaced) heads.issue(p, p.queue_tasks[q0], 0);
   }
   if (threadIdx.x == 0 && total > 0) fetch_entry(&s_entry[0], p.entries + q0);
   __syncthreads();
@@ -487,11 +534,15 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
       if (n + 1 < total) {  // the next task's entry, and its weights, stream while this one waits and runs
         const int next = (i + 1) % qn;
         fetch_entry(&s_entry[b ^ 1], p.entries + q0 + next);
-        if (kHeadBytes) heads.issue(p, p.queue_tasks[q0 + next], b ^ 1);
+        if (kHeadBytes && !kPaced) heads.issue(p, p.queue_tasks[q0 + next], b ^ 1);
         prefetch_l2(e.next_l2[0], e.next_l2[1]);
       }
       s_head_bytes = heads.head_bytes(p, e.id);
-      bool go = wait_event(p, sm, ++seq, e, step, rel);
+      if constexpr (kPaced) heads.begin(p, e.id, b);
+      bool go = wait_event(p, sm, ++seq, e, step, rel, [&] {
+        if constexpr (kPaced) heads.tick();
+      });
+      if constexpr (kPaced) heads.finish();
       // A stop decided by the step this task depends on is visible after the acquire.
       if (go && starts_a_step(e) && stopped_before(p, step))
         go = false, publish(p, sm, seq, e.id, step, e.task.wait, kStateStopped);

@@ -123,6 +123,12 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
             raise MpkError(f"MPK_HEAD_KB must be a number of KB or max, not {head_kb!r}")
         # Weight heads in shared memory (off by default), for A/B comparisons.
         flags.append(f"-DMPK_HEAD_KB={-1 if head_kb == 'max' else int(head_kb)}")
+    pace = os.environ.get("MPK_HEAD_PACE_NS", "")
+    if pace:
+        if not (pace.isdigit() and int(pace) > 0 and head_kb):
+            raise MpkError(f"MPK_HEAD_PACE_NS must be a positive number of ns, with MPK_HEAD_KB set, not {pace!r}")
+        # Paced heads, only for the tasks after a phase streaming no weights, for A/B comparisons.
+        flags.append(f"-DMPK_HEAD_PACE_NS={int(pace)}")
     inject = os.environ.get("MPK_INJECT", "")
     if inject:  # test hooks: one task hangs inside itself, or faults
         what, _, task = inject.partition(":")
