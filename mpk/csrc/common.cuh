@@ -229,10 +229,14 @@ __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
 __host__ __device__ constexpr int align_up(int bytes, int to) { return (bytes + to - 1) / to * to; }
 
-// Bytes of each of the two weight-head buffers of a kernel whose variants need `scratch` bytes:
-// what shared memory has left (less kStaticSmem), halved, in whole 4 KB; none below 16 KB.
+// Weight-head buffers: two, the next task's head landing in one while the current task reads the
+// other; one with paced heads, each copied during its own task's wait, after the task before ended.
+constexpr int kHeadBuffers = kHeadPaceNs > 0 ? 1 : 2;
+
+// Bytes of each weight-head buffer of a kernel whose variants need `scratch` bytes: what shared
+// memory has left (less kStaticSmem), split between the buffers, in whole 4 KB; none below 16 KB.
 __host__ __device__ constexpr int head_buffer_bytes(int scratch) {
-  const int fit = (kSmemCap - scratch - kStaticSmem) / 2 / 4096 * 4096;
+  const int fit = (kSmemCap - scratch - kStaticSmem) / kHeadBuffers / 4096 * 4096;
   const int capped = MPK_HEAD_KB >= 0 && fit > MPK_HEAD_KB * 1024 ? MPK_HEAD_KB * 1024 / 4096 * 4096 : fit;
   return kBulkCopy && capped >= 16 * 1024 ? capped : 0;
 }

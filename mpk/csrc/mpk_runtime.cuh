@@ -538,7 +538,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
         prefetch_l2(e.next_l2[0], e.next_l2[1]);
       }
       s_head_bytes = heads.head_bytes(p, e.id);
-      if constexpr (kPaced) heads.begin(p, e.id, b);
+      if constexpr (kPaced) heads.begin(p, e.id, 0);  // one buffer: the task before has ended
       bool go = wait_event(p, sm, ++seq, e, step, rel, [&] {
         if constexpr (kPaced) heads.tick();
       });
@@ -552,7 +552,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     __syncthreads();
     if (!s_go) return;
     if (rec && threadIdx.x == 0) rec[1] = global_timer();
-    const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
+    const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, kPaced ? 0 : b) : nullptr;
     const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes,
                       &s_abort, seq, &e, rec};
     inject_faults(p, e.id, &s_abort);
