@@ -36,7 +36,7 @@ constexpr bool kBulkCopy = MPK_BULK_COPY;
 #endif
 // MPK_HEAD_PACE_NS > 0 (with MPK_HEAD_KB): only a task that waits on a phase streaming no weights
 // (the O projection after attention) gets a head, copied while it waits, one kHeadPiece every that
-// many ns, the rest at once when its event fires; a build knob for A/B (docs/perf.md).
+// many ns, as much as the wait leaves time for; a build knob for A/B (docs/perf.md).
 #ifndef MPK_HEAD_PACE_NS
 #define MPK_HEAD_PACE_NS 0
 #endif

@@ -284,6 +284,17 @@ __device__ __forceinline__ void expect_bytes(unsigned long long* bar, uint32_t b
 #endif
 }
 
+// Thread 0: `bytes` more of copies to complete on `bar` in its current phase, which its one arrival
+// (mbar_arrive) then ends once they have landed.
+__device__ __forceinline__ void expect_more_bytes(unsigned long long* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // Thread 0: copy `bytes` (16-byte multiples) from global memory to shared memory, completing on `bar`.
 __device__ __forceinline__ void bulk_copy(unsigned char* dst, unsigned long long src, uint32_t bytes,
                                           unsigned long long* bar) {
@@ -411,9 +422,11 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
     in_flight |= 1u << b;
   }
 
-  // Paced heads (kHeadPaceNs): thread 0 starts task `task`'s own head into buffer b as the task
-  // begins to wait (`begin`), copies a piece each kHeadPaceNs while it waits (`tick`, from the poll
-  // loop) and the rest when the wait ends (`finish`, also when it gives up: every announced byte lands).
+  // Paced heads (kHeadPaceNs), thread 0: while task `task` waits for its event, copy its head into
+  // buffer b one kHeadPiece each kHeadPaceNs (`begin`, then `tick` from the poll loop), each piece
+  // announced on the buffer's mbarrier as it goes; when the wait ends, `finish` arrives on the
+  // mbarrier and returns the bytes copied: the task's head is what its wait had time for, none when
+  // its event had already fired (it then streams its whole tile, as with no heads).
   unsigned long long pace_src = 0, pace_next = 0;
   uint32_t pace_done = 0, pace_bytes = 0;
   int pace_buffer = 0;
@@ -423,20 +436,21 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
     if (!pace_bytes) return;
     MPK_ASSERT(pace_bytes <= kHeadBytes && !(in_flight >> b & 1));
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // earlier generic reads before the copy's writes
-    expect_bytes(bar + b, pace_bytes);
-    in_flight |= 1u << b;
     pace_src = p.prefetch[kPrefetchWords * task], pace_buffer = b, pace_next = global_timer();
   }
   __device__ void tick() {
     if (pace_done >= pace_bytes || global_timer() < pace_next) return;
     const uint32_t n = pace_bytes - pace_done < kHeadPiece ? pace_bytes - pace_done : kHeadPiece;
+    expect_more_bytes(bar + pace_buffer, n);
     bulk_copy(buffer(pace_buffer) + pace_done, pace_src + pace_done, n, bar + pace_buffer);
     pace_done += n, pace_next += kHeadPaceNs;
   }
-  __device__ void finish() {
-    if (pace_done < pace_bytes)
-      bulk_copy(buffer(pace_buffer) + pace_done, pace_src + pace_done, pace_bytes - pace_done, bar + pace_buffer);
-    pace_done = pace_bytes;
+  __device__ unsigned finish() {
+    if (pace_done) {
+      mbar_arrive(bar + pace_buffer);
+      in_flight |= 1u << pace_buffer;
+    }
+    return pace_done;
   }
 
   // All threads, for a task with a head in buffer b: wait for it.
@@ -537,12 +551,11 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
         if (kHeadBytes && !kPaced) heads.issue(p, p.queue_tasks[q0 + next], b ^ 1);
         prefetch_l2(e.next_l2[0], e.next_l2[1]);
       }
-      s_head_bytes = heads.head_bytes(p, e.id);
       if constexpr (kPaced) heads.begin(p, e.id, 0);  // one buffer: the task before has ended
       bool go = wait_event(p, sm, ++seq, e, step, rel, [&] {
         if constexpr (kPaced) heads.tick();
       });
-      if constexpr (kPaced) heads.finish();
+      s_head_bytes = kPaced ? heads.finish() : heads.head_bytes(p, e.id);
       // A stop decided by the step this task depends on is visible after the acquire.
       if (go && starts_a_step(e) && stopped_before(p, step))
         go = false, publish(p, sm, seq, e.id, step, e.task.wait, kStateStopped);
