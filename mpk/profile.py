@@ -162,6 +162,11 @@ def _tasks_by_op(tg: TaskGraph) -> dict[int, list[int]]:
     return by_op
 
 
+def _median_us(ns: torch.Tensor) -> float:
+    """The median over the steps, in us."""
+    return float(ns.double().median()) / 1e3
+
+
 def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor,
                     by_op: dict[int, list[int]]) -> dict | None:
     """The middle layer's ops on rank 0, in order: when each first starts and last ends, in us from
@@ -173,16 +178,13 @@ def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor,
     middle = layers[len(layers) // 2]
     ops = [o for o, op in enumerate(tg.ops) if op.layer == middle and op.rank == 0 and o in by_op]
     t0 = torch.stack([start[:, by_op[o]].min(1).values for o in ops]).min(0).values
-    def med_us(ns: torch.Tensor) -> float:  # the median over the steps
-        return float(ns.double().median()) / 1e3
-
     rows = []
     for o in ops:
         ids = by_op[o]
         rows.append({"op": tg.ops[o].name, "kind": tg.ops[o].kind, "tasks": len(ids),
-                     "first_start_us": med_us(start[:, ids].min(1).values - t0),
-                     "last_end_us": med_us(end[:, ids].max(1).values - t0),
-                     "task_us": med_us((end[:, ids] - start[:, ids]).double().median(1).values)})
+                     "first_start_us": _median_us(start[:, ids].min(1).values - t0),
+                     "last_end_us": _median_us(end[:, ids].max(1).values - t0),
+                     "task_us": _median_us((end[:, ids] - start[:, ids]).double().median(1).values)})
     rows.sort(key=lambda r: r["first_start_us"])
     return {"layer": middle, "ops": rows}
 

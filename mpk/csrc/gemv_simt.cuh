@@ -111,13 +111,19 @@ template <int N, bool kShared, bool kStream = true> __device__ __forceinline__ p
   else return ld_weight<N>(p);
 }
 
+// Loads in flight per row per lane when a warp streams `rows` rows of K at once: kLoadsPerLane
+// shared between them, no more than a row has.
+__host__ __device__ constexpr int loads_per_row(int rows, int K, int VEC) {
+  return cmax(1, cmin(kLoadsPerLane / rows, (K / VEC + 31) / 32));
+}
+
 // One warp: acc[r][b] = dot(W row r, x[b]) for R weight rows; every lane gets the sums.
 // kShared: the rows are in shared memory (a weight head).
 template <int R, bool kShared, class In>
 __device__ __forceinline__ void warp_dots(const In& in, const bf16* const (&rows)[R], float (&acc)[R][In::kBatch]) {
   constexpr int B = In::kBatch, K = In::kK;
   constexpr int VEC = In::VEC, NV = K / VEC;
-  constexpr int U = cmax(1, cmin(kLoadsPerLane / R, (NV + 31) / 32));  // loads in flight per row per lane
+  constexpr int U = loads_per_row(R, K, VEC);
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -158,7 +164,7 @@ __device__ __forceinline__ void warp_dots(const In& in, const bf16* const (&rows
 // Load rounds (each a full memory latency) warp_dots takes for `cols` columns of RPC rows each.
 __host__ __device__ constexpr int load_rounds(int RPC, int K, int VEC, int cols) {
   const int per_row = (K / VEC + 31) / 32;  // loads per lane per row
-  const int u = cmax(1, cmin(kLoadsPerLane / (RPC * cols), per_row));
+  const int u = loads_per_row(RPC * cols, K, VEC);
   return (per_row + u - 1) / u;
 }
 
@@ -169,8 +175,7 @@ __host__ __device__ constexpr int load_rounds(int RPC, int K, int VEC, int cols)
 // COLS is the most a warp owns in the op's tiles (codegen knows the tile), so none is loaded for
 // nothing.
 template <int RPC, int K, int VEC, int COLS> __host__ __device__ constexpr int columns_at_once() {
-  constexpr int U = cmax(1, cmin(kLoadsPerLane / RPC, (K / VEC + 31) / 32));
-  int best = cmax(1, cmin(COLS, kLoadsPerLane / (RPC * U)));
+  int best = cmax(1, cmin(COLS, kLoadsPerLane / (RPC * loads_per_row(RPC, K, VEC))));
   if (load_rounds(RPC, K, VEC, 1) > 1)
     for (int c = 2; c <= COLS && RPC * c <= kLoadsPerLane; ++c)
       if (load_rounds(RPC, K, VEC, c) * best < load_rounds(RPC, K, VEC, best) * c) best = c;

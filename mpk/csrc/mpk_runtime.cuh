@@ -276,14 +276,6 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Thread 0: announce `bytes` of copies that will complete on `bar` (its one arrival).
-__device__ __forceinline__ void expect_bytes(unsigned long long* bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
-               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-#endif
-}
-
 // Thread 0: `bytes` more of copies to complete on `bar` in its current phase, which its one arrival
 // (mbar_arrive) then ends once they have landed.
 __device__ __forceinline__ void expect_more_bytes(unsigned long long* bar, uint32_t bytes) {
@@ -312,10 +304,13 @@ __device__ __forceinline__ void bulk_copy(unsigned char* dst, unsigned long long
 #endif
 }
 
-// Thread 0: announce `bytes` of copies completing on `bar`, then issue them.
+// Thread 0: arrive on `bar` announcing `bytes` of copies, then issue them (the phase ends when they land).
 __device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long src, uint32_t bytes,
                                           unsigned long long* bar) {
-  expect_bytes(bar, bytes);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
   bulk_copy(dst, src, bytes, bar);
 }
 

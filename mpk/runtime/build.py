@@ -97,24 +97,25 @@ def smem_cap(arch: str) -> int:
     return _SMEM_PER_CTA_KB.get(num, 99) * 1024
 
 
+def _env_choice(name: str, choices: tuple[str, ...], unit: str = "") -> str:
+    """A build knob that takes one of `choices` (the first when unset)."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise MpkError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}{unit}, not {value!r}")
+    return value
+
+
 def nvcc_flags(arch: str, debug: bool) -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", gencode(arch), f"-I{CSRC}",
              f"-DMPK_SMEM_CAP={smem_cap(arch)}", f"-DMPK_BULK_COPY={int(bulk_copy(arch))}"]
     if debug:
         flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
-    gemv = os.environ.get("MPK_GEMV", "auto")
-    if gemv not in ("auto", "simt"):
-        raise MpkError(f"MPK_GEMV must be auto or simt, not {gemv!r}")
-    if gemv == "simt":
+    if _env_choice("MPK_GEMV", ("auto", "simt")) == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
-    mma_rows = os.environ.get("MPK_MMA_ROWS", "0")
-    if mma_rows not in ("0", "1", "2"):
-        raise MpkError(f"MPK_MMA_ROWS must be 0, 1 or 2, not {mma_rows!r}")
+    mma_rows = _env_choice("MPK_MMA_ROWS", ("0", "1", "2"))
     if mma_rows != "0":  # tensor-core GEMV weights as row loads staged in shared memory, for A/B
         flags.append(f"-DMPK_MMA_ROWS={mma_rows}")
-    l2_fetch = os.environ.get("MPK_L2_FETCH", "0")
-    if l2_fetch not in ("0", "64", "128", "256"):
-        raise MpkError(f"MPK_L2_FETCH must be 0, 64, 128 or 256 bytes, not {l2_fetch!r}")
+    l2_fetch = _env_choice("MPK_L2_FETCH", ("0", "64", "128", "256"), " bytes")
     if l2_fetch != "0":  # weight loads with an L2 prefetch-size hint, for A/B
         flags.append(f"-DMPK_L2_FETCH={l2_fetch}")
     head_kb = os.environ.get("MPK_HEAD_KB", "")
