@@ -120,7 +120,7 @@ def render_source(variants: list[Variant]) -> str:
         f"constexpr int kNumVariants = {len(variants)};",
         f"constexpr int kScratch = align_up(max_smem<{names}>(), 128);",
         "constexpr int kHeadBytes = head_buffer_bytes(kScratch);",
-        "constexpr int kSmemBytes = kScratch + kHeadBuffers * kHeadBytes;",
+        "constexpr int kSmemBytes = kScratch + 2 * kHeadBytes;",
         'static_assert(kSmemBytes <= kSmemCap, "the op variants need more shared memory than a CTA may use");',
         "",
         "struct Dispatch {",

@@ -52,12 +52,15 @@ __device__ __forceinline__ void wait_counter(const unsigned long long* c, unsign
   __syncthreads();
 }
 
-// mbarriers in shared memory: init with an arrival count, a plain arrival (the runtime's), a spin until
-// the phase of parity `parity` has completed.
+// mbarriers in shared memory: init with an arrival count, a plain arrival, a spin until the phase of
+// parity `parity` has completed.
 __device__ __forceinline__ void mbar_init_count(unsigned long long* bar, unsigned count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mpk::smem_addr(bar)), "r"(count) : "memory");
 }
-using mpk::mbar_arrive;
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(mpk::smem_addr(bar))
+               : "memory");
+}
 __device__ __forceinline__ void mbar_wait_parity(unsigned long long* bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done)

@@ -348,27 +348,17 @@ def test_staged_row_loads_build(tmp_path, monkeypatch, matmul_inputs, rows):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("batch", [1, 4])
-def test_paced_heads_build(tmp_path, monkeypatch, batch):
-    """MPK_HEAD_KB with MPK_HEAD_PACE_NS: heads copied piece by piece during their own task's wait."""
-    src = generate_source(graph(tiny_cfg(hidden_size=256, intermediate_size=512), batch=batch))
-    monkeypatch.setenv("MPK_HEAD_KB", "max")
-    monkeypatch.setenv("MPK_HEAD_PACE_NS", "250")
-    assert "-DMPK_HEAD_PACE_NS=250" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
-    monkeypatch.delenv("MPK_HEAD_KB")
-    with pytest.raises(MpkError, match="MPK_HEAD_PACE_NS must be a positive number of ns, with MPK_HEAD_KB set"):
-        build(src, "sm_90a", debug=False, cache=tmp_path)
-
-
-@needs_nvcc
 @pytest.mark.parametrize("batch", [1, 4, 8])  # streamed loads, tensor cores streamed and through L1
 def test_l2_fetch_hint_builds(tmp_path, monkeypatch, batch):
-    """MPK_L2_FETCH=256: the weight loads carry PTX's L2 prefetch-size hint (an A/B knob)."""
+    """MPK_L2_FETCH: the tensor-core GEMV's L2 prefetch-size hint, 256 B unless the knob says otherwise."""
     src = generate_source(graph(tiny_cfg(hidden_size=256, intermediate_size=512), batch=batch))
-    monkeypatch.setenv("MPK_L2_FETCH", "256")
-    assert "-DMPK_L2_FETCH=256" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    assert "MPK_L2_FETCH" not in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    for size in ("0", "64", "128"):
+        monkeypatch.setenv("MPK_L2_FETCH", size)
+        log = build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+        assert f"-DMPK_L2_FETCH={size}" in log
     monkeypatch.setenv("MPK_L2_FETCH", "512")
-    with pytest.raises(MpkError, match="MPK_L2_FETCH must be 0, 64, 128 or 256 bytes"):
+    with pytest.raises(MpkError, match="MPK_L2_FETCH must be 256, 0, 64 or 128 bytes"):
         build(src, "sm_90a", debug=False, cache=tmp_path)
 
 
@@ -533,22 +523,6 @@ def test_prefetch_table_gives_a_k_slice_no_head():
     sliced = [t for t in tg.tasks if tg.ops[t.op].params.get("k_range")]
     assert sliced, "the batch-12 graph splits its O and down projections along K"
     assert all(not table[t.id].any() for t in sliced)
-
-
-@pytest.mark.parametrize("max_seq_len", [64, 2048])  # one-pass attention; splits and a merge
-def test_paced_heads_go_only_to_the_tasks_after_a_phase_streaming_no_weights(max_seq_len):
-    """MPK_HEAD_PACE_NS: the O projection (after attention) and the first QKV (after the embedding)."""
-    from mpk.runtime.tables import prefetch_table
-
-    cfg = ModelConfig("LlamaForCausalLM", vocab_size=1000, hidden_size=512, intermediate_size=1408, num_layers=2,
-                      num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=4096)
-    tg = compile_model(cfg, batch=1, max_seq_len=max_seq_len, num_sms=8, verify=False)
-    base = {name: (i + 1) << 32 for i, name in enumerate(tg.tensors)}
-    every = prefetch_table(tg, base.__getitem__, head_limit=40 * 1024)
-    paced = prefetch_table(tg, base.__getitem__, head_limit=40 * 1024, after_weightless_only=True)
-    with_head = {tg.ops[t.op].name for t in tg.tasks if paced[t.id][1]}
-    assert with_head == {"layers.0.qkv", "layers.0.o", "layers.1.o"}
-    assert all((paced[t.id] == every[t.id]).all() for t in tg.tasks if paced[t.id][1])  # the same head as before
 
 
 @needs_nvcc

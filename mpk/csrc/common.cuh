@@ -34,14 +34,6 @@ constexpr bool kBulkCopy = MPK_BULK_COPY;
 #ifndef MPK_HEAD_KB
 #define MPK_HEAD_KB 0
 #endif
-// MPK_HEAD_PACE_NS > 0 (with MPK_HEAD_KB): only a task that waits on a phase streaming no weights
-// (the O projection after attention) gets a head, copied while it waits, one kHeadPiece every that
-// many ns, as much as the wait leaves time for; a build knob for A/B (docs/perf.md).
-#ifndef MPK_HEAD_PACE_NS
-#define MPK_HEAD_PACE_NS 0
-#endif
-constexpr int kHeadPaceNs = MPK_HEAD_PACE_NS;
-constexpr unsigned kHeadPiece = 8 * 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -83,44 +75,43 @@ template <> struct Packed<4> { using T = uint2; };
 template <> struct Packed<8> { using T = uint4; };
 template <int N> using packed_t = typename Packed<N>::T;
 
-// MPK_L2_FETCH=64/128/256 (build knob, for A/B): the 16-byte weight loads ask L2 to fetch that many
-// bytes around each request from memory (PTX's .L2::NB prefetch size), so a row's next chunks are on
-// their way before their own loads. 0 (default): no hint.
+// The 16-byte weight loads may ask L2 to fetch kFetch bytes around each request from memory (PTX's
+// .L2::NB prefetch size: 64, 128 or 256; 0 for no hint), so a row's next chunks are on their way
+// before their own loads. Each asm names its qualifiers literally, hence one branch per size.
 #ifndef MPK_L2_FETCH
-#define MPK_L2_FETCH 0
+#define MPK_L2_FETCH 256  // the tensor-core GEMV's (gemv_mma.cuh); a build knob for A/B
 #endif
-#if MPK_L2_FETCH == 0
-#define MPK_L2_FETCH_HINT ""
-#elif MPK_L2_FETCH == 64
-#define MPK_L2_FETCH_HINT ".L2::64B"
-#elif MPK_L2_FETCH == 128
-#define MPK_L2_FETCH_HINT ".L2::128B"
-#elif MPK_L2_FETCH == 256
-#define MPK_L2_FETCH_HINT ".L2::256B"
-#else
-#error "MPK_L2_FETCH must be 0, 64, 128 or 256"
-#endif
+#define MPK_LD16(QUAL, v, p) \
+  asm("ld.global.nc" QUAL ".v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p))
+template <int kFetch, bool kNoL1> __device__ __forceinline__ uint4 ld16(const bf16* p) {
+  static_assert(kFetch == 0 || kFetch == 64 || kFetch == 128 || kFetch == 256, "L2 fetch sizes: 0, 64, 128, 256");
+  uint4 v;
+  if constexpr (kNoL1) {
+    if constexpr (kFetch == 0) MPK_LD16(".L1::no_allocate", v, p);
+    else if constexpr (kFetch == 64) MPK_LD16(".L1::no_allocate.L2::64B", v, p);
+    else if constexpr (kFetch == 128) MPK_LD16(".L1::no_allocate.L2::128B", v, p);
+    else MPK_LD16(".L1::no_allocate.L2::256B", v, p);
+  } else {
+    if constexpr (kFetch == 0) MPK_LD16("", v, p);
+    else if constexpr (kFetch == 64) MPK_LD16(".L2::64B", v, p);
+    else if constexpr (kFetch == 128) MPK_LD16(".L2::128B", v, p);
+    else MPK_LD16(".L2::256B", v, p);
+  }
+  return v;
+}
+#undef MPK_LD16
 
 // Loads of constant data (weights): read-only path.
-template <int N> __device__ __forceinline__ packed_t<N> ld_weight(const bf16* p) {
-  if constexpr (N == 8 && MPK_L2_FETCH != 0) {
-    uint4 v;
-    asm("ld.global.nc" MPK_L2_FETCH_HINT ".v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-  } else {
-    return __ldg(reinterpret_cast<const packed_t<N>*>(p));
-  }
+template <int N, int kFetch = 0> __device__ __forceinline__ packed_t<N> ld_weight(const bf16* p) {
+  if constexpr (N == 8) return ld16<kFetch, false>(p);
+  else return __ldg(reinterpret_cast<const packed_t<N>*>(p));
 }
 // Loads of the weights a GEMV streams, each byte once a step: read-only path, and no L1 line taken,
 // so the stream does not evict what the task reads again (staged inputs, norm weights). On an H200
 // this made qwen3-8b's batch-1 step 5.5% faster (docs/perf.md).
-template <int N> __device__ __forceinline__ packed_t<N> ld_stream(const bf16* p) {
+template <int N, int kFetch = 0> __device__ __forceinline__ packed_t<N> ld_stream(const bf16* p) {
   if constexpr (N == 8) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate" MPK_L2_FETCH_HINT ".v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
+    return ld16<kFetch, true>(p);
   } else if constexpr (N == 4) {
     uint2 v;
     asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
@@ -229,14 +220,10 @@ __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
 __host__ __device__ constexpr int align_up(int bytes, int to) { return (bytes + to - 1) / to * to; }
 
-// Weight-head buffers: two, the next task's head landing in one while the current task reads the
-// other; one with paced heads, each copied during its own task's wait, after the task before ended.
-constexpr int kHeadBuffers = kHeadPaceNs > 0 ? 1 : 2;
-
-// Bytes of each weight-head buffer of a kernel whose variants need `scratch` bytes: what shared
-// memory has left (less kStaticSmem), split between the buffers, in whole 4 KB; none below 16 KB.
+// Bytes of each of the two weight-head buffers of a kernel whose variants need `scratch` bytes:
+// what shared memory has left (less kStaticSmem), halved, in whole 4 KB; none below 16 KB.
 __host__ __device__ constexpr int head_buffer_bytes(int scratch) {
-  const int fit = (kSmemCap - scratch - kStaticSmem) / kHeadBuffers / 4096 * 4096;
+  const int fit = (kSmemCap - scratch - kStaticSmem) / 2 / 4096 * 4096;
   const int capped = MPK_HEAD_KB >= 0 && fit > MPK_HEAD_KB * 1024 ? MPK_HEAD_KB * 1024 / 4096 * 4096 : fit;
   return kBulkCopy && capped >= 16 * 1024 ? capped : 0;
 }

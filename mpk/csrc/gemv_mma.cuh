@@ -47,6 +47,10 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // batch 8): U = 8 is 64 KB an SM, U = 4 32 KB. On an H200, U = 4 made batch 8 0.4-7.4% faster and
   // batch 4 4-7% slower; U = 2 and 6 were slower at batch 8 than both (docs/perf.md).
   static constexpr int U = kStreamLoads ? 8 : 4;
+  // Each weight load asks L2 to fetch 256 bytes around it from memory (ld16). On an H200 this made
+  // qwen3-8b's batch-8 step 6% faster and batch 4 0.8%; on the CUDA-core GEMV (batch 1) it made
+  // qwen3-8b 4% slower, so only here (docs/perf.md). MPK_L2_FETCH (build knob) sets it for A/B.
+  static constexpr int kL2Fetch = MPK_L2_FETCH;
   // MPK_MMA_ROWS=1 (build knob, for A/B): each warp load reads 512 contiguous bytes of one weight row
   // (the batch-1 shape) into registers, stores them in a per-warp staging area of shared memory and
   // reads fragments back, instead of loading fragments directly (8 rows x 64 B per warp load). The
@@ -135,8 +139,8 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       for (int u = 0; u < U; ++u) {
         const int kc = (t + u) * 4 + q;
         const bool in = t + u < t1;
-        ra[u] = in ? ld_w<8, kShared, kStreamLoads>(wa + kc * 8) : make_uint4(0, 0, 0, 0);
-        rb[u] = in ? ld_w<8, kShared, kStreamLoads>(wb + kc * 8) : make_uint4(0, 0, 0, 0);
+        ra[u] = in ? ld_w<8, kShared, kStreamLoads, kL2Fetch>(wa + kc * 8) : make_uint4(0, 0, 0, 0);
+        rb[u] = in ? ld_w<8, kShared, kStreamLoads, kL2Fetch>(wb + kc * 8) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -160,7 +164,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       const bool in = t + (lane >> 2) < t1;  // lane L loads k-chunk 4t + L: k-step t + L / 4
 #pragma unroll
       for (int r = 0; r < 16; ++r)
-        v[r] = in && r < rows ? ld_w<8, false, kStreamLoads>(lane_w + r * K + t * 32) : make_uint4(0, 0, 0, 0);
+        v[r] = in && r < rows ? ld_w<8, false, kStreamLoads, kL2Fetch>(lane_w + r * K + t * 32) : make_uint4(0, 0, 0, 0);
     };
     if (t0 < t1) issue(t0);
 #pragma unroll 1

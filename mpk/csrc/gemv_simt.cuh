@@ -104,11 +104,13 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
 };
 
 // N weights from a weight head in shared memory, else from global memory: streamed past L1
-// (ld_stream), or with kStream false through the read-only path (ld_weight).
-template <int N, bool kShared, bool kStream = true> __device__ __forceinline__ packed_t<N> ld_w(const bf16* p) {
+// (ld_stream), or with kStream false through the read-only path (ld_weight); kFetch: the L2
+// prefetch size each load asks for (ld16).
+template <int N, bool kShared, bool kStream = true, int kFetch = 0>
+__device__ __forceinline__ packed_t<N> ld_w(const bf16* p) {
   if constexpr (kShared && N == 8) return ld_shared16(p);
-  else if constexpr (kStream) return ld_stream<N>(p);
-  else return ld_weight<N>(p);
+  else if constexpr (kStream) return ld_stream<N, kFetch>(p);
+  else return ld_weight<N, kFetch>(p);
 }
 
 // Loads in flight per row per lane when a warp streams `rows` rows of K at once: kLoadsPerLane

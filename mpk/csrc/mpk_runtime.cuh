@@ -248,19 +248,14 @@ __device__ __forceinline__ int poll_counter(const unsigned long long* ctr, long 
 // before this step, or the host asked to abort). The first polls spin; the SM's progress words
 // (host-mapped, a PCIe write) are published only once the wait has lasted, so a short wait costs
 // one acquire load per poll and nothing else.
-template <class Tick>
-__device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry& e, long long step, long long rel,
-                           Tick&& tick) {
+__device__ bool wait_event(const MpkParams& p, int sm, int seq, const QueueEntry& e, long long step, long long rel) {
   const int task = e.id, ev = e.task.wait;
   if (starts_a_step(e) && stopped_before(p, step)) return publish(p, sm, seq, task, step, ev, kStateStopped), false;
   if (ev < 0 || e.ev_polled) return true;
   MPK_ASSERT(e.ev_lag == 0 || e.ev_lag == 1);
   const long long need = static_cast<long long>(e.ev_target) * (rel + 1 - e.ev_lag);
   const unsigned long long* ctr = p.counters + ev;
-  auto still = [&](unsigned poll) {
-    tick();
-    return keep_waiting(p, sm, seq, task, step, ev, poll);
-  };
+  auto still = [&](unsigned poll) { return keep_waiting(p, sm, seq, task, step, ev, poll); };
   const int why = e.ev_sys ? poll_counter<true>(ctr, need, still) : poll_counter<false>(ctr, need, still);
   if (why) publish(p, sm, seq, task, step, ev, why == kGiveUpStopped ? kStateStopped : kStateAborted);
   return !why;
@@ -276,21 +271,12 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Thread 0: `bytes` more of copies to complete on `bar` in its current phase, which its one arrival
-// (mbar_arrive) then ends once they have landed.
-__device__ __forceinline__ void expect_more_bytes(unsigned long long* bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(smem_addr(bar)) : "memory");
-}
-
-// Thread 0: copy `bytes` (16-byte multiples) from global memory to shared memory, completing on `bar`.
-__device__ __forceinline__ void bulk_copy(unsigned char* dst, unsigned long long src, uint32_t bytes,
+// Thread 0: announce `bytes` of copies completing on `bar`, then issue them (16-byte multiples).
+__device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long src, uint32_t bytes,
                                           unsigned long long* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
   // Evict-first: a weight is read once per step, so it should not push activations out of L2.
   unsigned long long policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -302,16 +288,6 @@ __device__ __forceinline__ void bulk_copy(unsigned char* dst, unsigned long long
         ::"r"(smem_addr(dst + off)), "l"(src + off), "r"(n), "r"(smem_addr(bar)), "l"(policy) : "memory");
   }
 #endif
-}
-
-// Thread 0: arrive on `bar` announcing `bytes` of copies, then issue them (the phase ends when they land).
-__device__ __forceinline__ void bulk_load(unsigned char* dst, unsigned long long src, uint32_t bytes,
-                                          unsigned long long* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}"
-               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-#endif
-  bulk_copy(dst, src, bytes, bar);
 }
 
 // All threads: spin until `ready()`. Thread 0 reads the host's abort flag now and then (a PCIe
@@ -417,37 +393,6 @@ template <int kScratch, int kHeadBytes> struct HeadRing {
     in_flight |= 1u << b;
   }
 
-  // Paced heads (kHeadPaceNs), thread 0: while task `task` waits for its event, copy its head into
-  // buffer b one kHeadPiece each kHeadPaceNs (`begin`, then `tick` from the poll loop), each piece
-  // announced on the buffer's mbarrier as it goes; when the wait ends, `finish` arrives on the
-  // mbarrier and returns the bytes copied: the task's head is what its wait had time for, none when
-  // its event had already fired (it then streams its whole tile, as with no heads).
-  unsigned long long pace_src = 0, pace_next = 0;
-  uint32_t pace_done = 0, pace_bytes = 0;
-  int pace_buffer = 0;
-
-  __device__ void begin(const MpkParams& p, int task, int b) {
-    pace_bytes = head_bytes(p, task), pace_done = 0;
-    if (!pace_bytes) return;
-    MPK_ASSERT(pace_bytes <= kHeadBytes && !(in_flight >> b & 1));
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // earlier generic reads before the copy's writes
-    pace_src = p.prefetch[kPrefetchWords * task], pace_buffer = b, pace_next = global_timer();
-  }
-  __device__ void tick() {
-    if (pace_done >= pace_bytes || global_timer() < pace_next) return;
-    const uint32_t n = pace_bytes - pace_done < kHeadPiece ? pace_bytes - pace_done : kHeadPiece;
-    expect_more_bytes(bar + pace_buffer, n);
-    bulk_copy(buffer(pace_buffer) + pace_done, pace_src + pace_done, n, bar + pace_buffer);
-    pace_done += n, pace_next += kHeadPaceNs;
-  }
-  __device__ unsigned finish() {
-    if (pace_done) {
-      mbar_arrive(bar + pace_buffer);
-      in_flight |= 1u << pace_buffer;
-    }
-    return pace_done;
-  }
-
   // All threads, for a task with a head in buffer b: wait for it.
   __device__ const unsigned char* acquire(const MpkParams& p, volatile int* abort, int b) {
     if (!mbar_wait(p, abort, bar + b, phase >> b & 1)) return nullptr;  // aborted: still in flight
@@ -522,11 +467,10 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
   const long long total = p.num_steps * qn;  // tasks this CTA runs, counted across steps
   HeadRing<kScratch, kHeadBytes> heads{s_bar, smem};
   if (threadIdx.x == 0) s_abort = 0;
-  constexpr bool kPaced = kHeadBytes && kHeadPaceNs > 0;  // each task's head during its own wait
   if (threadIdx.x == 0 && kHeadBytes) {
     mbar_init(s_bar), mbar_init(s_bar + 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    if (total > 0 && !kPaced) heads.issue(p, p.queue_tasks[q0], 0);
+    if (total > 0) heads.issue(p, p.queue_tasks[q0], 0);
   }
   if (threadIdx.x == 0 && total > 0) fetch_entry(&s_entry[0], p.entries + q0);
   __syncthreads();
@@ -543,14 +487,11 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
       if (n + 1 < total) {  // the next task's entry, and its weights, stream while this one waits and runs
         const int next = (i + 1) % qn;
         fetch_entry(&s_entry[b ^ 1], p.entries + q0 + next);
-        if (kHeadBytes && !kPaced) heads.issue(p, p.queue_tasks[q0 + next], b ^ 1);
+        if (kHeadBytes) heads.issue(p, p.queue_tasks[q0 + next], b ^ 1);
         prefetch_l2(e.next_l2[0], e.next_l2[1]);
       }
-      if constexpr (kPaced) heads.begin(p, e.id, 0);  // one buffer: the task before has ended
-      bool go = wait_event(p, sm, ++seq, e, step, rel, [&] {
-        if constexpr (kPaced) heads.tick();
-      });
-      s_head_bytes = kPaced ? heads.finish() : heads.head_bytes(p, e.id);
+      s_head_bytes = heads.head_bytes(p, e.id);
+      bool go = wait_event(p, sm, ++seq, e, step, rel);
       // A stop decided by the step this task depends on is visible after the acquire.
       if (go && starts_a_step(e) && stopped_before(p, step))
         go = false, publish(p, sm, seq, e.id, step, e.task.wait, kStateStopped);
@@ -560,7 +501,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     __syncthreads();
     if (!s_go) return;
     if (rec && threadIdx.x == 0) rec[1] = global_timer();
-    const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, kPaced ? 0 : b) : nullptr;
+    const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
     const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes,
                       &s_abort, seq, &e, rec};
     inject_faults(p, e.id, &s_abort);

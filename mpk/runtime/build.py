@@ -115,8 +115,8 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
     mma_rows = _env_choice("MPK_MMA_ROWS", ("0", "1", "2"))
     if mma_rows != "0":  # tensor-core GEMV weights as row loads staged in shared memory, for A/B
         flags.append(f"-DMPK_MMA_ROWS={mma_rows}")
-    l2_fetch = _env_choice("MPK_L2_FETCH", ("0", "64", "128", "256"), " bytes")
-    if l2_fetch != "0":  # weight loads with an L2 prefetch-size hint, for A/B
+    l2_fetch = _env_choice("MPK_L2_FETCH", ("256", "0", "64", "128"), " bytes")
+    if l2_fetch != "256":  # the tensor-core GEMV's L2 prefetch-size hint on weight loads, for A/B
         flags.append(f"-DMPK_L2_FETCH={l2_fetch}")
     head_kb = os.environ.get("MPK_HEAD_KB", "")
     if head_kb:
@@ -124,12 +124,6 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
             raise MpkError(f"MPK_HEAD_KB must be a number of KB or max, not {head_kb!r}")
         # Weight heads in shared memory (off by default), for A/B comparisons.
         flags.append(f"-DMPK_HEAD_KB={-1 if head_kb == 'max' else int(head_kb)}")
-    pace = os.environ.get("MPK_HEAD_PACE_NS", "")
-    if pace:
-        if not (pace.isdigit() and int(pace) > 0 and head_kb):
-            raise MpkError(f"MPK_HEAD_PACE_NS must be a positive number of ns, with MPK_HEAD_KB set, not {pace!r}")
-        # Paced heads, only for the tasks after a phase streaming no weights, for A/B comparisons.
-        flags.append(f"-DMPK_HEAD_PACE_NS={int(pace)}")
     inject = os.environ.get("MPK_INJECT", "")
     if inject:  # test hooks: one task hangs inside itself, or faults
         what, _, task = inject.partition(":")

@@ -231,8 +231,7 @@ class Megakernel(Executor):
                                f"contiguous {shape} {want} on {where}")
         self.buffers = dict(buffers)
         address = lambda n: self.buffers[n].data_ptr()  # noqa: E731
-        heads = prefetch_table(self.tg, address, head_limit=self.lib.mpk_head_bytes(),
-                               after_weightless_only=self.abi.kHeadPaceNs > 0)
+        heads = prefetch_table(self.tg, address, head_limit=self.lib.mpk_head_bytes())
         counters = [rs.address("counters") for rs in self.ranks]
         for rs in self.ranks:
             lists = torch.zeros(max(1, rank_pointer_count(rs.tables.op_args)), dtype=torch.int64, device=rs.device)

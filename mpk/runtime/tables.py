@@ -205,16 +205,8 @@ def head_rows_align(batch: int) -> int:
     return 16 if batch >= 2 else 2
 
 
-def waits_on_weightless_phase(tg: TaskGraph, task) -> bool:
-    """Whether `task` waits on an event of its own step whose producers stream no weights (the O
-    projection after attention, the first QKV after the embedding): SMs idle there with HBM quiet."""
-    if task.wait < 0 or tg.events[task.wait].lag:
-        return False
-    return not any(OP_KINDS[tg.ops[tg.tasks[p].op].kind].streamed for p in tg.events[task.wait].producers)
-
-
 def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = PREFETCH_MAX_BYTES,
-                   l2_min_tile: int = PREFETCH_MIN_TILE_BYTES, after_weightless_only: bool = False) -> np.ndarray:
+                   l2_min_tile: int = PREFETCH_MIN_TILE_BYTES) -> np.ndarray:
     """[num_tasks, 4] u64 per task: the weight head (address, bytes) for shared memory and the range
     (address, bytes) after it to prefetch into L2.
 
@@ -223,8 +215,6 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
     head is the longest prefix of whole row blocks (`head_rows_align`) within `head_limit` bytes
     (none when a row is not a multiple of 16 bytes, which bulk copies need); the L2 range is the
     next `l2_limit` bytes, in whole 16-byte units, for tiles of at least `l2_min_tile` bytes.
-    With `after_weightless_only` (paced heads, MPK_HEAD_PACE_NS) only the tasks that wait on a phase
-    streaming no weights get a head.
     """
     table = np.zeros((len(tg.tasks), 4), dtype=np.uint64)
     align = head_rows_align(tg.batch)
@@ -240,7 +230,7 @@ def prefetch_table(tg: TaskGraph, pointer_of, head_limit: int, l2_limit: int = P
         r0, r1 = tile.box[0]
         first, stop = pointer_of(tile.tensor) + r0 * row_bytes, pointer_of(tile.tensor) + r1 * row_bytes
         head_rows = 0
-        if row_bytes % 16 == 0 and first % 16 == 0 and (not after_weightless_only or waits_on_weightless_phase(tg, t)):
+        if row_bytes % 16 == 0 and first % 16 == 0:
             head_rows = min(r1 - r0, head_limit // row_bytes) // align * align
         head = head_rows * row_bytes
         l2_start = (first + head) // 16 * 16
