@@ -336,29 +336,17 @@ def test_gemv_strategy_switch(tmp_path, monkeypatch):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("matmul_inputs, rows", [("bfloat16", "1"), ("float32", "1"), ("bfloat16", "2")])
-def test_staged_row_loads_build(tmp_path, monkeypatch, matmul_inputs, rows):
-    """MPK_MMA_ROWS=1 or 2: the tensor-core GEMV's row loads staged through shared memory (an A/B knob)."""
-    src = generate_source(graph(tiny_cfg(hidden_size=256, intermediate_size=512), batch=4, matmul_inputs=matmul_inputs))
-    monkeypatch.setenv("MPK_MMA_ROWS", rows)
-    assert f"-DMPK_MMA_ROWS={rows}" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
-    monkeypatch.setenv("MPK_MMA_ROWS", "yes")
-    with pytest.raises(MpkError, match="MPK_MMA_ROWS must be 0, 1 or 2"):
-        build(src, "sm_90a", debug=False, cache=tmp_path)
-
-
-@needs_nvcc
 @pytest.mark.parametrize("batch", [1, 4, 8])  # streamed loads, tensor cores streamed and through L1
 def test_l2_fetch_hint_builds(tmp_path, monkeypatch, batch):
-    """MPK_L2_FETCH: the tensor-core GEMV's L2 prefetch-size hint, 256 B unless the knob says otherwise."""
+    """MPK_L2_FETCH: one L2 prefetch size for the tensor-core GEMV's weight loads, else its own choice."""
     src = generate_source(graph(tiny_cfg(hidden_size=256, intermediate_size=512), batch=batch))
     assert "MPK_L2_FETCH" not in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
-    for size in ("0", "64", "128"):
+    for size in ("0", "64", "128", "256"):
         monkeypatch.setenv("MPK_L2_FETCH", size)
         log = build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
         assert f"-DMPK_L2_FETCH={size}" in log
     monkeypatch.setenv("MPK_L2_FETCH", "512")
-    with pytest.raises(MpkError, match="MPK_L2_FETCH must be 256, 0, 64 or 128 bytes"):
+    with pytest.raises(MpkError, match="MPK_L2_FETCH must be auto, 0, 64, 128 or 256 bytes"):
         build(src, "sm_90a", debug=False, cache=tmp_path)
 
 

@@ -79,7 +79,7 @@ template <int N> using packed_t = typename Packed<N>::T;
 // .L2::NB prefetch size: 64, 128 or 256; 0 for no hint), so a row's next chunks are on their way
 // before their own loads. Each asm names its qualifiers literally, hence one branch per size.
 #ifndef MPK_L2_FETCH
-#define MPK_L2_FETCH 256  // the tensor-core GEMV's (gemv_mma.cuh); a build knob for A/B
+#define MPK_L2_FETCH -1  // the tensor-core GEMV's own choice (gemv_mma.cuh); a size, for A/B
 #endif
 #define MPK_LD16(QUAL, v, p) \
   asm("ld.global.nc" QUAL ".v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p))

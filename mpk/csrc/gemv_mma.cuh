@@ -47,33 +47,22 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // batch 8): U = 8 is 64 KB an SM, U = 4 32 KB. On an H200, U = 4 made batch 8 0.4-7.4% faster and
   // batch 4 4-7% slower; U = 2 and 6 were slower at batch 8 than both (docs/perf.md).
   static constexpr int U = kStreamLoads ? 8 : 4;
-  // Each weight load asks L2 to fetch 256 bytes around it from memory (ld16). On an H200 this made
-  // qwen3-8b's batch-8 step 6% faster and batch 4 0.8%; on the CUDA-core GEMV (batch 1) it made
-  // qwen3-8b 4% slower, so only here (docs/perf.md). MPK_L2_FETCH (build knob) sets it for A/B.
+  // Each weight load asks L2 to fetch the bytes around it from memory (ld16): 128 where the loads
+  // stream, 256 through L1. On an H200, 128 made qwen3-8b and llama-3.2-1b 2.2-2.3% faster at batch 4
+  // (256 0.8% and even), and 256 made qwen3-8b 6% faster at batch 8 (128 3.5%); on the CUDA-core GEMV
+  // of batch 1, 256 made qwen3-8b 4% slower, so the hint is here only (docs/perf.md). MPK_L2_FETCH
+  // (build knob) sets one size for both, for A/B.
+#if MPK_L2_FETCH >= 0
   static constexpr int kL2Fetch = MPK_L2_FETCH;
-  // MPK_MMA_ROWS=1 (build knob, for A/B): each warp load reads 512 contiguous bytes of one weight row
-  // (the batch-1 shape) into registers, stores them in a per-warp staging area of shared memory and
-  // reads fragments back, instead of loading fragments directly (8 rows x 64 B per warp load). The
-  // next round's loads are issued before this round's products. With U = 8 (a round is one warp load
-  // per row) and where the staging fits; MPK_MMA_ROWS=2: only for items of two rounds or more (one
-  // round has nothing to overlap the staging with). Off by default: on an H200, =1 made llama-3.2-1b
-  // b4 and qwen3-8b b2 3% faster, qwen3-8b b4 1%, and qwen3-0.6b b4 4% slower (docs/perf.md).
-  static constexpr int kStageStride = U * 64 + 64;  // bytes per staged row: fragment reads of rows g, g + 1 differ by 16 banks
-  static constexpr int kStageBytes = 16 * kStageStride;
+#else
+  static constexpr int kL2Fetch = kStreamLoads ? 128 : 256;
+#endif
   static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
   // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
   // instead of two: stage_normed_via_smem), over the partial sums and slots, not in use yet.
   static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
   static constexpr int kBaseSmem = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
-  static constexpr int kStageOffset = align16(kBaseSmem);
-#ifdef MPK_MMA_ROWS
-  static constexpr bool kRowLoads = U * 4 == 32 && kStageOffset + kWarps * kStageBytes <= kSmemCap - kStaticSmem;
-  static constexpr int kRowLoadsFrom = MPK_MMA_ROWS == 2 ? 2 * U : 0;  // the fewest k-steps an item takes them for
-#else
-  static constexpr bool kRowLoads = false;
-  static constexpr int kRowLoadsFrom = 0;
-#endif
-  static constexpr int SMEM = kRowLoads ? kStageOffset + kWarps * kStageBytes : kBaseSmem;
+  static constexpr int SMEM = kBaseSmem;
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap - kStaticSmem;
 
   // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
@@ -150,40 +139,6 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     }
   }
 
-  // One warp, as block_dots<false> over rows row0 .. row0 + 15 (clamped to `last`), with row loads
-  // staged through `stage` (kRowLoads).
-  __device__ static void block_dots_rows(const unsigned char* s, const bf16* w, int row0, int last, int t0, int t1,
-                                         unsigned char* stage, float (&acc)[4]) {
-    const int lane = lane_id(), g = lane >> 2, q = lane & 3;
-    const bool has_x = g < B;
-    const unsigned char* xrow = s + (has_x ? g : 0) * kPlanes * kStride;
-    const bf16* lane_w = w + static_cast<size_t>(row0) * K + lane * 8;
-    const int rows = last - row0 + 1;  // rows past the end load zeros, their sums unused
-    uint4 v[16];
-    auto issue = [&](int t) {
-      const bool in = t + (lane >> 2) < t1;  // lane L loads k-chunk 4t + L: k-step t + L / 4
-#pragma unroll
-      for (int r = 0; r < 16; ++r)
-        v[r] = in && r < rows ? ld_w<8, false, kStreamLoads, kL2Fetch>(lane_w + r * K + t * 32) : make_uint4(0, 0, 0, 0);
-    };
-    if (t0 < t1) issue(t0);
-#pragma unroll 1
-    for (int t = t0; t < t1; t += U) {
-#pragma unroll
-      for (int r = 0; r < 16; ++r) *reinterpret_cast<uint4*>(stage + r * kStageStride + lane * 16) = v[r];
-      __syncwarp();
-      if (t + U < t1) issue(t + U);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (t + u >= t1) break;
-        const uint4 a = *reinterpret_cast<const uint4*>(stage + g * kStageStride + (u * 4 + q) * 16);
-        const uint4 b = *reinterpret_cast<const uint4*>(stage + (g + 8) * kStageStride + (u * 4 + q) * 16);
-        mma_step(xrow, has_x, (t + u) * 4 + q, a, b, acc);
-      }
-      __syncwarp();
-    }
-  }
-
   // epilogue(c, acc[RPC][B]) on every lane, from sums laid out [row][8] with row 0 = column c's first.
   template <class Epilogue> __device__ static void emit(const float* rows, int c, Epilogue& epilogue) {
     float acc[RPC][B];
@@ -218,8 +173,6 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       if (16 * blk + 16 <= head_rows) {
         block_dots<true>(smem, head + static_cast<size_t>(16 * blk + g) * K, head + static_cast<size_t>(16 * blk + g + 8) * K,
                          s0, s1, acc);
-      } else if (kRowLoads && s1 - s0 >= kRowLoadsFrom) {
-        block_dots_rows(smem, w, row, r1 - 1, s0, s1, smem + kStageOffset + warp_id() * kStageBytes, acc);
       } else {
         const bf16* wa = w + static_cast<size_t>(min(row + g, r1 - 1)) * K;  // past the end: a duplicate row, unused
         const bf16* wb = w + static_cast<size_t>(min(row + g + 8, r1 - 1)) * K;

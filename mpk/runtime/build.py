@@ -112,11 +112,8 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
         flags.append("-DMPK_DEBUG")  # device asserts: bounds, tile coordinates, event lags
     if _env_choice("MPK_GEMV", ("auto", "simt")) == "simt":
         flags.append("-DMPK_GEMV_SIMT")  # every GEMV on CUDA cores, for A/B comparisons
-    mma_rows = _env_choice("MPK_MMA_ROWS", ("0", "1", "2"))
-    if mma_rows != "0":  # tensor-core GEMV weights as row loads staged in shared memory, for A/B
-        flags.append(f"-DMPK_MMA_ROWS={mma_rows}")
-    l2_fetch = _env_choice("MPK_L2_FETCH", ("256", "0", "64", "128"), " bytes")
-    if l2_fetch != "256":  # the tensor-core GEMV's L2 prefetch-size hint on weight loads, for A/B
+    l2_fetch = _env_choice("MPK_L2_FETCH", ("auto", "0", "64", "128", "256"), " bytes")
+    if l2_fetch != "auto":  # one L2 prefetch size for the tensor-core GEMV's weight loads, for A/B
         flags.append(f"-DMPK_L2_FETCH={l2_fetch}")
     head_kb = os.environ.get("MPK_HEAD_KB", "")
     if head_kb:
