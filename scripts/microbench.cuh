@@ -83,6 +83,15 @@ inline cudaDeviceProp device_props(const char* program) {
   return prop;
 }
 
+// The phase-chain benchmarks' first line (one CTA of `threads` per SM, `phases` dependent phases, times
+// in us per phase); returns the SM count, the CTAs they launch.
+inline int phase_chain_header(const char* program, int threads, int phases) {
+  const cudaDeviceProp prop = device_props(program);
+  std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases; us per phase\n", prop.name,
+              prop.multiProcessorCount, threads, phases);
+  return prop.multiProcessorCount;
+}
+
 // Milliseconds of `launch()` at its best over three timed runs after a warm-up, `reset()` before each.
 // (`kProgram` is the name CHECK prints.)
 template <class Reset, class Launch> float best_ms(const char* kProgram, Reset&& reset, Launch&& launch) {

@@ -101,10 +101,8 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan
 }
 
 int main() {
-  const cudaDeviceProp prop = device_props(kProgram);
-  const int sms = prop.multiProcessorCount;
   const int phases = 4000;
-  std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases; us per phase\n", prop.name, sms, kThreads, phases);
+  const int sms = phase_chain_header(kProgram, kThreads, phases);
   std::printf("%-6s %-6s %12s %12s\n", "slice", "fan", "counter", "tagged");
   float* sink;
   CHECK(cudaMalloc(&sink, sms * sizeof(float)));

@@ -76,10 +76,8 @@ __global__ void phases_kernel(V* vec, unsigned long long* counters, int n, int p
 }
 
 int main() {
-  const cudaDeviceProp prop = device_props(kProgram);
-  const int sms = prop.multiProcessorCount;
   const int phases = 4000;
-  std::printf("%s, %d SMs, one CTA of %d threads per SM, %d phases; us per phase\n", prop.name, sms, kThreads, phases);
+  const int sms = phase_chain_header(kProgram, kThreads, phases);
   std::printf("%-6s %10s %10s %10s %14s\n", "n", "slice", "fixed", "f32x4", "fixed - slice");
   float* sink;
   CHECK(cudaMalloc(&sink, sms * sizeof(float)));

@@ -61,8 +61,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
   // instead of two: stage_normed_via_smem), over the partial sums and slots, not in use yet.
   static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
-  static constexpr int kBaseSmem = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
-  static constexpr int SMEM = kBaseSmem;
+  static constexpr int SMEM = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap - kStaticSmem;
 
   // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
