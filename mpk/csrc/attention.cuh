@@ -7,6 +7,7 @@
 
 #include <type_traits>
 
+#include "mma.cuh"
 #include "mpk_runtime.cuh"
 
 namespace mpk {
@@ -140,7 +141,10 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
   // QPK scores; a total of ~165 leaves room for the rest within 255 registers. U <= 8, <= 32 rows a warp.
   static constexpr int kRegs = 165 - 2 * QPK * E, kPerRow = 2 * L::NV * L::NW + QPK;
   static constexpr int U = cmax(1, cmin(cmin(8, kRegs / kPerRow), 32 / L::RPW));
-  static constexpr int kRowsPerWarp = U * L::RPW;  // rows in flight per warp
+  // Tensor cores where the cache is bf16, a row is whole 32-dim blocks and a group's query heads fit
+  // an mma's 8 rows (mma_rows); CUDA cores otherwise (simt_rows).
+  static constexpr bool kMma = std::is_same_v<KT, bf16> && HD % 32 == 0 && QPK <= 8;
+  static constexpr int kRowsPerWarp = kMma ? 16 : U * L::RPW;  // rows in flight per warp
   static constexpr int kHeadsOff = 0;               // float [QPK + 2][HD]: q heads, k, v of this step
   static constexpr int kNowOff = kHeadsOff + align16((QPK + 2) * HD * 4);  // float [QPK]: scores of row step
   static constexpr int kStatOff = kNowOff + align16(QPK * 4);              // float [2][kWarps][QPK]: m, l
@@ -160,61 +164,14 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
     }
   }
 
-  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
-    int splits = 1;
-    if constexpr (!ONE_PASS) splits = static_cast<int>(op.i[S::splits]);
-    const int b = t.tile[0], g = t.tile[1], s = ONE_PASS ? 0 : t.tile[2];
-    const long long pos = t.position(b);
-    MPK_ASSERT(g < G && s < splits && 0 <= pos && pos < seq);
-    const size_t bgs = (static_cast<size_t>(b) * G + g) * splits + s;
-    float *part = nullptr, *lse = nullptr;
-    if constexpr (!ONE_PASS) part = op.arg<float>(S::part) + bgs * QPK * HD, lse = op.arg<float>(S::lse) + bgs * QPK;
-    long long r0, r1;
-    split_rows(pos, op.i[S::window], s, splits, r0, r1);
-    if (!ONE_PASS && r1 <= r0) {  // uniform over the CTA (ONE_PASS always holds row `pos`)
-      for (int i = threadIdx.x; i < QPK * HD; i += kThreads) part[i] = 0.f;
-      for (int i = threadIdx.x; i < QPK; i += kThreads) lse[i] = kNegInf;
-      return;
-    }
-    const bool now = r1 == pos + 1;      // this split holds the current row
-    const long long end = min(r1, pos);  // cache rows [r0, end)
-    const size_t stride = static_cast<size_t>(G) * HD;  // between consecutive rows of one column
-    const KT* k_col = op.arg<const KT>(S::k_cache) + g * HD;  // row r of sequence b: + t.kv_row(b, r, seq) * stride
-    const KT* v_col = op.arg<const KT>(S::v_cache) + g * HD;
-    const int lane = lane_id(), warp = warp_id();
+  // One warp on CUDA cores: U x RPW rows per load round (lanes split across rows when HD is small), an
+  // online softmax per row slot; the slots meet, then the warp's m, l and unnormalised output go to
+  // s_m, s_l and s_acc.
+  __device__ static void simt_rows(const TaskCtx& t, int b, int seq, const KT* k_col, const KT* v_col, size_t stride,
+                                   long long r0, long long end, const float* heads, float qscale, float* s_m,
+                                   float* s_l, float* s_acc) {
     constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;
-    // The first rows stream into L2 while the prologue below works on this step's heads.
-    for (int k = 0; k < 2; ++k)
-      prefetch_rows(t, b, seq, k_col, v_col, stride, r0 + k * kCtaRows + warp * kRowsPerWarp, end);
-
-    float* heads = reinterpret_cast<float*>(smem + kHeadsOff);
-    float* s_now = reinterpret_cast<float*>(smem + kNowOff);
-    const T* src = op.arg<const T>(S::qkv) + (static_cast<size_t>(b) * G + g) * (QPK + 2) * HD;
-    const float* rope = op.arg<const float>(S::rope) + pos * HD;
-    const float eps = op.f[S::eps];
-    for (int h = warp; h < (now ? QPK + 2 : QPK); h += kWarps) {
-      float* buf = heads + h * HD;
-      if (h == QPK + 1) {
-        for (int d = lane; d < HD; d += 32) buf[d] = kv_round<KT>(act_f(src[h * HD + d]));
-      } else {
-        norm_rope_head<HD, QKNORM, A>(src + h * HD, op.arg<const bf16>(h < QPK ? S::q_norm : S::k_norm), eps, rope,
-                                      buf);
-        if (h == QPK)
-          for (int d = lane; d < HD; d += 32) buf[d] = kv_round<KT>(buf[d]);
-      }
-    }
-    __syncthreads();
-    const float qscale = op.f[S::scale] * kLog2e;
-    if (now) {
-      for (int h = warp; h < QPK; h += kWarps) {
-        float dot = 0.f;
-        for (int d = lane; d < HD; d += 32) dot = fmaf(heads[h * HD + d], heads[QPK * HD + d], dot);
-        dot = warp_sum(dot);
-        if (lane == 0) s_now[h] = dot * qscale;
-      }
-    }
-
+    const int lane = lane_id(), warp = warp_id();
     const int slot = lane / L::LPR, sub = lane % L::LPR;
     float qf[QPK][E], m[QPK], l[QPK], acc[QPK][E];
 #pragma unroll
@@ -307,9 +264,6 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
         m[h] = mx;
       }
     }
-    float* s_m = reinterpret_cast<float*>(smem + kStatOff);
-    float* s_l = s_m + kWarps * QPK;
-    float* s_acc = reinterpret_cast<float*>(smem + kAccOff);
     if (slot == 0) {
 #pragma unroll
       for (int h = 0; h < QPK; ++h) {
@@ -322,6 +276,171 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
             for (int i = 0; i < L::V; ++i) s_acc[(warp * QPK + h) * HD + c * L::V + i] = acc[h][j * L::V + i];
         }
       }
+    }
+  }
+
+  // One warp on tensor cores, 16 rows of [r0, end) per round (lane (g, q) loads rows g and 8 + g, 16 bytes
+  // of each 32-dim block: dims 32 blk + 8 q ..). Scores S = Q K^T take Q as mma's A with each head's bf16
+  // hi part in row h and its lo part in row 8 + h, so a score is the float32 product to ~2^-17; the
+  // softmax weights P go in the same way into O += P V. The score fragment of Q K^T is P's A fragment
+  // (rows 2q, 2q + 1, 8 + 2q, 9 + 2q of the round); V's B fragment is its rows transposed in registers
+  // (movmatrix), the dims of each n-tile permuted within the lane's 8-dim chunk. The dot products'
+  // dim order is free (Q's fragments follow K's loads), so every load is a row's 16 contiguous bytes.
+  __device__ static void mma_rows(const TaskCtx& t, int b, int seq, const KT* k_col, const KT* v_col, size_t stride,
+                                  long long r0, long long end, const float* heads, float qscale, float* s_m,
+                                  float* s_l, float* s_acc) {
+    constexpr int NB = HD / 32;
+    constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;
+    const int lane = lane_id(), warp = warp_id(), g = lane >> 2, q = lane & 3;
+    const bool real = g < QPK;  // mma rows past the group's heads are zero
+    unsigned qa[NB][2][4];
+#pragma unroll
+    for (int blk = 0; blk < NB; ++blk)
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        float hi[4], lo[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = real ? heads[g * HD + 32 * blk + 8 * q + 4 * ks + e] * qscale : 0.f;
+          hi[e] = round_bf(x), lo[e] = x - hi[e];
+        }
+        qa[blk][ks][0] = pack_bf2(hi[0], hi[1]), qa[blk][ks][1] = pack_bf2(lo[0], lo[1]);
+        qa[blk][ks][2] = pack_bf2(hi[2], hi[3]), qa[blk][ks][3] = pack_bf2(lo[2], lo[3]);
+      }
+    float o[NB][4][4], m = kNegInf, l = 0.f;
+#pragma unroll
+    for (int blk = 0; blk < NB; ++blk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[blk][j][e] = 0.f;
+
+    for (long long base = r0 + warp * kRowsPerWarp; base < end; base += kCtaRows) {
+      prefetch_rows(t, b, seq, k_col, v_col, stride, base + 2 * kCtaRows, end);
+      const size_t at0 = t.kv_row(b, min(base + g, end - 1), seq) * stride + 8 * q;  // past the end: masked
+      const size_t at1 = t.kv_row(b, min(base + 8 + g, end - 1), seq) * stride + 8 * q;
+      uint4 k0[NB], k1[NB], v0[NB], v1[NB];
+#pragma unroll
+      for (int blk = 0; blk < NB; ++blk) {
+        k0[blk] = *reinterpret_cast<const uint4*>(k_col + at0 + 32 * blk);
+        k1[blk] = *reinterpret_cast<const uint4*>(k_col + at1 + 32 * blk);
+        v0[blk] = *reinterpret_cast<const uint4*>(v_col + at0 + 32 * blk);
+        v1[blk] = *reinterpret_cast<const uint4*>(v_col + at1 + 32 * blk);
+      }
+      float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int blk = 0; blk < NB; ++blk) {
+        const unsigned(&a)[2][4] = qa[blk];
+        mma_16816(s0, a[0][0], a[0][1], a[0][2], a[0][3], k0[blk].x, k0[blk].y);
+        mma_16816(s0, a[1][0], a[1][1], a[1][2], a[1][3], k0[blk].z, k0[blk].w);
+        mma_16816(s1, a[0][0], a[0][1], a[0][2], a[0][3], k1[blk].x, k1[blk].y);
+        mma_16816(s1, a[1][0], a[1][1], a[1][2], a[1][3], k1[blk].z, k1[blk].w);
+      }
+      // Head g's scores of rows base + 2q, + 1, base + 8 + 2q, + 1: hi part plus lo part.
+      float sc[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (base + 8 * (i >> 1) + 2 * q + (i & 1) >= end) sc[i] = kNegInf;
+      float mx = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m, mx), ref = mn == kNegInf ? 0.f : mn, corr = exp2f(m - ref);
+      float p[4], phi[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) p[i] = exp2f(sc[i] - ref), phi[i] = round_bf(p[i]);
+      l = l * corr + (p[0] + p[1]) + (p[2] + p[3]);
+      m = mn;
+      const unsigned pa0 = pack_bf2(phi[0], phi[1]), pa1 = pack_bf2(p[0] - phi[0], p[1] - phi[1]);
+      const unsigned pa2 = pack_bf2(phi[2], phi[3]), pa3 = pack_bf2(p[2] - phi[2], p[3] - phi[3]);
+#pragma unroll
+      for (int blk = 0; blk < NB; ++blk) {
+        const unsigned va[4] = {v0[blk].x, v0[blk].y, v0[blk].z, v0[blk].w};
+        const unsigned vb[4] = {v1[blk].x, v1[blk].y, v1[blk].z, v1[blk].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[blk][j][e] *= corr;
+          mma_16816(o[blk][j], pa0, pa1, pa2, pa3, transpose8x8(va[j]), transpose8x8(vb[j]));
+        }
+      }
+    }
+    // Lanes 4g .. 4g + 3 hold head g: their l parts meet; n-tile j of block blk holds dims 32 blk + 8 q + 2 j, + 1.
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (!real) return;
+    if (q == 0) s_m[warp * QPK + g] = m, s_l[warp * QPK + g] = l;
+    float* acc = s_acc + (warp * QPK + g) * HD + 8 * q;
+#pragma unroll
+    for (int blk = 0; blk < NB; ++blk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[32 * blk + 2 * j] = o[blk][j][0] + o[blk][j][2];
+        acc[32 * blk + 2 * j + 1] = o[blk][j][1] + o[blk][j][3];
+      }
+  }
+
+  __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
+    const int G = static_cast<int>(op.i[S::groups]), seq = static_cast<int>(op.i[S::seq]);
+    int splits = 1;
+    if constexpr (!ONE_PASS) splits = static_cast<int>(op.i[S::splits]);
+    const int b = t.tile[0], g = t.tile[1], s = ONE_PASS ? 0 : t.tile[2];
+    const long long pos = t.position(b);
+    MPK_ASSERT(g < G && s < splits && 0 <= pos && pos < seq);
+    const size_t bgs = (static_cast<size_t>(b) * G + g) * splits + s;
+    float *part = nullptr, *lse = nullptr;
+    if constexpr (!ONE_PASS) part = op.arg<float>(S::part) + bgs * QPK * HD, lse = op.arg<float>(S::lse) + bgs * QPK;
+    long long r0, r1;
+    split_rows(pos, op.i[S::window], s, splits, r0, r1);
+    if (!ONE_PASS && r1 <= r0) {  // uniform over the CTA (ONE_PASS always holds row `pos`)
+      for (int i = threadIdx.x; i < QPK * HD; i += kThreads) part[i] = 0.f;
+      for (int i = threadIdx.x; i < QPK; i += kThreads) lse[i] = kNegInf;
+      return;
+    }
+    const bool now = r1 == pos + 1;      // this split holds the current row
+    const long long end = min(r1, pos);  // cache rows [r0, end)
+    const size_t stride = static_cast<size_t>(G) * HD;  // between consecutive rows of one column
+    const KT* k_col = op.arg<const KT>(S::k_cache) + g * HD;  // row r of sequence b: + t.kv_row(b, r, seq) * stride
+    const KT* v_col = op.arg<const KT>(S::v_cache) + g * HD;
+    const int lane = lane_id(), warp = warp_id();
+    constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;
+    // The first rows stream into L2 while the prologue below works on this step's heads.
+    for (int k = 0; k < 2; ++k)
+      prefetch_rows(t, b, seq, k_col, v_col, stride, r0 + k * kCtaRows + warp * kRowsPerWarp, end);
+
+    float* heads = reinterpret_cast<float*>(smem + kHeadsOff);
+    float* s_now = reinterpret_cast<float*>(smem + kNowOff);
+    const T* src = op.arg<const T>(S::qkv) + (static_cast<size_t>(b) * G + g) * (QPK + 2) * HD;
+    const float* rope = op.arg<const float>(S::rope) + pos * HD;
+    const float eps = op.f[S::eps];
+    for (int h = warp; h < (now ? QPK + 2 : QPK); h += kWarps) {
+      float* buf = heads + h * HD;
+      if (h == QPK + 1) {
+        for (int d = lane; d < HD; d += 32) buf[d] = kv_round<KT>(act_f(src[h * HD + d]));
+      } else {
+        norm_rope_head<HD, QKNORM, A>(src + h * HD, op.arg<const bf16>(h < QPK ? S::q_norm : S::k_norm), eps, rope,
+                                      buf);
+        if (h == QPK)
+          for (int d = lane; d < HD; d += 32) buf[d] = kv_round<KT>(buf[d]);
+      }
+    }
+    __syncthreads();
+    const float qscale = op.f[S::scale] * kLog2e;
+    if (now) {
+      for (int h = warp; h < QPK; h += kWarps) {
+        float dot = 0.f;
+        for (int d = lane; d < HD; d += 32) dot = fmaf(heads[h * HD + d], heads[QPK * HD + d], dot);
+        dot = warp_sum(dot);
+        if (lane == 0) s_now[h] = dot * qscale;
+      }
+    }
+
+    float* s_m = reinterpret_cast<float*>(smem + kStatOff);
+    float* s_l = s_m + kWarps * QPK;
+    float* s_acc = reinterpret_cast<float*>(smem + kAccOff);
+    if constexpr (kMma) {
+      mma_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc);
+    } else {
+      simt_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc);
     }
     __syncthreads();
     const float* v_now = heads + (QPK + 1) * HD;

@@ -22,6 +22,14 @@ __device__ __forceinline__ unsigned pack_bf2(float lo_k, float hi_k) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// An 8x8 b16 matrix transposed across the warp: lane l holds row l / 4, columns 2 (l % 4) and + 1, and
+// receives column l / 4, rows 2 (l % 4) and + 1 (the first in the low half).
+__device__ __forceinline__ unsigned transpose8x8(unsigned x) {
+  unsigned y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // Four 8x8 b16 matrices from shared memory: lanes 8i .. 8i + 7 give the row addresses of matrix i, and lane
 // l receives row l / 4, columns 2 (l % 4) and + 1 of each (.trans: column l / 4, rows 2 (l % 4) and + 1).
 __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
