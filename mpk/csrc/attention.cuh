@@ -350,6 +350,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
       for (int i = 0; i < 4; ++i) p[i] = exp2f(sc[i] - ref), phi[i] = round_bf(p[i]);
       l = l * corr + (p[0] + p[1]) + (p[2] + p[3]);
       m = mn;
+      const bool rescale = __any_sync(0xffffffffu, corr != 1.f);  // none once the warp's maxima settle
       const unsigned pa0 = pack_bf2(phi[0], phi[1]), pa1 = pack_bf2(p[0] - phi[0], p[1] - phi[1]);
       const unsigned pa2 = pack_bf2(phi[2], phi[3]), pa3 = pack_bf2(p[2] - phi[2], p[3] - phi[3]);
 #pragma unroll
@@ -359,7 +360,9 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) o[blk][j][e] *= corr;
+          if (rescale)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[blk][j][e] *= corr;
           mma_16816(o[blk][j], pa0, pa1, pa2, pa3, transpose8x8(va[j]), transpose8x8(vb[j]));
         }
       }
