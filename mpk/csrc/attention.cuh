@@ -127,9 +127,10 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 
 // attention_split: softmax attention of group g's query heads over split s's rows [r0, r1) of [lo, step].
 // Rows below `step` come from the cache; row `step` (last split only) is this step's k and v, computed here
-// from the QKV output (the merge appends them to the cache). Each warp keeps U x RPW rows' loads in flight
-// (16-byte loads, lanes split across rows when HD is small) and the next rows streaming into L2, with an
-// online softmax in float32 (log2 domain) per row slot; slots, warps and the current row meet at the end.
+// from the QKV output (the merge appends them to the cache). Each warp takes a round of rows at a time
+// (16-byte loads, the next rounds streaming into L2) with an online softmax in float32 (log2 domain): on
+// tensor cores for bf16 caches (mma_rows), else on CUDA cores (simt_rows); warps and the current row
+// meet at the end.
 // Writes the split's normalised output and log-sum-exp; an empty split writes zeros and -inf.
 // ONE_PASS: the only split of (b, g) (attention, no merge): writes the attention output itself and
 // appends this step's k and v at row `step` of the cache, which it does not read.
@@ -359,7 +360,6 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
         const unsigned vb[4] = {v1[blk].x, v1[blk].y, v1[blk].z, v1[blk].w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-#pragma unroll
           if (rescale)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[blk][j][e] *= corr;
