@@ -573,7 +573,8 @@ def test_prefill_attention_builds(tmp_path):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("script", ["phase_latency", "tp_phase_latency", "gemv_chain", "gap_fill", "load_pattern", "icache", "reduce_phase"])
+@pytest.mark.parametrize("script", ["phase_latency", "tp_phase_latency", "gemv_chain", "gap_fill", "load_pattern", "icache",
+                                    "reduce_phase", "cluster_phase"])
 def test_microbenchmarks_build(tmp_path, script):
     """The standalone microbenchmarks in scripts/ use the runtime's headers: they keep building with them."""
     from pathlib import Path
