@@ -84,13 +84,19 @@ __global__ void phases_kernel(float* vec, unsigned long long* counters, int slic
   if (threadIdx.x == 0) bad[blockIdx.x] = wrong;
 }
 
+// A launch of `grid` CTAs in clusters of C (`attr` holds the cluster dimension the config points to).
+cudaLaunchConfig_t cluster_launch(int grid, int C, cudaLaunchAttribute& attr) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = C, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid), cfg.blockDim = dim3(kThreads), cfg.dynamicSmemBytes = kSmem, cfg.attrs = &attr, cfg.numAttrs = 1;
+  return cfg;
+}
+
 template <Mode M> float run(int grid, int C, int slice, int phases, float* vec, unsigned long long* counters, int* bad,
                             int* wrong) {
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = C, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(grid), cfg.blockDim = dim3(kThreads), cfg.dynamicSmemBytes = kSmem, cfg.attrs = attr, cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_launch(grid, C, attr);
   const int clusters = grid / C;
   auto reset = [&] {
     CHECK(cudaMemset(vec, 0, 2 * grid * kMaxSlice * sizeof(float)));
@@ -122,11 +128,8 @@ int main() {
               "phases with wrong sums (counter/barrier/dsmem)");
   for (int C : {2, 4, 8, 16}) {
     allow<kCounter>(C), allow<kBarrier>(C), allow<kDsmem>(C);
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = C, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(sms / C * C), cfg.blockDim = dim3(kThreads), cfg.dynamicSmemBytes = kSmem, cfg.attrs = attr, cfg.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_launch(sms / C * C, C, attr);
     int active = 0;
     if (cudaOccupancyMaxActiveClusters(&active, phases_kernel<kBarrier>, &cfg) != cudaSuccess || active == 0) {
       std::printf("%-8d clusters of %d CTAs cannot be resident here\n", C, C);

@@ -64,13 +64,23 @@ __global__ void counter_phases(float* vec, unsigned long long* counters, int n, 
   if (threadIdx.x == 0) sink[blockIdx.x] = acc;
 }
 
-__global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan, int phases, float* sink) {
+// counters null: tagged; else hinted. The writer's thread 0 adds to its group's counter with a relaxed
+// reduction after the CTA's barrier (no fence: the count may arrive before the words), and the
+// reader's thread 0 polls it (relaxed) before the CTA loads anything, so words are read about once.
+__global__ void tagged_phases(unsigned long long* vec, unsigned long long* counters, int n, int slice, int fan,
+                              int phases, float* sink) {
   __shared__ float red[kThreads / 32];
   const Group g(fan);
-  const int all = n;
+  const int groups = (gridDim.x + fan - 1) / fan, all = n;
   n = g.members * slice;
   float acc = 0.f;
   for (int p = 1; p <= phases; ++p) {
+    if (counters) {
+      if (threadIdx.x == 0 && p > 1)
+        while (ld_relaxed_gpu(counters + (p - 1) * groups + g.id) < static_cast<unsigned long long>(g.members)) {
+        }
+      __syncthreads();
+    }
     const unsigned long long* in = vec + ((p - 1) & 1) * all + g.first * slice;
     const unsigned want = static_cast<unsigned>(p - 1);
     float s = 0.f;
@@ -97,52 +107,8 @@ __global__ void tagged_phases(unsigned long long* vec, int n, int slice, int fan
     for (int i = threadIdx.x; i < slice; i += kThreads)
       st_relaxed_gpu(out + i, mpk::tagged_word(total * 1e-9f + i, p));
     acc += total;
-    __syncthreads();  // red[] is reused next phase
-  }
-  if (threadIdx.x == 0) sink[blockIdx.x] = acc;
-}
-
-// hinted: the tagged words, plus a counter that only says when to start reading. The writer's thread 0
-// adds to its group's counter with a relaxed reduction after the CTA's barrier: no fence, so the
-// count may arrive before the words, and a reader re-reads any word not yet of the phase. The reader's
-// thread 0 polls the counter (relaxed) before the CTA loads anything, so words are read about once.
-__global__ void hinted_phases(unsigned long long* vec, unsigned long long* counters, int n, int slice, int fan,
-                              int phases, float* sink) {
-  __shared__ float red[kThreads / 32];
-  const Group g(fan);
-  const int groups = (gridDim.x + fan - 1) / fan, all = n;
-  n = g.members * slice;
-  float acc = 0.f;
-  for (int p = 1; p <= phases; ++p) {
-    if (threadIdx.x == 0 && p > 1)
-      while (ld_relaxed_gpu(counters + (p - 1) * groups + g.id) < static_cast<unsigned long long>(g.members)) {
-      }
-    __syncthreads();
-    const unsigned long long* in = vec + ((p - 1) & 1) * all + g.first * slice;
-    const unsigned want = static_cast<unsigned>(p - 1);
-    float s = 0.f;
-    for (int i0 = threadIdx.x; i0 < n; i0 += kThreads * kBatch) {
-      unsigned long long w[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j)
-        w[j] = i0 + j * kThreads < n ? ld_relaxed_gpu(in + i0 + j * kThreads) : mpk::tagged_word(0.f, want);
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        while (mpk::word_tag(w[j]) != want) w[j] = ld_relaxed_gpu(in + i0 + j * kThreads);
-        s += mpk::word_value(w[j]);
-      }
-    }
-    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
-    __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) total += red[w];
-    unsigned long long* out = vec + (p & 1) * all + blockIdx.x * slice;  // safe to overwrite: as in tagged_phases
-    for (int i = threadIdx.x; i < slice; i += kThreads)
-      st_relaxed_gpu(out + i, mpk::tagged_word(total * 1e-9f + i, p));
-    acc += total;
-    __syncthreads();  // every thread's words are issued before the count; red[] is reused next phase
-    if (threadIdx.x == 0)
+    __syncthreads();  // red[] is reused next phase; every thread's words are issued before the count
+    if (counters && threadIdx.x == 0)
       asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(counters + p * groups + g.id) : "memory");
   }
   if (threadIdx.x == 0) sink[blockIdx.x] = acc;
@@ -170,9 +136,10 @@ int main() {
       auto reset_hinted = [&] { reset(), reset_tagged(); };
       const float ms[3] = {
           best_ms(kProgram, reset, [&] { counter_phases<<<sms, kThreads>>>(vec, counters, n, slice, fan, phases, sink); }),
-          best_ms(kProgram, reset_tagged, [&] { tagged_phases<<<sms, kThreads>>>(tagged, n, slice, fan, phases, sink); }),
+          best_ms(kProgram, reset_tagged,
+                  [&] { tagged_phases<<<sms, kThreads>>>(tagged, nullptr, n, slice, fan, phases, sink); }),
           best_ms(kProgram, reset_hinted,
-                  [&] { hinted_phases<<<sms, kThreads>>>(tagged, counters, n, slice, fan, phases, sink); })};
+                  [&] { tagged_phases<<<sms, kThreads>>>(tagged, counters, n, slice, fan, phases, sink); })};
       std::printf("%-6d %-6d %12.3f %12.3f %12.3f\n", slice, fan, 1e3f * ms[0] / phases, 1e3f * ms[1] / phases,
                   1e3f * ms[2] / phases);
     }

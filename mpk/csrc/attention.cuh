@@ -146,6 +146,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
   // an mma's 8 rows (mma_rows); CUDA cores otherwise (simt_rows).
   static constexpr bool kMma = std::is_same_v<KT, bf16> && HD % 32 == 0 && QPK <= 8;
   static constexpr int kRowsPerWarp = kMma ? 16 : U * L::RPW;  // rows in flight per warp
+  static constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;  // a round of the CTA
   static constexpr int kHeadsOff = 0;               // float [QPK + 2][HD]: q heads, k, v of this step
   static constexpr int kNowOff = kHeadsOff + align16((QPK + 2) * HD * 4);  // float [QPK]: scores of row step
   static constexpr int kStatOff = kNowOff + align16(QPK * 4);              // float [2][kWarps][QPK]: m, l
@@ -171,7 +172,6 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
   __device__ static void simt_rows(const TaskCtx& t, int b, int seq, const KT* k_col, const KT* v_col, size_t stride,
                                    long long r0, long long end, const float* heads, float qscale, float* s_m,
                                    float* s_l, float* s_acc) {
-    constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;
     const int lane = lane_id(), warp = warp_id();
     const int slot = lane / L::LPR, sub = lane % L::LPR;
     float qf[QPK][E], m[QPK], l[QPK], acc[QPK][E];
@@ -291,7 +291,6 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
                                   long long r0, long long end, const float* heads, float qscale, float* s_m,
                                   float* s_l, float* s_acc) {
     constexpr int NB = HD / 32;
-    constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;
     const int lane = lane_id(), warp = warp_id(), g = lane >> 2, q = lane & 3;
     const bool real = g < QPK;  // mma rows past the group's heads are zero
     unsigned qa[NB][2][4];
@@ -405,7 +404,6 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
     const KT* k_col = op.arg<const KT>(S::k_cache) + g * HD;  // row r of sequence b: + t.kv_row(b, r, seq) * stride
     const KT* v_col = op.arg<const KT>(S::v_cache) + g * HD;
     const int lane = lane_id(), warp = warp_id();
-    constexpr long long kCtaRows = static_cast<long long>(kWarps) * kRowsPerWarp;
     // The first rows stream into L2 while the prologue below works on this step's heads.
     for (int k = 0; k < 2; ++k)
       prefetch_rows(t, b, seq, k_col, v_col, stride, r0 + k * kCtaRows + warp * kRowsPerWarp, end);
