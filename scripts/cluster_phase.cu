@@ -13,6 +13,7 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Impk/csrc -Iscripts -o /tmp/cluster_phase scripts/cluster_phase.cu && /tmp/cluster_phase
 #include <cooperative_groups.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "microbench.cuh"
@@ -22,7 +23,7 @@ namespace cg = cooperative_groups;
 constexpr const char* kProgram = "cluster_phase";
 constexpr int kThreads = 256;
 constexpr int kMaxSlice = 128;
-constexpr int kSmem = 100 * 1024;  // one CTA per SM, as the megakernel
+constexpr int kSmem = 120 * 1024;  // over half an SM's 228 KB: one CTA per SM, as the megakernel
 
 enum Mode { kCounter = 0, kBarrier = 1, kDsmem = 2 };
 
@@ -136,6 +137,7 @@ int main() {
       cudaGetLastError();
       continue;
     }
+    active = std::min(active, sms / C);  // the buffers hold one CTA per SM
     const int grid = active * C;  // every CTA resident: the phases wait on each other
     for (int slice : {8, 128}) {
       int w[3];
