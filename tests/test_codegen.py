@@ -336,6 +336,20 @@ def test_gemv_strategy_switch(tmp_path, monkeypatch):
 
 
 @needs_nvcc
+def test_small_tile_bounds_reach_the_build(tmp_path, monkeypatch):
+    """MPK_SIMT_ROWS / MPK_SIMT_WORK_KB: which batch 2-4 GEMVs stay on CUDA cores, for A/B runs."""
+    src = generate_source(graph(tiny_cfg(), batch=4))
+    assert "MPK_SIMT" not in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    monkeypatch.setenv("MPK_SIMT_ROWS", "0")
+    monkeypatch.setenv("MPK_SIMT_WORK_KB", "48")
+    log = build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    assert "-DMPK_SIMT_ROWS=0" in log and "-DMPK_SIMT_WORK_KB=48" in log
+    monkeypatch.setenv("MPK_SIMT_WORK_KB", "lots")
+    with pytest.raises(MpkError, match="MPK_SIMT_WORK_KB must be a whole number, not 'lots'"):
+        build(src, "sm_90a", debug=False, cache=tmp_path)
+
+
+@needs_nvcc
 @pytest.mark.parametrize("batch", [1, 4, 8])  # streamed loads, tensor cores streamed and through L1
 def test_l2_fetch_hint_builds(tmp_path, monkeypatch, batch):
     """MPK_L2_FETCH: one L2 prefetch size for the tensor-core GEMV's weight loads, else its own choice."""

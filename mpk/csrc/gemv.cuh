@@ -25,10 +25,28 @@ constexpr bool kGemvMma = false;
 constexpr bool kGemvMma = true;
 #endif
 
+// Batches up to 4 keep a GEMV on CUDA cores while a warp's share is small: at most MPK_SIMT_ROWS
+// weight rows (RPC x COLS), and B x their bytes at most MPK_SIMT_WORK_KB. Such a task is a load round
+// or two, which the CUDA-core GEMV's 512 contiguous bytes per warp load stream faster than the tensor
+// cores' 8 rows of 64; past either bound its B FMAs per weight cost more than that gains. On an H200
+// (docs/perf.md) this made qwen3-0.6b's batch-4 step 7% faster, qwen3-8b's batch 2 2% and
+// llama-3.2-1b's batch 4 1%, where qwen3-8b's batch-4 QKV and O projections (128-192 KB) and
+// qwen3-0.6b's batch-4 gate/up (8 rows) were slower on CUDA cores. Both bounds are build knobs; 0
+// turns it off.
+#ifndef MPK_SIMT_ROWS
+#define MPK_SIMT_ROWS 6
+#endif
+#ifndef MPK_SIMT_WORK_KB
+#define MPK_SIMT_WORK_KB 96
+#endif
+template <int RPC, int B, int K, int COLS> constexpr bool small_tile_on_cuda_cores() {
+  return B <= 4 && RPC * COLS <= MPK_SIMT_ROWS && static_cast<long long>(B) * RPC * COLS * K * 2 <= MPK_SIMT_WORK_KB * 1024ll;
+}
+
 // COLS > 0: the most columns one warp owns in the op's tiles (ceil(tile / kWarps)).
 template <int RPC, int B, int K, bool NORM, class A, int COLS>
-using Gemv = std::conditional_t<kGemvMma && MmaGemv<RPC, B, K, NORM, A>::kUsable, MmaGemv<RPC, B, K, NORM, A>,
-                                SimtGemv<RPC, B, K, NORM, A, COLS>>;
+using Gemv = std::conditional_t<kGemvMma && MmaGemv<RPC, B, K, NORM, A>::kUsable && !small_tile_on_cuda_cores<RPC, B, K, COLS>(),
+                                MmaGemv<RPC, B, K, NORM, A>, SimtGemv<RPC, B, K, NORM, A, COLS>>;
 
 // Output columns [c0, c1) of column tile i, out of n in tiles of `tile`.
 __device__ __forceinline__ void tile_span(int i, long long n, long long tile, int& c0, int& c1) {
