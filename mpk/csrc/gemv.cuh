@@ -1,7 +1,8 @@
 // Matrix-vector tasks (mpk/ops/linear.py): a task owns output columns [c0, c1) for all B sequences
 // and streams those weight rows once. Two strategies compute the dot products (one per variant, at
-// compile time): tensor cores for 2..8 sequences when the input fits in shared memory
-// (gemv_mma.cuh), CUDA cores otherwise (gemv_simt.cuh). Both end in the op's epilogue, called per
+// compile time): tensor cores for 2..8 sequences when the input fits in shared memory and a warp's
+// share is not small (small_tile_on_cuda_cores, below) (gemv_mma.cuh), CUDA cores otherwise
+// (gemv_simt.cuh). Both end in the op's epilogue, called per
 // column on every lane of a warp with that column's sums acc[RPC][B].
 //
 // The same ops over many rows (a prefill chunk, a decode batch of more than 8) are tiled by rows too
