@@ -1,9 +1,9 @@
 // Matrix-vector tasks (mpk/ops/linear.py): a task owns output columns [c0, c1) for all B sequences
 // and streams those weight rows once. Two strategies compute the dot products (one per variant, at
-// compile time): tensor cores for 2..8 sequences when the input fits in shared memory and a warp's
-// share is not small (small_tile_on_cuda_cores, below) (gemv_mma.cuh), CUDA cores otherwise
-// (gemv_simt.cuh). Both end in the op's epilogue, called per
-// column on every lane of a warp with that column's sums acc[RPC][B].
+// compile time): tensor cores (gemv_mma.cuh) for 2..8 sequences when the input fits in shared memory
+// and a warp's share is not small (small_tile_on_cuda_cores, below), CUDA cores (gemv_simt.cuh)
+// otherwise. Both end in the op's epilogue, called per column on every lane of a warp with that
+// column's sums acc[RPC][B].
 //
 // The same ops over many rows (a prefill chunk, a decode batch of more than 8) are tiled by rows too
 // and run as GEMMs on tensor cores (gemm.cuh); codegen says so with COLS = -BN, the task's weight
@@ -41,12 +41,14 @@ constexpr bool kGemvMma = true;
 #define MPK_SIMT_WORK_KB 96
 #endif
 template <int RPC, int B, int K, int COLS> constexpr bool small_tile_on_cuda_cores() {
-  return B <= 4 && RPC * COLS <= MPK_SIMT_ROWS && static_cast<long long>(B) * RPC * COLS * K * 2 <= MPK_SIMT_WORK_KB * 1024ll;
+  const long long work = static_cast<long long>(B) * RPC * COLS * K * 2;  // B x the warp's weight bytes
+  return B <= 4 && RPC * COLS <= MPK_SIMT_ROWS && work <= MPK_SIMT_WORK_KB * 1024ll;
 }
 
 // COLS > 0: the most columns one warp owns in the op's tiles (ceil(tile / kWarps)).
 template <int RPC, int B, int K, bool NORM, class A, int COLS>
-using Gemv = std::conditional_t<kGemvMma && MmaGemv<RPC, B, K, NORM, A>::kUsable && !small_tile_on_cuda_cores<RPC, B, K, COLS>(),
+using Gemv = std::conditional_t<kGemvMma && MmaGemv<RPC, B, K, NORM, A>::kUsable &&
+                                    !small_tile_on_cuda_cores<RPC, B, K, COLS>(),
                                 MmaGemv<RPC, B, K, NORM, A>, SimtGemv<RPC, B, K, NORM, A, COLS>>;
 
 // Output columns [c0, c1) of column tile i, out of n in tiles of `tile`.
