@@ -298,14 +298,11 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
     for (int blk = 0; blk < NB; ++blk)
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {
-        float hi[4], lo[4];
+        float x[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float x = real ? heads[g * HD + 32 * blk + 8 * q + 4 * ks + e] * qscale : 0.f;
-          hi[e] = round_bf(x), lo[e] = x - hi[e];
-        }
-        qa[blk][ks][0] = pack_bf2(hi[0], hi[1]), qa[blk][ks][1] = pack_bf2(lo[0], lo[1]);
-        qa[blk][ks][2] = pack_bf2(hi[2], hi[3]), qa[blk][ks][3] = pack_bf2(lo[2], lo[3]);
+        for (int e = 0; e < 4; ++e) x[e] = real ? heads[g * HD + 32 * blk + 8 * q + 4 * ks + e] * qscale : 0.f;
+        pack_bf2_split(x[0], x[1], qa[blk][ks][0], qa[blk][ks][1]);
+        pack_bf2_split(x[2], x[3], qa[blk][ks][2], qa[blk][ks][3]);
       }
     float o[NB][4][4], m = kNegInf, l = 0.f;
 #pragma unroll
@@ -345,14 +342,15 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mn = fmaxf(m, mx), ref = mn == kNegInf ? 0.f : mn, corr = exp2f(m - ref);
-      float p[4], phi[4];
+      float p[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) p[i] = exp2f(sc[i] - ref), phi[i] = round_bf(p[i]);
+      for (int i = 0; i < 4; ++i) p[i] = exp2f(sc[i] - ref);
       l = l * corr + (p[0] + p[1]) + (p[2] + p[3]);
       m = mn;
       const bool rescale = __any_sync(0xffffffffu, corr != 1.f);  // none once the warp's maxima settle
-      const unsigned pa0 = pack_bf2(phi[0], phi[1]), pa1 = pack_bf2(p[0] - phi[0], p[1] - phi[1]);
-      const unsigned pa2 = pack_bf2(phi[2], phi[3]), pa3 = pack_bf2(p[2] - phi[2], p[3] - phi[3]);
+      unsigned pa0, pa1, pa2, pa3;
+      pack_bf2_split(p[0], p[1], pa0, pa1);
+      pack_bf2_split(p[2], p[3], pa2, pa3);
 #pragma unroll
       for (int blk = 0; blk < NB; ++blk) {
         const unsigned va[4] = {v0[blk].x, v0[blk].y, v0[blk].z, v0[blk].w};

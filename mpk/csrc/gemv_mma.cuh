@@ -66,18 +66,12 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
 
   // Vector v (8 values) of sequence b as bf16 planes: hi, and for float32 x what bf16 rounding left out.
   __device__ static void store(unsigned char* s, int b, int v, const float (&f)[8]) {
-    unsigned hi[4];
+    unsigned hi[4], lo[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) hi[j] = pack_bf2(f[2 * j], f[2 * j + 1]);
+    for (int j = 0; j < 4; ++j) pack_bf2_split(f[2 * j], f[2 * j + 1], hi[j], lo[j]);
     unsigned char* row = s + b * kPlanes * kStride + v * 16;
     *reinterpret_cast<uint4*>(row) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-    if constexpr (kSplit) {
-      unsigned lo[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        lo[j] = pack_bf2(f[2 * j] - round_bf(f[2 * j]), f[2 * j + 1] - round_bf(f[2 * j + 1]));
-      *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-    }
+    if constexpr (kSplit) *reinterpret_cast<uint4*>(row + kStride) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
   }
 
   // x (RMS-normalised if NORM) as bf16 planes: row (b, plane p) at s + (b * kPlanes + p) * kStride.

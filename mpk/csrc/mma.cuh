@@ -22,6 +22,14 @@ __device__ __forceinline__ unsigned pack_bf2(float lo_k, float hi_k) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// Two floats as bf16 pairs hi + lo (lo: what rounding to bf16 left out), so that an mma over both
+// multiplies the floats to ~2^-17 relative.
+__device__ __forceinline__ void pack_bf2_split(float a, float b, unsigned& hi, unsigned& lo) {
+  hi = pack_bf2(a, b);
+  const float ha = __uint_as_float(hi << 16), hb = __uint_as_float(hi & 0xffff0000u);  // hi's halves as floats
+  lo = pack_bf2(a - ha, b - hb);
+}
+
 // An 8x8 b16 matrix transposed across the warp: lane l holds row l / 4, columns 2 (l % 4) and + 1, and
 // receives column l / 4, rows 2 (l % 4) and + 1 (the first in the low half).
 __device__ __forceinline__ unsigned transpose8x8(unsigned x) {
