@@ -202,9 +202,9 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
             from mpk.profile import summarize_trace, write_trace
 
             kernel.set_meta(meta)
-            spans = kernel.run(steps, max_new_tokens=None, first_step=context, trace=True).trace
-            write_trace(profile, tg, spans)
-            summary = summarize_trace(tg, spans) if spans.shape[0] > 1 else None
+            traced = kernel.run(steps, max_new_tokens=None, first_step=context, trace=True)
+            write_trace(profile, tg, traced.trace)
+            summary = summarize_trace(tg, traced.trace, traced.marks) if traced.steps > 1 else None
     return seconds / steps, summary
 
 

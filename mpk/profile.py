@@ -88,13 +88,15 @@ def write_trace(path: str, tg: TaskGraph, spans: torch.Tensor, first_step: int =
     return sum(1 for e in events if e["ph"] == "X")
 
 
-def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
+def summarize_trace(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor | None = None) -> dict:
     """Where the SMs' time goes, per op kind, from a traced run (steps after the first).
 
     Per step and SM the time splits into running tasks, waiting for events, and the rest (the
     runtime between tasks: fetching the descriptor, signalling, issuing prefetches). `run_gbps`
     is a kind's bytes over its tasks' running time, times the SM count: the bandwidth the whole
-    GPU would see if every SM ran that kind's tasks back to back.
+    GPU would see if every SM ran that kind's tasks back to back. With `marks` (`RunResult.marks`)
+    a kind whose template marks its tasks also gets the median split of a task's time: staging its
+    inputs, warp 0's share of the work after that, and the rest until the task's end.
     """
     times = align_rank_clocks(tg, spans)[1:]  # step 0 includes the launch
     if times.shape[0] == 0 or not bool((times[..., 2] > 0).all()):
@@ -137,6 +139,9 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
             "op_span_us": float(span[:, ops].double().median()) / 1e3,
             "tail_us": float(tail[:, ops].double().median()) / 1e3,
         })
+    if marks is not None:
+        for row, parts in zip(rows, _task_parts_us(tg, spans[1:], marks[1:], kind_of, names, [r["kind"] for r in rows])):
+            row.update(parts)
     rows.sort(key=lambda r: -r["run_share"])
     run_share = float(run_ns.sum()) / sm_ns
     wait_share = float(wait_ns.sum()) / sm_ns
@@ -152,6 +157,25 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor) -> dict:
         summary["peer_wait_share"] = float(wait_ns[:, cross].sum()) / sm_ns
         summary["peer_wake_us"] = float(woke.double().median()) / 1e3 if woke.numel() else 0.0
     return summary
+
+
+def _task_parts_us(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor, kind_of: torch.Tensor,
+                   names: list[str], kinds: list[str]) -> list[dict]:
+    """Per kind in `kinds`: the medians, over its marked task instances, of start -> inputs staged
+    (`staged_us`), staged -> warp 0 done (`warp0_us`) and warp 0 done -> end (`after_us`); empty for
+    a kind with no marks. Differences inside one task: one GPU's timer, no rank alignment needed."""
+    start, end = spans[..., 1], spans[..., 2]
+    staged, warp0 = marks[..., 0], marks[..., 1]
+    marked = (staged > 0) & (warp0 > 0) & (end > 0)
+    out = []
+    for kind in kinds:
+        sel = marked & (kind_of == names.index(kind))[None, :]
+        if not bool(sel.any()):
+            out.append({})
+            continue
+        out.append({"staged_us": _median_us(staged[sel] - start[sel]), "warp0_us": _median_us(warp0[sel] - staged[sel]),
+                    "after_us": _median_us(end[sel] - warp0[sel])})
+    return out
 
 
 def _tasks_by_op(tg: TaskGraph) -> dict[int, list[int]]:
@@ -242,6 +266,12 @@ def format_trace_summary(summary: dict) -> str:
         lines.append(f"  {r['kind']:<24} {r['tasks_per_step']:>6} {r['run_us_per_task']:>8.2f} "
                      f"{r['run_share']:>8.1%} {r['wait_share']:>8.1%} {r['run_gbps'] / 1e9:>13.0f} "
                      f"{r.get('wake_us', 0.0):>8.2f} {r.get('op_span_us', 0.0):>10.2f} {r.get('tail_us', 0.0):>8.2f}")
+    parts = [r for r in summary["kinds"] if "staged_us" in r]
+    if parts:
+        lines.append("inside a task, us (medians): start -> inputs staged -> warp 0 done -> end")
+        lines.append(f"  {'op kind':<24} {'staging':>8} {'warp 0':>8} {'after':>8}")
+        for r in parts:
+            lines.append(f"  {r['kind']:<24} {r['staged_us']:>8.2f} {r['warp0_us']:>8.2f} {r['after_us']:>8.2f}")
     if "peer_wait_share" in summary:
         lines.append(f"waits on other GPUs' tasks: {summary['peer_wait_share']:.1%} of SM time, wake "
                      f"{summary['peer_wake_us']:.2f} us (median)")

@@ -71,6 +71,33 @@ def test_trace_summary_splits_sm_time_into_running_waiting_and_between():
         summarize_trace(tg, spans[:1])
 
 
+def test_trace_summary_splits_marked_tasks_into_staging_warp0_and_after():
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64)
+    tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
+    spans = in_id_order(tg, 3, 100, lambda s, t: 900)
+    kind_of = [tg.ops[t.op].kind for t in tg.tasks]
+    marked_kind = kind_of[0]
+    # Tasks of the first kind stage for a step-dependent 100-300 ns (median 200), then warp 0 works
+    # 500 ns; other kinds set no marks, as templates without marks leave them.
+    marks = torch.zeros(spans.shape[0], len(tg.tasks), 2, dtype=torch.int64)
+    for s in range(spans.shape[0]):
+        for tid, kind in enumerate(kind_of):
+            if kind == marked_kind:
+                staged = spans[s, tid, 1] + 100 * (s + 1 + tid % 3)
+                marks[s, tid] = torch.stack([staged, staged + 500])
+    kinds = {r["kind"]: r for r in summarize_trace(tg, spans, marks)["kinds"]}
+    first = kinds[marked_kind]
+    ends = spans[1:, :, 2] - marks[1:, :, 1]
+    want_staged = (marks[1:, :, 0] - spans[1:, :, 1])[:, [k == marked_kind for k in kind_of]]
+    assert first["staged_us"] == pytest.approx(float(want_staged.double().median()) / 1e3)
+    assert first["warp0_us"] == pytest.approx(0.5)
+    assert first["after_us"] == pytest.approx(float(ends[:, [k == marked_kind for k in kind_of]].double().median()) / 1e3)
+    assert all("staged_us" not in r for k, r in kinds.items() if k != marked_kind)
+    text = format_trace_summary(summarize_trace(tg, spans, marks))
+    assert "inputs staged" in text and "inputs staged" not in format_trace_summary(summarize_trace(tg, spans))
+
+
 def in_id_order(tg, steps: int, waited_ns: int, run_ns) -> torch.Tensor:
     """Spans of tasks that start in id order (a topological order), 1000 ns apart, each having waited
     `waited_ns` and running `run_ns(step, task)` ns."""

@@ -423,6 +423,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
       }
     }
     __syncthreads();
+    mark_task(kTrStaged);
     const float qscale = op.f[S::scale] * kLog2e;
     if (now) {
       for (int h = warp; h < QPK; h += kWarps) {
@@ -441,6 +442,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
     } else {
       simt_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc);
     }
+    mark_task(kTrWarp0);
     __syncthreads();
     const float* v_now = heads + (QPK + 1) * HD;
     for (int i = threadIdx.x; i < QPK * HD; i += kThreads) {

@@ -41,7 +41,7 @@ constexpr AbiConstant kAbiConstants[] = {
     {"kProgressWords", kProgressWords}, {"kPrSeq", kPrSeq},               {"kPrTask", kPrTask},
     {"kPrStep", kPrStep},               {"kPrEvent", kPrEvent},           {"kPrState", kPrState},
     {"kStateIdle", kStateIdle},         {"kStateWaiting", kStateWaiting}, {"kStateDone", kStateDone},
-    {"kStateStopped", kStateStopped},   {"kStateAborted", kStateAborted},
+    {"kStateStopped", kStateStopped},   {"kStateAborted", kStateAborted}, {"kTraceWords", kTraceWords},
 };
 
 }  // namespace mpk

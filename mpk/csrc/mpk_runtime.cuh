@@ -74,6 +74,10 @@ enum : int { kFlagAbort = 0, kFlagStopRequest = 1, kFlagWords = 4 };
 // progress: host-mapped, kProgressWords ints per SM, read by the host watchdog.
 enum : int { kPrSeq = 0, kPrTask = 1, kPrStep = 2, kPrEvent = 3, kPrState = 4, kProgressWords = 8 };
 enum : int { kStateIdle = 0, kStateWaiting = 1, kStateDone = 2, kStateStopped = 3, kStateAborted = 4 };
+// trace: per step and task, %globaltimer ns at: its wait, its start, its end, then two marks inside it
+// (mark_task): the inputs staged (the prologue's end), and warp 0 through its share of the work. A
+// template that sets no mark leaves 0 there.
+enum : int { kTrWait = 0, kTrStart = 1, kTrEnd = 2, kTrStaged = 3, kTrWarp0 = 4, kTraceWords = 5 };
 constexpr int kMaxRanks = 8;  // tensor-parallel GPUs one graph may span
 
 // Kernel parameters. Every field is 8 bytes, so the ctypes mirror in mpk/runtime/abi.py has no
@@ -95,7 +99,7 @@ struct MpkParams {
   int* progress;                 // host-mapped [num_sms * kProgressWords]
   int* host_flags;               // host-mapped kFlagWords
   const unsigned long long* prefetch;  // [num_tasks][kPrefetchWords]: the weight head for shared memory, the L2 range
-  unsigned long long* trace;           // null, or [num_steps][num_tasks][3]: %globaltimer at wait, run, done
+  unsigned long long* trace;           // null, or [num_steps][num_tasks][kTraceWords] (kTr*)
   unsigned long long* const* peer_counters;  // [tp_size]: every rank's counters (this rank's too)
   long long* const* peer_ctl;                // [tp_size]: every rank's ctl
   const int* kv_blocks;          // null (contiguous KV rows), or the block table [batch][kv_blocks_per_seq] (mpk.paging)
@@ -161,6 +165,15 @@ __device__ __forceinline__ unsigned long long global_timer() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
   return t;
+}
+
+// The running task's trace record (traced runs only, else null), set and read by thread 0. It lives in
+// shared memory, not in TaskCtx, so that a template's marks keep no register live across its loops.
+__shared__ unsigned long long* s_trace_rec;
+
+// Thread 0, in a traced run: stamp word kTrStaged or kTrWarp0 of the running task's record.
+__device__ __forceinline__ void mark_task(int word) {
+  if (threadIdx.x == 0 && s_trace_rec) s_trace_rec[word] = global_timer();
 }
 
 __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long* p) {
@@ -324,7 +337,7 @@ __device__ __forceinline__ void st_word(unsigned long long* p, unsigned long lon
 template <class Ready> __device__ bool poll_tagged(const TaskCtx& t, Ready&& ready) {
   for (unsigned spin = 0;; ++spin) {
     if (__syncthreads_and(ready())) {
-      if (threadIdx.x == 0 && t.trace_rec) t.trace_rec[1] = global_timer();  // the task starts once its words are in
+      if (threadIdx.x == 0 && t.trace_rec) t.trace_rec[kTrStart] = global_timer();  // the task starts once its words are in
       return true;
     }
     if (threadIdx.x == 0)
@@ -479,10 +492,11 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     const long long rel = n / qn, step = p.first_step + rel;
     const int i = static_cast<int>(n - rel * qn), b = static_cast<int>(n & 1);
     // Profiling: one record per task and step, indexed by queue position (unique across SMs).
-    unsigned long long* rec = p.trace ? p.trace + (rel * p.queue_off[p.num_sms] + q0 + i) * 3 : nullptr;
+    unsigned long long* rec = p.trace ? p.trace + (rel * p.queue_off[p.num_sms] + q0 + i) * kTraceWords : nullptr;
     const QueueEntry& e = s_entry[b];
     if (threadIdx.x == 0) {
-      if (rec) rec[0] = global_timer();
+      if (rec) rec[kTrWait] = global_timer();
+      s_trace_rec = rec;
       fetch_entry_wait();
       if (n + 1 < total) {  // the next task's entry, and its weights, stream while this one waits and runs
         const int next = (i + 1) % qn;
@@ -500,7 +514,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     }
     __syncthreads();
     if (!s_go) return;
-    if (rec && threadIdx.x == 0) rec[1] = global_timer();
+    if (rec && threadIdx.x == 0) rec[kTrStart] = global_timer();
     const unsigned char* head = s_head_bytes ? heads.acquire(p, &s_abort, b) : nullptr;
     const TaskCtx ctx{{e.task.tile[0], e.task.tile[1], e.task.tile[2]}, step, rel, &p, head, s_head_bytes,
                       &s_abort, seq, &e, rec};
@@ -516,7 +530,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
       return;
     }
     if (threadIdx.x == 0) {
-      if (rec) rec[2] = global_timer();  // before the signal: a consumer never starts before this
+      if (rec) rec[kTrEnd] = global_timer();  // before the signal: a consumer never starts before this
       signal_events(p, e);
     }
   }

@@ -249,8 +249,9 @@ class Megakernel(Executor):
             collect_logits=False, position_offsets=None, trace: bool = False,
             watchdog_seconds: float | None = None) -> RunResult:
         """`Executor.run`, plus: `trace` records each task's wait, start and end times (%globaltimer,
-        ns, each GPU's own clock) into `RunResult.trace` [steps, tasks, 3]; `collect_logits` runs
-        one step per launch.
+        ns, each GPU's own clock) into `RunResult.trace` [steps, tasks, 3], and the marks its template
+        sets inside it (inputs staged, warp 0 done; 0 where it sets none) into `RunResult.marks`
+        [steps, tasks, 2]; `collect_logits` runs one step per launch.
 
         A later run may continue at `first_step = previous first_step + steps` only after a run that
         was not stopped by on_step: after such a stop the kernel may already have run a step or two
@@ -278,8 +279,8 @@ class Megakernel(Executor):
             rs.dev["ctl"][abi.kCtlStopStep] = NO_STOP
             rs.mapped["steps_done"].array[0] = first_step
             rs.mapped["host_flags"].array[:] = 0
-            # The kernel records by position in this rank's queues: [steps, this rank's tasks, 3].
-            rs.trace = torch.zeros((num_steps, len(rs.tables.queue_tasks), 3), dtype=torch.int64,
+            # The kernel records by position in this rank's queues: [steps, this rank's tasks, kTraceWords].
+            rs.trace = torch.zeros((num_steps, len(rs.tables.queue_tasks), abi.kTraceWords), dtype=torch.int64,
                                    device=rs.device) if trace else None
 
         first = self.ranks[0]
@@ -309,13 +310,14 @@ class Megakernel(Executor):
             self._launch(first_step, num_steps, deliver)
         seconds = time.perf_counter() - t0
         steps = len(tokens)
-        spans = None
+        spans = marks = None
         if trace:
             # The kernels record by queue position (unique across a rank's SMs); reindex by task id.
-            spans = torch.zeros((steps, len(tg.tasks), 3), dtype=torch.int64)
+            records = torch.zeros((steps, len(tg.tasks), abi.kTraceWords), dtype=torch.int64)
             for rs in self.ranks:
-                spans[:, torch.from_numpy(rs.tables.queue_tasks).long()] = rs.trace[:steps].cpu()
-        return RunResult(tokens, steps, seconds, steps < num_steps, logits[:steps], spans)
+                records[:, torch.from_numpy(rs.tables.queue_tasks).long()] = rs.trace[:steps].cpu()
+            spans, marks = records[..., :3].contiguous(), records[..., 3:].contiguous()
+        return RunResult(tokens, steps, seconds, steps < num_steps, logits[:steps], spans, marks)
 
     def _params(self, rs: RankState, first_step: int, num_steps: int, tag_base: int) -> Params:
         p = Params()
