@@ -250,8 +250,9 @@ def test_row_derives_bandwidths():
 
 
 def test_table_and_json_from_a_fake_result():
-    result = fake_result([fake_row(), fake_row(kind="attention_split", op="layers.0.attention",
-                                               variant="AttentionSplit<4, 128, ActF32>", error=5e-3)])
+    result = fake_result([fake_row(staged_us_1sm=1.25, warp0_us_1sm=10.5),
+                          fake_row(kind="attention_split", op="layers.0.attention",
+                                   variant="AttentionSplit<4, 128, ActF32>", error=5e-3)])
     assert json.loads(json.dumps(result)) == result
     lines = format_op_bench(result).splitlines()
     assert lines[0].startswith("qwen3-8b batch 1 on NVIDIA H200 (132 SMs), float32 activations, context 4096")
@@ -259,13 +260,13 @@ def test_table_and_json_from_a_fake_result():
     assert "us/task" in lines[1] and "(1 SM)" in lines[2]
     qkv = lines[3].split()
     assert qkv[:5] == ["rmsnorm_linear", "RmsnormLinear<1,", "4096,", "false,", "ActF32>"]
-    assert qkv[5:] == ["128", "418.0", "12.50", "33.4", "14.00", "3821", "83.1%", "3.8", "2.5e-07"]
-    assert lines[4].split()[-2:] == ["5.0e-03", "FAIL"]
+    assert qkv[5:] == ["128", "418.0", "12.50", "33.4", "14.00", "3821", "83.1%", "3.8", "2.5e-07", "1.25", "10.50"]
+    assert lines[4].split()[-4:] == ["5.0e-03", "FAIL", "-", "-"]  # a template without marks
     assert [r["op"] for r in failures(result)] == ["layers.0.attention"]
 
 
 class CpuKernel:
-    """The megakernel's run interface on the CPU executor, with made-up task times (1 ns per byte)."""
+    """The megakernel's run interface on the CPU executor, with made-up task times (20 ns + 1 ns per byte)."""
 
     corrupt: str | None = None  # an output tensor to get wrong, as a broken template would
 
@@ -276,17 +277,19 @@ class CpuKernel:
         sim_run(self.tg, self.buffers, num_steps, first_step=first_step)
         if self.corrupt in self.buffers:
             self.buffers[self.corrupt].mul_(1.01)
-        spans = None
-        if trace:
+        spans = marks = None
+        if trace:  # every task marked: inputs staged 10 ns after its start, warp 0 done 10 ns before its end
             spans = torch.zeros(num_steps, len(self.tg.tasks), 3, dtype=torch.int64)
+            marks = torch.zeros(num_steps, len(self.tg.tasks), 2, dtype=torch.int64)
             clock = [0] * self.tg.num_sms
             for s in range(num_steps):
                 for q, queue in enumerate(self.tg.queues):
                     for tid in queue:
                         start = clock[q] + 100
-                        clock[q] = start + self.tg.tasks[tid].bytes
+                        clock[q] = start + 20 + self.tg.tasks[tid].bytes
                         spans[s, tid] = torch.tensor([start - 100, start, clock[q]])
-        return RunResult([], num_steps, 0.0, False, [], spans)
+                        marks[s, tid] = torch.tensor([start + 10, clock[q] - 10])
+        return RunResult([], num_steps, 0.0, False, [], spans, marks)
 
     def __enter__(self):
         return self
@@ -319,9 +322,11 @@ def test_whole_bench_on_the_cpu_executor(cpu_gpu, capsys):
                                          "rmsnorm_gate_up_silu", "linear_residual", "rmsnorm_lm_head_argmax", "sample"]
     assert all(r["error"] == 0.0 and r["ok"] and r["bound"] == BOUNDS["float32"] for r in rows)
     for r in rows:
-        # 1 ns per cost-model byte: a task's time is its bytes (attention: a half-full cache here).
+        # 1 ns per cost-model byte: a task's time is 20 ns plus its bytes (attention: a half-full cache here).
         assert r["task_us_1sm"] == r["task_us_all"] and r["task_us_1sm"] > 0
         assert r["gbps_per_sm"] == pytest.approx(r["bytes_per_task"] / r["task_us_1sm"] / 1e3)
+        assert r["staged_us_1sm"] == pytest.approx(0.01)
+        assert r["warp0_us_1sm"] == pytest.approx(r["task_us_1sm"] - 0.02)
     assert result["stream_read_gbps"] == 1.0 and result["num_sms"] == 4 and result["context"] == POS
 
     assert main(["bench-op", "tiny", "--batch", "2", "--op", "attention,sample", "--context", str(POS),
@@ -357,7 +362,7 @@ def test_a_wrong_output_fails_the_bench_in_one_line(cpu_gpu, capsys):
                  "--repeats", "1"])
     out, err = capsys.readouterr()
     assert code == 2
-    assert "FAIL" not in out.splitlines()[3] and out.splitlines()[4].endswith("1.0e-02 FAIL")
+    assert "FAIL" not in out.splitlines()[3] and " 1.0e-02 FAIL " in out.splitlines()[4]
     assert err.count("\n") == 1 and re.match(r"mpk: error: outputs differ from the reference beyond the bound: "
                                               r"LinearResidual<1, 344, ActF32(, \d+)?> 1\.0e-02 > 1e-03", err)
 

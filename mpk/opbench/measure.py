@@ -47,6 +47,22 @@ def mean_task_us(traces: list[torch.Tensor]) -> float:
     return float(torch.cat([task_ns(t) for t in traces]).double().mean()) / 1e3
 
 
+def median_split_us(results: list) -> tuple[float, float] | None:
+    """Medians over every traced launch (`RunResult`s, steps after 0) of a task's start -> inputs staged
+    and staged -> warp 0 done, in microseconds; None when the template sets no marks."""
+    staged, warp0 = [], []
+    for r in results:
+        if r.marks is None:
+            return None
+        start, marks = r.trace[1:, :, 1], r.marks[1:]
+        marked = (marks[..., 0] > 0) & (marks[..., 1] > 0)
+        staged.append((marks[..., 0] - start)[marked])
+        warp0.append((marks[..., 1] - marks[..., 0])[marked])
+    if not staged or sum(t.numel() for t in staged) == 0:
+        return None
+    return (float(torch.cat(staged).double().median()) / 1e3, float(torch.cat(warp0).double().median()) / 1e3)
+
+
 def median_step_us(traces: list[torch.Tensor]) -> float:
     """Median over launches of the steady-state time per step, in microseconds."""
     return statistics.median(step_ns(t) for t in traces) / 1e3

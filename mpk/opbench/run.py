@@ -20,7 +20,7 @@ from mpk.graph import DEFAULT_ACTIVATIONS
 from mpk.opbench import DEFAULT_CONTEXT, DEFAULT_MODEL, DEFAULT_REPEATS, DEFAULT_STEPS
 from mpk.opbench.check import (BOUNDS, bound_for, output_errors, poison, random_buffers, reference_outputs,
                                updated_tensors, written_tensors)
-from mpk.opbench.measure import mean_task_us, median_step_us, median_task_us
+from mpk.opbench.measure import mean_task_us, median_split_us, median_step_us, median_task_us
 from mpk.opbench.program import bench_ops, compile_one_op, op_bytes, replicas_for
 from mpk.opbench.report import OpRow
 from mpk.taskgraph import OpSpec, TaskGraph
@@ -118,9 +118,10 @@ def bench_plan(plan: Plan, vocab: int, device, context: int, steps: int, repeats
     want = reference_outputs(plan.reference, bufs, context)
     updated = {name: bufs[name].clone() for name in updated_tensors(plan.all_sms)}  # the timed steps append to them
     with Megakernel(plan.one_sm, device=device, buffers=bufs) as kernel:
-        one_sm = _traced(kernel, context, steps, repeats)
+        one_sm_runs = _traced(kernel, context, steps, repeats)
+        one_sm = [r.trace for r in one_sm_runs]
     with Megakernel(plan.all_sms, device=device, buffers=bufs) as kernel:
-        all_sms = _traced(kernel, context, steps, repeats)
+        all_sms = [r.trace for r in _traced(kernel, context, steps, repeats)]
         for name in written_tensors(plan.all_sms):
             if name in updated:
                 bufs[name].copy_(updated[name])
@@ -131,12 +132,14 @@ def bench_plan(plan: Plan, vocab: int, device, context: int, steps: int, repeats
     del bufs
     torch.cuda.empty_cache()
     ref = plan.reference
+    split = median_split_us(one_sm_runs)
     return OpRow(
         kind=plan.op.kind, op=plan.op.name, variant=str(lower_op(ref, ref.ops[0])[0]), tasks=len(ref.tasks),
         replicas=plan.replicas, op_bytes=op_bytes(ref, 0, context), op_flops=sum(t.flops for t in ref.tasks),
         task_us_1sm=median_task_us(one_sm), task_us_1sm_mean=mean_task_us(one_sm), task_us_all=median_task_us(all_sms),
         op_us_all=median_step_us(all_sms) / plan.replicas,
         error=max(errors.values()), bound=bound or bound_for(ref),
+        staged_us_1sm=split[0] if split else None, warp0_us_1sm=split[1] if split else None,
     )
 
 
@@ -147,6 +150,7 @@ def _run(kernel, context: int, steps: int, trace: bool = False):
     return result
 
 
-def _traced(kernel, context: int, steps: int, repeats: int) -> list[torch.Tensor]:
+def _traced(kernel, context: int, steps: int, repeats: int) -> list:
+    """`repeats` traced launches (RunResults) after a warm-up."""
     _run(kernel, context, 2)  # warm-up: module load, first touch of every buffer
-    return [_run(kernel, context, steps, trace=True).trace for _ in range(repeats)]
+    return [_run(kernel, context, steps, trace=True) for _ in range(repeats)]
