@@ -176,16 +176,9 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
              context: int = 0, kv_block_rows: int = 0) -> tuple[float, dict | None]:
     """Seconds per decode step of the megakernel (all `steps` steps in one launch, starting at position
     `context` over a filled cache, paged in blocks of `kv_block_rows` rows if not 0), and with
-    `profile` the summary of a second, traced run whose per-SM task spans are written there (the timed
-    run is untraced)."""
-    from mpk.runtime import Megakernel
-
-    pages, table = interleaved_kv_pages(tg, kv_block_rows) if kv_block_rows else (None, None)
-    with Megakernel(tg, device=device if tg.tp_size == 1 else None, weights=fused, meta=meta,
-                    kv_pages=pages) as kernel:
-        if pages is not None:
-            kernel.set_kv_table(table)
-        fill_kv_cache(kernel)
+    `profile` the summary of a traced run whose per-SM task spans are written there. The traced run
+    is a second kernel's, built with the marks inside each task; the timed kernel has none."""
+    with _bench_kernel(tg, fused, meta, device, kv_block_rows) as kernel:
         # A timed run goes all its steps: a random model's greedy tokens may hit an end-of-sequence id.
         kernel.run(min(steps, 8), max_new_tokens=None, first_step=context, eos_token_ids=[])  # warm-up
         kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
@@ -197,15 +190,34 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
         if result.steps != steps:
             raise MpkError(f"the megakernel ran {result.steps} of {steps} steps with nothing to stop it "
                            f"({kernel.stop_state()}); please report this with the command that showed it")
-        summary = None
-        if profile:
-            from mpk.profile import summarize_trace, write_trace
+    summary = None
+    if profile:
+        from mpk.profile import summarize_trace, write_trace
 
+        with _bench_kernel(tg, fused, meta, device, kv_block_rows, task_marks=True) as kernel:
+            kernel.run(min(steps, 8), max_new_tokens=None, first_step=context, eos_token_ids=[])  # warm-up
             kernel.set_meta(meta)
-            traced = kernel.run(steps, max_new_tokens=None, first_step=context, trace=True)
-            write_trace(profile, tg, traced.trace)
-            summary = summarize_trace(tg, traced.trace, traced.marks) if traced.steps > 1 else None
+            traced = kernel.run(steps, max_new_tokens=None, first_step=context, eos_token_ids=[], trace=True)
+        write_trace(profile, tg, traced.trace)
+        summary = summarize_trace(tg, traced.trace, traced.marks) if traced.steps > 1 else None
     return seconds / steps, summary
+
+
+def _bench_kernel(tg, fused: dict, meta: dict, device, kv_block_rows: int, task_marks: bool = False):
+    """A megakernel over `tg` with a filled KV cache (paged in blocks of `kv_block_rows` rows if not 0)."""
+    from mpk.runtime import Megakernel
+
+    pages, table = interleaved_kv_pages(tg, kv_block_rows) if kv_block_rows else (None, None)
+    kernel = Megakernel(tg, device=device if tg.tp_size == 1 else None, weights=fused, meta=meta,
+                        kv_pages=pages, task_marks=task_marks)
+    try:
+        if pages is not None:
+            kernel.set_kv_table(table)
+        fill_kv_cache(kernel)
+    except BaseException:
+        kernel.close()
+        raise
+    return kernel
 
 
 def run_bench(model: str, batch: int = 1, steps: int = 128, backends=("stream", "mpk", "eager", "compile"),

@@ -270,15 +270,15 @@ class CpuKernel:
 
     corrupt: str | None = None  # an output tensor to get wrong, as a broken template would
 
-    def __init__(self, tg, device=None, buffers=None):
-        self.tg, self.buffers = tg, buffers
+    def __init__(self, tg, device=None, buffers=None, task_marks=False):
+        self.tg, self.buffers, self.task_marks = tg, buffers, task_marks
 
     def run(self, num_steps, first_step=0, eos_token_ids=None, trace=False, watchdog_seconds=None):
         sim_run(self.tg, self.buffers, num_steps, first_step=first_step)
         if self.corrupt in self.buffers:
             self.buffers[self.corrupt].mul_(1.01)
         spans = marks = None
-        if trace:  # every task marked: inputs staged 10 ns after its start, warp 0 done 10 ns before its end
+        if trace:  # with task_marks, every task marked: inputs staged 10 ns after its start, warp 0 done 10 ns before its end
             spans = torch.zeros(num_steps, len(self.tg.tasks), 3, dtype=torch.int64)
             marks = torch.zeros(num_steps, len(self.tg.tasks), 2, dtype=torch.int64)
             clock = [0] * self.tg.num_sms
@@ -289,7 +289,7 @@ class CpuKernel:
                         clock[q] = start + 20 + self.tg.tasks[tid].bytes
                         spans[s, tid] = torch.tensor([start - 100, start, clock[q]])
                         marks[s, tid] = torch.tensor([start + 10, clock[q] - 10])
-        return RunResult([], num_steps, 0.0, False, [], spans, marks)
+        return RunResult([], num_steps, 0.0, False, [], spans, marks if self.task_marks else None)
 
     def __enter__(self):
         return self
@@ -397,10 +397,14 @@ def test_one_op_kernels_build_for_sm_90a(tmp_path, monkeypatch):
     cfg = resolve_model("qwen3-8b").cfg
     tg = compile_model(cfg, batch=4, max_seq_len=72, num_sms=132, verify=False)
     graphs = [compile_one_op(cfg, tg, op, 132) for op in bench_ops(tg, ["embed", "attention", "sample"])]
-    prebuild(graphs, "sm_90a")
+    prebuild([(g, False) for g in graphs] + [(graphs[1], True)], "sm_90a")  # the one-SM kernels carry marks
     for g in graphs:
         source = generate_source(g)
-        assert source.count("case ") == 1
+        assert source.count("case ") == 1 and "MPK_TASK_MARKS" not in source
         lib = load_library(build(source, "sm_90a"))  # a cache hit: prebuild made it
         assert lib.mpk_variants().decode() == variants_signature(build_tables(g).variants)
-    assert len(list(tmp_path.glob("*.so"))) == 3
+    marked = generate_source(graphs[1], task_marks=True)
+    assert "#define MPK_TASK_MARKS 1" in marked
+    assert load_library(build(marked, "sm_90a")).mpk_variants().decode() == variants_signature(
+        build_tables(graphs[1]).variants)
+    assert len(list(tmp_path.glob("*.so"))) == 4

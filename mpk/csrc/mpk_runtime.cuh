@@ -76,7 +76,7 @@ enum : int { kPrSeq = 0, kPrTask = 1, kPrStep = 2, kPrEvent = 3, kPrState = 4, k
 enum : int { kStateIdle = 0, kStateWaiting = 1, kStateDone = 2, kStateStopped = 3, kStateAborted = 4 };
 // trace: per step and task, %globaltimer ns at: its wait, its start, its end, then two marks inside it
 // (mark_task): the inputs staged (the prologue's end), and warp 0 through its share of the work. A
-// template that sets no mark leaves 0 there.
+// template that sets no mark leaves 0 there, and so does a kernel built without MPK_TASK_MARKS.
 enum : int { kTrWait = 0, kTrStart = 1, kTrEnd = 2, kTrStaged = 3, kTrWarp0 = 4, kTraceWords = 5 };
 constexpr int kMaxRanks = 8;  // tensor-parallel GPUs one graph may span
 
@@ -167,13 +167,21 @@ __device__ __forceinline__ unsigned long long global_timer() {
   return t;
 }
 
+// Marks inside a task are compiled in only where asked (codegen's task_marks, for profiles): the kernel
+// that serves and is timed carries none of their code.
+#ifndef MPK_TASK_MARKS
+#define MPK_TASK_MARKS 0
+#endif
+
 // The running task's trace record (traced runs only, else null), set and read by thread 0. It lives in
 // shared memory, not in TaskCtx, so that a template's marks keep no register live across its loops.
 __shared__ unsigned long long* s_trace_rec;
 
-// Thread 0, in a traced run: stamp word kTrStaged or kTrWarp0 of the running task's record.
+// Thread 0, in a traced run of a kernel built with marks: stamp word kTrStaged or kTrWarp0 of the
+// running task's record.
 __device__ __forceinline__ void mark_task(int word) {
-  if (threadIdx.x == 0 && s_trace_rec) s_trace_rec[word] = global_timer();
+  if constexpr (MPK_TASK_MARKS)
+    if (threadIdx.x == 0 && s_trace_rec) s_trace_rec[word] = global_timer();
 }
 
 __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long* p) {
@@ -496,7 +504,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     const QueueEntry& e = s_entry[b];
     if (threadIdx.x == 0) {
       if (rec) rec[kTrWait] = global_timer();
-      s_trace_rec = rec;
+      if constexpr (MPK_TASK_MARKS) s_trace_rec = rec;
       fetch_entry_wait();
       if (n + 1 < total) {  // the next task's entry, and its weights, stream while this one waits and runs
         const int next = (i + 1) % qn;

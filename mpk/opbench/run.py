@@ -68,7 +68,8 @@ def run_op_bench(model: str = DEFAULT_MODEL, batch: int = 1, kinds: list[str] | 
     if prefill:
         tg = compile_prefill(tg, cfg, prefill, verify=False)
     plans = [plan_op(cfg, tg, op, num_sms, context) for op in bench_ops(tg, kinds)]
-    prebuild([p.all_sms for p in plans], arch)
+    # The one-SM kernels carry the marks inside each task (the staging and warp-0 columns).
+    prebuild([(p.all_sms, False) for p in plans] + [(p.one_sm, True) for p in plans], arch)
     ceiling = stream_read_gbps(device, 1 << 30, num_sms)
     # Prefill templates round GEMM and attention inputs to bf16, as PyTorch's fast prefill does.
     bound = BOUNDS["bfloat16"] if prefill else None
@@ -97,12 +98,13 @@ def plan_op(cfg, tg: TaskGraph, op: OpSpec, num_sms: int, context: int) -> Plan:
                 compile_one_op(cfg, tg, op, 1))
 
 
-def prebuild(graphs: list[TaskGraph], arch: str) -> None:
-    """Build every graph's kernel now, in parallel (nvcc is single-threaded); later loads hit the cache."""
+def prebuild(graphs: list[tuple[TaskGraph, bool]], arch: str) -> None:
+    """Build the kernel of every (graph, task_marks) now, in parallel (nvcc is single-threaded); later
+    loads hit the cache."""
     from mpk.codegen import generate_source
     from mpk.runtime.build import build
 
-    sources = list(dict.fromkeys(generate_source(g) for g in graphs))
+    sources = list(dict.fromkeys(generate_source(g, marks) for g, marks in graphs))
     if not sources:
         return
     with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1)) as pool:
@@ -117,7 +119,7 @@ def bench_plan(plan: Plan, vocab: int, device, context: int, steps: int, repeats
     bufs = random_buffers(plan.all_sms, vocab, device, seed)
     want = reference_outputs(plan.reference, bufs, context)
     updated = {name: bufs[name].clone() for name in updated_tensors(plan.all_sms)}  # the timed steps append to them
-    with Megakernel(plan.one_sm, device=device, buffers=bufs) as kernel:
+    with Megakernel(plan.one_sm, device=device, buffers=bufs, task_marks=True) as kernel:
         one_sm_runs = _traced(kernel, context, steps, repeats)
         one_sm = [r.trace for r in one_sm_runs]
     with Megakernel(plan.all_sms, device=device, buffers=bufs) as kernel:

@@ -104,16 +104,18 @@ class Megakernel(Executor):
     are dicts of CPU tensors as `mpk.inputs.program_inputs` returns them; or pass `buffers`, a dict
     of CUDA tensors for every tensor of the graph (each on its rank's GPU), to share memory with the
     caller. `device` picks the GPU of a one-rank graph; `devices` one GPU per rank (default: the
-    first `tp_size` GPUs).
+    first `tp_size` GPUs). `task_marks` builds the kernel with the marks a traced run records inside
+    each task (a profile's kernel; the timed and served ones carry none).
     """
 
     poll_seconds = 2e-4
 
     def __init__(self, tg: TaskGraph, so_path: str | Path | None = None, device=None, *,
                  devices=None, weights: dict | None = None, meta: dict | None = None, buffers: dict | None = None,
-                 arch: str | None = None, debug: bool | None = None, kv_pages: KvPages | None = None):
+                 arch: str | None = None, debug: bool | None = None, kv_pages: KvPages | None = None,
+                 task_marks: bool = False):
         check_supported(tg)
-        self.tg, self.kv_pages = tg, kv_pages
+        self.tg, self.kv_pages, self.task_marks = tg, kv_pages, task_marks
         if tg.tp_size > 1:
             os.environ.update(NO_MULTICAST)
         self.devices = rank_devices(tg.tp_size, device, devices)
@@ -133,7 +135,7 @@ class Megakernel(Executor):
                            + ", ".join(f"{d} {pr.major}.{pr.minor}" for d, pr in zip(self.devices, props)))
         tables = build_rank_tables(tg)
         if so_path is None:
-            so_path = build(render_source(tables[0].variants), arch or arch_for_capability(props[0].major, props[0].minor),
+            so_path = build(render_source(tables[0].variants, task_marks), arch or arch_for_capability(props[0].major, props[0].minor),
                             debug)
         self.so_path = Path(so_path)
         self.lib = load_library(self.so_path)
@@ -249,9 +251,9 @@ class Megakernel(Executor):
             collect_logits=False, position_offsets=None, trace: bool = False,
             watchdog_seconds: float | None = None) -> RunResult:
         """`Executor.run`, plus: `trace` records each task's wait, start and end times (%globaltimer,
-        ns, each GPU's own clock) into `RunResult.trace` [steps, tasks, 3], and the marks its template
-        sets inside it (inputs staged, warp 0 done; 0 where it sets none) into `RunResult.marks`
-        [steps, tasks, 2]; `collect_logits` runs one step per launch.
+        ns, each GPU's own clock) into `RunResult.trace` [steps, tasks, 3], and, in a kernel built with
+        `task_marks`, the marks its template sets inside it (inputs staged, warp 0 done; 0 where it sets
+        none) into `RunResult.marks` [steps, tasks, 2]; `collect_logits` runs one step per launch.
 
         A later run may continue at `first_step = previous first_step + steps` only after a run that
         was not stopped by on_step: after such a stop the kernel may already have run a step or two
@@ -316,7 +318,8 @@ class Megakernel(Executor):
             records = torch.zeros((steps, len(tg.tasks), abi.kTraceWords), dtype=torch.int64)
             for rs in self.ranks:
                 records[:, torch.from_numpy(rs.tables.queue_tasks).long()] = rs.trace[:steps].cpu()
-            spans, marks = records[..., :3].contiguous(), records[..., 3:].contiguous()
+            spans = records[..., :3].contiguous()
+            marks = records[..., 3:].contiguous() if self.task_marks else None
         return RunResult(tokens, steps, seconds, steps < num_steps, logits[:steps], spans, marks)
 
     def _params(self, rs: RankState, first_step: int, num_steps: int, tag_base: int) -> Params:

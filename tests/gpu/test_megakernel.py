@@ -141,11 +141,11 @@ def num_sms(case: str) -> int:
 
 def megakernel(cfg, hf, prompts, max_seq_len, sms, tg: TaskGraph | None = None,
                activations: str = DEFAULT_ACTIVATIONS, kv_cache: str = DEFAULT_KV_CACHE,
-               matmul_inputs: str = DEFAULT_MATMUL_INPUTS):
+               matmul_inputs: str = DEFAULT_MATMUL_INPUTS, task_marks: bool = False):
     tg = tg or compile_model(cfg, batch=len(prompts), max_seq_len=max_seq_len, num_sms=sms, activations=activations,
                              kv_cache=kv_cache, matmul_inputs=matmul_inputs)
     weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf, 1, torch.bfloat16), prompts)
-    return Megakernel(tg, weights=weights, meta=meta)
+    return Megakernel(tg, weights=weights, meta=meta, task_marks=task_marks)
 
 
 def sim_logits(cfg, hf, tg, prompts, steps):
@@ -471,8 +471,10 @@ def test_trace_spans_respect_every_event(checkpoint):
     """Recorded %globaltimer spans: each task starts only after all producers of its event ended."""
     cfg, hf = checkpoint("qwen3-qknorm")
     steps = 6
-    mk = megakernel(cfg, hf, [[1, 2, 3]], steps, 16)
+    mk = megakernel(cfg, hf, [[1, 2, 3]], steps, 16, task_marks=True)
     res = mk.run(steps, eos_token_ids=[], trace=True)
+    plain = megakernel(cfg, hf, [[1, 2, 3]], steps, 16).run(steps, eos_token_ids=[], trace=True)
+    assert plain.marks is None and plain.tokens == res.tokens  # the marks change no result
     spans = res.trace
     assert spans.shape == (steps, len(mk.tg.tasks), 3)
     wait, start, end = spans[..., 0], spans[..., 1], spans[..., 2]
