@@ -56,9 +56,12 @@ template <int B, int K, class T> __device__ void row_inv_rms(const T* x, float e
 // RMS-normalised as the op references do when NORM (inv[b] and the norm weights). Each thread loads
 // kBatch vectors before handing any to fn: fn's stores to shared memory go through generic pointers
 // that could alias x, so a plain loop would wait out one L2 round trip per vector.
+#ifndef MPK_X_BATCH
+#define MPK_X_BATCH 4
+#endif
 template <int B, int K, int VEC, bool NORM, class A, class T, class Fn>
 __device__ void for_each_x_vec(const T* x, const bf16* norm, const float* inv, Fn&& fn) {
-  constexpr int NV = K / VEC, N = B * NV, kBatch = 4;
+  constexpr int NV = K / VEC, N = B * NV, kBatch = MPK_X_BATCH;
   for (int i0 = threadIdx.x; i0 < N; i0 += kBatch * kThreads) {
     float f[kBatch][VEC];
 #pragma unroll
