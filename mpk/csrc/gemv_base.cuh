@@ -55,9 +55,11 @@ template <int B, int K, class T> __device__ void row_inv_rms(const T* x, float e
 // All threads: fn(b, v, f) for each vector v (VEC values, as floats) of each row b of x [B, K],
 // RMS-normalised as the op references do when NORM (inv[b] and the norm weights). Each thread loads
 // kBatch vectors before handing any to fn: fn's stores to shared memory go through generic pointers
-// that could alias x, so a plain loop would wait out one L2 round trip per vector.
+// that could alias x, so a plain loop would wait out one L2 round trip per vector. With 8 (build
+// knob MPK_X_BATCH) a batch-4 down projection's x (qwen3-8b: 192 KB) takes 3 round trips, not 6:
+// the read is bound by the bytes in flight (docs/perf.md, x_copies).
 #ifndef MPK_X_BATCH
-#define MPK_X_BATCH 4
+#define MPK_X_BATCH 8
 #endif
 template <int B, int K, int VEC, bool NORM, class A, class T, class Fn>
 __device__ void for_each_x_vec(const T* x, const bf16* norm, const float* inv, Fn&& fn) {
