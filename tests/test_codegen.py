@@ -351,13 +351,13 @@ def test_small_tile_bounds_reach_the_build(tmp_path, monkeypatch):
 
 @needs_nvcc
 def test_x_batch_reaches_the_build(tmp_path, monkeypatch):
-    """MPK_X_BATCH: x vectors per thread and round in a GEMV prologue (8 unless set), for A/B runs."""
+    """MPK_X_BATCH: x vectors per thread and round in a GEMV prologue (by batch unless set), for A/B runs."""
     src = generate_source(graph(tiny_cfg(), batch=4))
     assert "MPK_X_BATCH" not in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
     monkeypatch.setenv("MPK_X_BATCH", "4")
     assert "-DMPK_X_BATCH=4" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
     monkeypatch.setenv("MPK_X_BATCH", "0")
-    with pytest.raises(MpkError, match="MPK_X_BATCH must be 8, 1, 2, 4 or 16, not '0'"):
+    with pytest.raises(MpkError, match="MPK_X_BATCH must be auto, 1, 2, 4, 8 or 16, not '0'"):
         build(src, "sm_90a", debug=False, cache=tmp_path)
 
 

@@ -55,15 +55,17 @@ template <int B, int K, class T> __device__ void row_inv_rms(const T* x, float e
 // All threads: fn(b, v, f) for each vector v (VEC values, as floats) of each row b of x [B, K],
 // RMS-normalised as the op references do when NORM (inv[b] and the norm weights). Each thread loads
 // kBatch vectors before handing any to fn: fn's stores to shared memory go through generic pointers
-// that could alias x, so a plain loop would wait out one L2 round trip per vector. With 8 (build
-// knob MPK_X_BATCH) a batch-4 down projection's x (qwen3-8b: 192 KB) takes 3 round trips, not 6:
-// the read is bound by the bytes in flight (docs/perf.md, x_copies).
+// that could alias x, so a plain loop would wait out one L2 round trip per vector. Such a read is
+// bound by the bytes in flight (docs/perf.md, x_copies): 8 vectors up to batch 4 halve the round
+// trips of a large x (qwen3-8b's batch-4 down projection: 3, not 6; 0.8% a step on an H200); at
+// batch 8, beside the tensor-core GEMV's loads through L1, 8 were 1.5% slower than 4.
+// MPK_X_BATCH (build knob) sets one count for every batch, for A/B.
 #ifndef MPK_X_BATCH
-#define MPK_X_BATCH 8
+#define MPK_X_BATCH 0
 #endif
 template <int B, int K, int VEC, bool NORM, class A, class T, class Fn>
 __device__ void for_each_x_vec(const T* x, const bf16* norm, const float* inv, Fn&& fn) {
-  constexpr int NV = K / VEC, N = B * NV, kBatch = MPK_X_BATCH;
+  constexpr int NV = K / VEC, N = B * NV, kBatch = MPK_X_BATCH > 0 ? MPK_X_BATCH : B <= 4 ? 8 : 4;
   for (int i0 = threadIdx.x; i0 < N; i0 += kBatch * kThreads) {
     float f[kBatch][VEC];
 #pragma unroll

@@ -115,8 +115,8 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
     l2_fetch = _env_choice("MPK_L2_FETCH", ("auto", "0", "64", "128", "256"), " bytes")
     if l2_fetch != "auto":  # one L2 prefetch size for the tensor-core GEMV's weight loads, for A/B
         flags.append(f"-DMPK_L2_FETCH={l2_fetch}")
-    x_batch = _env_choice("MPK_X_BATCH", ("8", "1", "2", "4", "16"))
-    if x_batch != "8":  # x vectors per thread and round in the GEMV prologue (gemv_base.cuh), for A/B
+    x_batch = _env_choice("MPK_X_BATCH", ("auto", "1", "2", "4", "8", "16"))
+    if x_batch != "auto":  # x vectors per thread and round in the GEMV prologue (gemv_base.cuh), for A/B
         flags.append(f"-DMPK_X_BATCH={x_batch}")
     for knob in ("MPK_SIMT_ROWS", "MPK_SIMT_WORK_KB"):  # batch 2-4 GEMVs kept on CUDA cores (gemv.cuh), for A/B
         value = os.environ.get(knob, "")
