@@ -140,14 +140,14 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor | No
             "tail_us": float(tail[:, ops].double().median()) / 1e3,
         })
     if marks is not None:
-        for row, parts in zip(rows, _task_parts_us(tg, spans[1:], marks[1:], kind_of, names, [r["kind"] for r in rows])):
-            row.update(parts)
+        for row in rows:
+            row.update(_parts_us(spans[1:], marks[1:], kind_of == names.index(row["kind"])))
     rows.sort(key=lambda r: -r["run_share"])
     run_share = float(run_ns.sum()) / sm_ns
     wait_share = float(wait_ns.sum()) / sm_ns
     summary = {"steps": steps, "step_us": float(step_ns.mean()) / 1e3, "run_share": run_share,
                "wait_share": wait_share, "other_share": 1.0 - run_share - wait_share, "kinds": rows}
-    layer = _layer_timeline(tg, start, end, by_op)
+    layer = _layer_timeline(tg, start, end, by_op, spans[1:], None if marks is None else marks[1:])
     if layer:
         summary["layer"] = layer
     if tg.tp_size > 1:  # what tensor parallelism costs in waits: tasks whose event another GPU's tasks signal
@@ -159,23 +159,18 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor | No
     return summary
 
 
-def _task_parts_us(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor, kind_of: torch.Tensor,
-                   names: list[str], kinds: list[str]) -> list[dict]:
-    """Per kind in `kinds`: the medians, over its marked task instances, of start -> inputs staged
-    (`staged_us`), staged -> warp 0 done (`warp0_us`) and warp 0 done -> end (`after_us`); empty for
-    a kind with no marks. Differences inside one task: one GPU's timer, no rank alignment needed."""
+def _parts_us(spans: torch.Tensor, marks: torch.Tensor, tasks: torch.Tensor) -> dict:
+    """The medians, over the marked instances of the tasks selected by the boolean mask `tasks`, of
+    start -> inputs staged (`staged_us`), staged -> warp 0 done (`warp0_us`) and warp 0 done -> end
+    (`after_us`); empty where none is marked. Differences inside one task: one GPU's timer, no rank
+    alignment needed."""
     start, end = spans[..., 1], spans[..., 2]
     staged, warp0 = marks[..., 0], marks[..., 1]
-    marked = (staged > 0) & (warp0 > 0) & (end > 0)
-    out = []
-    for kind in kinds:
-        sel = marked & (kind_of == names.index(kind))[None, :]
-        if not bool(sel.any()):
-            out.append({})
-            continue
-        out.append({"staged_us": _median_us(staged[sel] - start[sel]), "warp0_us": _median_us(warp0[sel] - staged[sel]),
-                    "after_us": _median_us(end[sel] - warp0[sel])})
-    return out
+    sel = (staged > 0) & (warp0 > 0) & (end > 0) & tasks[None, :]
+    if not bool(sel.any()):
+        return {}
+    return {"staged_us": _median_us(staged[sel] - start[sel]), "warp0_us": _median_us(warp0[sel] - staged[sel]),
+            "after_us": _median_us(end[sel] - warp0[sel])}
 
 
 def _tasks_by_op(tg: TaskGraph) -> dict[int, list[int]]:
@@ -191,11 +186,12 @@ def _median_us(ns: torch.Tensor) -> float:
     return float(ns.double().median()) / 1e3
 
 
-def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor,
-                    by_op: dict[int, list[int]]) -> dict | None:
+def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor, by_op: dict[int, list[int]],
+                    spans: torch.Tensor, marks: torch.Tensor | None) -> dict | None:
     """The middle layer's ops on rank 0, in order: when each first starts and last ends, in us from
     the layer's first task start, and its median task's running time (medians over the steps): where
-    a layer's time goes, phase by phase."""
+    a layer's time goes, phase by phase. With `marks` (and the unaligned `spans` of the same steps),
+    each op's `_parts_us` too: the O and down projections apart, which one op kind holds."""
     layers = sorted({op.layer for op in tg.ops if op.layer is not None})
     if not layers:
         return None
@@ -209,6 +205,8 @@ def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor,
                      "first_start_us": _median_us(start[:, ids].min(1).values - t0),
                      "last_end_us": _median_us(end[:, ids].max(1).values - t0),
                      "task_us": _median_us((end[:, ids] - start[:, ids]).double().median(1).values)})
+        if marks is not None:
+            rows[-1].update(_parts_us(spans, marks, torch.isin(torch.arange(len(tg.tasks)), torch.tensor(ids))))
     rows.sort(key=lambda r: r["first_start_us"])
     return {"layer": middle, "ops": rows}
 
@@ -277,8 +275,11 @@ def format_trace_summary(summary: dict) -> str:
                      f"{summary['peer_wake_us']:.2f} us (median)")
     if "layer" in summary:
         lines.append(f"layer {summary['layer']['layer']}, us from its first task's start (medians over the steps):")
-        lines.append(f"  {'op':<32} {'tasks':>6} {'first start':>12} {'last end':>9} {'us/task':>8}")
+        marked = any("staged_us" in r for r in summary["layer"]["ops"])
+        lines.append(f"  {'op':<32} {'tasks':>6} {'first start':>12} {'last end':>9} {'us/task':>8}"
+                     + (f" {'staging':>8} {'warp 0':>8} {'after':>8}" if marked else ""))
         for r in summary["layer"]["ops"]:
+            parts = "".join(f" {r[k]:>8.2f}" for k in ("staged_us", "warp0_us", "after_us") if k in r)
             lines.append(f"  {r['op']:<32} {r['tasks']:>6} {r['first_start_us']:>12.2f} {r['last_end_us']:>9.2f} "
-                         f"{r['task_us']:>8.2f}")
+                         f"{r['task_us']:>8.2f}{parts}")
     return "\n".join(lines)

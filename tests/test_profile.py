@@ -77,8 +77,8 @@ def test_trace_summary_splits_marked_tasks_into_staging_warp0_and_after():
     tg = compile_model(cfg, batch=1, max_seq_len=8, num_sms=4, verify=False)
     spans = in_id_order(tg, 3, 100, lambda s, t: 900)
     kind_of = [tg.ops[t.op].kind for t in tg.tasks]
-    marked_kind = kind_of[0]
-    # Tasks of the first kind stage for a step-dependent 100-300 ns (median 200), then warp 0 works
+    marked_kind = next(tg.ops[t.op].kind for t in tg.tasks if tg.ops[t.op].layer is not None)
+    # Tasks of the layer's first kind stage for a step-dependent 100-300 ns (median 200), then warp 0 works
     # 500 ns; other kinds set no marks, as templates without marks leave them.
     marks = torch.zeros(spans.shape[0], len(tg.tasks), 2, dtype=torch.int64)
     for s in range(spans.shape[0]):
@@ -96,6 +96,16 @@ def test_trace_summary_splits_marked_tasks_into_staging_warp0_and_after():
     assert all("staged_us" not in r for k, r in kinds.items() if k != marked_kind)
     text = format_trace_summary(summarize_trace(tg, spans, marks))
     assert "inputs staged" in text and "inputs staged" not in format_trace_summary(summarize_trace(tg, spans))
+    # The layer table splits each op of the middle layer the same way, op by op.
+    for row in summarize_trace(tg, spans, marks)["layer"]["ops"]:
+        ids = [t.id for t in tg.tasks if tg.ops[t.op].name == row["op"]]
+        if row["kind"] != marked_kind:
+            assert "staged_us" not in row
+            continue
+        assert row["staged_us"] == pytest.approx(float((marks[1:, ids, 0] - spans[1:, ids, 1]).double().median()) / 1e3)
+        assert row["warp0_us"] == pytest.approx(0.5)
+        assert row["after_us"] == pytest.approx(float((spans[1:, ids, 2] - marks[1:, ids, 1]).double().median()) / 1e3)
+    assert "staging" in text.split("layer 0, us from")[1]
 
 
 def in_id_order(tg, steps: int, waited_ns: int, run_ns) -> torch.Tensor:
