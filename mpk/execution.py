@@ -32,7 +32,7 @@ class RunResult:
     stopped: bool  # ended before num_steps: every sequence finished, or on_step asked to stop
     logits: list[torch.Tensor] = field(default_factory=list)  # per step [batch, vocab] float32, if collected
     trace: torch.Tensor | None = None  # [steps, tasks, 3] int64 ns: wait start, run start, end (if traced)
-    marks: torch.Tensor | None = None  # [steps, tasks, 2] int64 ns inside the task: inputs staged, warp 0 done (0: none)
+    marks: torch.Tensor | None = None  # [steps, tasks, 3] int64 ns inside the task: inputs staged, warp 0 done, last warp done (0: none)
 
 
 def allocate(tg: TaskGraph, weights: dict[str, torch.Tensor], meta: dict[str, torch.Tensor],

@@ -96,7 +96,8 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor | No
     is a kind's bytes over its tasks' running time, times the SM count: the bandwidth the whole
     GPU would see if every SM ran that kind's tasks back to back. With `marks` (`RunResult.marks`)
     a kind whose template marks its tasks also gets the median split of a task's time: staging its
-    inputs, warp 0's share of the work after that, and the rest until the task's end.
+    inputs, warp 0's share of the work after that, the other warps' lag behind warp 0, and the rest
+    until the task's end.
     """
     times = align_rank_clocks(tg, spans)[1:]  # step 0 includes the launch
     if times.shape[0] == 0 or not bool((times[..., 2] > 0).all()):
@@ -161,16 +162,16 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor | No
 
 def _parts_us(spans: torch.Tensor, marks: torch.Tensor, tasks: torch.Tensor) -> dict:
     """The medians, over the marked instances of the tasks selected by the boolean mask `tasks`, of
-    start -> inputs staged (`staged_us`), staged -> warp 0 done (`warp0_us`) and warp 0 done -> end
-    (`after_us`); empty where none is marked. Differences inside one task: one GPU's timer, no rank
-    alignment needed."""
+    start -> inputs staged (`staged_us`), staged -> warp 0 done (`warp0_us`), warp 0 -> the last warp
+    done (`spread_us`) and the last warp -> end (`after_us`); empty where none is marked. Differences
+    inside one task: one GPU's timer, no rank alignment needed."""
     start, end = spans[..., 1], spans[..., 2]
-    staged, warp0 = marks[..., 0], marks[..., 1]
-    sel = (staged > 0) & (warp0 > 0) & (end > 0) & tasks[None, :]
+    staged, warp0, warps = marks[..., 0], marks[..., 1], marks[..., 2]
+    sel = (staged > 0) & (warp0 > 0) & (warps > 0) & (end > 0) & tasks[None, :]
     if not bool(sel.any()):
         return {}
     return {"staged_us": _median_us(staged[sel] - start[sel]), "warp0_us": _median_us(warp0[sel] - staged[sel]),
-            "after_us": _median_us(end[sel] - warp0[sel])}
+            "spread_us": _median_us(warps[sel] - warp0[sel]), "after_us": _median_us(end[sel] - warps[sel])}
 
 
 def _tasks_by_op(tg: TaskGraph) -> dict[int, list[int]]:
@@ -266,10 +267,11 @@ def format_trace_summary(summary: dict) -> str:
                      f"{r.get('wake_us', 0.0):>8.2f} {r.get('op_span_us', 0.0):>10.2f} {r.get('tail_us', 0.0):>8.2f}")
     parts = [r for r in summary["kinds"] if "staged_us" in r]
     if parts:
-        lines.append("inside a task, us (medians): start -> inputs staged -> warp 0 done -> end")
-        lines.append(f"  {'op kind':<24} {'staging':>8} {'warp 0':>8} {'after':>8}")
+        lines.append("inside a task, us (medians): start -> inputs staged -> warp 0 done -> last warp done -> end")
+        lines.append(f"  {'op kind':<24} {'staging':>8} {'warp 0':>8} {'spread':>8} {'after':>8}")
         for r in parts:
-            lines.append(f"  {r['kind']:<24} {r['staged_us']:>8.2f} {r['warp0_us']:>8.2f} {r['after_us']:>8.2f}")
+            lines.append(f"  {r['kind']:<24} {r['staged_us']:>8.2f} {r['warp0_us']:>8.2f} {r['spread_us']:>8.2f} "
+                         f"{r['after_us']:>8.2f}")
     if "peer_wait_share" in summary:
         lines.append(f"waits on other GPUs' tasks: {summary['peer_wait_share']:.1%} of SM time, wake "
                      f"{summary['peer_wake_us']:.2f} us (median)")
@@ -277,9 +279,9 @@ def format_trace_summary(summary: dict) -> str:
         lines.append(f"layer {summary['layer']['layer']}, us from its first task's start (medians over the steps):")
         marked = any("staged_us" in r for r in summary["layer"]["ops"])
         lines.append(f"  {'op':<32} {'tasks':>6} {'first start':>12} {'last end':>9} {'us/task':>8}"
-                     + (f" {'staging':>8} {'warp 0':>8} {'after':>8}" if marked else ""))
+                     + (f" {'staging':>8} {'warp 0':>8} {'spread':>8} {'after':>8}" if marked else ""))
         for r in summary["layer"]["ops"]:
-            parts = "".join(f" {r[k]:>8.2f}" for k in ("staged_us", "warp0_us", "after_us") if k in r)
+            parts = "".join(f" {r[k]:>8.2f}" for k in ("staged_us", "warp0_us", "spread_us", "after_us") if k in r)
             lines.append(f"  {r['op']:<32} {r['tasks']:>6} {r['first_start_us']:>12.2f} {r['last_end_us']:>9.2f} "
                          f"{r['task_us']:>8.2f}{parts}")
     return "\n".join(lines)

@@ -278,9 +278,9 @@ class CpuKernel:
         if self.corrupt in self.buffers:
             self.buffers[self.corrupt].mul_(1.01)
         spans = marks = None
-        if trace:  # with task_marks, every task marked: inputs staged 10 ns after its start, warp 0 done 10 ns before its end
+        if trace:  # with task_marks, every task marked: inputs staged 10 ns after its start, warp 0 done 10 ns and the last warp 5 ns before its end
             spans = torch.zeros(num_steps, len(self.tg.tasks), 3, dtype=torch.int64)
-            marks = torch.zeros(num_steps, len(self.tg.tasks), 2, dtype=torch.int64)
+            marks = torch.zeros(num_steps, len(self.tg.tasks), 3, dtype=torch.int64)
             clock = [0] * self.tg.num_sms
             for s in range(num_steps):
                 for q, queue in enumerate(self.tg.queues):
@@ -288,7 +288,7 @@ class CpuKernel:
                         start = clock[q] + 100
                         clock[q] = start + 20 + self.tg.tasks[tid].bytes
                         spans[s, tid] = torch.tensor([start - 100, start, clock[q]])
-                        marks[s, tid] = torch.tensor([start + 10, clock[q] - 10])
+                        marks[s, tid] = torch.tensor([start + 10, clock[q] - 10, clock[q] - 5])
         return RunResult([], num_steps, 0.0, False, [], spans, marks if self.task_marks else None)
 
     def __enter__(self):

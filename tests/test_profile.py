@@ -79,19 +79,19 @@ def test_trace_summary_splits_marked_tasks_into_staging_warp0_and_after():
     kind_of = [tg.ops[t.op].kind for t in tg.tasks]
     marked_kind = next(tg.ops[t.op].kind for t in tg.tasks if tg.ops[t.op].layer is not None)
     # Tasks of the layer's first kind stage for a step-dependent 100-300 ns (median 200), then warp 0 works
-    # 500 ns; other kinds set no marks, as templates without marks leave them.
-    marks = torch.zeros(spans.shape[0], len(tg.tasks), 2, dtype=torch.int64)
+    # 500 ns and the last warp 40 ns more; other kinds set no marks, as templates without marks leave them.
+    marks = torch.zeros(spans.shape[0], len(tg.tasks), 3, dtype=torch.int64)
     for s in range(spans.shape[0]):
         for tid, kind in enumerate(kind_of):
             if kind == marked_kind:
                 staged = spans[s, tid, 1] + 100 * (s + 1 + tid % 3)
-                marks[s, tid] = torch.stack([staged, staged + 500])
+                marks[s, tid] = torch.stack([staged, staged + 500, staged + 540])
     kinds = {r["kind"]: r for r in summarize_trace(tg, spans, marks)["kinds"]}
     first = kinds[marked_kind]
-    ends = spans[1:, :, 2] - marks[1:, :, 1]
+    ends = spans[1:, :, 2] - marks[1:, :, 2]
     want_staged = (marks[1:, :, 0] - spans[1:, :, 1])[:, [k == marked_kind for k in kind_of]]
     assert first["staged_us"] == pytest.approx(float(want_staged.double().median()) / 1e3)
-    assert first["warp0_us"] == pytest.approx(0.5)
+    assert first["warp0_us"] == pytest.approx(0.5) and first["spread_us"] == pytest.approx(0.04)
     assert first["after_us"] == pytest.approx(float(ends[:, [k == marked_kind for k in kind_of]].double().median()) / 1e3)
     assert all("staged_us" not in r for k, r in kinds.items() if k != marked_kind)
     text = format_trace_summary(summarize_trace(tg, spans, marks))
@@ -103,8 +103,8 @@ def test_trace_summary_splits_marked_tasks_into_staging_warp0_and_after():
             assert "staged_us" not in row
             continue
         assert row["staged_us"] == pytest.approx(float((marks[1:, ids, 0] - spans[1:, ids, 1]).double().median()) / 1e3)
-        assert row["warp0_us"] == pytest.approx(0.5)
-        assert row["after_us"] == pytest.approx(float((spans[1:, ids, 2] - marks[1:, ids, 1]).double().median()) / 1e3)
+        assert row["warp0_us"] == pytest.approx(0.5) and row["spread_us"] == pytest.approx(0.04)
+        assert row["after_us"] == pytest.approx(float((spans[1:, ids, 2] - marks[1:, ids, 2]).double().median()) / 1e3)
     assert "staging" in text.split("layer 0, us from")[1]
 
 

@@ -442,7 +442,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
     } else {
       simt_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc);
     }
-    mark_task(kTrWarp0);
+    mark_share_done();
     __syncthreads();
     const float* v_now = heads + (QPK + 1) * HD;
     for (int i = threadIdx.x; i < QPK * HD; i += kThreads) {

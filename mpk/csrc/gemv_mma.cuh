@@ -184,7 +184,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
         add_round(part, slots, item - warp_id(), split);
       }
     }
-    mark_task(kTrWarp0);
+    mark_share_done();
     if (split > 1) {
       __syncthreads();
       if (!rounds) {  // each block's slices in slice order, as the rounds add them: the same bits

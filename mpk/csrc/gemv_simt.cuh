@@ -237,7 +237,7 @@ template <int RPC, int B, int K, bool NORM, class A, int COLS> struct SimtGemv {
     const int head_rows = static_cast<int>(t.head_bytes / (2u * K));
     constexpr int CPW = columns_at_once<RPC, K, In::VEC, COLS>();
     for_each_column<RPC, CPW>(in, w, c0, c1, reinterpret_cast<const bf16*>(t.head), head_rows, epilogue);
-    mark_task(kTrWarp0);
+    mark_share_done();
   }
 };
 

@@ -74,10 +74,11 @@ enum : int { kFlagAbort = 0, kFlagStopRequest = 1, kFlagWords = 4 };
 // progress: host-mapped, kProgressWords ints per SM, read by the host watchdog.
 enum : int { kPrSeq = 0, kPrTask = 1, kPrStep = 2, kPrEvent = 3, kPrState = 4, kProgressWords = 8 };
 enum : int { kStateIdle = 0, kStateWaiting = 1, kStateDone = 2, kStateStopped = 3, kStateAborted = 4 };
-// trace: per step and task, %globaltimer ns at: its wait, its start, its end, then two marks inside it
-// (mark_task): the inputs staged (the prologue's end), and warp 0 through its share of the work. A
-// template that sets no mark leaves 0 there, and so does a kernel built without MPK_TASK_MARKS.
-enum : int { kTrWait = 0, kTrStart = 1, kTrEnd = 2, kTrStaged = 3, kTrWarp0 = 4, kTraceWords = 5 };
+// trace: per step and task, %globaltimer ns at: its wait, its start, its end, then three marks inside
+// it: the inputs staged (the prologue's end, mark_task), warp 0 and the last warp through their share
+// of the work (mark_share_done). A template that sets no mark leaves 0 there, and so does a kernel
+// built without MPK_TASK_MARKS.
+enum : int { kTrWait = 0, kTrStart = 1, kTrEnd = 2, kTrStaged = 3, kTrWarp0 = 4, kTrWarps = 5, kTraceWords = 6 };
 constexpr int kMaxRanks = 8;  // tensor-parallel GPUs one graph may span
 
 // Kernel parameters. Every field is 8 bytes, so the ctypes mirror in mpk/runtime/abi.py has no
@@ -177,11 +178,25 @@ __device__ __forceinline__ unsigned long long global_timer() {
 // shared memory, not in TaskCtx, so that a template's marks keep no register live across its loops.
 __shared__ unsigned long long* s_trace_rec;
 
-// Thread 0, in a traced run of a kernel built with marks: stamp word kTrStaged or kTrWarp0 of the
-// running task's record.
+// Warps of the running task through their share (mark_share_done), zeroed as each task begins.
+__shared__ unsigned s_warps_done;
+
+// Thread 0, in a traced run of a kernel built with marks: stamp word `word` (kTrStaged) of the running
+// task's record.
 __device__ __forceinline__ void mark_task(int word) {
   if constexpr (MPK_TASK_MARKS)
     if (threadIdx.x == 0 && s_trace_rec) s_trace_rec[word] = global_timer();
+}
+
+// All threads, once a warp is through its share of the task's work: warp 0 stamps kTrWarp0 and the
+// last warp kTrWarps, so that a task's end splits into the warps' spread and what follows them.
+__device__ __forceinline__ void mark_share_done() {
+  if constexpr (MPK_TASK_MARKS) {
+    if (lane_id() != 0 || !s_trace_rec) return;
+    const unsigned long long now = global_timer();
+    if (warp_id() == 0) s_trace_rec[kTrWarp0] = now;
+    if (atomicAdd(&s_warps_done, 1u) == kWarps - 1) s_trace_rec[kTrWarps] = now;
+  }
 }
 
 __device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long* p) {
@@ -504,7 +519,7 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
     const QueueEntry& e = s_entry[b];
     if (threadIdx.x == 0) {
       if (rec) rec[kTrWait] = global_timer();
-      if constexpr (MPK_TASK_MARKS) s_trace_rec = rec;
+      if constexpr (MPK_TASK_MARKS) s_trace_rec = rec, s_warps_done = 0;
       fetch_entry_wait();
       if (n + 1 < total) {  // the next task's entry, and its weights, stream while this one waits and runs
         const int next = (i + 1) % qn;

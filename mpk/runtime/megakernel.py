@@ -252,8 +252,9 @@ class Megakernel(Executor):
             watchdog_seconds: float | None = None) -> RunResult:
         """`Executor.run`, plus: `trace` records each task's wait, start and end times (%globaltimer,
         ns, each GPU's own clock) into `RunResult.trace` [steps, tasks, 3], and, in a kernel built with
-        `task_marks`, the marks its template sets inside it (inputs staged, warp 0 done; 0 where it sets
-        none) into `RunResult.marks` [steps, tasks, 2]; `collect_logits` runs one step per launch.
+        `task_marks`, the marks its template sets inside it (inputs staged, warp 0 done, the last warp
+        done; 0 where it sets none) into `RunResult.marks` [steps, tasks, 3]; `collect_logits` runs one
+        step per launch.
 
         A later run may continue at `first_step = previous first_step + steps` only after a run that
         was not stopped by on_step: after such a stop the kernel may already have run a step or two

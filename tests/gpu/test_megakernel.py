@@ -486,17 +486,18 @@ def test_trace_spans_respect_every_event(checkpoint):
         for s in range(ev.lag, steps):
             assert int(start[s, t.id]) >= int(end[s - ev.lag, ev.producers].max())
     # The marks inside a task: where a template sets them, in order and inside its span; the GEMVs and
-    # the attention set both, every step.
-    staged, warp0 = res.marks[..., 0], res.marks[..., 1]
+    # the attention set all three, every step.
+    staged, warp0, warps = res.marks[..., 0], res.marks[..., 1], res.marks[..., 2]
     marked = staged > 0
-    assert bool((marked == (warp0 > 0)).all())
+    assert bool((marked == (warp0 > 0)).all()) and bool((marked == (warps > 0)).all())
     assert bool((start[marked] <= staged[marked]).all()) and bool((staged[marked] <= warp0[marked]).all())
-    assert bool((warp0[marked] <= end[marked]).all())
+    assert bool((warp0[marked] <= warps[marked]).all()) and bool((warps[marked] <= end[marked]).all())
     kinds = {mk.tg.ops[t.op].kind for t in mk.tg.tasks if bool(marked[:, t.id].all())}
     assert {"rmsnorm_linear", "linear_residual", "rmsnorm_gate_up_silu", "attention"} <= kinds, kinds
     summary = summarize_trace(mk.tg, spans, res.marks)
     assert 0 < summary["run_share"] <= 1 and 0 <= summary["wait_share"] < 1 and summary["other_share"] >= 0
-    assert all(r["staged_us"] >= 0 and r["warp0_us"] >= 0 for r in summary["kinds"] if r["kind"] in kinds)
+    assert all(r["staged_us"] >= 0 and r["warp0_us"] >= 0 and r["spread_us"] >= 0 for r in summary["kinds"]
+               if r["kind"] in kinds)
     report(check="trace", case="qwen3-qknorm", batch=1, spans=int(spans.shape[0] * spans.shape[1]),
            running=round(summary["run_share"], 3), waiting=round(summary["wait_share"], 3))
 
