@@ -325,11 +325,16 @@ def test_bf16_input_products_build(tmp_path, batch):
     assert build(src, "sm_90a", debug=False, cache=tmp_path).is_file()
 
 
+def build_log(src: str, cache) -> str:
+    """The nvcc log of building `src` for sm_90a into `cache` (its flags show the build knobs)."""
+    return build(src, "sm_90a", debug=False, cache=cache).with_suffix(".log").read_text()
+
+
 @needs_nvcc
 def test_gemv_strategy_switch(tmp_path, monkeypatch):
     src = generate_source(graph(tiny_cfg(), batch=4))
     monkeypatch.setenv("MPK_GEMV", "simt")
-    assert "-DMPK_GEMV_SIMT" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    assert "-DMPK_GEMV_SIMT" in build_log(src, tmp_path)
     monkeypatch.setenv("MPK_GEMV", "tensor")
     with pytest.raises(MpkError, match="MPK_GEMV must be auto or simt"):
         build(src, "sm_90a", debug=False, cache=tmp_path)
@@ -339,10 +344,10 @@ def test_gemv_strategy_switch(tmp_path, monkeypatch):
 def test_small_tile_bounds_reach_the_build(tmp_path, monkeypatch):
     """MPK_SIMT_ROWS / MPK_SIMT_WORK_KB: which batch 2-4 GEMVs stay on CUDA cores, for A/B runs."""
     src = generate_source(graph(tiny_cfg(), batch=4))
-    assert "MPK_SIMT" not in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    assert "MPK_SIMT" not in build_log(src, tmp_path)
     monkeypatch.setenv("MPK_SIMT_ROWS", "0")
     monkeypatch.setenv("MPK_SIMT_WORK_KB", "48")
-    log = build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    log = build_log(src, tmp_path)
     assert "-DMPK_SIMT_ROWS=0" in log and "-DMPK_SIMT_WORK_KB=48" in log
     monkeypatch.setenv("MPK_SIMT_WORK_KB", "lots")
     with pytest.raises(MpkError, match="MPK_SIMT_WORK_KB must be a whole number, not 'lots'"):
@@ -353,9 +358,9 @@ def test_small_tile_bounds_reach_the_build(tmp_path, monkeypatch):
 def test_x_batch_reaches_the_build(tmp_path, monkeypatch):
     """MPK_X_BATCH: x vectors per thread and round in a GEMV prologue (by batch unless set), for A/B runs."""
     src = generate_source(graph(tiny_cfg(), batch=4))
-    assert "MPK_X_BATCH" not in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    assert "MPK_X_BATCH" not in build_log(src, tmp_path)
     monkeypatch.setenv("MPK_X_BATCH", "4")
-    assert "-DMPK_X_BATCH=4" in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    assert "-DMPK_X_BATCH=4" in build_log(src, tmp_path)
     monkeypatch.setenv("MPK_X_BATCH", "0")
     with pytest.raises(MpkError, match="MPK_X_BATCH must be auto, 1, 2, 4, 8 or 16, not '0'"):
         build(src, "sm_90a", debug=False, cache=tmp_path)
@@ -366,10 +371,10 @@ def test_x_batch_reaches_the_build(tmp_path, monkeypatch):
 def test_l2_fetch_hint_builds(tmp_path, monkeypatch, batch):
     """MPK_L2_FETCH: one L2 prefetch size for the tensor-core GEMV's weight loads, else its own choice."""
     src = generate_source(graph(tiny_cfg(hidden_size=256, intermediate_size=512), batch=batch))
-    assert "MPK_L2_FETCH" not in build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+    assert "MPK_L2_FETCH" not in build_log(src, tmp_path)
     for size in ("0", "64", "128", "256"):
         monkeypatch.setenv("MPK_L2_FETCH", size)
-        log = build(src, "sm_90a", debug=False, cache=tmp_path).with_suffix(".log").read_text()
+        log = build_log(src, tmp_path)
         assert f"-DMPK_L2_FETCH={size}" in log
     monkeypatch.setenv("MPK_L2_FETCH", "512")
     with pytest.raises(MpkError, match="MPK_L2_FETCH must be auto, 0, 64, 128 or 256 bytes"):

@@ -423,7 +423,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
       }
     }
     __syncthreads();
-    mark_task(kTrStaged);
+    mark_staged();
     const float qscale = op.f[S::scale] * kLog2e;
     if (now) {
       for (int h = warp; h < QPK; h += kWarps) {

@@ -154,7 +154,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     float* slots = reinterpret_cast<float*>(smem + kSlotOffset);
     const bool rounds = split > 1 && nblocks * split > kSlots;
     stage(x, norm, eps, smem);  // first: a float32 x may be staged over `part`
-    mark_task(kTrStaged);
+    mark_staged();
     if (rounds)  // add_round's first barrier orders the zeroing before any sum
       for (int i = threadIdx.x; i < nblocks * kBlockFloats; i += kThreads) part[i] = 0.f;
     const int g = lane_id() >> 2, q = lane_id() & 3;

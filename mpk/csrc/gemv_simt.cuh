@@ -233,7 +233,7 @@ template <int RPC, int B, int K, bool NORM, class A, int COLS> struct SimtGemv {
                              unsigned char* smem, const TaskCtx& t, Epilogue&& epilogue) {
     const In in{x, norm, smem};
     in.prepare(eps, smem);
-    mark_task(kTrStaged);
+    mark_staged();
     const int head_rows = static_cast<int>(t.head_bytes / (2u * K));
     constexpr int CPW = columns_at_once<RPC, K, In::VEC, COLS>();
     for_each_column<RPC, CPW>(in, w, c0, c1, reinterpret_cast<const bf16*>(t.head), head_rows, epilogue);

@@ -75,7 +75,7 @@ enum : int { kFlagAbort = 0, kFlagStopRequest = 1, kFlagWords = 4 };
 enum : int { kPrSeq = 0, kPrTask = 1, kPrStep = 2, kPrEvent = 3, kPrState = 4, kProgressWords = 8 };
 enum : int { kStateIdle = 0, kStateWaiting = 1, kStateDone = 2, kStateStopped = 3, kStateAborted = 4 };
 // trace: per step and task, %globaltimer ns at: its wait, its start, its end, then three marks inside
-// it: the inputs staged (the prologue's end, mark_task), warp 0 and the last warp through their share
+// it: the inputs staged (the prologue's end, mark_staged), warp 0 and the last warp through their share
 // of the work (mark_share_done). A template that sets no mark leaves 0 there, and so does a kernel
 // built without MPK_TASK_MARKS.
 enum : int { kTrWait = 0, kTrStart = 1, kTrEnd = 2, kTrStaged = 3, kTrWarp0 = 4, kTrWarps = 5, kTraceWords = 6 };
@@ -181,11 +181,11 @@ __shared__ unsigned long long* s_trace_rec;
 // Warps of the running task through their share (mark_share_done), zeroed as each task begins.
 __shared__ unsigned s_warps_done;
 
-// Thread 0, in a traced run of a kernel built with marks: stamp word `word` (kTrStaged) of the running
-// task's record.
-__device__ __forceinline__ void mark_task(int word) {
+// Thread 0, in a traced run of a kernel built with marks, once the task's inputs are staged: stamp
+// kTrStaged of the running task's record.
+__device__ __forceinline__ void mark_staged() {
   if constexpr (MPK_TASK_MARKS)
-    if (threadIdx.x == 0 && s_trace_rec) s_trace_rec[word] = global_timer();
+    if (threadIdx.x == 0 && s_trace_rec) s_trace_rec[kTrStaged] = global_timer();
 }
 
 // All threads, once a warp is through its share of the task's work: warp 0 stamps kTrWarp0 and the
