@@ -78,7 +78,8 @@ using Strategy = typename StrategyOf<RPC, B, K, NORM, A, COLS, LDK>::type;
 // All threads: this task's share of x (B x K, RMS-normalised if NORM) @ W^T, calling
 // out(b, c, v[RPC]) once per output element (row b, column c of n). A GEMV task owns column tile
 // t.tile[0] of every row; a GEMM task (COLS < 0) rows tile t.tile[0] x column tile t.tile[1], over
-// K columns of rows LDK long (x and w point at the first). A GEMV calls out on lanes 0 .. B - 1.
+// K columns of rows LDK long (x and w point at the first). A GEMV calls out from several lanes at
+// once (ElementOut, gemv_base.cuh).
 template <int RPC, int B, int K, bool NORM, class A, int COLS, int LDK = K, class Out>
 __device__ __forceinline__ void product(const TaskCtx& t, const OpDesc& op, const typename A::T* x, const bf16* norm,
                                         const bf16* w, long long n, long long tile, float eps, unsigned char* smem,
@@ -91,21 +92,7 @@ __device__ __forceinline__ void product(const TaskCtx& t, const OpDesc& op, cons
     G::run(x, norm, w, r0, min(B, r0 + G::BM), c0, c1, eps, smem, out);
   } else {
     tile_span(t, n, tile, c0, c1);
-    // Lane b writes sequence b's element of the column: what an `out` loads (linear_residual's
-    // residual) is one warp-wide round trip a column, not B in a row behind its stores.
-    Gemv<RPC, B, K, NORM, A, COLS>::run(x, norm, w, c0, c1, eps, smem, t, [&](int c, const float (&acc)[RPC][B]) {
-      const int lane = lane_id();
-      if (B == 1 ? lane != 0 : lane >= B) return;
-      const int b = B == 1 ? 0 : lane;
-      float v[RPC];
-#pragma unroll
-      for (int r = 0; r < RPC; ++r) {
-        v[r] = acc[r][0];
-#pragma unroll
-        for (int s = 1; s < B; ++s) v[r] = b == s ? acc[r][s] : v[r];  // selects: acc stays in registers
-      }
-      out(b, c, v);
-    });
+    Gemv<RPC, B, K, NORM, A, COLS>::run(x, norm, w, c0, c1, eps, smem, t, ElementOut<RPC, B, Out>{out});
   }
 }
 

@@ -2,6 +2,8 @@
 // scale of each input row.
 #pragma once
 
+#include <type_traits>
+
 #include "mpk_runtime.cuh"
 
 namespace mpk {
@@ -51,6 +53,39 @@ template <int B, int K, class T> __device__ void row_inv_rms(const T* x, float e
   }
   inv_rms_from_parts<B, K>(part, eps, inv, red);
 }
+
+// A GEMV's epilogue as `product` gives it, over out(b, c, v[RPC]) for one output element (row b,
+// column c): lane b writes sequence b's element, so what an `out` loads (linear_residual's residual)
+// is one warp-wide round trip, not B in a row behind its stores (generic pointers that may alias).
+// A strategy holding a column's sums in every lane calls it per column; one holding them in shared
+// memory may instead give each group of B lanes a column of its own (`element`).
+template <int RPC, int B, class Out> struct ElementOut {
+  Out& out;
+
+  __device__ __forceinline__ void operator()(int c, const float (&acc)[RPC][B]) const {
+    const int lane = lane_id();
+    if (B == 1 ? lane != 0 : lane >= B) return;
+    const int b = B == 1 ? 0 : lane;
+    float v[RPC];
+#pragma unroll
+    for (int r = 0; r < RPC; ++r) {
+      v[r] = acc[r][0];
+#pragma unroll
+      for (int s = 1; s < B; ++s) v[r] = b == s ? acc[r][s] : v[r];  // selects: acc stays in registers
+    }
+    out(b, c, v);
+  }
+
+  // Sequence b's element of column c from its sums laid out [row][8].
+  __device__ __forceinline__ void element(int c, const float* rows, int b) const {
+    float v[RPC];
+#pragma unroll
+    for (int r = 0; r < RPC; ++r) v[r] = rows[r * 8 + b];
+    out(b, c, v);
+  }
+};
+template <class E> struct IsElementOut : std::false_type {};
+template <int RPC, int B, class Out> struct IsElementOut<ElementOut<RPC, B, Out>> : std::true_type {};
 
 // All threads: fn(b, v, f) for each vector v (VEC values, as floats) of each row b of x [B, K],
 // RMS-normalised as the op references do when NORM (inv[b] and the norm weights). Each thread loads

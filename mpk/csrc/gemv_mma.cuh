@@ -132,14 +132,27 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
     }
   }
 
-  // epilogue(c, acc[RPC][B]) on every lane, from sums laid out [row][8] with row 0 = column c's first.
-  template <class Epilogue> __device__ static void emit(const float* rows, int c, Epilogue& epilogue) {
-    float acc[RPC][B];
+  // The epilogues of columns first, first + step, ... (< end) of a warp, from sums laid out [row][8]
+  // with column c's first row at base + RPC * (c - cbase) * 8. An ElementOut takes 32 / B columns at
+  // once, lane l column l / B's sequence l % B; any other epilogue gets (c, acc[RPC][B]) on every lane.
+  template <class Epilogue>
+  __device__ static void emit(const float* base, int cbase, int first, int end, int step, Epilogue& epilogue) {
+    if constexpr (IsElementOut<std::decay_t<Epilogue>>::value) {
+      constexpr int G = 32 / B;
+      const int j = lane_id() / B, b = lane_id() % B;
+      if (j < G)
+        for (int c = first + step * j; c < end; c += step * G) epilogue.element(c, base + RPC * (c - cbase) * 8, b);
+    } else {
+      for (int c = first; c < end; c += step) {
+        const float* rows = base + RPC * (c - cbase) * 8;
+        float acc[RPC][B];
 #pragma unroll
-    for (int r = 0; r < RPC; ++r)
+        for (int r = 0; r < RPC; ++r)
 #pragma unroll
-      for (int b = 0; b < B; ++b) acc[r][b] = rows[r * 8 + b];
-    epilogue(c, acc);
+          for (int b = 0; b < B; ++b) acc[r][b] = rows[r * 8 + b];
+        epilogue(c, acc);
+      }
+    }
   }
 
   template <class Epilogue>
@@ -178,7 +191,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
       if (split == 1) {  // this warp has the whole block: its own epilogues
         __syncwarp();
         const int cb = c0 + 16 / RPC * blk;
-        for (int c = cb; c < min(c1, cb + 16 / RPC); ++c) emit(sc + RPC * (c - cb) * 8, c, epilogue);
+        emit(sc, cb, cb, min(c1, cb + 16 / RPC), 1, epilogue);
         __syncwarp();
       } else if (rounds) {
         add_round(part, slots, item - warp_id(), split);
@@ -196,7 +209,7 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
         }
         __syncthreads();
       }
-      for (int c = c0 + warp_id(); c < c1; c += kWarps) emit(part + RPC * (c - c0) * 8, c, epilogue);
+      emit(part, c0, c0 + warp_id(), c1, kWarps, epilogue);
     }
   }
 
