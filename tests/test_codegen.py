@@ -57,11 +57,13 @@ def test_source_has_one_case_per_variant(tg):
         assert f"using V{i} = {v.template}<{', '.join((f'S{i}',) + v.args)}>;" in src
         assert f"case {i}: V{i}::run(t, op, smem); break;" in src
     assert src.count("case ") == len(variants)
-    # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct. A
+    # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct, the
+    # down projection's over the bf16 hidden activation that gate/up stores (mpk.graph.hidden_dtype). A
     # 40-position graph attends in one pass per (sequence, group).
     assert {v.template for v in variants} == {
         "Embed", "RmsnormLinear", "Attention", "LinearResidual", "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
-    assert {"LinearResidual<2, 64, ActF32Bf16Inputs, 2>", "LinearResidual<2, 98, ActF32Bf16Inputs, 2>"} <= names(variants)
+    assert {"LinearResidual<2, 64, ActF32Bf16Inputs, 2>", "LinearResidual<2, 98, ActF32Bf16X, 2, float>"} <= names(variants)
+    assert any(n.startswith("RmsnormGateUpSilu<") and n.endswith(", bf16>") for n in names(variants))
     assert {"RmsnormLinear<2, 60, false, ActF32Bf16Inputs, 2>", "Attention<2, 16, true, ActF32, bf16>"} <= names(variants)
 
 

@@ -31,6 +31,11 @@ def policy(op, tg) -> str:
     return "ActF32Bf16Inputs" if op.params.get("bf16_inputs", False) else activation_policy(tg)
 
 
+def bf16_over_float32(tg, tensor: str) -> bool:
+    """Whether `tensor` is stored in bf16 in a float32-activation graph (mpk.graph.hidden_dtype)."""
+    return tg.precision.activations == "float32" and tg.tensors[tensor].dtype == "bfloat16"
+
+
 def normed_product(op, t, mm, bias=None) -> torch.Tensor:
     """rmsnorm(x) @ W^T (+ bias) with the views of `t`, `mm` the product. A GEMM tile (mpk/csrc/
     gemm.cuh) multiplies x * norm rounded to bf16 and scales the sums by 1/rms after; where the graph
@@ -169,11 +174,12 @@ class RmsnormGateUpSilu(Gemv):
     def compute(self, op, t, mm):
         y = normed_product(op, t, mm)
         gate_up = y.unflatten(-1, (-1, 2))
-        t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])
+        t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])  # rounded here where `out` is bf16 (hidden_dtype)
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
-        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]},
+        stored = ("bf16",) if bf16_over_float32(tg, op.outputs["out"]) else ()
+        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)) + stored, {"n": n, "tile": op.params["tile"]},
                     {"eps": op.params["eps"]})
 
 
@@ -189,10 +195,13 @@ class LinearResidual(Gemv):
         return [box(op, "residual", (r0, r1), (c0, c1))]
 
     def compute(self, op, t, mm):
-        t["out"].copy_(t["residual"] + mm(t["x"], t["weight"]))
+        x = t["x"].to(t["residual"].dtype)  # a bf16 x of a float32 graph (hidden_dtype): a float32 product
+        t["out"].copy_(t["residual"] + mm(x, t["weight"]))
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
+        if bf16_over_float32(tg, op.inputs["x"]):
+            return Cuda((b, k, "ActF32Bf16X", self.columns_per_warp(op), "float"), {"n": n, "tile": op.params["tile"]})
         return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
 
 
