@@ -112,6 +112,14 @@ def _kv_type(op, tg) -> str:
     return dtype(k).cuda
 
 
+def _stored(op, tg) -> tuple:
+    """The output's element type, as a last template argument where it is not the activations' (bf16
+    in a float32 graph: mpk.graph.product_input_dtype)."""
+    from mpk.ops.linear import bf16_over_float32
+
+    return ("bf16",) if bf16_over_float32(tg, op.outputs["out"]) else ()
+
+
 def _check_heads(op, tg) -> None:
     qpk, hd = op.params["q_per_kv"], op.params["head_dim"]
     _, s, g, cache_hd = tg.tensors[op.tensor("k_cache")].shape
@@ -225,7 +233,7 @@ class AttentionMerge(OpKind):
 
     def cuda(self, op, tg):
         args, ints = _cuda_shapes(op, tg, "k_norm")
-        return Cuda(args, ints, {"eps": op.params["eps"]})
+        return Cuda(args + _stored(op, tg), ints, {"eps": op.params["eps"]})
 
 
 class Attention(OpKind):
@@ -270,6 +278,6 @@ class Attention(OpKind):
         _check_heads(op, tg)
         _, s, g, _ = tg.tensors[op.tensor("k_cache")].shape
         args = (op.params["q_per_kv"], op.params["head_dim"], cbool("q_norm" in op.inputs), activation_policy(tg),
-                _kv_type(op, tg))
+                _kv_type(op, tg)) + _stored(op, tg)
         return Cuda(args, {"groups": g, "seq": s, "window": op.params["window"] or 0},
                     {"scale": op.params["scale"], "eps": op.params["eps"]})

@@ -32,7 +32,7 @@ def policy(op, tg) -> str:
 
 
 def bf16_over_float32(tg, tensor: str) -> bool:
-    """Whether `tensor` is stored in bf16 in a float32-activation graph (mpk.graph.hidden_dtype)."""
+    """Whether `tensor` is stored in bf16 in a float32-activation graph (mpk.graph.product_input_dtype)."""
     return tg.precision.activations == "float32" and tg.tensors[tensor].dtype == "bfloat16"
 
 
@@ -174,7 +174,7 @@ class RmsnormGateUpSilu(Gemv):
     def compute(self, op, t, mm):
         y = normed_product(op, t, mm)
         gate_up = y.unflatten(-1, (-1, 2))
-        t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])  # rounded here where `out` is bf16 (hidden_dtype)
+        t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])  # rounded here where `out` is bf16 (product_input_dtype)
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
@@ -195,7 +195,7 @@ class LinearResidual(Gemv):
         return [box(op, "residual", (r0, r1), (c0, c1))]
 
     def compute(self, op, t, mm):
-        x = t["x"].to(t["residual"].dtype)  # a bf16 x of a float32 graph (hidden_dtype): a float32 product
+        x = t["x"].to(t["residual"].dtype)  # a bf16 x of a float32 graph (product_input_dtype): a float32 product
         t["out"].copy_(t["residual"] + mm(x, t["weight"]))
 
     def cuda(self, op, tg):
