@@ -212,8 +212,9 @@ struct ActF32Bf16Inputs : ActF32 {
   static constexpr bool kBf16Inputs = true;
   __device__ __forceinline__ static float input(float x) { return round_bf(x); }
 };
-// The same product over an x its producer already stored rounded to bf16 (mpk.graph: the MLP's
-// hidden activation from batch 2): x is read as bf16, half the bytes, and nothing else changes.
+// The same product over an x its producer already stored rounded to bf16 (mpk.graph.product_input_dtype:
+// the attention's output and the MLP's hidden activation from batch 2): x is read as bf16, half the
+// bytes, and nothing else changes.
 struct ActF32Bf16X : ActF32Bf16Inputs {
   using T = bf16;
 };

@@ -24,7 +24,8 @@ import torch
 
 from mpk.dtypes import dtype
 from mpk.models.functional import rms_norm
-from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, nbytes, shape, whole
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, bf16_over_float32, box, cbool, expect, \
+    nbytes, shape, whole
 
 
 def split_rows(step: int, window: int | None, split: int, splits: int) -> tuple[int, int]:
@@ -115,8 +116,6 @@ def _kv_type(op, tg) -> str:
 def _stored(op, tg) -> tuple:
     """The output's element type, as a last template argument where it is not the activations' (bf16
     in a float32 graph: mpk.graph.product_input_dtype)."""
-    from mpk.ops.linear import bf16_over_float32
-
     return ("bf16",) if bf16_over_float32(tg, op.outputs["out"]) else ()
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from mpk.errors import MpkError
 from mpk.models.functional import rms_norm
-from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, linear_bf16, \
-    matmul, nbytes, shape, spans, whole
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, bf16_over_float32, box, cbool, expect, \
+    linear_bf16, matmul, nbytes, shape, spans, whole
 from mpk.util import cdiv
 
 CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
@@ -29,11 +29,6 @@ def policy(op, tg) -> str:
     """The activation policy a matrix-product template gets (mpk/csrc/common.cuh): the graph's, or
     float32 activations with bf16 inputs to the product."""
     return "ActF32Bf16Inputs" if op.params.get("bf16_inputs", False) else activation_policy(tg)
-
-
-def bf16_over_float32(tg, tensor: str) -> bool:
-    """Whether `tensor` is stored in bf16 in a float32-activation graph (mpk.graph.product_input_dtype)."""
-    return tg.precision.activations == "float32" and tg.tensors[tensor].dtype == "bfloat16"
 
 
 def normed_product(op, t, mm, bias=None) -> torch.Tensor:
@@ -174,7 +169,8 @@ class RmsnormGateUpSilu(Gemv):
     def compute(self, op, t, mm):
         y = normed_product(op, t, mm)
         gate_up = y.unflatten(-1, (-1, 2))
-        t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])  # rounded here where `out` is bf16 (product_input_dtype)
+        # copy_ rounds where `out` is stored in bf16 (mpk.graph.product_input_dtype)
+        t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
