@@ -251,6 +251,19 @@ def build_decode_program(cfg: ModelConfig, batch: int, max_seq_len: int, tp_size
     return prog
 
 
+def product_input_dtype(prog: Program) -> str:
+    """The dtype of a decode step's activations that only a matrix product reads: the attention's
+    output (read by the O projection) and the MLP's hidden one, SiLU(gate) * up (read by the down
+    projection). Where those multiply bf16 inputs (float32 activations, Precision.matmul_inputs, one
+    GPU, a GEMV batch), the producing task stores them rounded to bf16 already: the same products from
+    half the bytes to stage (docs/decisions.md)."""
+    pr = prog.precision
+    if pr.activations == "float32" and pr.matmul_inputs == "bfloat16" and prog.tp_size == 1 \
+            and prog.batch <= GEMV_MAX_BATCH:
+        return "bfloat16"
+    return pr.activations
+
+
 def gemm_weight_rows(prog: Program, op) -> int:
     """A decode GEMM's weight rows per task (of `op`'s weight)."""
     return _gemm_block(prog, prog.tensors[op.inputs["weight"]].shape[0])
@@ -310,7 +323,7 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     add(r, "x.0", "activation", (B, H), act)
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
-        declare_layer(prog, r, sh, layer, B)
+        declare_layer(prog, r, sh, layer, B, product_inputs=product_input_dtype(prog))
         if splits > 1:
             add(r, p + "attn_part", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv, hd), "float32")
             add(r, p + "attn_lse", "activation", (B, sh.kv_groups, splits, cfg.q_per_kv), "float32")
@@ -322,10 +335,12 @@ def _declare_rank_tensors(prog: Program, r: int, sh: Shard) -> None:
     add(r, "cand_idx", "activation", (B, n_lm_tiles), "int64")
 
 
-def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: bool = True) -> None:
+def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: bool = True,
+                  product_inputs: str | None = None) -> None:
     """Rank r's weights and KV cache of one layer, and the activations its ops pass along for `rows`
     rows (one per sequence in decode, one per position and sequence in prefill). Without `mlp`,
-    only what the layer's attention needs."""
+    only what the layer's attention needs. `product_inputs`: the dtype of the activations only a
+    matrix product reads, the attention's output and the MLP's hidden one (default: the activations')."""
     cfg, S = prog.cfg, prog.max_seq_len
     H, hd = cfg.hidden_size, cfg.head_dim
     qkv_rows = sh.kv_groups * cfg.qkv_rows_per_group
@@ -342,14 +357,14 @@ def declare_layer(prog: Program, r: int, sh: Shard, layer: int, rows: int, mlp: 
     add(r, p + "k_cache", "state", (prog.batch, S, sh.kv_groups, hd), kv)
     add(r, p + "v_cache", "state", (prog.batch, S, sh.kv_groups, hd), kv)
     add(r, p + "qkv_out", "activation", (rows, qkv_rows), act)
-    add(r, p + "attn", "activation", (rows, sh.q_heads * hd), act)
+    add(r, p + "attn", "activation", (rows, sh.q_heads * hd), product_inputs or act)
     if not mlp:
         return
     add(r, p + "o", "weight", (H, sh.q_heads * hd), wt)
     add(r, p + "mlp_norm", "weight", (H,), wt)
     add(r, p + "gate_up", "weight", (2 * sh.intermediate, H), wt)
     add(r, p + "down", "weight", (H, sh.intermediate), wt)
-    add(r, p + "h", "activation", (rows, sh.intermediate), act)
+    add(r, p + "h", "activation", (rows, sh.intermediate), product_inputs or act)
     add(r, f"x.{2 * layer + 1}", "activation", (rows, H), act)
     add(r, f"x.{2 * layer + 2}", "activation", (rows, H), act)
     if exchanges_words(prog):

@@ -57,12 +57,14 @@ def test_source_has_one_case_per_variant(tg):
         assert f"using V{i} = {v.template}<{', '.join((f'S{i}',) + v.args)}>;" in src
         assert f"case {i}: V{i}::run(t, op, smem); break;" in src
     assert src.count("case ") == len(variants)
-    # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct. A
-    # 40-position graph attends in one pass per (sequence, group).
+    # Every op kind of the graph has a variant; both linear_residual ops (K 64 and 98) are distinct, each
+    # over the bf16 x that the attention and gate/up store (mpk.graph.product_input_dtype). A 40-position
+    # graph attends in one pass per (sequence, group).
     assert {v.template for v in variants} == {
         "Embed", "RmsnormLinear", "Attention", "LinearResidual", "RmsnormGateUpSilu", "RmsnormLmHeadArgmax", "Sample"}
-    assert {"LinearResidual<2, 64, ActF32Bf16Inputs, 2>", "LinearResidual<2, 98, ActF32Bf16Inputs, 2>"} <= names(variants)
-    assert {"RmsnormLinear<2, 60, false, ActF32Bf16Inputs, 2>", "Attention<2, 16, true, ActF32, bf16>"} <= names(variants)
+    assert {"LinearResidual<2, 64, ActF32Bf16X, 2, float>", "LinearResidual<2, 98, ActF32Bf16X, 2, float>"} <= names(variants)
+    assert any(n.startswith("RmsnormGateUpSilu<") and n.endswith(", bf16>") for n in names(variants))
+    assert {"RmsnormLinear<2, 60, false, ActF32Bf16Inputs, 2>", "Attention<2, 16, true, ActF32, bf16, bf16>"} <= names(variants)
 
 
 def test_longer_contexts_split_attention_and_merge():
@@ -72,7 +74,7 @@ def test_longer_contexts_split_attention_and_merge():
     assert "attention" not in kinds and kinds.count("attention_split") == kinds.count("attention_merge") == 2
     split = next(op for op in longer.ops if op.kind == "attention_split")
     assert split.params["splits"] == 2  # 8 SMs over 2 sequences x 2 groups
-    assert {"AttentionSplit<2, 16, true, ActF32, bf16>", "AttentionMerge<2, 16, true, ActF32, bf16>"} <= names(
+    assert {"AttentionSplit<2, 16, true, ActF32, bf16>", "AttentionMerge<2, 16, true, ActF32, bf16, bf16>"} <= names(
         graph_variants(longer)[0])
 
 
@@ -110,7 +112,7 @@ def test_layers_share_variants_and_source_ignores_run_time_sizes():
 
 def test_flags_pick_variants():
     variants, _, _ = graph_variants(graph(tiny_cfg(architecture="Qwen2ForCausalLM", qk_norm=False, qkv_bias=True)))
-    assert {"RmsnormLinear<2, 60, true, ActF32Bf16Inputs, 2>", "Attention<2, 16, false, ActF32, bf16>"} <= names(variants)
+    assert {"RmsnormLinear<2, 60, true, ActF32Bf16Inputs, 2>", "Attention<2, 16, false, ActF32, bf16, bf16>"} <= names(variants)
 
 
 def floats_close(got: dict, want: dict) -> bool:

@@ -236,4 +236,57 @@ def test_codegen_gives_bf16_input_products_their_policy():
     tg = compile_model(cfg, batch=4, max_seq_len=16, num_sms=4, verify=False, matmul_inputs="bfloat16")
     for v in graph_variants(tg)[0]:
         products = v.template in ("RmsnormLinear", "RmsnormGateUpSilu", "LinearResidual", "RmsnormLmHeadArgmax")
-        assert ("ActF32Bf16Inputs" in v.args) == products, v
+        # The O and down projections read what the attention and gate/up stored in bf16
+        # (mpk.graph.product_input_dtype).
+        over_bf16_x = "ActF32Bf16X" in v.args and v.args[-1] == "float"
+        assert ("ActF32Bf16Inputs" in v.args or over_bf16_x) == products, v
+    over = sorted(int(v.args[1]) for v in graph_variants(tg)[0] if "ActF32Bf16X" in v.args)
+    assert over == sorted({cfg.num_heads * cfg.head_dim, cfg.intermediate_size})
+
+
+def test_product_inputs_are_bf16_only_where_their_product_rounds_them():
+    """The attention's output and the MLP's hidden activation, read only by the O and down projections."""
+    from mpk.compiler import compile_model
+    from mpk.graph import GEMV_MAX_BATCH
+
+    cfg = resolve_model("tiny").cfg
+
+    def stored(**kw):
+        tg = compile_model(cfg, max_seq_len=16, num_sms=8, verify=False, **kw)
+        return {tg.tensors["layers.0.attn"].dtype, tg.tensors["layers.0.h"].dtype}
+
+    assert stored(batch=1) == {"float32"}  # float32 products at batch 1
+    assert stored(batch=4) == {"bfloat16"}
+    assert stored(batch=1, matmul_inputs="bfloat16") == {"bfloat16"}
+    assert stored(batch=4, matmul_inputs="float32") == {"float32"}
+    assert stored(batch=4, activations="model") == {"bfloat16"}  # bf16 activations throughout
+    assert stored(batch=GEMV_MAX_BATCH + 1) == {"float32"}  # GEMM tiles read float32 x
+    tp = compile_model(cfg, batch=4, max_seq_len=16, num_sms=8, tp_size=2, verify=False)
+    assert tp.tensors["rank0/layers.0.h"].dtype == "float32"  # the allreduce's products read float32 x
+
+
+def test_bf16_product_inputs_change_no_bit(make_checkpoint, monkeypatch):
+    """The attention and gate/up rounding their outputs where they store them is what the O and down
+    projections did to them: the CPU executor's logits are the same bits with both kept in float32."""
+    import mpk.graph
+    from mpk.compiler import compile_model
+    from mpk.inputs import fuse_weights, program_inputs
+    from mpk.sim import CpuExecutor
+
+    source = resolve_model(str(make_checkpoint("qwen3")))
+    cfg, hf16 = source.cfg, source.load_weights(torch.bfloat16)
+    prompts = [[3, 1, 4], [1, 5], [9, 2, 6, 5]]
+
+    def logits(tg):
+        weights, meta = program_inputs(cfg, tg, fuse_weights(cfg, hf16, 1, torch.bfloat16), prompts)
+        with CpuExecutor(tg, weights, meta) as ex:
+            return ex.run(6, eos_token_ids=[], collect_logits=True).logits
+
+    stored_bf16 = compile_model(cfg, batch=len(prompts), max_seq_len=16, num_sms=8)  # verified
+    monkeypatch.setattr(mpk.graph, "product_input_dtype", lambda prog: prog.precision.activations)
+    stored_f32 = compile_model(cfg, batch=len(prompts), max_seq_len=16, num_sms=8)
+    for name in ("layers.0.attn", "layers.0.h"):
+        assert stored_bf16.tensors[name].dtype == "bfloat16" and stored_f32.tensors[name].dtype == "float32"
+    a, b = logits(stored_bf16), logits(stored_f32)
+    assert len(a) == len(b) == 6
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

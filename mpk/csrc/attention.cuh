@@ -134,7 +134,8 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // Writes the split's normalised output and log-sum-exp; an empty split writes zeros and -inf.
 // ONE_PASS: the only split of (b, g) (attention, no merge): writes the attention output itself and
 // appends this step's k and v at row `step` of the cache, which it does not read.
-template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PASS = false> struct AttentionSplit {
+template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PASS = false, class O = typename A::T>
+struct AttentionSplit {
   using T = typename A::T;
   using L = KvLanes<HD, KT>;
   static constexpr int E = L::E;
@@ -461,7 +462,7 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
         num += s_acc[(w * QPK + h) * HD + d] * f;
       }
       if constexpr (ONE_PASS) {
-        act_store(op.arg<T>(S::out) + (static_cast<size_t>(b) * G + g) * QPK * HD + i, num / den);
+        act_store(op.arg<O>(S::out) + (static_cast<size_t>(b) * G + g) * QPK * HD + i, num / den);
       } else {
         part[i] = num / den;
         if (d == 0) lse[h] = (mx + log2f(den)) * kLn2;
@@ -478,13 +479,15 @@ template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PAS
 };
 
 // attention: one task per (b, g) over all of [lo, step], for graphs whose context is short enough that
-// splitting the rows would cost more (a merge phase) than it saves (mpk.graph.attention_splits).
-template <class S, int QPK, int HD, bool QKNORM, class A, class KT>
-struct Attention : AttentionSplit<S, QPK, HD, QKNORM, A, KT, true> {};
+// splitting the rows would cost more (a merge phase) than it saves (mpk.graph.attention_splits). Its
+// output is stored as O: the activation type, or bf16 where only a product over bf16 inputs reads it.
+template <class S, int QPK, int HD, bool QKNORM, class A, class KT, class O = typename A::T>
+struct Attention : AttentionSplit<S, QPK, HD, QKNORM, A, KT, true, O> {};
 
-// attention_merge: out = sum over splits of softmax(lse) * part; and row `step` of the cache column gets this
-// step's k (normed, roped) and v. The merge follows every split of (b, g), the only readers of the column.
-template <class S, int QPK, int HD, bool KNORM, class A, class KT> struct AttentionMerge {
+// attention_merge: out = sum over splits of softmax(lse) * part (stored as O, as attention's); and row
+// `step` of the cache column gets this step's k (normed, roped) and v. The merge follows every split of
+// (b, g), the only readers of the column.
+template <class S, int QPK, int HD, bool KNORM, class A, class KT, class O = typename A::T> struct AttentionMerge {
   static constexpr int SMEM = HD * 4;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
     using T = typename A::T;
@@ -506,7 +509,7 @@ template <class S, int QPK, int HD, bool KNORM, class A, class KT> struct Attent
     }
     const float* part = op.arg<const float>(S::part) + bg * splits * QPK * HD;
     const float* lse = op.arg<const float>(S::lse) + bg * splits * QPK;
-    T* out = op.arg<T>(S::out) + bg * QPK * HD;
+    O* out = op.arg<O>(S::out) + bg * QPK * HD;
     // The first kHeld splits' parts load with their lse, not after the max over them: an empty split
     // wrote zeros, so every part may be read.
     constexpr int kHeld = 8;

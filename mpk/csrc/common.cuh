@@ -212,6 +212,12 @@ struct ActF32Bf16Inputs : ActF32 {
   static constexpr bool kBf16Inputs = true;
   __device__ __forceinline__ static float input(float x) { return round_bf(x); }
 };
+// The same product over an x its producer already stored rounded to bf16 (mpk.graph.product_input_dtype:
+// the attention's output and the MLP's hidden activation from batch 2): x is read as bf16, half the
+// bytes, and nothing else changes.
+struct ActF32Bf16X : ActF32Bf16Inputs {
+  using T = bf16;
+};
 
 // Widest packing that divides n (rows of n elements then stay aligned).
 __host__ __device__ constexpr int vec_width(int n) { return n % 8 == 0 ? 8 : n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1; }

@@ -112,12 +112,13 @@ template <class S, int B, int K, bool BIAS, class A, int COLS> struct RmsnormLin
   }
 };
 
-// rmsnorm_gate_up_silu: out[:, c] = silu(gate) * up with gate/up rows 2c, 2c+1 of the fused weight.
-template <class S, int B, int K, class A, int COLS> struct RmsnormGateUpSilu {
+// rmsnorm_gate_up_silu: out[:, c] = silu(gate) * up with gate/up rows 2c, 2c+1 of the fused weight,
+// stored as O (the activation type, or bf16 where only a product over bf16 inputs reads it).
+template <class S, int B, int K, class A, int COLS, class O = typename A::T> struct RmsnormGateUpSilu {
   using T = typename A::T;
   static constexpr int SMEM = Strategy<2, B, K, true, A, COLS>::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    T* out = op.arg<T>(S::out);
+    O* out = op.arg<O>(S::out);
     const long long n = op.i[S::n];
     product<2, B, K, true, A, COLS>(t, op, op.arg<const T>(S::x), op.arg<const bf16>(S::norm),
                                     op.arg<const bf16>(S::weight), n, op.i[S::tile], op.f[S::eps], smem,
@@ -129,13 +130,14 @@ template <class S, int B, int K, class A, int COLS> struct RmsnormGateUpSilu {
   }
 };
 
-// linear_residual: out[:, c0:c1] = residual[:, c0:c1] + x @ W[c0:c1]^T.
-template <class S, int B, int K, class A, int COLS> struct LinearResidual {
+// linear_residual: out[:, c0:c1] = residual[:, c0:c1] + x @ W[c0:c1]^T, x of A's type, the residual and
+// out of R's (float32 under ActF32Bf16X).
+template <class S, int B, int K, class A, int COLS, class R = typename A::T> struct LinearResidual {
   using T = typename A::T;
   static constexpr int SMEM = Strategy<1, B, K, false, A, COLS>::SMEM;
   __device__ static void run(const TaskCtx& t, const OpDesc& op, unsigned char* smem) {
-    const T* res = op.arg<const T>(S::residual);
-    T* out = op.arg<T>(S::out);
+    const R* res = op.arg<const R>(S::residual);
+    R* out = op.arg<R>(S::out);
     const long long n = op.i[S::n];
     product<1, B, K, false, A, COLS>(t, op, op.arg<const T>(S::x), nullptr, op.arg<const bf16>(S::weight), n,
                                      op.i[S::tile], 0.f, smem, [&](int b, int c, const float (&v)[1]) {

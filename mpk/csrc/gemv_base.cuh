@@ -125,6 +125,21 @@ __device__ void for_each_x_vec(const T* x, const bf16* norm, const float* inv, F
   }
 }
 
+// All threads: the B rows of a bf16 x [B, K] copied as they are into shared memory, row b at
+// s + b * stride, by asynchronous copies: no registers held, so the whole x is in flight at once
+// where loads in registers go in rounds (for_each_x_vec). Ends with a barrier.
+template <int B, int K> __device__ void copy_x_rows(const bf16* x, unsigned char* s, int stride) {
+  static_assert(K % 8 == 0, "16-byte pieces");
+  constexpr int NV = K / 8;
+  for (int i = threadIdx.x; i < B * NV; i += kThreads) {
+    const int b = i / NV, v = i - b * NV;
+    cp_async16(s + b * stride + v * 16, x + b * K + v * 8, true);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
 // The RMSNorm weight vectors a thread will scale with, loaded beside x so that they are in
 // registers when the statistics' barriers end, not an L2 round trip after them. A prologue loop
 // visits i = threadIdx.x + k * kThreads, vector v = i % NV of a row: when NV is a multiple of

@@ -76,6 +76,10 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
 
   // x (RMS-normalised if NORM) as bf16 planes: row (b, plane p) at s + (b * kPlanes + p) * kStride.
   __device__ static void stage(const T* x, const bf16* norm, float eps, unsigned char* s) {
+    if constexpr (!NORM && std::is_same_v<T, bf16>) {  // already the one plane (store would keep its bits)
+      copy_x_rows<B, K>(x, s, kPlanes * kStride);
+      return;
+    }
     float* inv = reinterpret_cast<float*>(s + kInvOffset);
     using X = XRegs<B, K, 8>;
     if constexpr (NORM && X::kFits) {  // one pass over x

@@ -61,7 +61,9 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
       return;
     }
     if constexpr (NORM) row_inv_rms<B, K>(x, eps, inv, reinterpret_cast<float*>(s + kRedOffset));
-    if constexpr (kStaged) {
+    if constexpr (kStaged && !NORM && !kF32 && K % 8 == 0) {  // bf16 rows, staged as they are (store keeps their bits)
+      copy_x_rows<B, K>(x, s, kRowBytes);
+    } else if constexpr (kStaged) {
       for (int i = threadIdx.x; i < B * NV; i += kThreads) {
         const int b = i / NV, v = i - b * NV;
         float f[VEC];

@@ -24,7 +24,8 @@ import torch
 
 from mpk.dtypes import dtype
 from mpk.models.functional import rms_norm
-from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, nbytes, shape, whole
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, bf16_over_float32, box, cbool, expect, \
+    nbytes, shape, whole
 
 
 def split_rows(step: int, window: int | None, split: int, splits: int) -> tuple[int, int]:
@@ -110,6 +111,12 @@ def _kv_type(op, tg) -> str:
     k, v = (tg.tensors[op.tensor(role)].dtype for role in ("k_cache", "v_cache"))
     expect(k == v and k in ("bfloat16", "float32"), op, f"the KV cache is {k}/{v}, not bfloat16 or float32")
     return dtype(k).cuda
+
+
+def _stored(op, tg) -> tuple:
+    """The output's element type, as a last template argument where it is not the activations' (bf16
+    in a float32 graph: mpk.graph.product_input_dtype)."""
+    return ("bf16",) if bf16_over_float32(tg, op.outputs["out"]) else ()
 
 
 def _check_heads(op, tg) -> None:
@@ -225,7 +232,7 @@ class AttentionMerge(OpKind):
 
     def cuda(self, op, tg):
         args, ints = _cuda_shapes(op, tg, "k_norm")
-        return Cuda(args, ints, {"eps": op.params["eps"]})
+        return Cuda(args + _stored(op, tg), ints, {"eps": op.params["eps"]})
 
 
 class Attention(OpKind):
@@ -270,6 +277,6 @@ class Attention(OpKind):
         _check_heads(op, tg)
         _, s, g, _ = tg.tensors[op.tensor("k_cache")].shape
         args = (op.params["q_per_kv"], op.params["head_dim"], cbool("q_norm" in op.inputs), activation_policy(tg),
-                _kv_type(op, tg))
+                _kv_type(op, tg)) + _stored(op, tg)
         return Cuda(args, {"groups": g, "seq": s, "window": op.params["window"] or 0},
                     {"scale": op.params["scale"], "eps": op.params["eps"]})

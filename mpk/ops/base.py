@@ -188,6 +188,12 @@ def activation_policy(tg) -> str:
     return policies[act]
 
 
+def bf16_over_float32(tg, tensor: str) -> bool:
+    """Whether `tensor` is stored in bf16 in a float32-activation graph (mpk.graph.product_input_dtype):
+    its template then takes the element type apart from the activation policy's."""
+    return tg.precision.activations == "float32" and tg.tensors[tensor].dtype == "bfloat16"
+
+
 # --- reference math shared by op kinds -------------------------------------------------------
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

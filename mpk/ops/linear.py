@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from mpk.errors import MpkError
 from mpk.models.functional import rms_norm
-from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, box, cbool, expect, linear_bf16, \
-    matmul, nbytes, shape, spans, whole
+from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, bf16_over_float32, box, cbool, expect, \
+    linear_bf16, matmul, nbytes, shape, spans, whole
 from mpk.util import cdiv
 
 CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
@@ -169,11 +169,13 @@ class RmsnormGateUpSilu(Gemv):
     def compute(self, op, t, mm):
         y = normed_product(op, t, mm)
         gate_up = y.unflatten(-1, (-1, 2))
+        # copy_ rounds where `out` is stored in bf16 (mpk.graph.product_input_dtype)
         t["out"].copy_(F.silu(gate_up[..., 0]) * gate_up[..., 1])
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
-        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]},
+        stored = ("bf16",) if bf16_over_float32(tg, op.outputs["out"]) else ()
+        return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)) + stored, {"n": n, "tile": op.params["tile"]},
                     {"eps": op.params["eps"]})
 
 
@@ -189,10 +191,13 @@ class LinearResidual(Gemv):
         return [box(op, "residual", (r0, r1), (c0, c1))]
 
     def compute(self, op, t, mm):
-        t["out"].copy_(t["residual"] + mm(t["x"], t["weight"]))
+        x = t["x"].to(t["residual"].dtype)  # a bf16 x of a float32 graph (product_input_dtype): a float32 product
+        t["out"].copy_(t["residual"] + mm(x, t["weight"]))
 
     def cuda(self, op, tg):
         b, k, n = self.gemv_shape(op, tg)
+        if bf16_over_float32(tg, op.inputs["x"]):
+            return Cuda((b, k, "ActF32Bf16X", self.columns_per_warp(op), "float"), {"n": n, "tile": op.params["tile"]})
         return Cuda((b, k, policy(op, tg), self.columns_per_warp(op)), {"n": n, "tile": op.params["tile"]})
 
 
