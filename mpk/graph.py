@@ -86,15 +86,35 @@ def choose_tile(n: int, num_sms: int, align: int = TILE_ALIGN) -> int:
     return max(align, cdiv(cdiv(n, num_sms), align) * align) if n > align else n
 
 
-def gemv_align(prog: Program) -> int:
-    """Output columns per task of a decode matrix product come in multiples of this. At batch 1 the
-    CUDA-core GEMV gives each of a task's 8 warps whole columns, so 8 will do: a 1024-wide output
-    then spans 128 SMs, where 16s left half of them idle. Batches take 16-row tensor-core blocks."""
-    return 8 if prog.batch == 1 else TILE_ALIGN
+# The CUDA-core GEMV keeps a batch of 2-4 where a warp's share is small: these mirror the defaults of
+# MPK_SIMT_ROWS and MPK_SIMT_WORK_KB in small_tile_on_cuda_cores (gemv.cuh), which makes the choice.
+SIMT_MAX_WARP_ROWS = 6
+SIMT_MAX_WARP_WORK = 96 * 1024  # batch x the bytes of a warp's weight rows
+CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
 
 
-def gemv_tile(n: int, prog: Program) -> int:
-    return choose_tile(n, prog.num_sms, gemv_align(prog))
+def gemv_on_cuda_cores(batch: int, rows_per_col: int, k: int, tile: int) -> bool:
+    """Whether a decode GEMV of `tile` columns a task runs on CUDA cores (gemv.cuh's Gemv): always at
+    batch 1 and where K is not whole 32-wide k-steps, and at batches 2-4 when a warp's share is small."""
+    if batch == 1 or k % 32:
+        return True
+    rows = rows_per_col * min(CTA_WARPS, cdiv(tile, CTA_WARPS))
+    return batch <= 4 and rows <= SIMT_MAX_WARP_ROWS and batch * rows * k * 2 <= SIMT_MAX_WARP_WORK
+
+
+def gemv_align(prog: Program, n: int, rows_per_col: int = 1, k: int = 0) -> int:
+    """Output columns per task of a decode matrix product (n columns of K = k) come in multiples of
+    this. The CUDA-core GEMV gives each of a task's 8 warps whole columns, so 8 will do: at batch 1 a
+    1024-wide output then spans 128 SMs, where 16s left half of them idle, and at batch 4
+    llama-3.2-1b's QKV 128 where 32-column tiles took 96. The tensor cores take whole 16-row blocks
+    (8 columns of gate/up's row pairs)."""
+    if gemv_on_cuda_cores(prog.batch, rows_per_col, k, choose_tile(n, prog.num_sms, 8)):
+        return 8
+    return max(8, TILE_ALIGN // rows_per_col)
+
+
+def gemv_tile(n: int, prog: Program, rows_per_col: int = 1, k: int = 0) -> int:
+    return choose_tile(n, prog.num_sms, gemv_align(prog, n, rows_per_col, k))
 
 
 @dataclass(frozen=True)
@@ -392,7 +412,8 @@ def _attention_block(prog: Program, layer: int, shards: list[Shard]) -> None:
         if cfg.qkv_bias:
             inputs["bias"] = n(p + "qkv_bias")
         prog.add_op(r, "rmsnorm_linear", p + "qkv", layer, inputs, {"out": n(p + "qkv_out")},
-                    tile=qkv_tile(cfg, sh, prog.num_sms, gemv_align(prog)), eps=cfg.rms_norm_eps)
+                    tile=qkv_tile(cfg, sh, prog.num_sms, gemv_align(prog, sh.kv_groups * cfg.qkv_rows_per_group, 1,
+                                                                    cfg.hidden_size)), eps=cfg.rms_norm_eps)
     heads = dict(q_per_kv=cfg.q_per_kv, head_dim=cfg.head_dim, eps=cfg.rms_norm_eps)
     for r, sh in enumerate(shards):
         n = partial(rank_name, prog, r)
@@ -423,7 +444,7 @@ def mlp_block(prog: Program, layer: int, shards: list[Shard]) -> None:
         n = partial(rank_name, prog, r)
         prog.add_op(r, "rmsnorm_gate_up_silu", p + "gate_up", layer,
                     {"x": n(x_in), "norm": n(p + "mlp_norm"), "weight": n(p + "gate_up")}, {"out": n(p + "h")},
-                    tile=gemv_tile(sh.intermediate, prog), eps=prog.cfg.rms_norm_eps)
+                    tile=gemv_tile(sh.intermediate, prog, 2, prog.cfg.hidden_size), eps=prog.cfg.rms_norm_eps)
     row_parallel_linear(prog, layer, "down", p + "h", x_in, x_out)
 
 
@@ -432,9 +453,9 @@ def row_parallel_linear(prog: Program, layer: int, weight: str, x: str, residual
     and a decode batch's GEMM of few tasks is split along K, its slices summed the same way."""
     p = f"layers.{layer}."
     H, N = prog.cfg.hidden_size, prog.tp_size
-    tile = gemv_tile(H, prog)
-    name = p + ("o" if weight == "o" else "down")
     k = prog.tensors[rank_name(prog, 0, p + weight)].shape[1]
+    tile = gemv_tile(H, prog, 1, k)
+    name = p + ("o" if weight == "o" else "down")
     splits = k_splits(prog, k)
     if splits > 1:
         for s in range(splits):

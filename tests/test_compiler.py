@@ -1,14 +1,17 @@
 """The compiler's structural promises: fine-grained events, fusion, linearization, schedule, JSON."""
 
+import re
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 
+import mpk
 from mpk import sim
 from mpk.compiler import compile_model, compile_program
 from mpk.errors import MpkError
-from mpk.graph import ONE_PASS_ATTN_ROWS, build_decode_program
+from mpk.graph import ONE_PASS_ATTN_ROWS, SIMT_MAX_WARP_ROWS, SIMT_MAX_WARP_WORK, build_decode_program, gemv_on_cuda_cores
 from mpk.models.config import ModelConfig
 from mpk.taskgraph import TaskGraph
 
@@ -178,6 +181,32 @@ def test_qwen3_8b_schedule_is_balanced():
     weight_bytes = sum(2 * torch.Size(s.shape).numel() for s in tg.tensors.values() if s.kind == "weight"
                        and not s.name.startswith(("embed", "rope")))
     assert tg.stats["bytes_per_step"] >= weight_bytes
+
+
+def test_gemv_tiles_are_as_fine_as_their_strategy_allows():
+    """Tiles that the CUDA-core GEMV runs come in 8 columns at any batch (llama-3.2-1b's batch-4 QKV:
+    128 tasks of 24, not 96 of 32); tensor-core tiles keep whole 16-row blocks (gate/up's row pairs:
+    8 columns)."""
+    llama = tiny_cfg(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=2048, intermediate_size=8192,
+                     num_layers=1, num_heads=32, num_kv_heads=8, head_dim=64, qk_norm=False)
+    tiles = {b: {op.name.split(".")[-1]: op.params["tile"] for op in build_decode_program(llama, b, 64, 1, 132).ops
+                 if op.name.startswith("layers.0.") and "tile" in op.params} for b in (1, 4, 8)}
+    assert tiles[1]["qkv"] == tiles[4]["qkv"] == 24 and tiles[8]["qkv"] == 32
+    assert gemv_on_cuda_cores(4, 1, 2048, 24) and not gemv_on_cuda_cores(8, 1, 2048, 24)
+    assert not gemv_on_cuda_cores(4, 2, 2048, 64) and tiles[4]["gate_up"] % 8 == 0
+    for b, ts in tiles.items():
+        for name, tile in ts.items():
+            rows_per_col = 2 if name == "gate_up" else 1
+            if not gemv_on_cuda_cores(b, rows_per_col, 2048 if name != "down" else 8192, tile):
+                assert tile * rows_per_col % 16 == 0, (b, name, tile)
+
+
+def test_cuda_core_bounds_mirror_the_templates():
+    """gemv_on_cuda_cores repeats the rule of small_tile_on_cuda_cores (gemv.cuh): the same defaults."""
+    src = (Path(mpk.__file__).parent / "csrc" / "gemv.cuh").read_text()
+    rows = int(re.search(r"#define MPK_SIMT_ROWS (\d+)", src).group(1))
+    work_kb = int(re.search(r"#define MPK_SIMT_WORK_KB (\d+)", src).group(1))
+    assert (rows, work_kb * 1024) == (SIMT_MAX_WARP_ROWS, SIMT_MAX_WARP_WORK)
 
 
 def test_json_round_trip(tg):

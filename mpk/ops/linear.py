@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from mpk.errors import MpkError
+from mpk.graph import CTA_WARPS
 from mpk.models.functional import rms_norm
 from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, bf16_over_float32, box, cbool, expect, \
     linear_bf16, matmul, nbytes, shape, spans, whole
 from mpk.util import cdiv
 
-CTA_WARPS = 8  # warps of the megakernel's CTA (kWarps in mpk/csrc/common.cuh)
 # A GEMM task's block (MmaGemm in mpk/csrc/gemm.cuh): up to GEMM_ROWS rows x one of GEMM_WEIGHT_ROWS.
 GEMM_ROWS, GEMM_WEIGHT_ROWS = 128, (64, 128)
 
