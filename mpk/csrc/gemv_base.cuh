@@ -222,10 +222,14 @@ __device__ void stage_normed_via_smem(const T* x, const bf16* norm, float eps, f
 // i = threadIdx.x + j * kThreads of x's B x (K / VEC) vectors. When they are few (kFits), the
 // prologue reads x once: the RMS statistics and the staging both use these registers, one L2 pass
 // over x instead of two on the path from the event to the first FMA.
+// MPK_X_REGS (build knob, for A/B): the most vectors a thread may hold for the one-pass prologue.
+#ifndef MPK_X_REGS
+#define MPK_X_REGS 2
+#endif
 template <int B, int K, int VEC> struct XRegs {
   static constexpr int NV = K / VEC;
   static constexpr int PER = (B * NV + kThreads - 1) / kThreads;
-  static constexpr bool kFits = PER <= 2;
+  static constexpr bool kFits = PER <= MPK_X_REGS;
   float f[PER][VEC];
 
   __device__ static int index(int j) { return threadIdx.x + j * kThreads; }

@@ -60,7 +60,12 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
   // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
   // instead of two: stage_normed_via_smem), over the partial sums and slots, not in use yet.
-  static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
+  // MPK_RAW_STAGE=0 (build knob, for A/B) reads such an x twice from L2 instead.
+#ifndef MPK_RAW_STAGE
+#define MPK_RAW_STAGE 1
+#endif
+  static constexpr bool kRawStage = MPK_RAW_STAGE && NORM && !XRegs<B, K, 8>::kFits &&
+                                    kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
   static constexpr int SMEM = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap - kStaticSmem;
 

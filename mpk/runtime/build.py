@@ -118,7 +118,9 @@ def nvcc_flags(arch: str, debug: bool) -> list[str]:
     x_batch = _env_choice("MPK_X_BATCH", ("auto", "1", "2", "4", "8", "16"))
     if x_batch != "auto":  # x vectors per thread and round in the GEMV prologue (gemv_base.cuh), for A/B
         flags.append(f"-DMPK_X_BATCH={x_batch}")
-    for knob in ("MPK_SIMT_ROWS", "MPK_SIMT_WORK_KB"):  # batch 2-4 GEMVs kept on CUDA cores (gemv.cuh), for A/B
+    # For A/B: the bounds of the batch 2-4 GEMVs kept on CUDA cores (gemv.cuh), the vectors a thread holds
+    # for the one-pass prologue and whether a larger normed x goes through shared memory (gemv_base.cuh).
+    for knob in ("MPK_SIMT_ROWS", "MPK_SIMT_WORK_KB", "MPK_X_REGS", "MPK_RAW_STAGE"):
         value = os.environ.get(knob, "")
         if value:
             if not value.isdigit():
