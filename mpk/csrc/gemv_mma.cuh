@@ -60,7 +60,8 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
   // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
   // instead of two: stage_normed_via_smem), over the partial sums and slots, not in use yet.
-  // MPK_RAW_STAGE=0 (build knob, for A/B) reads such an x twice from L2 instead.
+  // MPK_RAW_STAGE=0 (build knob, for A/B) reads such an x twice from L2 instead: on an H200 1.0% slower
+  // at qwen3-8b batch 4 (64 KB), and at llama-3.2-1b's 32 KB as fast as MPK_X_REGS's one pass (docs/perf.md).
 #ifndef MPK_RAW_STAGE
 #define MPK_RAW_STAGE 1
 #endif
