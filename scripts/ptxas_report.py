@@ -4,7 +4,7 @@ compiles it).
     python3 scripts/ptxas_report.py MODEL [--batch B] [--tp N] [--arch sm_90a] [--per-variant]
 
 Build knobs in the environment (MPK_GEMV, MPK_HEAD_KB, ...) apply as in any build. A change that
-makes the kernel spill, or spill more, is worth a look before it goes to a GPU. The code size (the
+makes the kernel spill or grow a stack frame is worth a look before it goes to a GPU. The code size (the
 kernel's .text section) needs cuobjdump on the PATH; the kernel is several times an SM's
 instruction cache (docs/perf.md). --per-variant also builds the kernel once per op variant, the
 dispatch holding that variant alone, and prints each one's code above the runtime's own.
@@ -46,11 +46,13 @@ def main() -> int:
         return 1
     for name, body in re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?)(?=ptxas info    : Compiling|\Z)", out, re.S):
         regs = re.search(r"Used (\d+) registers", body)
-        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
+        spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", body)
         size = f", {code[name] // 1024} KB of code" if name in code else ""
+        # The stack frame counts what ptxas places in local memory besides its spills (arrays it cannot
+        # keep in registers): a kernel may report 4 bytes of spills and still read hundreds from the stack.
         print(f"{args.model} batch {args.batch}{f' tp {args.tp}' if args.tp > 1 else ''} {name}: "
-              f"{regs.group(1) if regs else '?'} registers, spills {spill.group(1)} B stored / {spill.group(2)} B loaded"
-              f"{size}" if spill else name)
+              f"{regs.group(1) if regs else '?'} registers, {spill.group(1)} B stack frame, spills {spill.group(2)} B "
+              f"stored / {spill.group(3)} B loaded{size}" if spill else name)
     if args.per_variant:
         return per_variant(source, flags)
     return 0

@@ -345,14 +345,18 @@ def test_gemv_strategy_switch(tmp_path, monkeypatch):
 
 
 @needs_nvcc
-def test_small_tile_bounds_reach_the_build(tmp_path, monkeypatch):
-    """MPK_SIMT_ROWS / MPK_SIMT_WORK_KB: which batch 2-4 GEMVs stay on CUDA cores, for A/B runs."""
+def test_small_tile_and_prologue_bounds_reach_the_build(tmp_path, monkeypatch):
+    """MPK_SIMT_ROWS / MPK_SIMT_WORK_KB (which batch 2-4 GEMVs stay on CUDA cores) and MPK_X_REGS /
+    MPK_RAW_STAGE_KB (how a normed x is staged), for A/B runs."""
     src = generate_source(graph(tiny_cfg(), batch=4))
-    assert "MPK_SIMT" not in build_log(src, tmp_path)
+    log = build_log(src, tmp_path)
+    assert "MPK_SIMT" not in log and "MPK_X_REGS" not in log and "MPK_RAW_STAGE_KB" not in log
     monkeypatch.setenv("MPK_SIMT_ROWS", "0")
     monkeypatch.setenv("MPK_SIMT_WORK_KB", "48")
+    monkeypatch.setenv("MPK_X_REGS", "4")
+    monkeypatch.setenv("MPK_RAW_STAGE_KB", "0")
     log = build_log(src, tmp_path)
-    assert "-DMPK_SIMT_ROWS=0" in log and "-DMPK_SIMT_WORK_KB=48" in log
+    assert all(f in log for f in ("-DMPK_SIMT_ROWS=0", "-DMPK_SIMT_WORK_KB=48", "-DMPK_X_REGS=4", "-DMPK_RAW_STAGE_KB=0"))
     monkeypatch.setenv("MPK_SIMT_WORK_KB", "lots")
     with pytest.raises(MpkError, match="MPK_SIMT_WORK_KB must be a whole number, not 'lots'"):
         build(src, "sm_90a", debug=False, cache=tmp_path)

@@ -221,12 +221,12 @@ __device__ void stage_normed_via_smem(const T* x, const bf16* norm, float eps, f
 // The input vectors one thread handles in a GEMV prologue, held in registers: vectors
 // i = threadIdx.x + j * kThreads of x's B x (K / VEC) vectors. When they are few (kFits, up to
 // MPK_X_REGS a thread), the prologue reads x once: the RMS statistics and the staging both use these
-// registers, one L2 pass over x instead of two, or one through shared memory (stage_normed_via_smem),
-// on the path from the event to the first FMA. On an H200 4 made llama-3.2-1b's batch-4 step 1.9%
-// faster than 2 (its 32 KB x: the QKV's two passes and gate/up's pass through shared memory), and 8 made
-// qwen3-8b's 17% slower (docs/perf.md). MPK_X_REGS (build knob) sets the bound, for A/B.
+// registers, one L2 pass over x instead of two on the path from the event to the first FMA. More than
+// 2 puts part of the kernel in local memory (a stack frame of 16-144 bytes at 4 and of 496 at 8 on
+// qwen3-8b batch 4, whose step was then 17% slower on an H200; docs/perf.md). MPK_X_REGS (build knob)
+// sets the bound, for A/B.
 #ifndef MPK_X_REGS
-#define MPK_X_REGS 4
+#define MPK_X_REGS 2
 #endif
 template <int B, int K, int VEC> struct XRegs {
   static constexpr int NV = K / VEC;

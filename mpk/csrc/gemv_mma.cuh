@@ -58,14 +58,15 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   static constexpr int kL2Fetch = kStreamLoads ? 128 : 256;
 #endif
   static constexpr int kSlots = cmax(kWarps, cmin(kMaxSlots, (kSmemCap - kStaticSmem - kSlotOffset) / (kBlockFloats * 4)));
-  // A normed x too large for registers is staged through shared memory as float32 (one L2 pass
-  // instead of two: stage_normed_via_smem), over the partial sums and slots, not in use yet.
-  // MPK_RAW_STAGE=0 (build knob, for A/B) reads such an x twice from L2 instead: on an H200 1.0% slower
-  // at qwen3-8b batch 4 (64 KB), and at llama-3.2-1b's 32 KB as fast as MPK_X_REGS's one pass (docs/perf.md).
-#ifndef MPK_RAW_STAGE
-#define MPK_RAW_STAGE 1
+  // A normed x too large for registers is staged through shared memory as float32 when it is larger
+  // than MPK_RAW_STAGE_KB (stage_normed_via_smem: one L2 pass, then one through shared memory, over the
+  // partial sums and slots, not in use yet), and otherwise read twice from L2. On an H200 the two passes
+  // made llama-3.2-1b's batch-4 step 2.0% faster at its 32 KB, and qwen3-8b's 1.0% slower at 64 KB
+  // (docs/perf.md). The bound is a build knob, for A/B.
+#ifndef MPK_RAW_STAGE_KB
+#define MPK_RAW_STAGE_KB 32
 #endif
-  static constexpr bool kRawStage = MPK_RAW_STAGE && NORM && !XRegs<B, K, 8>::kFits &&
+  static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && B * K * 4 > MPK_RAW_STAGE_KB * 1024 &&
                                     kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
   static constexpr int SMEM = cmax(kSlotOffset + kSlots * kBlockFloats * 4, kRawStage ? kPartOffset + B * K * 4 : 0);
   static constexpr bool kUsable = B >= 2 && B <= 8 && K % 32 == 0 && SMEM <= kSmemCap - kStaticSmem;
