@@ -259,7 +259,7 @@ template <int B, int K, int VEC> struct XRegs {
       for (int e = 0; e < VEC; ++e) ss = fmaf(f[j][e], f[j][e], ss);
 #pragma unroll
       for (int b = 0; b < B; ++b)
-        if (i / NV == b) part[b] += ss;
+        part[b] += i / NV == b ? ss : 0.f;  // a select: a branch here became an indexed store to local memory
     }
     inv_rms_from_parts<B, K>(part, eps, inv, red);
   }
