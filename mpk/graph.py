@@ -102,18 +102,18 @@ def gemv_on_cuda_cores(batch: int, rows_per_col: int, k: int, tile: int) -> bool
     return batch <= 4 and rows <= SIMT_MAX_WARP_ROWS and batch * rows * k * 2 <= SIMT_MAX_WARP_WORK
 
 
-def gemv_align(prog: Program, n: int, rows_per_col: int = 1, k: int = 0) -> int:
+def gemv_align(prog: Program, n: int, rows_per_col: int, k: int) -> int:
     """Output columns per task of a decode matrix product (n columns of K = k) come in multiples of
     this. The CUDA-core GEMV gives each of a task's 8 warps whole columns, so 8 will do: at batch 1 a
-    1024-wide output then spans 128 SMs, where 16s left half of them idle, and at batch 4
-    llama-3.2-1b's QKV 128 where 32-column tiles took 96. The tensor cores take whole 16-row blocks
-    (8 columns of gate/up's row pairs)."""
+    1024-wide output then spans 128 SMs, where 16s left half of them idle, and at batch 4 llama-3.2-1b's
+    QKV spans 128 SMs, where 32-column tiles left it 96. The tensor cores take whole 16-row blocks (8
+    columns of gate/up's row pairs)."""
     if gemv_on_cuda_cores(prog.batch, rows_per_col, k, choose_tile(n, prog.num_sms, 8)):
         return 8
     return max(8, TILE_ALIGN // rows_per_col)
 
 
-def gemv_tile(n: int, prog: Program, rows_per_col: int = 1, k: int = 0) -> int:
+def gemv_tile(n: int, prog: Program, rows_per_col: int, k: int) -> int:
     return choose_tile(n, prog.num_sms, gemv_align(prog, n, rows_per_col, k))
 
 
@@ -319,7 +319,7 @@ def k_splits(prog: Program, k: int) -> int:
 def lm_head_tile(prog: Program, sh: Shard) -> int:
     """Vocabulary rows per LM-head task: a GEMM block beyond GEMV_MAX_BATCH (the candidates' count
     follows from it)."""
-    return _gemm_block(prog, sh.vocab) if prog.batch > GEMV_MAX_BATCH else gemv_tile(sh.vocab, prog)
+    return _gemm_block(prog, sh.vocab) if prog.batch > GEMV_MAX_BATCH else gemv_tile(sh.vocab, prog, 1, prog.cfg.hidden_size)
 
 
 def rank_name(prog: Program, rank: int, name: str) -> str:
