@@ -262,9 +262,11 @@ def test_split_k_gemv_tasks_in_slots_and_in_rounds_match_the_sim(checkpoint, bat
 @pytest.mark.parametrize("batch, matmul_inputs", [(2, "bfloat16"), (4, "bfloat16"), (8, "bfloat16"), (4, "float32")])
 def test_a_wide_normed_input_staged_through_shared_memory_matches_the_sim(checkpoint, batch, matmul_inputs):
     """At hidden 4096 the normed GEMVs' x (batch x 4096 floats) is too large for registers from batch 2
-    on: it is read once into shared memory as float32 with its sums of squares, then normalised from
-    there (stage_normed_via_smem). Batches 2, 4 and 8 of the tensor-core GEMV, and both input precisions;
-    float32 inputs over a float32 cache, where nothing but summation order separates kernel and sim."""
+    on. At batch 2 (32 KB) it is read twice from L2, for its sums of squares and then normalised; from
+    batch 4 on it is read once into shared memory as float32 with its sums of squares, then normalised
+    from there (stage_normed_via_smem). Batches 2, 4 and 8 of the tensor-core GEMV, and both input
+    precisions; float32 inputs over a float32 cache, where nothing but summation order separates kernel
+    and sim."""
     cfg, hf = checkpoint("llama-wide-x", "llama", {"hidden_size": 4096, "intermediate_size": 256,
                                                    "num_attention_heads": 32, "num_key_value_heads": 4,
                                                    "head_dim": 128, "vocab_size": 300, "num_hidden_layers": 1})
