@@ -62,9 +62,10 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // than MPK_RAW_STAGE_KB (stage_normed_via_smem: one L2 pass, then one through shared memory, over the
   // partial sums and slots, not in use yet), and otherwise read twice from L2. On an H200 the two passes
   // made llama-3.2-1b's batch-4 step 2.0% faster at its 32 KB, and qwen3-8b's 1.0% slower at 64 KB
-  // (docs/perf.md). The bound is a build knob, for A/B.
+  // (docs/perf.md). The bound is a build knob, 0 (always shared memory) until the GPU tests have run
+  // with 32.
 #ifndef MPK_RAW_STAGE_KB
-#define MPK_RAW_STAGE_KB 32
+#define MPK_RAW_STAGE_KB 0
 #endif
   static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && B * K * 4 > MPK_RAW_STAGE_KB * 1024 &&
                                     kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
