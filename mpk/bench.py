@@ -178,10 +178,7 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
     `context` over a filled cache, paged in blocks of `kv_block_rows` rows if not 0), and with
     `profile` the summary of a traced run whose per-SM task spans are written there. The traced run
     is a second kernel's, built with the marks inside each task; the timed kernel has none."""
-    with _bench_kernel(tg, fused, meta, device, kv_block_rows) as kernel:
-        # A timed run goes all its steps: a random model's greedy tokens may hit an end-of-sequence id.
-        kernel.run(min(steps, 8), max_new_tokens=None, first_step=context, eos_token_ids=[])  # warm-up
-        kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
+    with _bench_kernel(tg, fused, meta, device, kv_block_rows, steps, context) as kernel:
         for d in kernel.devices:
             torch.cuda.synchronize(d)
         t0 = time.perf_counter()
@@ -194,17 +191,17 @@ def time_mpk(tg, fused: dict, meta: dict, steps: int, device, profile: str | Non
     if profile:
         from mpk.profile import summarize_trace, write_trace
 
-        with _bench_kernel(tg, fused, meta, device, kv_block_rows, task_marks=True) as kernel:
-            kernel.run(min(steps, 8), max_new_tokens=None, first_step=context, eos_token_ids=[])  # warm-up
-            kernel.set_meta(meta)
+        with _bench_kernel(tg, fused, meta, device, kv_block_rows, steps, context, task_marks=True) as kernel:
             traced = kernel.run(steps, max_new_tokens=None, first_step=context, eos_token_ids=[], trace=True)
         write_trace(profile, tg, traced.trace)
         summary = summarize_trace(tg, traced.trace, traced.marks) if traced.steps > 1 else None
     return seconds / steps, summary
 
 
-def _bench_kernel(tg, fused: dict, meta: dict, device, kv_block_rows: int, task_marks: bool = False):
-    """A megakernel over `tg` with a filled KV cache (paged in blocks of `kv_block_rows` rows if not 0)."""
+def _bench_kernel(tg, fused: dict, meta: dict, device, kv_block_rows: int, steps: int, context: int,
+                  task_marks: bool = False):
+    """A megakernel over `tg` with a filled KV cache (paged in blocks of `kv_block_rows` rows if not 0),
+    warmed up over up to `steps` steps from `context` and set back to the first token."""
     from mpk.runtime import Megakernel
 
     pages, table = interleaved_kv_pages(tg, kv_block_rows) if kv_block_rows else (None, None)
@@ -214,6 +211,9 @@ def _bench_kernel(tg, fused: dict, meta: dict, device, kv_block_rows: int, task_
         if pages is not None:
             kernel.set_kv_table(table)
         fill_kv_cache(kernel)
+        # A timed run goes all its steps: a random model's greedy tokens may hit an end-of-sequence id.
+        kernel.run(min(steps, 8), max_new_tokens=None, first_step=context, eos_token_ids=[])  # warm-up
+        kernel.set_meta(meta)  # back to the first token; the KV rows are rewritten as the steps go
     except BaseException:
         kernel.close()
         raise

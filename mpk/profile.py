@@ -142,7 +142,7 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor | No
         })
     if marks is not None:
         for row in rows:
-            row.update(_parts_us(spans[1:], marks[1:], kind_of == names.index(row["kind"])))
+            row.update(task_parts_us(spans[1:], marks[1:], kind_of == names.index(row["kind"])))
     rows.sort(key=lambda r: -r["run_share"])
     run_share = float(run_ns.sum()) / sm_ns
     wait_share = float(wait_ns.sum()) / sm_ns
@@ -160,7 +160,7 @@ def summarize_trace(tg: TaskGraph, spans: torch.Tensor, marks: torch.Tensor | No
     return summary
 
 
-def _parts_us(spans: torch.Tensor, marks: torch.Tensor, tasks: torch.Tensor) -> dict:
+def task_parts_us(spans: torch.Tensor, marks: torch.Tensor, tasks: torch.Tensor) -> dict:
     """The medians, over the marked instances of the tasks selected by the boolean mask `tasks`, of
     start -> inputs staged (`staged_us`), staged -> warp 0 done (`warp0_us`), warp 0 -> the last warp
     done (`spread_us`) and the last warp -> end (`after_us`); empty where none is marked. Differences
@@ -192,7 +192,7 @@ def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor, by_op
     """The middle layer's ops on rank 0, in order: when each first starts and last ends, in us from
     the layer's first task start, and its median task's running time (medians over the steps): where
     a layer's time goes, phase by phase. With `marks` (and the unaligned `spans` of the same steps),
-    each op's `_parts_us` too: the O and down projections apart, which one op kind holds."""
+    each op's `task_parts_us` too: the O and down projections apart, which one op kind holds."""
     layers = sorted({op.layer for op in tg.ops if op.layer is not None})
     if not layers:
         return None
@@ -207,7 +207,7 @@ def _layer_timeline(tg: TaskGraph, start: torch.Tensor, end: torch.Tensor, by_op
                      "last_end_us": _median_us(end[:, ids].max(1).values - t0),
                      "task_us": _median_us((end[:, ids] - start[:, ids]).double().median(1).values)})
         if marks is not None:
-            rows[-1].update(_parts_us(spans, marks, torch.isin(torch.arange(len(tg.tasks)), torch.tensor(ids))))
+            rows[-1].update(task_parts_us(spans, marks, torch.isin(torch.arange(len(tg.tasks)), torch.tensor(ids))))
     rows.sort(key=lambda r: r["first_start_us"])
     return {"layer": middle, "ops": rows}
 

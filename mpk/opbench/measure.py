@@ -13,6 +13,7 @@ import statistics
 import torch
 
 from mpk.errors import MpkError
+from mpk.profile import task_parts_us
 
 
 def _checked(spans: torch.Tensor) -> torch.Tensor:
@@ -49,18 +50,14 @@ def mean_task_us(traces: list[torch.Tensor]) -> float:
 
 def median_split_us(results: list) -> tuple[float, float] | None:
     """Medians over every traced launch (`RunResult`s, steps after 0) of a task's start -> inputs staged
-    and staged -> warp 0 done, in microseconds; None when the template sets no marks."""
-    staged, warp0 = [], []
-    for r in results:
-        if r.marks is None:
-            return None
-        start, marks = r.trace[1:, :, 1], r.marks[1:]
-        marked = (marks[..., 0] > 0) & (marks[..., 1] > 0)
-        staged.append((marks[..., 0] - start)[marked])
-        warp0.append((marks[..., 1] - marks[..., 0])[marked])
-    if not staged or sum(t.numel() for t in staged) == 0:
+    and staged -> warp 0 done, in microseconds (`mpk.profile.task_parts_us`); None when the template
+    sets no marks."""
+    if not results or any(r.marks is None for r in results):
         return None
-    return (float(torch.cat(staged).double().median()) / 1e3, float(torch.cat(warp0).double().median()) / 1e3)
+    spans = torch.cat([r.trace[1:] for r in results])
+    parts = task_parts_us(spans, torch.cat([r.marks[1:] for r in results]),
+                          torch.ones(spans.shape[1], dtype=torch.bool))
+    return (parts["staged_us"], parts["warp0_us"]) if parts else None
 
 
 def median_step_us(traces: list[torch.Tensor]) -> float:
