@@ -61,11 +61,10 @@ template <int RPC, int B, int K, bool NORM, class A> struct MmaGemv {
   // A normed x too large for registers is staged through shared memory as float32 when it is larger
   // than MPK_RAW_STAGE_KB (stage_normed_via_smem: one L2 pass, then one through shared memory, over the
   // partial sums and slots, not in use yet), and otherwise read twice from L2. On an H200 the two passes
-  // made llama-3.2-1b's batch-4 step 2.0% faster at its 32 KB, and qwen3-8b's 1.0% slower at 64 KB
-  // (docs/perf.md). The bound is a build knob, 0 (always shared memory) until the GPU tests have run
-  // with 32.
+  // made llama-3.2-1b's batch-4 step 1.5-2.0% faster at its 32 KB, and qwen3-8b's 1.0% slower at 64 KB
+  // (docs/perf.md). The bound is a build knob (0: always shared memory) for A/B.
 #ifndef MPK_RAW_STAGE_KB
-#define MPK_RAW_STAGE_KB 0
+#define MPK_RAW_STAGE_KB 32
 #endif
   static constexpr bool kRawStage = NORM && !XRegs<B, K, 8>::kFits && B * K * 4 > MPK_RAW_STAGE_KB * 1024 &&
                                     kPartOffset + B * K * 4 <= kSmemCap - kStaticSmem;
