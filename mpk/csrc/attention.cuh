@@ -49,11 +49,16 @@ __device__ void norm_rope_head(const typename A::T* x, const bf16* w, float eps,
     c[e] = d < HD ? A::round(__ldg(rope + j)) : 0.f;
     s[e] = d < HD ? A::round(__ldg(rope + H2 + j)) : 0.f;
   }
+  // Every load before the first store: x is a generic pointer that may alias buf, so a store between
+  // two loads would hold the second behind the first's round trip.
+  float xv[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) xv[e] = lane + 32 * e < HD ? act_f(x[lane + 32 * e]) : 0.f;
   float ss = 0.f;
-  for (int d = lane; d < HD; d += 32) {
-    const float v = act_f(x[d]);
-    buf[d] = v;
-    ss += v * v;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (lane + 32 * e < HD) buf[lane + 32 * e] = xv[e];
+    ss += xv[e] * xv[e];
   }
   if constexpr (NORM) {
     const float inv = rsqrtf(warp_sum(ss) / HD + eps);
@@ -415,7 +420,13 @@ struct AttentionSplit {
     for (int h = warp; h < (now ? QPK + 2 : QPK); h += kWarps) {
       float* buf = heads + h * HD;
       if (h == QPK + 1) {
-        for (int d = lane; d < HD; d += 32) buf[d] = kv_round<KT>(act_f(src[h * HD + d]));
+        constexpr int E = (HD + 31) / 32;
+        float vv[E];  // loads before stores, as in norm_rope_head
+#pragma unroll
+        for (int e = 0; e < E; ++e) vv[e] = lane + 32 * e < HD ? act_f(src[h * HD + lane + 32 * e]) : 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+          if (lane + 32 * e < HD) buf[lane + 32 * e] = kv_round<KT>(vv[e]);
       } else {
         norm_rope_head<HD, QKNORM, A>(src + h * HD, op.arg<const bf16>(h < QPK ? S::q_norm : S::k_norm), eps, rope,
                                       buf);

@@ -42,7 +42,10 @@ template <int B, int K, class T> __device__ void row_inv_rms(const T* x, float e
   float part[B];
 #pragma unroll
   for (int b = 0; b < B; ++b) part[b] = 0.f;
-  for (int v = threadIdx.x; v < NV; v += kThreads) {
+#pragma unroll  // a constant trip count, so that every round's loads go out together
+  for (int k = 0; k < (NV + kThreads - 1) / kThreads; ++k) {
+    const int v = threadIdx.x + k * kThreads;
+    if (v >= NV) break;
 #pragma unroll
     for (int b = 0; b < B; ++b) {
       float f[VEC];
@@ -93,14 +96,16 @@ template <int RPC, int B, class Out> struct IsElementOut<ElementOut<RPC, B, Out>
 // that could alias x, so a plain loop would wait out one L2 round trip per vector. Such a read is
 // bound by the bytes in flight (docs/perf.md, x_copies): 8 vectors up to batch 4 halve the round
 // trips of a large x (qwen3-8b's batch-4 down projection: 3, not 6; 0.8% a step on an H200); at
-// batch 8, beside the tensor-core GEMV's loads through L1, 8 were 1.5% slower than 4.
-// MPK_X_BATCH (build knob) sets one count for every batch, for A/B.
+// batch 8, beside the tensor-core GEMV's loads through L1, 8 were 1.5% slower than 4. A caller may set
+// its own count (kRound) where the default would spill. MPK_X_BATCH (build knob) sets one count for
+// every batch and caller, for A/B.
 #ifndef MPK_X_BATCH
 #define MPK_X_BATCH 0
 #endif
-template <int B, int K, int VEC, bool NORM, class A, class T, class Fn>
+template <int B, int K, int VEC, bool NORM, class A, int kRound = 0, class T, class Fn>
 __device__ void for_each_x_vec(const T* x, const bf16* norm, const float* inv, Fn&& fn) {
-  constexpr int NV = K / VEC, N = B * NV, kBatch = MPK_X_BATCH > 0 ? MPK_X_BATCH : B <= 4 ? 8 : 4;
+  constexpr int NV = K / VEC, N = B * NV;
+  constexpr int kBatch = MPK_X_BATCH > 0 ? MPK_X_BATCH : kRound > 0 ? kRound : B <= 4 ? 8 : 4;
   for (int i0 = threadIdx.x; i0 < N; i0 += kBatch * kThreads) {
     float f[kBatch][VEC];
 #pragma unroll

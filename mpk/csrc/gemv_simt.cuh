@@ -64,18 +64,10 @@ template <int B, int K, bool NORM, class A> struct GemvInput {
     if constexpr (kStaged && !NORM && !kF32 && K % 8 == 0) {  // bf16 rows, staged as they are (store keeps their bits)
       copy_x_rows<B, K>(x, s, kRowBytes);
     } else if constexpr (kStaged) {
-      for (int i = threadIdx.x; i < B * NV; i += kThreads) {
-        const int b = i / NV, v = i - b * NV;
-        float f[VEC];
-        load_vec<VEC>(x + b * K + v * VEC, f);
-        if constexpr (NORM) {
-          float w[VEC];
-          unpack<VEC>(ld_weight<VEC>(norm + v * VEC), w);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) f[e] = rms_normed<A>(f[e], inv[b], w[e]);
-        }
-        store(s, b, v, f);
-      }
+      // Vectors in rounds, all of a round's loads before its stores: 4 at batch 1 (qwen3-8b's down
+      // projection, 6 float32 vectors a thread, waits out 2 round trips, not 6); one beyond, where
+      // more spill (qwen3-8b batch 2).
+      for_each_x_vec<B, K, VEC, NORM, A, B == 1 ? 4 : 1>(x, norm, inv, [&](int b, int v, const float (&f)[VEC]) { store(s, b, v, f); });
       __syncthreads();
     }
   }
