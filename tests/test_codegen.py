@@ -14,7 +14,7 @@ from conftest import needs_nvcc
 from mpk.codegen import generate_source, graph_variants, lower_op, render_source
 from mpk.compiler import compile_model, compile_program
 from mpk.errors import MpkError
-from mpk.graph import ONE_PASS_ATTN_ROWS, build_decode_program
+from mpk.graph import ATTN_RING_ROWS, ONE_PASS_ATTN_ROWS, build_decode_program
 from mpk.models.config import ModelConfig
 from mpk.models.presets import get_preset
 from mpk.ops import OP_KINDS
@@ -74,8 +74,18 @@ def test_longer_contexts_split_attention_and_merge():
     assert "attention" not in kinds and kinds.count("attention_split") == kinds.count("attention_merge") == 2
     split = next(op for op in longer.ops if op.kind == "attention_split")
     assert split.params["splits"] == 2  # 8 SMs over 2 sequences x 2 groups
-    assert {"AttentionSplit<2, 16, true, ActF32, bf16>", "AttentionMerge<2, 16, true, ActF32, bf16, bf16>"} <= names(
+    assert {"AttentionSplit<2, 16, true, ActF32, bf16, false>", "AttentionMerge<2, 16, true, ActF32, bf16, bf16>"} <= names(
         graph_variants(longer)[0])
+
+
+@pytest.mark.parametrize("max_seq_len, ring", [(2 * ATTN_RING_ROWS - 2, False), (2 * ATTN_RING_ROWS, True)])
+def test_splits_of_many_rows_keep_their_rows_in_a_ring(max_seq_len, ring):
+    """The K/V ring is compiled in where a split may hold ATTN_RING_ROWS rows: 2 sequences x 2 groups
+    on 8 SMs make 2 splits, of max_seq_len / 2 rows at the longest context."""
+    split = next(op for op in graph(max_seq_len=max_seq_len).ops if op.kind == "attention_split")
+    assert split.params["splits"] == 2
+    assert f"AttentionSplit<2, 16, true, ActF32, bf16, {str(ring).lower()}>" in names(
+        graph_variants(graph(max_seq_len=max_seq_len))[0])
 
 
 def test_slots_name_every_operand_and_scalar_of_the_op_kind(tg):

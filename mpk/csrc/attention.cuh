@@ -139,7 +139,8 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // Writes the split's normalised output and log-sum-exp; an empty split writes zeros and -inf.
 // ONE_PASS: the only split of (b, g) (attention, no merge): writes the attention output itself and
 // appends this step's k and v at row `step` of the cache, which it does not read.
-template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool ONE_PASS = false, class O = typename A::T>
+template <class S, int QPK, int HD, bool QKNORM, class A, class KT, bool RING = false, bool ONE_PASS = false,
+          class O = typename A::T>
 struct AttentionSplit {
   using T = typename A::T;
   using L = KvLanes<HD, KT>;
@@ -157,7 +158,27 @@ struct AttentionSplit {
   static constexpr int kNowOff = kHeadsOff + align16((QPK + 2) * HD * 4);  // float [QPK]: scores of row step
   static constexpr int kStatOff = kNowOff + align16(QPK * 4);              // float [2][kWarps][QPK]: m, l
   static constexpr int kAccOff = kStatOff + align16(2 * kWarps * QPK * 4);  // float [kWarps][QPK][HD]
-  static constexpr int SMEM = kAccOff + kWarps * QPK * HD * 4;
+  // RING (splits that may hold mpk.graph.ATTN_RING_ROWS rows or more): attention on tensor cores keeps
+  // kRing rounds of a warp's K/V rows in a shared-memory ring filled by cp.async, kRing - 1 of them in
+  // flight while one is used, instead of one round in registers behind an L2 prefetch (whose loads
+  // ptxas serialises: the V loads wait for the scores, which wait for the K loads). The first rounds
+  // are issued as the task starts, before the heads' prologue: the cache rows below `step` depend on
+  // nothing the step computes, and in shared memory they hold no registers across the prologue. On an
+  // H200 the ring made qwen3-8b's batch-4 step at 4,096 positions 5% faster, and its batch-1 step
+  // (2-3 rounds a warp) 1.2% slower (docs/perf.md); one kernel with both paths chosen at run time was
+  // slower than either. A stage holds a lane's 16-byte pieces (k0, k1, v0, v1 of each 32-dim block),
+  // piece-major so that a warp's read of one piece is 512 contiguous bytes; each lane reads back only
+  // what it copied, so no barrier. A ring that does not fit in shared memory is not built.
+  // MPK_ATTN_RING (build knob) sets kRing for A/B (0: no ring).
+#ifndef MPK_ATTN_RING
+#define MPK_ATTN_RING 2
+#endif
+  static constexpr int kPieces = 4 * (HD / 32);
+  static constexpr int kStageBytes = kPieces * 32 * 16;
+  static constexpr int kRingOff = kAccOff + kWarps * QPK * HD * 4;  // uint4 [kWarps][kRing][kPieces][32]
+  static constexpr bool kRingFits = kRingOff + kWarps * MPK_ATTN_RING * kStageBytes <= kSmemCap - kStaticSmem;
+  static constexpr int kRing = RING && kMma && kRingFits ? MPK_ATTN_RING : 0;
+  static constexpr int SMEM = kRingOff + kWarps * kRing * kStageBytes;
 
   // Warp-wide: pull sequence b's K and V rows [r, r + kRowsPerWarp) below `end` into L2 (128-byte lines).
   __device__ __forceinline__ static void prefetch_rows(const TaskCtx& t, int b, int seq, const KT* k, const KT* v,
@@ -286,6 +307,32 @@ struct AttentionSplit {
     }
   }
 
+  // One warp: the ring's rounds of [first, end) and this lane's stage pieces (uint4 [kRing][kPieces][32]).
+  __device__ __forceinline__ static int ring_rounds(long long first, long long end) {
+    return first < end ? static_cast<int>((end - first + kCtaRows - 1) / kCtaRows) : 0;
+  }
+  __device__ __forceinline__ static uint4* ring_of_lane(unsigned char* smem) {
+    return reinterpret_cast<uint4*>(smem + kRingOff) + static_cast<size_t>(warp_id()) * kRing * kPieces * 32 + lane_id();
+  }
+  // One warp: round i of its rows [first, end) copied into stage i % kRing (lane (g, q): rows g and 8 + g,
+  // past the end a valid row, masked later, at dims 32 blk + 8 q). Commits no group.
+  __device__ static void issue_round(const TaskCtx& t, int b, int seq, const KT* k_col, const KT* v_col, size_t stride,
+                                     long long first, long long end, int i, uint4* mine) {
+    constexpr int NB = HD / 32;
+    const int g = lane_id() >> 2, q = lane_id() & 3;
+    const long long base = first + i * kCtaRows;
+    const size_t at0 = t.kv_row(b, min(base + g, end - 1), seq) * stride + 8 * q;
+    const size_t at1 = t.kv_row(b, min(base + 8 + g, end - 1), seq) * stride + 8 * q;
+    uint4* stage = mine + (i % kRing) * kPieces * 32;
+#pragma unroll
+    for (int blk = 0; blk < NB; ++blk) {
+      cp_async16(stage + (4 * blk + 0) * 32, k_col + at0 + 32 * blk, true);
+      cp_async16(stage + (4 * blk + 1) * 32, k_col + at1 + 32 * blk, true);
+      cp_async16(stage + (4 * blk + 2) * 32, v_col + at0 + 32 * blk, true);
+      cp_async16(stage + (4 * blk + 3) * 32, v_col + at1 + 32 * blk, true);
+    }
+  }
+
   // One warp on tensor cores, 16 rows of [r0, end) per round (lane (g, q) loads rows g and 8 + g, 16 bytes
   // of each 32-dim block: dims 32 blk + 8 q ..). Scores S = Q K^T take Q as mma's A with each head's bf16
   // hi part in row h and its lo part in row 8 + h, so a score is the float32 product to ~2^-17; the
@@ -295,7 +342,7 @@ struct AttentionSplit {
   // dim order is free (Q's fragments follow K's loads), so every load is a row's 16 contiguous bytes.
   __device__ static void mma_rows(const TaskCtx& t, int b, int seq, const KT* k_col, const KT* v_col, size_t stride,
                                   long long r0, long long end, const float* heads, float qscale, float* s_m,
-                                  float* s_l, float* s_acc) {
+                                  float* s_l, float* s_acc, unsigned char* smem) {
     constexpr int NB = HD / 32;
     const int lane = lane_id(), warp = warp_id(), g = lane >> 2, q = lane & 3;
     const bool real = g < QPK;  // mma rows past the group's heads are zero
@@ -318,18 +365,9 @@ struct AttentionSplit {
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[blk][j][e] = 0.f;
 
-    for (long long base = r0 + warp * kRowsPerWarp; base < end; base += kCtaRows) {
-      prefetch_rows(t, b, seq, k_col, v_col, stride, base + 2 * kCtaRows, end);
-      const size_t at0 = t.kv_row(b, min(base + g, end - 1), seq) * stride + 8 * q;  // past the end: masked
-      const size_t at1 = t.kv_row(b, min(base + 8 + g, end - 1), seq) * stride + 8 * q;
-      uint4 k0[NB], k1[NB], v0[NB], v1[NB];
-#pragma unroll
-      for (int blk = 0; blk < NB; ++blk) {
-        k0[blk] = *reinterpret_cast<const uint4*>(k_col + at0 + 32 * blk);
-        k1[blk] = *reinterpret_cast<const uint4*>(k_col + at1 + 32 * blk);
-        v0[blk] = *reinterpret_cast<const uint4*>(v_col + at0 + 32 * blk);
-        v1[blk] = *reinterpret_cast<const uint4*>(v_col + at1 + 32 * blk);
-      }
+    // The round at base, its rows' pieces already in k0, k1, v0, v1.
+    auto use_round = [&](long long base, const uint4 (&k0)[NB], const uint4 (&k1)[NB], const uint4 (&v0)[NB],
+                     const uint4 (&v1)[NB]) {
       float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int blk = 0; blk < NB; ++blk) {
@@ -368,6 +406,40 @@ struct AttentionSplit {
             for (int e = 0; e < 4; ++e) o[blk][j][e] *= corr;
           mma_16816(o[blk][j], pa0, pa1, pa2, pa3, transpose8x8(va[j]), transpose8x8(vb[j]));
         }
+      }
+    };
+    const long long first = r0 + warp * kRowsPerWarp;
+    if constexpr (kRing > 0) {  // run() has issued rounds 0 .. kRing - 1, a group each
+      const int rounds = ring_rounds(first, end);
+      uint4* mine = ring_of_lane(smem);
+      for (int i = 0; i < rounds; ++i) {
+        cp_async_wait<kRing - 1>();  // this lane's copies of round i are in
+        const uint4* stage = mine + (i % kRing) * kPieces * 32;
+        uint4 k0[NB], k1[NB], v0[NB], v1[NB];
+#pragma unroll
+        for (int blk = 0; blk < NB; ++blk) {
+          k0[blk] = stage[(4 * blk + 0) * 32], k1[blk] = stage[(4 * blk + 1) * 32];
+          v0[blk] = stage[(4 * blk + 2) * 32], v1[blk] = stage[(4 * blk + 3) * 32];
+        }
+        use_round(first + i * kCtaRows, k0, k1, v0, v1);
+        // Round i + kRing into the stage just used: its pieces went into this round's products above.
+        if (i + kRing < rounds) issue_round(t, b, seq, k_col, v_col, stride, first, end, i + kRing, mine);
+        cp_async_commit();
+      }
+    } else {
+      for (long long base = first; base < end; base += kCtaRows) {
+        prefetch_rows(t, b, seq, k_col, v_col, stride, base + 2 * kCtaRows, end);
+        const size_t at0 = t.kv_row(b, min(base + g, end - 1), seq) * stride + 8 * q;  // past the end: masked
+        const size_t at1 = t.kv_row(b, min(base + 8 + g, end - 1), seq) * stride + 8 * q;
+        uint4 k0[NB], k1[NB], v0[NB], v1[NB];
+#pragma unroll
+        for (int blk = 0; blk < NB; ++blk) {
+          k0[blk] = *reinterpret_cast<const uint4*>(k_col + at0 + 32 * blk);
+          k1[blk] = *reinterpret_cast<const uint4*>(k_col + at1 + 32 * blk);
+          v0[blk] = *reinterpret_cast<const uint4*>(v_col + at0 + 32 * blk);
+          v1[blk] = *reinterpret_cast<const uint4*>(v_col + at1 + 32 * blk);
+        }
+        use_round(base, k0, k1, v0, v1);
       }
     }
     // Lanes 4g .. 4g + 3 hold head g: their l parts meet; n-tile j of block blk holds dims 32 blk + 8 q + 2 j, + 1.
@@ -408,9 +480,21 @@ struct AttentionSplit {
     const KT* k_col = op.arg<const KT>(S::k_cache) + g * HD;  // row r of sequence b: + t.kv_row(b, r, seq) * stride
     const KT* v_col = op.arg<const KT>(S::v_cache) + g * HD;
     const int lane = lane_id(), warp = warp_id();
-    // The first rows stream into L2 while the prologue below works on this step's heads.
-    for (int k = 0; k < 2; ++k)
-      prefetch_rows(t, b, seq, k_col, v_col, stride, r0 + k * kCtaRows + warp * kRowsPerWarp, end);
+    // The first rows stream in while the prologue below works on this step's heads: into the ring's
+    // stages, or into L2.
+    if constexpr (kRing > 0) {
+      const long long first = r0 + warp * kRowsPerWarp;
+      const int rounds = ring_rounds(first, end);
+      uint4* mine = ring_of_lane(smem);
+#pragma unroll
+      for (int i = 0; i < kRing; ++i) {
+        if (i < rounds) issue_round(t, b, seq, k_col, v_col, stride, first, end, i, mine);
+        cp_async_commit();
+      }
+    } else {
+      for (int k = 0; k < 2; ++k)
+        prefetch_rows(t, b, seq, k_col, v_col, stride, r0 + k * kCtaRows + warp * kRowsPerWarp, end);
+    }
 
     float* heads = reinterpret_cast<float*>(smem + kHeadsOff);
     float* s_now = reinterpret_cast<float*>(smem + kNowOff);
@@ -450,7 +534,7 @@ struct AttentionSplit {
     float* s_l = s_m + kWarps * QPK;
     float* s_acc = reinterpret_cast<float*>(smem + kAccOff);
     if constexpr (kMma) {
-      mma_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc);
+      mma_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc, smem);
     } else {
       simt_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc);
     }
@@ -493,7 +577,7 @@ struct AttentionSplit {
 // splitting the rows would cost more (a merge phase) than it saves (mpk.graph.attention_splits). Its
 // output is stored as O: the activation type, or bf16 where only a product over bf16 inputs reads it.
 template <class S, int QPK, int HD, bool QKNORM, class A, class KT, class O = typename A::T>
-struct Attention : AttentionSplit<S, QPK, HD, QKNORM, A, KT, true, O> {};
+struct Attention : AttentionSplit<S, QPK, HD, QKNORM, A, KT, false, true, O> {};
 
 // attention_merge: out = sum over splits of softmax(lse) * part (stored as O, as attention's); and row
 // `step` of the cache column gets this step's k (normed, roped) and v. The merge follows every split of

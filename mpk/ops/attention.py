@@ -23,9 +23,11 @@ from __future__ import annotations
 import torch
 
 from mpk.dtypes import dtype
+from mpk.graph import ATTN_RING_ROWS
 from mpk.models.functional import rms_norm
 from mpk.ops.base import Cuda, OpKind, Operand, TileTask, activation_policy, bf16_over_float32, box, cbool, expect, \
     nbytes, shape, whole
+from mpk.util import cdiv
 
 
 def split_rows(step: int, window: int | None, split: int, splits: int) -> tuple[int, int]:
@@ -187,7 +189,8 @@ class AttentionSplit(OpKind):
 
     def cuda(self, op, tg):
         args, ints = _cuda_shapes(op, tg, "q_norm")
-        return Cuda(args, {**ints, "window": op.params["window"] or 0},
+        ring = cdiv(ints["seq"], ints["splits"]) >= ATTN_RING_ROWS  # a split's rows at the longest context
+        return Cuda(args + (cbool(ring),), {**ints, "window": op.params["window"] or 0},
                     {"scale": op.params["scale"], "eps": op.params["eps"]})
 
 
