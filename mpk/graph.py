@@ -31,8 +31,8 @@ MIN_ATTN_CHUNK = 32  # fewest KV rows one attention task covers
 # reading them on one SM costs less than the merge's dependent phase (docs/decisions.md, attention).
 ONE_PASS_ATTN_ROWS = 256
 # Splits that may hold this many rows or more (4 rounds of a CTA's 8 warps x 16 rows) keep their K/V
-# rows in a shared-memory ring (attention.cuh, RING): qwen3-8b batch 4 at 4,096 positions 5% faster,
-# batch 1 (260 rows a split) 1.2% slower with it (H200, docs/perf.md).
+# rows in a shared-memory ring where head_dim is 128 or more (attention.cuh, RING): qwen3-8b batch 4
+# at 4,096 positions 6% faster, batch 1 (260 rows a split) 1.2% slower with it (H200, docs/perf.md).
 ATTN_RING_ROWS = 512
 MAX_BATCH = 256  # decode batches beyond this belong to a prefill-style program, not this one
 MAX_NUM_SMS = 1024  # several times any GPU's SM count; graphs grow with it (4096 SMs take 4 GB to compile qwen3-8b)

@@ -164,9 +164,10 @@ struct AttentionSplit {
   // ptxas serialises: the V loads wait for the scores, which wait for the K loads). The first rounds
   // are issued as the task starts, before the heads' prologue: the cache rows below `step` depend on
   // nothing the step computes, and in shared memory they hold no registers across the prologue. On an
-  // H200 the ring made qwen3-8b's batch-4 step at 4,096 positions 5% faster, and its batch-1 step
+  // H200 the ring made qwen3-8b's batch-4 step at 4,096 positions 6% faster, and its batch-1 step
   // (2-3 rounds a warp) 1.2% slower (docs/perf.md); one kernel with both paths chosen at run time was
-  // slower than either. A stage holds a lane's 16-byte pieces (k0, k1, v0, v1 of each 32-dim block),
+  // slower than either. Head dims under 128 keep the registers: llama-3.2-1b's (64) batch-4 step at
+  // 4,096 positions was 1.3% slower with 2 stages of its 4 KB rounds, 4.8% with 4. A stage holds a lane's 16-byte pieces (k0, k1, v0, v1 of each 32-dim block),
   // piece-major so that a warp's read of one piece is 512 contiguous bytes; each lane reads back only
   // what it copied, so no barrier. A ring that does not fit in shared memory is not built.
   // MPK_ATTN_RING (build knob) sets kRing for A/B (0: no ring).
@@ -177,7 +178,7 @@ struct AttentionSplit {
   static constexpr int kStageBytes = kPieces * 32 * 16;
   static constexpr int kRingOff = kAccOff + kWarps * QPK * HD * 4;  // uint4 [kWarps][kRing][kPieces][32]
   static constexpr bool kRingFits = kRingOff + kWarps * MPK_ATTN_RING * kStageBytes <= kSmemCap - kStaticSmem;
-  static constexpr int kRing = RING && kMma && kRingFits ? MPK_ATTN_RING : 0;
+  static constexpr int kRing = RING && kMma && HD >= 128 && kRingFits ? MPK_ATTN_RING : 0;
   static constexpr int SMEM = kRingOff + kWarps * kRing * kStageBytes;
 
   // Warp-wide: pull sequence b's K and V rows [r, r + kRowsPerWarp) below `end` into L2 (128-byte lines).
