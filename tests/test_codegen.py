@@ -578,19 +578,19 @@ def test_a_template_reading_an_undeclared_slot_does_not_build(tg, tmp_path):
 
 @needs_nvcc
 def test_attention_variants_build_without_register_spills(tmp_path):
-    """The attention templates (one pass, and splits with their merge) over 1..8 query heads per KV
-    head, head_dim 16..256, both activation policies and both KV cache types, in one kernel: ptxas
-    reports no spills and no stack frame."""
+    """The attention templates (one pass, and splits with their merge, with and without the K/V ring of
+    long splits) over 1..8 query heads per KV head, head_dim 16..256, both activation policies and both
+    KV cache types, in one kernel: ptxas reports no spills and no stack frame."""
     shapes = [(1, 16, "float32", "model"), (8, 16, "model", "float32"), (4, 64, "float32", "model"),
               (8, 64, "float32", "model"), (4, 128, "float32", "model"), (8, 128, "float32", "float32"),
               (2, 256, "model", "model")]
     variants = []
     for qpk, hd, activations, kv_cache in shapes:
-        cfg = tiny_cfg(num_layers=1, num_heads=2 * qpk, head_dim=hd)
-        for context in (64, 2 * ONE_PASS_ATTN_ROWS):
+        cfg = tiny_cfg(num_layers=1, num_heads=2 * qpk, head_dim=hd, max_position_embeddings=8 * ATTN_RING_ROWS)
+        for context in (64, 2 * ONE_PASS_ATTN_ROWS, 8 * ATTN_RING_ROWS):  # 2 groups on 8 SMs: 4 splits
             tg = compile_program(build_decode_program(cfg, 1, context, 1, 8, activations, kv_cache=kv_cache))
             variants += [v for v in graph_variants(tg)[0] if v.template.startswith("Attention") and v not in variants]
-    assert len(variants) == 3 * len(shapes)
+    assert len(variants) == 4 * len(shapes)
     from mpk.codegen import render_source
     from mpk.runtime.build import nvcc_flags
 

@@ -167,10 +167,11 @@ struct AttentionSplit {
   // H200 the ring made qwen3-8b's batch-4 step at 4,096 positions 6% faster, and its batch-1 step
   // (2-3 rounds a warp) 1.2% slower (docs/perf.md); one kernel with both paths chosen at run time was
   // slower than either. Head dims under 128 keep the registers: llama-3.2-1b's (64) batch-4 step at
-  // 4,096 positions was 1.3% slower with 2 stages of its 4 KB rounds, 4.8% with 4. A stage holds a lane's 16-byte pieces (k0, k1, v0, v1 of each 32-dim block),
-  // piece-major so that a warp's read of one piece is 512 contiguous bytes; each lane reads back only
-  // what it copied, so no barrier. A ring that does not fit in shared memory is not built.
-  // MPK_ATTN_RING (build knob) sets kRing for A/B (0: no ring).
+  // 4,096 positions was 1.3% slower with 2 stages of its 4 KB rounds, 4.8% with 4. A stage holds a
+  // lane's 16-byte pieces (k0, k1, v0, v1 of each 32-dim block), piece-major so that a warp's read of
+  // one piece is 512 contiguous bytes; each lane reads back only what it copied, so no barrier. A ring
+  // that does not fit in shared memory is not built. MPK_ATTN_RING (build knob) sets kRing for A/B
+  // (0: no ring).
 #ifndef MPK_ATTN_RING
 #define MPK_ATTN_RING 2
 #endif
