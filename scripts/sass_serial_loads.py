@@ -1,6 +1,6 @@
 """Global loads that wait out each other's round trips, found in a model's megakernel SASS, without a GPU.
 
-    python3 scripts/sass_serial_loads.py MODEL [--batch B] [--context N] [--top 30]
+    python3 scripts/sass_serial_loads.py MODEL [--batch B] [--context N] [--tp N] [--top 30]
 
 A load whose value is used before the next load of the same basic block is issued holds that next load
 behind its own L2 round trip: the use stalls until the value arrives. In a loop that streams weights this
@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=64, help="the graph's context length (the attention variant)")
+    ap.add_argument("--tp", type=int, default=1, help="the kernel of one rank of a tensor-parallel run")
     ap.add_argument("--num-sms", type=int, default=132)
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
@@ -104,7 +105,8 @@ def main() -> int:
         print("sass_serial_loads needs nvdisasm on the PATH (pip download nvidia-cuda-nvdisasm)", file=sys.stderr)
         return 1
     cfg = resolve_model(args.model).cfg
-    tg = compile_model(cfg, batch=args.batch, max_seq_len=args.context, num_sms=args.num_sms, verify=False)
+    tg = compile_model(cfg, batch=args.batch, max_seq_len=args.context, num_sms=args.num_sms, tp_size=args.tp,
+                       verify=False)
     flags = [f for f in nvcc_flags("sm_90a", False) if f != "-shared"]
     with tempfile.TemporaryDirectory() as tmp:
         cu, cubin = Path(tmp) / "kernel.cu", Path(tmp) / "kernel.cubin"
@@ -114,7 +116,8 @@ def main() -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
         sass = subprocess.run(["nvdisasm", "-g", "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    print(f"{args.model} batch {args.batch}, context {args.context}: loads used before the next load of their block")
+    tp = f", tp {args.tp}" if args.tp > 1 else ""
+    print(f"{args.model} batch {args.batch}{tp}, context {args.context}: loads used before the next load of their block")
     print(f"{'times':>5}  load -> first use -> next load")
     for (load, use, nxt), n in serial_loads(sass).most_common(args.top):
         print(f"{n:>5}  {load} -> {use} -> {nxt}")
