@@ -602,39 +602,55 @@ template <class S, int QPK, int HD, bool KNORM, class A, class KT, class O = typ
                                    op.arg<const float>(S::rope) + pos * HD, buf);
       for (int d = lane_id(); d < HD; d += 32) act_store(op.arg<KT>(S::k_cache) + row + d, buf[d]);
     } else if (warp_id() == 1) {
-      for (int d = lane_id(); d < HD; d += 32) act_store(op.arg<KT>(S::v_cache) + row + d, act_f(src[(QPK + 1) * HD + d]));
+      constexpr int E = (HD + 31) / 32;
+      float vv[E];  // loads before stores: the cache may alias src as far as nvcc knows
+#pragma unroll
+      for (int e = 0; e < E; ++e) vv[e] = lane_id() + 32 * e < HD ? act_f(src[(QPK + 1) * HD + lane_id() + 32 * e]) : 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (lane_id() + 32 * e < HD) act_store(op.arg<KT>(S::v_cache) + row + lane_id() + 32 * e, vv[e]);
     }
     const float* part = op.arg<const float>(S::part) + bg * splits * QPK * HD;
     const float* lse = op.arg<const float>(S::lse) + bg * splits * QPK;
     O* out = op.arg<O>(S::out) + bg * QPK * HD;
-    // The first kHeld splits' parts load with their lse, not after the max over them: an empty split
-    // wrote zeros, so every part may be read.
-    constexpr int kHeld = 8;
-    for (int i = threadIdx.x; i < QPK * HD; i += kThreads) {
-      const int h = i / HD;
-      float held[kHeld];
+    // Each thread merges kPer elements at once, kRound splits a round with an online softmax: every load
+    // of a round (its parts and their lse) goes out before the round's sums, so a merge of S splits waits
+    // out ceil(S / kRound) L2 round trips, not one per split. An empty split wrote zeros and lse -inf.
+    constexpr int N = QPK * HD, kPer = (N + kThreads - 1) / kThreads, kRound = 8;
+    float mx[kPer], den[kPer], num[kPer];
 #pragma unroll
-      for (int s = 0; s < kHeld; ++s) held[s] = s < splits ? part[s * QPK * HD + i] : 0.f;
-      float mx = kNegInf;
-      for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse[s * QPK + h]);
-      float den = 0.f, num = 0.f;
+    for (int e = 0; e < kPer; ++e) mx[e] = kNegInf, den[e] = num[e] = 0.f;
+    for (int s0 = 0; s0 < splits; s0 += kRound) {
+      float ls[kPer][kRound], pv[kPer][kRound];
 #pragma unroll
-      for (int s = 0; s < kHeld; ++s) {
-        const float ls = s < splits ? lse[s * QPK + h] : kNegInf;
-        if (ls == kNegInf) continue;  // empty split
-        const float w = expf(ls - mx);
-        den += w;
-        num += w * held[s];
+      for (int e = 0; e < kPer; ++e) {
+        const int i = threadIdx.x + e * kThreads, h = i / HD;
+#pragma unroll
+        for (int r = 0; r < kRound; ++r) {
+          const bool in = i < N && s0 + r < splits;
+          ls[e][r] = in ? lse[(s0 + r) * QPK + h] : kNegInf;
+          pv[e][r] = in ? part[(s0 + r) * N + i] : 0.f;
+        }
       }
-      for (int s = kHeld; s < splits; ++s) {
-        const float ls = lse[s * QPK + h];
-        if (ls == kNegInf) continue;
-        const float w = expf(ls - mx);
-        den += w;
-        num += w * part[s * QPK * HD + i];
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) {
+        float m = mx[e];
+#pragma unroll
+        for (int r = 0; r < kRound; ++r) m = fmaxf(m, ls[e][r]);
+        if (m == kNegInf) continue;  // no rows yet
+        const float corr = expf(mx[e] - m);  // 0 while mx is -inf
+        den[e] *= corr, num[e] *= corr, mx[e] = m;
+#pragma unroll
+        for (int r = 0; r < kRound; ++r) {
+          const float w = expf(ls[e][r] - m);  // 0 for an empty split
+          den[e] += w;
+          num[e] += w * pv[e][r];
+        }
       }
-      act_store(out + i, num / den);
     }
+#pragma unroll
+    for (int e = 0; e < kPer; ++e)
+      if (threadIdx.x + e * kThreads < N) act_store(out + threadIdx.x + e * kThreads, num[e] / den[e]);
   }
 };
 
