@@ -180,10 +180,13 @@ struct AttentionSplit {
   static constexpr int kRingOff = kAccOff + kWarps * QPK * HD * 4;  // uint4 [kWarps][kRing][kPieces][32]
   static constexpr bool kRingFits = kRingOff + kWarps * MPK_ATTN_RING * kStageBytes <= kSmemCap - kStaticSmem;
   static constexpr int kRing = RING && kMma && HD >= 128 && kRingFits ? MPK_ATTN_RING : 0;
-  // Without the ring, tensor cores take Q's fragments from a per-warp copy in shared memory (uint4
-  // [kWarps][HD / 32][2][32], where the ring would be): a round's 16 loads are then all in flight at
-  // once (mma_rows) without the fragments' registers beside them.
-  static constexpr int kQFragBytes = kMma && kRing == 0 ? kWarps * (HD / 32) * 2 * 32 * 16 : 0;
+  // A split without the ring issues each round's 16 loads at once (mma_rows), and takes Q's fragments
+  // from a per-warp copy in shared memory (uint4 [kWarps][HD / 32][2][32], where the ring would be) to
+  // make room for them in registers. The one-pass attention of short contexts (a round or two a warp)
+  // keeps the compiler's order: there the same change made qwen3-0.6b's batch-1 step 1% slower on an
+  // H200, where batch 1 at 4,096 positions (16 splits of 259 rows) was 2.1% faster (docs/perf.md).
+  static constexpr bool kLoadsFirst = kMma && kRing == 0 && !ONE_PASS;
+  static constexpr int kQFragBytes = kLoadsFirst ? kWarps * (HD / 32) * 2 * 32 * 16 : 0;
   static constexpr int SMEM = kRingOff + cmax(kWarps * kRing * kStageBytes, kQFragBytes);
 
   // Warp-wide: pull sequence b's K and V rows [r, r + kRowsPerWarp) below `end` into L2 (128-byte lines).
@@ -348,9 +351,9 @@ struct AttentionSplit {
   // dim order is free (Q's fragments follow K's loads), so every load is a row's 16 contiguous bytes.
   //
   // Without the ring, a round's rows come straight from global memory, and ptxas would issue the V loads
-  // after the scores, which wait for the K loads: two or three L2 round trips a round. The scores start
-  // from a zero that depends on every loaded word (`opaque_zero`, 0 at run time but not to the compiler),
-  // so all 16 loads of a round are issued before the first product, one round trip a round.
+  // after the scores, which wait for the K loads: two or three L2 round trips a round. In a split
+  // (kLoadsFirst) the scores start from a zero that depends on every loaded word (`opaque_zero`, 0 at run
+  // time but not to the compiler), so all 16 loads of a round are issued before its first product.
   __device__ static void mma_rows(const TaskCtx& t, int b, int seq, const KT* k_col, const KT* v_col, size_t stride,
                                   long long r0, long long end, const float* heads, float qscale, float* s_m,
                                   float* s_l, float* s_acc, unsigned char* smem, unsigned opaque_zero) {
@@ -369,14 +372,14 @@ struct AttentionSplit {
         pack_bf2_split(x[2], x[3], qa[blk][ks].z, qa[blk][ks].w);
       }
     uint4* q_mine = reinterpret_cast<uint4*>(smem + kRingOff) + warp * NB * 2 * 32 + lane;  // kQFragBytes
-    if constexpr (kRing == 0)
+    if constexpr (kLoadsFirst)
 #pragma unroll
       for (int blk = 0; blk < NB; ++blk)
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) q_mine[(2 * blk + ks) * 32] = qa[blk][ks];
-    // Q's fragment (blk, ks): this lane's own copy in shared memory, or the registers beside the ring.
+    // Q's fragment (blk, ks): this lane's own copy in shared memory (kLoadsFirst), or its registers.
     auto q_frag = [&](int blk, int ks) -> uint4 {
-      if constexpr (kRing == 0) {
+      if constexpr (kLoadsFirst) {
         return ld_shared16(q_mine + (2 * blk + ks) * 32);  // volatile: not folded back into registers
       } else {
         return qa[blk][ks];
@@ -394,7 +397,7 @@ struct AttentionSplit {
     auto use_round = [&](long long base, const uint4 (&k0)[NB], const uint4 (&k1)[NB], const uint4 (&v0)[NB],
                      const uint4 (&v1)[NB]) {
       unsigned every = 0u;  // every loaded word, for the register path's zero
-      if constexpr (kRing == 0)
+      if constexpr (kLoadsFirst)
 #pragma unroll
         for (int blk = 0; blk < NB; ++blk)
           every |= k0[blk].x | k0[blk].y | k0[blk].z | k0[blk].w | k1[blk].x | k1[blk].y | k1[blk].z | k1[blk].w |
