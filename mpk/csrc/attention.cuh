@@ -180,7 +180,14 @@ struct AttentionSplit {
   static constexpr int kRingOff = kAccOff + kWarps * QPK * HD * 4;  // uint4 [kWarps][kRing][kPieces][32]
   static constexpr bool kRingFits = kRingOff + kWarps * MPK_ATTN_RING * kStageBytes <= kSmemCap - kStaticSmem;
   static constexpr int kRing = RING && kMma && HD >= 128 && kRingFits ? MPK_ATTN_RING : 0;
-  static constexpr int SMEM = kRingOff + kWarps * kRing * kStageBytes;
+  // A split without the ring issues each round's 16 loads at once (mma_rows), and takes Q's fragments
+  // from a per-warp copy in shared memory (uint4 [kWarps][HD / 32][2][32], where the ring would be) to
+  // make room for them in registers. The one-pass attention of short contexts (a round or two a warp)
+  // keeps the compiler's order: there the same change made qwen3-0.6b's batch-1 step 1% slower on an
+  // H200, where batch 1 at 4,096 positions (16 splits of 259 rows) was 2.1% faster (docs/perf.md).
+  static constexpr bool kLoadsFirst = kMma && kRing == 0 && !ONE_PASS;
+  static constexpr int kQFragBytes = kLoadsFirst ? kWarps * (HD / 32) * 2 * 32 * 16 : 0;
+  static constexpr int SMEM = kRingOff + cmax(kWarps * kRing * kStageBytes, kQFragBytes);
 
   // Warp-wide: pull sequence b's K and V rows [r, r + kRowsPerWarp) below `end` into L2 (128-byte lines).
   __device__ __forceinline__ static void prefetch_rows(const TaskCtx& t, int b, int seq, const KT* k, const KT* v,
@@ -342,13 +349,18 @@ struct AttentionSplit {
   // (rows 2q, 2q + 1, 8 + 2q, 9 + 2q of the round); V's B fragment is its rows transposed in registers
   // (movmatrix), the dims of each n-tile permuted within the lane's 8-dim chunk. The dot products'
   // dim order is free (Q's fragments follow K's loads), so every load is a row's 16 contiguous bytes.
+  //
+  // Without the ring, a round's rows come straight from global memory, and ptxas would issue the V loads
+  // after the scores, which wait for the K loads: two or three L2 round trips a round. In a split
+  // (kLoadsFirst) the scores start from a zero that depends on every loaded word (`opaque_zero`, 0 at run
+  // time but not to the compiler), so all 16 loads of a round are issued before its first product.
   __device__ static void mma_rows(const TaskCtx& t, int b, int seq, const KT* k_col, const KT* v_col, size_t stride,
                                   long long r0, long long end, const float* heads, float qscale, float* s_m,
-                                  float* s_l, float* s_acc, unsigned char* smem) {
+                                  float* s_l, float* s_acc, unsigned char* smem, unsigned opaque_zero) {
     constexpr int NB = HD / 32;
     const int lane = lane_id(), warp = warp_id(), g = lane >> 2, q = lane & 3;
     const bool real = g < QPK;  // mma rows past the group's heads are zero
-    unsigned qa[NB][2][4];
+    uint4 qa[NB][2];
 #pragma unroll
     for (int blk = 0; blk < NB; ++blk)
 #pragma unroll
@@ -356,9 +368,23 @@ struct AttentionSplit {
         float x[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) x[e] = real ? heads[g * HD + 32 * blk + 8 * q + 4 * ks + e] * qscale : 0.f;
-        pack_bf2_split(x[0], x[1], qa[blk][ks][0], qa[blk][ks][1]);
-        pack_bf2_split(x[2], x[3], qa[blk][ks][2], qa[blk][ks][3]);
+        pack_bf2_split(x[0], x[1], qa[blk][ks].x, qa[blk][ks].y);
+        pack_bf2_split(x[2], x[3], qa[blk][ks].z, qa[blk][ks].w);
       }
+    uint4* q_mine = reinterpret_cast<uint4*>(smem + kRingOff) + warp * NB * 2 * 32 + lane;  // kQFragBytes
+    if constexpr (kLoadsFirst)
+#pragma unroll
+      for (int blk = 0; blk < NB; ++blk)
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) q_mine[(2 * blk + ks) * 32] = qa[blk][ks];
+    // Q's fragment (blk, ks): this lane's own copy in shared memory (kLoadsFirst), or its registers.
+    auto q_frag = [&](int blk, int ks) -> uint4 {
+      if constexpr (kLoadsFirst) {
+        return ld_shared16(q_mine + (2 * blk + ks) * 32);  // volatile: not folded back into registers
+      } else {
+        return qa[blk][ks];
+      }
+    };
     float o[NB][4][4], m = kNegInf, l = 0.f;
 #pragma unroll
     for (int blk = 0; blk < NB; ++blk)
@@ -370,14 +396,21 @@ struct AttentionSplit {
     // The round at base, its rows' pieces already in k0, k1, v0, v1.
     auto use_round = [&](long long base, const uint4 (&k0)[NB], const uint4 (&k1)[NB], const uint4 (&v0)[NB],
                      const uint4 (&v1)[NB]) {
-      float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+      unsigned every = 0u;  // every loaded word, for the register path's zero
+      if constexpr (kLoadsFirst)
+#pragma unroll
+        for (int blk = 0; blk < NB; ++blk)
+          every |= k0[blk].x | k0[blk].y | k0[blk].z | k0[blk].w | k1[blk].x | k1[blk].y | k1[blk].z | k1[blk].w |
+                   v0[blk].x | v0[blk].y | v0[blk].z | v0[blk].w | v1[blk].x | v1[blk].y | v1[blk].z | v1[blk].w;
+      const float zero = __uint_as_float(every & opaque_zero);
+      float s0[4] = {zero, 0.f, 0.f, 0.f}, s1[4] = {zero, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int blk = 0; blk < NB; ++blk) {
-        const unsigned(&a)[2][4] = qa[blk];
-        mma_16816(s0, a[0][0], a[0][1], a[0][2], a[0][3], k0[blk].x, k0[blk].y);
-        mma_16816(s0, a[1][0], a[1][1], a[1][2], a[1][3], k0[blk].z, k0[blk].w);
-        mma_16816(s1, a[0][0], a[0][1], a[0][2], a[0][3], k1[blk].x, k1[blk].y);
-        mma_16816(s1, a[1][0], a[1][1], a[1][2], a[1][3], k1[blk].z, k1[blk].w);
+        const uint4 a0 = q_frag(blk, 0), a1 = q_frag(blk, 1);
+        mma_16816(s0, a0.x, a0.y, a0.z, a0.w, k0[blk].x, k0[blk].y);
+        mma_16816(s0, a1.x, a1.y, a1.z, a1.w, k0[blk].z, k0[blk].w);
+        mma_16816(s1, a0.x, a0.y, a0.z, a0.w, k1[blk].x, k1[blk].y);
+        mma_16816(s1, a1.x, a1.y, a1.z, a1.w, k1[blk].z, k1[blk].w);
       }
       // Head g's scores of rows base + 2q, + 1, base + 8 + 2q, + 1: hi part plus lo part.
       float sc[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
@@ -536,7 +569,9 @@ struct AttentionSplit {
     float* s_l = s_m + kWarps * QPK;
     float* s_acc = reinterpret_cast<float*>(smem + kAccOff);
     if constexpr (kMma) {
-      mma_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc, smem);
+      // A window is a count of positions, far below 2^62: its top bits are the zero mma_rows needs.
+      const unsigned opaque_zero = static_cast<unsigned>(static_cast<unsigned long long>(op.i[S::window]) >> 62);
+      mma_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc, smem, opaque_zero);
     } else {
       simt_rows(t, b, seq, k_col, v_col, stride, r0, end, heads, qscale, s_m, s_l, s_acc);
     }
