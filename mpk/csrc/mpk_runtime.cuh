@@ -193,9 +193,10 @@ __device__ __forceinline__ void mark_staged() {
 __device__ __forceinline__ void mark_share_done() {
   if constexpr (MPK_TASK_MARKS) {
     if (lane_id() != 0 || !s_trace_rec) return;
-    const unsigned long long now = global_timer();
-    if (warp_id() == 0) s_trace_rec[kTrWarp0] = now;
-    if (atomicAdd(&s_warps_done, 1u) == kWarps - 1) s_trace_rec[kTrWarps] = now;
+    if (warp_id() == 0) s_trace_rec[kTrWarp0] = global_timer();
+    // The last warp reads the clock after its count, so after warp 0's stamp: a time read before the
+    // count could be older than warp 0's, if warp 0 read and counted in between.
+    if (atomicAdd(&s_warps_done, 1u) == kWarps - 1) s_trace_rec[kTrWarps] = global_timer();
   }
 }
 
