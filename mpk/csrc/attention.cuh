@@ -33,6 +33,14 @@ __device__ __forceinline__ void split_rows(long long step, long long window, int
   r1 = lo + n * (s + 1) / splits;
 }
 
+// One warp: a head's HD activations into registers, lane l holding elements l, l + 32, ... (0 past HD).
+// Callers load the whole head before any store: their stores go through generic pointers that may
+// alias x, so a store between two loads would hold the second behind the first's round trip.
+template <int HD, class T> __device__ __forceinline__ void load_head(const T* x, float (&v)[(HD + 31) / 32]) {
+#pragma unroll
+  for (int e = 0; e < (HD + 31) / 32; ++e) v[e] = lane_id() + 32 * e < HD ? act_f(x[lane_id() + 32 * e]) : 0.f;
+}
+
 // One warp: buf[0, HD) = rope(norm(x)) of one head as the sim computes it in the activation precision (norm
 // output, cos/sin and each product rounded). `rope` is the position's table row: cos, then sin. The norm
 // weights and the RoPE row depend on nothing the step computes, so they load with x: one round trip
@@ -49,11 +57,8 @@ __device__ void norm_rope_head(const typename A::T* x, const bf16* w, float eps,
     c[e] = d < HD ? A::round(__ldg(rope + j)) : 0.f;
     s[e] = d < HD ? A::round(__ldg(rope + H2 + j)) : 0.f;
   }
-  // Every load before the first store: x is a generic pointer that may alias buf, so a store between
-  // two loads would hold the second behind the first's round trip.
   float xv[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) xv[e] = lane + 32 * e < HD ? act_f(x[lane + 32 * e]) : 0.f;
+  load_head<HD>(x, xv);
   float ss = 0.f;
 #pragma unroll
   for (int e = 0; e < E; ++e) {
@@ -540,9 +545,8 @@ struct AttentionSplit {
       float* buf = heads + h * HD;
       if (h == QPK + 1) {
         constexpr int E = (HD + 31) / 32;
-        float vv[E];  // loads before stores, as in norm_rope_head
-#pragma unroll
-        for (int e = 0; e < E; ++e) vv[e] = lane + 32 * e < HD ? act_f(src[h * HD + lane + 32 * e]) : 0.f;
+        float vv[E];
+        load_head<HD>(src + h * HD, vv);
 #pragma unroll
         for (int e = 0; e < E; ++e)
           if (lane + 32 * e < HD) buf[lane + 32 * e] = kv_round<KT>(vv[e]);
@@ -638,9 +642,8 @@ template <class S, int QPK, int HD, bool KNORM, class A, class KT, class O = typ
       for (int d = lane_id(); d < HD; d += 32) act_store(op.arg<KT>(S::k_cache) + row + d, buf[d]);
     } else if (warp_id() == 1) {
       constexpr int E = (HD + 31) / 32;
-      float vv[E];  // loads before stores: the cache may alias src as far as nvcc knows
-#pragma unroll
-      for (int e = 0; e < E; ++e) vv[e] = lane_id() + 32 * e < HD ? act_f(src[(QPK + 1) * HD + lane_id() + 32 * e]) : 0.f;
+      float vv[E];
+      load_head<HD>(src + (QPK + 1) * HD, vv);
 #pragma unroll
       for (int e = 0; e < E; ++e)
         if (lane_id() + 32 * e < HD) act_store(op.arg<KT>(S::v_cache) + row + lane_id() + 32 * e, vv[e]);
