@@ -1,7 +1,7 @@
 """Registers, spills and code size of a model's megakernel, from ptxas, without a GPU (as `mpk build`
 compiles it).
 
-    python3 scripts/ptxas_report.py MODEL [--batch B] [--tp N] [--arch sm_90a] [--per-variant]
+    python3 scripts/ptxas_report.py MODEL [--batch B] [--tp N] [--max-seq-len N] [--arch sm_90a] [--per-variant]
 
 Build knobs in the environment (MPK_GEMV, MPK_HEAD_KB, ...) apply as in any build. A change that
 makes the kernel spill or grow a stack frame is worth a look before it goes to a GPU. The code size (the
@@ -34,10 +34,12 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--num-sms", type=int, default=132)
+    ap.add_argument("--max-seq-len", type=int, default=64,
+                    help="the graph's context: past 256 positions attention splits (mpk.graph.attention_splits)")
     ap.add_argument("--per-variant", action="store_true", help="code size of each op variant (needs cuobjdump)")
     args = ap.parse_args()
     cfg = resolve_model(args.model).cfg
-    tg = compile_model(cfg, batch=args.batch, max_seq_len=64, num_sms=args.num_sms, tp_size=args.tp, verify=False)
+    tg = compile_model(cfg, batch=args.batch, max_seq_len=args.max_seq_len, num_sms=args.num_sms, tp_size=args.tp, verify=False)
     source = generate_source(tg)
     flags = [f for f in nvcc_flags(args.arch, False) if f != "-shared"]
     rc, out, code = build(source, flags)
