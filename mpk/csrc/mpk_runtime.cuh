@@ -501,6 +501,17 @@ template <class Dispatch, int kScratch, int kHeadBytes> __device__ void persiste
   __shared__ int s_abort;  // raised by a wait inside a task (wait_or_abort, poll_tagged): a kGiveUp reason
   const int sm = blockIdx.x;
   const int q0 = p.queue_off[sm], qn = p.queue_off[sm + 1] - q0;
+  // MPK_CODE_PAD (build knob, bytes): code that never runs ahead of the loop, so that the rest of the
+  // kernel lands that much further on. The kernel is several times an SM's instruction cache, so an A/B
+  // measured at a few pads tells a change's own effect from where its code happens to land.
+#ifndef MPK_CODE_PAD
+#define MPK_CODE_PAD 0
+#endif
+#if MPK_CODE_PAD > 0
+  if (qn < 0)
+#pragma unroll
+    for (int i = 0; i < MPK_CODE_PAD / 16; ++i) asm volatile("membar.cta;" ::: "memory");
+#endif
   const long long total = p.num_steps * qn;  // tasks this CTA runs, counted across steps
   HeadRing<kScratch, kHeadBytes> heads{s_bar, smem};
   if (threadIdx.x == 0) s_abort = 0;
